@@ -1,0 +1,1 @@
+"""Descriptors: SSCD copy-detection vectors, OpenCLIP embeddings, PDQ hashes, behind one small interface."""

@@ -1,0 +1,139 @@
+"""Decoding images safely: bytes or files in, upright 8-bit RGB PIL images out, or a specific error."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from provenance.errors import DecompressionBombError, UnreadableImageError
+
+logger = logging.getLogger(__name__)
+
+# 64 megapixels: far above any photo a corpus or a generator produces, far below what
+# would exhaust memory (an RGB decode of this size is ~200 MB).
+DEFAULT_MAX_PIXELS = 64_000_000
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".heic"}
+)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image ready for the descriptors, with the facts about the original file."""
+
+    image: Image.Image  # RGB, 8-bit, EXIF orientation applied
+    sha256: str
+    width: int  # of the upright image
+    height: int
+    format: str | None
+    raw: bytes  # the original file bytes (watermark and metadata readers need them)
+    info: dict  # PIL's info of the original (PNG text chunks, EXIF, ...)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise UnreadableImageError(f"{p}: file not found") from None
+    except IsADirectoryError:
+        raise UnreadableImageError(f"{p}: is a directory, not an image file") from None
+    except OSError as e:
+        raise UnreadableImageError(f"{p}: cannot read file ({e.strerror or e})") from None
+    return data
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    """Decode `data` into an upright RGB image.
+
+    Handles CMYK, 16-bit, palette, alpha (composited on white, as a viewer shows it), greyscale and
+    EXIF-rotated images. Raises UnreadableImageError naming `name` for empty, truncated, corrupt or
+    non-image data, and DecompressionBombError above `max_pixels`.
+    """
+    if not data:
+        raise UnreadableImageError(f"{name}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DecompressionBombError(
+                    f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
+                    "(possible decompression bomb)"
+                )
+            fmt = im.format
+            info = dict(im.info)
+            im.load()
+    except DecompressionBombError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecompressionBombError(f"{name}: {e}") from None
+    except UnidentifiedImageError:
+        raise UnreadableImageError(f"{name}: not an image (unrecognised format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise UnreadableImageError(f"{name}: corrupt or truncated image ({e})") from None
+    try:
+        im = _to_rgb(ImageOps.exif_transpose(im))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
+        raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
+    return DecodedImage(im, sha256_bytes(data), im.width, im.height, fmt, data, info)
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+    return decode_image(read_bytes(path), str(path), max_pixels)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: PIL's convert("L") clips instead of scaling, so scale explicitly.
+        import numpy as np
+
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        return Image.fromarray((a / top * 255).round().clip(0, 255).astype("uint8")).convert("RGB")
+    if im.mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def iter_image_paths(inputs: list[str]) -> list[Path]:
+    """Expand files, folders (recursively) and globs into a sorted, de-duplicated list of paths.
+
+    Explicitly named files are kept whatever their extension (so a bad file yields its error);
+    folders and globs contribute files with image extensions only.
+    """
+    import glob
+
+    seen: dict[Path, None] = {}
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                    seen.setdefault(f, None)
+        elif any(ch in item for ch in "*?["):
+            for g in sorted(glob.glob(item, recursive=True)):
+                gp = Path(g)
+                if gp.is_file() and gp.suffix.lower() in IMAGE_EXTENSIONS:
+                    seen.setdefault(gp, None)
+        else:
+            seen.setdefault(p, None)
+    return list(seen)
