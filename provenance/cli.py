@@ -1,0 +1,263 @@
+"""The `provenance` command line: parses arguments, calls the library, prints results. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from provenance.errors import ProvenanceError
+
+app = typer.Typer(help="Training-data provenance checker: find training images an image copies, and its provenance marks.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+index_app = typer.Typer(help="Build and inspect indexes of image-caption corpora.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+console = Console(stderr=True)
+out = Console(soft_wrap=True)
+
+EXIT_CLEAN, EXIT_FAIL_ON, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
+    console.print(f"[bold red]error:[/] {e}")
+    raise typer.Exit(code)
+
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
+IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory (e.g. indexes/coco).")]
+
+
+def _model_options(sscd_model, clip_model, clip_pretrained, device=None):
+    from provenance.models import ModelOptions
+
+    return ModelOptions(sscd_model=sscd_model, clip_model=clip_model, clip_pretrained=clip_pretrained, device=device)
+
+
+# ------------------------------------------------------------------------------------- index
+
+
+@index_app.command("build")
+def index_build(
+    source: Annotated[str, typer.Argument(help="Image folder, .tar shards (folder or glob), or HF dataset (name, hf://name or saved dir).")],
+    index: IndexDir,
+    descriptors: Annotated[str, typer.Option(help="Comma-separated: sscd,pdq,clip.")] = "sscd,pdq",
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Index at most N items.")] = None,
+    append: Annotated[bool, typer.Option(help="Add new items to an existing index without re-embedding old ones.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Decode threads.")] = 2,
+    image_column: Annotated[Optional[str], typer.Option(help="HF dataset: image column.")] = None,
+    caption_column: Annotated[Optional[str], typer.Option(help="HF dataset: caption column.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(help="HF dataset: column of stable item ids.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="HF dataset split.")] = None,
+    sscd_model: Annotated[Optional[str], typer.Option(help="sscd_disc_*.torchscript.pt or .onnx (default: bundled int8 ONNX).")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="OpenCLIP architecture (default ViT-B-32).")] = None,
+    clip_pretrained: Annotated[Optional[str], typer.Option(help="OpenCLIP hub tag or local checkpoint (default laion2b_s34b_b79k).")] = None,
+    memory_budget_mb: Annotated[int, typer.Option(help="RAM budget for each FAISS index; picks the index type.")] = 1024,
+    thumbnails: Annotated[bool, typer.Option(help="Store small thumbnails for reports and the web page.")] = True,
+    verbose: Verbose = False,
+) -> None:
+    """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search."""
+    from provenance.indexer import BuildOptions, build
+
+    _setup_logging(verbose)
+    opts = BuildOptions(descriptors=descriptors.split(","), batch_size=batch_size, limit=limit, append=append,
+                        workers=workers, models=_model_options(sscd_model, clip_model, clip_pretrained),
+                        memory_budget_bytes=memory_budget_mb << 20, thumbnails=thumbnails)
+    src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
+    try:
+        with Progress(SpinnerColumn(), TextColumn("[bold]indexing"), BarColumn(), TextColumn("{task.fields[done]} embedded"),
+                      TextColumn("[yellow]{task.fields[skipped]} skipped"), TimeElapsedColumn(), console=console,
+                      transient=False) as bar:
+            task = bar.add_task("index", total=limit, done=0, skipped=0)
+            result = build(source, index, opts, progress=lambda d, s: bar.update(task, completed=d + s, done=d, skipped=s),
+                           source_options=src_opts)
+    except ProvenanceError as e:
+        _fail(e)
+    counts = result.manifest["counts"]
+    console.print(f"[green]built[/] {index}: {counts['indexed']} items indexed ({result.added} new"
+                  f"{f', {result.resumed} resumed' if result.resumed else ''}{f', {result.reused} kept' if result.reused else ''}), "
+                  f"{result.skipped} skipped this run, {result.seconds:.1f}s")
+    for reason, n in counts["skipped_by_reason"].items():
+        console.print(f"  skipped ({reason}): {n}")
+
+
+@index_app.command("info")
+def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
+               as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False) -> None:
+    """Show what an index holds: counts, descriptors, models, and which FAISS index was chosen and why."""
+    from provenance.store import ProvenanceIndex
+
+    try:
+        idx = ProvenanceIndex.open(index_dir)
+    except ProvenanceError as e:
+        _fail(e)
+    m = idx.manifest
+    if as_json:
+        out.print_json(json.dumps(m, default=str))
+        return
+    c = m["counts"]
+    out.print(f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})")
+    out.print(f"source: {m['source']['kind']} {m['source']['location']}")
+    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}")
+    t = Table("descriptor", "model", "dim", "metric", "FAISS index", "why")
+    for name, d in m["descriptors"].items():
+        plan = d.get("ann") or {}
+        t.add_row(name, f"{d['model_id']} ({d['checksum'] or '-'})", str(d["dim"]), d["metric"],
+                  plan.get("factory", "-"), plan.get("reason", "empty index"))
+    out.print(t)
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+@app.command("search")
+def search(
+    index: IndexDir,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Find corpus images like this image.")] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="Find corpus images matching this text (OpenCLIP).")] = None,
+    caption: Annotated[Optional[str], typer.Option("--caption", help="Full-text search of captions, e.g. an artist's name.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Search an index by image, by text, or by caption words. Scores: higher = more similar."""
+    from provenance.images import load_image
+    from provenance.search import Searcher
+
+    _setup_logging(verbose)
+    if sum(x is not None for x in (image, text, caption)) != 1:
+        _fail(typer.BadParameter("give exactly one of --image, --text, --caption"))
+    try:
+        searcher = Searcher.open(index)
+        if image is not None:
+            per = searcher.search_image(load_image(image).image, k)
+            rows = [dict(m.to_dict()) for name in per for m in per[name]]
+        elif text is not None:
+            rows = [m.to_dict() for m in searcher.search_text(text, k)]
+        else:
+            rows = [h.to_dict() for h in searcher.search_caption(caption, k)]
+    except ProvenanceError as e:
+        _fail(e)
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    t = Table("rank", "id", "score", "descriptor", "caption", "source")
+    for i, r in enumerate(rows, 1):
+        t.add_row(str(i), r["id"], f"{r['score']:.3f}" + (f" ({r['distance']} bits)" if r.get("distance") is not None else ""),
+                  r.get("descriptor", "caption"), (r.get("caption") or "")[:70], (r.get("source") or "")[:50])
+    out.print(t)
+    if not rows:
+        console.print("no results")
+
+
+# -------------------------------------------------------------------------------------- scan
+
+
+@app.command("scan")
+def scan(
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
+    index: IndexDir,
+    k: Annotated[int, typer.Option("-k", min=1, max=100)] = 10,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | jsonl | json | csv | html")] = "table",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report here (default: stdout).")] = None,
+    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", help="exact | replica | similar | watermark (repeatable); exit 1 if met.")] = None,
+    clip: Annotated[Optional[bool], typer.Option("--clip/--no-clip", help="Also search OpenCLIP (default: if the index has it).")] = None,
+    visible: Annotated[bool, typer.Option("--visible/--no-visible", help="Visible-watermark detector.")] = True,
+    invisible: Annotated[bool, typer.Option("--invisible/--no-invisible", help="Invisible-watermark decoding.")] = True,
+    thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    workers: Annotated[int, typer.Option(min=1)] = 2,
+    verbose: Verbose = False,
+) -> None:
+    """Scan images for replicas of corpus images and for watermark/provenance evidence."""
+    from provenance.images import iter_image_paths
+    from provenance.report import write_report
+    from provenance.scan import ScanOptions, Scanner, fail_on_met, load_thresholds
+
+    _setup_logging(verbose)
+    formats = ("table", "jsonl", "json", "csv", "html")
+    if fmt not in formats:
+        _fail(typer.BadParameter(f"--format must be one of {', '.join(formats)}, not {fmt!r}"))
+    conditions = [c.strip() for cond in (fail_on or []) for c in cond.split(",") if c.strip()]
+    bad = [c for c in conditions if c not in ("exact", "replica", "similar", "watermark")]
+    if bad:
+        _fail(typer.BadParameter(f"--fail-on: unknown condition(s) {bad}; use exact, replica, similar, watermark"))
+    if fmt == "html" and output is None:
+        _fail(typer.BadParameter("--format html needs --output FILE"))
+    files = iter_image_paths(paths)
+    if not files:
+        _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
+    try:
+        opts = ScanOptions(k=k, thresholds=load_thresholds(thresholds), use_clip=clip, visible=visible,
+                           invisible=invisible, batch_size=batch_size, workers=workers)
+        scanner = Scanner.open(index, opts)
+        with Progress(SpinnerColumn(), TextColumn("[bold]scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("scan", total=len(files))
+            records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
+    except ProvenanceError as e:
+        _fail(e)
+    target = output if output is not None else (None if fmt == "table" else sys.stdout)
+    write_report(records, fmt, target if target is not None else out, thumbnails=scanner.index.thumbnail)
+    if output is not None:
+        console.print(f"wrote {fmt} report for {len(records)} images to {output}")
+    errors = sum(r.verdict == "error" for r in records)
+    if conditions and fail_on_met(records, conditions):
+        raise typer.Exit(EXIT_FAIL_ON)
+    if errors:
+        console.print(f"[yellow]{errors} input(s) could not be read[/]")
+        raise typer.Exit(EXIT_UNREADABLE)
+
+
+# -------------------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    index: Annotated[Path, typer.Option("--index", help="Where to build the sample index.")] = Path("indexes/sample"),
+    report: Annotated[Path, typer.Option(help="Where to write the demo scan report.")] = Path("out/demo-report.html"),
+    verbose: Verbose = False,
+) -> None:
+    """Index the built-in sample corpus (51 CC-licensed COCO photos), search it, and scan edited copies."""
+    from provenance.demo import run_demo
+
+    _setup_logging(verbose)
+    try:
+        run_demo(index, report, out)
+    except ProvenanceError as e:
+        _fail(e)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (generator, server)."""
+    for module in ("provenance.cli_generate", "provenance.cli_serve"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""Reading a corpus: image folders, webdataset/img2dataset shards and Hugging Face datasets, as CorpusItems.
+
+Readers yield items lazily and never decode pixels: decoding happens in the indexer's worker threads,
+so that a corrupt file becomes a counted, logged skip rather than an exception in the reader.
+Item ids are stable across rebuilds: a folder's relative path, a shard's key, a dataset's id column.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from provenance.errors import CorpusError
+from provenance.images import IMAGE_EXTENSIONS
+
+logger = logging.getLogger(__name__)
+
+WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+CAPTION_KEYS = ("caption", "text", "prompt", "TEXT")
+
+
+@dataclass
+class CorpusItem:
+    """One image of a corpus: its stable id, its encoded bytes (or an error) and its metadata."""
+
+    id: str
+    data: bytes | None  # encoded image file; None when the reader itself could not get it
+    caption: str | None = None
+    source: str | None = None  # where the image came from: file path, url, or shard:key
+    license: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # any other metadata columns
+    error: str | None = None  # reader-level failure (missing file, unreadable member)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A parsed corpus location, recorded in the manifest so that a resumed or appended build can check it."""
+
+    kind: str  # "folder" | "webdataset" | "hf"
+    location: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "location": self.location, "options": dict(self.options)}
+
+
+def detect_source(location: str, *, image_column: str | None = None, caption_column: str | None = None,
+                  id_column: str | None = None, split: str | None = None) -> CorpusSource:
+    """Decide how to read `location`: a folder of images, tar shards (folder or glob), or a HF dataset."""
+    hf_options = {k: v for k, v in {"image_column": image_column, "caption_column": caption_column,
+                                    "id_column": id_column, "split": split}.items() if v}
+    if location.startswith("hf://"):
+        return CorpusSource("hf", location[len("hf://"):], hf_options)
+    if any(ch in location for ch in "*?[") or location.endswith(".tar"):
+        return CorpusSource("webdataset", location)
+    p = Path(location)
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or image_column:
+            return CorpusSource("hf", str(p), hf_options)
+        if any(p.glob("*.tar")):
+            return CorpusSource("webdataset", str(p))
+        return CorpusSource("folder", str(p))
+    if p.exists():
+        raise CorpusError(f"{location}: a single file is not a corpus; give a folder, shards (.tar) or a dataset")
+    if "/" in location and not location.startswith((".", "/")):
+        return CorpusSource("hf", location, hf_options)  # looks like a hub dataset id "org/name"
+    raise CorpusError(f"{location}: no such folder, shard glob or dataset")
+
+
+def read_corpus(source: CorpusSource, limit: int | None = None) -> Iterator[CorpusItem]:
+    readers = {"folder": read_image_folder, "webdataset": read_webdataset, "hf": read_hf_dataset}
+    it = readers[source.kind](source.location, **source.options)
+    for n, item in enumerate(it):
+        if limit is not None and n >= limit:
+            return
+        yield item
+
+
+# ---------------------------------------------------------------------------------------- folders
+
+
+def _load_folder_metadata(root: Path) -> dict[str, dict[str, Any]]:
+    """metadata.jsonl or metadata.csv (Hugging Face imagefolder convention), keyed by file_name."""
+    rows: dict[str, dict[str, Any]] = {}
+    jsonl, csv_path = root / "metadata.jsonl", root / "metadata.csv"
+    if jsonl.exists():
+        with jsonl.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    logger.warning("%s:%d: skipping bad JSON line (%s)", jsonl, lineno, e)
+                    continue
+                if "file_name" not in row:
+                    logger.warning("%s:%d: no file_name, skipping", jsonl, lineno)
+                    continue
+                rows[Path(row["file_name"]).as_posix()] = row
+    elif csv_path.exists():
+        with csv_path.open(encoding="utf-8", newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("file_name"):
+                    rows[Path(row["file_name"]).as_posix()] = row
+    return rows
+
+
+def _split_row(row: dict[str, Any]) -> tuple[str | None, str | None, dict[str, Any]]:
+    caption = next((row[k] for k in CAPTION_KEYS if row.get(k)), None)
+    license_ = row.get("license")
+    extra = {k: v for k, v in row.items() if k not in ("file_name", "license") and k not in CAPTION_KEYS}
+    return (str(caption) if caption is not None else None), (str(license_) if license_ else None), extra
+
+
+def read_image_folder(location: str) -> Iterator[CorpusItem]:
+    root = Path(location)
+    if not root.is_dir():
+        raise CorpusError(f"{location}: not a folder")
+    metadata = _load_folder_metadata(root)
+    files = sorted(
+        f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+    )
+    listed = {f.relative_to(root).as_posix() for f in files}
+    for missing in sorted(set(metadata) - listed):
+        # A metadata row whose image is absent is a skip the user should see, not a silent drop.
+        caption, license_, extra = _split_row(metadata[missing])
+        yield CorpusItem(missing, None, caption, str(root / missing), license_, extra,
+                         error="listed in metadata but the file is missing")
+    if not files and not metadata:
+        raise CorpusError(f"{location}: no image files found")
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        caption, license_, extra = _split_row(metadata.get(rel, {}))
+        try:
+            data = f.read_bytes()
+            err = None
+        except OSError as e:
+            data, err = None, f"cannot read file ({e.strerror or e})"
+        yield CorpusItem(rel, data, caption, str(f), license_, extra, error=err)
+
+
+# ---------------------------------------------------------------------------------- webdataset
+
+
+def list_shards(location: str) -> list[Path]:
+    if any(ch in location for ch in "*?["):
+        shards = [Path(p) for p in sorted(glob.glob(location))]
+    elif location.endswith(".tar"):
+        shards = [Path(location)]
+    else:
+        shards = sorted(Path(location).glob("*.tar"))
+    if not shards:
+        raise CorpusError(f"{location}: no .tar shards found")
+    return shards
+
+
+def _parquet_rows(shard: Path) -> dict[str, dict[str, Any]]:
+    pq_path = shard.with_suffix(".parquet")
+    if not pq_path.exists():
+        return {}
+    try:
+        import pyarrow.parquet as pq
+
+        return {str(r["key"]): r for r in pq.read_table(pq_path).to_pylist() if "key" in r}
+    except Exception as e:  # noqa: BLE001 - a broken sidecar loses extra columns, not the shard
+        logger.warning("%s: cannot read parquet sidecar (%s); using tar metadata only", pq_path, e)
+        return {}
+
+
+def read_webdataset(location: str) -> Iterator[CorpusItem]:
+    """img2dataset layout: members `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`, grouped by key."""
+    for shard in list_shards(location):
+        sidecar = _parquet_rows(shard)
+        try:
+            tar = tarfile.open(shard)
+        except (tarfile.TarError, OSError) as e:
+            logger.error("%s: cannot open shard (%s); skipping it", shard, e)
+            yield CorpusItem(f"{shard.name}", None, source=str(shard), error=f"cannot open shard ({e})")
+            continue
+        with tar:
+            group_key: str | None = None
+            group: dict[str, bytes] = {}
+            try:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    base = os.path.basename(member.name)
+                    key, _, ext = base.partition(".")
+                    if key != group_key and group_key is not None:
+                        yield _wds_item(shard, group_key, group, sidecar)
+                        group = {}
+                    group_key = key
+                    f = tar.extractfile(member)
+                    group[ext.lower()] = f.read() if f else b""
+            except (tarfile.TarError, OSError, EOFError) as e:
+                logger.error("%s: shard is truncated or corrupt after key %s (%s)", shard, group_key, e)
+            if group_key is not None:
+                yield _wds_item(shard, group_key, group, sidecar)
+
+
+def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str, dict]) -> CorpusItem:
+    meta: dict[str, Any] = dict(sidecar.get(key, {}))
+    if "json" in group:
+        try:
+            meta.update(json.loads(group["json"]))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("%s: %s.json is not valid JSON", shard, key)
+    caption = meta.get("caption")
+    if not caption and "txt" in group:
+        caption = group["txt"].decode("utf-8", "replace").strip()
+    image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in group), None)
+    source = meta.get("url") or f"{shard.name}:{key}"
+    license_ = meta.get("license")
+    extra = {k: v for k, v in meta.items() if k not in ("key", "caption", "url", "license")}
+    extra["shard"] = shard.name
+    if image_ext is None:
+        return CorpusItem(key, None, caption, source, license_, extra, error="no image member in shard")
+    return CorpusItem(key, group[image_ext], caption, source, license_, extra)
+
+
+# ------------------------------------------------------------------------------- HF datasets
+
+
+def read_hf_dataset(location: str, image_column: str | None = None, caption_column: str | None = None,
+                    id_column: str | None = None, split: str | None = None) -> Iterator[CorpusItem]:
+    """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder."""
+    import datasets
+
+    try:
+        if Path(location).is_dir():
+            ds = datasets.load_from_disk(location)
+        else:
+            ds = datasets.load_dataset(location, split=split or "train")
+    except FileNotFoundError as e:
+        raise CorpusError(f"{location}: dataset not found ({e})") from None
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (ConnectionError, DatasetNotFoundError...)
+        raise CorpusError(f"{location}: cannot load dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or ("train" if "train" in ds else next(iter(ds)))
+        if name not in ds:
+            raise CorpusError(f"{location}: no split {name!r}; splits are {list(ds)}")
+        ds, split = ds[name], name
+    split = split or "train"
+    columns = ds.column_names
+    image_column = image_column or next(
+        (c for c in columns if isinstance(ds.features[c], datasets.Image)), None
+    ) or ("image" if "image" in columns else None)
+    if image_column not in columns:
+        raise CorpusError(f"{location}: no image column {image_column!r}; columns are {columns} "
+                          "(choose one with --image-column)")
+    caption_column = caption_column or next((c for c in CAPTION_KEYS if c in columns), None)
+    if caption_column is not None and caption_column not in columns:
+        raise CorpusError(f"{location}: no caption column {caption_column!r}; columns are {columns}")
+    if id_column is not None and id_column not in columns:
+        raise CorpusError(f"{location}: no id column {id_column!r}; columns are {columns}")
+    feature = ds.features[image_column]
+    if isinstance(feature, datasets.Value) and feature.dtype == "string":
+        sample = ds[0][image_column] if len(ds) else ""
+        if isinstance(sample, str) and sample.startswith(("http://", "https://")):
+            raise CorpusError(
+                f"{location}: column {image_column!r} holds image URLs; downloading URL datasets is not "
+                "supported yet — download them first (e.g. with img2dataset) and index the shards"
+            )
+    # Keep the encoded bytes: the indexer decodes them in worker threads, and a broken one is a skip.
+    ds = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(feature, datasets.Image) else ds
+    for i, row in enumerate(ds):
+        item_id = str(row[id_column]) if id_column else f"{split}/{i}"
+        value = row[image_column]
+        data, err, source = None, None, f"{location}[{split}][{i}]"
+        if isinstance(value, dict):
+            data = value.get("bytes")
+            if data is None and value.get("path"):
+                try:
+                    data = Path(value["path"]).read_bytes()
+                    source = value["path"]
+                except OSError as e:
+                    err = f"cannot read {value['path']} ({e.strerror or e})"
+        elif isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+        elif isinstance(value, str) and Path(value).is_file():
+            data, source = Path(value).read_bytes(), value
+        else:
+            err = f"unsupported image value of type {type(value).__name__}"
+        if data is None and err is None:
+            err = "empty image cell"
+        caption = row.get(caption_column) if caption_column else None
+        extra = {k: v for k, v in row.items()
+                 if k not in (image_column, caption_column, id_column) and _jsonable(v)}
+        license_ = extra.pop("license", None)
+        yield CorpusItem(item_id, data, str(caption) if caption is not None else None, source,
+                         str(license_) if license_ else None, extra, error=err)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
+

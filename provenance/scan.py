@@ -1,0 +1,261 @@
+"""The detector: for each image, does it copy a corpus image, and what provenance marks does it carry?
+
+Per image (in worker threads): read bytes, decode, preprocess for each model, decode invisible marks,
+read C2PA and generation metadata. Per batch (main thread): SSCD / CLIP / visible-watermark models and
+FAISS searches. Then `decide_verdict`, a pure function of the scores and the calibrated thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
+from provenance.errors import ProvenanceError, UnreadableImageError
+from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes
+from provenance.models import ModelOptions
+from provenance.search import Searcher, merge_matches
+from provenance.store import ProvenanceIndex
+from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Verdict thresholds. Defaults are calibrated by bench/calibrate.py (see BENCHMARKS.md):
+    the replica threshold sits at <= 1% FPR on edited non-member photos."""
+
+    exact_pdq_bits: int = 8  # PDQ Hamming distance <= this (or identical file bytes) -> exact
+    exact_sscd: float = 0.95  # and SSCD must agree, so two different flat/blank images aren't "exact"
+    replica_sscd: float = 0.50
+    similar_sscd: float = 0.35
+    similar_clip: float = 0.90
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def decide_verdict(scores: dict[str, float | int | None], t: Thresholds, same_bytes: bool = False) -> Verdict:
+    """exact > replica > similar > novel, from the best score of each descriptor."""
+    sscd, clip, pdq = scores.get("sscd"), scores.get("clip"), scores.get("pdq_distance")
+    if same_bytes:
+        return "exact"
+    if pdq is not None and pdq <= t.exact_pdq_bits and (sscd is None or sscd >= t.exact_sscd):
+        return "exact"
+    if sscd is not None and sscd >= t.replica_sscd:
+        return "replica"
+    if (sscd is not None and sscd >= t.similar_sscd) or (clip is not None and clip >= t.similar_clip):
+        return "similar"
+    return "novel"
+
+
+@dataclass
+class ScanOptions:
+    k: int = 10
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    use_clip: bool | None = None  # None = when the index has clip
+    visible: bool = True
+    invisible: bool = True
+    c2pa: bool = True
+    metadata: bool = True
+    batch_size: int = 16
+    workers: int = 2
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    models: ModelOptions | None = None
+    visible_model: str | None = None  # path to other weights; None = shipped detector
+    visible_laion_checkpoint: str | None = None
+
+
+@dataclass
+class _Work:
+    """What a worker thread produced for one input."""
+
+    name: str
+    record: ScanRecord
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class Scanner:
+    """Scans images against one index; models and the index load once and are reused for every batch."""
+
+    def __init__(self, searcher: Searcher, options: ScanOptions | None = None):
+        self.searcher = searcher
+        self.index: ProvenanceIndex = searcher.index
+        self.options = options or ScanOptions()
+        o = self.options
+        self.descriptors = [n for n in ("sscd", "pdq") if n in self.index.specs]
+        if (o.use_clip is None and "clip" in self.index.specs) or o.use_clip:
+            self.descriptors.append("clip")
+        self._models = {n: searcher.model(n) for n in self.descriptors}
+        self._visible = _load_visible(o) if o.visible else None
+        self._sha_rows = self._sha_index()
+
+    @classmethod
+    def open(cls, index_dir: str | os.PathLike, options: ScanOptions | None = None) -> "Scanner":
+        options = options or ScanOptions()
+        return cls(Searcher.open(index_dir, options.models), options)
+
+    def _sha_index(self) -> dict[str, str]:
+        col = self.index._rows.column("sha256").to_pylist()
+        return {sha: item_id for sha, item_id in zip(col, self.index.ids) if sha}
+
+    # ------------------------------------------------------------------------------ public API
+
+    def scan_paths(self, paths: Iterable[str | os.PathLike], progress: Callable[[ScanRecord], None] | None = None
+                   ) -> list[ScanRecord]:
+        return list(self.iter_scan(((str(p), None) for p in paths), progress))
+
+    def scan_bytes(self, data: bytes, name: str = "upload") -> ScanRecord:
+        return next(self.iter_scan([(name, data)]))
+
+    def scan_many_bytes(self, items: list[tuple[str, bytes]]) -> list[ScanRecord]:
+        return list(self.iter_scan(items))
+
+    def iter_scan(self, items: Iterable[tuple[str, bytes | None]],
+                  progress: Callable[[ScanRecord], None] | None = None) -> Iterator[ScanRecord]:
+        """Scan (name, bytes-or-None) pairs in input order; None bytes means read the file `name`."""
+        o = self.options
+        it = iter(items)
+        with ThreadPoolExecutor(max_workers=max(1, o.workers), thread_name_prefix="scan-decode") as pool:
+            def submit() -> list[Future]:
+                futures = []
+                for name, data in it:
+                    futures.append(pool.submit(self._prepare, name, data))
+                    if len(futures) >= o.batch_size:
+                        break
+                return futures
+
+            current = submit()
+            while current:
+                upcoming = submit()  # decoded while the models run on `current`
+                for rec in self._finish_batch([f.result() for f in current]):
+                    if progress:
+                        progress(rec)
+                    yield rec
+                current = upcoming
+
+    # --------------------------------------------------------------------------- worker thread
+
+    def _prepare(self, name: str, data: bytes | None) -> _Work:
+        try:
+            raw = data if data is not None else read_bytes(name)
+        except UnreadableImageError as e:
+            return _Work(name, ScanRecord.failed(name, str(e)))
+        from provenance.images import sha256_bytes
+
+        sha = sha256_bytes(raw) if raw else None
+        try:
+            decoded = decode_image(raw, name, self.options.max_pixels)
+        except UnreadableImageError as e:
+            return _Work(name, ScanRecord.failed(name, str(e), sha))
+        try:
+            record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height)
+            record.watermarks = self._evidence(decoded)
+            memo = ((record.watermarks.metadata or {}).get("provenance") or {}).get("memorization")
+            if isinstance(memo, dict):
+                record.extra["memorization"] = memo
+            inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
+            if self._visible is not None:
+                inputs["visible"] = self._visible.preprocess(decoded.image)
+        except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
+            logger.exception("scan of %s failed", name)
+            return _Work(name, ScanRecord.failed(name, f"{type(e).__name__}: {e}", decoded.sha256))
+        return _Work(name, record, inputs)
+
+    def _evidence(self, decoded: DecodedImage) -> WatermarkEvidence:
+        o = self.options
+        ev = WatermarkEvidence()
+        if o.invisible:
+            from provenance.watermarks.invisible import detect_invisible_marks
+
+            ev.invisible = detect_invisible_marks(decoded.image)
+        if o.c2pa:
+            from provenance.watermarks.c2pa import read_c2pa
+
+            mime = _mime_type(decoded.format)
+            ev.c2pa = read_c2pa(decoded.raw, mime)
+        if o.metadata:
+            from provenance.watermarks.metadata import read_generation_metadata
+
+            ev.metadata = read_generation_metadata(decoded)
+        return ev
+
+    # ----------------------------------------------------------------------------- main thread
+
+    def _finish_batch(self, work: list[_Work]) -> list[ScanRecord]:
+        ok = [w for w in work if w.record.verdict != "error"]
+        if ok:
+            vectors = {n: self._models[n].embed_batch([w.inputs[n] for w in ok]) for n in self.descriptors}
+            results = self.searcher.search_vectors(vectors, self.options.k)
+            if self._visible is not None:
+                probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
+                for w, p in zip(ok, probs):
+                    w.record.watermarks.visible = {"probability": round(float(p), 4)}
+            for w, per_desc in zip(ok, results):
+                self._fill(w.record, per_desc)
+        return [w.record for w in work]
+
+    def _fill(self, record: ScanRecord, per_desc: dict[str, list[Match]]) -> None:
+        t = self.options.thresholds
+        scores: dict[str, float | int | None] = {"sscd": None, "clip": None, "pdq_distance": None}
+        if per_desc.get("sscd"):
+            scores["sscd"] = round(per_desc["sscd"][0].score, 4)
+        if per_desc.get("clip"):
+            scores["clip"] = round(per_desc["clip"][0].score, 4)
+        if per_desc.get("pdq"):
+            scores["pdq_distance"] = per_desc["pdq"][0].distance
+            # Far PDQ neighbours are noise, not evidence: keep only those within matching range.
+            per_desc = {**per_desc, "pdq": [m for m in per_desc["pdq"] if (m.distance or 0) <= PDQ_MATCH_THRESHOLD]}
+        same_item = self._sha_rows.get(record.sha256 or "")
+        record.scores = scores
+        record.verdict = decide_verdict(scores, t, same_bytes=same_item is not None)
+        record.matches = merge_matches(per_desc, self.options.k)
+        if same_item is not None:
+            record.extra["identical_file"] = same_item
+
+
+def _mime_type(fmt: str | None) -> str | None:
+    return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
+            "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")
+
+
+def _load_visible(o: ScanOptions):
+    from provenance.watermarks.visible import VisibleWatermarkDetector
+
+    if o.visible_laion_checkpoint:
+        return VisibleWatermarkDetector.from_laion_checkpoint(o.visible_laion_checkpoint)
+    return VisibleWatermarkDetector.load(o.visible_model)
+
+
+def fail_on_met(records: list[ScanRecord], conditions: list[str], visible_threshold: float = 0.5) -> bool:
+    """Whether any record meets a --fail-on condition (exact | replica | similar | watermark).
+    Conditions are cumulative upward: `similar` also fails on replica and exact."""
+    rank = {"exact": 0, "replica": 1, "similar": 2}
+    for rec in records:
+        for cond in conditions:
+            if cond in rank and rec.verdict in rank and rank[rec.verdict] <= rank[cond]:
+                return True
+            if cond == "watermark":
+                wm = rec.watermarks
+                if wm.invisible or (wm.visible and wm.visible["probability"] >= visible_threshold) \
+                        or (wm.c2pa and wm.c2pa.get("ai_generated")):
+                    return True
+    return False
+
+
+def load_thresholds(path: str | os.PathLike | None) -> Thresholds:
+    if path is None:
+        return Thresholds()
+    try:
+        return Thresholds(**json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise ProvenanceError(f"{path}: cannot read thresholds ({e})") from None
