@@ -79,7 +79,7 @@ def run_demo(index_dir: Path, report: Path, console: Console) -> None:
     _print_matches(console, f"query {probe.name}", [(h.id, h.score, h.caption) for h in hits])
 
     console.rule("[bold]3. Search captions (full text), e.g. for a name or a word")
-    for words in ("pizza", "giraffe*"):
+    for words in ("pizza", "skateb*"):
         caps = searcher.search_caption(words, k=3)
         _print_matches(console, f"captions matching {words!r}", [(c.id, c.score, c.caption) for c in caps])
 

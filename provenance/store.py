@@ -85,7 +85,7 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
     try:
         thumb_offsets = _write_thumbnails(tmp / THUMBNAILS, contents.thumbnails)
         _write_metadata(tmp / METADATA, contents.rows, thumb_offsets)
-        _write_captions_db(tmp / CAPTIONS_DB, [r.get("caption") for r in contents.rows])
+        _write_captions_db(tmp / CAPTIONS_DB, [_searchable_text(r) for r in contents.rows])
         descriptors: dict[str, Any] = {}
         for name, x in contents.vectors.items():
             if len(x) != n:
@@ -168,6 +168,15 @@ def _write_metadata(path: Path, rows: list[dict[str, Any]], thumb_offsets: list[
         "thumb_size": pa.array([s for _, s in thumb_offsets], pa.int32()),
     }
     pq.write_table(pa.table(cols), path)
+
+
+def _searchable_text(row: dict[str, Any]) -> str:
+    """The caption plus any alternative captions (COCO and Flickr8k carry five per image)."""
+    texts = [row.get("caption") or ""]
+    more = (row.get("extra") or {}).get("captions")
+    if isinstance(more, list):
+        texts += [str(c) for c in more if c and c != row.get("caption")]
+    return "\n".join(texts)
 
 
 def _write_captions_db(path: Path, captions: list[str | None]) -> None:

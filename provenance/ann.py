@@ -1,0 +1,695 @@
+"""Approximate nearest-neighbour indexes: plan, build, save, load and search FAISS indexes over descriptor vectors.
+
+This module is the one place that turns FAISS distances into "higher = more similar" scores:
+cosine similarity for L2-normalised float vectors (inner product), ``1 - d / bits`` for binary
+hashes compared by Hamming distance.
+
+Conventions (faiss ``contrib`` style): ``xb`` is the corpus, ``xq`` the queries, ``k`` the number
+of neighbours; float vectors are ``(n, d)`` float32 (float16 accepted, e.g. a memory-mapped
+``.npy``) and L2-normalised; binary hashes are ``(n, bits / 8)`` uint8. Ids are row numbers of
+``xb`` in the order the vectors were added.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from provenance.errors import IndexMismatchError
+
+logger = logging.getLogger(__name__)
+
+FLOAT_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+BINARY_KINDS = ("binary_flat", "binary_ivf", "binary_hnsw")
+KINDS = FLOAT_KINDS + BINARY_KINDS
+METRICS = ("ip", "hamming")
+
+# --- Planning thresholds. autofaiss (criteo/autofaiss, autofaiss/external/optimize.py,
+# get_optimal_index_keys_v2) uses Flat below 1,000 vectors, HNSW below 10,000, HNSW whenever
+# it fits the memory budget, IVF-Flat below 1M vectors when it fits, and IVF-PQ otherwise. We keep
+# its order but move the Flat threshold up: provenance verdicts threshold the *exact* cosine, and
+# one brute-force query over 32k x 512 float32 (64 MB) still takes ~2-5 ms on one core.
+FLAT_MAX_VALUES = 32_768 * 512  # n * dim below which exact search is used
+# HNSW is CPU-only, cannot be memory-mapped usefully (its graph is read at random) and builds at
+# ~1-2k vectors/s/core for M=32 at d=512: beyond ~300k vectors a 2-core build takes > 3 minutes,
+# so larger corpora go to IVF even when HNSW would fit the budget (autofaiss ignores build time).
+HNSW_MAX_N = 300_000
+IVF_FLAT_MAX_N = 1_000_000  # autofaiss ivf_flat_threshold
+HNSW_M = 32  # autofaiss: HNSW{min(m_hnsw, 32)}
+# autofaiss get_optimal_train_size: 100 training points per centroid ("between 30 and 256"); faiss
+# warns below 39. 64 keeps k-means of 4096 centroids under a minute on 2 cores.
+TRAIN_POINTS_PER_CENTROID = 64
+MIN_POINTS_PER_CENTROID = 39
+SEED = 1234  # training-sample draw and k-means seed: the same vectors give the same index
+ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the copy to 128 MB at d=512)
+BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 64 MB: a full popcount scan is still a few ms
+PAD_DISTANCE = np.iinfo(np.int32).max  # hamming distance reported for padded (-1) results
+
+
+class IndexDimensionError(IndexMismatchError, ValueError):
+    """An index, its plan and the vectors given to it disagree on the dimension."""
+
+
+@dataclass(frozen=True)
+class AnnPlan:
+    """Which FAISS index to build for a corpus, how to search it, and why."""
+
+    kind: str  # one of KINDS
+    factory: str  # the faiss.index_factory / index_binary_factory string
+    metric: str  # "ip" (cosine on L2-normalised vectors) or "hamming"
+    params: dict[str, Any] = field(default_factory=dict)  # nprobe / efSearch / rerank_k ...
+    reason: str = ""
+    est_memory_bytes: int = 0  # resident size of the index itself (re-rank vectors not included)
+    dim: int = 0  # vector length (bits for hamming); 0 = take it from the data / the index
+
+    @property
+    def rerank_k(self) -> int:
+        """Candidates to fetch before the exact re-rank; 0 when the plan does not re-rank."""
+        return int(self.params.get("rerank_k", 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AnnPlan":
+        missing = {"kind", "factory", "metric"} - set(d)
+        if missing:
+            raise ValueError(f"AnnPlan dict lacks {sorted(missing)}: {d!r}")
+        plan = cls(
+            kind=str(d["kind"]),
+            factory=str(d["factory"]),
+            metric=str(d["metric"]),
+            params=dict(d.get("params") or {}),
+            reason=str(d.get("reason", "")),
+            est_memory_bytes=int(d.get("est_memory_bytes", 0)),
+            dim=int(d.get("dim", 0)),
+        )
+        _check_plan(plan)
+        return plan
+
+    def with_params(self, **params: Any) -> "AnnPlan":
+        """A copy with some search parameters changed (e.g. after tuning)."""
+        return replace(self, params={**self.params, **params})
+
+
+@dataclass
+class Neighbors:
+    """k nearest corpus rows of each query, best first."""
+
+    scores: np.ndarray  # (nq, k) float32, higher = more similar; -inf where ids == -1
+    ids: np.ndarray  # (nq, k) int64 corpus row numbers, -1 padding when fewer than k exist
+    distances: np.ndarray | None = None  # (nq, k) int32 Hamming bits (hamming plans only)
+
+
+# ----------------------------------------------------------------------------- planning
+def _human(nbytes: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= div:
+            return f"{nbytes / div:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def _nlist(n: int) -> int:
+    """IVF list count: autofaiss get_optimal_nb_clusters (4*sqrt(n) rounded to a power of 2, as the
+    faiss wiki "Guidelines to choose an index" advises 4..16*sqrt(n)), capped so that every
+    centroid gets >= 39 training points. autofaiss jumps to 16,384 lists from 1M vectors; we keep
+    the sqrt rule there (4,096 at 1M) because 16k-centroid k-means does not fit a 3-minute build
+    on 2 cores, and re-ranking recovers the precision that smaller lists cost."""
+    nl = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    cap = 2 ** int(math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
+    return int(max(1, min(nl, cap)))
+
+
+def _pq_m(dim: int) -> int:
+    """PQ sub-quantizers: one per 8 dims (4-bit fast-scan codes: dim/16 bytes per vector)."""
+    for m in (dim // 8, dim // 4, dim // 2, dim):
+        if m >= 1 and dim % m == 0 and m % 2 == 0:
+            return m
+    return dim
+
+
+def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M) -> int:
+    if kind == "flat":
+        return n * dim * 4
+    if kind == "hnsw":  # autofaiss: 4 * n * (d + 2 * M): vectors + level-0 links (2M int32)
+        return 4 * n * (dim + 2 * m)
+    if kind == "ivf_flat":  # codes + 8-byte ids + centroids
+        return n * (dim * 4 + 8) + nlist * dim * 4
+    if kind == "ivf_pq":  # 4-bit codes + ids + centroids (+ fast-scan block padding, ~32 rows/list)
+        code = _pq_m(dim) // 2
+        return (n + 32 * nlist) * (code + 8) + nlist * dim * 4
+    nbytes = dim // 8
+    if kind == "binary_flat":
+        return n * nbytes
+    if kind == "binary_hnsw":
+        return n * (nbytes + 8 * m)
+    if kind == "binary_ivf":
+        return n * (nbytes + 8) + nlist * nbytes
+    raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
+
+
+def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
+    """Search parameters measured by bench/bench_index.py on SSCD-like vectors (recall@10 >= 0.95)."""
+    if kind in ("hnsw", "binary_hnsw"):
+        return {"efSearch": 64, "efConstruction": 80}
+    if kind == "ivf_flat":
+        return {"nprobe": min(nlist, max(8, nlist // 32))}
+    if kind == "ivf_pq":
+        return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": 100}
+    if kind == "binary_ivf":
+        return {"nprobe": min(nlist, max(8, nlist // 16))}
+    return {}
+
+
+def plan_index(
+    n: int,
+    dim: int,
+    metric: str = "ip",
+    memory_budget_bytes: int = 1 << 30,
+    *,
+    kind: str | None = None,
+) -> AnnPlan:
+    """Choose the index for `n` vectors of `dim` (bits, for hamming) under a memory budget.
+
+    `kind` forces one of KINDS (tests, or an operator who knows better); the parameters then
+    follow the same rules as an automatic choice of that kind.
+    """
+    # 1. Check inputs
+    if not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    if not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if memory_budget_bytes <= 0:
+        raise ValueError(f"memory_budget_bytes must be positive, got {memory_budget_bytes!r}")
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if metric == "hamming" and dim % 8:
+        raise ValueError(f"hamming dim is in bits and must be a multiple of 8, got {dim}")
+    if kind is not None and (kind in BINARY_KINDS) != (metric == "hamming"):
+        raise ValueError(f"kind {kind!r} does not fit metric {metric!r}")
+    n, dim = int(n), int(dim)
+    budget = _human(memory_budget_bytes)
+
+    # 2. Choose the kind, with the reason
+    if metric == "hamming":
+        raw = n * dim // 8
+        if kind is None:
+            if n <= BINARY_FLAT_MAX_N:
+                kind = "binary_flat"
+                why = f"n={n:,} x {dim} bits = {_human(raw)}: exact Hamming scan (<= {BINARY_FLAT_MAX_N:,})"
+            else:
+                kind = "binary_ivf"
+                why = f"n={n:,} > {BINARY_FLAT_MAX_N:,}: a full scan is too slow per query, binary IVF"
+        else:
+            why = f"kind {kind} forced"
+    else:
+        raw = n * dim * 4
+        m_hnsw = int((memory_budget_bytes / (4 * max(n, 1)) - dim) // 2)  # autofaiss m_hnsw rule
+        shape = f"n={n:,} x {dim} float32 = {_human(raw)}"
+        if kind is not None:
+            why = f"kind {kind} forced ({shape})"
+        elif n * dim <= FLAT_MAX_VALUES and raw <= memory_budget_bytes:
+            kind = "flat"
+            why = f"{shape} <= {FLAT_MAX_VALUES // dim:,} vectors: exact inner-product search"
+        elif n <= HNSW_MAX_N and m_hnsw >= 8:
+            kind = "hnsw"
+            why = (
+                f"{shape}: HNSW{HNSW_M} graph fits budget {budget} (autofaiss m_hnsw={m_hnsw} >= 8) "
+                f"and builds in minutes for n <= {HNSW_MAX_N:,}"
+            )
+        elif n < IVF_FLAT_MAX_N and _est_memory("ivf_flat", n, dim, _nlist(n)) <= memory_budget_bytes:
+            kind = "ivf_flat"
+            why = f"{shape} fits budget {budget}; n too large for an HNSW build: uncompressed IVF"
+        else:
+            kind = "ivf_pq"
+            over = f"> budget {budget}" if raw > memory_budget_bytes else f"and n >= {IVF_FLAT_MAX_N:,}"
+            why = f"{shape} {over}: compressed IVF-PQ"
+
+    # 3. Parameters of that kind
+    nlist = _nlist(n) if kind in ("ivf_flat", "ivf_pq", "binary_ivf") else 0
+    if kind == "flat":
+        factory = "Flat"
+    elif kind == "hnsw":
+        factory = f"HNSW{HNSW_M},Flat"
+    elif kind == "ivf_flat":
+        factory = f"IVF{nlist},Flat"
+    elif kind == "ivf_pq":
+        m = _pq_m(dim)
+        factory = f"IVF{nlist},PQ{m}x4fs"
+        why += (
+            f" IVF{nlist},PQ{m}x4fs ({m // 2} B/vector, 4-bit fast-scan) + float16 re-rank of the "
+            "top candidates from the memory-mapped embeddings"
+        )
+    elif kind == "binary_flat":
+        factory = "BFlat"
+    elif kind == "binary_hnsw":
+        factory = f"BHNSW{HNSW_M}"
+    else:
+        factory = f"BIVF{nlist}"
+    if kind in ("ivf_flat", "binary_ivf"):
+        why += f" ({factory}: {nlist} lists ~ 4*sqrt(n), autofaiss rule)"
+    est = _est_memory(kind, n, dim, nlist)
+    plan = AnnPlan(
+        kind=kind,
+        factory=factory,
+        metric=metric,
+        dim=dim,
+        params=_default_params(kind, n, nlist),
+        reason=f"{why}; index ~{_human(est)}",
+        est_memory_bytes=int(est),
+    )
+    logger.debug("plan for n=%d dim=%d: %s", n, dim, plan.reason)
+    return plan
+
+
+def _check_plan(plan: AnnPlan) -> None:
+    if not isinstance(plan, AnnPlan):
+        raise TypeError(f"plan must be an AnnPlan, got {type(plan).__name__}")
+    if plan.kind not in KINDS:
+        raise ValueError(f"plan kind must be one of {KINDS}, got {plan.kind!r}")
+    if plan.metric not in METRICS or (plan.kind in BINARY_KINDS) != (plan.metric == "hamming"):
+        raise ValueError(f"plan metric {plan.metric!r} does not fit kind {plan.kind!r}")
+
+
+# ----------------------------------------------------------------------------- input checks
+def _check_vectors(x: Any, metric: str, dim: int, name: str) -> np.ndarray:
+    """Validate a float (n, dim) or binary (n, dim/8) uint8 matrix; no copy made."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if metric == "hamming":
+        width = dim // 8
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != width:
+            raise TypeError(
+                f"{name} must be a uint8 matrix of {width} bytes per row ({dim}-bit hashes), got {x.dtype} {x.shape}"
+            )
+    elif x.dtype not in (np.float32, np.float16) or x.ndim != 2 or x.shape[1] != dim:
+        raise TypeError(f"{name} must be a float32 (or float16) matrix of dim {dim}, got {x.dtype} {x.shape}")
+    return x
+
+
+def _plan_dim(plan: AnnPlan, actual: int, what: str) -> int:
+    """The dim to check against: the plan's, which must agree with the index/data when both are known."""
+    if plan.dim and plan.dim != actual:
+        raise IndexDimensionError(f"{what} has dim {actual} but the plan was made for dim {plan.dim}")
+    return actual
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _check_normalised(x: np.ndarray, name: str) -> None:
+    """Scores are cosines only for unit vectors: refuse un-normalised rows (zero rows allowed)."""
+    norms = np.linalg.norm(x, axis=1)
+    bad = ~((np.abs(norms - 1.0) < 1e-2) | (norms < 1e-6)) | ~np.isfinite(norms)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{name} rows must be L2-normalised for inner-product search: row {i} has norm {norms[i]:.4g}"
+        )
+
+
+# ----------------------------------------------------------------------------- GPU helpers
+def gpu_available() -> bool:
+    """True when the installed faiss has GPU support and sees at least one GPU."""
+    try:
+        return faiss.get_num_gpus() > 0
+    except AttributeError:  # pragma: no cover - very old faiss
+        return False
+
+
+def _resolve_gpu(use_gpu: bool | None) -> bool:
+    if use_gpu is None:
+        return gpu_available()
+    if use_gpu and not gpu_available():
+        raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU (faiss-cpu installed?)")
+    return bool(use_gpu)
+
+
+_GPU_RES: list[Any] = []
+
+
+def _gpu_resources() -> Any:
+    if not _GPU_RES:  # one StandardGpuResources per process: each reserves scratch GPU memory
+        _GPU_RES.append(faiss.StandardGpuResources())
+    return _GPU_RES[0]
+
+
+def _is_binary(index: Any) -> bool:
+    return isinstance(index, faiss.IndexBinary)
+
+
+def _binary_ivf(index: Any) -> Any:
+    """The IndexBinaryIVF inside a binary index (faiss has no extract_index_binary_ivf)."""
+    index = faiss.downcast_IndexBinary(index) if type(index) is faiss.IndexBinary else index
+    if not isinstance(index, faiss.IndexBinaryIVF):
+        raise TypeError(f"expected a binary IVF index, got {type(index).__name__}")
+    return index
+
+
+def _to_cpu(index: Any) -> Any:
+    if _is_binary(index):
+        if "Gpu" in type(index).__name__:
+            return faiss.index_binary_gpu_to_cpu(index)
+        return index
+    if "Gpu" in type(index).__name__:
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+# ----------------------------------------------------------------------------- build
+def _train_sample(x: np.ndarray, nlist: int) -> np.ndarray:
+    """autofaiss get_optimal_train_size: TRAIN_POINTS_PER_CENTROID * nlist rows, drawn with a fixed seed."""
+    n = x.shape[0]
+    size = min(n, max(TRAIN_POINTS_PER_CENTROID * nlist, 10_000))
+    if size >= n:
+        return np.ascontiguousarray(x) if x.dtype == np.uint8 else _as_f32(x)
+    rows = np.sort(np.random.default_rng(SEED).choice(n, size=size, replace=False))  # sorted: sequential memmap reads
+    sample = x[rows]
+    return np.ascontiguousarray(sample) if x.dtype == np.uint8 else _as_f32(sample)
+
+
+def _new_index(plan: AnnPlan) -> Any:
+    if plan.metric == "hamming":
+        index = faiss.index_binary_factory(plan.dim, plan.factory)
+    else:
+        index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+    if plan.kind in ("hnsw", "binary_hnsw"):
+        index.hnsw.efConstruction = int(plan.params.get("efConstruction", 80))
+    return index
+
+
+def build_index(x: np.ndarray, plan: AnnPlan, *, use_gpu: bool | None = None) -> Any:
+    """Train (if the kind needs it) and fill an index with `x`; ids are the row numbers of `x`.
+
+    `x` may be a float16 memory map: it is converted to float32 one chunk at a time. With a GPU
+    (use_gpu=None: whenever faiss sees one) the IVF k-means runs there; the returned index is
+    always on the CPU, ready for `save_index`.
+    """
+    # 1. Check inputs
+    _check_plan(plan)
+    if not isinstance(x, np.ndarray) or x.ndim != 2:
+        raise TypeError(f"x must be a 2-D numpy array, got {getattr(x, 'shape', type(x).__name__)}")
+    dim = plan.dim or (x.shape[1] * 8 if plan.metric == "hamming" else x.shape[1])
+    _check_vectors(x, plan.metric, dim, "x")
+    plan = replace(plan, dim=dim)
+    if x.shape[0] == 0:
+        raise ValueError("x has no rows: nothing to index")
+    gpu = _resolve_gpu(use_gpu)
+
+    # 2. Make the empty index
+    index = _new_index(plan)
+
+    # 3. Train on a fixed-seed sample (IVF kinds)
+    if not index.is_trained:
+        ivf = _binary_ivf(index) if plan.metric == "hamming" else faiss.extract_index_ivf(index)
+        nlist = ivf.nlist
+        if x.shape[0] < nlist:
+            raise ValueError(f"{plan.factory} needs >= {nlist} training vectors, got {x.shape[0]}; plan for this n")
+        sample = _train_sample(x, nlist)
+        ivf.cp.seed = SEED
+        if gpu and plan.metric == "ip":
+            # k-means is the cost of an IVF build: run its nearest-centroid searches on the GPU
+            ivf.clustering_index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, faiss.IndexFlatIP(plan.dim))
+        logger.info("training %s on %d vectors", plan.factory, sample.shape[0])
+        index.train(sample)
+        if gpu and plan.metric == "ip":
+            ivf.clustering_index = None
+        del sample
+
+    # 4. Add all rows, chunk by chunk
+    if gpu and plan.kind == "ivf_flat":
+        # it has a GPU twin: add there (the coarse assignment is the cost), then bring it back
+        gindex = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+        add_vectors(gindex, x, plan=plan)
+        index = faiss.index_gpu_to_cpu(gindex)
+    else:
+        add_vectors(index, x, plan=plan)
+    _apply_search_params(index, plan)
+    return index
+
+
+def add_vectors(index: Any, x: np.ndarray, *, plan: AnnPlan | None = None) -> None:
+    """Append rows of `x` to a built index (ids continue from index.ntotal), chunk by chunk."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x must be a numpy array, got {type(x).__name__}")
+    binary = _is_binary(index)
+    if plan is not None:
+        _check_vectors(x, plan.metric, _plan_dim(plan, index.d, "index"), "x")
+    elif binary:
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] * 8 != index.d:
+            raise TypeError(f"x must be a uint8 matrix of {index.d // 8} bytes per row, got {x.dtype} {x.shape}")
+    elif x.dtype not in (np.float32, np.float16) or x.ndim != 2 or x.shape[1] != index.d:
+        raise TypeError(f"x must be a float32 (or float16) matrix of dim {index.d}, got {x.dtype} {x.shape}")
+    if not index.is_trained:
+        raise ValueError("index is not trained: build it with build_index() before adding vectors")
+    for start in range(0, x.shape[0], ADD_CHUNK):
+        chunk = x[start : start + ADD_CHUNK]
+        chunk = np.ascontiguousarray(chunk) if binary else _as_f32(chunk)
+        if not binary and start == 0:
+            _check_normalised(chunk[:1024], "x")  # a sample: the full check would double the pass
+        try:
+            index.add(chunk)
+        except RuntimeError as e:
+            raise ValueError(
+                f"cannot add to this index ({e}); an index loaded with mmap=True is read-only: "
+                "load it with mmap=False to append"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- save / load
+def save_index(index: Any, path: str | os.PathLike) -> None:
+    """Write the index (moved to the CPU first) atomically: a crash leaves the old file intact."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    cpu = _to_cpu(index)
+    if _is_binary(cpu):
+        faiss.write_index_binary(cpu, str(tmp))
+    else:
+        faiss.write_index(cpu, str(tmp))
+    os.replace(tmp, p)
+
+
+def _mmap_flags(plan: AnnPlan) -> int:
+    # IVF inverted lists are memory-mapped by IO_FLAG_MMAP (read as read-only OnDiskInvertedLists);
+    # flat codes (Flat, HNSW storage, binary) by IO_FLAG_MMAP_IFC ("in-place from file", faiss >= 1.11).
+    if plan.kind in ("ivf_flat", "ivf_pq", "binary_ivf"):
+        return faiss.IO_FLAG_MMAP
+    return getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
+
+
+def load_index(
+    path: str | os.PathLike,
+    plan: AnnPlan,
+    *,
+    mmap: bool = True,
+    use_gpu: bool | None = None,
+) -> Any:
+    """Read an index written by `save_index` and set the plan's search parameters.
+
+    mmap=True maps the vector codes from the file instead of reading them into memory (the OS
+    pages in what queries touch); such an index is read-only (load with mmap=False to append).
+    With a GPU, Flat and IVF-Flat indexes are moved there for search.
+    """
+    _check_plan(plan)
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no index file at {p}")
+    read = faiss.read_index_binary if plan.metric == "hamming" else faiss.read_index
+    index = None
+    if mmap:
+        try:
+            index = read(str(p), _mmap_flags(plan))
+        except RuntimeError as e:  # this kind/faiss version cannot map it: read it whole
+            logger.warning("%s: memory-mapped read failed (%s); reading into memory", p, str(e).splitlines()[0])
+    if index is None:
+        try:
+            index = read(str(p))
+        except RuntimeError as e:
+            raise ValueError(f"{p}: not a readable faiss index for plan {plan.kind} ({str(e).splitlines()[0]})") from None
+    if plan.dim and index.d != plan.dim:
+        raise IndexDimensionError(f"{p}: index dim {index.d} does not match the plan's dim {plan.dim}")
+    if _resolve_gpu(use_gpu) and plan.kind in ("flat", "ivf_flat"):
+        index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
+    _apply_search_params(index, plan)
+    return index
+
+
+def _apply_search_params(index: Any, plan: AnnPlan) -> None:
+    params = plan.params
+    if plan.kind in ("ivf_flat", "ivf_pq"):
+        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 1))
+    elif plan.kind == "binary_ivf":
+        _binary_ivf(index).nprobe = int(params.get("nprobe", 1))
+    elif plan.kind in ("hnsw", "binary_hnsw"):
+        index.hnsw.efSearch = int(params.get("efSearch", 64))
+
+
+# ----------------------------------------------------------------------------- search
+def search(
+    index: Any,
+    xq: np.ndarray,
+    k: int,
+    plan: AnnPlan,
+    *,
+    rerank_vectors: np.ndarray | None = None,
+) -> Neighbors:
+    """The k most similar corpus rows of each query, as "higher = more similar" scores.
+
+    For plans that re-rank (ivf_pq), `rerank_vectors` must be the (n, d) corpus embeddings
+    (float16 memmap is fine): the index proposes plan.rerank_k candidates, whose exact cosines
+    against the queries decide the final top k.
+    """
+    # 1. Check inputs
+    _check_plan(plan)
+    dim = _plan_dim(plan, index.d, "index")
+    _check_vectors(xq, plan.metric, dim, "xq")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = int(k)
+    nq = xq.shape[0]
+
+    # 2. Hamming: distances in bits -> 1 - d / bits
+    if plan.metric == "hamming":
+        D, I = index.search(np.ascontiguousarray(xq), k)
+        I = I.astype(np.int64, copy=False)
+        pad = I < 0
+        dist = np.where(pad, PAD_DISTANCE, D).astype(np.int32)
+        scores = np.where(pad, -np.inf, 1.0 - D / float(dim)).astype(np.float32)
+        return Neighbors(scores=scores, ids=I, distances=dist)
+
+    xq = _as_f32(xq)
+    _check_normalised(xq, "xq")
+    if nq == 0:
+        return Neighbors(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+
+    # 3. Inner product: the scores are cosines, optionally exact re-rank of candidates
+    if plan.rerank_k:
+        if rerank_vectors is None:
+            raise ValueError(
+                f"plan {plan.kind} re-ranks its candidates: pass rerank_vectors, the ({index.ntotal}, "
+                f"{dim}) float16/float32 corpus embeddings"
+            )
+        if (
+            not isinstance(rerank_vectors, np.ndarray)
+            or rerank_vectors.ndim != 2
+            or rerank_vectors.shape[1] != dim
+            or rerank_vectors.shape[0] < index.ntotal
+        ):
+            shape = getattr(rerank_vectors, "shape", type(rerank_vectors).__name__)
+            raise ValueError(
+                f"rerank_vectors must be a ({index.ntotal}, {dim}) matrix of the indexed vectors, got {shape}"
+            )
+        _, cand = index.search(xq, max(k, plan.rerank_k))
+        scores, ids = _rerank(xq, cand.astype(np.int64, copy=False), rerank_vectors, k)
+    else:
+        D, ids = index.search(xq, k)
+        ids = ids.astype(np.int64, copy=False)
+        scores = D.astype(np.float32, copy=False)
+    pad = ids < 0
+    # float16 storage can give cosines a hair above 1; padding gets -inf (never a match)
+    scores = np.where(pad, -np.inf, np.clip(scores, -1.0, 1.0)).astype(np.float32)
+    return Neighbors(scores=scores, ids=ids)
+
+
+def _rerank(xq: np.ndarray, cand: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact cosine of each query with its candidates (nq, kk), cut to the best k."""
+    nq, kk = cand.shape
+    valid = cand >= 0
+    # one sorted gather for all queries: sequential-ish reads of the memory map, each row read once
+    uniq, inv = np.unique(np.where(valid, cand, 0).ravel(), return_inverse=True)
+    rows = np.asarray(xb[uniq], dtype=np.float32)  # (u, d)
+    vecs = rows[inv.reshape(nq, kk)]  # (nq, kk, d)
+    s = np.einsum("qkd,qd->qk", vecs, xq, optimize=True)
+    s[~valid] = -np.inf
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
+    scores = np.take_along_axis(s, order, axis=1)
+    if kk < k:  # fewer candidates than k: pad
+        ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return scores.astype(np.float32), ids
+
+
+def exact_search(xq: np.ndarray, xb: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k (ground truth), reading `xb` (float16 memmap ok) in chunks.
+
+    Returns (D, I): (nq, k) float32 scores (descending) and int64 ids.
+    """
+    xq = _as_f32(xq)
+    nq = xq.shape[0]
+    best_d = np.full((nq, k), -np.inf, np.float32)
+    best_i = np.full((nq, k), -1, np.int64)
+    for start in range(0, xb.shape[0], chunk):
+        block = _as_f32(xb[start : start + chunk])
+        s = xq @ block.T  # (nq, chunk)
+        kk = min(k, s.shape[1])
+        part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+        d = np.concatenate([best_d, np.take_along_axis(s, part, axis=1)], axis=1)
+        i = np.concatenate([best_i, part + start], axis=1)
+        top = np.argsort(-d, axis=1, kind="stable")[:, :k]
+        best_d, best_i = np.take_along_axis(d, top, axis=1), np.take_along_axis(i, top, axis=1)
+    return best_d, best_i
+
+
+def recall_at_k(ids: np.ndarray, gt_ids: np.ndarray, k: int) -> float:
+    """Mean fraction of the true top-k found in the returned top-k (ties count by id)."""
+    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) for a, b in zip(ids, gt_ids)]
+    return float(np.mean(hits) / k) if hits else 0.0
+
+
+def tune_search_params(
+    index: Any,
+    plan: AnnPlan,
+    xq_sample: np.ndarray,
+    ground_truth: np.ndarray,
+    target_recall: float = 0.95,
+    *,
+    k: int = 10,
+    rerank_vectors: np.ndarray | None = None,
+) -> AnnPlan:
+    """Smallest nprobe / efSearch (and rerank_k) on a doubling ladder whose recall@k reaches the target.
+
+    `ground_truth` is (nq, >=k) exact ids of `xq_sample`. Like autofaiss's binary search on speed,
+    but against recall; returns the plan with the chosen parameters (the largest tried when none
+    reaches the target, with a warning).
+    """
+    if plan.kind in ("flat", "binary_flat"):
+        return plan
+    if plan.kind in ("hnsw", "binary_hnsw"):
+        key, ladder = "efSearch", [16, 32, 64, 128, 256, 512, 1024]
+    else:
+        nlist = (_binary_ivf(index) if _is_binary(index) else faiss.extract_index_ivf(index)).nlist
+        key, ladder = "nprobe", sorted({min(nlist, 2**i) for i in range(0, 12)})
+    # re-ranking plans: when more probes stop helping, the PQ ranking is the limit: widen rerank_k
+    rerank_ladder = [0] if not plan.rerank_k else sorted({plan.rerank_k, 2 * plan.rerank_k, 4 * plan.rerank_k})
+    best, best_r = plan, -1.0
+    for rk in rerank_ladder:
+        prev = -1.0
+        for v in ladder:
+            trial = plan.with_params(**{key: v}, **({"rerank_k": rk} if rk else {}))
+            _apply_search_params(index, trial)
+            got = search(index, xq_sample, k, trial, rerank_vectors=rerank_vectors)
+            r = recall_at_k(got.ids, ground_truth, k)
+            logger.info("tune %s %s=%s rerank_k=%s: recall@%d %.3f", plan.kind, key, v, rk, k, r)
+            if r > best_r:
+                best, best_r = trial, r
+            if r >= target_recall:
+                _apply_search_params(index, trial)
+                return trial
+            if rk and r - prev < 0.002:
+                break
+            prev = r
+    _apply_search_params(index, best)
+    logger.warning("tune %s: recall@%d target %.2f not reached; using %s", plan.kind, k, target_recall, best.params)
+    return best

@@ -1,0 +1,234 @@
+"""Build -> search round trips on real photos, caption search, append, resume, killed builds, mismatches."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance
+
+from provenance.errors import DescriptorUnavailableError, IndexMismatchError, IndexNotFoundError, ItemNotFoundError
+from provenance.images import load_image
+from provenance.indexer import BuildOptions, build
+from provenance.models import ModelOptions
+from provenance.search import Searcher
+from provenance.store import ProvenanceIndex
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(coco_dir, tmp_path_factory) -> Path:
+    """The COCO photos plus the bad inputs a real crawl contains."""
+    root = tmp_path_factory.mktemp("corpus") / "coco"
+    shutil.copytree(coco_dir, root)
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "truncated.jpg").write_bytes(sorted(coco_dir.glob("*.jpg"))[0].read_bytes()[:1500])
+    (root / "notes.png").write_text("not an image at all")
+    big = io.BytesIO()
+    Image.new("L", (9000, 9000)).save(big, "PNG")  # 81 MP of zeros: a few hundred KB on disk
+    (root / "bomb.png").write_bytes(big.getvalue())
+    cmyk = Image.open(sorted(coco_dir.glob("*.jpg"))[1]).convert("CMYK")
+    cmyk.save(root / "cmyk.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory) -> Path:
+    index_dir = tmp_path_factory.mktemp("idx") / "coco"
+    build(str(corpus), index_dir, BuildOptions(descriptors=["sscd", "pdq"], batch_size=8))
+    return index_dir
+
+
+def test_manifest_counts_and_skips(built):
+    idx = ProvenanceIndex.open(built)
+    m = idx.manifest
+    assert m["counts"]["indexed"] == 52  # 51 photos + the CMYK copy
+    assert m["counts"]["skipped"] == 4
+    assert m["counts"]["skipped_by_reason"] == {"unreadable": 3, "decompression_bomb": 1}
+    reasons = {s["id"]: s["reason"] for s in idx.skipped()}
+    assert "empty file" in reasons["zero.jpg"] and "not an image" in reasons["notes.png"]
+    for name in ("sscd", "pdq"):
+        d = m["descriptors"][name]
+        assert d["ann"]["factory"] and d["checksum"] is not None and d["model_id"]
+    assert m["descriptors"]["sscd"]["dim"] == 512
+    vec = np.load(built / "sscd.f16.npy", mmap_mode="r")
+    assert vec.dtype == np.float16 and vec.shape == (52, 512)
+
+
+def test_every_corpus_photo_is_its_own_top_match(built, coco_dir):
+    s = Searcher.open(built)
+    photos = sorted(coco_dir.glob("*.jpg"))
+    for p in photos[:: 5]:
+        res = s.search_image(load_image(p).image, k=3)
+        assert res["sscd"][0].id == p.name and res["sscd"][0].score > 0.99
+        assert res["pdq"][0].id == p.name and res["pdq"][0].distance == 0
+
+
+def test_edited_copy_is_found_by_sscd(built, coco_dir):
+    s = Searcher.open(built)
+    p = sorted(coco_dir.glob("*.jpg"))[11]
+    im = load_image(p).image
+    w, h = im.size
+    edited = ImageEnhance.Brightness(im.crop((w // 5, h // 8, w - w // 10, h - h // 6))).enhance(1.3)
+    buf = io.BytesIO()
+    edited.resize((w // 2, h // 2)).save(buf, "JPEG", quality=40)
+    res = s.search_image(Image.open(buf).convert("RGB"), k=5)
+    assert res["sscd"][0].id == p.name
+    assert res["sscd"][0].score > 0.5 > res["sscd"][1].score
+
+
+def test_caption_search_words_prefix_and_alt_captions(built):
+    idx = ProvenanceIndex.open(built)
+    hits = idx.search_caption("pizza", k=10)
+    assert hits and all("pizza" in (h.caption or "").lower() or "pizza" in (h.snippet or "").lower() for h in hits)
+    assert len(idx.search_caption("skateb*", k=5)) >= 2
+    # "baker" is only in an alternative COCO caption of 000000397133.jpg, not its first caption
+    assert "000000397133.jpg" in [h.id for h in idx.search_caption("baker", k=10)]
+    assert idx.search_caption('"; DROP TABLE captions; --', k=5) == []  # no FTS syntax injection
+
+
+def test_item_metadata_and_thumbnail(built):
+    idx = ProvenanceIndex.open(built)
+    item = idx.item("000000397133.jpg")
+    assert item["caption"] == "A man is in a kitchen making pizzas."
+    assert item["license"] == "Attribution License" and item["extra"]["flickr_url"].startswith("http")
+    thumb = idx.thumbnail("000000397133.jpg")
+    assert Image.open(io.BytesIO(thumb)).size[0] <= 160
+    with pytest.raises(ItemNotFoundError):
+        idx.item("../../etc/passwd")
+
+
+def test_text_search_needs_clip(built):
+    with pytest.raises(DescriptorUnavailableError, match="clip"):
+        Searcher.open(built).search_text("a pizza")
+
+
+def test_missing_index_is_clear(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="provenance index build"):
+        ProvenanceIndex.open(tmp_path / "none")
+
+
+def test_append_adds_without_reembedding(coco_dir, tmp_path):
+    photos = sorted(coco_dir.glob("*.jpg"))
+    part1, part2 = tmp_path / "p1", tmp_path / "p2"
+    part1.mkdir(), part2.mkdir()
+    for p in photos[:6]:
+        shutil.copy(p, part1 / p.name)
+    for p in photos[4:10]:  # two overlap: kept once
+        shutil.copy(p, part2 / p.name)
+    idx_dir = tmp_path / "idx"
+    build(str(part1), idx_dir, BuildOptions(descriptors=["sscd", "pdq"]))
+    before = np.load(idx_dir / "sscd.f16.npy").copy()
+    res = build(str(part2), idx_dir, BuildOptions(descriptors=["sscd", "pdq"], append=True))
+    assert res.reused == 6 and res.added == 4
+    idx = ProvenanceIndex.open(idx_dir)
+    assert len(idx) == 10 and idx.ids[:6] == [p.name for p in photos[:6]]
+    np.testing.assert_array_equal(np.load(idx_dir / "sscd.f16.npy")[:6], before)  # old vectors kept as they were
+    s = Searcher(idx)
+    assert s.search_image(load_image(photos[9]).image, k=1)["sscd"][0].id == photos[9].name
+    assert len(idx.manifest["builds"]) == 2
+
+
+def test_append_with_other_descriptors_is_refused(built, tmp_path, coco_dir):
+    copy = tmp_path / "idx"
+    shutil.copytree(built, copy)
+    with pytest.raises(IndexMismatchError, match="descriptors"):
+        build(str(coco_dir), copy, BuildOptions(descriptors=["sscd"], append=True))
+
+
+def test_query_with_another_model_is_refused(built, tmp_path):
+    import torch
+
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.normalize(x.mean(dim=(2, 3)).repeat(1, 171)[:, :512])
+
+    path = tmp_path / "other.torchscript.pt"
+    torch.jit.script(Other()).save(str(path))
+    s = Searcher.open(built, ModelOptions(sscd_model=str(path)))
+    with pytest.raises(IndexMismatchError, match="query with the model the index was built with"):
+        s.model("sscd")
+
+
+def test_resume_after_interrupted_build(coco_dir, tmp_path):
+    idx_dir = tmp_path / "idx"
+    calls = {"n": 0}
+
+    def interrupt(done, skipped):
+        calls["n"] += 1
+        if done >= 24:
+            raise KeyboardInterrupt
+
+    opts = BuildOptions(descriptors=["sscd", "pdq"], batch_size=8, chunk_size=8)
+    with pytest.raises(KeyboardInterrupt):
+        build(str(coco_dir), idx_dir, opts, progress=interrupt)
+    assert not idx_dir.exists()  # nothing half-written in place
+    staged = list((tmp_path / ".idx.partial").glob("chunk-*.npz"))
+    assert len(staged) >= 2
+    res = build(str(coco_dir), idx_dir, opts)
+    assert res.resumed >= 16 and res.added == 51
+    idx = ProvenanceIndex.open(idx_dir)
+    assert len(idx) == 51 and len(set(idx.ids)) == 51
+    assert not (tmp_path / ".idx.partial").exists()
+    p = sorted(coco_dir.glob("*.jpg"))[30]
+    assert Searcher(idx).search_image(load_image(p).image, k=1)["sscd"][0].id == p.name
+
+
+def test_killed_build_leaves_previous_index_usable(built, coco_dir, flickr_shards_dir, tmp_path):
+    idx_dir = tmp_path / "live"
+    shutil.copytree(built, idx_dir)
+    manifest_before = (idx_dir / "manifest.json").read_text()
+    script = (
+        "import sys; from provenance.indexer import BuildOptions, build; "
+        f"build({str(flickr_shards_dir / '00002.tar')!r}, {str(idx_dir)!r}, "
+        "BuildOptions(descriptors=['sscd','pdq'], batch_size=8, chunk_size=8))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    staging = tmp_path / ".live.partial"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staging.glob("chunk-*.npz"))) < 2:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (idx_dir / "manifest.json").read_text() == manifest_before
+    idx = ProvenanceIndex.open(idx_dir)
+    assert len(idx) == 52
+    p = sorted(coco_dir.glob("*.jpg"))[5]
+    assert Searcher(idx).search_image(load_image(p).image, k=1)["sscd"][0].id == p.name
+    assert len(list(staging.glob("chunk-*.npz"))) >= 2  # the killed run's work is kept for a resume
+    assert json.loads((staging / "build.json").read_text())["source"]["kind"] == "webdataset"
+
+
+def test_clip_index_text_search_and_caption_embeddings(coco_dir, tmp_path):
+    from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny-clip.pt")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted(coco_dir.glob("*.jpg"))[:8]:
+        shutil.copy(p, photos / p.name)
+    idx_dir = tmp_path / "idx"
+    models = ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(ckpt))
+    build(str(photos), idx_dir, BuildOptions(descriptors=["sscd", "clip"], models=models))
+    idx = ProvenanceIndex.open(idx_dir)
+    assert set(idx.specs) == {"sscd", "clip", "clip_text"}
+    assert idx.manifest["descriptors"]["clip"]["load"]["pretrained"] == str(ckpt)
+    s = Searcher(idx)  # reloads the tiny model from the manifest, as a fresh process would
+    hits = s.search_text("a photo", k=3)
+    assert len(hits) == 3 and all(h.descriptor == "clip" for h in hits)
+    p = sorted(photos.glob("*.jpg"))[2]
+    assert s.search_image(load_image(p).image, k=1)["clip"][0].id == p.name
+    # another checkpoint of the same architecture is another model: refused
+    other = make_tiny_checkpoint(tmp_path / "other.pt", seed=1)
+    with pytest.raises(IndexMismatchError):
+        Searcher(idx, ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(other))).model("clip")
