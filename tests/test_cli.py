@@ -1,0 +1,108 @@
+"""The CLI surface: index build/info, search, scan exit codes and report formats, demo inputs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from provenance.cli import EXIT_CLEAN, EXIT_FAIL_ON, EXIT_UNREADABLE, EXIT_USAGE, app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def index_dir(coco_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli") / "idx"
+    r = runner.invoke(app, ["index", "build", str(coco_dir), "--index", str(d), "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.fixture(scope="module")
+def edited_copy(coco_dir, tmp_path_factory) -> Path:
+    p = sorted(coco_dir.glob("*.jpg"))[17]
+    im = Image.open(p).convert("RGB")
+    w, h = im.size
+    out = tmp_path_factory.mktemp("edited") / "copy.jpg"
+    im.crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(out, quality=50)
+    return out
+
+
+def test_index_info_json(index_dir):
+    r = runner.invoke(app, ["index", "info", str(index_dir), "--json"])
+    assert r.exit_code == 0
+    m = json.loads(r.stdout)
+    assert m["counts"]["indexed"] == 51 and set(m["descriptors"]) == {"sscd", "pdq"}
+    r = runner.invoke(app, ["index", "info", str(index_dir)])
+    assert "Flat" in r.stdout and "sscd" in r.stdout
+
+
+def test_search_by_image_and_caption_json(index_dir, coco_dir):
+    p = sorted(coco_dir.glob("*.jpg"))[5]
+    r = runner.invoke(app, ["search", "--index", str(index_dir), "--image", str(p), "-k", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert rows[0]["id"] == p.name and rows[0]["score"] > 0.99 and {"caption", "source"} <= set(rows[0])
+    r = runner.invoke(app, ["search", "--index", str(index_dir), "--caption", "pizza", "--json"])
+    assert r.exit_code == 0 and all("id" in h for h in json.loads(r.stdout))
+
+
+def test_search_needs_exactly_one_query(index_dir):
+    r = runner.invoke(app, ["search", "--index", str(index_dir)])
+    assert r.exit_code == EXIT_USAGE
+
+
+def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_path):
+    clean = sorted(nonmember_dir.glob("*.jpg"))[0]
+    r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica"])
+    assert r.exit_code == EXIT_CLEAN, r.output
+    r = runner.invoke(app, ["scan", str(edited_copy), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica"])
+    assert r.exit_code == EXIT_FAIL_ON
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["verdict"] == "replica" and rec["matches"][0]["id"] == sorted(coco_dir.glob("*.jpg"))[17].name
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    r = runner.invoke(app, ["scan", str(clean), str(bad), "--index", str(index_dir), "--format", "jsonl"])
+    assert r.exit_code == EXIT_UNREADABLE
+    lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
+    assert [x["verdict"] for x in lines][1] == "error" and lines[0]["verdict"] != "error"
+    r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--format", "yaml"])
+    assert r.exit_code == EXIT_USAGE
+    r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--fail-on", "sometimes"])
+    assert r.exit_code == EXIT_USAGE
+    r = runner.invoke(app, ["scan", str(clean), "--index", str(tmp_path / "no-index")])
+    assert r.exit_code == EXIT_USAGE and "no index" in r.output
+
+
+def test_scan_html_and_csv_reports(index_dir, edited_copy, coco_dir, tmp_path):
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    (folder / "copy.jpg").write_bytes(edited_copy.read_bytes())
+    (folder / "broken.png").write_bytes(b"")
+    html = tmp_path / "report.html"
+    r = runner.invoke(app, ["scan", str(folder), "--index", str(index_dir), "--format", "html", "--output", str(html)])
+    assert r.exit_code == EXIT_UNREADABLE
+    page = html.read_text()
+    thumbs = re.findall(r'<img[^>]+src="data:image/jpeg;base64,', page)
+    assert len(thumbs) >= 2  # the scanned copy and at least its top match, inline
+    assert "empty file" in page and not re.search(r'src="https?://', page)
+    out_csv = tmp_path / "report.csv"
+    runner.invoke(app, ["scan", str(folder), "--index", str(index_dir), "--format", "csv", "--output", str(out_csv)])
+    rows = list(csv.DictReader(io.StringIO(out_csv.read_text())))
+    assert {r["verdict"] for r in rows} == {"replica", "error"}
+
+
+def test_build_reports_skips(tmp_path, coco_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.jpg").write_bytes(sorted(coco_dir.glob("*.jpg"))[0].read_bytes())
+    (src / "b.jpg").write_bytes(b"")
+    r = runner.invoke(app, ["index", "build", str(src), "--index", str(tmp_path / "i")])
+    assert r.exit_code == 0 and "1 items indexed" in r.output and "unreadable" in r.output

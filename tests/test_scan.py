@@ -1,0 +1,138 @@
+"""The detector on real photos: replicas with the right id, clean non-members, marks, metadata, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageEnhance, PngImagePlugin
+
+from provenance.indexer import BuildOptions, build
+from provenance.scan import ScanOptions, Scanner, Thresholds, decide_verdict, fail_on_met
+
+
+@pytest.fixture(scope="module")
+def index_dir(coco_dir, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("scan-idx") / "coco"
+    build(str(coco_dir), d, BuildOptions(descriptors=["sscd", "pdq"]))
+    return d
+
+
+@pytest.fixture(scope="module")
+def scanner(index_dir) -> Scanner:
+    return Scanner.open(index_dir, ScanOptions(k=5))
+
+
+@pytest.fixture(scope="module")
+def photos(coco_dir) -> list[Path]:
+    return sorted(coco_dir.glob("*.jpg"))
+
+
+def _save(im: Image.Image, path: Path, **kw) -> Path:
+    im.save(path, **kw)
+    return path
+
+
+def test_verdict_rules_are_ordered():
+    t = Thresholds(exact_pdq_bits=8, exact_sscd=0.95, replica_sscd=0.5, similar_sscd=0.35, similar_clip=0.9)
+    assert decide_verdict({"sscd": 0.99, "pdq_distance": 2}, t) == "exact"
+    assert decide_verdict({"sscd": 0.40, "pdq_distance": 2}, t) == "similar"  # PDQ alone can't call exact
+    assert decide_verdict({"sscd": 0.70, "pdq_distance": 90}, t) == "replica"
+    assert decide_verdict({"sscd": 0.36}, t) == "similar"
+    assert decide_verdict({"sscd": 0.1, "clip": 0.95}, t) == "similar"
+    assert decide_verdict({"sscd": 0.1, "clip": 0.2, "pdq_distance": 120}, t) == "novel"
+    assert decide_verdict({"sscd": 0.1}, t, same_bytes=True) == "exact"
+
+
+def test_corpus_file_is_exact_and_reencoded_copy_too(scanner, photos, tmp_path):
+    rec = scanner.scan_paths([photos[4]])[0]
+    assert rec.verdict == "exact" and rec.matches[0].id == photos[4].name
+    png = _save(Image.open(photos[6]).convert("RGB"), tmp_path / "reencoded.png")
+    rec = scanner.scan_paths([png])[0]
+    assert rec.verdict == "exact" and rec.matches[0].id == photos[6].name
+    assert rec.scores["pdq_distance"] <= 8 and rec.scores["sscd"] > 0.95
+
+
+def test_edited_copy_is_a_replica_with_the_right_id(scanner, photos, tmp_path):
+    im = Image.open(photos[9]).convert("RGB")
+    w, h = im.size
+    edited = ImageEnhance.Contrast(im.crop((w // 6, h // 10, w - w // 8, h - h // 5))).enhance(1.5)
+    edited = edited.resize((edited.width * 2 // 3, edited.height * 2 // 3))
+    path = _save(edited, tmp_path / "edited.jpg", quality=45)
+    rec = scanner.scan_paths([path])[0]
+    assert rec.verdict == "replica", rec.scores
+    assert rec.matches[0].id == photos[9].name and rec.matches[0].descriptor == "sscd"
+    assert rec.width == edited.width and len(rec.sha256) == 64
+
+
+def test_non_members_are_not_replicas(scanner, nonmember_dir):
+    records = scanner.scan_paths(sorted(nonmember_dir.glob("*.jpg"))[:40])
+    verdicts = [r.verdict for r in records]
+    assert "exact" not in verdicts and "replica" not in verdicts, [(r.path, r.scores) for r in records if r.verdict in ("exact", "replica")]
+
+
+def test_corrupt_files_give_error_records_and_the_batch_continues(scanner, photos, tmp_path):
+    bad = tmp_path / "truncated.jpg"
+    bad.write_bytes(photos[0].read_bytes()[:1000])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.jpg"
+    text.write_text("hello")
+    records = scanner.scan_paths([bad, photos[2], empty, tmp_path / "missing.jpg", text])
+    assert [r.verdict for r in records] == ["error", "exact", "error", "error", "error"]
+    assert "truncated" in records[0].error and "empty" in records[2].error and "not found" in records[3].error
+    assert records[1].matches[0].id == photos[2].name
+    d = records[0].to_dict()
+    assert d["verdict"] == "error" and d["matches"] == [] and d["error"]
+
+
+def test_record_keys_are_the_contract(scanner, photos):
+    d = scanner.scan_paths([photos[1]])[0].to_dict()
+    assert set(d) >= {"path", "sha256", "width", "height", "verdict", "matches", "scores", "watermarks", "error"}
+    assert set(d["scores"]) == {"sscd", "clip", "pdq_distance"}
+    assert set(d["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
+    assert set(d["matches"][0]) >= {"id", "score", "descriptor", "caption", "source"}
+    assert 0.0 <= d["watermarks"]["visible"]["probability"] <= 1.0
+    json.dumps(d)
+
+
+def test_png_text_chunks_and_memorization_are_reported(scanner, photos, tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle on a hill\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
+                                "Seed: 1234, Size: 512x512, Model: sd15")
+    info.add_text("provenance", json.dumps({"prompt": "x", "memorization": {"noise_norm": 9.0, "pairwise_sscd": 0.8,
+                                                                             "flag": True, "flag_reason": "test"}}))
+    path = tmp_path / "gen.png"
+    Image.new("RGB", (256, 256), (90, 120, 200)).save(path, pnginfo=info)
+    rec = scanner.scan_paths([path])[0]
+    meta = rec.watermarks.metadata
+    assert meta and "a castle on a hill" in json.dumps(meta)
+    assert rec.extra["memorization"]["flag"] is True
+
+
+def test_stable_diffusion_marks_are_found_and_clean_images_are_not(scanner, photos, tmp_path):
+    import cv2
+    from imwatermark import WatermarkEncoder
+
+    im = Image.open(photos[12]).convert("RGB").resize((512, 512))
+    enc = WatermarkEncoder()
+    enc.set_watermark("bytes", "StableDiffusionV1".encode())
+    bgr = enc.encode(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR), "dwtDct")
+    marked = _save(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), tmp_path / "sd1.png")
+    clean = _save(im, tmp_path / "clean.png")
+    rec_marked, rec_clean = scanner.scan_paths([marked, clean])
+    schemes = {m.scheme: m for m in rec_marked.watermarks.invisible}
+    assert "sd-v1" in schemes and schemes["sd-v1"].p_value <= 1e-6
+    assert rec_clean.watermarks.invisible == []
+    assert fail_on_met([rec_marked], ["watermark"]) and not fail_on_met([rec_clean], ["watermark"])
+
+
+def test_scan_bytes_matches_scan_paths(scanner, photos):
+    data = photos[3].read_bytes()
+    a = scanner.scan_bytes(data, "upload.jpg")
+    b = scanner.scan_paths([photos[3]])[0]
+    assert a.verdict == b.verdict == "exact" and a.matches[0].id == b.matches[0].id
