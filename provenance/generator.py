@@ -161,8 +161,8 @@ class GenerationConfig:
             raise GenerationError(f"--steps must be >= 1, got {self.steps}")
         if not np.isfinite(self.guidance) or self.guidance < 0:
             raise GenerationError(f"--guidance must be a finite number >= 0, got {self.guidance}")
-        if self.seed is not None and not 0 <= self.seed < 2**63 - 2**20:
-            raise GenerationError(f"--seed must be in [0, 2**63 - 2**20), got {self.seed}")
+        if self.seed is not None and not 0 <= self.seed < 2**63 - self.num_images:
+            raise GenerationError(f"--seed must be >= 0 and below 2**63 - num_images, got {self.seed}")
         if (self.height is None) != (self.width is None):
             raise GenerationError("give both --height and --width, or neither")
         for name, v in (("height", self.height), ("width", self.width)):
@@ -487,21 +487,41 @@ def _module_weights_sha256(pipe: Any) -> str:
     return h.hexdigest()
 
 
-def _from_pretrained(source: str, dtype: "torch.dtype", local_files_only: bool) -> Any:
-    from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+def _dtype_kwarg() -> str:
+    # diffusers renamed torch_dtype to dtype (the old name warns); older releases know only torch_dtype
+    try:
+        from diffusers.utils.deprecation_utils import _TORCH_DTYPE_DEPRECATION_MESSAGE  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
-    kwargs = dict(torch_dtype=dtype, local_files_only=local_files_only)
+
+def _from_pretrained(source: str, dtype: "torch.dtype", local_files_only: bool) -> Any:
+    from diffusers import DiffusionPipeline
+
+    kwargs = {_dtype_kwarg(): dtype, "local_files_only": local_files_only}
     try:
-        return AutoPipelineForText2Image.from_pretrained(source, **kwargs)
-    except ValueError as e:
-        # AutoPipeline knows only the text-to-image classes it maps; let DiffusionPipeline try the rest
-        logger.debug("AutoPipelineForText2Image refused %s (%s); trying DiffusionPipeline", source, e)
-    except OSError as e:
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    except Exception as e:  # noqa: BLE001 - missing files, corrupt weights, foreign folders: name the model
         raise GenerationError(f"cannot load model {source!r}: {e}") from None
-    try:
-        return DiffusionPipeline.from_pretrained(source, **kwargs)
-    except Exception as e:  # noqa: BLE001 - corrupt or foreign folders fail in many ways; name the model
-        raise GenerationError(f"cannot load model {source!r}: {e}") from None
+    if not _is_text_to_image(pipe):
+        # e.g. a folder saved from an img2img or inpainting pipeline: the same components serve text-to-image
+        from diffusers import AutoPipelineForText2Image
+
+        try:
+            pipe = AutoPipelineForText2Image.from_pipe(pipe)
+        except Exception as e:  # noqa: BLE001 - AutoPipeline raises ValueError for classes it cannot map
+            raise GenerationError(
+                f"model {source!r} loads as {type(pipe).__name__}, which is not a text-to-image pipeline ({e})"
+            ) from None
+    return pipe
+
+
+def _is_text_to_image(pipe: Any) -> bool:
+    name = type(pipe).__name__
+    if any(word in name for word in ("Img2Img", "Inpaint", "Upscale", "Depth2Img", "InstructPix2Pix")):
+        return False
+    return "prompt" in inspect.signature(pipe.__call__).parameters
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: "torch.dtype | None" = None) -> LoadedPipeline:
@@ -542,8 +562,6 @@ def load_pipeline(model: str, device: str | None = None, dtype: "torch.dtype | N
         pipe = _from_pretrained(model, dtype, local_files_only=local_only)
         info = {"model": model, "model_revision": _hub_revision(model), "weights_sha256": None}
         name = model
-    if "prompt" not in inspect.signature(pipe.__call__).parameters:
-        raise GenerationError(f"model {model!r} loads as {type(pipe).__name__}, which is not a text-to-image pipeline")
     info["pipeline"] = type(pipe).__name__
     import torch
 
@@ -669,6 +687,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 
 
 def _text_chunk(key: str, value: str) -> bytes:
+    value = value.replace("\0", "")  # PNG text may not hold NUL bytes
     try:
         return _png_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1"))
     except UnicodeEncodeError:  # iTXt: UTF-8, no compression, no language tag, no translated keyword
@@ -806,7 +825,8 @@ def _base_metadata(
         "num_images": config.num_images,
         "device": lp.device,
         "dtype": str(lp.dtype).removeprefix("torch."),
-        "watermark": {"scheme": "provenance", "run_id": run_id} if config.watermark else None,
+        # replaced per image by {"scheme", "run_id", "embedded": bool, "reason"?}; None with --no-watermark
+        "watermark": None,
     }
     if info.get("model_note"):
         meta["model_note"] = info["model_note"]
@@ -870,6 +890,7 @@ def generate(
     if embedder is None and config.memorization and config.num_images >= MIN_IMAGES_FOR_PAIRWISE:
         embedder = _default_embedder()
     results: list[GeneratedImage] = []
+    unmarked = 0
 
     # 3. Run the batches, writing each image as soon as it exists
     try:
@@ -877,10 +898,12 @@ def generate(
             batch = jobs[start : start + batch_size]
             texts = [prepared[p].text for p, _ in batch]
             seeds = [seed + j for _, j in batch]
-            norms = None
+            norms, steps_measured = None, 0
             if probe is not None and separate_pass:
                 norms = _separate_noise_norms(lp, probe, texts, seeds, config, size)
-            if probe is not None:
+                steps_measured = probe.steps_captured
+                probe.start(0)  # the run's own CFG batch holds the negative prompt: not ours to read
+            elif probe is not None:
                 probe.start(len(batch))
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -894,13 +917,16 @@ def generate(
                 )
             seconds = (time.perf_counter() - t0) / len(batch)
             if probe is not None and not separate_pass:
-                norms = probe.norms()
-            steps_measured = probe.steps_captured if probe is not None else 0
+                norms, steps_measured = probe.norms(), probe.steps_captured
+                probe.start(0)  # stop capturing until the next batch
             nsfw = getattr(output, "nsfw_content_detected", None)
             for k, ((p, j), image) in enumerate(zip(batch, output.images)):
-                if watermark is not None:
-                    image = watermark(image, run_id)
                 meta = dict(base)
+                if watermark is not None:
+                    image, meta["watermark"] = _mark(watermark, image, run_id)
+                    if not meta["watermark"]["embedded"] and not unmarked:
+                        logger.warning("images left without the invisible mark: %s", meta["watermark"]["reason"])
+                    unmarked += not meta["watermark"]["embedded"]
                 pp = prepared[p]
                 meta.update(
                     prompt=pp.text,
@@ -963,6 +989,17 @@ def generate(
     return results
 
 
+def _mark(
+    watermark: Callable[[Image.Image, int], Image.Image], image: Image.Image, run_id: int
+) -> tuple[Image.Image, dict[str, Any]]:
+    """The marked image and what the metadata says about the mark; images too small for it stay unmarked."""
+    record: dict[str, Any] = {"scheme": "provenance", "run_id": run_id, "embedded": True}
+    try:
+        return watermark(image, run_id), record
+    except ValueError as e:  # the mark needs >= 256x256 pixels (invisible-watermark's own limit)
+        return image, {**record, "embedded": False, "reason": str(e)}
+
+
 def _finish_prompt(
     signals: MemorizationSignals,
     norms: list[float],
@@ -988,11 +1025,11 @@ def _finish_prompt(
 # -- scanning the outputs --------------------------------------------------------------------------------
 
 
-def open_scanner(index_dir: str | os.PathLike) -> Any:
-    """`provenance.scan.Scanner.open(index_dir)`, opened before generating so a bad index fails first."""
+def open_scanner(index_dir: str | os.PathLike, options: Any | None = None) -> Any:
+    """`provenance.scan.Scanner.open(index_dir, options)`, opened before generating so a bad index fails first."""
     from provenance.scan import Scanner
 
-    return Scanner.open(index_dir)
+    return Scanner.open(index_dir, options)
 
 
 def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | os.PathLike) -> list["ScanRecord"]:

@@ -703,13 +703,15 @@ def synthetic_example(
     canvas_short_side: int | None = None,
     kind_weights: tuple[float, float, float] = (0.5, 0.3, 0.2),
     jpeg_probability: float = 0.7,
+    resize: bool = True,
 ) -> tuple[Image.Image, str, dict]:
     """One labelled example from one photo: (image, kind, facts), kind in EXAMPLE_KINDS ("watermark" = positive).
 
     The photo is cropped, flipped and resized to a canvas whose short side is `canvas_short_side` (log-uniform
-    224-1024 when None, aspect 0.6-1.7) so that marks are drawn at the resolution of real photos before any
+    224-896 when None, aspect 0.6-1.7) so that marks are drawn at the resolution of real photos before any
     downscale; then overlaid, and JPEG-compressed with probability `jpeg_probability` (quality 35-95) whatever
-    the label, so that compression artefacts carry no label information.
+    the label, so that compression artefacts carry no label information. With `resize=False` the photo is
+    used as it is (no crop, flip or resize: marks at the photo's native resolution).
     """
     if kind is None:
         kind = str(rng.choice(EXAMPLE_KINDS, p=kind_weights))
@@ -717,18 +719,11 @@ def synthetic_example(
         raise ValueError(f"unknown example kind {kind!r}; expected one of {EXAMPLE_KINDS}")
     photo = photo.convert("RGB")
     # 1. Crop, flip, resize to the canvas
-    cw, ch = photo.size
-    f = rng.uniform(0.7, 1.0)
-    w, h = max(8, int(cw * f)), max(8, int(ch * f))
-    x, y = int(rng.integers(0, cw - w + 1)), int(rng.integers(0, ch - h + 1))
-    im = photo.crop((x, y, x + w, y + h))
-    if rng.random() < 0.5:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    short = int(canvas_short_side or round(float(np.exp(rng.uniform(np.log(224), np.log(1024))))))
-    aspect = float(rng.uniform(0.6, 1.7))
-    size = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
-    im = im.resize(size, Image.Resampling.BILINEAR)
-    facts: dict = {"canvas": list(size)}
+    if not resize:
+        im = photo
+    else:
+        im = _random_canvas(photo, rng, canvas_short_side)
+    facts: dict = {"canvas": list(im.size)}
     # 2. Overlay
     if kind == "watermark":
         if rng.random() < 0.15:  # marks on images that also carry ordinary text are still marks
@@ -749,6 +744,20 @@ def synthetic_example(
         im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
         facts["jpeg_quality"] = q
     return im, kind, facts
+
+
+def _random_canvas(photo: Image.Image, rng: np.random.Generator, short_side: int | None) -> Image.Image:
+    cw, ch = photo.size
+    f = rng.uniform(0.7, 1.0)
+    w, h = max(8, int(cw * f)), max(8, int(ch * f))
+    x, y = int(rng.integers(0, cw - w + 1)), int(rng.integers(0, ch - h + 1))
+    im = photo.crop((x, y, x + w, y + h))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    short = int(short_side or round(float(np.exp(rng.uniform(np.log(224), np.log(896))))))
+    aspect = float(rng.uniform(0.6, 1.7))
+    size = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
+    return im.resize(size, Image.Resampling.BILINEAR)
 
 
 __all__ = [

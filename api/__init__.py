@@ -1,0 +1,8 @@
+"""The HTTP API and web page of provenance: `create_app(ServerConfig(...))` returns a FastAPI app."""
+
+from __future__ import annotations
+
+from api.app import app_from_env, create_app
+from api.config import ServerConfig
+
+__all__ = ["ServerConfig", "app_from_env", "create_app"]

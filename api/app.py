@@ -1,0 +1,83 @@
+"""The FastAPI application: `create_app(config)` wires state, routes, limits, CORS and the web page."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
+
+from api.config import ServerConfig
+from api.deps import require_api_key
+from api.errors import UploadLimitMiddleware, install_error_handlers
+from api.routes import health, index, items, page, scan, search
+from api.schemas import ErrorResponse
+from api.state import ServiceState
+from provenance import __version__
+
+logger = logging.getLogger(__name__)
+
+SMALL_BODY_LIMIT = 64 * 1024  # bodies of routes that take no upload (GET, JSON search)
+
+DESCRIPTION = """Find the training images an image copies, and the provenance marks it carries.
+
+Every error is `{"error": {"code": ..., "message": ...}}`. When the server has API keys
+(`PROVENANCE_API_KEYS`), `/v1` needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+The web page is at `/`."""
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """A ready-to-serve app; the index and models load in the background once the server starts."""
+    state = ServiceState(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="provenance", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.service = state
+    install_error_handlers(app)
+
+    # 1. Routes: health and the page are open; /v1 is behind the optional API key.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses={
+        400: {"model": ErrorResponse, "description": "bad parameters"},
+        401: {"model": ErrorResponse, "description": "missing or wrong API key (when keys are configured)"},
+        503: {"model": ErrorResponse, "description": "still loading, or the index failed to load"}})
+    for module in (index, scan, search, items):
+        v1.include_router(module.router)
+    app.include_router(health.router)
+    app.include_router(v1)
+    app.include_router(page.router)
+    app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
+
+    # 2. Middleware (the last added runs first): body limits inside CORS, so a 413 still carries CORS headers.
+    app.add_middleware(UploadLimitMiddleware, limit_for=_body_limits(config))
+    if config.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
+    return app
+
+
+def _body_limits(config: ServerConfig) -> Callable[[str], int | None]:
+    uploads = {"/v1/scan", "/v1/search/image"}
+
+    def limit_for(path: str) -> int:
+        if path == "/v1/scan/batch":
+            return config.max_batch_request_bytes
+        if path in uploads:
+            return config.max_request_bytes
+        return SMALL_BODY_LIMIT
+
+    return limit_for
+
+
+def app_from_env() -> FastAPI:
+    """App factory for `uvicorn --factory api.app:app_from_env` (several workers): config from PROVENANCE_*."""
+    return create_app(ServerConfig.from_env())

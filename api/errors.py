@@ -1,0 +1,132 @@
+"""Error responses: every failure is JSON {"error": {"code", "message"}} with its HTTP status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+
+# The code clients switch on, per status, when a route gives none of its own.
+DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "not_an_image",
+                 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+
+
+def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
+    """The HTTPException a route raises; the handler below renders it as the JSON error body."""
+    return HTTPException(status_code=status, detail={"code": code, "message": message}, headers=headers)
+
+
+def error_body(status: int, code: str | None, message: str) -> dict:
+    return {"error": {"code": code or DEFAULT_CODES.get(status, "error"), "message": message}}
+
+
+async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail
+    if isinstance(detail, dict) and "code" in detail:
+        body = error_body(exc.status_code, detail["code"], str(detail.get("message", "")))
+    else:
+        body = error_body(exc.status_code, None, str(detail))
+    return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's 422 becomes a 400 "bad parameters" with one readable line per problem.
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
+        problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return JSONResponse(error_body(400, "invalid_parameters", "; ".join(problems) or "invalid request"),
+                        status_code=400)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body(500, "internal_error", f"internal error ({type(exc).__name__})"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+class UploadTooLarge(StarletteHTTPException):
+    """Raised from inside `receive` when a body passes its limit; an HTTPException so FastAPI's
+    body reader passes it through (it turns other exceptions into a generic 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, {"code": "too_large", "message": f"request body exceeds the limit of {limit:,} bytes"})
+        self.limit = limit
+
+
+class UploadLimitMiddleware:
+    """Reject request bodies over a per-path byte limit as they stream in, before anything buffers them.
+
+    A declared Content-Length over the limit is refused without reading the body; otherwise bytes are
+    counted as they arrive and the request fails with 413 the moment the count passes the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (limit := self.limit_for(scope["path"])) is None:
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _send_json(send, 413, error_body(413, "too_large",
+                                                   f"request body of {declared:,} bytes exceeds the limit of {limit:,} bytes"))
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise UploadTooLarge(limit)
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except UploadTooLarge as e:
+            if started:
+                raise
+            await _send_json(send, 413, error_body(413, "too_large", e.detail["message"]))
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _send_json(send: Send, status: int, body: dict) -> None:
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})

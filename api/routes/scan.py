@@ -1,0 +1,107 @@
+"""POST /v1/scan and /v1/scan/batch: copy detection and provenance evidence for uploaded images."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import ReadyDep
+from api.errors import api_error
+from api.schemas import ErrorResponse, ScanRecordOut
+from api.state import ServiceState
+from api.uploads import display_name, keep_upload, read_upload
+from provenance.errors import DecompressionBombError, UnreadableImageError
+from provenance.images import decode_image
+from provenance.scan import Thresholds, decide_verdict
+from provenance.types import Match, ScanRecord
+
+router = APIRouter(tags=["scan"])
+
+MatchVerdicts = Annotated[bool, Query(description="Add each match's own verdict (from its descriptor's score alone) "
+                                                  "to the matches; the web page uses it for its badges.")]
+
+
+@router.post("/scan", response_model=ScanRecordOut, response_model_exclude_unset=True, responses={
+    413: {"model": ErrorResponse, "description": "file over the upload limit, or more pixels than allowed (bomb)"},
+    415: {"model": ErrorResponse, "description": "not a decodable image"}})
+async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="The image to check.")],
+               match_verdicts: MatchVerdicts = False) -> dict[str, Any]:
+    """Scan one image: its best corpus matches, the verdict, and its watermark / C2PA / metadata evidence."""
+    name = display_name(file.filename)
+    data = await read_upload(file, state.config.max_upload_bytes)
+    if data is None:
+        raise api_error(413, "too_large", f"{name}: larger than the upload limit of {state.config.max_upload_bytes:,} bytes")
+    (record,) = await state.scan([(name, data)])
+    if record.verdict == "error":
+        await _raise_scan_error(state, name, data, record)
+    await _keep(state, [(data, record)])
+    return _present(record, state.scanner.options.thresholds, match_verdicts)
+
+
+@router.post("/scan/batch", response_model=list[ScanRecordOut], response_model_exclude_unset=True, responses={
+    400: {"model": ErrorResponse, "description": "no files, or more than the configured maximum"}})
+async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(description="The images to check.")],
+                     match_verdicts: MatchVerdicts = False) -> list[dict[str, Any]]:
+    """Scan several images; records come back in upload order, and a bad file gets an error record
+    (verdict "error") while the others are scanned as usual."""
+    limit = state.config.max_batch_files
+    if not files or len(files) > limit:
+        raise api_error(400, "bad_batch", f"send 1 to {limit} files in the `files` field (got {len(files)})")
+    out: list[ScanRecord | None] = [None] * len(files)
+    pending: list[tuple[int, str, bytes]] = []  # (position, name, bytes) of the files to scan
+    for i, f in enumerate(files):
+        name = display_name(f.filename, f"upload-{i}")
+        data = await read_upload(f, state.config.max_upload_bytes)
+        if data is None:
+            out[i] = ScanRecord.failed(name, f"{name}: larger than the upload limit of "
+                                             f"{state.config.max_upload_bytes:,} bytes")
+        else:
+            pending.append((i, name, data))
+    if pending:
+        scanned = await state.scan([(name, data) for _, name, data in pending])
+        for (i, _, _), record in zip(pending, scanned):
+            out[i] = record
+        await _keep(state, [(data, record) for (_, _, data), record in zip(pending, scanned)])
+    thresholds = state.scanner.options.thresholds
+    return [_present(r, thresholds, match_verdicts) for r in out if r is not None]
+
+
+async def _raise_scan_error(state: ServiceState, name: str, data: bytes, record: ScanRecord) -> None:
+    """Turn a failed single scan into its HTTP status: decoding again (only on this error path) gives
+    the library's typed exception instead of parsing the record's message."""
+    try:
+        await run_in_threadpool(decode_image, data, name, state.config.max_pixels)
+    except DecompressionBombError as e:
+        raise api_error(413, "too_many_pixels", str(e)) from None
+    except UnreadableImageError as e:
+        raise api_error(415, "not_an_image", str(e)) from None
+    raise api_error(500, "scan_failed", record.error or "the scan failed")
+
+
+async def _keep(state: ServiceState, pairs: list[tuple[bytes, ScanRecord]]) -> None:
+    folder = state.config.keep_uploads
+    if folder is None:
+        return
+    for data, record in pairs:
+        if record.verdict != "error":
+            await run_in_threadpool(keep_upload, folder, data, record)
+
+
+def _present(record: ScanRecord, thresholds: Thresholds, match_verdicts: bool) -> dict[str, Any]:
+    d = record.to_dict()
+    if match_verdicts and record.verdict != "error":
+        identical = record.extra.get("identical_file")
+        for m, md in zip(record.matches, d["matches"]):
+            md["verdict"] = match_verdict(m, thresholds, same_bytes=(m.id == identical))
+    return d
+
+
+def match_verdict(m: Match, thresholds: Thresholds, same_bytes: bool = False) -> str:
+    """A match's verdict from its own descriptor's score, through the library's decide_verdict."""
+    if m.descriptor == "pdq":
+        scores = {"pdq_distance": m.distance}
+    else:
+        scores = {m.descriptor: m.score}
+    return decide_verdict(scores, thresholds, same_bytes=same_bytes)

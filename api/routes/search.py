@@ -1,0 +1,68 @@
+"""Searching the corpus: by image (SSCD/PDQ/CLIP), by text (OpenCLIP) and by caption words (full text)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import IndexDep, ReadyDep, SearcherDep
+from api.errors import api_error
+from api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
+from api.uploads import display_name, read_upload
+from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
+from provenance.errors import DecompressionBombError, DescriptorUnavailableError, UnreadableImageError
+from provenance.images import decode_image
+from provenance.search import merge_matches
+
+router = APIRouter(prefix="/search", tags=["search"])
+K = Annotated[int, Query(ge=1, le=100, description="How many results.")]
+
+
+@router.post("/image", response_model=ImageSearchOut, response_model_exclude_unset=True, responses={
+    413: {"model": ErrorResponse}, 415: {"model": ErrorResponse}})
+async def search_image(state: ReadyDep, searcher: SearcherDep,
+                       file: Annotated[UploadFile, File(description="The query image.")],
+                       k: Annotated[int, Form(ge=1, le=100, description="Results per descriptor.")] = 10
+                       ) -> dict[str, Any]:
+    """Nearest corpus images by every image descriptor of the index (no watermark checks: see /v1/scan)."""
+    name = display_name(file.filename)
+    data = await read_upload(file, state.config.max_upload_bytes)
+    if data is None:
+        raise api_error(413, "too_large", f"{name}: larger than the upload limit of {state.config.max_upload_bytes:,} bytes")
+    try:
+        decoded = await state.run_search(decode_image, data, name, state.config.max_pixels)
+    except DecompressionBombError as e:
+        raise api_error(413, "too_many_pixels", str(e)) from None
+    except UnreadableImageError as e:
+        raise api_error(415, "not_an_image", str(e)) from None
+    per_desc = await state.run_search(searcher.search_image, decoded.image, k)
+    # As in scan records: far PDQ neighbours are noise, so the merged list keeps only those within matching range.
+    close = {n: [m for m in ms if n != "pdq" or (m.distance or 0) <= PDQ_MATCH_THRESHOLD] for n, ms in per_desc.items()}
+    return {"matches": [m.to_dict() for m in merge_matches(close, k)],
+            "by_descriptor": {n: [m.to_dict() for m in ms] for n, ms in per_desc.items()}}
+
+
+@router.post("/text", response_model=TextSearchOut, response_model_exclude_unset=True, responses={
+    409: {"model": ErrorResponse, "description": "the index has no OpenCLIP embeddings"}})
+async def search_text(state: ReadyDep, searcher: SearcherDep, query: TextQuery) -> dict[str, Any]:
+    """Corpus images whose OpenCLIP embedding is closest to the text's (needs an index built with clip)."""
+    if "clip" not in searcher.index.specs:
+        raise api_error(409, "text_search_unavailable",
+                        f"the index was built without clip (it has {', '.join(searcher.index.specs)}); "
+                        "use caption search (/v1/search/caption), or rebuild with --descriptors sscd,pdq,clip")
+    try:
+        matches = await state.run_search(searcher.search_text, query.text, query.k)
+    except DescriptorUnavailableError as e:
+        raise api_error(409, "text_search_unavailable", str(e)) from None
+    return {"query": query.text, "matches": [m.to_dict() for m in matches]}
+
+
+@router.get("/caption", response_model=CaptionSearchOut)
+async def search_caption(index: IndexDep,
+                         q: Annotated[str, Query(min_length=1, max_length=500, description="Words; \"quotes\" keep a phrase, word* matches a prefix.")],
+                         k: K = 10) -> dict[str, Any]:
+    """Full-text search of the corpus captions (BM25): every word must appear."""
+    hits = await run_in_threadpool(index.search_caption, q, k)
+    return {"query": q, "hits": [h.to_dict() for h in hits]}

@@ -1,0 +1,145 @@
+"""What the server holds for its lifetime: the index, the models and scanner, loaded once in a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+
+from api.batcher import ScanBatcher
+from api.config import ServerConfig
+from provenance.errors import ModelLoadError, ProvenanceError
+from provenance.scan import ScanOptions, Scanner
+from provenance.search import Searcher
+from provenance.store import ProvenanceIndex
+from provenance.types import ScanRecord
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["loading", "ready", "error"]
+T = TypeVar("T")
+
+
+@dataclass
+class Checks:
+    """Which evidence a scan gathers; reported by /healthz so clients know what "no marks" means."""
+
+    descriptors: list[str] = field(default_factory=list)  # e.g. ["sscd", "pdq"]
+    visible: bool = False
+    invisible: bool = False
+    c2pa: bool = False
+    metadata: bool = False
+    notes: list[str] = field(default_factory=list)  # why a check is off
+
+
+class ServiceState:
+    """Loading status plus, once ready, the shared index, searcher, scanner and executors."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.status: Status = "loading"
+        self.error: str | None = None
+        self.index: ProvenanceIndex | None = None
+        self.searcher: Searcher | None = None
+        self.scanner: Scanner | None = None
+        self.batcher: ScanBatcher | None = None
+        self.checks = Checks()
+        self.load_seconds: float | None = None
+        self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
+                                              thread_name_prefix="search")
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    # 1. Loading
+
+    def start(self) -> None:
+        """Load in a background thread (so /healthz answers meanwhile), or inline when configured."""
+        if self.config.load_in_background:
+            self._thread = threading.Thread(target=self.load, name="provenance-load", daemon=True)
+            self._thread.start()
+        else:
+            self.load()
+
+    def load(self) -> None:
+        started = time.perf_counter()
+        try:
+            index = ProvenanceIndex.open(self.config.index_dir)
+            searcher = Searcher(index)
+            scanner, checks = _build_scanner(searcher, self.config)
+        except ProvenanceError as e:
+            logger.error("cannot load the index at %s: %s", self.config.index_dir, e)
+            self.error, self.status = str(e), "error"
+            self._ready.set()
+            return
+        except Exception as e:  # noqa: BLE001 - report any load failure through /healthz instead of dying silently
+            logger.exception("unexpected error while loading %s", self.config.index_dir)
+            self.error, self.status = f"{type(e).__name__}: {e}", "error"
+            self._ready.set()
+            return
+        self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
+        if self.config.scan_batch > 0:
+            self.batcher = ScanBatcher(scanner.scan_many_bytes, self.config.scan_batch,
+                                       self.config.scan_window_ms / 1000)
+        self.load_seconds = time.perf_counter() - started
+        self.status = "ready"
+        self._ready.set()
+        logger.info("ready: %s (%d items, %s) in %.1fs", index.dir, len(index), ", ".join(checks.descriptors),
+                    self.load_seconds)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until loading finished (ready or failed); True if it did within `timeout`."""
+        return self._ready.wait(timeout)
+
+    # 2. Work, off the event loop
+
+    async def scan(self, items: list[tuple[str, bytes]]) -> list[ScanRecord]:
+        """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off."""
+        assert self.scanner is not None
+        if self.batcher is not None:
+            return await asyncio.wrap_future(self.batcher.submit(items))
+        return await run_in_threadpool(self.scanner.scan_many_bytes, items)
+
+    async def run_search(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run model work (image/text search) on the bounded search executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.search_pool, fn, *args)
+
+    # 3. Shutdown
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.search_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, Checks]:
+    """A Scanner with the configured checks; optional ("auto") checks whose parts are missing are turned off."""
+    checks = Checks(c2pa=config.c2pa, metadata=config.metadata)
+    invisible = config.invisible
+    if invisible is None:
+        invisible = importlib.util.find_spec("provenance.watermarks.invisible") is not None
+        if not invisible:
+            checks.notes.append("invisible watermarks: decoder module not installed")
+    checks.invisible = invisible
+    options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
+                          metadata=config.metadata, max_pixels=config.max_pixels)
+    try:
+        scanner = Scanner(searcher, options)
+    except ModelLoadError as e:
+        if config.visible is not None or not options.visible:
+            raise
+        # The visible-watermark weights are optional in "auto" mode: scan without them and say so.
+        logger.warning("visible-watermark check off: %s", e)
+        checks.notes.append(f"visible watermark: {e}")
+        options.visible = False
+        scanner = Scanner(searcher, options)
+    checks.visible = options.visible
+    checks.descriptors = list(scanner.descriptors)
+    return scanner, checks

@@ -1,0 +1,344 @@
+"""Load test of `provenance serve`: requests/s, p50/p99 latency and errors at 1, 4 and 16 concurrent clients.
+
+Run:  .venv/bin/python bench/bench_api.py [--levels 1 4 16] [--scan-batch 8 0] [--memory-requests 2000]
+
+A real uvicorn server (`python -m provenance.cli serve`) runs in a subprocess on 127.0.0.1; closed-loop
+httpx async clients (each sends its next request when the last one returns) drive it over loopback.
+  * /v1/scan uploads the 51 sample-corpus COCO photos (about 640x480 JPEGs) round robin, against an
+    index of that corpus built with SSCD + PDQ; the checks the server ran are read from /healthz.
+    Each --scan-batch value (8 = micro-batching of concurrent requests, 1 = one scan at a time, 0 = no
+    batcher: each request scans in its own thread) gets its own server.
+  * /v1/search/caption with words drawn from the captions; /v1/search/text against a second index
+    with a tiny random OpenCLIP (no hub weights offline: it measures the serving path, not ViT-B-32).
+  * Memory: the server's RSS every 200 requests over --memory-requests mixed requests (one in five
+    a scan, the rest caption searches, item lookups and thumbnails) at 4 clients.
+Indexes are cached under bench/results/.cache/ (not committed). Results: bench/results/api.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SAMPLE = REPO / "provenance" / "sample" / "coco-cc"
+CACHE = REPO / "bench" / "results" / ".cache" / "api"
+RESULTS = REPO / "bench" / "results" / "api.md"
+TARGET_P99_MS = 300.0
+
+
+# ---------------------------------------------------------------------------------- indexes
+
+
+def ensure_indexes() -> tuple[Path, Path]:
+    """(sscd+pdq index of the sample corpus, clip-tiny index of it), built once and cached."""
+    from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
+    from provenance.indexer import BuildOptions, build
+    from provenance.models import ModelOptions
+
+    main, clip = CACHE / "sample-sscd-pdq", CACHE / "sample-clip-tiny"
+    if not (main / "manifest.json").exists():
+        build(str(SAMPLE), main, BuildOptions(descriptors=["sscd", "pdq"]))
+    if not (clip / "manifest.json").exists():
+        ckpt = make_tiny_checkpoint(CACHE / "tiny-clip.pt")
+        models = ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(ckpt))
+        build(str(SAMPLE), clip, BuildOptions(descriptors=["clip"], models=models))
+    return main, clip
+
+
+# ----------------------------------------------------------------------------------- server
+
+
+class Server:
+    """`provenance serve` in a subprocess on a free loopback port."""
+
+    def __init__(self, index: Path, *extra: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", "provenance.cli", "serve", "--index", str(index),
+                        "--port", str(self.port), "--log-level", "warning", *extra]
+        self.proc: subprocess.Popen | None = None
+        self.health: dict = {}
+
+    def __enter__(self) -> "Server":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
+        self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                r = httpx.get(self.url + "/healthz", timeout=2)
+                if r.status_code == 200:
+                    self.health = r.json()
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.__exit__()
+        raise RuntimeError("server not ready after 180 s")
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+# ------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class LoadResult:
+    endpoint: str
+    clients: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+RequestFn = "callable(client, i) -> awaitable httpx.Response"
+
+
+async def run_load(url: str, endpoint: str, make_request, clients: int, n_requests: int, warmup: int = 0,
+                   on_progress=None) -> LoadResult:
+    """`clients` closed-loop workers share `n_requests` requests; warm-up requests are not counted."""
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+        for i in range(warmup):
+            await make_request(client, i)
+        counter = itertools.count()
+        result = LoadResult(endpoint, clients, 0, 0, 0.0)
+
+        async def worker() -> None:
+            while (i := next(counter)) < n_requests:
+                t0 = time.perf_counter()
+                try:
+                    r = await make_request(client, i)
+                    ok = r.status_code == 200
+                    err = None if ok else f"{r.status_code} {r.text[:120]}"
+                except httpx.HTTPError as e:
+                    ok, err = False, f"{type(e).__name__}: {e}"
+                result.latencies_ms.append((time.perf_counter() - t0) * 1000)
+                result.requests += 1
+                if not ok:
+                    result.errors += 1
+                    if len(result.error_samples) < 3:
+                        result.error_samples.append(err)
+                if on_progress is not None:
+                    on_progress(result.requests)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+def scan_request(photos: list[tuple[str, bytes]]):
+    async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        name, data = photos[i % len(photos)]
+        return await client.post("/v1/scan", files={"file": (name, data, "image/jpeg")})
+    return make
+
+
+def caption_request(words: list[str]):
+    async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await client.get("/v1/search/caption", params={"q": words[i % len(words)], "k": 10})
+    return make
+
+
+def text_request(captions: list[str]):
+    async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        return await client.post("/v1/search/text", json={"text": captions[i % len(captions)], "k": 10})
+    return make
+
+
+def mixed_request(photos, words, ids):
+    scan, caption = scan_request(photos), caption_request(words)
+
+    async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
+        kind = i % 5
+        if kind == 0:
+            return await scan(client, i // 5)
+        if kind in (1, 2):
+            return await caption(client, i)
+        item = ids[i % len(ids)]
+        if kind == 3:
+            return await client.get(f"/v1/items/{item}")
+        return await client.get(f"/v1/items/{item}/thumbnail")
+    return make
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--scan-batch", type=int, nargs="+", default=[8, 1, 0],
+                    help="server --scan-batch values to compare; the first is the default reported")
+    ap.add_argument("--scan-requests", type=int, default=0, help="scans per level (default: max(32, 8 x clients))")
+    ap.add_argument("--search-requests", type=int, default=400)
+    ap.add_argument("--memory-requests", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    main_index, clip_index = ensure_indexes()
+    photos = [(p.name, p.read_bytes()) for p in sorted(SAMPLE.glob("*.jpg"))]
+    rows = [json.loads(line) for line in (SAMPLE / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    captions = [r["caption"] for r in rows]
+    rng = random.Random(0)
+    words = sorted({w.strip(".,").lower() for c in captions for w in c.split() if len(w.strip(".,")) > 3})
+    words = rng.sample(words, min(200, len(words)))
+    ids = [p.name for p in sorted(SAMPLE.glob("*.jpg"))]
+    load_before = os.getloadavg()
+    started = time.time()
+
+    def n_scans(c: int) -> int:
+        return args.scan_requests or max(32, 8 * c)
+
+    scan_results: dict[int, list[LoadResult]] = {}
+    search_results: list[LoadResult] = []
+    memory: list[tuple[int, float]] = []
+    checks: dict = {}
+    batch_stats: dict[int, dict] = {}
+    for batch in args.scan_batch:
+        with Server(main_index, "--scan-batch", str(batch)) as srv:
+            checks = srv.health["checks"]
+            scan_results[batch] = []
+            for c in args.levels:
+                r = asyncio.run(run_load(srv.url, "/v1/scan", scan_request(photos), c, n_scans(c), warmup=3))
+                scan_results[batch].append(r)
+                print(f"scan batch={batch} clients={c}: {r.rps:.2f} req/s p50 {r.pct(50):.0f} ms "
+                      f"p99 {r.pct(99):.0f} ms errors {r.errors}", flush=True)
+            if batch != args.scan_batch[0]:
+                continue
+            for c in args.levels:
+                r = asyncio.run(run_load(srv.url, "/v1/search/caption", caption_request(words), c,
+                                         args.search_requests, warmup=5))
+                search_results.append(r)
+                print(f"caption clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
+                      f"errors {r.errors}", flush=True)
+            # Memory over many mixed requests, sampled every 200.
+            memory.append((0, srv.rss_mb()))
+
+            def sample(done: int) -> None:
+                if done % 200 == 0:
+                    memory.append((done, srv.rss_mb()))
+
+            mem_load = asyncio.run(run_load(srv.url, "mixed", mixed_request(photos, words, ids), 4,
+                                            args.memory_requests, on_progress=sample))
+            search_results.append(mem_load)
+            print(f"memory: {memory} errors {mem_load.errors}", flush=True)
+    with Server(clip_index) as srv:
+        for c in args.levels:
+            r = asyncio.run(run_load(srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c,
+                                     args.search_requests, warmup=5))
+            search_results.append(r)
+            print(f"text clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
+                  f"errors {r.errors}", flush=True)
+
+    write_report(args, checks, scan_results, search_results, memory, load_before, time.time() - started)
+
+
+def write_report(args, checks, scan_results, search_results, memory, load_before, seconds) -> None:
+    default = args.scan_batch[0]
+    lines = [
+        "## API server (`provenance serve`)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_api.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"Machine: 2-core x86_64 CPU, shared ({platform.processor() or platform.machine()}, "
+        f"{psutil.cpu_count()} logical CPUs); load average before the run "
+        f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} (other engineers' jobs), "
+        f"run took {seconds / 60:.1f} min. One uvicorn worker on 127.0.0.1, closed-loop httpx async clients.",
+        "",
+        f"Scan checks on (from /healthz): descriptors {', '.join(checks.get('descriptors', []))}; "
+        f"visible watermark {'on' if checks.get('visible') else 'off'}; invisible watermarks "
+        f"{'on' if checks.get('invisible') else 'off'}; C2PA {'on' if checks.get('c2pa') else 'off'}; "
+        f"generator metadata {'on' if checks.get('metadata') else 'off'}."
+        + (f" Notes: {'; '.join(checks['notes'])}." if checks.get("notes") else ""),
+        "",
+        "Uploads: the 51 sample-corpus COCO photos (~640x480 JPEG, ~160 KB) round robin; index = that corpus.",
+        "",
+        "### /v1/scan",
+        "",
+        "| --scan-batch | clients | requests | req/s | p50 ms | p99 ms | errors |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for batch, results in scan_results.items():
+        for r in results:
+            lines.append(f"| {batch} | {r.clients} | {r.requests} | {r.rps:.2f} | {r.pct(50):.0f} | {r.pct(99):.0f} | {r.errors} |")
+    lines += ["", "(--scan-batch 8: micro-batching, up to 8 queued scans run as one Scanner batch; 1: one scan at a "
+                  "time on the scan thread; 0: no batcher, each request scans in its own worker thread.)", ""]
+    d = {r.clients: r for r in scan_results[default]}
+    verdicts = []
+    if 4 in d:
+        p99 = d[4].pct(99)
+        verdicts.append(f"p99 at 4 clients {p99:.0f} ms vs target <= {TARGET_P99_MS:.0f} ms: "
+                        f"**{'met' if p99 <= TARGET_P99_MS else 'MISSED'}**")
+    if 4 in d and 16 in d:
+        ok = d[16].rps >= 0.95 * d[4].rps
+        verdicts.append(f"throughput 16 vs 4 clients {d[16].rps:.2f} vs {d[4].rps:.2f} req/s: "
+                        f"**{'no collapse' if ok else 'COLLAPSE'}**")
+    errors = sum(r.errors for rs in scan_results.values() for r in rs) + sum(r.errors for r in search_results)
+    verdicts.append(f"errors over all runs: **{errors}**")
+    lines += ["Targets (default --scan-batch " + str(default) + "): " + "; ".join(verdicts) + ".", ""]
+    lines += ["### Search and mixed traffic", "",
+              "| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in search_results:
+        lines.append(f"| {r.endpoint} | {r.clients} | {r.requests} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | {r.errors} |")
+    samples = [e for r in search_results for e in r.error_samples] + \
+              [e for rs in scan_results.values() for r in rs for e in r.error_samples]
+    if samples:
+        lines += ["", "Error samples: " + "; ".join(f"`{s}`" for s in samples[:5])]
+    if memory:
+        start = next((m for n, m in memory if n >= 200), memory[0][1])
+        end = memory[-1][1]
+        lines += ["", f"### Memory over {args.memory_requests} mixed requests (1 in 5 a scan), 4 clients", "",
+                  "RSS of the server (MB) after N requests: "
+                  + ", ".join(f"{n}: {m:.0f}" for n, m in memory) + ".",
+                  f"From request 200 to the end: {end - start:+.0f} MB ({(end - start) / start * 100:+.1f}%): "
+                  f"**{'flat' if abs(end - start) <= max(20.0, 0.05 * start) else 'GROWING'}**."]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""Evaluate the visible-watermark detector on held-out photos, fonts and strings; measure its CPU cost.
+
+    .venv/bin/python bench/eval_visible_watermark.py [--weights provenance/weights/visible_watermark.pt]
+
+Held-out backgrounds: flickr8k-dev shard 00004 + flickr8k-nonmember (1,000 photos never used in training), and
+the 51 coco-cc photos at their native ~640 px. Every photo gives three examples: a stock-style watermark drawn
+with held-out fonts and strings, ordinary opaque text (held-out fonts, held-out phrases and those photos' own
+captions), and the clean photo. Flickr canvases cycle through short sides 256 / 512 / 1024 px, to show what the
+model's downscale does to marks drawn at higher resolutions. Writes bench/results/visible_watermark.md and the
+"evaluation" section of the weights' JSON card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from provenance.watermarks import overlays  # noqa: E402
+from provenance.watermarks.visible import VisibleWatermarkDetector  # noqa: E402
+
+logger = logging.getLogger("eval_visible_watermark")
+DATA = REPO.parent / "shared" / "data"
+CANVAS_SIDES = (256, 512, 1024)
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """ROC AUC = P(score_pos > score_neg), ties counting one half (Mann-Whitney U)."""
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    scores = np.concatenate([pos, neg])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    ranks[order] = np.arange(1, len(scores) + 1)
+    # average the ranks of tied scores
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    sums = np.bincount(inv, weights=ranks)
+    ranks = (sums / counts)[inv]
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+def heldout_photos() -> list[tuple[str, Image.Image, str]]:
+    """(name, photo, caption) of the 1,000 held-out Flickr8k photos."""
+    out = []
+    with tarfile.open(DATA / "flickr8k-dev" / "00004.tar") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for name in sorted(members):
+            if name.endswith(".jpg"):
+                cap = tar.extractfile(members[name[:-4] + ".txt"]).read().decode().strip()
+                out.append((f"00004/{name}", Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB"), cap))
+    nonmember = DATA / "flickr8k-nonmember"
+    for line in (nonmember / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append((f"nonmember/{row['file_name']}", Image.open(nonmember / row["file_name"]).convert("RGB"), row.get("caption", "")))
+    return out
+
+
+def coco_photos() -> list[tuple[str, Image.Image, str]]:
+    coco = DATA / "coco-cc"
+    out = []
+    for line in (coco / "metadata.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out.append((f"coco/{row['file_name']}", Image.open(coco / row["file_name"]).convert("RGB"), row.get("caption", "")))
+    return out
+
+
+def make_examples(photos, fonts, wm_strings, text_strings, seed: int, native: bool = False) -> list[tuple[Image.Image, str, dict]]:
+    examples = []
+    for i, (_, photo, _) in enumerate(photos):
+        for k, kind in enumerate(overlays.EXAMPLE_KINDS):
+            rng = np.random.default_rng([seed, i, k])
+            # native: marks drawn on the photo at its own resolution (no crop, no resize)
+            side = min(photo.size) if native else CANVAS_SIDES[i % len(CANVAS_SIDES)]
+            im, kind_out, facts = overlays.synthetic_example(
+                photo, rng, fonts, wm_strings, text_strings, kind=kind, canvas_short_side=side, resize=not native
+            )
+            facts["canvas_side"] = side
+            examples.append((im, kind_out, facts))
+    return examples
+
+
+def score(det: VisibleWatermarkDetector, examples, batch_size: int = 32) -> np.ndarray:
+    out = []
+    for s in range(0, len(examples), batch_size):
+        out.append(det.probability_batch([det.preprocess(im) for im, _, _ in examples[s : s + batch_size]]))
+    return np.concatenate(out)
+
+
+def summarise(p: np.ndarray, examples, threshold: float) -> dict:
+    kinds = np.array([k for _, k, _ in examples])
+    pos, clean, text = p[kinds == "watermark"], p[kinds == "clean"], p[kinds == "text"]
+    res = {
+        "n": {"watermark": int(len(pos)), "text": int(len(text)), "clean": int(len(clean))},
+        "auc": round(auc(pos, np.concatenate([clean, text])), 4),
+        "auc_vs_clean": round(auc(pos, clean), 4),
+        "auc_vs_text": round(auc(pos, text), 4),
+        "recall_at_threshold": round(float((pos >= threshold).mean()), 4),
+        "text_flag_rate": round(float((text >= threshold).mean()), 4),
+        "clean_flag_rate": round(float((clean >= threshold).mean()), 4),
+    }
+    by_style, by_text_style, by_opacity = defaultdict(list), defaultdict(list), defaultdict(list)
+    for q, (_, kind, facts) in zip(p, examples):
+        if kind == "watermark":
+            by_style[facts["style"]].append(q)
+            lo = min(0.5, np.floor(facts["opacity"] * 10) / 10)
+            by_opacity[f"{lo:.1f}-{lo + 0.1:.1f}"].append(q)
+        elif kind == "text":
+            by_text_style[facts["style"]].append(q)
+    res["recall_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_style.items())}
+    res["recall_by_opacity"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_opacity.items())}
+    res["text_flag_rate_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_text_style.items())}
+    sides = np.array([f["canvas_side"] for _, _, f in examples])
+    if len(set(sides.tolist())) > 1:
+        res["auc_by_canvas_side"] = {
+            int(s): round(auc(p[(sides == s) & (kinds == "watermark")], p[(sides == s) & (kinds != "watermark")]), 4)
+            for s in sorted(set(sides.tolist()))
+        }
+    return res
+
+
+def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5) -> dict:
+    """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size."""
+    rng = np.random.default_rng(0)
+    out: dict = {"batch_size": batch_size}
+    x = [det.preprocess(Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))) for _ in range(batch_size)]
+    old = torch.get_num_threads()
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        det.probability_batch(x)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            det.probability_batch(x)
+            best = min(best, time.perf_counter() - t)
+        out[f"model_ms_per_image_{threads}_threads"] = round(best / batch_size * 1000, 2)
+    torch.set_num_threads(old)
+    for side in (224, 640, 1600, 4000):
+        im = Image.fromarray(rng.integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8))
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            det.preprocess(im)
+            best = min(best, time.perf_counter() - t)
+        out[f"preprocess_ms_{side}px"] = round(best * 1000, 2)
+    return out
+
+
+def render_markdown(args, results: dict, card: dict) -> str:
+    h, c, t = results["heldout"], results.get("coco"), results["timing"]
+    tr = card.get("training", {}) if card else {}
+    lines = [
+        "## Visible-watermark detector (provenance/watermarks/visible.py)",
+        "",
+        f"Command: `.venv/bin/python bench/eval_visible_watermark.py --weights {args.weights}`  ",
+        f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark.py')}` "
+        f"({tr.get('steps', '?')} steps x {tr.get('batch_size', '?')}, {tr.get('parameters', '?')} parameters, "
+        f"input {tr.get('input_size', '?')} px, {tr.get('train_wall_s', '?')} s wall / {tr.get('train_main_process_cpu_s', '?')} s CPU "
+        "in the main process)  ",
+        "Machine: 2-core x86_64 CPU, shared (timings are noisy: other jobs ran at the same time)",
+        "",
+        "Held-out set: 1,000 photos never trained on (flickr8k-dev shard 00004 + flickr8k-nonmember), each as "
+        "watermarked / opaque text / clean; watermarks use held-out font families "
+        f"({', '.join(overlays.HELDOUT_FONT_KEYS)}) and held-out strings (overlays.HELDOUT_WATERMARK_STRINGS: "
+        "Dreamstime, 123RF, Adobe Stock, ... and unseen photographer names/URLs); opaque text uses held-out fonts "
+        "and phrases plus the photos' own captions. Canvas short side cycles 256/512/1024 px.",
+        "",
+        f"| set | AUC (wm vs clean+text) | AUC vs clean | AUC vs text | recall @ {args.threshold} | text flagged @ {args.threshold} | clean flagged @ {args.threshold} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in [("held-out fonts+strings, Flickr", h)] + ([("held-out, COCO native ~640 px", c)] if c else []) + (
+        [("seen fonts+strings, held-out Flickr photos", results["seen"])] if results.get("seen") else []
+    ):
+        lines.append(
+            f"| {name} | {r['auc']:.4f} | {r['auc_vs_clean']:.4f} | {r['auc_vs_text']:.4f} | "
+            f"{r['recall_at_threshold']:.3f} | {r['text_flag_rate']:.3f} | {r['clean_flag_rate']:.3f} |"
+        )
+    lines += [
+        "",
+        f"Held-out AUC by canvas short side: {h.get('auc_by_canvas_side')}  ",
+        f"Recall by watermark style: {h['recall_by_style']}  ",
+        f"Recall by opacity: {h['recall_by_opacity']}  ",
+        f"Opaque-text flag rate by style: {h['text_flag_rate_by_style']}",
+        "",
+        f"Cost: model {t['model_ms_per_image_1_threads']} ms/image with 1 thread, {t['model_ms_per_image_2_threads']} ms/image "
+        f"with 2 threads (batch {t['batch_size']}); preprocess (decode-thread side) {t['preprocess_ms_224px']} ms for a 224 px "
+        f"image, {t['preprocess_ms_640px']} ms at 640 px, {t['preprocess_ms_1600px']} ms at 1600 px, {t['preprocess_ms_4000px']} ms at 4000 px.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
+    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--limit", type=int, default=0, help="use only the first N held-out photos (quick checks)")
+    ap.add_argument("--seen", action="store_true", help="also score training fonts/strings on held-out photos")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "visible_watermark.md"))
+    ap.add_argument("--no-write", action="store_true", help="print results only; leave the card and results file alone")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+
+    det = VisibleWatermarkDetector.load(args.weights)
+    train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
+    photos = heldout_photos()
+    if args.limit:
+        photos = photos[: args.limit]
+    text_strings = overlays.TextStrings(
+        phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
+        words=overlays.HELDOUT_TEXT_STRINGS.words,
+    )
+    results: dict = {}
+    t0 = time.time()
+    ex = make_examples(photos, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed)
+    results["heldout"] = summarise(score(det, ex), ex, args.threshold)
+    logger.info("held-out: %s (%.0f s)", json.dumps(results["heldout"]), time.time() - t0)
+    coco = coco_photos()
+    ex = make_examples(coco, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed, native=True)
+    results["coco"] = summarise(score(det, ex), ex, args.threshold)
+    logger.info("coco: %s", json.dumps(results["coco"]))
+    if args.seen:
+        ts = overlays.TextStrings(phrases=overlays.TRAIN_TEXT_STRINGS.phrases, words=overlays.TRAIN_TEXT_STRINGS.words)
+        ex = make_examples(photos[::3], train_fonts, overlays.TRAIN_WATERMARK_STRINGS, ts, args.seed + 1)
+        results["seen"] = summarise(score(det, ex), ex, args.threshold)
+        logger.info("seen: %s", json.dumps(results["seen"]))
+    results["timing"] = timing(det)
+    logger.info("timing: %s", json.dumps(results["timing"]))
+    results["weights_checksum"] = det.config.checksum
+    if args.no_write:
+        return 0
+
+    card_path = Path(args.weights).with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    card["evaluation"] = {
+        "command": "bench/eval_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "heldout_auc": results["heldout"]["auc"],
+        "heldout_text_flag_rate": results["heldout"]["text_flag_rate"],
+        "heldout_clean_flag_rate": results["heldout"]["clean_flag_rate"],
+        "heldout_recall": results["heldout"]["recall_at_threshold"],
+        "threshold": args.threshold,
+        "details": results,
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(render_markdown(args, results, card))
+    logger.info("wrote %s and %s", card_path, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

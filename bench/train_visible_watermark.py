@@ -1,0 +1,196 @@
+"""Train the small visible-watermark CNN on synthetic overlays of Flickr8k photos (CPU, fixed seeds, ~15 min).
+
+    .venv/bin/python bench/train_visible_watermark.py --out provenance/weights/visible_watermark.pt
+
+Backgrounds: flickr8k-dev shards 00000-00003 (2,000 photos). Overlays: provenance.watermarks.overlays with the
+training fonts and strings only (held-out fonts/strings are for bench/eval_visible_watermark.py). Every example
+is generated from (seed, index), so a run is reproducible whatever the number of data workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from provenance.watermarks import overlays  # noqa: E402
+from provenance.watermarks.visible import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WatermarkNet,
+    WatermarkNetConfig,
+    resize_for_model,
+    save_checkpoint,
+)
+
+logger = logging.getLogger("train_visible_watermark")
+DATA = REPO.parent / "shared" / "data"
+TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
+
+
+def read_shards(shard_dir: Path, shards: tuple[str, ...]) -> tuple[list[bytes], list[str]]:
+    """JPEG bytes and first captions of every photo in the given webdataset shards, in tar order."""
+    photos, captions = [], []
+    for s in shards:
+        with tarfile.open(shard_dir / f"{s}.tar") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in sorted(members):
+                if name.endswith(".jpg"):
+                    photos.append(tar.extractfile(members[name]).read())
+                    txt = members.get(name[:-4] + ".txt")
+                    if txt is not None:
+                        captions.append(tar.extractfile(txt).read().decode("utf-8").strip())
+    return photos, captions
+
+
+class SyntheticWatermarks(torch.utils.data.Dataset):
+    """Example i = synthetic_example(photo, rng(seed, i)) at the model's input size: ((3, s, s) float32, label)."""
+
+    def __init__(self, photos, fonts, wm_strings, text_strings, input_size: int, seed: int, length: int):
+        self.photos, self.fonts = photos, fonts
+        self.wm_strings, self.text_strings = wm_strings, text_strings
+        self.input_size, self.seed, self.length = input_size, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, i])
+        photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))]))
+        im, kind, _ = overlays.synthetic_example(photo, rng, self.fonts, self.wm_strings, self.text_strings)
+        # uint8 crosses the process boundary (4x less than float32); the main process normalises
+        x = np.asarray(resize_for_model(im, self.input_size)).copy()  # (s, s, 3) uint8
+        return torch.from_numpy(x), torch.tensor(1.0 if kind == "watermark" else 0.0)
+
+
+def to_model_input(x: torch.Tensor) -> torch.Tensor:
+    """(n, s, s, 3) uint8 -> (n, 3, s, s) float32, normalised as VisibleWatermarkDetector.preprocess does."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
+    ap.add_argument("--data", default=str(DATA / "flickr8k-dev"), help="folder of the flickr8k-dev shards")
+    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--input-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the model (the machine is shared)")
+    ap.add_argument("--workers", type=int, default=1, help="data-generation processes")
+    ap.add_argument("--stem", type=int, default=16)
+    ap.add_argument("--widths", default="32,64,128,192")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+
+    # 1. Seeds and threads
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    t_start = time.time()
+    cpu_start = time.process_time()
+
+    # 2. Data: training photos, captions, fonts and strings only
+    photos, captions = read_shards(Path(args.data), TRAIN_SHARDS)
+    train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
+    text_strings = overlays.TextStrings(
+        phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions), words=overlays.TRAIN_TEXT_STRINGS.words
+    )
+    logger.info("%d photos, %d captions, %d training fonts (%d held out)", len(photos), len(captions), len(train_fonts), len(heldout_fonts))
+    ds = SyntheticWatermarks(
+        photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, text_strings, args.input_size, args.seed, args.steps * args.batch_size
+    )
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=args.batch_size,
+        shuffle=False,  # example i is already random: it is drawn from rng(seed, i)
+        num_workers=args.workers,
+        worker_init_fn=_worker_init if args.workers else None,
+        prefetch_factor=4 if args.workers else None,
+        persistent_workers=False,
+    )
+
+    # 3. Model and schedule
+    config = WatermarkNetConfig(stem=args.stem, widths=tuple(int(w) for w in args.widths.split(",")))
+    model = WatermarkNet(config).to(args.device).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("WatermarkNet %s: %d parameters, input %d", config, n_params, args.input_size)
+
+    # 4. Train
+    model.train()
+    run_loss, run_acc, losses = 0.0, 0.0, []
+    for step, (x, y) in enumerate(dl, start=1):
+        x = to_model_input(x).to(args.device).contiguous(memory_format=torch.channels_last)
+        y = y.to(args.device)
+        logits = model(x)
+        loss = loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        run_loss = 0.98 * run_loss + 0.02 * loss.item() if step > 1 else loss.item()
+        run_acc = 0.98 * run_acc + 0.02 * ((logits > 0).float() == y).float().mean().item() if step > 1 else 0.5
+        if step % 100 == 0 or step == args.steps:
+            losses.append(round(run_loss, 4))
+            logger.info("step %d/%d loss %.4f acc %.3f lr %.2e %.0fs", step, args.steps, run_loss, run_acc, sched.get_last_lr()[0], time.time() - t_start)
+
+    # 5. Save weights and the training card
+    wall, cpu = time.time() - t_start, time.process_time() - cpu_start
+    card = {
+        "training_command": "bench/train_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "input_size": args.input_size,
+        "lr": args.lr,
+        "threads": args.threads,
+        "workers": args.workers,
+        "parameters": n_params,
+        "data": {
+            "backgrounds": f"flickr8k-dev shards {', '.join(TRAIN_SHARDS)} ({len(photos)} photos, 224x224)",
+            "text_phrases": f"{len(overlays.TRAIN_TEXT_STRINGS.phrases)} built-in + {len(captions)} Flickr8k captions of those shards",
+            "watermark_strings": "overlays.TRAIN_WATERMARK_STRINGS",
+            "fonts": f"{len(train_fonts)} files under /usr/share/fonts, families in HELDOUT_FONT_KEYS excluded",
+            "examples": args.steps * args.batch_size,
+            "labels": "50% stock watermark, 30% opaque text, 20% clean (overlays.synthetic_example)",
+        },
+        "final_running_loss": round(run_loss, 4),
+        "loss_every_100_steps": losses,
+        "train_wall_s": round(wall, 1),
+        "train_main_process_cpu_s": round(cpu, 1),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+    }
+    save_checkpoint(args.out, model.cpu(), args.input_size, card)
+    card_path = Path(args.out).with_suffix(".json")
+    # the evaluation section is filled by bench/eval_visible_watermark.py for these exact weights
+    card_path.write_text(json.dumps({"weights": Path(args.out).name, "training": card, "evaluation": None}, indent=2) + "\n")
+    logger.info("wrote %s (%.1f KB) and %s in %.0f s wall, %.0f s CPU", args.out, Path(args.out).stat().st_size / 1024, card_path, wall, cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,338 @@
+"""Invisible watermarks of the dwtDct kind: reading Stable Diffusion's marks and writing/reading our own run-id mark.
+
+How dwtDct works (invisible-watermark's `EmbedMaxDct`, the method every scheme here uses): take one
+channel of the image, its one-level Haar approximation band LL (half size, LL = 2 x the 2x2 pixel
+mean), cut LL into 4x4 blocks in raster order; block number `k` carries payload bit `k % length`.
+In each block the coefficient with the largest magnitude (the first one excluded) is quantised to
+`sign * (floor(|v| / step) + 0.25 + 0.5 * bit) * step`, so its remainder modulo `step` sits at a
+quarter step for a 0 and three quarters for a 1. A payload repeats over the whole image (a 512x512
+image has 4,096 blocks: 30 copies of a 136-bit payload).
+
+Reading (the same for every scheme, which are data in `SCHEMES`):
+  * soft decisions: each block gives `-sin(2 pi v / step)` (+1 on the bit-1 lattice, -1 on the
+    bit-0 one, 0 on the decision boundary) instead of a hard bit, and the repeats of each bit are
+    summed, so a block that sits far from the lattice barely votes;
+  * the marked coefficient is found again even when quantising it made another coefficient the
+    block's largest: the encoder can only have lowered it by up to 0.75 step, so among the
+    coefficients within 0.75 step of the block maximum we take the one closest to the lattice
+    (this choice does not favour either bit, so clean images still give fair coin flips);
+  * hypotheses about what happened to the image since it was marked: as is; (chroma schemes only)
+    decoded from a 4:2:0 JPEG, whose chroma upsampling we invert; and resized back to a standard
+    generator size of the same aspect ratio when the image is larger than one. Each scheme's p-value
+    is the exact binomial tail of its agreeing fixed bits times the number of hypotheses tried
+    (Bonferroni), so a clean image passes `DETECTION_P_VALUE` = 1e-6 with probability <= 1e-6 per
+    scheme.
+
+Schemes:
+  * ``sd-v1``: b"StableDiffusionV1" (136 bits) in the U channel of an 8-bit image, step 36 (the
+    CompVis / Stability txt2img scripts: `WatermarkEncoder().set_watermark('bytes', ...)` then
+    `encode(bgr_uint8, 'dwtDct')`); ``sd-v2``: the same with b"SDV2" (32 bits).
+  * ``sdxl``: the 48 bits 101100111110110010010000011110111011000110011110 in U, step 36, written
+    by diffusers' `StableDiffusionXLWatermarker` on a float image in 0..255, for which OpenCV puts U
+    around 0.5 instead of 128; we read it in that float domain (`offset` below).
+  * ``provenance`` (ours, written by `embed_provenance_mark`): 112 bits in the luma channel Y,
+    step 16 (PSNR about 50 dB):
+      bits   0..63   magic  bc0619ab9e8e0f07 (sha256(b"provenance-mark-v1")[:8]); detection is the
+                     binomial test on these 64 bits;
+      bits  64..95   run id (uint32, big-endian)      } XOR-ed with the whitening mask 8b6b065e955f
+      bits  96..111  CRC-16/CCITT-FALSE of the run id } (sha256(...)[8:14]) so no run id is flat.
+    The run id is reported (8 hex digits) only when its CRC checks, after trying to flip up to two
+    of the 12 least reliable of its 48 bits (soft-decision "Chase" decoding); a wrong run id slips
+    through with probability < 79 / 65536 of the marks it is tried on, and is otherwise None.
+    Luma, not chroma, because a 4:2:0 JPEG halves chroma resolution, which erases chroma marks at
+    any quality that matters; we embed with our own 15-line numpy copy of `EmbedMaxDct` because
+    invisible-watermark's `encode()` swaps the horizontal and vertical detail bands when it
+    rebuilds the channel (harmless in chroma, about 30 dB PSNR in luma). Stock invisible-watermark
+    reads it: `WatermarkDecoder('bits', 112).decode(bgr, 'dwtDct', scales=[16, 0, 0])`.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from provenance.types import InvisibleMark
+
+logger = logging.getLogger(__name__)
+
+DETECTION_P_VALUE = 1e-6
+# invisible-watermark refuses to embed in images below 256x256 pixels; we keep its rule for our mark.
+MIN_EMBED_PIXELS = 256 * 256
+# Decode at most this many 4x4 LL blocks (a centred band of block rows) per hypothesis: a 1024x1024
+# image's worth, which holds >= 120 copies of any payload here, so huge photos cost no more.
+MAX_BLOCKS = 16384
+# Sizes diffusion pipelines write (SD 1.x/2.x squares and portraits, SDXL buckets): an image larger
+# than one of these with the same aspect ratio may be an upscaled generation.
+GENERATOR_SIZES: tuple[tuple[int, int], ...] = (
+    (512, 512), (768, 768), (1024, 1024), (512, 768), (768, 512),
+    (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536),
+)
+
+# OpenCV's BT.601 YUV (COLOR_BGR2YUV) rows, in RGB order: U = 0.492 (B - Y). Both rows are what the
+# encoders used; Y's coefficients sum to 1 and U's to 0, which embed_provenance_mark relies on.
+_Y_RGB = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_U_RGB = np.array([-0.492 * 0.299, -0.492 * 0.587, 0.492 * (1 - 0.114)], dtype=np.float32)
+
+
+def _bytes_bits(data: bytes) -> tuple[int, ...]:
+    return tuple(int(b) for b in np.unpackbits(np.frombuffer(data, dtype=np.uint8)))
+
+
+_PROVENANCE_SEED = hashlib.sha256(b"provenance-mark-v1").digest()
+PROVENANCE_MAGIC = _PROVENANCE_SEED[:8]  # bc0619ab9e8e0f07: 31 ones in 64 bits
+_PROVENANCE_MASK = np.unpackbits(np.frombuffer(_PROVENANCE_SEED[8:14], dtype=np.uint8))  # (48,) uint8
+PROVENANCE_STEP = 16.0
+_CHASE_BITS = 12  # flip up to two of this many least reliable run-id/CRC bits before giving up
+
+
+@dataclass(frozen=True)
+class MarkScheme:
+    """One dwtDct watermark: where it lives, how it is quantised, which bits every copy carries."""
+
+    name: str
+    fixed_bits: tuple[int, ...]  # bits every mark carries at payload positions 0..n-1 (what detection tests)
+    length: int  # payload length in bits; LL block k carries bit k % length
+    channel: Literal["Y", "U"]
+    # Added to LL coefficients before reading: 2 x the colour offset the encoder's channel had
+    # (LL = 2 x the 2x2 mean), e.g. U = 128 for an 8-bit encode, 0.5 for a float one.
+    offset: float
+    step: float  # the quantisation step (invisible-watermark's `scales` entry for the channel)
+    # Turns the soft sums of the payload bits after the fixed ones, (length - n,) float, into the
+    # reported payload string, or None when they do not decode reliably.
+    read_payload: Callable[[np.ndarray], str | None] | None = None
+
+    @property
+    def n_fixed(self) -> int:
+        return len(self.fixed_bits)
+
+
+def _read_provenance_run_id(soft: np.ndarray) -> str | None:
+    """Soft sums of bits 64..111 -> the run id as 8 hex digits when the CRC checks (flipping <= 2 weak bits)."""
+    hard = (soft > 0).astype(np.uint8)
+    weak = np.argsort(np.abs(soft), kind="stable")[:_CHASE_BITS]
+    flips: list[tuple[int, ...]] = [()] + [(int(i),) for i in weak] + [(int(i), int(j)) for i, j in combinations(weak, 2)]
+    # Cheapest explanation first: the flips whose soft sums were closest to zero.
+    flips.sort(key=lambda f: float(np.abs(soft[list(f)]).sum()) if f else 0.0)
+    for f in flips:
+        bits = hard.copy()
+        bits[list(f)] ^= 1
+        data = np.packbits(bits ^ _PROVENANCE_MASK).tobytes()  # 4 bytes run id + 2 bytes CRC
+        if binascii.crc_hqx(data[:4], 0xFFFF) == int.from_bytes(data[4:6], "big"):
+            return data[:4].hex()
+    return None
+
+
+SCHEMES: tuple[MarkScheme, ...] = (
+    # +1: imwatermark writes the float channel back into a uint8 array, truncating each pixel by 0.5
+    # on average, i.e. LL by 1.
+    MarkScheme("sd-v1", _bytes_bits(b"StableDiffusionV1"), 136, "U", 256.0 + 1.0, 36.0),
+    MarkScheme("sd-v2", _bytes_bits(b"SDV2"), 32, "U", 256.0 + 1.0, 36.0),
+    MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U", 1.0, 36.0),
+    MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", 0.0, PROVENANCE_STEP, _read_provenance_run_id),
+)
+
+
+def binomial_p_value(agree: int, n: int) -> float:
+    """P(X >= agree) for X ~ Binomial(n, 1/2): the chance that random bits agree this well, computed exactly."""
+    if n < 0 or not 0 <= agree <= max(n, 0):
+        raise ValueError(f"need 0 <= agree <= n, got agree={agree}, n={n}")
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, i) for i in range(agree, n + 1)) / 2**n
+
+
+def provenance_payload_bits(run_id: int) -> np.ndarray:
+    """The 112 bits our mark carries for `run_id`: (112,) uint8, magic then whitened run id and CRC."""
+    if isinstance(run_id, bool) or not isinstance(run_id, (int, np.integer)) or not 0 <= int(run_id) < 2**32:
+        raise ValueError(f"run_id must be an integer in [0, 2**32), got {run_id!r}")
+    rid = int(run_id).to_bytes(4, "big")
+    tail = np.unpackbits(np.frombuffer(rid + binascii.crc_hqx(rid, 0xFFFF).to_bytes(2, "big"), dtype=np.uint8))
+    return np.concatenate([np.array(_bytes_bits(PROVENANCE_MAGIC), dtype=np.uint8), tail ^ _PROVENANCE_MASK])
+
+
+def embed_provenance_mark(image: Image.Image, run_id: int) -> Image.Image:
+    """Return a copy of RGB `image` (same size) carrying our invisible mark with `run_id` (uint32).
+
+    Raises TypeError for a non-image, ValueError for a non-RGB image, one under 256x256 pixels, or
+    a run id outside [0, 2**32).
+    """
+    # 1. Check inputs
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode != "RGB":
+        raise ValueError(f"image must be RGB, got mode {image.mode!r}; convert it with image.convert('RGB')")
+    if image.width * image.height < MIN_EMBED_PIXELS:
+        raise ValueError(f"image {image.width}x{image.height} is too small for the mark (needs >= 256x256 pixels)")
+    bits = provenance_payload_bits(run_id)
+
+    # 2. Quantise the largest coefficient of each 4x4 block of luma's LL band (EmbedMaxDct's rule)
+    rgb = np.asarray(image, dtype=np.float32)  # (H, W, 3)
+    ll = _ll(rgb @ _Y_RGB)  # (H//4*2, W//4*2)
+    nbr, nbc = ll.shape[0] // 4, ll.shape[1] // 4
+    blocks = _blocks(ll, nbr, nbc)  # (nbr*nbc, 16)
+    rows = np.arange(len(blocks))
+    pos = np.argmax(np.abs(blocks[:, 1:]), axis=1) + 1
+    v = blocks[rows, pos]
+    bit = bits[rows % len(bits)]
+    q = np.where(v >= 0, 1.0, -1.0) * (np.floor(np.abs(v) / PROVENANCE_STEP) + 0.25 + 0.5 * bit) * PROVENANCE_STEP
+    delta = np.zeros_like(blocks)
+    delta[rows, pos] = q - v
+
+    # 3. Back to pixels: an LL change d is d/2 on each pixel of its 2x2 cell (Haar synthesis), and
+    # adding the same amount to R, G and B changes Y by exactly that and leaves U and V alone.
+    d_ll = delta.reshape(nbr, nbc, 4, 4).transpose(0, 2, 1, 3).reshape(nbr * 4, nbc * 4)
+    d_px = np.zeros(rgb.shape[:2], dtype=np.float32)
+    d_px[: nbr * 8, : nbc * 8] = np.repeat(np.repeat(d_ll * 0.5, 2, axis=0), 2, axis=1)
+    out = np.clip(np.rint(rgb + d_px[:, :, None]), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "RGB")
+
+
+def detect_invisible_marks(image: Image.Image, *, include_undetected: bool = False) -> list[InvisibleMark]:
+    """Decode every scheme in `SCHEMES` from `image`; return those detected at p <= 1e-6 (all with include_undetected).
+
+    Each mark's `p_value` is Bonferroni-corrected for the hypotheses tried; `bit_accuracy` is the
+    share of the scheme's fixed bits that agree, under the best hypothesis. Schemes whose payload
+    does not fit once in the image come out with bit_accuracy 0 and p_value 1.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    hypotheses = _hypotheses(image)
+    tried = {c: sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}
+    soft_cache: dict[tuple[str, str, float, float], np.ndarray] = {}
+    marks: list[InvisibleMark] = []
+    for scheme in SCHEMES:
+        best: tuple[int, str, np.ndarray] | None = None  # (agreeing bits, hypothesis, soft sums)
+        fixed = np.asarray(scheme.fixed_bits, dtype=bool)
+        for h in hypotheses:
+            if scheme.channel not in h.blocks:
+                continue
+            coeffs, first = h.blocks[scheme.channel]
+            n_blocks = coeffs.shape[1]
+            if n_blocks < scheme.length:
+                continue
+            key = (h.name, scheme.channel, scheme.offset, scheme.step)
+            if key not in soft_cache:  # sd-v1 and sd-v2 read the same block values
+                soft_cache[key] = _block_soft(coeffs, scheme.offset, scheme.step)
+            bit_index = (first + np.arange(n_blocks)) % scheme.length
+            sums = np.bincount(bit_index, weights=soft_cache[key], minlength=scheme.length)  # (length,)
+            agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
+            if best is None or agree > best[0]:
+                best = (agree, h.name, sums)
+        if best is None:
+            if include_undetected:
+                marks.append(InvisibleMark(scheme.name, 0.0, 1.0))
+            continue
+        agree, hyp, sums = best
+        p = min(1.0, binomial_p_value(agree, scheme.n_fixed) * tried[scheme.channel])
+        detected = p <= DETECTION_P_VALUE
+        logger.debug("%s: %d/%d bits agree under %r, p=%.3g", scheme.name, agree, scheme.n_fixed, hyp, p)
+        if detected or include_undetected:
+            payload = None
+            if detected and scheme.read_payload is not None:
+                payload = scheme.read_payload(sums[scheme.n_fixed :])
+            marks.append(InvisibleMark(scheme.name, agree / scheme.n_fixed, p, payload))
+    return marks
+
+
+@dataclass(frozen=True)
+class _Hypothesis:
+    """The image as one guess of what it was when marked: per channel, its LL blocks and the first block's number."""
+
+    name: str
+    blocks: dict[str, tuple[np.ndarray, int]]  # channel -> ((15, n) float32 coefficients 1..15 of n blocks, first block number)
+
+
+def _hypotheses(image: Image.Image) -> list[_Hypothesis]:
+    ll_y, ll_u = _ll_yu(np.asarray(image))
+    out = [
+        _Hypothesis("as is", {"Y": _band_blocks(ll_y), "U": _band_blocks(ll_u)}),
+        # A 4:2:0 JPEG keeps one chroma sample per 2x2 pixels, which is the U LL band itself, but
+        # libjpeg's "fancy" upsampling blurs it with a [1/8, 3/4, 1/8] kernel on each axis; undo it.
+        _Hypothesis("jpeg 4:2:0", {"U": _band_blocks(_undo_fancy_upsampling(ll_u))}),
+    ]
+    w, h = image.size
+    for gw, gh in GENERATOR_SIZES:
+        if gw < w and gh < h and abs(w / h - gw / gh) <= 0.01 * gw / gh:
+            small_y, small_u = _ll_yu(np.asarray(image.resize((gw, gh), Image.Resampling.LANCZOS)))
+            out.append(_Hypothesis(f"resized to {gw}x{gh}", {"Y": _band_blocks(small_y), "U": _band_blocks(small_u)}))
+    return out
+
+
+def _ll(plane: np.ndarray) -> np.ndarray:
+    """(H, W[, C]) channel(s) -> the one-level Haar LL band (H//4*2, W//4*2[, C]) that pywt.dwt2(..., 'haar') gives
+    on the 4-aligned crop: 2x2 sums / 2."""
+    h4, w4 = plane.shape[0] // 4 * 4, plane.shape[1] // 4 * 4
+    p = plane[:h4, :w4]
+    if p.dtype == np.uint8:
+        p = p.astype(np.uint16)  # sums of four 8-bit values stay exact
+    return (p[0::2, 0::2] + p[0::2, 1::2] + p[1::2, 0::2] + p[1::2, 1::2]).astype(np.float32) * np.float32(0.5)
+
+
+def _ll_yu(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, 3) uint8 RGB -> the LL bands of Y and U, each (H//4*2, W//4*2) float32.
+
+    The colour transform is linear, so it is applied after the 2x2 sums, on a quarter of the pixels.
+    """
+    ll = _ll(rgb)  # (h, w, 3)
+    return ll @ _Y_RGB, ll @ _U_RGB
+
+
+def _blocks(ll: np.ndarray, nbr: int, nbc: int) -> np.ndarray:
+    """LL band -> (nbr*nbc, 16) raster-ordered 4x4 blocks, each flattened row by row."""
+    return ll[: nbr * 4, : nbc * 4].reshape(nbr, 4, nbc, 4).transpose(0, 2, 1, 3).reshape(nbr * nbc, 16)
+
+
+def _band_blocks(ll: np.ndarray) -> tuple[np.ndarray, int]:
+    """A centred band of at most MAX_BLOCKS blocks (whole block rows): ((15, n) coefficients 1..15, first block number).
+
+    Coefficient-major so that the per-block reductions run across 15 rows of n values (fast in numpy)
+    rather than along 15-long rows.
+    """
+    nbr, nbc = ll.shape[0] // 4, ll.shape[1] // 4
+    if nbr == 0 or nbc == 0:
+        return np.zeros((15, 0), dtype=np.float32), 0
+    keep = min(nbr, max(1, MAX_BLOCKS // nbc))
+    r0 = (nbr - keep) // 2
+    band = ll[r0 * 4 : (r0 + keep) * 4, : nbc * 4].reshape(keep, 4, nbc, 4).transpose(1, 3, 0, 2).reshape(16, keep * nbc)
+    return np.ascontiguousarray(band[1:]), r0 * nbc
+
+
+# The inverse of the [1/8, 3/4, 1/8] kernel, truncated where its taps fall below 1e-2: h[n] = r^|n| / sqrt(a^2 - b^2)
+# for 1 / (a + b cos w), a = 3/4, b = 1/4, r = (sqrt(a^2 - b^2) - a) / b = -0.17.
+_R = (math.sqrt(0.5) - 0.75) / 0.25
+_INV_FANCY = tuple(_R ** abs(n) / math.sqrt(0.5) for n in range(-3, 4))
+
+
+def _undo_fancy_upsampling(ll: np.ndarray) -> np.ndarray:
+    """Convolve (h, w) with the separable inverse of libjpeg's fancy upsampling, replicating the edges."""
+    if ll.size == 0:
+        return ll
+    half = len(_INV_FANCY) // 2
+    p = np.pad(ll, half, mode="edge")
+    h, w = ll.shape
+    rows = sum(np.float32(t) * p[:, i : i + w] for i, t in enumerate(_INV_FANCY))  # (h + 2 half, w)
+    return sum(np.float32(t) * rows[i : i + h] for i, t in enumerate(_INV_FANCY))
+
+
+def _block_soft(coeffs: np.ndarray, offset: float, step: float) -> np.ndarray:
+    """(15, n) coefficients 1..15 of n blocks -> (n,) soft bits in [-1, 1], > 0 meaning 1."""
+    a = np.abs(coeffs + np.float32(offset))
+    s = np.sin(a * np.float32(-2 * math.pi / step))  # +1 on the bit-1 lattice (3/4 step), -1 on bit 0 (1/4 step)
+    # The encoder moved the block's largest coefficient by -0.75..+0.25 step, so the marked one is
+    # within 0.75 step of the current maximum; of those, take the one nearest the lattice. |s| is the
+    # same on both bits' lattices, so on clean images this choice does not favour either bit, and
+    # exact ties are averaged rather than broken towards one sign.
+    score = np.where(a >= a.max(axis=0) - np.float32(0.75 * step), np.abs(s), np.float32(-1))
+    chosen = score == score.max(axis=0)
+    return np.where(chosen, s, np.float32(0)).sum(axis=0) / chosen.sum(axis=0)

@@ -1,0 +1,228 @@
+"""Tests of provenance.ann: planning, building, saving/loading and searching FAISS indexes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from provenance import ann
+from provenance.ann import AnnPlan, Neighbors, build_index, load_index, plan_index, save_index, search
+from provenance.errors import IndexMismatchError
+
+D = 64  # small dim keeps every kind's build under a second on 2 cores
+
+
+def clustered(n: int, d: int = D, n_clusters: int = 50, spread: float = 0.35, seed: int = 0) -> np.ndarray:
+    """(n, d) float32 L2-normalised vectors around random centres, like embeddings of similar photos."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    x = centres[rng.integers(0, n_clusters, n)] + spread * rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def perturbed(x: np.ndarray, scale: float, seed: int = 1) -> np.ndarray:
+    """Edited copies: each row plus noise, renormalised (cosine ~ 1/sqrt(1 + scale^2 d))."""
+    rng = np.random.default_rng(seed)
+    q = x + scale * rng.standard_normal(x.shape).astype(np.float32)
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def xb() -> np.ndarray:
+    return clustered(4000)
+
+
+@pytest.fixture(scope="module")
+def xq(xb) -> np.ndarray:
+    return perturbed(xb[::40], 0.05)  # 100 queries near corpus rows 0, 40, 80...
+
+
+@pytest.fixture(scope="module")
+def gt(xq, xb) -> np.ndarray:
+    return ann.exact_search(xq, xb, 10)[1]
+
+
+def test_flat_self_search_is_exact(xb):
+    plan = plan_index(len(xb), D)
+    assert plan.kind == "flat" and plan.factory == "Flat"
+    index = build_index(xb, plan, use_gpu=False)
+    got = search(index, xb[:200], 5, plan)
+    assert isinstance(got, Neighbors) and got.distances is None
+    assert got.ids.dtype == np.int64 and got.scores.dtype == np.float32
+    assert (got.ids[:, 0] == np.arange(200)).all()
+    np.testing.assert_allclose(got.scores[:, 0], 1.0, atol=1e-5)  # cosine of a vector with itself
+    assert (np.diff(got.scores, axis=1) <= 1e-6).all()  # best first
+    # the scores are the cosines of the returned rows (tolerance: float32 dot products)
+    expect = np.einsum("qd,qkd->qk", xb[:200], xb[got.ids])
+    np.testing.assert_allclose(got.scores, expect, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf_flat", "ivf_pq"])
+def test_each_kind_recall_and_copy_found(kind, xb, xq, gt):
+    plan = plan_index(len(xb), D, kind=kind)
+    assert plan.kind == kind
+    index = build_index(xb, plan, use_gpu=False)
+    assert index.ntotal == len(xb)
+    # ivf_pq must re-rank from the float16 embeddings the indexer stores
+    xb16 = xb.astype(np.float16)
+    got = search(index, xq, 10, plan, rerank_vectors=xb16 if plan.rerank_k else None)
+    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
+    # every query is an edited copy of row 40*i: it must come first
+    assert (got.ids[:, 0] == np.arange(0, len(xb), 40)).mean() >= 0.98
+    if kind == "ivf_pq":
+        # re-ranked scores are exact cosines (float16 rows: tolerance 1e-3), not PQ estimates
+        expect = np.einsum("qd,qkd->qk", xq, xb16.astype(np.float32)[got.ids])
+        np.testing.assert_allclose(got.scores, expect, atol=1e-3)
+
+
+def test_ivf_pq_requires_rerank_vectors(xb, xq):
+    plan = plan_index(len(xb), D, kind="ivf_pq")
+    index = build_index(xb, plan, use_gpu=False)
+    with pytest.raises(ValueError, match="rerank_vectors"):
+        search(index, xq, 10, plan)
+    with pytest.raises(ValueError, match="rerank_vectors"):
+        search(index, xq, 10, plan, rerank_vectors=xb[:100])
+
+
+def test_fewer_rows_than_k_pads_with_minus_one():
+    xb = clustered(5)
+    plan = plan_index(5, D)
+    got = search(build_index(xb, plan, use_gpu=False), xb[:2], 8, plan)
+    assert (got.ids[:, 5:] == -1).all() and np.isneginf(got.scores[:, 5:]).all()
+    assert sorted(got.ids[0, :5].tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind", ["binary_flat", "binary_ivf", "binary_hnsw"])
+def test_hamming_distances_and_scores(kind):
+    rng = np.random.default_rng(3)
+    bits = 256
+    hashes = rng.integers(0, 256, (3000, bits // 8), dtype=np.uint8)
+    plan = plan_index(len(hashes), bits, metric="hamming", kind=kind)
+    index = build_index(hashes, plan, use_gpu=False)
+    # queries: rows 0..49 with exactly j % 20 bits flipped (a PDQ hash of an edited copy)
+    q = hashes[:50].copy()
+    for j in range(50):
+        for b in rng.choice(bits, j % 20, replace=False):
+            q[j, b // 8] ^= np.uint8(1 << (b % 8))
+    got = search(index, q, 5, plan)
+    assert got.distances is not None and got.distances.dtype == np.int32
+    # random 256-bit hashes are ~128 bits apart: the source row is nearest at <= 19 flips
+    assert (got.ids[:, 0] == np.arange(50)).all()
+    assert (got.distances[:, 0] == np.arange(50) % 20).all()
+    np.testing.assert_allclose(got.scores, 1.0 - got.distances / bits, rtol=0, atol=1e-6)
+    # distances agree with a numpy popcount of the returned rows
+    popcount = np.unpackbits(q[:, None, :] ^ hashes[got.ids], axis=2).sum(axis=2)
+    assert (popcount == got.distances).all()
+
+
+def test_save_load_round_trip_mmap(tmp_path, xb, xq):
+    for kind in ("flat", "hnsw", "ivf_flat", "ivf_pq"):
+        plan = plan_index(len(xb), D, kind=kind)
+        index = build_index(xb, plan, use_gpu=False)
+        xb16 = xb.astype(np.float16)
+        before = search(index, xq, 10, plan, rerank_vectors=xb16)
+        path = tmp_path / f"{kind}.faiss"
+        save_index(index, path)
+        # the plan travels as JSON in the index manifest
+        plan2 = AnnPlan.from_dict(plan.to_dict())
+        assert plan2 == plan
+        loaded = load_index(path, plan2, mmap=True, use_gpu=False)
+        assert loaded.ntotal == len(xb)
+        after = search(loaded, xq, 10, plan2, rerank_vectors=xb16)
+        assert (after.ids == before.ids).all(), kind
+        np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
+
+
+def test_binary_save_load_round_trip(tmp_path):
+    hashes = np.random.default_rng(5).integers(0, 256, (500, 32), dtype=np.uint8)
+    plan = plan_index(500, 256, metric="hamming")
+    assert plan.kind == "binary_flat"
+    save_index(build_index(hashes, plan, use_gpu=False), tmp_path / "pdq.faiss")
+    got = search(load_index(tmp_path / "pdq.faiss", plan), hashes[:10], 1, plan)
+    assert (got.ids[:, 0] == np.arange(10)).all() and (got.distances[:, 0] == 0).all()
+
+
+def test_append_after_load_without_mmap(tmp_path, xb):
+    plan = plan_index(3000, D, kind="ivf_flat")
+    save_index(build_index(xb[:3000], plan, use_gpu=False), tmp_path / "a.faiss")
+    index = load_index(tmp_path / "a.faiss", plan, mmap=False)
+    ann.add_vectors(index, xb[3000:].astype(np.float16))
+    assert index.ntotal == len(xb)
+    got = search(index, xb[3990:4000], 1, plan)
+    assert (got.ids[:, 0] == np.arange(3990, 4000)).all()  # appended rows keep their row ids
+
+
+def test_plan_index_choices():
+    small = plan_index(10_000, 512)
+    assert small.kind == "flat" and small.est_memory_bytes == 10_000 * 512 * 4
+    big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
+    assert big.kind == "ivf_pq" and big.rerank_k > 0 and big.params["nprobe"] >= 1
+    assert big.est_memory_bytes < 1 << 30
+    assert "2.0 GB" in big.reason and "budget" in big.reason and "IVF4096" in big.factory
+    mid = plan_index(100_000, 512)
+    assert mid.kind == "hnsw" and "HNSW32" in mid.factory
+    # a roomy budget below 1M keeps vectors uncompressed
+    assert plan_index(500_000, 512, memory_budget_bytes=8 << 30).kind == "ivf_flat"
+    assert plan_index(10_000, 256, metric="hamming").kind == "binary_flat"
+    assert plan_index(5_000_000, 256, metric="hamming").kind == "binary_ivf"
+    # every automatic plan builds an index that the factory accepts
+    for p in (small, big, mid):
+        assert ann._new_index(p).d == 512
+
+
+def test_bad_inputs_raise(xb):
+    plan = plan_index(len(xb), D)
+    index = build_index(xb, plan, use_gpu=False)
+    with pytest.raises(TypeError, match=r"xq must be a float32 .*dim 64.*\(3, 32\)"):
+        search(index, np.zeros((3, 32), np.float32), 5, plan)
+    with pytest.raises(TypeError, match="xq must be a numpy array"):
+        search(index, [[0.0] * D], 5, plan)
+    with pytest.raises(TypeError, match="float64"):
+        search(index, xb[:2].astype(np.float64), 5, plan)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        search(index, xb[:2], 0, plan)
+    with pytest.raises(ValueError, match="L2-normalised.*row 1"):
+        search(index, np.stack([xb[0], 3 * xb[1]]), 5, plan)
+    with pytest.raises(ValueError, match="metric"):
+        plan_index(10, D, metric="l2")
+    with pytest.raises(ValueError, match="kind"):
+        plan_index(10, D, kind="lsh")
+    with pytest.raises(ValueError, match="n must be"):
+        plan_index(-1, D)
+    with pytest.raises(TypeError, match="uint8"):
+        hplan = plan_index(10, 256, metric="hamming")
+        build_index(np.zeros((10, 16), np.uint8), hplan, use_gpu=False)
+    with pytest.raises(ValueError, match="no rows"):
+        build_index(np.zeros((0, D), np.float32), plan, use_gpu=False)
+    # a 512-d plan against this 64-d index: the dimension mismatch names both
+    wrong = plan_index(len(xb), 512)
+    with pytest.raises(IndexMismatchError, match="dim 64.*dim 512"):
+        search(index, xb[:1], 1, wrong)
+    with pytest.raises(FileNotFoundError):
+        load_index("/nonexistent/x.faiss", plan)
+
+
+def test_tune_search_params_reaches_target(xb, xq, gt):
+    plan = plan_index(len(xb), D, kind="ivf_flat").with_params(nprobe=1)
+    index = build_index(xb, plan, use_gpu=False)
+    tuned = ann.tune_search_params(index, plan, xq, gt, target_recall=0.97)
+    got = search(index, xq, 10, tuned)
+    assert ann.recall_at_k(got.ids, gt, 10) >= 0.97
+    assert tuned.params["nprobe"] >= 1
+
+
+def test_gpu_available_is_bool():
+    assert isinstance(ann.gpu_available(), bool)
+    if not ann.gpu_available():
+        with pytest.raises(RuntimeError, match="GPU"):
+            build_index(clustered(10), plan_index(10, D), use_gpu=True)
+
+
+@pytest.mark.gpu
+def test_gpu_build_matches_cpu(xb, xq, gt):
+    if not ann.gpu_available():
+        pytest.skip("faiss sees no GPU")
+    plan = plan_index(len(xb), D, kind="ivf_flat")
+    index = build_index(xb, plan, use_gpu=True)
+    got = search(index, xq, 10, plan)
+    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9

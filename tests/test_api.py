@@ -1,0 +1,438 @@
+"""The HTTP API through FastAPI's TestClient: every route, its errors, limits, keys and the micro-batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from api import ServerConfig, create_app
+from api.batcher import ScanBatcher
+from provenance.indexer import BuildOptions, build
+from provenance.models import ModelOptions
+from provenance.types import ScanRecord
+
+N_PHOTOS = 10
+NESTED = "sub/dir"  # two photos live here, so their ids contain "/"
+
+
+@pytest.fixture(scope="module")
+def corpus(coco_dir, tmp_path_factory) -> Path:
+    """10 COCO photos with their captions, two of them in a nested folder."""
+    root = tmp_path_factory.mktemp("api-corpus")
+    rows = {json.loads(line)["file_name"]: json.loads(line)
+            for line in (coco_dir / "metadata.jsonl").read_text().splitlines() if line.strip()}
+    (root / NESTED).mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as meta:
+        for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]):
+            rel = f"{NESTED}/{p.name}" if i >= N_PHOTOS - 2 else p.name
+            shutil.copy(p, root / rel)
+            meta.write(json.dumps({**rows[p.name], "file_name": rel}) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def index_dir(corpus, tmp_path_factory) -> Path:
+    """sscd + pdq + a tiny random OpenCLIP (so text search runs offline)."""
+    from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("api-index")
+    ckpt = make_tiny_checkpoint(tmp / "tiny-clip.pt")
+    models = ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(ckpt))
+    build(str(corpus), tmp / "idx", BuildOptions(descriptors=["sscd", "pdq", "clip"], models=models, batch_size=16))
+    return tmp / "idx"
+
+
+@pytest.fixture(scope="module")
+def pdq_only_index(corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("api-pdq") / "idx"
+    build(str(corpus), out, BuildOptions(descriptors=["pdq"], limit=3))
+    return out
+
+
+def _client(config: ServerConfig) -> TestClient:
+    """A started client whose index and models have finished loading."""
+    client = TestClient(create_app(config))
+    client.__enter__()
+    assert client.app.state.service.wait(120), "loading did not finish"
+    return client
+
+
+@pytest.fixture(scope="module")
+def client(index_dir):
+    c = _client(ServerConfig(index_dir=index_dir))
+    yield c
+    c.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def photos(corpus) -> dict[str, bytes]:
+    """id -> file bytes of every corpus photo."""
+    return {p.relative_to(corpus).as_posix(): p.read_bytes() for p in sorted(corpus.rglob("*.jpg"))}
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _edited(data: bytes) -> bytes:
+    """A re-encoded, cropped, downscaled copy: different bytes and pixels, same photo."""
+    im = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = im.size
+    im = im.crop((w // 20, h // 20, w - w // 20, h - h // 20)).resize((w * 3 // 4, h * 3 // 4))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=70)
+    return buf.getvalue()
+
+
+def _error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    return body["error"]["message"]
+
+
+# --------------------------------------------------------------------------------- health / index
+
+
+def test_healthz_reports_ready_index_and_checks(client):
+    body = client.get("/healthz").json()
+    assert body["status"] == "ready" and body["items"] == N_PHOTOS
+    assert body["checks"]["descriptors"] == ["sscd", "pdq", "clip"]
+    assert body["text_search"] is True and body["auth"] is False
+    assert body["max_upload_bytes"] == 20 * 1024 * 1024
+
+
+def test_manifest(client):
+    m = client.get("/v1/index").json()
+    assert m["counts"]["indexed"] == N_PHOTOS and set(m["descriptors"]) == {"sscd", "pdq", "clip", "clip_text"}
+
+
+def test_503_with_json_while_loading(index_dir):
+    # Without entering the client the lifespan never runs: the state stays "loading".
+    client = TestClient(create_app(ServerConfig(index_dir=index_dir)))
+    r = client.get("/healthz")
+    assert r.status_code == 503 and r.json()["status"] == "loading"
+    _error(client.get("/v1/index"), 503, "loading")
+    assert client.get("/v1/search/caption", params={"q": "x"}).headers["retry-after"] == "2"
+
+
+def test_missing_index_reports_error(tmp_path):
+    c = _client(ServerConfig(index_dir=tmp_path / "none"))
+    try:
+        r = c.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "no index" in r.json()["error"]
+        assert "no index" in _error(c.get("/v1/index"), 503, "unavailable")
+    finally:
+        c.__exit__(None, None, None)
+
+
+# ------------------------------------------------------------------------------------------ scan
+
+
+def test_scan_corpus_photo_finds_itself(client, photos):
+    item_id, data = list(photos.items())[3]
+    r = client.post("/v1/scan", files={"file": ("../../etc/passwd.jpg", data, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    rec = r.json()
+    assert rec["verdict"] == "exact" and rec["matches"][0]["id"] == item_id
+    assert rec["path"] == "passwd.jpg"  # only the base name, as a label
+    assert rec["extra"]["identical_file"] == item_id
+    # the JSON is the library's scan record contract, key for key
+    expected = ScanRecord(path="x").to_dict().keys() | {"extra"}
+    assert set(rec) == expected and "verdict" not in rec["matches"][0]
+    assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
+
+
+def test_scan_edited_copy_is_a_replica_of_its_source(client, photos):
+    item_id, data = list(photos.items())[5]
+    r = client.post("/v1/scan", params={"match_verdicts": "true"},
+                    files={"file": ("edited.jpg", _edited(data), "image/jpeg")})
+    rec = r.json()
+    assert rec["verdict"] in ("exact", "replica") and rec["matches"][0]["id"] == item_id
+    assert rec["scores"]["sscd"] > 0.5
+    assert rec["matches"][0]["verdict"] in ("exact", "replica")
+    assert rec["matches"][-1]["verdict"] == "novel"  # the other photos are not copies
+
+
+def test_scan_rejects_text_and_empty_files(client):
+    assert "not an image" in _error(client.post("/v1/scan", files={"file": ("notes.txt", b"hello", "text/plain")}),
+                                    415, "not_an_image")
+    assert "empty" in _error(client.post("/v1/scan", files={"file": ("e.jpg", b"", "image/jpeg")}), 415, "not_an_image")
+    _error(client.post("/v1/scan", files={"wrong_field": ("a.jpg", b"x", "image/jpeg")}), 400, "invalid_parameters")
+
+
+def _bomb_png(width: int = 9000, height: int = 9000) -> bytes:
+    """A small PNG whose header claims width x height pixels (81 MP: a decompression bomb)."""
+    png = bytearray(_png(Image.new("L", (8, 8))))
+    ihdr = png.index(b"IHDR")
+    png[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    png[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr:ihdr + 17])))
+    return bytes(png)
+
+
+def test_scan_rejects_decompression_bomb(client):
+    bomb = _bomb_png()
+    assert Image.open(io.BytesIO(bomb)).size == (9000, 9000) and len(bomb) < 1000
+    msg = _error(client.post("/v1/scan", files={"file": ("bomb.png", bomb, "image/png")}), 413, "too_many_pixels")
+    assert "decompression bomb" in msg
+
+
+def test_scan_batch_keeps_order_and_isolates_bad_files(client, photos):
+    (id_a, a), (id_b, b) = list(photos.items())[:2]
+    files = [("files", ("a.jpg", a, "image/jpeg")), ("files", ("bad.txt", b"nope", "text/plain")),
+             ("files", ("b.jpg", b, "image/jpeg"))]
+    recs = client.post("/v1/scan/batch", files=files).json()
+    assert [r["path"] for r in recs] == ["a.jpg", "bad.txt", "b.jpg"]
+    assert recs[0]["matches"][0]["id"] == id_a and recs[2]["matches"][0]["id"] == id_b
+    assert recs[1]["verdict"] == "error" and "not an image" in recs[1]["error"]
+
+
+def test_scan_batch_limits(index_dir, photos):
+    c = _client(ServerConfig(index_dir=index_dir, max_batch_files=2, max_upload_bytes=300_000))
+    try:
+        one = list(photos.values())[0]
+        _error(c.post("/v1/scan/batch", files=[("files", (f"{i}.jpg", one, "image/jpeg")) for i in range(3)]),
+               400, "bad_batch")
+        big = b"\xff" * 300_001
+        recs = c.post("/v1/scan/batch", files=[("files", ("big.jpg", big, "image/jpeg")),
+                                               ("files", ("ok.jpg", one, "image/jpeg"))]).json()
+        assert recs[0]["verdict"] == "error" and "upload limit" in recs[0]["error"]
+        assert recs[1]["verdict"] == "exact"
+    finally:
+        c.__exit__(None, None, None)
+
+
+# -------------------------------------------------------------------------------------- limits
+
+
+def test_oversized_upload_is_413(index_dir, photos):
+    c = _client(ServerConfig(index_dir=index_dir, max_upload_bytes=200_000))
+    try:
+        msg = _error(c.post("/v1/scan", files={"file": ("big.jpg", b"\0" * 400_000, "image/jpeg")}), 413, "too_large")
+        assert "exceeds the limit" in msg
+        # Under the request limit (file + multipart slack) but over the per-file limit: caught while reading.
+        _error(c.post("/v1/scan", files={"file": ("big.jpg", b"\0" * 210_000, "image/jpeg")}), 413, "too_large")
+        _error(c.post("/v1/search/image", files={"file": ("big.jpg", b"\0" * 400_000, "image/jpeg")}), 413, "too_large")
+        small = min(photos.values(), key=len)
+        assert len(small) < 200_000 and c.post("/v1/scan", files={"file": ("s.jpg", small, "image/jpeg")}).status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_body_limit_stops_reading_a_stream_without_content_length(client):
+    """A chunked upload is cut off once it passes the limit: the rest is never read."""
+    app = client.app
+    chunk, n_chunks = b"x" * 65536, 1000  # 64 MB offered, limit is 20 MB + slack
+    head = (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n")
+    consumed = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal consumed
+        consumed += 1
+        body = head + chunk if consumed == 1 else chunk
+        return {"type": "http.request", "body": body, "more_body": consumed < n_chunks}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/scan", "raw_path": b"/v1/scan", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 413 and json.loads(body)["error"]["code"] == "too_large"
+    assert consumed * len(chunk) <= 20 * 1024 * 1024 + 2 * 65536 + len(chunk)
+
+
+# ------------------------------------------------------------------------------------------ search
+
+
+def test_search_image_top_match_and_k(client, photos):
+    item_id, data = list(photos.items())[7]
+    r = client.post("/v1/search/image", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "3"})
+    body = r.json()
+    assert body["matches"][0]["id"] == item_id
+    assert set(body["by_descriptor"]) == {"sscd", "pdq", "clip"}
+    assert all(len(v) == 3 for v in body["by_descriptor"].values())
+    assert body["by_descriptor"]["sscd"][0]["score"] > 0.99
+    _error(client.post("/v1/search/image", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "0"}),
+           400, "invalid_parameters")
+    _error(client.post("/v1/search/image", files={"file": ("q.txt", b"text", "text/plain")}), 415, "not_an_image")
+
+
+def test_search_text(client):
+    body = client.post("/v1/search/text", json={"text": "a photo of people", "k": 4}).json()
+    assert body["query"] == "a photo of people" and len(body["matches"]) == 4
+    assert all(m["descriptor"] == "clip" for m in body["matches"])
+    _error(client.post("/v1/search/text", json={"text": ""}), 400, "invalid_parameters")
+    _error(client.post("/v1/search/text", json={"text": "x", "k": 1000}), 400, "invalid_parameters")
+    _error(client.post("/v1/search/text", content=b"not json", headers={"content-type": "application/json"}),
+           400, "invalid_parameters")
+
+
+def test_search_text_without_clip_is_409(pdq_only_index):
+    c = _client(ServerConfig(index_dir=pdq_only_index))
+    try:
+        msg = _error(c.post("/v1/search/text", json={"text": "dog"}), 409, "text_search_unavailable")
+        assert "caption" in msg
+        assert c.get("/healthz").json()["text_search"] is False
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_search_caption(client, photos):
+    rows = [client.get(f"/v1/items/{i}").json() for i in photos]
+    word = next(w for w in rows[0]["caption"].split() if len(w) > 4).strip(".,").lower()
+    body = client.get("/v1/search/caption", params={"q": word, "k": 5}).json()
+    assert body["hits"] and len(body["hits"]) <= 5
+    assert rows[0]["id"] in {h["id"] for h in body["hits"]}
+    assert client.get("/v1/search/caption", params={"q": "zzzxqy"}).json()["hits"] == []
+    _error(client.get("/v1/search/caption", params={"q": ""}), 400, "invalid_parameters")
+    _error(client.get("/v1/search/caption", params={"q": "a", "k": "-1"}), 400, "invalid_parameters")
+    # FTS5 syntax in user input is quoted away, not an error
+    assert client.get("/v1/search/caption", params={"q": 'a" OR NEAR(b'}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- items
+
+
+def test_items_with_slashes_and_thumbnails(client, photos):
+    nested = next(i for i in photos if i.startswith(NESTED))
+    item = client.get(f"/v1/items/{nested}").json()
+    assert item["id"] == nested and item["has_thumbnail"] and item["caption"]
+    r = client.get(f"/v1/items/{nested}/thumbnail")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(r.content)).size) <= 160
+    # percent-encoded slashes reach the same item
+    assert client.get("/v1/items/" + nested.replace("/", "%2F")).json()["id"] == nested
+
+
+def test_unknown_items_are_404_and_never_paths(client):
+    _error(client.get("/v1/items/nope.jpg"), 404, "item_not_found")
+    _error(client.get("/v1/items/nope.jpg/thumbnail"), 404, "item_not_found")
+    _error(client.get("/v1/items/..%2F..%2Fmanifest.json"), 404, "item_not_found")
+    _error(client.get("/v1/items/%2Fetc%2Fpasswd/thumbnail"), 404, "item_not_found")
+
+
+# ------------------------------------------------------------------------- keys, CORS, keeping uploads
+
+
+def test_api_keys_protect_v1_only(index_dir):
+    c = _client(ServerConfig(index_dir=index_dir, api_keys=("k-one", "k-two")))
+    try:
+        _error(c.get("/v1/index"), 401, "unauthorized")
+        _error(c.get("/v1/index", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+        assert c.get("/v1/index", headers={"Authorization": "Bearer k-two"}).status_code == 200
+        assert c.get("/v1/index", headers={"X-API-Key": "k-one"}).status_code == 200
+        assert c.get("/v1/index").headers["www-authenticate"] == "Bearer"
+        assert c.get("/healthz").json()["auth"] is True
+        assert c.get("/").status_code == 200
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_cors_origins(index_dir):
+    c = _client(ServerConfig(index_dir=index_dir, cors_origins=("https://app.example",)))
+    try:
+        r = c.get("/v1/index", headers={"Origin": "https://app.example"})
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+        r = c.get("/v1/index", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+    finally:
+        c.__exit__(None, None, None)
+
+
+def test_uploads_kept_only_when_configured(index_dir, photos, tmp_path, client):
+    data = list(photos.values())[0]
+    keep = tmp_path / "kept"
+    c = _client(ServerConfig(index_dir=index_dir, keep_uploads=keep))
+    try:
+        rec = c.post("/v1/scan", files={"file": ("../../x.jpg", data, "image/jpeg")}).json()
+        c.post("/v1/scan", files={"file": ("t.txt", b"text", "text/plain")})
+    finally:
+        c.__exit__(None, None, None)
+    assert sorted(p.name for p in keep.iterdir()) == [f"{rec['sha256']}.jpg", f"{rec['sha256']}.json"]
+    assert (keep / f"{rec['sha256']}.jpg").read_bytes() == data
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_page_is_self_contained(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    html = r.text
+    assert 'name="viewport"' in html and 'aria-live' in html and "http://" not in html and "https://" not in html
+    for asset in ("/static/app.js", "/static/app.css"):
+        assert client.get(asset).status_code == 200
+    assert "https://" not in client.get("/static/app.js").text
+
+
+# ---------------------------------------------------------------------------------- config, batcher
+
+
+def test_config_from_env(tmp_path):
+    env = {"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_API_KEYS": " a, b ,", "PROVENANCE_CORS_ORIGINS": "https://x",
+           "PROVENANCE_KEEP_UPLOADS": str(tmp_path / "k"), "PROVENANCE_MAX_UPLOAD_BYTES": "1000",
+           "PROVENANCE_VISIBLE": "false"}
+    cfg = ServerConfig.from_env(env)
+    assert cfg.api_keys == ("a", "b") and cfg.cors_origins == ("https://x",)
+    assert cfg.keep_uploads == tmp_path / "k" and cfg.max_upload_bytes == 1000 and cfg.visible is False
+    assert ServerConfig.from_env(cfg.to_env()) == cfg
+    assert ServerConfig.from_env(env, max_upload_bytes=5).max_upload_bytes == 5
+    with pytest.raises(ValueError, match="no index"):
+        ServerConfig.from_env({})
+    with pytest.raises(ValueError, match="not a number"):
+        ServerConfig.from_env({**env, "PROVENANCE_MAX_PIXELS": "many"})
+
+
+def test_batcher_groups_concurrent_jobs_and_keeps_order():
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def scan_many(items):
+        calls.append([n for n, _ in items])
+        gate.wait(5)  # the first batch blocks until the others have queued up
+        return [ScanRecord(path=n) for n, _ in items]
+
+    b = ScanBatcher(scan_many, max_batch=8)
+    try:
+        first = b.submit([("a", b"")])
+        time.sleep(0.05)
+        later = [b.submit([(f"x{i}", b""), (f"y{i}", b"")]) for i in range(3)]
+        gate.set()
+        assert [r.path for r in first.result(5)] == ["a"]
+        assert [[r.path for r in f.result(5)] for f in later] == [[f"x{i}", f"y{i}"] for i in range(3)]
+        assert calls == [["a"], ["x0", "y0", "x1", "y1", "x2", "y2"]]  # three queued requests, one batch
+    finally:
+        b.close()
+
+
+def test_batcher_passes_failures_to_every_waiting_request():
+    def boom(items):
+        raise RuntimeError("model crashed")
+
+    b = ScanBatcher(boom)
+    try:
+        with pytest.raises(RuntimeError, match="model crashed"):
+            b.submit([("a", b"")]).result(5)
+        with pytest.raises(RuntimeError, match="model crashed"):  # the batcher survives for the next request
+            b.submit([("b", b"")]).result(5)
+    finally:
+        b.close()

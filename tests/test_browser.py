@@ -1,0 +1,195 @@
+"""End to end in headless Debian chromium: a real `provenance serve`, the page, uploads, search and errors."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from provenance.indexer import BuildOptions, build
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = os.environ.get("PROVENANCE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+REPO = Path(__file__).resolve().parents[1]
+SCREENSHOT = REPO / "bench" / "results" / "web-page.png"
+N_PHOTOS = 6
+
+
+@pytest.fixture(scope="module")
+def sync_playwright():
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium not found at {CHROMIUM} (apt-get install chromium, or `make browser`)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright (Python package) not installed")
+    return playwright.sync_playwright
+
+
+@pytest.fixture(scope="module")
+def corpus(coco_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("browser-corpus")
+    rows = {json.loads(line)["file_name"]: line for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
+            if line.strip()}
+    photos = sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]
+    for p in photos:
+        shutil.copy(p, root / p.name)
+    (root / "metadata.jsonl").write_text("\n".join(rows[p.name] for p in photos) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(corpus, tmp_path_factory):
+    """`provenance serve` in a subprocess on a free loopback port; yields its base URL."""
+    index_dir = tmp_path_factory.mktemp("browser-index") / "idx"
+    build(str(corpus), index_dir, BuildOptions(descriptors=["sscd", "pdq"]))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("browser-log") / "server.log", "w+")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
+    proc = subprocess.Popen([sys.executable, "-m", "provenance.cli", "serve", "--index", str(index_dir),
+                             "--port", str(port), "--log-level", "warning"],
+                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()}")
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("server did not become ready in 120 s")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(sync_playwright):
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def console_errors() -> list[str]:
+    """Script errors and failed loads the page logs; a test that provokes one removes it."""
+    return []
+
+
+@pytest.fixture
+def page(browser, server, console_errors):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    pg = context.new_page()
+    errors = console_errors
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    pg.goto(server + "/")
+    expect(pg.locator("#server-status")).to_contain_text(f"{N_PHOTOS} images", timeout=30_000)
+    yield pg
+    context.close()
+    assert not errors, errors  # no script errors, no CSP violations, no failed loads
+
+
+def test_upload_finds_the_photo_as_top_match(page, corpus):
+    from playwright.sync_api import expect
+
+    photo = sorted(corpus.glob("*.jpg"))[2]
+    page.set_input_files("#file-input", str(photo))
+    top = page.locator("#grid li").first
+    expect(top).to_have_attribute("data-id", photo.name, timeout=30_000)
+    expect(top.locator(".badge")).to_have_text("exact")
+    expect(page.locator("#upload-verdict")).to_have_text("exact")
+    expect(page.locator("#results-summary")).to_contain_text("Exact copy")
+    expect(page.locator("#evidence-list")).to_contain_text("C2PA")
+    # thumbnails really loaded from /v1/items/{id}/thumbnail
+    expect(top.locator("img")).to_have_js_property("complete", True)
+    assert top.locator("img").evaluate("img => img.naturalWidth") > 0
+    page.wait_for_load_state("networkidle")
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_caption_search_shows_results(page, corpus):
+    from playwright.sync_api import expect
+
+    caption = json.loads((corpus / "metadata.jsonl").read_text().splitlines()[0])["caption"]
+    word = max(caption.strip(".").split(), key=len)
+    expect(page.locator("#search-mode")).to_have_value("caption")  # no clip in this index
+    page.fill("#search-input", word)
+    page.press("#search-input", "Enter")
+    expect(page.locator("#grid li").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#results-summary")).to_contain_text(word)
+    assert page.locator("#grid li").count() >= 1
+    expect(page.locator("#grid")).to_contain_text(word, ignore_case=True)
+
+
+def test_text_file_shows_not_an_image_error(page, tmp_path, console_errors):
+    from playwright.sync_api import expect
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not an image")
+    page.set_input_files("#file-input", str(notes))
+    error = page.locator("#error")
+    expect(error).to_be_visible(timeout=30_000)
+    expect(error).to_contain_text("Not an image")
+    expect(error).to_have_attribute("role", "alert")
+    assert page.locator("#grid li").count() == 0
+    # the browser logs the 415 it was sent; that one is expected
+    console_errors[:] = [e for e in console_errors if "status of 415" not in e]
+
+
+def test_drop_zone_is_keyboard_reachable_and_accepts_drops(page, corpus):
+    from playwright.sync_api import expect
+
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "drop-zone":
+            break
+    assert page.evaluate("document.activeElement.id") == "drop-zone"
+    photo = sorted(corpus.glob("*.jpg"))[4]
+    b64 = base64.b64encode(photo.read_bytes()).decode()
+    page.evaluate("""([b64, name]) => {
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const dt = new DataTransfer();
+        dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
+        document.getElementById("drop-zone").dispatchEvent(
+            new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
+    }""", [b64, photo.name])
+    expect(page.locator("#grid li").first).to_have_attribute("data-id", photo.name, timeout=30_000)
+
+
+def test_phone_layout_has_no_horizontal_scroll(browser, server):
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    try:
+        pg = context.new_page()
+        pg.goto(server + "/")
+        assert pg.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert pg.locator("#drop-zone").bounding_box()["width"] > 250
+    finally:
+        context.close()

@@ -1,0 +1,198 @@
+"""Tests for the visible-watermark detector and the synthetic overlay generator."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from provenance.errors import ModelLoadError
+from provenance.watermarks import overlays
+from provenance.watermarks.visible import (
+    DEFAULT_WEIGHTS,
+    VisibleWatermarkDetector,
+    WatermarkNet,
+    WatermarkNetConfig,
+    laion_classifier_head,
+    save_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def fonts() -> tuple[list[str], list[str]]:
+    train, heldout = overlays.split_fonts(overlays.find_fonts())
+    if not train or not heldout:
+        pytest.skip("system fonts not found under /usr/share/fonts")
+    return train, heldout
+
+
+@pytest.fixture(scope="module")
+def photos(nonmember_dir: Path) -> list[Image.Image]:
+    # held-out photos: flickr8k-nonmember is never used for training
+    paths = sorted(nonmember_dir.glob("*.jpg"))[:12]
+    return [Image.open(p).convert("RGB") for p in paths]
+
+
+@pytest.fixture(scope="module")
+def detector() -> VisibleWatermarkDetector:
+    return VisibleWatermarkDetector.load()
+
+
+# --- overlays -----------------------------------------------------------------------------------
+
+
+def test_font_and_string_splits_are_disjoint(fonts):
+    train, heldout = fonts
+    assert not set(train) & set(heldout)
+    assert not set(overlays.TRAIN_WATERMARK_STRINGS.brands) & set(overlays.HELDOUT_WATERMARK_STRINGS.brands)
+    assert not set(overlays.TRAIN_TEXT_STRINGS.phrases) & set(overlays.HELDOUT_TEXT_STRINGS.phrases)
+
+
+@pytest.mark.parametrize("style", overlays.STOCK_STYLES)
+def test_add_stock_watermark_changes_pixels_and_keeps_size(photos, fonts, style):
+    im = photos[0].resize((320, 240))
+    out = overlays.add_stock_watermark(im, np.random.default_rng(0), fonts[1], style=style, opacity=0.4)
+    assert out.size == im.size and out.mode == "RGB"
+    diff = np.abs(np.asarray(out, dtype=np.int16) - np.asarray(im, dtype=np.int16))
+    assert diff.max() > 20  # a visible mark was drawn
+    again = overlays.add_stock_watermark(im, np.random.default_rng(0), fonts[1], style=style, opacity=0.4)
+    assert np.array_equal(np.asarray(out), np.asarray(again))  # same seed, same overlay
+
+
+@pytest.mark.parametrize("style", overlays.TEXT_STYLES)
+def test_add_opaque_text_draws_text(photos, fonts, style):
+    im = photos[1].resize((320, 240))
+    out = overlays.add_opaque_text(im, np.random.default_rng(1), fonts[0], style=style)
+    assert out.size == im.size and out.mode == "RGB"
+    assert np.abs(np.asarray(out, dtype=np.int16) - np.asarray(im, dtype=np.int16)).max() > 60
+
+
+def test_overlay_rejects_bad_arguments(photos, fonts):
+    with pytest.raises(ValueError, match="style"):
+        overlays.add_stock_watermark(photos[0], np.random.default_rng(0), fonts[0], style="sparkles")
+    with pytest.raises(ValueError, match="fonts"):
+        overlays.add_opaque_text(photos[0], np.random.default_rng(0), [])
+
+
+def test_synthetic_example_is_reproducible(photos, fonts):
+    a = overlays.synthetic_example(photos[2], np.random.default_rng([7, 3]), fonts[0], kind="watermark")
+    b = overlays.synthetic_example(photos[2], np.random.default_rng([7, 3]), fonts[0], kind="watermark")
+    assert a[1] == b[1] == "watermark" and a[2] == b[2]
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
+
+
+# --- shipped detector ---------------------------------------------------------------------------
+
+
+def test_shipped_weights_load_once_and_are_small(detector):
+    assert DEFAULT_WEIGHTS.is_file()
+    assert DEFAULT_WEIGHTS.stat().st_size < 3_000_000
+    assert VisibleWatermarkDetector.load() is detector  # loaded once per process
+    assert len(detector.config.checksum) == 16
+
+
+def test_watermarked_photo_scores_higher_than_clean(detector, photos, fonts):
+    # held-out photos, held-out fonts, held-out strings: nothing here was seen in training
+    _, heldout_fonts = fonts
+    clean, marked = [], []
+    for i, photo in enumerate(photos[:10]):
+        rng = np.random.default_rng([99, i])
+        canvas = photo.resize((448, 448), Image.Resampling.BILINEAR)
+        style = ("tiled", "centred", "logo", "footer")[i % 4]
+        opacity = 0.45 if style != "footer" else 0.9
+        clean.append(canvas)
+        marked.append(
+            overlays.add_stock_watermark(
+                canvas, rng, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, style=style, opacity=opacity
+            )
+        )
+    p_clean, p_marked = detector.probability(clean), detector.probability(marked)
+    assert p_clean.shape == p_marked.shape == (10,) and p_clean.dtype == np.float32
+    assert p_marked.mean() > p_clean.mean() + 0.3
+    assert (p_marked > p_clean).sum() >= 8
+    assert (p_marked >= 0.5).sum() >= 6 and (p_clean < 0.5).sum() >= 8
+
+
+def test_preprocess_is_thread_safe_and_matches_batch(detector, photos):
+    with ThreadPoolExecutor(4) as pool:
+        xs = list(pool.map(detector.preprocess, photos[:8]))
+    s = detector.config.input_size
+    assert all(x.shape == (3, s, s) and x.dtype == np.float32 for x in xs)
+    assert np.array_equal(xs[3], detector.preprocess(photos[3]))
+    p = detector.probability_batch(xs)
+    assert np.allclose(p, detector.probability(photos[:8]), atol=1e-6)
+    assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_probability_batch_checks_inputs(detector):
+    assert detector.probability_batch([]).shape == (0,)
+    with pytest.raises(ValueError, match="expected"):
+        detector.probability_batch([np.zeros((3, 10, 10), np.float32)])
+    with pytest.raises(TypeError):
+        detector.preprocess(np.zeros((10, 10, 3), np.uint8))
+
+
+def test_fused_inference_model_matches_training_model(tmp_path):
+    # load() folds BatchNorm into the convs; its outputs must equal the unfused network's
+    torch.manual_seed(0)
+    net = WatermarkNet(WatermarkNetConfig(stem=8, widths=(16, 32)))
+    for m in net.modules():  # non-trivial BN statistics, so that folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, net, input_size=64, card={"note": "test"})
+    det = VisibleWatermarkDetector.load(str(path))
+    assert det.config.input_size == 64 and det.config.extra == {"note": "test"}
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    x = det.preprocess(img)
+    with torch.no_grad():
+        expected = torch.sigmoid(net.eval()(torch.from_numpy(x)[None])).numpy()
+    assert np.allclose(det.probability_batch([x]), expected, atol=1e-5)
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def test_corrupt_or_missing_weights_raise_model_load_error(tmp_path):
+    bad = tmp_path / "corrupt.pt"
+    bad.write_bytes(b"\x00not a checkpoint" * 50)
+    with pytest.raises(ModelLoadError, match="corrupt.pt"):
+        VisibleWatermarkDetector.load(str(bad))
+    with pytest.raises(ModelLoadError, match="no visible-watermark weights"):
+        VisibleWatermarkDetector.load(str(tmp_path / "missing.pt"))
+    with pytest.raises(ModelLoadError, match="corrupt.pt"):
+        VisibleWatermarkDetector.from_laion_checkpoint(str(bad))
+    other = tmp_path / "other.pt"
+    torch.save({"format": "something-else"}, other)
+    with pytest.raises(ModelLoadError, match="not a provenance visible-watermark checkpoint"):
+        VisibleWatermarkDetector.load(str(other))
+
+
+def test_laion_architecture_checkpoint_loads_by_path(tmp_path, photos):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
+    model.classifier = laion_classifier_head()
+    path = tmp_path / "watermark_model_v1.pt"
+    torch.save(model.state_dict(), path)  # LAION ships a bare state dict
+
+    det = VisibleWatermarkDetector.from_laion_checkpoint(str(path))
+    assert det.config.input_size == 256 and det.config.positive_index == 0
+    p = det.probability(photos[:2])
+    assert p.shape == (2,) and p.dtype == np.float32 and ((p >= 0) & (p <= 1)).all()
+    # p(watermark) is the softmax at index 0 ('watermark' = 0, 'clear' = 1 in LAION's training labels)
+    x = torch.from_numpy(np.stack([det.preprocess(im) for im in photos[:2]]))
+    with torch.no_grad():
+        expected = torch.softmax(model.eval()(x), dim=1)[:, 0].numpy()
+    assert np.allclose(p, expected, atol=1e-5)
+
+    # our own checkpoint is not a LAION one
+    ours = tmp_path / "ours.pt"
+    save_checkpoint(ours, WatermarkNet(WatermarkNetConfig(stem=8, widths=(16,))), 64, {})
+    with pytest.raises(ModelLoadError, match="not a LAION"):
+        VisibleWatermarkDetector.from_laion_checkpoint(str(ours))
