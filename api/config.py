@@ -38,6 +38,7 @@ class ServerConfig:
     # 0 = no batcher: every request scans in its own worker thread (measured slower, bench/results/api.md).
     scan_batch: int = 8
     scan_window_ms: float = 0.0
+    scan_workers: int = 2  # scan threads taking batches from the queue
     search_threads: int = 2  # executor for image/text search (model work), sized to the cores
     load_in_background: bool = True
 
@@ -48,6 +49,8 @@ class ServerConfig:
             raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
         if not 0 <= self.scan_batch <= 256:
             raise ValueError(f"scan_batch must be in 0..256, got {self.scan_batch}")
+        if not 1 <= self.scan_workers <= 64:
+            raise ValueError(f"scan_workers must be in 1..64, got {self.scan_workers}")
         if self.scan_window_ms < 0:
             raise ValueError(f"scan_window_ms must be >= 0, got {self.scan_window_ms}")
         if not 1 <= self.k <= self.max_k:
@@ -79,6 +82,7 @@ class ServerConfig:
             ("MAX_PIXELS", "max_pixels", int),
             ("SCAN_BATCH", "scan_batch", int),
             ("SCAN_WINDOW_MS", "scan_window_ms", float),
+            ("SCAN_WORKERS", "scan_workers", int),
             ("SEARCH_THREADS", "search_threads", int),
             ("K", "k", int),
         ):
@@ -111,6 +115,7 @@ class ServerConfig:
             "MAX_PIXELS": str(self.max_pixels),
             "SCAN_BATCH": str(self.scan_batch),
             "SCAN_WINDOW_MS": str(self.scan_window_ms),
+            "SCAN_WORKERS": str(self.scan_workers),
             "SEARCH_THREADS": str(self.search_threads),
             "K": str(self.k),
             "API_KEYS": ",".join(self.api_keys),

@@ -87,7 +87,7 @@ class ServiceState:
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
         if self.config.scan_batch > 0:
             self.batcher = ScanBatcher(scanner.scan_many_bytes, self.config.scan_batch,
-                                       self.config.scan_window_ms / 1000)
+                                       self.config.scan_window_ms / 1000, self.config.scan_workers)
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
@@ -137,7 +137,7 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
             raise
         # The visible-watermark weights are optional in "auto" mode: scan without them and say so.
         logger.warning("visible-watermark check off: %s", e)
-        checks.notes.append(f"visible watermark: {e}")
+        checks.notes.append("visible watermark: detector weights not available (see the server log)")
         options.visible = False
         scanner = Scanner(searcher, options)
     checks.visible = options.visible

@@ -1,6 +1,6 @@
 """Load test of `provenance serve`: requests/s, p50/p99 latency and errors at 1, 4 and 16 concurrent clients.
 
-Run:  .venv/bin/python bench/bench_api.py [--levels 1 4 16] [--scan-batch 8 0] [--memory-requests 2000]
+Run:  .venv/bin/python bench/bench_api.py [--levels 1 4 16] [--configs 8x2 1x1 0] [--memory-requests 2000]
 
 A real uvicorn server (`python -m provenance.cli serve`) runs in a subprocess on 127.0.0.1; closed-loop
 httpx async clients (each sends its next request when the last one returns) drive it over loopback.
@@ -97,6 +97,11 @@ class Server:
         self.__exit__()
         raise RuntimeError("server not ready after 180 s")
 
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the server has used so far."""
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
+
     def rss_mb(self) -> float:
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
@@ -122,6 +127,11 @@ class LoadResult:
     seconds: float
     latencies_ms: list[float] = field(default_factory=list)
     error_samples: list[str] = field(default_factory=list)
+    server_cpu_s: float = float("nan")  # CPU the server used during the run: robust to a busy shared machine
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return self.server_cpu_s / self.requests * 1000
 
     @property
     def rps(self) -> float:
@@ -203,14 +213,22 @@ def mixed_request(photos, words, ids):
     return make
 
 
+def measured(srv: Server, load) -> LoadResult:
+    """Run one load coroutine, recording the server's CPU time over it (warm-up included, a few requests)."""
+    cpu0 = srv.cpu_s()
+    result = asyncio.run(load)
+    result.server_cpu_s = srv.cpu_s() - cpu0
+    return result
+
+
 # ------------------------------------------------------------------------------------- main
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--scan-batch", type=int, nargs="+", default=[8, 1, 0],
-                    help="server --scan-batch values to compare; the first is the default reported")
+    ap.add_argument("--configs", nargs="+", default=["1x2", "1x1", "1x4", "8x2", "0"],
+                    help="BxW = --scan-batch B --scan-workers W, or 0 (no batcher); the first is the default")
     ap.add_argument("--scan-requests", type=int, default=0, help="scans per level (default: max(32, 8 x clients))")
     ap.add_argument("--search-requests", type=int, default=400)
     ap.add_argument("--memory-requests", type=int, default=2000)
@@ -231,25 +249,27 @@ def main() -> None:
     def n_scans(c: int) -> int:
         return args.scan_requests or max(32, 8 * c)
 
-    scan_results: dict[int, list[LoadResult]] = {}
+    scan_results: dict[str, list[LoadResult]] = {}
     search_results: list[LoadResult] = []
     memory: list[tuple[int, float]] = []
     checks: dict = {}
-    batch_stats: dict[int, dict] = {}
-    for batch in args.scan_batch:
-        with Server(main_index, "--scan-batch", str(batch)) as srv:
+    for config in args.configs:
+        batch, _, workers = config.partition("x")
+        server_args = ["--scan-batch", batch] + (["--scan-workers", workers] if workers else [])
+        default = config == args.configs[0]
+        with Server(main_index, *server_args) as srv:
             checks = srv.health["checks"]
-            scan_results[batch] = []
-            for c in args.levels:
-                r = asyncio.run(run_load(srv.url, "/v1/scan", scan_request(photos), c, n_scans(c), warmup=3))
-                scan_results[batch].append(r)
-                print(f"scan batch={batch} clients={c}: {r.rps:.2f} req/s p50 {r.pct(50):.0f} ms "
-                      f"p99 {r.pct(99):.0f} ms errors {r.errors}", flush=True)
-            if batch != args.scan_batch[0]:
+            scan_results[config] = []
+            for c in args.levels if default else [c for c in args.levels if c >= 4]:
+                r = measured(srv, run_load(srv.url, "/v1/scan", scan_request(photos), c, n_scans(c), warmup=3))
+                scan_results[config].append(r)
+                print(f"scan {config} clients={c}: {r.rps:.2f} req/s p50 {r.pct(50):.0f} ms "
+                      f"p99 {r.pct(99):.0f} ms errors {r.errors} cpu {r.cpu_ms_per_request:.0f} ms/req", flush=True)
+            if not default:
                 continue
             for c in args.levels:
-                r = asyncio.run(run_load(srv.url, "/v1/search/caption", caption_request(words), c,
-                                         args.search_requests, warmup=5))
+                r = measured(srv, run_load(srv.url, "/v1/search/caption", caption_request(words), c,
+                                           args.search_requests, warmup=5))
                 search_results.append(r)
                 print(f"caption clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
                       f"errors {r.errors}", flush=True)
@@ -260,14 +280,14 @@ def main() -> None:
                 if done % 200 == 0:
                     memory.append((done, srv.rss_mb()))
 
-            mem_load = asyncio.run(run_load(srv.url, "mixed", mixed_request(photos, words, ids), 4,
-                                            args.memory_requests, on_progress=sample))
+            mem_load = measured(srv, run_load(srv.url, "mixed", mixed_request(photos, words, ids), 4,
+                                              args.memory_requests, on_progress=sample))
             search_results.append(mem_load)
             print(f"memory: {memory} errors {mem_load.errors}", flush=True)
     with Server(clip_index) as srv:
         for c in args.levels:
-            r = asyncio.run(run_load(srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c,
-                                     args.search_requests, warmup=5))
+            r = measured(srv, run_load(srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c,
+                                       args.search_requests, warmup=5))
             search_results.append(r)
             print(f"text clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
                   f"errors {r.errors}", flush=True)
@@ -276,7 +296,7 @@ def main() -> None:
 
 
 def write_report(args, checks, scan_results, search_results, memory, load_before, seconds) -> None:
-    default = args.scan_batch[0]
+    default = args.configs[0]
     lines = [
         "## API server (`provenance serve`)",
         "",
@@ -297,14 +317,15 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
         "",
         "### /v1/scan",
         "",
-        "| --scan-batch | clients | requests | req/s | p50 ms | p99 ms | errors |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| config (batch x workers) | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for batch, results in scan_results.items():
+    for config, results in scan_results.items():
         for r in results:
-            lines.append(f"| {batch} | {r.clients} | {r.requests} | {r.rps:.2f} | {r.pct(50):.0f} | {r.pct(99):.0f} | {r.errors} |")
-    lines += ["", "(--scan-batch 8: micro-batching, up to 8 queued scans run as one Scanner batch; 1: one scan at a "
-                  "time on the scan thread; 0: no batcher, each request scans in its own worker thread.)", ""]
+            lines.append(f"| {config} | {r.clients} | {r.requests} | {r.rps:.2f} | {r.pct(50):.0f} | {r.pct(99):.0f} "
+                         f"| {r.errors} | {r.cpu_ms_per_request:.0f} |")
+    lines += ["", "(BxW: W scan threads, each taking up to B queued scans as one Scanner batch (`--scan-batch B "
+                  "--scan-workers W`); 0: no batcher, each request scans in its own worker thread, unbounded.)", ""]
     d = {r.clients: r for r in scan_results[default]}
     verdicts = []
     if 4 in d:
@@ -317,12 +338,13 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
                         f"**{'no collapse' if ok else 'COLLAPSE'}**")
     errors = sum(r.errors for rs in scan_results.values() for r in rs) + sum(r.errors for r in search_results)
     verdicts.append(f"errors over all runs: **{errors}**")
-    lines += ["Targets (default --scan-batch " + str(default) + "): " + "; ".join(verdicts) + ".", ""]
+    lines += ["Targets (default config " + default + "): " + "; ".join(verdicts) + ".", ""]
     lines += ["### Search and mixed traffic", "",
-              "| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in search_results:
-        lines.append(f"| {r.endpoint} | {r.clients} | {r.requests} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} | {r.errors} |")
+        lines.append(f"| {r.endpoint} | {r.clients} | {r.requests} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} "
+                     f"| {r.errors} | {r.cpu_ms_per_request:.1f} |")
     samples = [e for r in search_results for e in r.error_samples] + \
               [e for rs in scan_results.values() for r in rs for e in r.error_samples]
     if samples:

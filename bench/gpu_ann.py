@@ -189,6 +189,15 @@ def faiss_gpu_checks(xb, xq, src, res: dict) -> np.ndarray:
 
     gres = faiss.StandardGpuResources()
     n = xb.shape[0]
+    # 0. sanity: a small GPU search must agree with numpy (catches a broken cuBLAS shim early)
+    small = faiss.GpuIndexFlatIP(gres, DIM)
+    small.add(xb[:4096])
+    D, I = small.search(xq[:64], 5)
+    expect = np.sort(xq[:64] @ xb[:4096].T, axis=1)[:, ::-1][:, :5]
+    res["sanity_max_abs_err"] = float(np.abs(D - expect).max())
+    if not np.allclose(D, expect, atol=1e-3):
+        raise RuntimeError(f"GPU Flat search disagrees with numpy (max error {res['sanity_max_abs_err']:.3g})")
+    del small
 
     def timed_build(key: str, train: bool):
         t = time.perf_counter()
@@ -247,7 +256,7 @@ def library_check(xb, xq, gt, res: dict) -> None:
     build_s = time.perf_counter() - t
     got = ann.search(index, xq[:2000], 10, plan, rerank_vectors=xb16)
     res["library"] = {
-        "gpu_build": ann.gpu_available(),
+        "gpu_build": ("faiss" if ann._faiss_gpus() else "torch") if ann.gpu_available() else "none (CPU)",
         "factory": plan.factory,
         "params": plan.params,
         "build_s": build_s,
@@ -304,8 +313,10 @@ def main() -> int:
     ngpu = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     if ngpu == 0 and args.wheels and not os.environ.get("GPU_ANN_REEXEC"):
         rc = reexec_with_wheels(args.wheels, sys.argv[1:])
-        if rc is not None:
+        if rc is not None and rc >= 0:
             return rc
+        if rc is not None:  # killed by a signal: the shim or the wheel does not work on this machine
+            log(f"faiss-gpu run died with signal {-rc}: falling back to what this faiss and torch can do")
     res["faiss_gpu"] = ngpu > 0
     if ngpu == 0:
         log(

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import platform
+import resource
 import sys
 import tarfile
 import time
@@ -56,13 +57,19 @@ def read_shards(shard_dir: Path, shards: tuple[str, ...]) -> tuple[list[bytes], 
     return photos, captions
 
 
-class SyntheticWatermarks(torch.utils.data.Dataset):
-    """Example i = synthetic_example(photo, rng(seed, i)) at the model's input size: ((3, s, s) float32, label)."""
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Item i: two examples drawn on the same canvas from rng(seed, i): a stock watermark, and opaque text (60%)
+    or the clean canvas (40%). Pairs share the background, so the only evidence that separates them is the mark;
+    they also share the canvas decode and resize, the costliest part of generation.
 
-    def __init__(self, photos, fonts, wm_strings, text_strings, input_size: int, seed: int, length: int):
+    Returns ((2, s, s, 3) uint8, (2,) float32 labels).
+    """
+
+    def __init__(self, photos, fonts, wm_strings, text_strings, input_size: int, seed: int, length: int, min_visibility: float):
         self.photos, self.fonts = photos, fonts
         self.wm_strings, self.text_strings = wm_strings, text_strings
         self.input_size, self.seed, self.length = input_size, seed, length
+        self.min_visibility = min_visibility
 
     def __len__(self) -> int:
         return self.length
@@ -70,10 +77,16 @@ class SyntheticWatermarks(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, i])
         photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))]))
-        im, kind, _ = overlays.synthetic_example(photo, rng, self.fonts, self.wm_strings, self.text_strings)
-        # uint8 crosses the process boundary (4x less than float32); the main process normalises
-        x = np.asarray(resize_for_model(im, self.input_size)).copy()  # (s, s, 3) uint8
-        return torch.from_numpy(x), torch.tensor(1.0 if kind == "watermark" else 0.0)
+        canvas = overlays.random_canvas(photo, rng)
+        negative = "text" if rng.random() < 0.6 else "clean"
+        xs = []
+        for kind in ("watermark", negative):
+            im, _, _ = overlays.overlay_example(
+                canvas, rng, self.fonts, self.wm_strings, self.text_strings, kind=kind, min_visibility=self.min_visibility
+            )
+            # uint8 crosses the process boundary (4x less than float32); the main process normalises
+            xs.append(np.asarray(resize_for_model(im, self.input_size)))
+        return torch.from_numpy(np.stack(xs)), torch.tensor([1.0, 0.0])
 
 
 def to_model_input(x: torch.Tensor) -> torch.Tensor:
@@ -92,14 +105,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
     ap.add_argument("--data", default=str(DATA / "flickr8k-dev"), help="folder of the flickr8k-dev shards")
     ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--input-size", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=int, default=32, help="examples per step (half as many pairs)")
+    ap.add_argument("--input-size", type=int, default=224)
+    ap.add_argument("--reuse", type=int, default=2, help="optimizer steps per generated batch (the 2nd on its mirror image)")
+    ap.add_argument("--lr", type=float, default=4e-3)
+    ap.add_argument("--min-visibility", type=float, default=0.001)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the model (the machine is shared)")
     ap.add_argument("--workers", type=int, default=1, help="data-generation processes")
-    ap.add_argument("--stem", type=int, default=16)
-    ap.add_argument("--widths", default="32,64,128,192")
+    ap.add_argument("--stem", type=int, default=32)
+    ap.add_argument("--stem-patch", type=int, default=4)
+    ap.add_argument("--widths", default="64,128,192")
+    ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -117,12 +134,21 @@ def main(argv: list[str] | None = None) -> int:
         phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions), words=overlays.TRAIN_TEXT_STRINGS.words
     )
     logger.info("%d photos, %d captions, %d training fonts (%d held out)", len(photos), len(captions), len(train_fonts), len(heldout_fonts))
-    ds = SyntheticWatermarks(
-        photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, text_strings, args.input_size, args.seed, args.steps * args.batch_size
+    if args.batch_size % 2:
+        ap.error("--batch-size must be even (examples come in pairs)")
+    ds = SyntheticPairs(
+        photos,
+        train_fonts,
+        overlays.TRAIN_WATERMARK_STRINGS,
+        text_strings,
+        args.input_size,
+        args.seed,
+        args.steps * args.batch_size // 2,
+        args.min_visibility,
     )
     dl = torch.utils.data.DataLoader(
         ds,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size // 2,
         shuffle=False,  # example i is already random: it is drawn from rng(seed, i)
         num_workers=args.workers,
         worker_init_fn=_worker_init if args.workers else None,
@@ -131,10 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # 3. Model and schedule
-    config = WatermarkNetConfig(stem=args.stem, widths=tuple(int(w) for w in args.widths.split(",")))
+    config = WatermarkNetConfig(
+        stem=args.stem,
+        widths=tuple(int(w) for w in args.widths.split(",")),
+        stem_patch=args.stem_patch,
+        dropout=args.dropout,
+    )
     model = WatermarkNet(config).to(args.device).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps * args.reuse, pct_start=0.1)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("WatermarkNet %s: %d parameters, input %d", config, n_params, args.input_size)
@@ -143,14 +174,17 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     run_loss, run_acc, losses = 0.0, 0.0, []
     for step, (x, y) in enumerate(dl, start=1):
-        x = to_model_input(x).to(args.device).contiguous(memory_format=torch.channels_last)
-        y = y.to(args.device)
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        # (pairs, 2, s, s, 3) -> (2 * pairs, 3, s, s)
+        x = to_model_input(x.flatten(0, 1)).to(args.device).contiguous(memory_format=torch.channels_last)
+        y = y.flatten().to(args.device)
+        # generation costs as much as a training step: each batch is used `reuse` times, mirrored after the first
+        for r in range(args.reuse):
+            logits = model(x if r == 0 else torch.flip(x, dims=[3]))
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
         run_loss = 0.98 * run_loss + 0.02 * loss.item() if step > 1 else loss.item()
         run_acc = 0.98 * run_acc + 0.02 * ((logits > 0).float() == y).float().mean().item() if step > 1 else 0.5
         if step % 100 == 0 or step == args.steps:
@@ -159,10 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # 5. Save weights and the training card
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
+    # the data workers have exited (persistent_workers=False), so their CPU time is in RUSAGE_CHILDREN
+    worker_cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     card = {
         "training_command": "bench/train_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "seed": args.seed,
         "steps": args.steps,
+        "reuse": args.reuse,
         "batch_size": args.batch_size,
         "input_size": args.input_size,
         "lr": args.lr,
@@ -175,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             "watermark_strings": "overlays.TRAIN_WATERMARK_STRINGS",
             "fonts": f"{len(train_fonts)} files under /usr/share/fonts, families in HELDOUT_FONT_KEYS excluded",
             "examples": args.steps * args.batch_size,
-            "labels": "50% stock watermark, 30% opaque text, 20% clean (overlays.synthetic_example)",
+            "labels": "pairs on one canvas: a stock watermark + opaque text (60%) or clean (40%) (overlays.overlay_example)",
+            "min_visibility": args.min_visibility,
         },
         "final_running_loss": round(run_loss, 4),
         "loss_every_100_steps": losses,
         "train_wall_s": round(wall, 1),
         "train_main_process_cpu_s": round(cpu, 1),
+        "train_worker_cpu_s": round(worker_cpu, 1),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
     }

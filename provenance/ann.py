@@ -1,20 +1,18 @@
-"""Approximate nearest-neighbour indexes: plan, build, save, load and search FAISS indexes over descriptor vectors.
+"""Approximate nearest-neighbour search: plan, build, save, load and query FAISS indexes of descriptor vectors."""
 
-This module is the one place that turns FAISS distances into "higher = more similar" scores:
-cosine similarity for L2-normalised float vectors (inner product), ``1 - d / bits`` for binary
-hashes compared by Hamming distance.
-
-Conventions (faiss ``contrib`` style): ``xb`` is the corpus, ``xq`` the queries, ``k`` the number
-of neighbours; float vectors are ``(n, d)`` float32 (float16 accepted, e.g. a memory-mapped
-``.npy``) and L2-normalised; binary hashes are ``(n, bits / 8)`` uint8. Ids are row numbers of
-``xb`` in the order the vectors were added.
-"""
+# This module is the one place that turns FAISS distances into "higher = more similar" scores:
+# cosine similarity for L2-normalised float vectors (inner product), 1 - d / bits for binary
+# hashes compared by Hamming distance.
+# Names as in faiss contrib: xb the corpus, xq the queries, k the neighbours wanted. Float vectors
+# are (n, d) float32 (float16 accepted, e.g. a memory-mapped .npy), L2-normalised; binary hashes
+# are (n, bits / 8) uint8. Ids are row numbers of xb in the order the rows were added.
 
 from __future__ import annotations
 
 import logging
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,21 +33,22 @@ METRICS = ("ip", "hamming")
 # get_optimal_index_keys_v2) uses Flat below 1,000 vectors, HNSW below 10,000, HNSW whenever
 # it fits the memory budget, IVF-Flat below 1M vectors when it fits, and IVF-PQ otherwise. We keep
 # its order but move the Flat threshold up: provenance verdicts threshold the *exact* cosine, and
-# one brute-force query over 32k x 512 float32 (64 MB) still takes ~2-5 ms on one core.
-FLAT_MAX_VALUES = 32_768 * 512  # n * dim below which exact search is used
+# one brute-force query over 16k x 512 float32 (32 MiB) takes ~3 ms on one core (1 ms at 5k, measured).
+FLAT_MAX_VALUES = 16_384 * 512  # n * dim up to which exact search is used
 # HNSW is CPU-only, cannot be memory-mapped usefully (its graph is read at random) and builds at
-# ~1-2k vectors/s/core for M=32 at d=512: beyond ~300k vectors a 2-core build takes > 3 minutes,
+# ~500 vectors/s on 2 shared cores for M=32, efConstruction=40, d=512 (measured: 100k in ~4 min),
 # so larger corpora go to IVF even when HNSW would fit the budget (autofaiss ignores build time).
-HNSW_MAX_N = 300_000
+HNSW_MAX_N = 100_000
 IVF_FLAT_MAX_N = 1_000_000  # autofaiss ivf_flat_threshold
 HNSW_M = 32  # autofaiss: HNSW{min(m_hnsw, 32)}
-# autofaiss get_optimal_train_size: 100 training points per centroid ("between 30 and 256"); faiss
-# warns below 39. 64 keeps k-means of 4096 centroids under a minute on 2 cores.
-TRAIN_POINTS_PER_CENTROID = 64
+HNSW_EF_CONSTRUCTION = 40  # faiss's default; 80 builds 1.8x slower (measured 290 vs 520 vectors/s)
+# autofaiss get_optimal_train_size: "between 30 and 256" training points per centroid (it uses
+# 100); faiss warns below 39. k-means cost is linear in it: 40 keeps a 1M build under 3 minutes.
+TRAIN_POINTS_PER_CENTROID = 40
 MIN_POINTS_PER_CENTROID = 39
 SEED = 1234  # training-sample draw and k-means seed: the same vectors give the same index
 ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the copy to 128 MB at d=512)
-BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 64 MB: a full popcount scan is still a few ms
+BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 61 MiB; exact popcount scan: 4.7 ms CPU per query at 1M (measured)
 PAD_DISTANCE = np.iinfo(np.int32).max  # hamming distance reported for padded (-1) results
 
 
@@ -110,19 +109,19 @@ class Neighbors:
 
 # ----------------------------------------------------------------------------- planning
 def _human(nbytes: float) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if nbytes >= div:
             return f"{nbytes / div:.1f} {unit}"
     return f"{int(nbytes)} B"
 
 
 def _nlist(n: int) -> int:
-    """IVF list count: autofaiss get_optimal_nb_clusters (4*sqrt(n) rounded to a power of 2, as the
-    faiss wiki "Guidelines to choose an index" advises 4..16*sqrt(n)), capped so that every
-    centroid gets >= 39 training points. autofaiss jumps to 16,384 lists from 1M vectors; we keep
-    the sqrt rule there (4,096 at 1M) because 16k-centroid k-means does not fit a 3-minute build
-    on 2 cores, and re-ranking recovers the precision that smaller lists cost."""
-    nl = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
+    """IVF list count: a power of 2 near 2*sqrt(n), capped so that every centroid gets >= 39
+    training points. autofaiss (get_optimal_nb_clusters) and the faiss wiki ("Guidelines to choose
+    an index") use 4..16*sqrt(n), and autofaiss jumps to 16,384 lists from 1M vectors. We go lower:
+    k-means and the assignment of every added vector cost O(n * nlist * d): with 2,048 lists a 1M
+    build took 75 s to train and 84 s to add on 2 shared cores, so 4,096 would not fit 3 minutes."""
+    nl = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
     cap = 2 ** int(math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
     return int(max(1, min(nl, cap)))
 
@@ -158,11 +157,11 @@ def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M) ->
 def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
     """Search parameters measured by bench/bench_index.py on SSCD-like vectors (recall@10 >= 0.95)."""
     if kind in ("hnsw", "binary_hnsw"):
-        return {"efSearch": 64, "efConstruction": 80}
+        return {"efSearch": 64, "efConstruction": HNSW_EF_CONSTRUCTION}
     if kind == "ivf_flat":
         return {"nprobe": min(nlist, max(8, nlist // 32))}
     if kind == "ivf_pq":
-        return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": 100}
+        return {"nprobe": min(nlist, max(16, nlist // 32)), "rerank_k": 200}
     if kind == "binary_ivf":
         return {"nprobe": min(nlist, max(8, nlist // 16))}
     return {}
@@ -232,7 +231,7 @@ def plan_index(
         else:
             kind = "ivf_pq"
             over = f"> budget {budget}" if raw > memory_budget_bytes else f"and n >= {IVF_FLAT_MAX_N:,}"
-            why = f"{shape} {over}: compressed IVF-PQ"
+            why = f"{shape} {over}: compressed IVF-PQ,"
 
     # 3. Parameters of that kind
     nlist = _nlist(n) if kind in ("ivf_flat", "ivf_pq", "binary_ivf") else 0
@@ -256,7 +255,7 @@ def plan_index(
     else:
         factory = f"BIVF{nlist}"
     if kind in ("ivf_flat", "binary_ivf"):
-        why += f" ({factory}: {nlist} lists ~ 4*sqrt(n), autofaiss rule)"
+        why += f" ({factory}: {nlist} lists ~ 2*sqrt(n))"
     est = _est_memory(kind, n, dim, nlist)
     plan = AnnPlan(
         kind=kind,
@@ -319,20 +318,61 @@ def _check_normalised(x: np.ndarray, name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- GPU helpers
-def gpu_available() -> bool:
-    """True when the installed faiss has GPU support and sees at least one GPU."""
+def _faiss_gpus() -> int:
     try:
-        return faiss.get_num_gpus() > 0
+        return int(faiss.get_num_gpus())
     except AttributeError:  # pragma: no cover - very old faiss
-        return False
+        return 0
+
+
+def _torch_device(import_torch: bool) -> str | None:
+    """"cuda" when torch sees a GPU. Only imports torch when asked: it takes seconds."""
+    if not import_torch and "torch" not in sys.modules:
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def gpu_available(*, import_torch: bool = False) -> bool:
+    """True when faiss sees a GPU, or torch (if imported, or import_torch) does.
+
+    faiss wheels with GPU kernels need CUDA 12's cuBLAS; where only torch has a GPU, the IVF
+    k-means of `build_index` runs in torch on it (search stays on the CPU).
+    """
+    return _faiss_gpus() > 0 or _torch_device(import_torch) is not None
 
 
 def _resolve_gpu(use_gpu: bool | None) -> bool:
     if use_gpu is None:
         return gpu_available()
-    if use_gpu and not gpu_available():
-        raise RuntimeError("use_gpu=True but faiss has no GPU support or sees no GPU (faiss-cpu installed?)")
+    if use_gpu and not gpu_available(import_torch=True):
+        raise RuntimeError("use_gpu=True but neither faiss (faiss-cpu installed?) nor torch sees a GPU")
     return bool(use_gpu)
+
+
+def _kmeans_torch(x: np.ndarray, k: int, device: str, niter: int = 10, seed: int = SEED) -> np.ndarray:
+    """Spherical k-means of (n, d) unit vectors in torch, as faiss trains an inner-product IVF:
+    assign to the max inner product, mean, renormalise; an emptied centroid is re-seeded.
+    Returns (k, d) float32 centroids."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    n = X.shape[0]
+    C = X[torch.randperm(n, generator=g)[:k].to(device)].clone()
+    for _ in range(niter):
+        assign = torch.cat([(X[a : a + 65_536] @ C.T).argmax(dim=1) for a in range(0, n, 65_536)])
+        sums = torch.zeros_like(C).index_add_(0, assign, X)
+        counts = torch.bincount(assign, minlength=k)
+        C = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+        empty = counts == 0
+        if bool(empty.any()):
+            C[empty] = X[torch.randint(0, n, (int(empty.sum()),), generator=g).to(device)]
+        C = torch.nn.functional.normalize(C, dim=1)
+    return C.cpu().numpy().astype(np.float32)
 
 
 _GPU_RES: list[Any] = []
@@ -384,7 +424,7 @@ def _new_index(plan: AnnPlan) -> Any:
     else:
         index = faiss.index_factory(plan.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.kind in ("hnsw", "binary_hnsw"):
-        index.hnsw.efConstruction = int(plan.params.get("efConstruction", 80))
+        index.hnsw.efConstruction = int(plan.params.get("efConstruction", HNSW_EF_CONSTRUCTION))
     return index
 
 
@@ -392,8 +432,8 @@ def build_index(x: np.ndarray, plan: AnnPlan, *, use_gpu: bool | None = None) ->
     """Train (if the kind needs it) and fill an index with `x`; ids are the row numbers of `x`.
 
     `x` may be a float16 memory map: it is converted to float32 one chunk at a time. With a GPU
-    (use_gpu=None: whenever faiss sees one) the IVF k-means runs there; the returned index is
-    always on the CPU, ready for `save_index`.
+    (use_gpu=None: whenever `gpu_available()`) the IVF k-means runs there, in faiss or else in
+    torch; the returned index is always on the CPU, ready for `save_index`.
     """
     # 1. Check inputs
     _check_plan(plan)
@@ -417,17 +457,21 @@ def build_index(x: np.ndarray, plan: AnnPlan, *, use_gpu: bool | None = None) ->
             raise ValueError(f"{plan.factory} needs >= {nlist} training vectors, got {x.shape[0]}; plan for this n")
         sample = _train_sample(x, nlist)
         ivf.cp.seed = SEED
+        faiss_gpu = gpu and _faiss_gpus() > 0
         if gpu and plan.metric == "ip":
-            # k-means is the cost of an IVF build: run its nearest-centroid searches on the GPU
-            ivf.clustering_index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, faiss.IndexFlatIP(plan.dim))
+            # k-means is the cost of an IVF build: run it on the GPU
+            if faiss_gpu:
+                ivf.clustering_index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, faiss.IndexFlatIP(plan.dim))
+            else:  # torch's GPU: a quantizer holding nlist centroids makes faiss skip its own k-means
+                ivf.quantizer.add(_kmeans_torch(sample, nlist, _torch_device(True) or "cpu", ivf.cp.niter))
         logger.info("training %s on %d vectors", plan.factory, sample.shape[0])
         index.train(sample)
-        if gpu and plan.metric == "ip":
+        if faiss_gpu and plan.metric == "ip":
             ivf.clustering_index = None
         del sample
 
     # 4. Add all rows, chunk by chunk
-    if gpu and plan.kind == "ivf_flat":
+    if gpu and _faiss_gpus() > 0 and plan.kind == "ivf_flat":
         # it has a GPU twin: add there (the coarse assignment is the cost), then bring it back
         gindex = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
         add_vectors(gindex, x, plan=plan)
@@ -499,7 +543,7 @@ def load_index(
 
     mmap=True maps the vector codes from the file instead of reading them into memory (the OS
     pages in what queries touch); such an index is read-only (load with mmap=False to append).
-    With a GPU, Flat and IVF-Flat indexes are moved there for search.
+    With a GPU that faiss sees, Flat and IVF-Flat indexes are moved there for search.
     """
     _check_plan(plan)
     p = Path(path)
@@ -519,7 +563,7 @@ def load_index(
             raise ValueError(f"{p}: not a readable faiss index for plan {plan.kind} ({str(e).splitlines()[0]})") from None
     if plan.dim and index.d != plan.dim:
         raise IndexDimensionError(f"{p}: index dim {index.d} does not match the plan's dim {plan.dim}")
-    if _resolve_gpu(use_gpu) and plan.kind in ("flat", "ivf_flat"):
+    if _resolve_gpu(use_gpu) and _faiss_gpus() > 0 and plan.kind in ("flat", "ivf_flat"):
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     _apply_search_params(index, plan)
     return index
@@ -603,22 +647,23 @@ def search(
 
 
 def _rerank(xq: np.ndarray, cand: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact cosine of each query with its candidates (nq, kk), cut to the best k."""
+    """Exact cosine of each query with its (nq, kk) candidates, cut to the best k (kk >= k)."""
     nq, kk = cand.shape
-    valid = cand >= 0
-    # one sorted gather for all queries: sequential-ish reads of the memory map, each row read once
-    uniq, inv = np.unique(np.where(valid, cand, 0).ravel(), return_inverse=True)
-    rows = np.asarray(xb[uniq], dtype=np.float32)  # (u, d)
-    vecs = rows[inv.reshape(nq, kk)]  # (nq, kk, d)
-    s = np.einsum("qkd,qd->qk", vecs, xq, optimize=True)
-    s[~valid] = -np.inf
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    ids = np.take_along_axis(np.where(valid, cand, -1), order, axis=1)
-    scores = np.take_along_axis(s, order, axis=1)
-    if kk < k:  # fewer candidates than k: pad
-        ids = np.pad(ids, ((0, 0), (0, k - kk)), constant_values=-1)
-        scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
-    return scores.astype(np.float32), ids
+    scores = np.empty((nq, k), np.float32)
+    ids = np.empty((nq, k), np.int64)
+    block = max(1, 16_384 // kk)  # queries per step: bounds the gathered rows to 16k x d float32 (32 MiB at 512)
+    for a in range(0, nq, block):
+        c = cand[a : a + block]
+        valid = c >= 0
+        # one sorted gather per block: sequential-ish reads of the memory map, each row read once
+        uniq, inv = np.unique(np.where(valid, c, 0).ravel(), return_inverse=True)
+        rows = np.asarray(xb[uniq], dtype=np.float32)  # (u, d)
+        s = np.einsum("qkd,qd->qk", rows[inv.reshape(c.shape)], xq[a : a + block])  # (b, kk)
+        s[~valid] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        ids[a : a + block] = np.take_along_axis(np.where(valid, c, -1), order, axis=1)
+        scores[a : a + block] = np.take_along_axis(s, order, axis=1)
+    return scores, ids
 
 
 def exact_search(xq: np.ndarray, xb: np.ndarray, k: int, chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:

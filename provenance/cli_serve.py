@@ -25,6 +25,7 @@ def serve_command(
     keep_uploads: Annotated[Optional[Path], typer.Option(help="Keep scanned uploads and their records in this folder (default: keep nothing).")] = None,
     cors_origins: Annotated[Optional[str], typer.Option(help="Comma-separated origins allowed to call the API from a browser.")] = None,
     scan_batch: Annotated[Optional[int], typer.Option(min=0, help="Most images scanned together from concurrent requests (0 = no micro-batching).")] = None,
+    scan_workers: Annotated[Optional[int], typer.Option(min=1, help="Scan threads (default 2).")] = None,
     visible: Annotated[Optional[bool], typer.Option("--visible/--no-visible", help="Visible-watermark check (default: on when its weights are present).")] = None,
     invisible: Annotated[Optional[bool], typer.Option("--invisible/--no-invisible", help="Invisible-watermark check (default: on when available).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -44,7 +45,7 @@ def serve_command(
     try:
         config = ServerConfig.from_env(
             index_dir=index, max_upload_bytes=int(max_upload_mb * 1024 * 1024) if max_upload_mb else None,
-            max_pixels=max_pixels, keep_uploads=keep_uploads, scan_batch=scan_batch, visible=visible,
+            max_pixels=max_pixels, keep_uploads=keep_uploads, scan_batch=scan_batch, scan_workers=scan_workers, visible=visible,
             invisible=invisible, cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip())
             if cors_origins is not None else None)
         # Fail now, not in a background thread, when there is no index at all (reads only the manifest).

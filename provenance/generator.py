@@ -862,6 +862,7 @@ def generate(
     # 2. Load the pipeline and settle the run's parameters
     lp = pipeline or load_pipeline(config.model, config.device)
     pipe = lp.pipe
+    own_scheduler = pipe.scheduler  # put back afterwards: a caller's pipeline keeps its own scheduler
     if config.scheduler:
         set_scheduler(pipe, config.scheduler)
     scheduler_name = type(pipe.scheduler).__name__
@@ -974,6 +975,7 @@ def generate(
     finally:
         if probe is not None:
             probe.close()
+        pipe.scheduler = own_scheduler
 
     # 4. Run-level memorization flags (robust z-score across prompts), rewritten where they changed
     if signals is not None:

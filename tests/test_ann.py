@@ -158,7 +158,7 @@ def test_plan_index_choices():
     big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
     assert big.kind == "ivf_pq" and big.rerank_k > 0 and big.params["nprobe"] >= 1
     assert big.est_memory_bytes < 1 << 30
-    assert "2.0 GB" in big.reason and "budget" in big.reason and "IVF4096" in big.factory
+    assert "1.9 GiB" in big.reason and "budget" in big.reason and big.factory == "IVF2048,PQ64x4fs"
     mid = plan_index(100_000, 512)
     assert mid.kind == "hnsw" and "HNSW32" in mid.factory
     # a roomy budget below 1M keeps vectors uncompressed
@@ -213,9 +213,21 @@ def test_tune_search_params_reaches_target(xb, xq, gt):
 
 def test_gpu_available_is_bool():
     assert isinstance(ann.gpu_available(), bool)
-    if not ann.gpu_available():
+    if not ann.gpu_available(import_torch=True):
         with pytest.raises(RuntimeError, match="GPU"):
             build_index(clustered(10), plan_index(10, D), use_gpu=True)
+
+
+def test_torch_kmeans_path_builds_a_good_ivf(monkeypatch, xb, xq, gt):
+    # where only torch has a GPU, the IVF centroids come from _kmeans_torch; run it on the CPU here
+    monkeypatch.setattr(ann, "_torch_device", lambda import_torch: "cpu")
+    monkeypatch.setattr(ann, "_faiss_gpus", lambda: 0)
+    plan = plan_index(len(xb), D, kind="ivf_pq")
+    index = build_index(xb, plan, use_gpu=True)
+    centroids = index.quantizer.reconstruct_n(0, index.nlist)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)  # spherical, as faiss for IP
+    got = search(index, xq, 10, plan, rerank_vectors=xb)
+    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
 
 
 @pytest.mark.gpu

@@ -436,3 +436,26 @@ def test_batcher_passes_failures_to_every_waiting_request():
             b.submit([("b", b"")]).result(5)
     finally:
         b.close()
+
+
+def test_batcher_workers_scan_side_by_side():
+    running, peak = 0, 0
+    lock = threading.Lock()
+
+    def scan_many(items):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+        return [ScanRecord(path=n) for n, _ in items]
+
+    b = ScanBatcher(scan_many, max_batch=1, workers=2)
+    try:
+        futures = [b.submit([(f"i{i}", b"")]) for i in range(6)]
+        assert [f.result(5)[0].path for f in futures] == [f"i{i}" for i in range(6)]
+        assert peak == 2 and b.batches == 6  # two at a time, never more
+    finally:
+        b.close()

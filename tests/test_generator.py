@@ -320,12 +320,9 @@ def test_prompts_file_skips_blank_lines_and_long_prompts_are_truncated(tiny, tmp
 def test_scheduler_by_alias(tiny, tmp_path):
     assert g.resolve_scheduler_class("euler-a").__name__ == "EulerAncestralDiscreteScheduler"
     assert g.resolve_scheduler_class("DDIMScheduler").__name__ == "DDIMScheduler"
-    old = tiny.pipe.scheduler
-    try:
-        im = g.generate(_config(scheduler="euler"), ["a cat"], tmp_path, pipeline=tiny)[0]
-        assert im.metadata["scheduler"] == "EulerDiscreteScheduler"
-    finally:
-        tiny.pipe.scheduler = old
+    im = g.generate(_config(scheduler="euler-a", num_images=2), ["a cat"], tmp_path, pipeline=tiny)[0]
+    assert im.metadata["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert type(tiny.pipe.scheduler).__name__ == "PNDMScheduler"  # the caller's pipeline is left as it was
 
 
 def test_interrupt_mid_run_keeps_finished_images_intact(tiny, tmp_path):

@@ -12,16 +12,17 @@ Reading (the same for every scheme, which are data in `SCHEMES`):
   * soft decisions: each block gives `-sin(2 pi v / step)` (+1 on the bit-1 lattice, -1 on the
     bit-0 one, 0 on the decision boundary) instead of a hard bit, and the repeats of each bit are
     summed, so a block that sits far from the lattice barely votes;
-  * the marked coefficient is found again even when quantising it made another coefficient the
-    block's largest: the encoder can only have lowered it by up to 0.75 step, so among the
-    coefficients within 0.75 step of the block maximum we take the one closest to the lattice
-    (this choice does not favour either bit, so clean images still give fair coin flips);
+  * two read-outs of each block: (a) the block's largest coefficient, as the encoder chose it; (b)
+    the coefficient nearest the lattice among those within 0.75 step of the largest, because the
+    encoder may have lowered the marked one by up to 0.75 step below another (a) then misses; this
+    fixes most errors on untouched images but picks noise once JPEG has blurred the lattice, where
+    (a) is better. Neither favours bit 0 or 1, so clean images still give fair coin flips;
   * hypotheses about what happened to the image since it was marked: as is; (chroma schemes only)
     decoded from a 4:2:0 JPEG, whose chroma upsampling we invert; and resized back to a standard
-    generator size of the same aspect ratio when the image is larger than one. Each scheme's p-value
-    is the exact binomial tail of its agreeing fixed bits times the number of hypotheses tried
-    (Bonferroni), so a clean image passes `DETECTION_P_VALUE` = 1e-6 with probability <= 1e-6 per
-    scheme.
+    generator size of the same aspect ratio when the image is up to 4x larger than one (optional:
+    `try_resized`). Each scheme's p-value is the exact binomial tail of its agreeing fixed bits
+    times the number of (hypothesis, read-out) pairs tried (Bonferroni), so a clean image passes
+    `DETECTION_P_VALUE` = 1e-6 with probability <= 1e-6 per scheme.
 
 Schemes:
   * ``sd-v1``: b"StableDiffusionV1" (136 bits) in the U channel of an 8-bit image, step 36 (the
@@ -31,24 +32,28 @@ Schemes:
     by diffusers' `StableDiffusionXLWatermarker` on a float image in 0..255, for which OpenCV puts U
     around 0.5 instead of 128; we read it in that float domain (`offset` below).
   * ``provenance`` (ours, written by `embed_provenance_mark`): 112 bits in the luma channel Y,
-    step 16 (PSNR about 50 dB):
+    step 20, PSNR about 51 dB (of the steps 16-32 we tried, 20 survived JPEG q60-q90 best):
       bits   0..63   magic  bc0619ab9e8e0f07 (sha256(b"provenance-mark-v1")[:8]); detection is the
                      binomial test on these 64 bits;
-      bits  64..95   run id (uint32, big-endian)      } XOR-ed with the whitening mask 8b6b065e955f
-      bits  96..111  CRC-16/CCITT-FALSE of the run id } (sha256(...)[8:14]) so no run id is flat.
+      bits  64..95   run id (uint32, big-endian)       } XOR-ed with the whitening mask 8b6b065e955f
+      bits  96..111  CRC-16 of the run id, polynomial } (sha256(...)[8:14]) so no run id is flat.
+                     0x3D65 (DNP), MSB first, init 0: minimum Hamming distance 6 on these 48 bits.
     The run id is reported (8 hex digits) only when its CRC checks, after trying to flip up to two
-    of the 12 least reliable of its 48 bits (soft-decision "Chase" decoding); a wrong run id slips
-    through with probability < 79 / 65536 of the marks it is tried on, and is otherwise None.
+    of the 12 least reliable of its 48 bits (soft-decision "Chase" decoding); with distance 6 that
+    can only land on a wrong run id when >= 4 of the 48 bits are wrong, and then with a chance of
+    about 79 / 65536. Otherwise the mark is reported with payload None.
     Luma, not chroma, because a 4:2:0 JPEG halves chroma resolution, which erases chroma marks at
-    any quality that matters; we embed with our own 15-line numpy copy of `EmbedMaxDct` because
-    invisible-watermark's `encode()` swaps the horizontal and vertical detail bands when it
-    rebuilds the channel (harmless in chroma, about 30 dB PSNR in luma). Stock invisible-watermark
-    reads it: `WatermarkDecoder('bits', 112).decode(bgr, 'dwtDct', scales=[16, 0, 0])`.
+    any quality that matters. We embed with our own numpy version of `EmbedMaxDct`: invisible-
+    watermark's `encode()` swaps the horizontal and vertical detail bands when it rebuilds the
+    channel (harmless in chroma, about 30 dB PSNR in luma); and we move the marked coefficient to
+    the nearest point of its bit's lattice (change within +-step/2, mean 0) instead of rounding down
+    first (-3/4..+1/4 step), which gains 2.4 dB, leaves no dark dots, and makes q60 JPEGs readable.
+    It is the same lattice, so stock invisible-watermark reads it:
+    `WatermarkDecoder('bits', 112).decode(bgr, 'dwtDct', scales=[20, 0, 0])`.
 """
 
 from __future__ import annotations
 
-import binascii
 import hashlib
 import logging
 import math
@@ -69,7 +74,7 @@ DETECTION_P_VALUE = 1e-6
 MIN_EMBED_PIXELS = 256 * 256
 # Decode at most this many 4x4 LL blocks (a centred band of block rows) per hypothesis: a 1024x1024
 # image's worth, which holds >= 120 copies of any payload here, so huge photos cost no more.
-MAX_BLOCKS = 16384
+MAX_BLOCKS = 8192
 # Sizes diffusion pipelines write (SD 1.x/2.x squares and portraits, SDXL buckets): an image larger
 # than one of these with the same aspect ratio may be an upscaled generation.
 GENERATOR_SIZES: tuple[tuple[int, int], ...] = (
@@ -90,8 +95,12 @@ def _bytes_bits(data: bytes) -> tuple[int, ...]:
 _PROVENANCE_SEED = hashlib.sha256(b"provenance-mark-v1").digest()
 PROVENANCE_MAGIC = _PROVENANCE_SEED[:8]  # bc0619ab9e8e0f07: 31 ones in 64 bits
 _PROVENANCE_MASK = np.unpackbits(np.frombuffer(_PROVENANCE_SEED[8:14], dtype=np.uint8))  # (48,) uint8
-PROVENANCE_STEP = 16.0
+PROVENANCE_STEP = 20.0
 _CHASE_BITS = 12  # flip up to two of this many least reliable run-id/CRC bits before giving up
+# Two ways to read each block (see _block_soft): the coefficient nearest the lattice among those
+# that may have been the marked maximum (best on untouched images), and simply the maximum (best
+# after JPEG, whose noise makes "nearest the lattice" pick at random).
+_READOUTS = ("nearest", "largest")
 
 
 @dataclass(frozen=True)
@@ -115,18 +124,34 @@ class MarkScheme:
         return len(self.fixed_bits)
 
 
+def _crc16(value: int) -> int:
+    """CRC-16 of a 32-bit value with the DNP polynomial 0x3D65 (MSB first, init 0, no final XOR).
+
+    Chosen over CCITT's 0x1021 because on 32 data bits it keeps codewords >= 6 bits apart (0x1021: 4),
+    which is what makes correcting two bits safe.
+    """
+    reg = 0
+    for i in range(31, -1, -1):
+        feedback = ((reg >> 15) ^ (value >> i)) & 1
+        reg = (reg << 1) & 0xFFFF
+        if feedback:
+            reg ^= 0x3D65
+    return reg
+
+
 def _read_provenance_run_id(soft: np.ndarray) -> str | None:
     """Soft sums of bits 64..111 -> the run id as 8 hex digits when the CRC checks (flipping <= 2 weak bits)."""
     hard = (soft > 0).astype(np.uint8)
     weak = np.argsort(np.abs(soft), kind="stable")[:_CHASE_BITS]
-    flips: list[tuple[int, ...]] = [()] + [(int(i),) for i in weak] + [(int(i), int(j)) for i, j in combinations(weak, 2)]
+    flips: list[tuple[int, ...]] = [()] + [(int(i),) for i in weak]
+    flips += [(int(i), int(j)) for i, j in combinations(weak, 2)]
     # Cheapest explanation first: the flips whose soft sums were closest to zero.
     flips.sort(key=lambda f: float(np.abs(soft[list(f)]).sum()) if f else 0.0)
     for f in flips:
         bits = hard.copy()
         bits[list(f)] ^= 1
         data = np.packbits(bits ^ _PROVENANCE_MASK).tobytes()  # 4 bytes run id + 2 bytes CRC
-        if binascii.crc_hqx(data[:4], 0xFFFF) == int.from_bytes(data[4:6], "big"):
+        if _crc16(int.from_bytes(data[:4], "big")) == int.from_bytes(data[4:6], "big"):
             return data[:4].hex()
     return None
 
@@ -154,8 +179,8 @@ def provenance_payload_bits(run_id: int) -> np.ndarray:
     """The 112 bits our mark carries for `run_id`: (112,) uint8, magic then whitened run id and CRC."""
     if isinstance(run_id, bool) or not isinstance(run_id, (int, np.integer)) or not 0 <= int(run_id) < 2**32:
         raise ValueError(f"run_id must be an integer in [0, 2**32), got {run_id!r}")
-    rid = int(run_id).to_bytes(4, "big")
-    tail = np.unpackbits(np.frombuffer(rid + binascii.crc_hqx(rid, 0xFFFF).to_bytes(2, "big"), dtype=np.uint8))
+    word = int(run_id).to_bytes(4, "big") + _crc16(int(run_id)).to_bytes(2, "big")
+    tail = np.unpackbits(np.frombuffer(word, dtype=np.uint8))
     return np.concatenate([np.array(_bytes_bits(PROVENANCE_MAGIC), dtype=np.uint8), tail ^ _PROVENANCE_MASK])
 
 
@@ -174,45 +199,63 @@ def embed_provenance_mark(image: Image.Image, run_id: int) -> Image.Image:
         raise ValueError(f"image {image.width}x{image.height} is too small for the mark (needs >= 256x256 pixels)")
     bits = provenance_payload_bits(run_id)
 
-    # 2. Quantise the largest coefficient of each 4x4 block of luma's LL band (EmbedMaxDct's rule)
+    # 2. Quantise the largest coefficient of each 4x4 block of luma's LL band
     rgb = np.asarray(image, dtype=np.float32)  # (H, W, 3)
     ll = _ll(rgb @ _Y_RGB)  # (H//4*2, W//4*2)
     nbr, nbc = ll.shape[0] // 4, ll.shape[1] // 4
-    blocks = _blocks(ll, nbr, nbc)  # (nbr*nbc, 16)
-    rows = np.arange(len(blocks))
+    blocks = ll[: nbr * 4, : nbc * 4].reshape(nbr, 4, nbc, 4).transpose(0, 2, 1, 3).reshape(nbr * nbc, 16)
+    rows = np.arange(nbr * nbc)
     pos = np.argmax(np.abs(blocks[:, 1:]), axis=1) + 1
     v = blocks[rows, pos]
     bit = bits[rows % len(bits)]
-    q = np.where(v >= 0, 1.0, -1.0) * (np.floor(np.abs(v) / PROVENANCE_STEP) + 0.25 + 0.5 * bit) * PROVENANCE_STEP
-    delta = np.zeros_like(blocks)
-    delta[rows, pos] = q - v
+    # EmbedMaxDct's lattice (|v| mod step at 1/4 step for a 0, 3/4 for a 1), but we move to the
+    # nearest point of the bit's lattice (|change| <= step/2, mean 0) where EmbedMaxDct always
+    # rounds down first (change -3/4..+1/4 step, mean -1/4 step: visible dark dots, and a marked
+    # maximum pushed below its neighbours more often).
+    phase = 0.25 + 0.5 * bit  # (n,) in steps
+    q = (np.round(np.abs(v) / PROVENANCE_STEP - phase) + phase) * PROVENANCE_STEP
+    q = np.where(v >= 0, 1.0, -1.0) * np.maximum(q, phase * PROVENANCE_STEP)  # |v| stays >= 0 on the lattice
 
-    # 3. Back to pixels: an LL change d is d/2 on each pixel of its 2x2 cell (Haar synthesis), and
-    # adding the same amount to R, G and B changes Y by exactly that and leaves U and V alone.
-    d_ll = delta.reshape(nbr, nbc, 4, 4).transpose(0, 2, 1, 3).reshape(nbr * 4, nbc * 4)
-    d_px = np.zeros(rgb.shape[:2], dtype=np.float32)
-    d_px[: nbr * 8, : nbc * 8] = np.repeat(np.repeat(d_ll * 0.5, 2, axis=0), 2, axis=1)
-    out = np.clip(np.rint(rgb + d_px[:, :, None]), 0, 255).astype(np.uint8)
+    # 3. Back to pixels: an LL change of d is d/2 on each pixel of its 2x2 cell (Haar synthesis), and
+    # adding one integer to R, G and B changes Y by exactly that integer and leaves U and V alone. So
+    # spread the integer D = round(2 d) over the cell's four pixels: the LL value lands within 0.25
+    # of the lattice with no rounding error, even in flat areas where rounding would be coherent.
+    d_ll = np.zeros((nbr * nbc, 16), dtype=np.int32)
+    d_ll[rows, pos] = np.rint(2.0 * (q - v)).astype(np.int32)
+    d_ll = d_ll.reshape(nbr, nbc, 4, 4).transpose(0, 2, 1, 3).reshape(nbr * 4, nbc * 4)
+    base, rem = np.divmod(d_ll, 4)  # (nbr*4, nbc*4) each
+    d_px = np.zeros(rgb.shape[:2], dtype=np.int32)
+    d_px[0 : nbr * 8 : 2, 0 : nbc * 8 : 2] = base + (rem > 0)
+    d_px[0 : nbr * 8 : 2, 1 : nbc * 8 : 2] = base + (rem > 1)
+    d_px[1 : nbr * 8 : 2, 0 : nbc * 8 : 2] = base + (rem > 2)
+    d_px[1 : nbr * 8 : 2, 1 : nbc * 8 : 2] = base
+    out = np.clip(np.asarray(image, dtype=np.int32) + d_px[:, :, None], 0, 255).astype(np.uint8)
     return Image.fromarray(out, "RGB")
 
 
-def detect_invisible_marks(image: Image.Image, *, include_undetected: bool = False) -> list[InvisibleMark]:
-    """Decode every scheme in `SCHEMES` from `image`; return those detected at p <= 1e-6 (all with include_undetected).
+def detect_invisible_marks(
+    image: Image.Image, *, include_undetected: bool = False, try_resized: bool = False
+) -> list[InvisibleMark]:
+    """Decode every scheme in `SCHEMES` from `image`: those detected at p <= 1e-6, or all with `include_undetected`.
 
     Each mark's `p_value` is Bonferroni-corrected for the hypotheses tried; `bit_accuracy` is the
     share of the scheme's fixed bits that agree, under the best hypothesis. Schemes whose payload
-    does not fit once in the image come out with bit_accuracy 0 and p_value 1.
+    does not fit once in the image come out with bit_accuracy 0 and p_value 1. `try_resized` also
+    tries the image Lanczos-resized back to each `GENERATOR_SIZES` entry it may have been upscaled
+    (2x-4x) from: it finds upscaled generations saved losslessly, at the cost of one resize each
+    (~25 ms of CPU for a 1024x1024 image), so it is off by default.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     if image.mode != "RGB":
         image = image.convert("RGB")
-    hypotheses = _hypotheses(image)
-    tried = {c: sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}
-    soft_cache: dict[tuple[str, str, float, float], np.ndarray] = {}
+    hypotheses = _hypotheses(image, try_resized)
+    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}
+    soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
+    index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
     for scheme in SCHEMES:
-        best: tuple[int, str, np.ndarray] | None = None  # (agreeing bits, hypothesis, soft sums)
+        best: tuple[tuple[int, float], str, np.ndarray] | None = None  # ((agreeing bits, clarity), hypothesis, sums)
         fixed = np.asarray(scheme.fixed_bits, dtype=bool)
         for h in hypotheses:
             if scheme.channel not in h.blocks:
@@ -224,16 +267,24 @@ def detect_invisible_marks(image: Image.Image, *, include_undetected: bool = Fal
             key = (h.name, scheme.channel, scheme.offset, scheme.step)
             if key not in soft_cache:  # sd-v1 and sd-v2 read the same block values
                 soft_cache[key] = _block_soft(coeffs, scheme.offset, scheme.step)
-            bit_index = (first + np.arange(n_blocks)) % scheme.length
-            sums = np.bincount(bit_index, weights=soft_cache[key], minlength=scheme.length)  # (length,)
-            agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
-            if best is None or agree > best[0]:
-                best = (agree, h.name, sums)
+            ikey = (first, n_blocks, scheme.length)
+            if ikey not in index_cache:
+                index_cache[ikey] = (first + np.arange(n_blocks)) % scheme.length
+            bit_index = index_cache[ikey]
+            for readout, soft in zip(_READOUTS, soft_cache[key]):
+                sums = np.bincount(bit_index, weights=soft, minlength=scheme.length)  # (length,)
+                agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
+                # Ties (e.g. all fixed bits right under two read-outs) go to the read-out whose fixed
+                # bits are most clearly right, whose payload bits are then the most reliable too.
+                head = sums[: scheme.n_fixed]
+                clarity = float(np.sum(np.where(fixed, head, -head)) / (np.sum(np.abs(head)) + 1e-9))
+                if best is None or (agree, clarity) > best[0]:
+                    best = ((agree, clarity), f"{h.name}, {readout}", sums)
         if best is None:
             if include_undetected:
                 marks.append(InvisibleMark(scheme.name, 0.0, 1.0))
             continue
-        agree, hyp, sums = best
+        (agree, _), hyp, sums = best
         p = min(1.0, binomial_p_value(agree, scheme.n_fixed) * tried[scheme.channel])
         detected = p <= DETECTION_P_VALUE
         logger.debug("%s: %d/%d bits agree under %r, p=%.3g", scheme.name, agree, scheme.n_fixed, hyp, p)
@@ -250,23 +301,45 @@ class _Hypothesis:
     """The image as one guess of what it was when marked: per channel, its LL blocks and the first block's number."""
 
     name: str
-    blocks: dict[str, tuple[np.ndarray, int]]  # channel -> ((15, n) float32 coefficients 1..15 of n blocks, first block number)
+    # channel -> ((15, n) float32 coefficients 1..15 of n blocks, the first one's block number)
+    blocks: dict[str, tuple[np.ndarray, int]]
 
 
-def _hypotheses(image: Image.Image) -> list[_Hypothesis]:
-    ll_y, ll_u = _ll_yu(np.asarray(image))
+def _hypotheses(image: Image.Image, try_resized: bool) -> list[_Hypothesis]:
+    band, first = _centre_band(image)
+    ll_y, ll_u = _ll_yu(np.asarray(band))
     out = [
-        _Hypothesis("as is", {"Y": _band_blocks(ll_y), "U": _band_blocks(ll_u)}),
+        _Hypothesis("as is", {"Y": (_blocks(ll_y), first), "U": (_blocks(ll_u), first)}),
         # A 4:2:0 JPEG keeps one chroma sample per 2x2 pixels, which is the U LL band itself, but
         # libjpeg's "fancy" upsampling blurs it with a [1/8, 3/4, 1/8] kernel on each axis; undo it.
-        _Hypothesis("jpeg 4:2:0", {"U": _band_blocks(_undo_fancy_upsampling(ll_u))}),
+        _Hypothesis("jpeg 4:2:0", {"U": (_blocks(_undo_fancy_upsampling(ll_u)), first)}),
     ]
     w, h = image.size
-    for gw, gh in GENERATOR_SIZES:
-        if gw < w and gh < h and abs(w / h - gw / gh) <= 0.01 * gw / gh:
-            small_y, small_u = _ll_yu(np.asarray(image.resize((gw, gh), Image.Resampling.LANCZOS)))
-            out.append(_Hypothesis(f"resized to {gw}x{gh}", {"Y": _band_blocks(small_y), "U": _band_blocks(small_u)}))
+    for gw, gh in GENERATOR_SIZES if try_resized else ():
+        # Upscalers go 2x or 4x; a same-aspect image up to 4x larger may be an upscaled generation.
+        if gw < w <= 4 * gw and gh < h <= 4 * gh and abs(w / h - gw / gh) <= 0.01 * gw / gh:
+            band, first = _centre_band(image.resize((gw, gh), Image.Resampling.LANCZOS))
+            small_y, small_u = _ll_yu(np.asarray(band))
+            blocks = {"Y": (_blocks(small_y), first), "U": (_blocks(small_u), first)}
+            out.append(_Hypothesis(f"resized to {gw}x{gh}", blocks))
     return out
+
+
+def _centre_band(image: Image.Image) -> tuple[Image.Image, int]:
+    """A centred band of whole 8-pixel block rows holding at most MAX_BLOCKS blocks, and its first block's number.
+
+    A block is 4x4 LL coefficients, i.e. 8x8 pixels; there are W//8 per row and H//8 rows (the
+    encoder's 4-aligned crop, halved, cut in fours). Whole rows keep the payload's bit order.
+    """
+    w, h = image.size
+    nbr, nbc = h // 8, w // 8
+    if nbr == 0 or nbc == 0:
+        return image.crop((0, 0, 0, 0)), 0
+    keep = min(nbr, max(1, MAX_BLOCKS // nbc))
+    r0 = (nbr - keep) // 2
+    if keep == nbr:
+        return image, 0  # _ll drops the pixels past the last whole block itself
+    return image.crop((0, 8 * r0, 8 * nbc, 8 * (r0 + keep))), r0 * nbc
 
 
 def _ll(plane: np.ndarray) -> np.ndarray:
@@ -276,7 +349,8 @@ def _ll(plane: np.ndarray) -> np.ndarray:
     p = plane[:h4, :w4]
     if p.dtype == np.uint8:
         p = p.astype(np.uint16)  # sums of four 8-bit values stay exact
-    return (p[0::2, 0::2] + p[0::2, 1::2] + p[1::2, 0::2] + p[1::2, 1::2]).astype(np.float32) * np.float32(0.5)
+    rows = p[0::2] + p[1::2]  # pairs of rows first: contiguous halves, then the strided columns
+    return (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32) * np.float32(0.5)
 
 
 def _ll_yu(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -284,34 +358,30 @@ def _ll_yu(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     The colour transform is linear, so it is applied after the 2x2 sums, on a quarter of the pixels.
     """
+    if rgb.size == 0:
+        empty = np.zeros((0, 0), dtype=np.float32)
+        return empty, empty
     ll = _ll(rgb)  # (h, w, 3)
     return ll @ _Y_RGB, ll @ _U_RGB
 
 
-def _blocks(ll: np.ndarray, nbr: int, nbc: int) -> np.ndarray:
-    """LL band -> (nbr*nbc, 16) raster-ordered 4x4 blocks, each flattened row by row."""
-    return ll[: nbr * 4, : nbc * 4].reshape(nbr, 4, nbc, 4).transpose(0, 2, 1, 3).reshape(nbr * nbc, 16)
-
-
-def _band_blocks(ll: np.ndarray) -> tuple[np.ndarray, int]:
-    """A centred band of at most MAX_BLOCKS blocks (whole block rows): ((15, n) coefficients 1..15, first block number).
+def _blocks(ll: np.ndarray) -> np.ndarray:
+    """LL band -> (15, n) coefficients 1..15 of its n = (h//4)*(w//4) raster-ordered 4x4 blocks (read row by row).
 
     Coefficient-major so that the per-block reductions run across 15 rows of n values (fast in numpy)
-    rather than along 15-long rows.
+    rather than along n rows of 15.
     """
     nbr, nbc = ll.shape[0] // 4, ll.shape[1] // 4
     if nbr == 0 or nbc == 0:
-        return np.zeros((15, 0), dtype=np.float32), 0
-    keep = min(nbr, max(1, MAX_BLOCKS // nbc))
-    r0 = (nbr - keep) // 2
-    band = ll[r0 * 4 : (r0 + keep) * 4, : nbc * 4].reshape(keep, 4, nbc, 4).transpose(1, 3, 0, 2).reshape(16, keep * nbc)
-    return np.ascontiguousarray(band[1:]), r0 * nbc
+        return np.zeros((15, 0), dtype=np.float32)
+    b = ll[: nbr * 4, : nbc * 4].reshape(nbr, 4, nbc, 4).transpose(1, 3, 0, 2).reshape(16, nbr * nbc)
+    return np.ascontiguousarray(b[1:])
 
 
-# The inverse of the [1/8, 3/4, 1/8] kernel, truncated where its taps fall below 1e-2: h[n] = r^|n| / sqrt(a^2 - b^2)
-# for 1 / (a + b cos w), a = 3/4, b = 1/4, r = (sqrt(a^2 - b^2) - a) / b = -0.17.
+# The inverse of the [1/8, 3/4, 1/8] kernel: h[n] = r^|n| / sqrt(a^2 - b^2) for 1 / (a + b cos w), a = 3/4,
+# b = 1/4, r = (sqrt(a^2 - b^2) - a) / b = -0.17; five taps (the next is 0.007).
 _R = (math.sqrt(0.5) - 0.75) / 0.25
-_INV_FANCY = tuple(_R ** abs(n) / math.sqrt(0.5) for n in range(-3, 4))
+_INV_FANCY = tuple(_R ** abs(n) / math.sqrt(0.5) for n in range(-2, 3))
 
 
 def _undo_fancy_upsampling(ll: np.ndarray) -> np.ndarray:
@@ -325,14 +395,24 @@ def _undo_fancy_upsampling(ll: np.ndarray) -> np.ndarray:
     return sum(np.float32(t) * rows[i : i + h] for i, t in enumerate(_INV_FANCY))
 
 
-def _block_soft(coeffs: np.ndarray, offset: float, step: float) -> np.ndarray:
-    """(15, n) coefficients 1..15 of n blocks -> (n,) soft bits in [-1, 1], > 0 meaning 1."""
+def _block_soft(coeffs: np.ndarray, offset: float, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(15, n) coefficients 1..15 of n blocks -> two (n,) soft-bit read-outs in [-1, 1], > 0 meaning 1.
+
+    The first is for untouched images, the second for compressed ones (see the module docstring).
+    """
     a = np.abs(coeffs + np.float32(offset))
-    s = np.sin(a * np.float32(-2 * math.pi / step))  # +1 on the bit-1 lattice (3/4 step), -1 on bit 0 (1/4 step)
+    k = np.float32(-2 * math.pi / step)  # sin(k v) is +1 on the bit-1 lattice (3/4 step), -1 on bit 0 (1/4 step)
+    top = a.max(axis=0)
+    largest = np.sin(top * k)
     # The encoder moved the block's largest coefficient by -0.75..+0.25 step, so the marked one is
     # within 0.75 step of the current maximum; of those, take the one nearest the lattice. |s| is the
     # same on both bits' lattices, so on clean images this choice does not favour either bit, and
-    # exact ties are averaged rather than broken towards one sign.
-    score = np.where(a >= a.max(axis=0) - np.float32(0.75 * step), np.abs(s), np.float32(-1))
+    # exact ties (flat blocks) are averaged rather than broken towards one sign.
+    s = np.sin(a * k)
+    score = np.abs(s)  # in [0, 1]; +2 lifts every candidate above every non-candidate
+    near_max = a >= top - np.float32(0.75 * step)
+    score += near_max
+    score += near_max
     chosen = score == score.max(axis=0)
-    return np.where(chosen, s, np.float32(0)).sum(axis=0) / chosen.sum(axis=0)
+    nearest = (s * chosen).sum(axis=0) / np.count_nonzero(chosen, axis=0)
+    return nearest, largest

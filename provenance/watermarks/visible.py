@@ -30,10 +30,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class WatermarkNetConfig:
     """Architecture of the small watermark CNN (stored in the checkpoint, so old weights keep loading)."""
 
-    stem: int = 16  # channels of the stride-2 stem
+    stem: int = 16  # channels of the stem
     widths: tuple[int, ...] = (32, 64, 128, 192)  # one stride-2 stage each
     high_res_block: bool = True  # one extra block at stem resolution, where thin strokes still exist
     dropout: float = 0.2
+    # 0: a 3x3 stride-2 conv stem; p > 0: a p x p stride-p "patchify" stem, which keeps every input pixel
+    # (a thin stroke stays in its patch) while the first feature map is p*p times smaller
+    stem_patch: int = 0
 
     @classmethod
     def from_dict(cls, d: dict) -> "WatermarkNetConfig":
@@ -42,6 +45,7 @@ class WatermarkNetConfig:
             widths=tuple(int(w) for w in d["widths"]),
             high_res_block=bool(d["high_res_block"]),
             dropout=float(d.get("dropout", 0.2)),
+            stem_patch=int(d.get("stem_patch", 0)),
         )
 
 
@@ -85,7 +89,12 @@ class WatermarkNet(nn.Module):
     def __init__(self, config: WatermarkNetConfig = WatermarkNetConfig()):
         super().__init__()
         self.config = config
-        layers: list[nn.Module] = [_conv_bn(3, config.stem, stride=2)]
+        if config.stem_patch:
+            p = config.stem_patch
+            stem = nn.Sequential(nn.Conv2d(3, config.stem, p, p, bias=False), nn.BatchNorm2d(config.stem), nn.ReLU(inplace=True))
+        else:
+            stem = _conv_bn(3, config.stem, stride=2)
+        layers: list[nn.Module] = [stem]
         if config.high_res_block:
             layers.append(_separable(config.stem, config.stem, 1))
         cin = config.stem
