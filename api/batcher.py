@@ -29,8 +29,9 @@ class ScanBatcher:
     A fixed number of scan threads bounds how many scans compete for the cores, however many requests
     arrive. While the workers are busy new requests queue up and are taken together next time, so
     batches grow with load without delaying a lone request; `window_s` > 0 additionally waits that long
-    for company after the first job arrives. Two workers rather than one: on the 2-core machine two
-    scans side by side gave more throughput than one at a time (bench/results/api.md).
+    for company after the first job arrives. The server runs two workers (two scans side by side gave
+    more throughput than one at a time on the 2-core machine) with max_batch 1 (batching saved no CPU on
+    mixed-size photos); see bench/results/api.md.
     """
 
     def __init__(self, scan_many: ScanMany, max_batch: int = 8, window_s: float = 0.0, workers: int = 1):

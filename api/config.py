@@ -33,12 +33,14 @@ class ServerConfig:
     invisible: bool | None = None
     c2pa: bool = True
     metadata: bool = True
-    # Micro-batching of concurrent /v1/scan requests: one scan thread takes whatever is queued
-    # (up to scan_batch images), waiting at most scan_window_ms for more after the first arrives.
-    # 0 = no batcher: every request scans in its own worker thread (measured slower, bench/results/api.md).
-    scan_batch: int = 8
+    # Scans run on `scan_workers` threads fed by a queue (a bounded pool, however many requests arrive).
+    # Each worker may take up to `scan_batch` queued scans as one Scanner batch, waiting at most
+    # scan_window_ms for company; 0 = no queue, every request scans in its own thread, unbounded.
+    # Micro-batching is off by default: it saved no CPU per scan on mixed-size photos (SSCD batches only
+    # images of one shape), measured in bench/results/api.md.
+    scan_batch: int = 1
     scan_window_ms: float = 0.0
-    scan_workers: int = 2  # scan threads taking batches from the queue
+    scan_workers: int = 2
     search_threads: int = 2  # executor for image/text search (model work), sized to the cores
     load_in_background: bool = True
 

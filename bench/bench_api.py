@@ -141,9 +141,6 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-RequestFn = "callable(client, i) -> awaitable httpx.Response"
-
-
 async def run_load(url: str, endpoint: str, make_request, clients: int, n_requests: int, warmup: int = 0,
                    on_progress=None) -> LoadResult:
     """`clients` closed-loop workers share `n_requests` requests; warm-up requests are not counted."""
@@ -300,7 +297,7 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
     lines = [
         "## API server (`provenance serve`)",
         "",
-        f"Command: `.venv/bin/python bench/bench_api.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Command: `{' '.join(['.venv/bin/python', 'bench/bench_api.py', *sys.argv[1:]])}`",
         "",
         f"Machine: 2-core x86_64 CPU, shared ({platform.processor() or platform.machine()}, "
         f"{psutil.cpu_count()} logical CPUs); load average before the run "

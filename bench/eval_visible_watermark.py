@@ -35,6 +35,7 @@ from provenance.watermarks.visible import VisibleWatermarkDetector  # noqa: E402
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 CANVAS_SIDES = (256, 512, 1024)
+NOTES_MARKER = "<!-- notes: kept by eval_visible_watermark.py -->"
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -288,8 +289,13 @@ def main(argv: list[str] | None = None) -> int:
         "details": results,
     }
     card_path.write_text(json.dumps(card, indent=2) + "\n")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render_markdown(args, results, card))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # hand-written notes below the marker (design measurements that this script does not redo) are kept
+    notes = ""
+    if out.exists() and NOTES_MARKER in out.read_text():
+        notes = out.read_text()[out.read_text().index(NOTES_MARKER) :]
+    out.write_text(render_markdown(args, results, card) + ("\n" + notes if notes else ""))
     logger.info("wrote %s and %s", card_path, args.out)
     return 0
 

@@ -24,7 +24,7 @@ def serve_command(
     max_pixels: Annotated[Optional[int], typer.Option(min=1, help="Larger images are refused as decompression bombs (default 64 M).")] = None,
     keep_uploads: Annotated[Optional[Path], typer.Option(help="Keep scanned uploads and their records in this folder (default: keep nothing).")] = None,
     cors_origins: Annotated[Optional[str], typer.Option(help="Comma-separated origins allowed to call the API from a browser.")] = None,
-    scan_batch: Annotated[Optional[int], typer.Option(min=0, help="Most images scanned together from concurrent requests (0 = no micro-batching).")] = None,
+    scan_batch: Annotated[Optional[int], typer.Option(min=0, help="Most queued scans run as one batch (default 1 = no micro-batching; 0 = no scan queue).")] = None,
     scan_workers: Annotated[Optional[int], typer.Option(min=1, help="Scan threads (default 2).")] = None,
     visible: Annotated[Optional[bool], typer.Option("--visible/--no-visible", help="Visible-watermark check (default: on when its weights are present).")] = None,
     invisible: Annotated[Optional[bool], typer.Option("--invisible/--no-invisible", help="Invisible-watermark check (default: on when available).")] = None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
 import struct
 import threading
@@ -459,3 +460,39 @@ def test_batcher_workers_scan_side_by_side():
         assert peak == 2 and b.batches == 6  # two at a time, never more
     finally:
         b.close()
+
+
+def test_serve_command_is_registered_and_refuses_a_missing_index(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from provenance.cli import app
+
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: started.append((a, kw)))
+    runner = CliRunner()
+    result = runner.invoke(app, ["serve", "--index", str(tmp_path / "missing")])
+    assert result.exit_code == 2 and "no index" in result.output and not started
+    assert "--workers" in runner.invoke(app, ["serve", "--help"]).output
+
+
+def test_serve_with_workers_hands_config_to_the_factory(index_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from provenance.cli import app
+
+    started = []
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: started.append((a, kw)))
+    for k in [k for k in os.environ if k.startswith("PROVENANCE_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PROVENANCE_API_KEYS", "secret")
+    try:
+        result = CliRunner().invoke(app, ["serve", "--index", str(index_dir), "--workers", "3", "--port", "9999",
+                                          "--max-upload-mb", "5"])
+        assert result.exit_code == 0, result.output
+        (args, kwargs), = started
+        assert args == ("api.app:app_from_env",) and kwargs["factory"] and kwargs["workers"] == 3
+        cfg = ServerConfig.from_env()  # what each worker process will build
+        assert cfg.index_dir == index_dir and cfg.max_upload_bytes == 5 * 1024 * 1024 and cfg.api_keys == ("secret",)
+    finally:
+        for k in [k for k in os.environ if k.startswith("PROVENANCE_") and k != "PROVENANCE_API_KEYS"]:
+            del os.environ[k]  # set by the command for its workers; monkeypatch restores the rest

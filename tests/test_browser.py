@@ -1,4 +1,4 @@
-"""End to end in headless Debian chromium: a real `provenance serve`, the page, uploads, search and errors."""
+"""End to end in headless Debian chromium: a real uvicorn server, the page, uploads, search and errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,24 +48,26 @@ def corpus(coco_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(corpus, tmp_path_factory):
-    """`provenance serve` in a subprocess on a free loopback port; yields its base URL."""
+    """A real uvicorn server (in a thread of this process) on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    from api import ServerConfig, create_app
+
     index_dir = tmp_path_factory.mktemp("browser-index") / "idx"
     build(str(corpus), index_dir, BuildOptions(descriptors=["sscd", "pdq"]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = open(tmp_path_factory.mktemp("browser-log") / "server.log", "w+")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
-    proc = subprocess.Popen([sys.executable, "-m", "provenance.cli", "serve", "--index", str(index_dir),
-                             "--port", str(port), "--log-level", "warning"],
-                            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(index_dir=index_dir)), host="127.0.0.1",
+                                           port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()}")
+            if not thread.is_alive():
+                pytest.fail("the server thread exited (see the log above)")
             try:
                 if httpx.get(url + "/healthz", timeout=2).status_code == 200:
                     break
@@ -74,16 +75,11 @@ def server(corpus, tmp_path_factory):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail("server did not become ready in 120 s")
-            time.sleep(0.25)
+            time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.should_exit = True
+        thread.join(15)
 
 
 @pytest.fixture(scope="module")

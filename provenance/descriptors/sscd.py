@@ -66,6 +66,9 @@ class SSCDDescriptor:
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
+            # Idle intra-op threads otherwise busy-wait between calls, stealing the cores that decode
+            # threads (and other requests of the server) need; measured ~30% less CPU per image when shared.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if threads:
                 opts.intra_op_num_threads = threads
             try:

@@ -145,10 +145,10 @@ def resize_for_model(image: Image.Image, size: int) -> Image.Image:
 
 def normalise(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(h, w, 3) uint8 -> (3, h, w) float32 normalised."""
-    x = rgb.astype(np.float32).transpose(2, 0, 1) / 255.0
-    m = np.asarray(mean, dtype=np.float32)[:, None, None]
-    s = np.asarray(std, dtype=np.float32)[:, None, None]
-    return (x - m) / s
+    scale = (1.0 / (255.0 * np.asarray(std, dtype=np.float32)))[:, None, None]
+    offset = (np.asarray(mean, dtype=np.float32) / np.asarray(std, dtype=np.float32))[:, None, None]
+    # (x / 255 - mean) / std as one multiply-add
+    return rgb.transpose(2, 0, 1).astype(np.float32, order="C") * scale - offset
 
 
 # ---------------------------------------------------------------------------------------------
