@@ -175,6 +175,7 @@ def recall10(ids: np.ndarray, gt: np.ndarray) -> float:
 
 def qps(search, xq: np.ndarray, batch: int, budget_s: float = 10.0) -> float:
     """Queries per second at a batch size, over at most `budget_s` seconds (after one warm-up)."""
+    batch = min(batch, len(xq))
     search(xq[:batch])
     done, t0 = 0, time.perf_counter()
     while done + batch <= len(xq) and time.perf_counter() - t0 < budget_s:

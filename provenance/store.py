@@ -96,8 +96,8 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
             entry: dict[str, Any] = {**spec.to_dict(), "vectors": vectors_file(name)}
             if n:
                 plan = ann.plan_index(n, spec.dim, metric=metric, memory_budget_bytes=memory_budget_bytes)
-                xb = x if name == "pdq" else np.asarray(x, dtype=np.float32)
-                index = ann.build_index(xb, plan, use_gpu=use_gpu)
+                # float16 as stored: build_index converts chunk by chunk (a 1M x 512 float32 copy is 2 GB)
+                index = ann.build_index(np.load(tmp / vectors_file(name), mmap_mode="r"), plan, use_gpu=use_gpu)
                 ann.save_index(index, tmp / f"{name}.faiss")
                 entry.update({"faiss": f"{name}.faiss", "ann": plan.to_dict()})
             if name in contents.load_args:
