@@ -229,6 +229,26 @@ def main() -> None:
     write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, embed_ms, time.time() - t0)
 
 
+NOTES = [
+    "### Reading the numbers",
+    "",
+    "- SD v1/v2 and SDXL write their mark in the U chroma channel with a quantisation step of 36 on single "
+    "2x2-pixel cells. Pillow's JPEG keeps one chroma sample per 2x2 pixels (4:2:0) and quantises it coarsely, "
+    "which erases the lattice at q90 and below whatever the decoder does; at q95 inverting libjpeg's chroma "
+    "upsampling (the `jpeg 4:2:0` hypothesis) recovers part of it, and with full-resolution chroma (4:4:4) q90 "
+    "keeps most marks. SD v2's 32-bit payload needs 30 of 32 bits right after the Bonferroni factor, hence its "
+    "lower rates than SD v1's 136 bits.",
+    "- Untouched PNGs: the plain decoder loses marks where quantising a block's largest coefficient made a "
+    "neighbour the largest (common in smooth, upscaled photos) and, for SDXL, because diffusers encodes a float "
+    "image, for which OpenCV centres U on 0.5 instead of 128 (a lattice shift the plain decoder ignores).",
+    "- Our mark lives in luma (not subsampled by JPEG) with step 20 and nearest-lattice embedding, so it and its "
+    "run id survive JPEG down to q60; the run id is only reported when its CRC checks.",
+    "- False positives are bounded by construction (exact binomial tail x number of hypotheses); the clean sets "
+    "check that real photos, including smooth upscaled ones, behave like random bits.",
+    "",
+]
+
+
 def write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, embed_ms, elapsed) -> None:
     n = len(marked_sources)
     lines = [
@@ -284,6 +304,7 @@ def write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, 
         lines.append(f"- {k}: {v:.1f} ms")
     lines += [f"- 512x512 wall clock on the shared machine: {wall512:.1f} ms",
               f"- `embed_provenance_mark` 512x512: {embed_ms:.1f} ms", ""]
+    lines += NOTES
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -4,7 +4,9 @@
 
 Backgrounds: flickr8k-dev shards 00000-00003 (2,000 photos). Overlays: provenance.watermarks.overlays with the
 training fonts and strings only (held-out fonts/strings are for bench/eval_visible_watermark.py). Every example
-is generated from (seed, index), so a run is reproducible whatever the number of data workers.
+is generated from (seed, index), so a run is reproducible whatever the number of data workers. One process
+trains (1 torch thread), one generates examples; each generated batch is used twice (the second time mirrored),
+since generating an example costs about as much as two training steps on it.
 """
 
 from __future__ import annotations
@@ -58,11 +60,12 @@ def read_shards(shard_dir: Path, shards: tuple[str, ...]) -> tuple[list[bytes], 
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
-    """Item i: two examples drawn on the same canvas from rng(seed, i): a stock watermark, and opaque text (60%)
-    or the clean canvas (40%). Pairs share the background, so the only evidence that separates them is the mark;
-    they also share the canvas decode and resize, the costliest part of generation.
+    """Item i: two examples on the same photo from rng(seed, i): a stock watermark, and opaque text (60%) or the
+    clean photo (40%). Pairs share the background, so the only evidence that separates them is the overlay.
 
-    Returns ((2, s, s, 3) uint8, (2,) float32 labels).
+    Overlays are drawn on canvases of 224-768 px and composited, downscaled, onto the photo at the model's input
+    size (overlays.layered_example): the 224 px Flickr photos are never upscaled, so backgrounds are as crisp as
+    real photos downscaled to the input. Returns ((2, s, s, 3) uint8, (2,) float32 labels).
     """
 
     def __init__(self, photos, fonts, wm_strings, text_strings, input_size: int, seed: int, length: int, min_visibility: float):
@@ -76,16 +79,18 @@ class SyntheticPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, i])
-        photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))]))
-        canvas = overlays.random_canvas(photo, rng)
+        photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))])).convert("RGB")
+        if rng.random() < 0.5:
+            photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        background = resize_for_model(photo, self.input_size)
         negative = "text" if rng.random() < 0.6 else "clean"
         xs = []
         for kind in ("watermark", negative):
-            im, _, _ = overlays.overlay_example(
-                canvas, rng, self.fonts, self.wm_strings, self.text_strings, kind=kind, min_visibility=self.min_visibility
+            im, _, _ = overlays.layered_example(
+                background, rng, self.fonts, self.wm_strings, self.text_strings, kind=kind, min_visibility=self.min_visibility
             )
             # uint8 crosses the process boundary (4x less than float32); the main process normalises
-            xs.append(np.asarray(resize_for_model(im, self.input_size)))
+            xs.append(np.asarray(im))
         return torch.from_numpy(np.stack(xs)), torch.tensor([1.0, 0.0])
 
 
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
     ap.add_argument("--data", default=str(DATA / "flickr8k-dev"), help="folder of the flickr8k-dev shards")
-    ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--steps", type=int, default=1700)
     ap.add_argument("--batch-size", type=int, default=32, help="examples per step (half as many pairs)")
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--reuse", type=int, default=2, help="optimizer steps per generated batch (the 2nd on its mirror image)")
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "watermark_strings": "overlays.TRAIN_WATERMARK_STRINGS",
             "fonts": f"{len(train_fonts)} files under /usr/share/fonts, families in HELDOUT_FONT_KEYS excluded",
             "examples": args.steps * args.batch_size,
-            "labels": "pairs on one canvas: a stock watermark + opaque text (60%) or clean (40%) (overlays.overlay_example)",
+            "labels": "pairs on one photo: a stock watermark + opaque text (60%) or clean (40%) (overlays.layered_example)",
             "min_visibility": args.min_visibility,
         },
         "final_running_loss": round(run_loss, 4),

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
-from provenance.errors import ProvenanceError, UnreadableImageError
+from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
 from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes
 from provenance.models import ModelOptions
 from provenance.search import Searcher, merge_matches
@@ -98,7 +98,15 @@ class Scanner:
         if (o.use_clip is None and "clip" in self.index.specs) or o.use_clip:
             self.descriptors.append("clip")
         self._models = {n: searcher.model(n) for n in self.descriptors}
-        self._visible = _load_visible(o) if o.visible else None
+        self._visible = None
+        if o.visible:
+            try:
+                self._visible = _load_visible(o)
+            except ModelLoadError as e:
+                if o.visible_model or o.visible_laion_checkpoint:
+                    raise  # the user named weights: failing to load them is their error to see
+                # the shipped weights missing (a broken install) must not stop copy detection
+                logger.warning("visible-watermark check is off: %s", e)
         self._sha_rows = self._sha_index()
 
     @classmethod

@@ -198,16 +198,29 @@ def add_stock_watermark(
     centred text/logo, a logo, a branded footer bar with an image id, or a corner credit. `opacity` (alpha of
     the mark, 0-1) is drawn from 0.15-0.6 when None; footer bars are drawn more opaque, as agencies do.
     """
+    base = image.convert("RGB")
+    return composite_layer(base, stock_watermark_layer(base.size, rng, fonts, strings, style=style, opacity=opacity))
+
+
+def stock_watermark_layer(
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    fonts: list[str],
+    strings: WatermarkStrings = TRAIN_WATERMARK_STRINGS,
+    *,
+    style: str | None = None,
+    opacity: float | None = None,
+) -> Image.Image:
+    """The watermark of `add_stock_watermark` alone: an RGBA layer of `size` (width, height), opacity included."""
     if not fonts:
         raise ValueError("fonts is empty: pass font file paths, e.g. from find_fonts()")
     if style is None:
         style = str(rng.choice(STOCK_STYLES, p=STOCK_STYLE_WEIGHTS))
     if style not in STOCK_STYLES:
         raise ValueError(f"unknown watermark style {style!r}; expected one of {STOCK_STYLES}")
-    base = image.convert("RGB")
     alpha = float(rng.uniform(0.15, 0.6)) if opacity is None else float(opacity)
-    layer = _STOCK_DRAWERS[style](base.size, rng, fonts, strings)
-    return _composite(base, layer, alpha if style != "footer" else max(alpha, float(rng.uniform(0.6, 1.0))))
+    layer = _STOCK_DRAWERS[style](tuple(size), rng, fonts, strings)
+    return _scale_alpha(layer, alpha if style != "footer" else max(alpha, float(rng.uniform(0.6, 1.0))))
 
 
 def add_opaque_text(
@@ -223,15 +236,35 @@ def add_opaque_text(
     `style` is one of TEXT_STYLES (random by TEXT_STYLE_WEIGHTS when None): an Impact-like meme caption,
     a subtitle, a sign plate, a camera date stamp, a large title, or small labels.
     """
+    base = image.convert("RGB")
+    return composite_layer(base, opaque_text_layer(base.size, rng, fonts, strings, style=style))
+
+
+def opaque_text_layer(
+    size: tuple[int, int],
+    rng: np.random.Generator,
+    fonts: list[str],
+    strings: TextStrings = TRAIN_TEXT_STRINGS,
+    *,
+    style: str | None = None,
+) -> Image.Image:
+    """The text of `add_opaque_text` alone: an RGBA layer of `size` (width, height)."""
     if not fonts:
         raise ValueError("fonts is empty: pass font file paths, e.g. from find_fonts()")
     if style is None:
         style = str(rng.choice(TEXT_STYLES, p=TEXT_STYLE_WEIGHTS))
     if style not in TEXT_STYLES:
         raise ValueError(f"unknown text style {style!r}; expected one of {TEXT_STYLES}")
-    base = image.convert("RGB")
-    layer = _TEXT_DRAWERS[style](base.size, rng, fonts, strings)
-    return _composite(base, layer, 1.0)
+    return _TEXT_DRAWERS[style](tuple(size), rng, fonts, strings)
+
+
+def composite_layer(base: Image.Image, layer: Image.Image) -> Image.Image:
+    """Alpha-composite an RGBA `layer` over `base` (RGB out). A layer of another size is resized to `base` first
+    (with premultiplied alpha), which equals drawing it on a canvas of its own size and resizing the result:
+    both operations are linear, so a mark drawn at 1024 px can be put on a 224 px photo without upscaling it."""
+    if layer.size != base.size:
+        layer = layer.resize(base.size, Image.Resampling.BILINEAR)  # Pillow premultiplies RGBA for resizing
+    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +280,10 @@ def _year(rng: np.random.Generator) -> int:
     return int(rng.integers(1998, 2025))
 
 
-def _composite(base: Image.Image, layer: Image.Image, opacity: float) -> Image.Image:
+def _scale_alpha(layer: Image.Image, opacity: float) -> Image.Image:
     if opacity < 1.0:
         layer.putalpha(layer.getchannel("A").point([int(round(a * opacity)) for a in range(256)]))
-    return Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    return layer
 
 
 def _mark_colour(rng: np.random.Generator) -> RGB:
@@ -799,6 +832,61 @@ def overlay_example(
     return im, kind, facts
 
 
+def layered_example(
+    background: Image.Image,
+    rng: np.random.Generator,
+    fonts: list[str],
+    watermark_strings: WatermarkStrings = TRAIN_WATERMARK_STRINGS,
+    text_strings: TextStrings = TRAIN_TEXT_STRINGS,
+    *,
+    kind: str,
+    canvas_size: tuple[int, int] | None = None,
+    jpeg_probability: float = 0.7,
+    min_visibility: float = 0.0,
+) -> tuple[Image.Image, str, dict]:
+    """Like `overlay_example`, but the overlay is drawn on a canvas of `canvas_size` (random as in `random_canvas`
+    when None) and composited, resized, onto `background` at the background's own size; returns (image, kind, facts).
+
+    This is what a photo of canvas size with a mark looks like once downscaled to `background`'s size, without
+    ever upscaling the background (an upscaled photo is soft, and a detector learns "crisp = watermark") and
+    several times cheaper than drawing on a full-size canvas. JPEG (quality 50-95, probability
+    `jpeg_probability`) is applied at the background's size, where real compression artefacts survive weakened.
+    """
+    if kind not in EXAMPLE_KINDS:
+        raise ValueError(f"unknown example kind {kind!r}; expected one of {EXAMPLE_KINDS}")
+    im = background.convert("RGB")
+    if canvas_size is None:
+        short = round(float(np.exp(rng.uniform(np.log(224), np.log(768)))))
+        aspect = float(rng.uniform(0.6, 1.7))
+        canvas_size = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
+    facts: dict = {"canvas": list(canvas_size)}
+    if kind == "watermark":
+        if rng.random() < 0.15:  # marks on images that also carry ordinary text are still marks
+            im = composite_layer(im, opaque_text_layer(canvas_size, rng, fonts, text_strings))
+        # the style is drawn once, so that redrawing invisible marks does not skew the mix of styles
+        style = str(rng.choice(STOCK_STYLES, p=STOCK_STYLE_WEIGHTS))
+        for _ in range(4):
+            opacity = float(rng.uniform(0.15, 0.6))
+            layer = stock_watermark_layer(canvas_size, rng, fonts, watermark_strings, style=style, opacity=opacity)
+            marked = composite_layer(im, layer)
+            visibility = mark_visibility(im, marked)
+            if visibility >= min_visibility:
+                break
+        im = marked
+        facts.update(style=style, opacity=round(opacity, 3), visibility=round(visibility, 5))
+    elif kind == "text":
+        style = str(rng.choice(TEXT_STYLES, p=TEXT_STYLE_WEIGHTS))
+        im = composite_layer(im, opaque_text_layer(canvas_size, rng, fonts, text_strings, style=style))
+        facts.update(style=style)
+    if rng.random() < jpeg_probability:
+        q = int(rng.integers(50, 96))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=q)
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        facts["jpeg_quality"] = q
+    return im, kind, facts
+
+
 def mark_visibility(before: Image.Image, after: Image.Image, levels: int = 24) -> float:
     """Fraction of pixels that an overlay changed by >= `levels` (of 255) in some channel: 0 = invisible."""
     # PIL's C loops: ~10x faster than the numpy int16 equivalent on a 768 px canvas
@@ -820,12 +908,16 @@ __all__ = [
     "WatermarkStrings",
     "add_opaque_text",
     "add_stock_watermark",
+    "composite_layer",
     "bold_fonts",
     "find_fonts",
     "image_id",
+    "layered_example",
     "mark_visibility",
+    "opaque_text_layer",
     "overlay_example",
     "random_canvas",
     "split_fonts",
+    "stock_watermark_layer",
     "synthetic_example",
 ]
