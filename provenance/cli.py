@@ -209,8 +209,7 @@ def scan(
             records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:
         _fail(e)
-    target = output if output is not None else (None if fmt == "table" else sys.stdout)
-    write_report(records, fmt, target if target is not None else out, thumbnails=scanner.index.thumbnail)
+    write_report(records, fmt, output, thumbnails=scanner.index.thumbnail)  # output None = stdout
     if output is not None:
         console.print(f"wrote {fmt} report for {len(records)} images to {output}")
     errors = sum(r.verdict == "error" for r in records)

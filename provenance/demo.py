@@ -33,14 +33,11 @@ def make_demo_inputs(out_dir: Path) -> list[Path]:
     paths.append(out_dir / "flipped-contrast-caption.png")
     edited.save(paths[-1])
 
-    try:
-        from provenance.watermarks.overlays import add_stock_watermark
+    import numpy as np
 
-        import random
+    from provenance.watermarks.overlays import add_stock_watermark, find_fonts
 
-        stock = add_stock_watermark(c.copy(), random.Random(0))
-    except ImportError:
-        stock = c.copy()
+    stock = add_stock_watermark(c.copy(), np.random.default_rng(0), find_fonts(), style="tiled", opacity=0.4)
     paths.append(out_dir / "stock-watermarked.jpg")
     stock.save(paths[-1], quality=90)
 
@@ -87,7 +84,7 @@ def run_demo(index_dir: Path, report: Path, console: Console) -> None:
     inputs = make_demo_inputs(report.parent / "demo-inputs")
     scanner = Scanner(searcher)
     records = scanner.scan_paths(inputs)
-    write_report(records, "table", console)
+    write_report(records, "table", console.file)
     report.parent.mkdir(parents=True, exist_ok=True)
     write_report(records, "html", report, thumbnails=scanner.index.thumbnail)
     console.print(f"HTML report: {report}")
