@@ -86,7 +86,8 @@ def test_layer_drawn_large_equals_overlay_then_downscale(photos, fonts):
     small = np.asarray(overlays.composite_layer(photo, layer), dtype=np.float32)
     big = overlays.composite_layer(photo.resize((448, 448), Image.Resampling.BILINEAR), layer)
     reference = np.asarray(big.resize(photo.size, Image.Resampling.BILINEAR), dtype=np.float32)
-    blurred = np.asarray(photo.resize((448, 448), Image.Resampling.BILINEAR).resize(photo.size, Image.Resampling.BILINEAR), dtype=np.float32)
+    up_down = photo.resize((448, 448), Image.Resampling.BILINEAR).resize(photo.size, Image.Resampling.BILINEAR)
+    blurred = np.asarray(up_down, dtype=np.float32)
     # the two differ only by the softening of the photo by the up-and-down resize: compare what the mark changed
     change_small = small - np.asarray(photo, dtype=np.float32)
     change_reference = reference - blurred

@@ -64,7 +64,8 @@ class WatermarkStrings:
             return self.brand(rng)
         if r < 0.75:
             name = self.name(rng)
-            return str(rng.choice([f"© {name}", f"{name} Photography", f"Photo: {name}", name, f"© {name} {_year(rng)}"]))
+            credits = [f"© {name}", f"{name} Photography", f"Photo: {name}", name, f"© {name} {_year(rng)}"]
+            return str(rng.choice(credits))
         if r < 0.9:
             return self.url(rng)
         return f"{self.brand(rng)}  {image_id(rng)}"
@@ -532,11 +533,15 @@ def _draw_footer(size, rng, fonts, strings) -> Image.Image:
     font_path = str(rng.choice(fonts))
     big = _font(font_path, int(bar_h * rng.uniform(0.45, 0.7)))
     small = _font(font_path, int(bar_h * rng.uniform(0.25, 0.4)))
-    left = _text_tile(brand if not partial else f"Credit: {strings.name(rng)} / {brand}", big if not partial else small, ink)
+    if partial:
+        left = _text_tile(f"Credit: {strings.name(rng)} / {brand}", small, ink)
+    else:
+        left = _text_tile(brand, big, ink)
     if rng.random() < 0.5 and not partial:
         left = _stack([_logo_tile(rng, bar_h * 0.7, ink, fonts), left], gap=max(1, bar_h // 6), horizontal=True)
     lx = int(bar_h * 0.3)
-    layer.alpha_composite(left.crop((0, 0, min(left.width, x_end - lx), left.height)), (lx, y0 + max(0, (bar_h - left.height) // 2)))
+    left = left.crop((0, 0, min(left.width, x_end - lx), left.height))
+    layer.alpha_composite(left, (lx, y0 + max(0, (bar_h - left.height) // 2)))
     if not partial:
         parts = [image_id(rng)] if rng.random() < 0.8 else []
         if rng.random() < 0.6:
@@ -558,7 +563,8 @@ def _draw_corner(size, rng, fonts, strings) -> Image.Image:
     font = _fit_font(str(rng.choice(fonts)), text, W * rng.uniform(0.25, 0.55), m * rng.uniform(0.04, 0.1))
     tile = _mark_text_tile(rng, text, font, colour)
     if rng.random() < 0.35:
-        tile = _stack([_logo_tile(rng, tile.height * 1.6, colour, fonts), tile], gap=max(1, tile.height // 4), horizontal=True)
+        logo = _logo_tile(rng, tile.height * 1.6, colour, fonts)
+        tile = _stack([logo, tile], gap=max(1, tile.height // 4), horizontal=True)
     if rng.random() < 0.15:
         tile = _rotate(tile, 90.0)
     mx, my = W * rng.uniform(0.02, 0.06), H * rng.uniform(0.02, 0.06)
@@ -641,7 +647,11 @@ def _draw_sign(size, rng, fonts, strings) -> Image.Image:
         pad = max(2, font.size // 3)
         sign = Image.new("RGBA", (t.width + 2 * pad, t.height + 2 * pad), (0, 0, 0, 0))
         ImageDraw.Draw(sign).rounded_rectangle(
-            (0, 0, sign.width - 1, sign.height - 1), radius=pad, fill=plate + (255,), outline=ink + (255,), width=max(1, pad // 3)
+            (0, 0, sign.width - 1, sign.height - 1),
+            radius=pad,
+            fill=plate + (255,),
+            outline=ink + (255,),
+            width=max(1, pad // 3),
         )
         sign.alpha_composite(t, (pad, pad))
         sign = _rotate(sign, float(rng.uniform(-10, 10)))
@@ -653,7 +663,12 @@ def _draw_date_stamp(size, rng, fonts, strings) -> Image.Image:
     W, H = size
     layer = Image.new("RGBA", size, (0, 0, 0, 0))
     y, mo, d = _year(rng), int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    formats = [f"'{y % 100:02d} {mo} {d}", f"{y}/{mo:02d}/{d:02d}", f"{d:02d}.{mo:02d}.{y}", f"{mo:02d}/{d:02d}/{y % 100:02d}"]
+    formats = [
+        f"'{y % 100:02d} {mo} {d}",
+        f"{y}/{mo:02d}/{d:02d}",
+        f"{d:02d}.{mo:02d}.{y}",
+        f"{mo:02d}/{d:02d}/{y % 100:02d}",
+    ]
     text = formats[int(rng.integers(0, len(formats)))]
     if rng.random() < 0.3:
         text += f" {int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}"
@@ -681,7 +696,8 @@ def _draw_title(size, rng, fonts, strings) -> Image.Image:
     fill = tuple(int(v) for v in rng.integers(0, 256, size=3)) if rng.random() < 0.6 else _contrast(_mark_colour(rng))
     font = _fit_font(str(rng.choice(fonts)), max(lines, key=len), W * rng.uniform(0.4, 0.9), H * 0.2)
     stroke = max(1, font.size // 16) if rng.random() < 0.4 else 0
-    block = _stack([_text_tile(line, font, fill, stroke=stroke) for line in lines], gap=max(1, font.size // 6))  # type: ignore[arg-type]
+    tiles = [_text_tile(line, font, fill, stroke=stroke) for line in lines]  # type: ignore[arg-type]
+    block = _stack(tiles, gap=max(1, font.size // 6))
     block = _rotate(block, 0.0 if rng.random() < 0.6 else float(rng.uniform(-20, 20)))
     _paste_centred(layer, block, W * rng.uniform(0.35, 0.65), H * rng.uniform(0.3, 0.7))
     return layer
@@ -694,7 +710,8 @@ def _draw_label(size, rng, fonts, strings) -> Image.Image:
         text = str(rng.choice(strings.words)) if rng.random() < 0.6 else str(rng.choice(strings.phrases))
         fill = tuple(int(v) for v in rng.integers(0, 256, size=3))
         font = _font(str(rng.choice(fonts)), int(min(W, H) * rng.uniform(0.03, 0.08)))
-        tile = _text_tile(text, font, fill, stroke=max(1, font.size // 15) if rng.random() < 0.3 else 0)  # type: ignore[arg-type]
+        stroke = max(1, font.size // 15) if rng.random() < 0.3 else 0
+        tile = _text_tile(text, font, fill, stroke=stroke)  # type: ignore[arg-type]
         _paste_centred(layer, tile, W * rng.uniform(0.1, 0.9), H * rng.uniform(0.08, 0.92))
     return layer
 

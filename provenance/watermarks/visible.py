@@ -91,7 +91,9 @@ class WatermarkNet(nn.Module):
         self.config = config
         if config.stem_patch:
             p = config.stem_patch
-            stem = nn.Sequential(nn.Conv2d(3, config.stem, p, p, bias=False), nn.BatchNorm2d(config.stem), nn.ReLU(inplace=True))
+            stem = nn.Sequential(
+                nn.Conv2d(3, config.stem, p, p, bias=False), nn.BatchNorm2d(config.stem), nn.ReLU(inplace=True)
+            )
         else:
             stem = _conv_bn(3, config.stem, stride=2)
         layers: list[nn.Module] = [stem]
@@ -173,7 +175,9 @@ class VisibleWatermarkDetector:
         """Load a provenance checkpoint (None = the shipped weights); each file is loaded once per process."""
         p = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not p.is_file():
-            hint = " (the shipped weights are missing: reinstall, or run bench/train_visible_watermark.py)" if path is None else ""
+            hint = ""
+            if path is None:
+                hint = " (the shipped weights are missing: reinstall, or run bench/train_visible_watermark.py)"
             raise ModelLoadError(f"{p}: no visible-watermark weights file{hint}")
         key = (str(p.resolve()), device, p.stat().st_mtime)
         with cls._cache_lock:
@@ -241,7 +245,11 @@ class VisibleWatermarkDetector:
         except RuntimeError as e:
             raise ModelLoadError(f"{p}: not a LAION EfficientNet-B3 watermark checkpoint ({str(e)[:300]})") from None
         config = DetectorConfig(
-            input_size=256, output="softmax", positive_index=0, model_id="laion-watermark-efficientnet_b3a", checksum=_checksum(p)
+            input_size=256,
+            output="softmax",
+            positive_index=0,
+            model_id="laion-watermark-efficientnet_b3a",
+            checksum=_checksum(p),
         )
         logger.info("loaded LAION watermark detector %s on %s", p, device)
         return cls(model.eval(), config, device)
