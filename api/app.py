@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -31,6 +32,8 @@ The web page is at `/`."""
 
 def create_app(config: ServerConfig) -> FastAPI:
     """A ready-to-serve app; the index and models load in the background once the server starts."""
+    # Concurrent requests share the cores: ONNX Runtime's busy-waiting threads would steal them (see sscd.py).
+    os.environ.setdefault("PROVENANCE_ORT_SPINNING", "0")
     state = ServiceState(config)
 
     @asynccontextmanager
