@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install demo test test-all browser bench clean
+.PHONY: install demo test system-deps bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,16 +16,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Debian's chromium for the end-to-end browser test (Playwright drives it through executable_path).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-dejavu-core) >/dev/null; \
-	  else echo "chromium missing: sudo apt-get install chromium (browser tests will be skipped)"; fi; }
+# Debian packages the tests use: chromium for the end-to-end browser test (Playwright drives it through
+# executable_path) and the font families the synthetic-watermark generator draws with (train/held-out split).
+DEBS := chromium fonts-dejavu-core fonts-liberation fonts-noto-core fonts-freefont-ttf fonts-urw-base35 \
+        fonts-open-sans fonts-roboto-unhinted fonts-lato fonts-crosextra-carlito fonts-noto-color-emoji
+
+system-deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing) >/dev/null; \
+	  else echo "missing Debian packages (browser/font tests will skip or use fewer fonts): sudo apt-get install $$missing"; fi; fi
 
 demo: install
 	$(PY) -m provenance.cli demo
 
-test: install browser
+test: install system-deps
 	$(PY) -m pytest -q
 
 bench: install
