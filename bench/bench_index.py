@@ -28,7 +28,6 @@ import logging
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -50,12 +49,11 @@ def _flickr_images():
     """Yield (key, PIL image) for the 2,500 dev photos then the 500 non-member photos."""
     from provenance.images import decode_image, load_image
 
-    for shard in sorted((DATA / "flickr8k-dev").glob("*.tar")):
-        with tarfile.open(shard) as tf:
-            for m in sorted(tf.getmembers(), key=lambda m: m.name):
-                if m.name.endswith(".jpg"):
-                    data = tf.extractfile(m).read()
-                    yield f"dev/{m.name}", decode_image(data, m.name).image
+    from provenance.corpus import read_webdataset
+
+    for it in read_webdataset(str(DATA / "flickr8k-dev")):
+        if it.data:
+            yield f"dev/{it.id}.jpg", decode_image(it.data, it.id).image
     for p in sorted((DATA / "flickr8k-nonmember").glob("*.jpg")):
         yield f"nonmember/{p.name}", load_image(p).image
 

@@ -22,7 +22,6 @@ import argparse  # noqa: E402
 import io  # noqa: E402
 import platform  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -53,13 +52,9 @@ SDXL_BITS = [int(c) for c in "101100111110110010010000011110111011000110011110"]
 
 
 def flickr_dev() -> list[Image.Image]:
-    out = []
-    for shard in sorted((DATA / "flickr8k-dev").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for m in tar:
-                if m.name.endswith(".jpg"):
-                    out.append(decode_image(tar.extractfile(m).read(), m.name).image)
-    return out
+    from provenance.corpus import read_webdataset
+
+    return [decode_image(it.data, it.id).image for it in read_webdataset(str(DATA / "flickr8k-dev")) if it.data]
 
 
 def folder(name: str) -> list[Image.Image]:

@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import sys
-import tarfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,13 +55,10 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 def heldout_photos() -> list[tuple[str, Image.Image, str]]:
     """(name, photo, caption) of the 1,000 held-out Flickr8k photos."""
-    out = []
-    with tarfile.open(DATA / "flickr8k-dev" / "00004.tar") as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for name in sorted(members):
-            if name.endswith(".jpg"):
-                cap = tar.extractfile(members[name[:-4] + ".txt"]).read().decode().strip()
-                out.append((f"00004/{name}", Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB"), cap))
+    from provenance.corpus import read_webdataset
+
+    out = [(f"00004/{it.id}.jpg", Image.open(io.BytesIO(it.data)).convert("RGB"), (it.caption or "").strip())
+           for it in read_webdataset(str(DATA / "flickr8k-dev" / "00004.tar")) if it.data]
     nonmember = DATA / "flickr8k-nonmember"
     for line in (nonmember / "metadata.jsonl").read_text().splitlines():
         row = json.loads(line)

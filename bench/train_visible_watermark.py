@@ -20,7 +20,6 @@ import logging
 import platform
 import resource
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -48,17 +47,10 @@ TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
 
 def read_shards(shard_dir: Path, shards: tuple[str, ...]) -> tuple[list[bytes], list[str]]:
     """JPEG bytes and first captions of every photo in the given webdataset shards, in tar order."""
-    photos, captions = [], []
-    for s in shards:
-        with tarfile.open(shard_dir / f"{s}.tar") as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(members):
-                if name.endswith(".jpg"):
-                    photos.append(tar.extractfile(members[name]).read())
-                    txt = members.get(name[:-4] + ".txt")
-                    if txt is not None:
-                        captions.append(tar.extractfile(txt).read().decode("utf-8").strip())
-    return photos, captions
+    from provenance.corpus import read_webdataset
+
+    items = [it for s in shards for it in read_webdataset(str(shard_dir / f"{s}.tar")) if it.data]
+    return [it.data for it in items], [it.caption.strip() for it in items if it.caption]
 
 
 class SyntheticPairs(torch.utils.data.Dataset):
