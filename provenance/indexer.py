@@ -309,7 +309,7 @@ def _assemble(old: ProvenanceIndex | None, staging: Path, specs: dict[str, Descr
     parts: dict[str, list[np.ndarray]] = {n: [] for n in specs}
     if old is not None:
         rows += old.rows()
-        thumbs += [old.thumbnail(i) for i in old.ids]
+        thumbs += old.all_thumbnails()  # one open, not one per item
         skipped += old.skipped()
         for n in specs:
             parts[n].append(np.asarray(old.vectors(n)))

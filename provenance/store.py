@@ -370,6 +370,18 @@ class ProvenanceIndex:
             f.seek(int(self._thumb_offset[r]))
             return f.read(int(self._thumb_size[r]))
 
+    def all_thumbnails(self) -> list[bytes | None]:
+        """Every item's thumbnail in row order, from one pass over thumbnails.bin (used by --append)."""
+        out: list[bytes | None] = []
+        with open(self.dir / THUMBNAILS, "rb") as f:
+            for off, size in zip(self._thumb_offset, self._thumb_size):
+                if off < 0:
+                    out.append(None)
+                else:
+                    f.seek(int(off))
+                    out.append(f.read(int(size)))
+        return out
+
     def sample_captions(self, n: int, seed: int = 0) -> list[str]:
         captions = [c for c in self._captions if c]
         rng = random.Random(seed)
