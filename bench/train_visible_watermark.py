@@ -123,10 +123,37 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _train(args, dl, model, opt, sched, loss_fn, losses: list, t_start: float) -> None:
+    """The training loop; appends the running loss every 100 steps to `losses`."""
+    run_loss, run_acc = 0.0, 0.0
+    for step, (x, y) in enumerate(dl, start=1):
+        # (pairs, 2, s, s, 3) -> (2 * pairs, 3, s, s)
+        x = to_model_input(x.flatten(0, 1)).to(args.device).contiguous(memory_format=torch.channels_last)
+        y = y.flatten().to(args.device)
+        # generating an example costs more than a training step on it: each batch is used `reuse` times,
+        # mirrored every other time
+        for r in range(args.reuse):
+            logits = model(x if r % 2 == 0 else torch.flip(x, dims=[3]))
+            loss = loss_fn(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        run_loss = 0.98 * run_loss + 0.02 * loss.item() if step > 1 else loss.item()
+        run_acc = 0.98 * run_acc + 0.02 * ((logits > 0).float() == y).float().mean().item() if step > 1 else 0.5
+        if step % 100 == 0 or step == args.steps:
+            losses.append(round(run_loss, 4))
+            logger.info(
+                "step %d/%d loss %.4f acc %.3f lr %.2e %.0fs",
+                step, args.steps, run_loss, run_acc, sched.get_last_lr()[0], time.time() - t_start,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
     ap.add_argument("--data", default=str(DATA / "flickr8k-dev"), help="folder of the flickr8k-dev shards")
+    ap.add_argument("--shards", default=",".join(TRAIN_SHARDS), help="training shards (never 00004: held out)")
     ap.add_argument("--steps", type=int, default=2400)
     ap.add_argument("--batch-size", type=int, default=32, help="examples per step (half as many pairs)")
     ap.add_argument("--input-size", type=int, default=224)
@@ -152,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu_start = time.process_time()
 
     # 2. Data: training photos, captions, fonts and strings only
-    photos, captions = read_shards(Path(args.data), TRAIN_SHARDS)
+    shards = tuple(s.strip() for s in args.shards.split(",") if s.strip())
+    if not shards or not set(shards) <= set(TRAIN_SHARDS):
+        ap.error(f"--shards must be among {','.join(TRAIN_SHARDS)} (shard 00004 is the held-out set)")
+    photos, captions = read_shards(Path(args.data), shards)
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
     text_strings = overlays.TextStrings(
         phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions), words=overlays.TRAIN_TEXT_STRINGS.words
@@ -200,29 +230,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. Train
     model.train()
-    run_loss, run_acc, losses = 0.0, 0.0, []
-    for step, (x, y) in enumerate(dl, start=1):
-        # (pairs, 2, s, s, 3) -> (2 * pairs, 3, s, s)
-        x = to_model_input(x.flatten(0, 1)).to(args.device).contiguous(memory_format=torch.channels_last)
-        y = y.flatten().to(args.device)
-        # generating an example costs more than a training step on it: each batch is used `reuse` times,
-        # mirrored every other time
-        for r in range(args.reuse):
-            logits = model(x if r % 2 == 0 else torch.flip(x, dims=[3]))
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        run_loss = 0.98 * run_loss + 0.02 * loss.item() if step > 1 else loss.item()
-        run_acc = 0.98 * run_acc + 0.02 * ((logits > 0).float() == y).float().mean().item() if step > 1 else 0.5
-        if step % 100 == 0 or step == args.steps:
-            losses.append(round(run_loss, 4))
-            logger.info(
-                "step %d/%d loss %.4f acc %.3f lr %.2e %.0fs",
-                step, args.steps, run_loss, run_acc, sched.get_last_lr()[0], time.time() - t_start,
-            )
+    losses: list[float] = []
+    stopped_at = None
+    try:
+        _train(args, dl, model, opt, sched, loss_fn, losses, t_start)
+    except KeyboardInterrupt:
+        # a stopped run keeps its weights; the card says where it stopped (its schedule did not finish)
+        stopped_at = len(losses) * 100
+        logger.warning("interrupted: saving the weights after about %d of %d steps", stopped_at, args.steps)
+    run_loss = losses[-1] if losses else float("nan")
 
+    # 5. Save weights and the training card
     # 5. Save weights and the training card
     wall, cpu = time.time() - t_start, time.process_time() - cpu_start
     # the data workers have exited (persistent_workers=False), so their CPU time is in RUSAGE_CHILDREN
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "parameters": n_params,
         "data": {
-            "backgrounds": f"flickr8k-dev shards {', '.join(TRAIN_SHARDS)} ({len(photos)} photos, 224x224)",
+            "backgrounds": f"flickr8k-dev shards {', '.join(shards)} ({len(photos)} photos, 224x224)",
             "text_phrases": f"{len(overlays.TRAIN_TEXT_STRINGS.phrases)} built-in + {len(captions)} Flickr8k captions",
             "watermark_strings": "overlays.TRAIN_WATERMARK_STRINGS",
             "fonts": f"{len(train_fonts)} files under /usr/share/fonts, families in HELDOUT_FONT_KEYS excluded",
@@ -249,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "min_visibility": args.min_visibility,
         },
         "final_running_loss": round(run_loss, 4),
+        "stopped_at_step": stopped_at,
         "loss_every_100_steps": losses,
         "train_wall_s": round(wall, 1),
         "train_main_process_cpu_s": round(cpu, 1),
