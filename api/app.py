@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.config import ServerConfig
@@ -44,7 +46,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             state.close()
 
-    app = FastAPI(title="provenance", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs is served from the package's own copy of Swagger UI (FastAPI's default loads it from a CDN, which a
+    # laptop offline or a locked-down server cannot reach); ReDoc has no local copy, so it is off.
+    app = FastAPI(title="provenance", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.service = state
     install_error_handlers(app)
 
@@ -59,6 +64,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(v1)
     app.include_router(page.router)
     app.mount("/static", StaticFiles(directory=page.STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="provenance API",
+                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url="/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
     # 2. Middleware (the last added runs first): body limits inside CORS, so a 413 still carries CORS headers.
     app.add_middleware(UploadLimitMiddleware, limit_for=_body_limits(config))

@@ -121,6 +121,17 @@ def test_manifest(client):
     assert m["counts"]["indexed"] == N_PHOTOS and set(m["descriptors"]) == {"sscd", "pdq", "clip", "clip_text"}
 
 
+def test_docs_page_loads_swagger_ui_from_the_app_not_a_cdn(client):
+    html = client.get("/docs").text
+    assert "/openapi.json" in html and "/static/swagger/swagger-ui-bundle.js" in html
+    assert "cdn" not in html.lower(), "the docs page must work offline"
+    js = client.get("/static/swagger/swagger-ui-bundle.js")
+    assert js.status_code == 200 and "SwaggerUIBundle" in js.text
+    assert client.get("/static/swagger/swagger-ui.css").status_code == 200
+    assert "/v1/scan" in client.get("/openapi.json").json()["paths"]
+    assert client.get("/redoc").status_code == 404  # ReDoc would load from a CDN: not offered
+
+
 def test_503_with_json_while_loading(index_dir):
     # Without entering the client the lifespan never runs: the state stays "loading".
     client = TestClient(create_app(ServerConfig(index_dir=index_dir)))

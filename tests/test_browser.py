@@ -189,3 +189,21 @@ def test_phone_layout_has_no_horizontal_scroll(browser, server):
         assert pg.locator("#drop-zone").bounding_box()["width"] > 250
     finally:
         context.close()
+
+
+def test_api_docs_render_offline(browser, server):
+    """Swagger UI at /docs renders the routes with every request served by the app itself."""
+    from playwright.sync_api import expect
+
+    context = browser.new_context()
+    outside: list[str] = []
+    try:
+        pg = context.new_page()
+        pg.on("request", lambda r: outside.append(r.url) if not r.url.startswith(server) else None)
+        pg.goto(server + "/docs")
+        expect(pg.locator(".swagger-ui .opblock-summary-path", has_text="/v1/scan/batch")).to_be_visible(timeout=30_000)
+        expect(pg.locator(".swagger-ui .info .title")).to_contain_text("provenance")
+    finally:
+        context.close()
+    assert not outside, outside
+
