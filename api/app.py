@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api.config import ServerConfig
-from api.deps import require_api_key
+from api.deps import ApiKeyMiddleware, require_api_key
 from api.errors import UploadLimitMiddleware, install_error_handlers
 from api.routes import health, index, items, page, scan, search
 from api.schemas import ErrorResponse
@@ -72,8 +72,11 @@ def create_app(config: ServerConfig) -> FastAPI:
                                    swagger_css_url="/static/swagger/swagger-ui.css",
                                    swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
-    # 2. Middleware (the last added runs first): body limits inside CORS, so a 413 still carries CORS headers.
+    # 2. Middleware (the last added runs first): body limits inside the key check inside CORS, so a 401 or 413
+    #    still carries CORS headers.
     app.add_middleware(UploadLimitMiddleware, limit_for=_body_limits(config))
+    if config.api_keys:  # outside the body limit: a request without a key is refused before any byte is read
+        app.add_middleware(ApiKeyMiddleware, keys=tuple(config.api_keys))
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)

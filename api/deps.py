@@ -6,8 +6,10 @@ import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import api_error
+from api.errors import api_error, error_body, send_json
 from api.state import ServiceState
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
@@ -47,17 +49,39 @@ IndexDep = Annotated[ProvenanceIndex, Depends(get_index)]
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
-    """When keys are configured, /v1 needs `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
-    keys = state.config.api_keys
-    if not keys:
-        return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
+UNAUTHORIZED = "missing or wrong API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`"
+
+
+def api_key_is_valid(headers: Headers, keys: tuple[str, ...]) -> bool:
+    """True when `Authorization: Bearer KEY` or `X-API-Key: KEY` carries one of `keys`."""
+    given = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
     if given is None and auth[:7].lower() == "bearer ":
         given = auth[7:].strip()
     # Compare against every key in constant time so timing does not reveal a key's prefix.
-    if given is None or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
-        raise api_error(401, "unauthorized",
-                        "missing or wrong API key: send `Authorization: Bearer KEY` or `X-API-Key: KEY`",
-                        headers={"WWW-Authenticate": "Bearer"})
+    return given is not None and any(hmac.compare_digest(given.encode(), k.encode()) for k in keys)
+
+
+def require_api_key(request: Request, state: StateDep) -> None:
+    """When keys are configured, /v1 needs a key. ApiKeyMiddleware already refused bad requests before reading
+    their bodies; this dependency documents the 401 in the OpenAPI schema and guards any mount without it."""
+    keys = state.config.api_keys
+    if keys and not api_key_is_valid(request.headers, keys):
+        raise api_error(401, "unauthorized", UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"})
+
+
+class ApiKeyMiddleware:
+    """Refuse /v1 requests without a valid key before their body is read, so that a client without a key cannot
+    make the server take in (and parse) a 20 MB upload just to be told 401."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        protected = scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/"))
+        if protected and self.keys and not api_key_is_valid(Headers(scope=scope), self.keys):
+            await send_json(send, 401, error_body(401, "unauthorized", UNAUTHORIZED), {"WWW-Authenticate": "Bearer"})
+            return
+        await self.app(scope, receive, send)

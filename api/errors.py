@@ -85,7 +85,7 @@ class UploadLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_json(send, 413, error_body(413, "too_large",
+            await send_json(send, 413, error_body(413, "too_large",
                                                    f"request body of {declared:,} bytes exceeds the limit of {limit:,} bytes"))
             return
         received = 0
@@ -111,7 +111,7 @@ class UploadLimitMiddleware:
         except UploadTooLarge as e:
             if started:
                 raise
-            await _send_json(send, 413, error_body(413, "too_large", e.detail["message"]))
+            await send_json(send, 413, error_body(413, "too_large", e.detail["message"]))
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -124,9 +124,11 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def send_json(send: Send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+    """A whole JSON response from ASGI middleware; the connection closes, since the request body may be unread."""
     payload = json.dumps(body).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+                            (b"connection", b"close"), *extra]})
     await send({"type": "http.response.body", "body": payload})

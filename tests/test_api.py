@@ -360,6 +360,35 @@ def test_api_keys_protect_v1_only(index_dir):
         c.__exit__(None, None, None)
 
 
+def test_request_without_key_is_refused_before_its_upload_is_read(index_dir):
+    c = _client(ServerConfig(index_dir=index_dir, api_keys=("k-one",)))
+    consumed = 0
+    sent: list[dict] = []
+
+    async def receive():
+        nonlocal consumed
+        consumed += 1
+        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/scan", "raw_path": b"/v1/scan", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"content-length", b"10000000"),
+                         (b"authorization", b"Bearer wrong"), (b"host", b"test")],
+             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    try:
+        asyncio.run(c.app(scope, receive, send))
+    finally:
+        c.__exit__(None, None, None)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 401 and json.loads(body)["error"]["code"] == "unauthorized"
+    assert (b"www-authenticate", b"Bearer") in start["headers"]
+    assert consumed == 0  # not one byte of the upload was read
+
+
 def test_cors_origins(index_dir):
     c = _client(ServerConfig(index_dir=index_dir, cors_origins=("https://app.example",)))
     try:
