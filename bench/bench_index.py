@@ -15,8 +15,12 @@ Queries (held out: none of them is a corpus row):
     copies of synthetic rows made by adding a *real* edit residual (SSCD(edited) - SSCD(original))
     to the row. The expected top-1 is the source row.
   * "novel" queries: the 51 COCO photos (real, in no corpus): only recall@10 is meaningful.
+  * "held-out" queries: fresh synthetic rows drawn exactly as the corpus rows are, but not added to
+    it (the usual ANN protocol: queries from the corpus distribution). Reported separately, and
+    with the real copies as the "standard protocol" recall; the headline recall@10 is unchanged.
 Each index is built in this process (build time); latency and RSS are measured in a fresh
-subprocess that only loads the saved index (memory-mapped) and queries it one query at a time.
+subprocess that only loads the saved index (memory-mapped) and queries it one query at a time,
+re-ranking (IVF-PQ plans) with rows read from the float16 file by pread, as the store does.
 """
 
 from __future__ import annotations
@@ -196,8 +200,23 @@ def synthesise(real: np.ndarray, n: int) -> np.memmap:
     return np.memmap(path, np.float16, "r", shape=(n, DIM))
 
 
-def make_queries(real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies: int) -> dict[str, np.ndarray]:
-    """Copy queries (real edits + synthetic rows with real edit residuals) and novel queries."""
+KIND_REAL_COPY, KIND_SYNTH_COPY, KIND_NOVEL, KIND_HELD_OUT = 0, 1, 2, 3
+
+
+def held_out_rows(real: np.ndarray, m: int) -> np.ndarray:
+    """(m, 512) float32 rows drawn as `synthesise` draws corpus rows (own seed: none is in the corpus)."""
+    rng = np.random.default_rng(99)  # the corpus chunks use seeds 1000+
+    parent = rng.integers(0, N_REAL, m)
+    rho = rng.uniform(RHO_LO, RHO_HI, m).astype(np.float32)
+    s = np.sqrt((1.0 / rho**2 - 1.0) / DIM)[:, None]
+    x = real[parent] + s * rng.standard_normal((m, DIM), dtype=np.float32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16).astype(np.float32)  # stored precision
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_queries(real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies: int,
+                 n_held_out: int = 0) -> dict[str, np.ndarray]:
+    """Copy queries (real edits + synthetic rows with real edit residuals), novel and held-out queries."""
     n = corpus.shape[0]
     rng = np.random.default_rng(7)
     residual = real["edits"] - real["corpus"][real["edit_src"]]  # (600, 512) what an edit does in SSCD space
@@ -209,9 +228,13 @@ def make_queries(real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies
         q.append(x / np.linalg.norm(x, axis=1, keepdims=True))
         src.append(rows)
     copies = np.concatenate(q).astype(np.float32)
+    held = held_out_rows(real["corpus"], n_held_out) if n > N_REAL and n_held_out else np.zeros((0, DIM), np.float32)
+    kinds = [np.full(len(real["edits"]), KIND_REAL_COPY), np.full(len(copies) - len(real["edits"]), KIND_SYNTH_COPY),
+             np.full(len(real["novel"]), KIND_NOVEL), np.full(len(held), KIND_HELD_OUT)]
     return {
-        "xq": np.concatenate([copies, real["novel"]]).astype(np.float32),
-        "src": np.concatenate(src + [np.full(len(real["novel"]), -1)]).astype(np.int64),
+        "xq": np.concatenate([copies, real["novel"], held]).astype(np.float32),
+        "src": np.concatenate(src + [np.full(len(real["novel"]) + len(held), -1)]).astype(np.int64),
+        "kind": np.concatenate(kinds).astype(np.int64),
         "n_real_copies": np.int64(len(real["edits"])),
     }
 
@@ -251,9 +274,10 @@ def sweep(plan) -> list[dict]:
     elif plan.kind == "ivf_pq":
         nl = int(plan.factory.split(",")[0][3:])
         alts = [
+            {"nprobe": max(1, nl // 128), "rerank_k": 100},
+            {"nprobe": max(1, nl // 64), "rerank_k": 50},
             {"nprobe": max(1, nl // 32), "rerank_k": 100},
             {"nprobe": max(1, nl // 32), "rerank_k": 200},
-            {"nprobe": max(1, nl // 8), "rerank_k": 400},
         ]
     else:
         alts = []
@@ -271,6 +295,7 @@ def _query_child(args: argparse.Namespace) -> None:
     import psutil
 
     from provenance import ann
+    from provenance.store import RowReader
 
     faiss.omp_set_num_threads(args.threads)
     proc = psutil.Process()
@@ -280,8 +305,8 @@ def _query_child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     index = ann.load_index(args.index, plan, mmap=True, use_gpu=False)
     load_s = time.perf_counter() - t
-    # the float16 embeddings, memory-mapped as the indexer stores them (read only by re-ranking plans)
-    corpus = np.memmap(CACHE / f"corpus_{n}.f16", np.float16, "r", shape=(n, DIM)) if plan.rerank_k else None
+    # the float16 embeddings as the indexer stores them, read row by row (pread) by re-ranking plans
+    corpus = RowReader(CACHE / f"corpus_{n}.f16", (n, DIM), np.float16) if plan.rerank_k else None
     xq = np.load(args.queries_path)
     rss_loaded = proc.memory_info().rss
     for i in range(min(20, len(xq))):  # warm-up (BLAS init, first page faults of the coarse quantizer)
@@ -330,8 +355,8 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
     t = time.perf_counter()
     corpus = synthesise(real["corpus"], n)
     gen_s = time.perf_counter() - t
-    qs = make_queries(real, corpus, args.queries - len(real["edits"]) - len(real["novel"]))
-    xq, src = qs["xq"], qs["src"]
+    qs = make_queries(real, corpus, args.queries - len(real["edits"]) - len(real["novel"]), args.held_out)
+    xq, src, qkind = qs["xq"], qs["src"], qs["kind"]
     gt_path = CACHE / f"gt_{n}_{len(xq)}.npz"
     if gt_path.exists():
         z = np.load(gt_path)
@@ -363,7 +388,10 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
     q_path = CACHE / f"queries_{n}.npy"
     np.save(q_path, xq)
     is_copy = src >= 0
+    head = qkind != KIND_HELD_OUT  # the headline query set: copies + novel, as in earlier runs
+    standard = (qkind == KIND_HELD_OUT) | (qkind == KIND_REAL_COPY)
     n_real = int(qs["n_real_copies"])
+    kind_recall = lambda ids, kd: ann.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")  # noqa: E731
     rows = []
     for params in sweep(plan):
         p = plan.with_params(**params)
@@ -388,10 +416,15 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
             build_s=build_s,
             build_cpu_s=build_cpu_s,
             index_mb=index_mb,
-            recall10=ann.recall_at_k(ids, gt, 10),
+            recall10=ann.recall_at_k(ids[head], gt[head], 10),
             recall10_copies=ann.recall_at_k(ids[is_copy], gt[is_copy], 10),
-            recall10_novel=ann.recall_at_k(ids[~is_copy], gt[~is_copy], 10),
-            similar_recall=_similar_recall(ids, gt, gt_d),
+            recall10_real_copies=kind_recall(ids, KIND_REAL_COPY),
+            recall10_synth_copies=kind_recall(ids, KIND_SYNTH_COPY),
+            recall10_novel=kind_recall(ids, KIND_NOVEL),
+            recall10_held_out=kind_recall(ids, KIND_HELD_OUT),
+            recall10_standard=ann.recall_at_k(ids[standard], gt[standard], 10),
+            n_held_out=int((qkind == KIND_HELD_OUT).sum()),
+            similar_recall=_similar_recall(ids[head], gt[head], gt_d[head]),
             top1_copy=float((ids[is_copy, 0] == src[is_copy]).mean()),
             top1_copy_real=float((ids[:n_real, 0] == src[:n_real]).mean()),
             top1_copy_exact=float((gt[is_copy, 0] == src[is_copy]).mean()),
@@ -424,22 +457,26 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
         f"of the real photos: {stats['real_nn_cos']}; of the synthetic corpus: {stats.get('synth_nn_cos')}; "
         f"real edited copy vs its source: {stats['real_edit_cos']}.",
         "Queries (none in the corpus): 600 real edited copies (SSCD of edited Flickr8k photos), "
-        "synthetic copies (a synthetic row + the SSCD residual of a real edit), 51 real COCO photos "
-        "that are in no corpus. recall@10: against brute force over the same float16 rows; "
-        f"similar recall: of the exact top-10 neighbours with cosine >= {SIMILAR_COS}; copy top-1: "
-        "source row ranked first (brute force reaches the value in brackets).",
+        f"{args.queries - 651} synthetic copies (a synthetic row + the SSCD residual of a real edit), 51 real COCO photos "
+        "that are in no corpus (\"novel\"): these 1,000 are the headline recall@10 query set, as in earlier runs. "
+        f"Besides them, {args.held_out:,} held-out synthetic rows (drawn as the corpus rows are, not added: the usual ANN "
+        "protocol); \"standard\" recall@10 = held-out rows + real copies. recall@10: against brute force over the "
+        f"same float16 rows; similar recall: of the exact top-10 neighbours with cosine >= {SIMILAR_COS}; copy top-1: "
+        "source row ranked first (brute force reaches the value in brackets). Latencies and RSS: over all queries.",
         "",
         "| n | index | search params | build s (CPU s) | index MiB | p50 / p99 ms | CPU p50 / p99 ms "
-        "| recall@10 (copies / novel) | similar recall | copy top-1 (exact) | RSS MiB (file-backed / anon) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recall@10 (real copies / synth copies / novel) | standard recall@10 (held-out) | similar recall "
+        "| copy top-1 (exact) | RSS MiB (file-backed / anon) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         mark = " **default**" if r["default"] else ""
         lines.append(
             f"| {r['n']:,} | {r['factory']} | `{json.dumps(r['params'])}`{mark} | {r['build_s']:.0f} "
             f"({r['build_cpu_s']:.0f}) | {r['index_mb']:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
-            f"{r['cpu_p50_ms']:.2f} / {r['cpu_p99_ms']:.2f} | {r['recall10']:.3f} ({r['recall10_copies']:.3f} / "
-            f"{r['recall10_novel']:.3f}) | {r['similar_recall']:.3f} | {r['top1_copy']:.3f} "
+            f"{r['cpu_p50_ms']:.2f} / {r['cpu_p99_ms']:.2f} | {r['recall10']:.3f} ({r['recall10_real_copies']:.3f} / "
+            f"{r['recall10_synth_copies']:.3f} / {r['recall10_novel']:.3f}) | {r['recall10_standard']:.3f} "
+            f"({r['recall10_held_out']:.3f}) | {r['similar_recall']:.3f} | {r['top1_copy']:.3f} "
             f"({r['top1_copy_exact']:.3f}) | {r['rss_mb']:.0f} ({r['rss_file_backed_mb']:.0f} / {r['rss_mb'] - r['rss_file_backed_mb']:.0f}) |"
         )
     lines += ["", "Plans chosen by `plan_index`:"]
@@ -450,7 +487,8 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
             lines += [
                 "",
                 "Targets at 1M (default parameters): "
-                f"recall@10 >= 0.95: {ok(r['recall10'] >= 0.95)} ({r['recall10']:.3f}); "
+                f"recall@10 >= 0.95: {ok(r['recall10'] >= 0.95)} ({r['recall10']:.3f} on the headline queries; "
+                f"{r['recall10_standard']:.3f} standard protocol; novel COCO photos alone {r['recall10_novel']:.3f}); "
                 f"p50 <= 2 ms: wall {ok(r['p50_ms'] <= 2)} ({r['p50_ms']:.2f}), CPU {ok(r['cpu_p50_ms'] <= 2)} "
                 f"({r['cpu_p50_ms']:.2f}); p99 <= 10 ms: wall {ok(r['p99_ms'] <= 10)} ({r['p99_ms']:.2f}), "
                 f"CPU {ok(r['cpu_p99_ms'] <= 10)} ({r['cpu_p99_ms']:.2f}); build <= 180 s: "
@@ -459,34 +497,41 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
                 f"{r['rss_mb'] - r['rss_file_backed_mb']:.0f} MiB anonymous).",
             ]
     if "--reuse-index" in cmd:
-        lines += ["", "Build times are those of the run that built these indexes (the same command without "
-                  "--reuse-index, same code); this run re-measured the searches on the saved indexes."]
+        lines += ["", "With --reuse-index, an index whose factory string did not change since the last run is "
+                  "re-used and its build time is that run's; an index with a new plan is built (and timed) in this run."]
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
 
 NOTES = """Reading the numbers:
 - SSCD descriptors are spread almost uniformly over the sphere (its training adds an entropy
-  regulariser): a real photo's nearest other photo sits at cosine ~0.2, and the 2nd..10th
-  neighbours of a query are near-ties. Recall@10 against exact search therefore counts many
-  meaningless swaps among those ties; an approximate index can only reach 0.95 by scanning most of
-  the corpus. What provenance needs is the copy (cosine 0.6-0.95) ranked first and the neighbours
-  above a similarity threshold found: "copy top-1" and "similar recall" measure that.
-- The synthetic rows are more clustered than real photos (nearest neighbour at ~0.43 vs 0.21 for
-  real ones), so that there are non-copy neighbours above 0.4 to find; a real 1M corpus of
-  distinct photos would have fewer, and a recall@10 that is, if anything, lower.
-- RSS counts the pages of the memory-mapped index and float16 embeddings that queries touched
-  ("file-backed": clean page cache the OS can drop under memory pressure; after 1,000 re-ranked
-  queries at 1M the whole 977 MiB embeddings file is mapped, as the kernel maps pages around each
-  one read) plus the process's anonymous memory ("anon" = RSS - file-backed: Python, numpy, faiss, the index's lists).
+  regulariser): a real photo's nearest other photo sits at cosine ~0.2, and the neighbours of a
+  photo that is in no corpus ("novel") are near-ties scattered over many IVF lists; only an almost
+  exhaustive scan orders them exactly, so their recall@10 stays low (0.4-0.6 at 1M) and is
+  reported on its own. What provenance needs is the copy (cosine 0.6-0.95) ranked first and the
+  neighbours above a similarity threshold found: "copy top-1" and "similar recall" measure that.
+- The synthetic corpus is 3,000 groups (one per real photo) of noisy children; IVF works when its
+  k-means gives each group a list of its own: 2,048 lists at 1M split groups across many lists (the
+  exact top-10 of a copy lay in the 16 nearest lists 0.78 of the time), 4,096 lists do not (0.94).
+  A real 1M corpus of distinct photos has no such groups and a recall@10 that is, if anything, lower.
+- At 1M the limits were measured apart: with 4,096 lists the exact top-10 (headline queries) lies in
+  the probed lists 0.946 / 0.955 / 0.965 of the time at nprobe 32 / 64 / 128 (exact codes); PQ256x4fs
+  + re-rank of the PQ top 100 keeps nearly all of that (0.949 / 0.957 / 0.966), PQ128x4fs needs the
+  top 400-1000, PQ64x4fs never gets there (0.94 at the top 1000).
+- RSS: the process's anonymous memory (Python, numpy, faiss, the index's lists) plus the pages of
+  the memory-mapped index file that queries touched ("file-backed": clean page cache the OS can
+  drop). The re-rank reads its ~100 rows per query from the float16 file with pread (~3 us a row):
+  a memory map of that file had made the whole 977 MiB resident after 1,000 queries at 1M.
 - Wall-clock latencies swing with the other jobs on the 2 cores (the same settings measured
   1.8-12 ms p50 in different runs); the CPU time per query is the stable number."""
+
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--queries", type=int, default=1000, help="headline queries: copies + the 51 novel photos")
+    ap.add_argument("--held-out", type=int, default=1000, help="extra held-out synthetic rows (standard protocol)")
     ap.add_argument("--budget", type=int, default=1 << 30)
     ap.add_argument("--kind", default=None, help="force an index kind (default: plan_index decides)")
     ap.add_argument("--threads", type=int, default=1, help="faiss threads for the single-query runs")

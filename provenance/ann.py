@@ -44,6 +44,7 @@ HNSW_M = 32  # autofaiss: HNSW{min(m_hnsw, 32)}
 HNSW_EF_CONSTRUCTION = 40  # faiss's default; 80 builds 1.8x slower (measured 290 vs 520 vectors/s)
 # autofaiss get_optimal_train_size: "between 30 and 256" training points per centroid (it uses
 # 100); faiss warns below 39. k-means cost is linear in it: 40 keeps a 1M build under 3 minutes.
+# faiss's 10 k-means iterations (cp.niter) are kept: 20 gave the same lists at 1M (measured).
 TRAIN_POINTS_PER_CENTROID = 40
 MIN_POINTS_PER_CENTROID = 39
 SEED = 1234  # training-sample draw and k-means seed: the same vectors give the same index
@@ -116,25 +117,35 @@ def _human(nbytes: float) -> str:
 
 
 def _nlist(n: int) -> int:
-    """IVF list count: a power of 2 near 2*sqrt(n), capped so that every centroid gets >= 39
+    """IVF list count: a power of 2 near 4*sqrt(n), capped so that every centroid gets >= 39
     training points. autofaiss (get_optimal_nb_clusters) and the faiss wiki ("Guidelines to choose
-    an index") use 4..16*sqrt(n), and autofaiss jumps to 16,384 lists from 1M vectors. We go lower:
-    k-means and the assignment of every added vector cost O(n * nlist * d): with 2,048 lists a 1M
-    build took 75 s to train and 84 s to add on 2 shared cores, so 4,096 would not fit 3 minutes."""
-    nl = 2 ** round(math.log2(max(1.0, 2 * math.sqrt(n))))
+    an index") use 4..16*sqrt(n); we take the low end because k-means and the assignment of every
+    added vector cost O(n * nlist * d) and a 1M build must fit 3 minutes on 2 cores (4,096 lists:
+    ~45 s of k-means, ~55 s to add, measured). 2*sqrt(n) was too coarse: at 1M, 2,048 lists cut
+    groups of similar photos across many lists (the exact top-10 of the benchmark's queries lay in
+    the 16 nearest lists 0.78 of the time, vs 0.94 with 4,096 lists; bench/results/index.md)."""
+    nl = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     cap = 2 ** int(math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
     return int(max(1, min(nl, cap)))
 
 
-def _pq_m(dim: int) -> int:
-    """PQ sub-quantizers: one per 8 dims (4-bit fast-scan codes: dim/16 bytes per vector)."""
-    for m in (dim // 8, dim // 4, dim // 2, dim):
-        if m >= 1 and dim % m == 0 and m % 2 == 0:
+def _pq_m(dim: int, n: int = 0, nlist: int = 0, budget: float = math.inf) -> int:
+    """PQ sub-quantizers: one per 2 dims (4-bit fast-scan codes: dim/4 bytes per vector) when the
+    index fits half the memory budget, else one per 4, then per 8 dims.
+
+    Finer codes rank the candidates well enough that few need the exact re-rank, whose rows are
+    read from disk one by one: at 1M x 512, the exact top-10 was within the PQ top-100 0.96 of the
+    time with 256 sub-quantizers, but needed the top 400-1000 with 128 and was never reached with
+    64 (bench/results/index.md). The scan itself costs about the same (the probed lists are short).
+    """
+    cands = [m for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m >= 2 and dim % m == 0 and m % 2 == 0]
+    for m in cands:
+        if _est_memory("ivf_pq", n, dim, nlist, pq_m=m) <= budget / 2:
             return m
-    return dim
+    return cands[-1] if cands else dim
 
 
-def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M) -> int:
+def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M, pq_m: int = 0) -> int:
     if kind == "flat":
         return n * dim * 4
     if kind == "hnsw":  # autofaiss: 4 * n * (d + 2 * M): vectors + level-0 links (2M int32)
@@ -142,7 +153,7 @@ def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M) ->
     if kind == "ivf_flat":  # codes + 8-byte ids + centroids
         return n * (dim * 4 + 8) + nlist * dim * 4
     if kind == "ivf_pq":  # 4-bit codes + ids + centroids (+ fast-scan block padding, ~32 rows/list)
-        code = _pq_m(dim) // 2
+        code = (pq_m or _pq_m(dim)) // 2
         return (n + 32 * nlist) * (code + 8) + nlist * dim * 4
     nbytes = dim // 8
     if kind == "binary_flat":
@@ -156,9 +167,8 @@ def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M) ->
 
 def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
     """Search parameters chosen with bench/bench_index.py (bench/results/index.md) on SSCD-like
-    vectors: the copy of a query must come first (>= 0.99 of edited copies) at ~2 ms per query.
-    recall@10 against exact search stays lower (0.79 at 1M, 0.90 at 100k): SSCD neighbours beyond
-    the copy are near-ties, which only an almost exhaustive scan orders exactly."""
+    vectors: the copy of a query must come first (>= 0.99 of edited copies) at ~2-3 ms of CPU per
+    query, and recall@10 against exact search as high as that allows (0.90 at 100k, 0.95 at 1M)."""
     if kind in ("hnsw", "binary_hnsw"):
         # efSearch 64 found 0.980 of copies first at 100k, 128 found 0.998 (1.35 vs 2.3 ms CPU)
         return {"efSearch": 128, "efConstruction": HNSW_EF_CONSTRUCTION}
@@ -166,8 +176,10 @@ def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
         # IVF1024 at 100k: nprobe 32 put 0.983 of copies first, 64 put 0.994 (2 vs 4 ms, loaded machine)
         return {"nprobe": min(nlist, max(8, nlist // 16))}
     if kind == "ivf_pq":
-        # at 1M: nprobe nlist/32 put 0.987 of copies first, nlist/8 with rerank_k 400 0.998
-        return {"nprobe": min(nlist, max(16, nlist // 16)), "rerank_k": 200}
+        # at 1M (IVF4096,PQ256x4fs, bench/results/index.md): recall@10 0.954 at nprobe 64 with the PQ
+        # top 100 re-ranked, 0.945 at nprobe 32, 0.950 re-ranking only 50 (each row is one pread, ~3 us);
+        # nprobe 128 reached 0.963 for ~0.6 ms more per query
+        return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": 100}
     if kind == "binary_ivf":  # not benchmarked: the same scanned fraction as ivf_flat
         return {"nprobe": min(nlist, max(8, nlist // 16))}
     return {}
@@ -241,6 +253,7 @@ def plan_index(
 
     # 3. Parameters of that kind
     nlist = _nlist(n) if kind in ("ivf_flat", "ivf_pq", "binary_ivf") else 0
+    m_pq = _pq_m(dim, n, nlist, memory_budget_bytes) if kind == "ivf_pq" else 0
     if kind == "flat":
         factory = "Flat"
     elif kind == "hnsw":
@@ -248,11 +261,11 @@ def plan_index(
     elif kind == "ivf_flat":
         factory = f"IVF{nlist},Flat"
     elif kind == "ivf_pq":
-        m = _pq_m(dim)
-        factory = f"IVF{nlist},PQ{m}x4fs"
+        factory = f"IVF{nlist},PQ{m_pq}x4fs"
         why += (
-            f" IVF{nlist},PQ{m}x4fs ({m // 2} B/vector, 4-bit fast-scan) + float16 re-rank of the "
-            "top candidates from the memory-mapped embeddings"
+            f" IVF{nlist},PQ{m_pq}x4fs ({nlist} lists ~ 4*sqrt(n); {m_pq // 2} B/vector, 4-bit fast-scan, "
+            "the finest PQ that fits half the budget) + exact re-rank of the PQ top candidates with "
+            "the float16 embeddings, read row by row from the file (not mapped: the process stays small)"
         )
     elif kind == "binary_flat":
         factory = "BFlat"
@@ -261,8 +274,8 @@ def plan_index(
     else:
         factory = f"BIVF{nlist}"
     if kind in ("ivf_flat", "binary_ivf"):
-        why += f" ({factory}: {nlist} lists ~ 2*sqrt(n))"
-    est = _est_memory(kind, n, dim, nlist)
+        why += f" ({factory}: {nlist} lists ~ 4*sqrt(n))"
+    est = _est_memory(kind, n, dim, nlist, pq_m=m_pq)
     plan = AnnPlan(
         kind=kind,
         factory=factory,
@@ -596,9 +609,10 @@ def search(
 ) -> Neighbors:
     """The k most similar corpus rows of each query, as "higher = more similar" scores.
 
-    For plans that re-rank (ivf_pq), `rerank_vectors` must be the (n, d) corpus embeddings
-    (float16 memmap is fine): the index proposes plan.rerank_k candidates, whose exact cosines
-    against the queries decide the final top k.
+    For plans that re-rank (ivf_pq), `rerank_vectors` must be the (n, d) corpus embeddings: an
+    array (a float16 memmap is fine) or a row reader with `.shape` and `.read_rows(ids)` such as
+    `provenance.store.RowReader`, which reads them from the file without mapping it. The index
+    proposes plan.rerank_k candidates, whose exact cosines against the queries decide the final top k.
     """
     # 1. Check inputs
     _check_plan(plan)
@@ -631,8 +645,8 @@ def search(
                 f"{dim}) float16/float32 corpus embeddings"
             )
         if (
-            not isinstance(rerank_vectors, np.ndarray)
-            or rerank_vectors.ndim != 2
+            not (isinstance(rerank_vectors, np.ndarray) or callable(getattr(rerank_vectors, "read_rows", None)))
+            or len(rerank_vectors.shape) != 2
             or rerank_vectors.shape[1] != dim
             or rerank_vectors.shape[0] < index.ntotal
         ):
@@ -652,7 +666,14 @@ def search(
     return Neighbors(scores=scores, ids=ids)
 
 
-def _rerank(xq: np.ndarray, cand: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _gather(xb: Any, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), d) float32 copies of the sorted, unique `rows` of an array or a row reader."""
+    read_rows = getattr(xb, "read_rows", None)
+    got = read_rows(rows) if callable(read_rows) else xb[rows]
+    return np.asarray(got, dtype=np.float32)
+
+
+def _rerank(xq: np.ndarray, cand: np.ndarray, xb: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine of each query with its (nq, kk) candidates, cut to the best k (kk >= k)."""
     nq, kk = cand.shape
     scores = np.empty((nq, k), np.float32)
@@ -661,10 +682,13 @@ def _rerank(xq: np.ndarray, cand: np.ndarray, xb: np.ndarray, k: int) -> tuple[n
     for a in range(0, nq, block):
         c = cand[a : a + block]
         valid = c >= 0
-        # one sorted gather per block: sequential-ish reads of the memory map, each row read once
+        # one sorted gather per block: reads in file order, each row read once
         uniq, inv = np.unique(np.where(valid, c, 0).ravel(), return_inverse=True)
-        rows = np.asarray(xb[uniq], dtype=np.float32)  # (u, d)
-        s = np.einsum("qkd,qd->qk", rows[inv.reshape(c.shape)], xq[a : a + block])  # (b, kk)
+        rows = _gather(xb, uniq)  # (u, d) float32
+        # one BLAS product per unique row, then each query picks its candidates' scores (a (b, kk, d)
+        # gather + einsum cost ~0.1 ms more per single query at kk=100, d=512)
+        s_u = rows @ xq[a : a + block].T  # (u, b)
+        s = s_u[inv.reshape(c.shape), np.arange(c.shape[0])[:, None]]  # (b, kk)
         s[~valid] = -np.inf
         order = np.argsort(-s, axis=1, kind="stable")[:, :k]
         ids[a : a + block] = np.take_along_axis(np.where(valid, c, -1), order, axis=1)

@@ -168,7 +168,11 @@ def test_plan_index_choices():
     big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
     assert big.kind == "ivf_pq" and big.rerank_k > 0 and big.params["nprobe"] >= 1
     assert big.est_memory_bytes < 1 << 30
-    assert "1.9 GiB" in big.reason and "budget" in big.reason and big.factory == "IVF2048,PQ64x4fs"
+    assert "1.9 GiB" in big.reason and "budget" in big.reason and big.factory == "IVF4096,PQ256x4fs"
+    assert big.params == {"nprobe": 64, "rerank_k": 100}
+    # a tight budget gets coarser codes: the index must fit half of it
+    tight = plan_index(1_000_000, 512, memory_budget_bytes=200 << 20)
+    assert tight.factory == "IVF4096,PQ128x4fs" and tight.est_memory_bytes <= 100 << 20
     mid = plan_index(100_000, 512)
     assert mid.kind == "hnsw" and "HNSW32" in mid.factory
     # a roomy budget below 1M keeps vectors uncompressed
@@ -250,3 +254,24 @@ def test_gpu_build_matches_cpu(xb, xq, gt):
     index = build_index(xb, plan, use_gpu=True)
     got = search(index, xq, 10, plan)
     assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
+
+
+def test_rerank_from_row_reader_matches_the_memory_map(tmp_path, xb, xq):
+    # the store re-ranks with rows read by pread instead of a memory map: same ids, same scores
+    from provenance.store import RowReader
+
+    plan = plan_index(len(xb), D, kind="ivf_pq")
+    index = build_index(xb, plan, use_gpu=False)
+    np.save(tmp_path / "sscd.f16.npy", xb.astype(np.float16))
+    mapped = np.load(tmp_path / "sscd.f16.npy", mmap_mode="r")
+    reader = RowReader.from_npy(tmp_path / "sscd.f16.npy")
+    assert reader.shape == mapped.shape and reader.dtype == np.float16
+    rows = np.array([0, 1, 2, 777, len(xb) - 1])
+    np.testing.assert_array_equal(reader.read_rows(rows), mapped[rows])
+    a = search(index, xq, 10, plan, rerank_vectors=mapped)
+    b = search(index, xq, 10, plan, rerank_vectors=reader)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    with pytest.raises(IndexError):
+        reader.read_rows(np.array([len(xb)]))
+    reader.close()

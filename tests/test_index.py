@@ -232,3 +232,30 @@ def test_clip_index_text_search_and_caption_embeddings(coco_dir, tmp_path):
     other = make_tiny_checkpoint(tmp_path / "other.pt", seed=1)
     with pytest.raises(IndexMismatchError):
         Searcher(idx, ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(other))).model("clip")
+
+
+def test_ivf_pq_index_reranks_with_rows_read_from_the_file(tmp_path):
+    # a budget too small for any uncompressed index forces IVF-PQ; the store then re-ranks with rows
+    # read by pread (RowReader), and the scores are the exact cosines of the stored float16 rows
+    from provenance.descriptors.base import DescriptorSpec
+    from provenance.store import IndexContents, RowReader, write_index
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 512)).astype(np.float32)
+    x = centres[rng.integers(0, 40, 3000)] + rng.standard_normal((3000, 512)).astype(np.float32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    spec = DescriptorSpec("sscd", "test-model", "", 512, "cosine")
+    rows = [{"id": f"r{i}", "caption": None} for i in range(len(x))]
+    contents = IndexContents(rows, {"sscd": x}, {"sscd": spec}, {}, [None] * len(x), [])
+    write_index(tmp_path / "idx", contents, {}, memory_budget_bytes=1 << 20, use_gpu=False)
+    idx = ProvenanceIndex.open(tmp_path / "idx")
+    assert idx.manifest["descriptors"]["sscd"]["ann"]["kind"] == "ivf_pq"
+    q = x[[5, 1234]].astype(np.float32) + 0.01 * rng.standard_normal((2, 512)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    matches = idx.search_vectors("sscd", q, k=5)
+    assert [m[0].id for m in matches] == ["r5", "r1234"]
+    assert isinstance(idx.row_reader("sscd"), RowReader)
+    for qi, ms in enumerate(matches):
+        rows_ = [idx.row(m.id) for m in ms]
+        expect = x[rows_].astype(np.float32) @ q[qi]
+        np.testing.assert_allclose([m.score for m in ms], expect, atol=1e-5)
