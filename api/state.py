@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +58,7 @@ class ServiceState:
                                               thread_name_prefix="search")
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self._torch_threads_before: int | None = None
 
     # 1. Loading
 
@@ -74,6 +76,10 @@ class ServiceState:
             index = ProvenanceIndex.open(self.config.index_dir)
             searcher = Searcher(index)
             scanner, checks = _build_scanner(searcher, self.config)
+            if "sscd" in scanner.descriptors:
+                # Scan workers and image searches call SSCD side by side: give each overlapping call one core.
+                searcher.model("sscd").prepare_concurrent_calls()
+            self._torch_threads_before = _set_torch_threads(self.config.torch_threads)
         except ProvenanceError as e:
             logger.error("cannot load the index at %s: %s", self.config.index_dir, e)
             self.error, self.status = str(e), "error"
@@ -117,6 +123,23 @@ class ServiceState:
         if self.batcher is not None:
             self.batcher.close()
         self.search_pool.shutdown(wait=False, cancel_futures=True)
+        if self._torch_threads_before is not None:  # the setting is process-wide: hand it back
+            _set_torch_threads(self._torch_threads_before)
+            self._torch_threads_before = None
+
+
+def _set_torch_threads(n: int) -> int | None:
+    """Set torch's intra-op threads to n (0: leave them); the previous value, or None when nothing changed.
+
+    torch applies it to each thread when that thread first runs torch work, so it reaches the scan and search
+    threads, which start after loading. Only when a model loaded torch: importing it just to set its threads
+    would cost seconds of startup."""
+    torch = sys.modules.get("torch")
+    if n <= 0 or torch is None:
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, Checks]:

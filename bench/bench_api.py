@@ -12,6 +12,8 @@ httpx async clients (each sends its next request when the last one returns) driv
     with a tiny random OpenCLIP (no hub weights offline: it measures the serving path, not ViT-B-32).
   * Memory: the server's RSS every 200 requests over --memory-requests mixed requests (one in five
     a scan, the rest caption searches, item lookups and thumbnails) at 4 clients.
+  * Where a scan's CPU goes: each stage of Scanner's work on the same photos, timed in a child process on
+    one thread (as each scan worker runs under load), median of 3 passes.
 Indexes are cached under bench/results/.cache/ (not committed). Results: bench/results/api.md.
 """
 
@@ -226,11 +228,17 @@ def main() -> None:
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--configs", nargs="+", default=["1x2", "1x1", "1x4", "8x2", "0"],
                     help="BxW = --scan-batch B --scan-workers W, or 0 (no batcher); the first is the default")
-    ap.add_argument("--scan-requests", type=int, default=0, help="scans per level (default: max(32, 8 x clients))")
+    ap.add_argument("--scan-requests", type=int, default=0,
+                    help="scans per level (default: max(200, 8 x clients); p99 of fewer is little more than the max)")
     ap.add_argument("--search-requests", type=int, default=400)
     ap.add_argument("--memory-requests", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--no-stages", action="store_true", help="skip the per-stage CPU profile of a scan")
+    ap.add_argument("--_stages", type=Path, help=argparse.SUPPRESS)  # child process: write the profile here
     args = ap.parse_args()
+    if args._stages:
+        args._stages.write_text(json.dumps(stage_profile(ensure_indexes()[0])), encoding="utf-8")
+        return
 
     main_index, clip_index = ensure_indexes()
     photos = [(p.name, p.read_bytes()) for p in sorted(SAMPLE.glob("*.jpg"))]
@@ -244,7 +252,7 @@ def main() -> None:
     started = time.time()
 
     def n_scans(c: int) -> int:
-        return args.scan_requests or max(32, 8 * c)
+        return args.scan_requests or max(200, 8 * c)
 
     scan_results: dict[str, list[LoadResult]] = {}
     search_results: list[LoadResult] = []
@@ -289,10 +297,60 @@ def main() -> None:
             print(f"text clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
                   f"errors {r.errors}", flush=True)
 
-    write_report(args, checks, scan_results, search_results, memory, load_before, time.time() - started)
+    stages = None
+    if not args.no_stages:
+        out = CACHE / "stages.json"
+        subprocess.run([sys.executable, __file__, "--_stages", str(out)], cwd=REPO, check=True)
+        stages = json.loads(out.read_text(encoding="utf-8"))
+    write_report(args, checks, scan_results, search_results, memory, load_before, time.time() - started, stages)
 
 
-def write_report(args, checks, scan_results, search_results, memory, load_before, seconds) -> None:
+def stage_profile(index: Path, passes: int = 3) -> dict[str, float]:
+    """CPU ms per photo of each stage of a scan with the server's checks, on one thread: {stage: median ms}."""
+    import torch
+
+    from provenance.images import decode_image
+    from provenance.scan import Scanner, ScanOptions
+    from provenance.watermarks.c2pa import read_c2pa
+    from provenance.watermarks.invisible import detect_invisible_marks
+    from provenance.watermarks.metadata import read_generation_metadata
+
+    torch.set_num_threads(1)
+    os.environ["PROVENANCE_ORT_SPINNING"] = "0"
+    scanner = Scanner.open(index, ScanOptions())
+    sscd, pdq, visible = scanner._models["sscd"], scanner._models["pdq"], scanner._visible
+    sscd.prepare_concurrent_calls()
+    sscd._running = 1  # as when the other scan worker is busy: the one-thread session
+    photos = [p.read_bytes() for p in sorted(SAMPLE.glob("*.jpg"))]
+    times: dict[str, list[float]] = {}
+
+    def timed(stage: str, fn, *a):
+        t0 = time.process_time()
+        out = fn(*a)
+        times.setdefault(stage, []).append((time.process_time() - t0) * 1000)
+        return out
+
+    per_pass: dict[str, list[float]] = {}
+    for _ in range(passes):
+        times.clear()
+        for data in photos:
+            d = timed("decode (+ sha256, EXIF rotation)", decode_image, data, "x")
+            timed("invisible marks (4 schemes)", detect_invisible_marks, d.image)
+            timed("C2PA + generation metadata", lambda: (read_c2pa(d.raw, "image/jpeg"), read_generation_metadata(d)))
+            xs = timed("SSCD resize (short side 288)", sscd.preprocess, d.image)
+            xp = timed("PDQ resize (128 px)", pdq.preprocess, d.image)
+            xv = timed("visible-watermark resize (224 px)", visible.preprocess, d.image)
+            v = timed("SSCD model (int8 ONNX)", sscd.embed_batch, [xs])
+            h = timed("PDQ hash", pdq.embed_batch, [xp])
+            timed("visible-watermark CNN", visible.probability_batch, [xv])
+            timed("FAISS search", scanner.searcher.search_vectors, {"sscd": v, "pdq": h}, 10)
+            timed("whole Scanner.scan_bytes", scanner.scan_bytes, data, "x")
+        for stage, ms in times.items():
+            per_pass.setdefault(stage, []).append(float(np.mean(ms)))
+    return {stage: float(np.median(v)) for stage, v in per_pass.items()}
+
+
+def write_report(args, checks, scan_results, search_results, memory, load_before, seconds, stages=None) -> None:
     default = args.configs[0]
     lines = [
         "## API server (`provenance serve`)",
@@ -301,7 +359,8 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
         "",
         f"Machine: 2-core x86_64 CPU, shared ({platform.processor() or platform.machine()}, "
         f"{psutil.cpu_count()} logical CPUs); load average before the run "
-        f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} (other engineers' jobs), "
+        f"{load_before[0]:.1f} / {load_before[1]:.1f} / {load_before[2]:.1f} (other engineers' jobs), after it "
+        f"{os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} / {os.getloadavg()[2]:.1f}; "
         f"run took {seconds / 60:.1f} min. One uvicorn worker on 127.0.0.1, closed-loop httpx async clients.",
         "",
         f"Scan checks on (from /healthz): descriptors {', '.join(checks.get('descriptors', []))}; "
@@ -346,6 +405,17 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
               [e for rs in scan_results.values() for r in rs for e in r.error_samples]
     if samples:
         lines += ["", "Error samples: " + "; ".join(f"`{s}`" for s in samples[:5])]
+    if stages:
+        whole = stages.pop("whole Scanner.scan_bytes", None)
+        lines += ["", "### Where a scan's CPU goes", "",
+                  "Each stage of Scanner's work on the same 51 photos, in a child process on one thread (the SSCD "
+                  "model on its one-thread session, as when both scan workers are busy); CPU ms per photo, median "
+                  "of 3 passes. The rest of the server's CPU per request is HTTP, multipart parsing and JSON.", "",
+                  "| stage | CPU ms |", "|---|---:|"]
+        lines += [f"| {stage} | {ms:.1f} |" for stage, ms in stages.items()]
+        lines += [f"| sum of the stages | {sum(stages.values()):.1f} |"]
+        if whole is not None:
+            lines += [f"| whole `Scanner.scan_bytes` (one call) | {whole:.1f} |"]
     if memory:
         start = next((m for n, m in memory if n >= 200), memory[0][1])
         end = memory[-1][1]

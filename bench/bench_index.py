@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -271,8 +272,16 @@ def sweep(plan) -> list[dict]:
         alts = [{"efSearch": e} for e in (32, 64, 256)]
     elif plan.kind == "ivf_flat":
         alts = [{"nprobe": max(1, p["nprobe"] * f)} for f in (0.5, 2, 4)]
+    elif plan.kind == "ivf_pq" and plan.refine:  # PQ top rerank_k -> SQ8 top exact_k -> exact float16
+        nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
+        alts = [
+            {"nprobe": max(1, nl // 128)},
+            {"nprobe": max(1, nl // 64), "exact_k": 10},
+            {"nprobe": max(1, nl // 32)},
+            {"nprobe": max(1, nl // 32), "rerank_k": 200},
+        ]
     elif plan.kind == "ivf_pq":
-        nl = int(plan.factory.split(",")[0][3:])
+        nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
         alts = [
             {"nprobe": max(1, nl // 128), "rerank_k": 100},
             {"nprobe": max(1, nl // 64), "rerank_k": 50},
@@ -517,11 +526,23 @@ NOTES = """Reading the numbers:
 - At 1M the limits were measured apart: with 4,096 lists the exact top-10 (headline queries) lies in
   the probed lists 0.946 / 0.955 / 0.965 of the time at nprobe 32 / 64 / 128 (exact codes); PQ256x4fs
   + re-rank of the PQ top 100 keeps nearly all of that (0.949 / 0.957 / 0.966), PQ128x4fs needs the
-  top 400-1000, PQ64x4fs never gets there (0.94 at the top 1000).
-- RSS: the process's anonymous memory (Python, numpy, faiss, the index's lists) plus the pages of
-  the memory-mapped index file that queries touched ("file-backed": clean page cache the OS can
-  drop). The re-rank reads its ~100 rows per query from the float16 file with pread (~3 us a row):
-  a memory map of that file had made the whole 977 MiB resident after 1,000 queries at 1M.
+  top 400-1000 (with the SQ8 refine at nprobe 64: 0.950 from its top 400, vs 0.954 for PQ256x4fs
+  from its top 100), PQ64x4fs never gets there (0.94 at the top 1000).
+- Where a 1M query's time goes (CPU, one thread, measured apart on the loaded machine): the coarse
+  scan of the 4,096 centroids took 0.6-1.0 ms as float32 (8 MiB read per query), ~0.6 ms as float16,
+  ~0.5 ms as SQ8 (the default: the same probed lists 0.99 of the time, the same recall@10); the
+  fast-scan of 64 lists ~0.5 ms; the SQ8 re-score of the PQ top 100 inside faiss ~0.05 ms; the 16
+  exact rows by pread ~0.1 ms and the numpy around them ~0.1 ms. Before, the 100 rows of the float16
+  re-rank cost ~0.35 ms of pread and ~0.3 ms of numpy (2.5-3.1 ms per query in all).
+- The SQ8 copy alone ranks near-ties differently from the exact float16 cosines: keeping only its
+  top 10 gives recall@10 0.945; the exact cosines of its top 12 or more give the 0.954 of an exact
+  re-rank of all 100 PQ candidates (exact_k 16 is the default).
+- RSS: the process's anonymous memory (Python, numpy, faiss, the index's lists and, at 1M, the
+  488 MiB SQ8 copy, read into memory at load) plus the pages of the memory-mapped index file that
+  queries touched ("file-backed": clean page cache the OS can drop). The exact rows are read from
+  the float16 file with pread (~3-7 us a row): a memory map of that file had made the whole 977 MiB
+  resident after 1,000 queries at 1M. With a budget too small for the SQ8 copy (index + copy over
+  3/4 of it), the plan falls back to the pread re-rank of the PQ top 100 (2.5-3.1 ms per query).
 - Wall-clock latencies swing with the other jobs on the 2 cores (the same settings measured
   1.8-12 ms p50 in different runs); the CPU time per query is the stable number."""
 

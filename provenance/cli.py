@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from provenance.errors import ProvenanceError
 
@@ -111,7 +111,9 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory."
     out.print(f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})")
     out.print(f"source: {m['source']['kind']} {m['source']['location']}")
     out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}")
-    t = Table("descriptor", "model", "dim", "metric", "FAISS index", "why")
+    # the factory string ("IVF4096(SQ8),PQ256x4fs,Refine(SQ8)") has no spaces: fold it, not "…"
+    t = Table("descriptor", "model", "dim", "metric", Column("FAISS index", overflow="fold"),
+              Column("why", overflow="fold"))
     for name, d in m["descriptors"].items():
         plan = d.get("ann") or {}
         t.add_row(name, f"{d['model_id']} ({d['checksum'] or '-'})", str(d["dim"]), d["metric"],

@@ -85,7 +85,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise UnreadableImageError(f"{name}: corrupt or truncated image ({e})") from None
     try:
-        im = _to_rgb(ImageOps.exif_transpose(im))
+        # in place: the decoded image is ours, and without an Orientation tag this saves a full copy
+        ImageOps.exif_transpose(im, in_place=True)
+        im = _to_rgb(im)
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
         raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
     return DecodedImage(im, sha256_bytes(data), im.width, im.height, fmt, data, info)

@@ -128,6 +128,8 @@ class Scanner:
         return next(self.iter_scan([(name, data)]))
 
     def scan_many_bytes(self, items: list[tuple[str, bytes]]) -> list[ScanRecord]:
+        if len(items) == 1:  # one upload (the server's usual batch): nothing to overlap, no decode threads to start
+            return self._finish_batch([self._prepare(*items[0])])
         return list(self.iter_scan(items))
 
     def iter_scan(self, items: Iterable[tuple[str, bytes | None]],
@@ -160,13 +162,12 @@ class Scanner:
             raw = data if data is not None else read_bytes(name)
         except UnreadableImageError as e:
             return _Work(name, ScanRecord.failed(name, str(e)))
-        from provenance.images import sha256_bytes
-
-        sha = sha256_bytes(raw) if raw else None
         try:
-            decoded = decode_image(raw, name, self.options.max_pixels)
+            decoded = decode_image(raw, name, self.options.max_pixels)  # hashes the bytes too
         except UnreadableImageError as e:
-            return _Work(name, ScanRecord.failed(name, str(e), sha))
+            from provenance.images import sha256_bytes
+
+            return _Work(name, ScanRecord.failed(name, str(e), sha256_bytes(raw) if raw else None))
         try:
             record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height)
             record.watermarks = self._evidence(decoded)

@@ -7,7 +7,7 @@ Layout (row i of every file is corpus item i):
   thumbnails.bin           concatenated small JPEGs (offsets in metadata)
   {sscd,clip,clip_text}.f16.npy   (n, d) float16 L2-normalised embeddings (re-rank rows read with pread)
   pdq.u8.npy               (n, 32) uint8 packed PDQ hashes
-  <descriptor>.faiss       the FAISS index over those vectors
+  <descriptor>.faiss       the FAISS index over those vectors (with its SQ8 copy, for IVF-PQ plans that have one)
   skipped.jsonl            every item that could not be indexed, with its reason
 
 Writes never modify a live index: `write_index` fills a temporary sibling folder and swaps it in
@@ -226,9 +226,9 @@ def _tool_version() -> str:
 class RowReader:
     """Rows of an (n, d) matrix in a file (a .npy, or raw rows at an offset), read with os.pread.
 
-    The exact re-rank of an IVF-PQ search needs ~100 scattered rows per query. Read through a
-    memory map, each row maps its pages (and the kernel's fault-around neighbours) into the
-    process: after a few thousand queries at 1M x 512 the whole 977 MiB file counted as resident.
+    The exact re-rank of an IVF-PQ search needs 16 (after an SQ8 refine) to 100 scattered rows per
+    query. Read through a memory map, each row maps its pages (and the kernel's fault-around
+    neighbours) into the process: after a few thousand queries at 1M x 512 the whole 977 MiB file counted as resident.
     pread copies just the rows out of the page cache (~3 us each here), so the process stays at
     its own memory; the OS still caches the file and drops it under pressure. Thread-safe.
     """

@@ -168,11 +168,19 @@ def test_plan_index_choices():
     big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
     assert big.kind == "ivf_pq" and big.rerank_k > 0 and big.params["nprobe"] >= 1
     assert big.est_memory_bytes < 1 << 30
-    assert "1.9 GiB" in big.reason and "budget" in big.reason and big.factory == "IVF4096,PQ256x4fs"
-    assert big.params == {"nprobe": 64, "rerank_k": 100}
-    # a tight budget gets coarser codes: the index must fit half of it
+    assert "1.9 GiB" in big.reason and "budget" in big.reason
+    # the PQ candidates are re-scored by an in-memory SQ8 copy (488 MiB) that fits 3/4 of the budget
+    assert big.factory == "IVF4096(SQ8),PQ256x4fs,Refine(SQ8)" and big.refine == "SQ8"
+    assert big.params == {"nprobe": 64, "rerank_k": 100, "exact_k": ann.EXACT_K} and big.exact_k == ann.EXACT_K
+    assert 600 << 20 < big.est_memory_bytes <= 0.75 * (1 << 30) and "SQ8 copy" in big.reason
+    # a tight budget gets coarser codes (the index must fit half of it) and no SQ8 copy: the PQ top
+    # candidates are re-ranked with rows read from the float16 file
     tight = plan_index(1_000_000, 512, memory_budget_bytes=200 << 20)
-    assert tight.factory == "IVF4096,PQ128x4fs" and tight.est_memory_bytes <= 100 << 20
+    assert tight.factory == "IVF4096(SQ8),PQ128x4fs" and tight.est_memory_bytes <= 100 << 20
+    assert tight.refine == "" and tight.params == {"nprobe": 64, "rerank_k": 100} and tight.exact_k == 100
+    assert "would not fit" in tight.reason
+    # 2M vectors: the SQ8 copy alone (977 MiB) exceeds 3/4 of 1 GiB
+    assert plan_index(2_000_000, 512).refine == ""
     mid = plan_index(100_000, 512)
     assert mid.kind == "hnsw" and "HNSW32" in mid.factory
     # a roomy budget below 1M keeps vectors uncompressed
@@ -240,8 +248,10 @@ def test_torch_kmeans_path_builds_a_good_ivf(monkeypatch, xb, xq, gt):
     monkeypatch.setattr(ann, "_faiss_gpus", lambda: 0)
     plan = plan_index(len(xb), D, kind="ivf_pq")
     index = build_index(xb, plan, use_gpu=True)
-    centroids = index.quantizer.reconstruct_n(0, index.nlist)
-    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)  # spherical, as faiss for IP
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    # spherical, as faiss for IP (tolerance: the centroids are stored as SQ8, 1/255 of each range)
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-2)
     got = search(index, xq, 10, plan, rerank_vectors=xb)
     assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
 
@@ -275,3 +285,80 @@ def test_rerank_from_row_reader_matches_the_memory_map(tmp_path, xb, xq):
     with pytest.raises(IndexError):
         reader.read_rows(np.array([len(xb)]))
     reader.close()
+
+
+def _forced_refine_plan(n: int, budget: int = 1 << 30) -> AnnPlan:
+    plan = plan_index(n, D, kind="ivf_pq", memory_budget_bytes=budget)
+    assert plan.refine == "SQ8", plan.factory  # small n: the SQ8 copy fits any sensible budget
+    return plan
+
+
+def test_ivf_pq_sq8_refine_same_top_k_as_exact_and_exact_scores(tmp_path, xb, xq, gt):
+    # IVF-PQ + SQ8 refine: faiss re-scores the PQ top 100 with its SQ8 copy, the best exact_k get
+    # exact cosines of the float16 rows (read by pread), which are what `search` returns
+    from provenance.store import RowReader
+
+    plan = _forced_refine_plan(len(xb)).with_params(nprobe=64)  # all 64 lists: only PQ/SQ8 can err
+    index = build_index(xb, plan, use_gpu=False)
+    assert isinstance(index, faiss.IndexRefine) and index.ntotal == len(xb)
+    assert isinstance(faiss.downcast_index(index.refine_index), faiss.IndexScalarQuantizer)
+    # the coarse centroids are stored as SQ8
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexScalarQuantizer)
+    xb16 = xb.astype(np.float16)
+    np.save(tmp_path / "sscd.f16.npy", xb16)
+    reader = RowReader.from_npy(tmp_path / "sscd.f16.npy")
+    got = search(index, xq, 10, plan, rerank_vectors=reader)
+    # exact top-10 over the float16 rows, as the benchmark's ground truth
+    ex_d, ex_i = ann.exact_search(xq, xb16, 10)
+    same = [set(a) == set(b) for a, b in zip(got.ids.tolist(), ex_i.tolist())]
+    assert np.mean(same) >= 0.95  # the rest differ by near-ties only:
+    np.testing.assert_allclose(np.sort(got.scores, axis=1), np.sort(ex_d, axis=1), atol=2e-3)
+    # returned scores are the float16 cosines, best first (tolerance: float32 dot products)
+    expect = np.einsum("qd,qkd->qk", xq, xb16.astype(np.float32)[got.ids])
+    np.testing.assert_allclose(got.scores, expect, atol=1e-5)
+    assert (np.diff(got.scores, axis=1) <= 1e-6).all()
+    # single queries (the fast path) give the same answers as the batch
+    for i in range(0, len(xq), 17):
+        one = search(index, xq[i : i + 1], 10, plan, rerank_vectors=reader)
+        np.testing.assert_array_equal(one.ids[0], got.ids[i])
+        np.testing.assert_allclose(one.scores[0], got.scores[i], atol=1e-6)
+    # k above exact_k: faiss keeps k candidates (with k_factor scaled down), still exact scores
+    wide = search(index, xq[:5], 40, plan, rerank_vectors=xb16)
+    assert wide.ids.shape == (5, 40) and (wide.ids >= 0).all()
+    np.testing.assert_allclose(wide.scores, np.einsum("qd,qkd->qk", xq[:5], xb16.astype(np.float32)[wide.ids]), atol=1e-5)
+    reader.close()
+
+
+def test_ivf_pq_sq8_refine_save_load_append(tmp_path, xb, xq):
+    # the SQ8 copy lives in the same .faiss file; appending adds to the PQ lists and to the copy
+    plan = _forced_refine_plan(3000)
+    index = build_index(xb[:3000], plan, use_gpu=False)
+    xb16 = xb.astype(np.float16)
+    before = search(index, xq, 10, plan, rerank_vectors=xb16[:3000])
+    save_index(index, tmp_path / "r.faiss")
+    loaded = load_index(tmp_path / "r.faiss", AnnPlan.from_dict(plan.to_dict()), mmap=True, use_gpu=False)
+    assert isinstance(loaded, faiss.IndexRefine)
+    after = search(loaded, xq, 10, plan, rerank_vectors=xb16[:3000])
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_allclose(after.scores, before.scores, atol=1e-6)
+    # append (loaded without mmap): ids continue, both parts grow, appended rows are found
+    index = load_index(tmp_path / "r.faiss", plan, mmap=False, use_gpu=False)
+    ann.add_vectors(index, xb16[3000:])
+    assert index.ntotal == len(xb) and index.refine_index.ntotal == len(xb)
+    assert index.base_index.ntotal == len(xb)
+    # the assignment used the centroids, but the SQ8 quantizer is back in place
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexScalarQuantizer)
+    got = search(index, xb[3990:4000], 1, plan, rerank_vectors=xb16)
+    assert (got.ids[:, 0] == np.arange(3990, 4000)).all()
+    save_index(index, tmp_path / "r.faiss")
+    again = load_index(tmp_path / "r.faiss", plan, mmap=True, use_gpu=False)
+    assert again.ntotal == len(xb)
+
+
+def test_refine_plan_and_index_must_agree(tmp_path, xb):
+    refine = _forced_refine_plan(len(xb))
+    plain = plan_index(len(xb), D, kind="ivf_pq", memory_budget_bytes=1 << 18)
+    assert plain.refine == "" and plain.rerank_k and plain.exact_k == plain.rerank_k
+    save_index(build_index(xb, plain, use_gpu=False), tmp_path / "plain.faiss")
+    with pytest.raises(IndexMismatchError, match="Refine"):
+        load_index(tmp_path / "plain.faiss", AnnPlan.from_dict({**plain.to_dict(), "factory": refine.factory}))

@@ -116,6 +116,27 @@ def test_healthz_reports_ready_index_and_checks(client):
     assert body["max_upload_bytes"] == 20 * 1024 * 1024
 
 
+def test_server_runs_models_one_thread_per_call_and_hands_torch_threads_back(index_dir):
+    import torch
+
+    def threads_of_a_new_thread() -> int:  # torch reads the setting when a thread first uses it
+        out: list[int] = []
+        t = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = threads_of_a_new_thread()
+    c = _client(ServerConfig(index_dir=index_dir))  # default: torch_threads=1
+    try:
+        assert threads_of_a_new_thread() == 1  # what the scan and search threads get
+        # overlapping SSCD calls (two scan workers) get a one-thread ONNX session of their own
+        assert c.app.state.service.searcher.model("sscd")._serial is not None
+    finally:
+        c.__exit__(None, None, None)
+    assert threads_of_a_new_thread() == before
+
+
 def test_manifest(client):
     m = client.get("/v1/index").json()
     assert m["counts"]["indexed"] == N_PHOTOS and set(m["descriptors"]) == {"sscd", "pdq", "clip", "clip_text"}
@@ -431,9 +452,9 @@ def test_page_is_self_contained(client):
 def test_config_from_env(tmp_path):
     env = {"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_API_KEYS": " a, b ,", "PROVENANCE_CORS_ORIGINS": "https://x",
            "PROVENANCE_KEEP_UPLOADS": str(tmp_path / "k"), "PROVENANCE_MAX_UPLOAD_BYTES": "1000",
-           "PROVENANCE_VISIBLE": "false"}
+           "PROVENANCE_VISIBLE": "false", "PROVENANCE_TORCH_THREADS": "0"}
     cfg = ServerConfig.from_env(env)
-    assert cfg.api_keys == ("a", "b") and cfg.cors_origins == ("https://x",)
+    assert cfg.api_keys == ("a", "b") and cfg.cors_origins == ("https://x",) and cfg.torch_threads == 0
     assert cfg.keep_uploads == tmp_path / "k" and cfg.max_upload_bytes == 1000 and cfg.visible is False
     assert ServerConfig.from_env(cfg.to_env()) == cfg
     assert ServerConfig.from_env(env, max_upload_bytes=5).max_upload_bytes == 5

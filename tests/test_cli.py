@@ -44,6 +44,36 @@ def test_index_info_json(index_dir):
     assert "Flat" in r.stdout and "sscd" in r.stdout
 
 
+def test_index_info_explains_an_ivf_pq_sq8_refine_plan(tmp_path):
+    # a 3,000-row index under a 4 MiB budget gets the 1M plan's shape: IVF-PQ + SQ8 copy + exact re-rank
+    import faiss
+    import numpy as np
+
+    from provenance.descriptors.base import DescriptorSpec
+    from provenance.store import IndexContents, write_index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 512)).astype(np.float32)
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    rows = [{"id": f"r{i}", "caption": None} for i in range(len(x))]
+    contents = IndexContents(rows, {"sscd": x}, {"sscd": DescriptorSpec("sscd", "m", "", 512, "cosine")}, {},
+                             [None] * len(x), [])
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # tiny trainings: OpenMP barriers cost more than they save here
+    try:
+        write_index(tmp_path / "idx", contents, {"source": {"kind": "test", "location": "synthetic"}},
+                    memory_budget_bytes=4 << 20, use_gpu=False)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx"), "--json"])
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)["descriptors"]["sscd"]["ann"]
+    assert plan["factory"] == "IVF64(SQ8),PQ256x4fs,Refine(SQ8)" and plan["params"]["exact_k"] == 16
+    assert "SQ8 copy" in plan["reason"] and "exact cosines" in plan["reason"]
+    r = runner.invoke(app, ["index", "info", str(tmp_path / "idx")])
+    assert r.exit_code == 0 and "IVF64(SQ8)" in r.stdout  # folded, not cut with "…"
+
+
 def test_search_by_image_and_caption_json(index_dir, coco_dir):
     p = sorted(coco_dir.glob("*.jpg"))[5]
     r = runner.invoke(app, ["search", "--index", str(index_dir), "--image", str(p), "-k", "3", "--json"])

@@ -42,6 +42,42 @@ def test_sscd_dim_norm_determinism(sscd, photos):
     np.testing.assert_allclose(a[:3], single, atol=1e-5)
 
 
+def test_sscd_concurrent_calls_give_the_same_vectors(photos):
+    # The server's scan workers embed side by side; overlapping calls then run on a one-thread session,
+    # which must give exactly the bits the multi-threaded one gives.
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = SSCDDescriptor.load()  # its own instance: the module fixture stays as loaded
+    inputs = [model.preprocess(p) for p in photos]
+    expected = model.embed_batch(inputs)
+    model.prepare_concurrent_calls()
+    serial = model._serial
+    assert serial is not None
+    model.prepare_concurrent_calls()  # idempotent
+    assert model._serial is serial
+
+    class Counting:  # the one-thread session, counting its calls
+        calls = 0
+
+        def get_inputs(self):
+            return serial.get_inputs()
+
+        def run(self, *args):
+            Counting.calls += 1
+            return serial.run(*args)
+
+    model._serial = Counting()
+    with ThreadPoolExecutor(3) as pool:
+        got = list(pool.map(lambda x: model.embed_batch([x])[0], inputs * 3))
+    np.testing.assert_array_equal(np.stack(got), np.concatenate([expected] * 3))
+    assert 0 < Counting.calls < len(got)  # overlapping calls went to it, and some to the main session
+    assert model._running == 0
+    # a session already on one thread needs no second one
+    one = SSCDDescriptor.load(threads=1)
+    one.prepare_concurrent_calls()
+    assert one._serial is None
+
+
 def test_sscd_preprocess_short_side_288(sscd, photos):
     x = sscd.preprocess(photos[0])
     assert min(x.shape[:2]) == 288 and x.dtype == np.uint8 and x.shape[2] == 3

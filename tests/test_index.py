@@ -234,7 +234,19 @@ def test_clip_index_text_search_and_caption_embeddings(coco_dir, tmp_path):
         Searcher(idx, ModelOptions(clip_model=TINY_CLIP_MODEL, clip_pretrained=str(other))).model("clip")
 
 
-def test_ivf_pq_index_reranks_with_rows_read_from_the_file(tmp_path):
+@pytest.fixture
+def one_faiss_thread():
+    # tiny IVF-PQ trainings are all OpenMP barriers: on a busy 2-core machine, next to torch's own
+    # OpenMP threads, two faiss threads took ~70 s per 3,000-row build, one thread ~2 s
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def test_ivf_pq_index_reranks_with_rows_read_from_the_file(tmp_path, one_faiss_thread):
     # a budget too small for any uncompressed index forces IVF-PQ; the store then re-ranks with rows
     # read by pread (RowReader), and the scores are the exact cosines of the stored float16 rows
     from provenance.descriptors.base import DescriptorSpec
@@ -259,3 +271,53 @@ def test_ivf_pq_index_reranks_with_rows_read_from_the_file(tmp_path):
         rows_ = [idx.row(m.id) for m in ms]
         expect = x[rows_].astype(np.float32) @ q[qi]
         np.testing.assert_allclose([m.score for m in ms], expect, atol=1e-5)
+
+
+def _synthetic_sscd(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 512) float16 unit rows around 40 centres (groups of similar photos)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, 512)).astype(np.float32)
+    x = centres[rng.integers(0, 40, n)] + rng.standard_normal((n, 512)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp_path, one_faiss_thread):
+    # a 4 MiB budget: IVF-PQ (no uncompressed index fits) with room for the SQ8 copy (1.5 MiB): faiss
+    # re-scores the PQ candidates with it, the store gives the best ones their float16 cosines
+    import faiss
+
+    from provenance import ann
+    from provenance.descriptors.base import DescriptorSpec
+    from provenance.store import IndexContents, write_index
+
+    x = _synthetic_sscd(3000)
+    spec = DescriptorSpec("sscd", "test-model", "", 512, "cosine")
+
+    def write(rows_x: np.ndarray) -> ProvenanceIndex:
+        rows = [{"id": f"r{i}", "caption": None} for i in range(len(rows_x))]
+        contents = IndexContents(rows, {"sscd": rows_x}, {"sscd": spec}, {}, [None] * len(rows_x), [])
+        write_index(tmp_path / "idx", contents, {"source": {"kind": "test", "location": "synthetic"}},
+                    memory_budget_bytes=4 << 20, use_gpu=False)
+        return ProvenanceIndex.open(tmp_path / "idx")
+
+    idx = write(x[:2600])
+    plan = ann.AnnPlan.from_dict(idx.manifest["descriptors"]["sscd"]["ann"])
+    assert plan.kind == "ivf_pq" and plan.refine == "SQ8" and plan.factory.endswith(",Refine(SQ8)")
+    assert "SQ8 copy" in plan.reason and plan.est_memory_bytes <= 3 << 20
+    rng = np.random.default_rng(1)
+    q = x[[5, 1234, 2599]].astype(np.float32) + 0.01 * rng.standard_normal((3, 512)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    matches = idx.search_vectors("sscd", q, k=10)
+    assert [m[0].id for m in matches] == ["r5", "r1234", "r2599"]
+    exact_d, exact_i = ann.exact_search(q, x[:2600], 10)
+    for qi, ms in enumerate(matches):
+        rows_ = [idx.row(m.id) for m in ms]
+        # the scores are the exact cosines of the stored float16 rows, best first
+        np.testing.assert_allclose([m.score for m in ms], x[rows_].astype(np.float32) @ q[qi], atol=1e-5)
+        assert rows_ == exact_i[qi].tolist()  # nprobe 16 of 64 lists, well separated groups: exact top-10
+    # --append rewrites the index with the old rows then the new ones: both parts hold every row
+    idx = write(x)
+    index, plan2 = idx._faiss_index("sscd")
+    assert plan2.refine == "SQ8" and isinstance(index, faiss.IndexRefine)
+    assert index.base_index.ntotal == index.refine_index.ntotal == 3000
+    assert idx.search_vectors("sscd", x[2999:3000].astype(np.float32), k=1)[0][0].id == "r2999"

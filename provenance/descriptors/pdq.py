@@ -28,8 +28,8 @@ class PDQDescriptor:
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(128, 128, 3) uint8."""
-        small = image.convert("RGB").resize((PDQ_INPUT_SIZE, PDQ_INPUT_SIZE), Image.Resampling.BILINEAR,
-                                            reducing_gap=3.0)
+        rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
+        small = rgb.resize((PDQ_INPUT_SIZE, PDQ_INPUT_SIZE), Image.Resampling.BILINEAR, reducing_gap=3.0)
         return np.asarray(small, dtype=np.uint8)
 
     def hash_with_quality(self, batch: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
