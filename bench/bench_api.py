@@ -133,7 +133,7 @@ class LoadResult:
 
     @property
     def cpu_ms_per_request(self) -> float:
-        return self.server_cpu_s / self.requests * 1000
+        return self.server_cpu_s / self.requests * 1000 if self.requests else float("nan")
 
     @property
     def rps(self) -> float:
@@ -272,12 +272,14 @@ def main() -> None:
                       f"p99 {r.pct(99):.0f} ms errors {r.errors} cpu {r.cpu_ms_per_request:.0f} ms/req", flush=True)
             if not default:
                 continue
-            for c in args.levels:
+            for c in args.levels if args.search_requests else []:
                 r = measured(srv, run_load(srv.url, "/v1/search/caption", caption_request(words), c,
                                            args.search_requests, warmup=5))
                 search_results.append(r)
                 print(f"caption clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
                       f"errors {r.errors}", flush=True)
+            if not args.memory_requests:
+                continue
             # Memory over many mixed requests, sampled every 200.
             memory.append((0, srv.rss_mb()))
 
@@ -290,7 +292,7 @@ def main() -> None:
             search_results.append(mem_load)
             print(f"memory: {memory} errors {mem_load.errors}", flush=True)
     with Server(clip_index) as srv:
-        for c in args.levels:
+        for c in args.levels if args.search_requests else []:
             r = measured(srv, run_load(srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c,
                                        args.search_requests, warmup=5))
             search_results.append(r)
