@@ -136,16 +136,20 @@ def search(
 ) -> None:
     """Search an index by image, by text, or by caption words. Scores: higher = more similar."""
     from provenance.images import load_image
-    from provenance.search import Searcher
+    from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
+    from provenance.search import Searcher, drop_far_pdq
 
     _setup_logging(verbose)
+    hidden = 0
     if sum(x is not None for x in (image, text, caption)) != 1:
         _fail(typer.BadParameter("give exactly one of --image, --text, --caption"))
     try:
         searcher = Searcher.open(index)
         if image is not None:
             per = searcher.search_image(load_image(image).image, k)
-            rows = [dict(m.to_dict()) for name in per for m in per[name]]
+            close = drop_far_pdq(per)
+            hidden = len(per.get("pdq", [])) - len(close.get("pdq", []))
+            rows = [dict(m.to_dict()) for name in close for m in close[name]]
         elif text is not None:
             rows = [m.to_dict() for m in searcher.search_text(text, k)]
         else:
@@ -162,6 +166,8 @@ def search(
     out.print(t)
     if not rows:
         console.print("no results")
+    if hidden:
+        console.print(f"{hidden} PDQ neighbour(s) beyond {PDQ_MATCH_THRESHOLD} bits not shown: at that distance a hash match is noise")
 
 
 # -------------------------------------------------------------------------------------- scan

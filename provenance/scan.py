@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
 from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes
 from provenance.models import ModelOptions
-from provenance.search import Searcher, merge_matches
+from provenance.search import Searcher, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
 
@@ -224,8 +223,7 @@ class Scanner:
             scores["clip"] = round(per_desc["clip"][0].score, 4)
         if per_desc.get("pdq"):
             scores["pdq_distance"] = per_desc["pdq"][0].distance
-            # Far PDQ neighbours are noise, not evidence: keep only those within matching range.
-            per_desc = {**per_desc, "pdq": [m for m in per_desc["pdq"] if (m.distance or 0) <= PDQ_MATCH_THRESHOLD]}
+            per_desc = drop_far_pdq(per_desc)
         same_item = self._sha_rows.get(record.sha256 or "")
         record.scores = scores
         record.verdict = decide_verdict(scores, t, same_bytes=same_item is not None)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
 from provenance.errors import DescriptorUnavailableError
 from provenance.models import ModelOptions, check_same_model, load_descriptor
 from provenance.store import ProvenanceIndex
@@ -76,6 +77,15 @@ class Searcher:
 
     def search_caption(self, words: str, k: int = 10) -> list[CaptionHit]:
         return self.index.search_caption(words, k)
+
+
+def drop_far_pdq(per_descriptor: dict[str, list[Match]]) -> dict[str, list[Match]]:
+    """The same lists without PDQ neighbours beyond matching range (PDQ_MATCH_THRESHOLD bits): a PDQ hash's
+    nearest neighbour always exists, but past ~31 bits it is noise, not evidence of a copy."""
+    if "pdq" not in per_descriptor:
+        return per_descriptor
+    close = [m for m in per_descriptor["pdq"] if (m.distance or 0) <= PDQ_MATCH_THRESHOLD]
+    return {**per_descriptor, "pdq": close}
 
 
 def merge_matches(per_descriptor: dict[str, list[Match]], k: int) -> list[Match]:

@@ -80,6 +80,10 @@ def test_search_by_image_and_caption_json(index_dir, coco_dir):
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert rows[0]["id"] == p.name and rows[0]["score"] > 0.99 and {"caption", "source"} <= set(rows[0])
+    # PDQ lists only hashes within matching range: the photo itself, not the far (random) neighbours of a hash
+    pdq = [r for r in rows if r["descriptor"] == "pdq"]
+    assert [r["id"] for r in pdq] == [p.name] and pdq[0]["distance"] == 0
+    assert len([r for r in rows if r["descriptor"] == "sscd"]) == 3
     r = runner.invoke(app, ["search", "--index", str(index_dir), "--caption", "pizza", "--json"])
     assert r.exit_code == 0 and all("id" in h for h in json.loads(r.stdout))
 

@@ -11,10 +11,9 @@ from api.deps import IndexDep, ReadyDep, SearcherDep
 from api.errors import api_error
 from api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
 from api.uploads import display_name, read_upload
-from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
 from provenance.errors import DecompressionBombError, DescriptorUnavailableError, UnreadableImageError
 from provenance.images import decode_image
-from provenance.search import merge_matches
+from provenance.search import drop_far_pdq, merge_matches
 
 router = APIRouter(prefix="/search", tags=["search"])
 K = Annotated[int, Query(ge=1, le=100, description="How many results.")]
@@ -38,9 +37,8 @@ async def search_image(state: ReadyDep, searcher: SearcherDep,
     except UnreadableImageError as e:
         raise api_error(415, "not_an_image", str(e)) from None
     per_desc = await state.run_search(searcher.search_image, decoded.image, k)
-    # As in scan records: far PDQ neighbours are noise, so the merged list keeps only those within matching range.
-    close = {n: [m for m in ms if n != "pdq" or (m.distance or 0) <= PDQ_MATCH_THRESHOLD] for n, ms in per_desc.items()}
-    return {"matches": [m.to_dict() for m in merge_matches(close, k)],
+    # As in scan records, the merged list leaves out far PDQ neighbours; by_descriptor keeps k of each.
+    return {"matches": [m.to_dict() for m in merge_matches(drop_far_pdq(per_desc), k)],
             "by_descriptor": {n: [m.to_dict() for m in ms] for n, ms in per_desc.items()}}
 
 
