@@ -800,11 +800,9 @@ def _refine_params(k_factor: float) -> Any:
 
 
 def _gather(xb: Any, rows: np.ndarray) -> np.ndarray:
-    """(len(rows), d) float32 copies of the unique `rows` of an array or a row reader (sorted rows
-    read a file in order)."""
-    read_rows = getattr(xb, "read_rows", None)
-    got = read_rows(rows) if callable(read_rows) else xb[rows]
-    return np.asarray(got, dtype=np.float32)
+    """(len(rows), d) float32 copies of the unique `rows` of an array or a row reader (both index by
+    an id array; sorted rows read a file in order)."""
+    return np.asarray(xb[rows], dtype=np.float32)
 
 
 def _rerank(xq: np.ndarray, cand: np.ndarray, xb: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

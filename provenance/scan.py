@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
-from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes
+from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes, sha256_bytes
 from provenance.models import ModelOptions
 from provenance.search import Searcher, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
@@ -164,8 +164,6 @@ class Scanner:
         try:
             decoded = decode_image(raw, name, self.options.max_pixels)  # hashes the bytes too
         except UnreadableImageError as e:
-            from provenance.images import sha256_bytes
-
             return _Work(name, ScanRecord.failed(name, str(e), sha256_bytes(raw) if raw else None))
         try:
             record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height)

@@ -791,9 +791,8 @@ def random_canvas(
     w, h = max(8, int(cw * f)), max(8, int(ch * f))
     x, y = int(rng.integers(0, cw - w + 1)), int(rng.integers(0, ch - h + 1))
     flip = rng.random() < 0.5
-    short = int(short_side or round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
-    aspect = float(rng.uniform(0.6, 1.7))
-    size = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
+    size = _canvas_size(rng, short_side)
+    short = min(size)
     im = photo.resize(size, Image.Resampling.BILINEAR, box=(x, y, x + w, y + h))  # crop and resize in one pass
     upscale = short / min(w, h)
     r, percent = rng.uniform(0.5, 1.0) * upscale, int(rng.integers(60, 200))
@@ -840,13 +839,7 @@ def overlay_example(
         style = str(rng.choice(TEXT_STYLES, p=TEXT_STYLE_WEIGHTS))
         im = add_opaque_text(im, rng, fonts, text_strings, style=style)
         facts.update(style=style)
-    if rng.random() < jpeg_probability:
-        q = int(rng.integers(35, 96))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=q)
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        facts["jpeg_quality"] = q
-    return im, kind, facts
+    return _maybe_jpeg(im, rng, jpeg_probability, 35, facts), kind, facts
 
 
 def layered_example(
@@ -873,9 +866,7 @@ def layered_example(
         raise ValueError(f"unknown example kind {kind!r}; expected one of {EXAMPLE_KINDS}")
     im = background.convert("RGB")
     if canvas_size is None:
-        short = round(float(np.exp(rng.uniform(np.log(224), np.log(768)))))
-        aspect = float(rng.uniform(0.6, 1.7))
-        canvas_size = (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
+        canvas_size = _canvas_size(rng)
     facts: dict = {"canvas": list(canvas_size)}
     if kind == "watermark":
         if rng.random() < 0.15:  # marks on images that also carry ordinary text are still marks
@@ -895,13 +886,26 @@ def layered_example(
         style = str(rng.choice(TEXT_STYLES, p=TEXT_STYLE_WEIGHTS))
         im = composite_layer(im, opaque_text_layer(canvas_size, rng, fonts, text_strings, style=style))
         facts.update(style=style)
-    if rng.random() < jpeg_probability:
-        q = int(rng.integers(50, 96))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=q)
-        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        facts["jpeg_quality"] = q
-    return im, kind, facts
+    return _maybe_jpeg(im, rng, jpeg_probability, 50, facts), kind, facts
+
+
+def _canvas_size(rng: np.random.Generator, short_side: int | None = None) -> tuple[int, int]:
+    """(width, height) of a training canvas: short side `short_side`, or log-uniform in 224-768 px; aspect 0.6-1.7."""
+    short = int(short_side or round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
+    aspect = float(rng.uniform(0.6, 1.7))
+    return (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
+
+
+def _maybe_jpeg(im: Image.Image, rng: np.random.Generator, probability: float, min_quality: int,
+                facts: dict) -> Image.Image:
+    """With `probability`, `im` re-encoded as JPEG at a quality drawn from min_quality-95 (recorded in `facts`)."""
+    if rng.random() >= probability:
+        return im
+    q = int(rng.integers(min_quality, 96))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=q)
+    facts["jpeg_quality"] = q
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
 def mark_visibility(before: Image.Image, after: Image.Image, levels: int = 24) -> float:
