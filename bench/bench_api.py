@@ -341,10 +341,14 @@ def stage_profile(index: Path, passes: int = 3) -> dict[str, float]:
             timed("C2PA + generation metadata", lambda: (read_c2pa(d.raw, "image/jpeg"), read_generation_metadata(d)))
             xs = timed("SSCD resize (short side 288)", sscd.preprocess, d.image)
             xp = timed("PDQ resize (128 px)", pdq.preprocess, d.image)
-            xv = timed("visible-watermark resize (224 px)", visible.preprocess, d.image)
-            v = timed("SSCD model (int8 ONNX)", sscd.embed_batch, [xs])
             h = timed("PDQ hash", pdq.embed_batch, [xp])
-            timed("visible-watermark CNN", visible.probability_batch, [xv])
+            if scanner._visible_from_sscd:  # the head reads the maps of the descriptor's own pass
+                v, taps = timed("SSCD model (int8 ONNX) + its maps", sscd.embed_batch_with_taps, [xs])
+                timed("visible-watermark head", visible.probability_from_taps, taps)
+            else:
+                v = timed("SSCD model (int8 ONNX)", sscd.embed_batch, [xs])
+                xv = timed("visible-watermark resize", visible.preprocess, d.image)
+                timed("visible-watermark model", visible.probability_batch, [xv])
             timed("FAISS search", scanner.searcher.search_vectors, {"sscd": v, "pdq": h}, 10)
             timed("whole Scanner.scan_bytes", scanner.scan_bytes, data, "x")
         for stage, ms in times.items():

@@ -34,6 +34,7 @@ from provenance.watermarks.visible import VisibleWatermarkDetector  # noqa: E402
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 CANVAS_SIDES = (256, 512, 1024)
+GATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 NOTES_MARKER = "<!-- notes: kept by eval_visible_watermark.py -->"
 
 
@@ -117,6 +118,12 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
         "text_flag_rate": round(float((text >= threshold).mean()), 4),
         "clean_flag_rate": round(float((clean >= threshold).mean()), 4),
     }
+    # what a gate at each probability would flag: for choosing scan.VISIBLE_FLAG_THRESHOLD
+    res["flagged_at"] = {
+        f"{g:.2f}": {"recall": round(float((pos >= g).mean()), 3), "text": round(float((text >= g).mean()), 3),
+                     "clean": round(float((clean >= g).mean()), 3)}
+        for g in GATES
+    }
     by_style, by_text_style, by_opacity = defaultdict(list), defaultdict(list), defaultdict(list)
     for q, (_, kind, facts) in zip(p, examples):
         if kind == "watermark":
@@ -137,30 +144,37 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
     return res
 
 
+def _best_ms(fn, arg, repeats: int) -> float:
+    fn(arg)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(arg)
+        best = min(best, time.perf_counter() - t)
+    return best * 1000
+
+
 def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5) -> dict:
-    """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size."""
+    """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size. For a head on
+    SSCD features, "model" is the head alone (the scanner takes the maps from its SSCD pass), and the SSCD pass is
+    timed with and without the maps copied out."""
     rng = np.random.default_rng(0)
     out: dict = {"batch_size": batch_size}
     x = [det.preprocess(Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8))) for _ in range(batch_size)]
+    model, arg = det.probability_batch, x
+    if det.backbone is not None:
+        model, arg = det.probability_from_taps, det.backbone.embed_batch_with_taps(x)[1]
+        out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, x, repeats) / batch_size, 2)
+        out["sscd_with_maps_ms_per_image"] = round(
+            _best_ms(det.backbone.embed_batch_with_taps, x, repeats) / batch_size, 2)
     old = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        det.probability_batch(x)
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            det.probability_batch(x)
-            best = min(best, time.perf_counter() - t)
-        out[f"model_ms_per_image_{threads}_threads"] = round(best / batch_size * 1000, 2)
+        out[f"model_ms_per_image_{threads}_threads"] = round(_best_ms(model, arg, repeats) / batch_size, 2)
     torch.set_num_threads(old)
     for side in (224, 640, 1600, 4000):
         im = Image.fromarray(rng.integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8))
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            det.preprocess(im)
-            best = min(best, time.perf_counter() - t)
-        out[f"preprocess_ms_{side}px"] = round(best * 1000, 2)
+        out[f"preprocess_ms_{side}px"] = round(_best_ms(det.preprocess, im, repeats), 2)
     return out
 
 
@@ -172,12 +186,11 @@ def render_markdown(args, results: dict, card: dict) -> str:
         "## Visible-watermark detector (provenance/watermarks/visible.py)",
         "",
         f"Evaluation: `.venv/bin/python bench/eval_visible_watermark.py{' --seen' if args.seen else ''}`  ",
-        f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark.py')}`: "
-        f"{tr.get('steps', '?')} steps x {tr.get('batch_size', '?')} new examples, each batch used {tr.get('reuse', 1)}x; "
-        f"{tr.get('parameters', '?')} parameters, input {tr.get('input_size', '?')} px; {tr.get('train_wall_s', '?')} s wall, "
-        f"{tr.get('train_main_process_cpu_s', '?')} s CPU in the training process + {tr.get('train_worker_cpu_s', '?')} s CPU "
-        "in the data worker  ",
-        "Machine: 2-core x86_64 CPU, shared (load average ~10 during these runs: wall times are inflated several-fold)",
+        f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
+        f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples), {tr.get('epochs', '?')} epochs; "
+        f"{tr.get('parameters', '?')} parameters on frozen SSCD maps ({', '.join(tr.get('backbone', {}).get('taps', []))}); "
+        f"examples {tr.get('examples_wall_s', '?')} s + training {tr.get('train_wall_s', '?')} s wall  ",
+        "Machine: 2-core x86_64 CPU, shared with other jobs during these runs (wall times are inflated)",
         "",
         "Held-out: 1,000 photos never trained on (flickr8k-dev shard 00004 + flickr8k-nonmember), each as "
         "watermarked / opaque text / clean, twice: at native 224 px, and on canvases of short side 256/512/1024 px "
@@ -210,6 +223,8 @@ def render_markdown(args, results: dict, card: dict) -> str:
         "",
         f"- AUC by canvas short side (Flickr canvases): {results['flickr_canvas'].get('auc_by_canvas_side')}",
         f"- Recall by watermark style (held-out, all): {h['recall_by_style']}",
+        "- Flagged at other gates (held-out, all; recall / opaque text / clean): "
+        + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in h["flagged_at"].items()),
         f"- Recall by opacity: {h['recall_by_opacity']}",
         f"- Opaque-text flag rate by style: {h['text_flag_rate_by_style']}",
         f"- COCO recall by style: {results['coco']['recall_by_style']}; text flagged by style: "
@@ -217,7 +232,10 @@ def render_markdown(args, results: dict, card: dict) -> str:
         f"- Cost: model {t['model_ms_per_image_1_threads']} ms/image with 1 thread, {t['model_ms_per_image_2_threads']} "
         f"ms/image with 2 threads (batch {t['batch_size']}, BatchNorm folded); preprocess (runs in the scanner's decode "
         f"threads) {t['preprocess_ms_224px']} ms for a 224 px image, {t['preprocess_ms_640px']} ms at 640 px, "
-        f"{t['preprocess_ms_1600px']} ms at 1600 px, {t['preprocess_ms_4000px']} ms at 4000 px (best of 5).",
+        f"{t['preprocess_ms_1600px']} ms at 1600 px, {t['preprocess_ms_4000px']} ms at 4000 px (best of 5)."
+        + (f" The model is the head alone: it reads the maps of the scan's own SSCD pass ({t['sscd_ms_per_image']} "
+           f"ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with them copied out; the "
+           "preprocess is SSCD's, shared too)." if "sscd_ms_per_image" in t else ""),
         "",
     ]
     return "\n".join(lines)

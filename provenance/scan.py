@@ -106,6 +106,14 @@ class Scanner:
                     raise  # the user named weights: failing to load them is their error to see
                 # the shipped weights missing (a broken install) must not stop copy detection
                 logger.warning("visible-watermark check is off: %s", e)
+        # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
+        # index's SSCD model is the one the head was trained on (the default); else it runs SSCD itself
+        sscd = self._models.get("sscd")
+        backbone = getattr(self._visible, "backbone", None)
+        self._visible_from_sscd = (
+            backbone is not None and sscd is not None and getattr(sscd, "has_feature_taps", False)
+            and sscd.spec.checksum == backbone.spec.checksum
+        )
         self._sha_rows = self._sha_index()
 
     @classmethod
@@ -172,7 +180,7 @@ class Scanner:
             if isinstance(memo, dict):
                 record.extra["memorization"] = memo
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
-            if self._visible is not None:
+            if self._visible is not None and not self._visible_from_sscd:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
@@ -202,10 +210,19 @@ class Scanner:
     def _finish_batch(self, work: list[_Work]) -> list[ScanRecord]:
         ok = [w for w in work if w.record.verdict != "error"]
         if ok:
-            vectors = {n: self._models[n].embed_batch([w.inputs[n] for w in ok]) for n in self.descriptors}
+            vectors, taps = {}, None
+            for n in self.descriptors:
+                batch = [w.inputs[n] for w in ok]
+                if n == "sscd" and self._visible_from_sscd:
+                    vectors[n], taps = self._models[n].embed_batch_with_taps(batch)
+                else:
+                    vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
             if self._visible is not None:
-                probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
+                if taps is not None:
+                    probs = self._visible.probability_from_taps(taps)
+                else:
+                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
                 for w, p in zip(ok, probs):
                     w.record.watermarks.visible = {"probability": round(float(p), 4)}
             for w, per_desc in zip(ok, results):

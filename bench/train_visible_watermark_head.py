@@ -1,0 +1,205 @@
+"""Train the visible-watermark head on SSCD's intermediate features (CPU, fixed seeds).
+
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm-head-cache \\
+        --out provenance/weights/visible_watermark.pt
+
+Step 1, examples (cached under --cache, in chunks of --chunk pairs; a later run with more --pairs reuses them):
+pair i comes from rng(seed, i): a Flickr8k-dev photo (shards 00000-00003) on a square canvas of 224-768 px
+(overlays.random_canvas, cropped square so every example has one shape), carrying a stock watermark, and the same
+canvas with opaque text (60%) or clean (40%) (overlays.overlay_example; training fonts and strings only). Both
+run through the int8 SSCD model, whose stride-8 and stride-16 activation maps (descriptors.sscd.FEATURE_TAPS)
+are stored as uint8 memory maps. SSCD is frozen: only the head learns, which is what makes training on two CPU
+cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the checkpoint and its JSON card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from provenance.descriptors.sscd import FEATURE_TAPS, SSCDDescriptor  # noqa: E402
+from provenance.watermarks import overlays  # noqa: E402
+from provenance.watermarks.visible import TapHead, TapHeadConfig, save_checkpoint  # noqa: E402
+
+logger = logging.getLogger("train_visible_watermark_head")
+DATA = REPO.parent / "shared" / "data"
+TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
+TAP_SHAPES = {"stride8": (512, 36, 36), "stride16": (1024, 18, 18)}  # of a 288x288 input
+
+
+def read_photos(shard_dir: Path) -> list[bytes]:
+    from provenance.corpus import read_webdataset
+
+    return [it.data for s in TRAIN_SHARDS for it in read_webdataset(str(shard_dir / f"{s}.tar")) if it.data]
+
+
+class SquarePairs(torch.utils.data.Dataset):
+    """Pair i -> (2, 288, 288, 3) uint8: [stock watermark, opaque text or clean] on one square canvas."""
+
+    def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int):
+        self.photos, self.fonts, self.seed, self.start, self.stop = photos, fonts, seed, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> np.ndarray:
+        from provenance.descriptors.sscd import resize_short_side
+
+        rng = np.random.default_rng([self.seed, self.start + j])
+        photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))])).convert("RGB")
+        side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
+        canvas = overlays.random_canvas(photo, rng, side)
+        canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
+        negative = "text" if rng.random() < 0.6 else "clean"
+        xs = []
+        for kind in ("watermark", negative):
+            im, _, _ = overlays.overlay_example(
+                canvas, rng, self.fonts, overlays.TRAIN_WATERMARK_STRINGS, overlays.TRAIN_TEXT_STRINGS,
+                kind=kind, min_visibility=0.001,
+            )
+            xs.append(np.asarray(resize_short_side(im)))
+        return np.stack(xs)
+
+
+def _identity(x):
+    return x
+
+
+def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, sscd: SSCDDescriptor,
+               taps: tuple[str, ...]) -> None:
+    """Examples of pairs [chunk*size, (chunk+1)*size) -> cache/{tap}_{chunk}.npy (written whole, then renamed)."""
+    start, stop = chunk * size, (chunk + 1) * size
+    dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, seed, start, stop), batch_size=None,
+                                     num_workers=1, prefetch_factor=8, collate_fn=_identity)
+    tmp = {t: cache / f"{t}_{chunk}.tmp.npy" for t in taps}
+    maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *TAP_SHAPES[t])) for t in taps}
+    t0 = time.time()
+    for j, pair in enumerate(dl):
+        _, pair_taps = sscd.embed_batch_with_taps(list(pair))
+        for t in taps:
+            maps[t][2 * j:2 * j + 2] = np.stack([pair_taps[0][t], pair_taps[1][t]])
+    for t in taps:
+        maps[t].flush()
+        del maps[t]
+        os.replace(tmp[t], cache / f"{t}_{chunk}.npy")
+    logger.info("chunk %d (pairs %d-%d): %.0f s", chunk, start, stop, time.time() - t0)
+
+
+def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """All chunks' maps, concatenated in memory: {tap: (2 * pairs, c, h, w) uint8}; rows alternate label 1, 0."""
+    return {t: np.concatenate([np.load(cache / f"{t}_{c}.npy", mmap_mode="r") for c in range(chunks)]) for t in taps}
+
+
+def train(maps: dict[str, np.ndarray], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
+          seed: int) -> tuple[TapHead, list[float]]:
+    torch.manual_seed(seed)
+    n = len(next(iter(maps.values())))
+    labels = torch.tensor([1.0, 0.0]).repeat(n // 2)
+    head = TapHead(config)
+    sample = np.random.default_rng(seed).choice(n, min(n, 1000), replace=False)
+    head.set_input_scale({t: m[np.sort(sample)].mean(axis=(0, 2, 3)) for t, m in maps.items()})
+    opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=0.05)
+    steps_per_epoch = (n // 2) // batch_pairs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
+    losses = []
+    for epoch in range(epochs):
+        head.train()
+        order = np.random.default_rng([seed, epoch]).permutation(n // 2)
+        total = 0.0
+        for s in range(steps_per_epoch):
+            pairs = order[s * batch_pairs:(s + 1) * batch_pairs]
+            rows = np.sort(np.concatenate([2 * pairs, 2 * pairs + 1]))  # both halves of each pair together
+            x = {t: torch.from_numpy(m[rows]) for t, m in maps.items()}
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), labels[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        losses.append(round(total / steps_per_epoch, 4))
+        logger.info("epoch %d: loss %.4f", epoch, losses[-1])
+    return head.eval(), losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cache", required=True, help="folder for the cached SSCD maps (about 2 GB per 1,000 pairs)")
+    ap.add_argument("--data", default=str(DATA), help="folder holding flickr8k-dev/")
+    ap.add_argument("--pairs", type=int, default=12000)
+    ap.add_argument("--chunk", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-pairs", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--width", type=int, default=TapHeadConfig().width)
+    ap.add_argument("--taps", default=",".join(TapHeadConfig().taps), help=f"of {','.join(FEATURE_TAPS)}")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    chunks = args.pairs // args.chunk
+    t0 = time.time()
+    sscd = SSCDDescriptor.load(threads=args.threads)
+    config = TapHeadConfig(width=args.width, taps=tuple(args.taps.split(",")),
+                           channels=tuple(TAP_SHAPES[t][0] for t in args.taps.split(",")))
+    missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
+    if missing:
+        photos = read_photos(Path(args.data) / "flickr8k-dev")
+        fonts, _ = overlays.split_fonts(overlays.find_fonts())
+        for c in missing:
+            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps)
+    t_data = time.time() - t0
+    if args.examples_only:
+        return 0
+    head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr, args.seed)
+    card = {
+        "training_command": "bench/train_visible_watermark_head.py "
+        + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
+        "seed": args.seed,
+        "pairs": chunks * args.chunk,
+        "epochs": args.epochs,
+        "batch_pairs": args.batch_pairs,
+        "lr": args.lr,
+        "parameters": sum(p.numel() for p in head.parameters()),
+        "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
+                     "frozen": True},
+        "data": {
+            "backgrounds": "flickr8k-dev shards 00000-00003 (2000 photos), square canvases 224-768 px",
+            "fonts": "training fonts (overlays.split_fonts), families in HELDOUT_FONT_KEYS excluded",
+            "strings": "overlays.TRAIN_WATERMARK_STRINGS, overlays.TRAIN_TEXT_STRINGS",
+            "labels": "pairs on one canvas: a stock watermark + opaque text (60%) or clean (40%)",
+            "min_visibility": 0.001,
+        },
+        "loss_per_epoch": losses,
+        "examples_wall_s": round(t_data, 1),
+        "train_wall_s": round(time.time() - t0 - t_data, 1),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+    save_checkpoint(args.out, head, card=card, backbone=sscd.spec)
+    Path(args.out).with_suffix(".json").write_text(json.dumps({"weights": Path(args.out).name, "training": card},
+                                                              indent=2) + "\n")
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
