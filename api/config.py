@@ -42,7 +42,7 @@ class ServerConfig:
     scan_window_ms: float = 0.0
     scan_workers: int = 2
     search_threads: int = 2  # executor for image/text search (model work), sized to the cores
-    # torch threads per model call (visible-watermark CNN, CLIP) for the threads that start once the models are
+    # torch threads per model call (visible-watermark model, CLIP) for the threads that start once the models are
     # loaded (the scan and search threads); 0 = torch's default (all cores). Scans and searches already run side by
     # side on their own threads, and a batch-1 call of the small watermark CNN is no faster on 2 threads, only
     # twice the CPU (5.5 vs 10.6 ms per 224 px image, measured for issue 5).

@@ -136,3 +136,21 @@ def test_scan_bytes_matches_scan_paths(scanner, photos):
     a = scanner.scan_bytes(data, "upload.jpg")
     b = scanner.scan_paths([photos[3]])[0]
     assert a.verdict == b.verdict == "exact" and a.matches[0].id == b.matches[0].id
+
+
+def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(scanner, photos, coco_dir, tmp_path):
+    # The shipped visible-watermark head reads SSCD's intermediate maps. With an SSCD index the scanner takes
+    # them from the descriptor's forward pass; without one the detector runs SSCD itself; both give one number.
+    from provenance.watermarks.visible import VisibleWatermarkDetector
+
+    assert scanner._visible_from_sscd
+    images = [Image.open(p).convert("RGB") for p in photos[:3]]
+    expected = VisibleWatermarkDetector.load().probability(images)
+    got = [r.watermarks.visible["probability"] for r in scanner.scan_paths(photos[:3])]
+    assert np.allclose(got, expected, atol=1e-4)
+    pdq_only = tmp_path / "pdq-only"
+    build(str(coco_dir), pdq_only, BuildOptions(descriptors=["pdq"]))
+    alone = Scanner.open(pdq_only, ScanOptions(k=5))
+    assert not alone._visible_from_sscd
+    got_alone = [r.watermarks.visible["probability"] for r in alone.scan_paths(photos[:3])]
+    assert np.allclose(got_alone, expected, atol=1e-4)

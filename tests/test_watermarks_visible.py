@@ -265,3 +265,27 @@ def test_head_refuses_another_sscd_model(tiny_head_path, tmp_path):
     torch.save(ckpt, other)
     with pytest.raises(ModelLoadError, match="installed one"):
         VisibleWatermarkDetector.load(str(other))
+
+
+def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos):
+    # bench/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
+    # the detector loads through the shipped path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "train_head", Path(__file__).resolve().parents[1] / "bench" / "train_visible_watermark_head.py")
+    train_head = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_head)
+    out, cache = tmp_path / "head.pt", tmp_path / "cache"
+    args = ["--out", str(out), "--cache", str(cache), "--data", str(flickr_shards_dir.parent), "--pairs", "4",
+            "--chunk", "2", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1"]
+    assert train_head.main(args) == 0
+    maps = np.load(cache / "stride16_1.npy")
+    assert maps.shape == (4, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
+    card = __import__("json").loads(out.with_suffix(".json").read_text())["training"]
+    assert card["pairs"] == 4 and card["backbone"]["taps"] == ["stride16"] and len(card["loss_per_epoch"]) == 1
+    det = VisibleWatermarkDetector.load(str(out))
+    assert det.probability(photos[:2]).shape == (2,)
+    before = (cache / "stride16_0.npy").stat().st_mtime_ns
+    assert train_head.main(args) == 0  # the second run trains from the cache without remaking it
+    assert (cache / "stride16_0.npy").stat().st_mtime_ns == before

@@ -1,4 +1,9 @@
-"""Visible-watermark detection: the probability that an image carries a stock-photo style visible watermark."""
+"""Visible-watermark detection: the probability that an image carries a stock-photo style visible watermark.
+
+Three kinds of model load through one detector: the shipped TapHead, which reads SSCD's intermediate maps (so a scan
+gets it from its own SSCD pass); the earlier small pixel CNN (WatermarkNet, checkpoint version 1); and LAION's
+EfficientNet-B3 watermark detector, by path.
+"""
 
 from __future__ import annotations
 
@@ -212,7 +217,8 @@ def normalise(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 class VisibleWatermarkDetector:
-    """p(visible watermark) for RGB images, from the shipped small CNN or from LAION's EfficientNet-B3 detector."""
+    """p(visible watermark) for RGB images, from the shipped head on SSCD features, a pixel CNN, or LAION's
+    EfficientNet-B3 detector."""
 
     _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
     _cache_lock = threading.Lock()
