@@ -114,7 +114,7 @@ class SSCDDescriptor:
         out = np.empty((len(batch), SSCD_DIM), dtype=np.float32)
         taps: list[dict[str, np.ndarray]] = [{} for _ in batch]
         for idx in _indices_by_shape(batch).values():
-            emb, *maps = self._run(np.stack([batch[i] for i in idx]), list(FEATURE_TAPS.values()))
+            emb, *maps = self._run(np.stack([batch[i] for i in idx]), tuple(FEATURE_TAPS.values()))
             out[idx] = emb
             for j, i in enumerate(idx):
                 taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps)}
@@ -138,7 +138,7 @@ class SSCDDescriptor:
             return
         self._serial = _onnx_session(self._path, 1, providers)
 
-    def _run(self, x: np.ndarray, taps: list[str] = []) -> list[np.ndarray]:  # noqa: B006 - never mutated
+    def _run(self, x: np.ndarray, taps: tuple[str, ...] = ()) -> list[np.ndarray]:
         """[embeddings, *the named intermediate outputs] for one (b, h, w, 3) uint8 batch."""
         if self.backend == "onnx":
             with self._lock:

@@ -137,7 +137,7 @@ class TapHeadConfig:
 
 
 class TapHead(nn.Module):
-    """p(watermark) logit from SSCD's frozen stride-8 and stride-16 activation maps.
+    """p(watermark) logit from SSCD's frozen activation maps: the stride-16 map (shipped), optionally the stride-8 too.
 
     Each tap: a 1x1 projection then a 3x3 conv (stride 2 for the stride-8 map, so both meet at stride 16), giving
     watermark evidence per location; mean and max over locations (a tiled mark covers the image, a corner credit
@@ -256,8 +256,8 @@ class VisibleWatermarkDetector:
                 "for LAION's detector use VisibleWatermarkDetector.from_laion_checkpoint"
             )
         if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
-            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this code reads "
-                                 f"({CHECKPOINT_VERSION}); upgrade provenance")
+            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is not one this code reads "
+                                 f"(1-{CHECKPOINT_VERSION}); a newer one needs a newer provenance")
         if ckpt.get("kind") == "sscd-taps":
             return cls._load_tap_head(path, ckpt, device)
         try:
