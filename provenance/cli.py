@@ -184,6 +184,8 @@ def scan(
     clip: Annotated[Optional[bool], typer.Option("--clip/--no-clip", help="Also search OpenCLIP (default: if the index has it).")] = None,
     visible: Annotated[bool, typer.Option("--visible/--no-visible", help="Visible-watermark detector.")] = True,
     invisible: Annotated[bool, typer.Option("--invisible/--no-invisible", help="Invisible-watermark decoding.")] = True,
+    visible_model: Annotated[Optional[Path], typer.Option(help="Other provenance visible-watermark weights (from bench/train_visible_watermark*.py); default: the shipped head.")] = None,
+    laion_watermark_model: Annotated[Optional[Path], typer.Option(help="LAION's watermark detector (EfficientNet-B3 .pt, needs timm) instead of ours; its probabilities are not calibrated to --fail-on watermark's 0.90 gate.")] = None,
     thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 16,
     workers: Annotated[int, typer.Option(min=1)] = 2,
@@ -209,7 +211,9 @@ def scan(
         _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
     try:
         opts = ScanOptions(k=k, thresholds=load_thresholds(thresholds), use_clip=clip, visible=visible,
-                           invisible=invisible, batch_size=batch_size, workers=workers)
+                           invisible=invisible, batch_size=batch_size, workers=workers,
+                           visible_model=str(visible_model) if visible_model else None,
+                           visible_laion_checkpoint=str(laion_watermark_model) if laion_watermark_model else None)
         scanner = Scanner.open(index, opts)
         with Progress(SpinnerColumn(), TextColumn("[bold]scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:

@@ -115,6 +115,27 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     assert r.exit_code == EXIT_USAGE and "no index" in r.output
 
 
+def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_path):
+    import torch
+
+    from provenance.watermarks.visible import WatermarkNet, WatermarkNetConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    cnn = tmp_path / "cnn.pt"  # a version-1 style pixel CNN, as bench/train_visible_watermark.py writes
+    save_checkpoint(cnn, WatermarkNet(WatermarkNetConfig(stem=8, widths=(16,))), 64, {})
+    args = ["scan", str(edited_copy), "--index", str(index_dir), "--format", "jsonl"]
+    shipped = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])
+    r = runner.invoke(app, [*args, "--visible-model", str(cnn)])
+    assert r.exit_code == EXIT_CLEAN, r.output
+    other = json.loads(r.stdout.strip().splitlines()[-1])
+    assert other["watermarks"]["visible"]["probability"] != shipped["watermarks"]["visible"]["probability"]
+    assert other["verdict"] == shipped["verdict"] == "replica"
+    r = runner.invoke(app, [*args, "--visible-model", str(tmp_path / "missing.pt")])
+    assert r.exit_code == EXIT_USAGE and "missing.pt" in r.output.replace("\n", "")  # named weights must load
+    r = runner.invoke(app, [*args, "--laion-watermark-model", str(tmp_path / "laion.pt")])
+    assert r.exit_code == EXIT_USAGE and "laion.pt" in r.output.replace("\n", "")
+
+
 def test_scan_html_and_csv_reports(index_dir, edited_copy, coco_dir, tmp_path):
     folder = tmp_path / "batch"
     folder.mkdir()
