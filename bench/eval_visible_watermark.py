@@ -35,6 +35,9 @@ logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 CANVAS_SIDES = (256, 512, 1024)
 GATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+# overlays.mark_visibility: the fraction of pixels a mark changed by >= 24 levels; below ~0.005 a mark is a few
+# faint strokes (a tiny corner credit, white on a white sky), above ~0.02 anyone sees it
+VISIBILITY_BINS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.01)
 NOTES_MARKER = "<!-- notes: kept by eval_visible_watermark.py -->"
 
 
@@ -132,6 +135,13 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
             by_opacity[f"{lo:.1f}-{lo + 0.1:.1f}"].append(q)
         elif kind == "text":
             by_text_style[facts["style"]].append(q)
+    vis = np.array([f.get("visibility", np.nan) for _, _, f in examples])
+    negatives = p[kinds != "watermark"]
+    res["auc_by_visibility"] = {}
+    for lo, hi in zip(VISIBILITY_BINS, VISIBILITY_BINS[1:]):
+        sel = (kinds == "watermark") & (vis >= lo) & (vis < hi)
+        if sel.any():
+            res["auc_by_visibility"][f"{lo}-{min(hi, 1.0)}"] = {"n": int(sel.sum()), "auc": round(auc(p[sel], negatives), 4)}
     res["recall_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_style.items())}
     res["recall_by_opacity"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_opacity.items())}
     res["text_flag_rate_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_text_style.items())}
@@ -189,7 +199,8 @@ def render_markdown(args, results: dict, card: dict) -> str:
         f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
         f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples), {tr.get('epochs', '?')} epochs; "
         f"{tr.get('parameters', '?')} parameters on frozen SSCD maps ({', '.join(tr.get('backbone', {}).get('taps', []))}); "
-        f"examples {tr.get('examples_wall_s', '?')} s + training {tr.get('train_wall_s', '?')} s wall  ",
+        f"examples {tr.get('examples_wall_s', '?')} s{' (made before the run, read from the cache)' if tr.get('examples_note') else ''} "
+        f"+ training {tr.get('train_wall_s', '?')} s wall  ",
         "Machine: 2-core x86_64 CPU, shared with other jobs during these runs (wall times are inflated)",
         "",
         "Held-out: 1,000 photos never trained on (flickr8k-dev shard 00004 + flickr8k-nonmember), each as "
@@ -226,6 +237,8 @@ def render_markdown(args, results: dict, card: dict) -> str:
         "- Flagged at other gates (held-out, all; recall / opaque text / clean): "
         + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in h["flagged_at"].items()),
         f"- Recall by opacity: {h['recall_by_opacity']}",
+        "- AUC by how much of the image the mark visibly changed (overlays.mark_visibility; n, AUC against all "
+        "negatives): " + "; ".join(f"{k}: {v['n']}, {v['auc']}" for k, v in h["auc_by_visibility"].items()),
         f"- Opaque-text flag rate by style: {h['text_flag_rate_by_style']}",
         f"- COCO recall by style: {results['coco']['recall_by_style']}; text flagged by style: "
         f"{results['coco']['text_flag_rate_by_style']}",
