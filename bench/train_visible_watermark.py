@@ -95,20 +95,10 @@ class SyntheticPairs(torch.utils.data.Dataset):
                 photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             background = resize_for_model(photo, self.input_size)
             make = overlays.layered_example
-        negative = "text" if rng.random() < 0.6 else "clean"
-        xs = []
-        for kind in ("watermark", negative):
-            im, _, _ = make(
-                background,
-                rng,
-                self.fonts,
-                self.wm_strings,
-                self.text_strings,
-                kind=kind,
-                min_visibility=self.min_visibility,
-            )
-            # uint8 crosses the process boundary (4x less than float32); the main process normalises
-            xs.append(np.asarray(resize_for_model(im, self.input_size)))
+        pair = overlays.overlay_pair(background, rng, self.fonts, self.wm_strings, self.text_strings, make=make,
+                                     min_visibility=self.min_visibility)
+        # uint8 crosses the process boundary (4x less than float32); the main process normalises
+        xs = [np.asarray(resize_for_model(im, self.input_size)) for im in pair]
         return torch.from_numpy(np.stack(xs)), torch.tensor([1.0, 0.0])
 
 

@@ -34,20 +34,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "bench"))
+
 from provenance.descriptors.sscd import FEATURE_TAPS, SSCDDescriptor  # noqa: E402
 from provenance.watermarks import overlays  # noqa: E402
 from provenance.watermarks.visible import TapHead, TapHeadConfig, save_checkpoint  # noqa: E402
+from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
-DATA = REPO.parent / "shared" / "data"
-TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
 TAP_SHAPES = {"stride8": (512, 36, 36), "stride16": (1024, 18, 18)}  # of a 288x288 input
-
-
-def read_photos(shard_dir: Path) -> list[bytes]:
-    from provenance.corpus import read_webdataset
-
-    return [it.data for s in TRAIN_SHARDS for it in read_webdataset(str(shard_dir / f"{s}.tar")) if it.data]
 
 
 class SquarePairs(torch.utils.data.Dataset):
@@ -67,14 +62,8 @@ class SquarePairs(torch.utils.data.Dataset):
         side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
         canvas = overlays.random_canvas(photo, rng, side)
         canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
-        negative = "text" if rng.random() < 0.6 else "clean"
-        xs = []
-        for kind in ("watermark", negative):
-            im, _, _ = overlays.overlay_example(
-                canvas, rng, self.fonts, overlays.TRAIN_WATERMARK_STRINGS, overlays.TRAIN_TEXT_STRINGS,
-                kind=kind, min_visibility=0.001,
-            )
-            xs.append(np.asarray(resize_short_side(im)))
+        pair = overlays.overlay_pair(canvas, rng, self.fonts, min_visibility=0.001)  # training strings
+        xs = [np.asarray(resize_short_side(im)) for im in pair]
         return np.stack(xs)
 
 
@@ -165,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                            channels=tuple(TAP_SHAPES[t][0] for t in args.taps.split(",")))
     missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
     if missing:
-        photos = read_photos(Path(args.data) / "flickr8k-dev")
+        photos, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
             make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps)

@@ -111,7 +111,7 @@ class Scanner:
         sscd = self._models.get("sscd")
         backbone = getattr(self._visible, "backbone", None)
         self._visible_from_sscd = (
-            backbone is not None and sscd is not None and getattr(sscd, "has_feature_taps", False)
+            backbone is not None and sscd is not None and sscd.has_feature_taps
             and sscd.spec.checksum == backbone.spec.checksum
         )
         self._sha_rows = self._sha_index()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -282,7 +283,7 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     assert train_head.main(args) == 0
     maps = np.load(cache / "stride16_1.npy")
     assert maps.shape == (4, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
-    card = __import__("json").loads(out.with_suffix(".json").read_text())["training"]
+    card = json.loads(out.with_suffix(".json").read_text())["training"]
     assert card["pairs"] == 4 and card["backbone"]["taps"] == ["stride16"] and len(card["loss_per_epoch"]) == 1
     det = VisibleWatermarkDetector.load(str(out))
     assert det.probability(photos[:2]).shape == (2,)

@@ -61,6 +61,14 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(n, 1e-12)
 
 
+def group_by_shape(arrays: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
+    """Batch positions grouped by array shape: arrays of one shape can be stacked into one model call."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(a.shape, []).append(i)
+    return by_shape
+
+
 def file_checksum(path: str, length: int = 16) -> str:
     import hashlib
 

