@@ -57,8 +57,14 @@ class InvisibleMarkOut(BaseModel):
     payload: str | None = None
 
 
+class VisibleWatermarkOut(BaseModel):
+    probability: float = Field(description="p(stock-photo style visible watermark)")
+    flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
+    threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
+
+
 class WatermarksOut(BaseModel):
-    visible: dict[str, float] | None = None
+    visible: VisibleWatermarkOut | None = None
     invisible: list[InvisibleMarkOut] = []
     c2pa: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None

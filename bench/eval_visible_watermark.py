@@ -34,7 +34,7 @@ from provenance.watermarks.visible import VisibleWatermarkDetector  # noqa: E402
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 CANVAS_SIDES = (256, 512, 1024)
-GATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+GATES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.98)
 # overlays.mark_visibility: the fraction of pixels a mark changed by >= 24 levels; below ~0.005 a mark is a few
 # faint strokes (a tiny corner credit, white on a white sky), above ~0.02 anyone sees it
 VISIBILITY_BINS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.01)
@@ -121,7 +121,7 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
         "text_flag_rate": round(float((text >= threshold).mean()), 4),
         "clean_flag_rate": round(float((clean >= threshold).mean()), 4),
     }
-    # what a gate at each probability would flag: for choosing scan.VISIBLE_FLAG_THRESHOLD
+    # what a gate at each probability would flag: for choosing the checkpoint's flag threshold (on the "seen" draw)
     res["flagged_at"] = {
         f"{g:.2f}": {"recall": round(float((pos >= g).mean()), 3), "text": round(float((text >= g).mean()), 3),
                      "clean": round(float((clean >= g).mean()), 3)}
@@ -236,6 +236,9 @@ def render_markdown(args, results: dict, card: dict) -> str:
         f"- Recall by watermark style (held-out, all): {h['recall_by_style']}",
         "- Flagged at other gates (held-out, all; recall / opaque text / clean): "
         + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in h["flagged_at"].items()),
+        *(["- The same on the separate draw that chooses the gate (training fonts+strings, held-out photos, another "
+           "seed): " + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}"
+                                 for g, v in results["seen"]["flagged_at"].items())] if "seen" in results else []),
         f"- Recall by opacity: {h['recall_by_opacity']}",
         "- AUC by how much of the image the mark visibly changed (overlays.mark_visibility; n, AUC against all "
         "negatives): " + "; ".join(f"{k}: {v['n']}, {v['auc']}" for k, v in h["auc_by_visibility"].items()),
@@ -257,7 +260,8 @@ def render_markdown(args, results: dict, card: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
-    ap.add_argument("--threshold", type=float, default=0.5)
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="gate for the recall / flagged columns (default: the detector's own flag threshold)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N held-out photos (quick checks)")
     ap.add_argument("--seen", action="store_true", help="also score training fonts/strings on held-out photos")
@@ -269,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     det = VisibleWatermarkDetector.load(args.weights)
+    if args.threshold is None:
+        args.threshold = det.config.flag_threshold
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
     photos = heldout_photos()
     if args.limit:

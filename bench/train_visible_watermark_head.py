@@ -38,7 +38,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from provenance.descriptors.sscd import FEATURE_TAPS, SSCDDescriptor  # noqa: E402
 from provenance.watermarks import overlays  # noqa: E402
-from provenance.watermarks.visible import TapHead, TapHeadConfig, save_checkpoint  # noqa: E402
+from provenance.watermarks.visible import (  # noqa: E402
+    DEFAULT_FLAG_THRESHOLD,
+    TapHead,
+    TapHeadConfig,
+    save_checkpoint,
+)
 from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
@@ -72,11 +77,11 @@ def _identity(x):
 
 
 def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, sscd: SSCDDescriptor,
-               taps: tuple[str, ...]) -> None:
+               taps: tuple[str, ...], workers: int = 1) -> None:
     """Examples of pairs [chunk*size, (chunk+1)*size) -> cache/{tap}_{chunk}.npy (written whole, then renamed)."""
     start, stop = chunk * size, (chunk + 1) * size
     dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, seed, start, stop), batch_size=None,
-                                     num_workers=1, prefetch_factor=8, collate_fn=_identity)
+                                     num_workers=workers, prefetch_factor=8, collate_fn=_identity)
     tmp = {t: cache / f"{t}_{chunk}.tmp.npy" for t in taps}
     maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *TAP_SHAPES[t])) for t in taps}
     t0 = time.time()
@@ -91,12 +96,33 @@ def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, ssc
     logger.info("chunk %d (pairs %d-%d): %.0f s", chunk, start, stop, time.time() - t0)
 
 
-def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """All chunks' maps, concatenated in memory: {tap: (2 * pairs, c, h, w) uint8}; rows alternate label 1, 0."""
-    return {t: np.concatenate([np.load(cache / f"{t}_{c}.npy", mmap_mode="r") for c in range(chunks)]) for t in taps}
+class CachedRows:
+    """The chunks of one tap as one row-indexable array, left memory-mapped: rows are gathered on demand, so the
+    page cache holds them once however many trainings read them (24,000 pairs are 16 GB of stride-16 maps)."""
+
+    def __init__(self, chunks: list[np.ndarray]):
+        self.chunks = chunks
+        self.starts = np.cumsum([0] + [len(c) for c in chunks])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows)
+        which = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.chunks[0].shape[1:]), dtype=self.chunks[0].dtype)
+        for c in np.unique(which):
+            sel = which == c
+            out[sel] = self.chunks[c][rows[sel] - self.starts[c]]
+        return out
 
 
-def train(maps: dict[str, np.ndarray], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
+def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, CachedRows]:
+    """All chunks' maps: {tap: (2 * pairs, c, h, w) uint8 rows}; rows alternate label 1, 0."""
+    return {t: CachedRows([np.load(cache / f"{t}_{c}.npy", mmap_mode="r") for c in range(chunks)]) for t in taps}
+
+
+def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
           seed: int) -> tuple[TapHead, list[float]]:
     torch.manual_seed(seed)
     n = len(next(iter(maps.values())))
@@ -130,7 +156,7 @@ def train(maps: dict[str, np.ndarray], config: TapHeadConfig, epochs: int, batch
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", required=True, help="folder for the cached SSCD maps (about 2 GB per 1,000 pairs)")
+    ap.add_argument("--cache", required=True, help="folder for the cached SSCD maps (0.66 GB per 1,000 pairs for stride16, 1.3 GB more for stride8)")
     ap.add_argument("--data", default=str(DATA), help="folder holding flickr8k-dev/")
     ap.add_argument("--pairs", type=int, default=12000)
     ap.add_argument("--chunk", type=int, default=1000)
@@ -139,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-pairs", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--width", type=int, default=TapHeadConfig().width)
+    ap.add_argument("--depth", type=int, default=TapHeadConfig().depth, help="3x3 convs per tap")
     ap.add_argument("--taps", default=",".join(TapHeadConfig().taps), help=f"of {','.join(FEATURE_TAPS)}")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="processes drawing overlays (pair i depends only on the seed and i, not on this)")
+    ap.add_argument("--flag-threshold", type=float, default=DEFAULT_FLAG_THRESHOLD,
+                    help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py")
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
@@ -150,14 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     chunks = args.pairs // args.chunk
     t0 = time.time()
     sscd = SSCDDescriptor.load(threads=args.threads)
-    config = TapHeadConfig(width=args.width, taps=tuple(args.taps.split(",")),
+    config = TapHeadConfig(width=args.width, taps=tuple(args.taps.split(",")), depth=args.depth,
                            channels=tuple(TAP_SHAPES[t][0] for t in args.taps.split(",")))
     missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
     if missing:
         photos, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
-            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps)
+            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers)
     t_data = time.time() - t0
     if args.examples_only:
         return 0
@@ -171,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_pairs": args.batch_pairs,
         "lr": args.lr,
         "parameters": sum(p.numel() for p in head.parameters()),
+        "flag_threshold": args.flag_threshold,
         "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
                      "frozen": True},
         "data": {

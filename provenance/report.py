@@ -29,7 +29,7 @@ CSV_COLUMNS = (
     "path", "sha256", "width", "height", "verdict",
     "top_match_id", "top_match_score", "top_match_descriptor", "top_match_caption",
     "sscd", "clip", "pdq_distance",
-    "visible_probability", "invisible_schemes", "c2pa_ai_generated", "c2pa_claim_generator",
+    "visible_probability", "visible_flagged", "invisible_schemes", "c2pa_ai_generated", "c2pa_claim_generator",
     "metadata_generator", "memorization_flag", "error",
 )  # fmt: skip
 
@@ -114,6 +114,7 @@ def csv_row(r: ScanRecord) -> dict[str, Any]:
         "clip": r.scores.get("clip"),
         "pdq_distance": r.scores.get("pdq_distance"),
         "visible_probability": (wm.visible or {}).get("probability"),
+        "visible_flagged": (wm.visible or {}).get("flagged"),
         "invisible_schemes": ";".join(m.scheme for m in wm.invisible),
         "c2pa_ai_generated": c2pa.get("ai_generated") if wm.c2pa else None,
         "c2pa_claim_generator": c2pa.get("claim_generator"),
@@ -192,7 +193,8 @@ def _marks_digest(r: ScanRecord) -> str:
     wm = r.watermarks
     parts = []
     if wm.visible and wm.visible.get("probability") is not None:
-        parts.append(f"visible {wm.visible['probability']:.2f}")
+        flag = " flagged" if wm.visible.get("flagged") else ""
+        parts.append(f"visible {wm.visible['probability']:.2f}{flag}")
     parts += [m.scheme for m in wm.invisible]
     if wm.c2pa:
         parts.append("C2PA error" if "error" in wm.c2pa else ("C2PA AI" if wm.c2pa.get("ai_generated") else "C2PA"))
@@ -327,8 +329,9 @@ def _evidence_html(r: ScanRecord) -> str:
     wm = r.watermarks
     rows: list[tuple[str, str]] = []
     if wm.visible and wm.visible.get("probability") is not None:
-        p = float(wm.visible["probability"])
-        rows.append(("Visible watermark", f'<span class="{"hit" if p >= 0.5 else ""}">{p:.0%} probability</span>'))
+        p, flagged = float(wm.visible["probability"]), bool(wm.visible.get("flagged"))
+        gate = f" (flagged at {wm.visible['threshold']:.0%})" if flagged and "threshold" in wm.visible else ""
+        rows.append(("Visible watermark", f'<span class="{"hit" if flagged else ""}">{p:.0%} probability</span>{gate}'))
     for m in wm.invisible:
         payload = f", payload {e(m.payload)}" if m.payload else ""
         rows.append(

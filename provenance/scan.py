@@ -223,8 +223,10 @@ class Scanner:
                     probs = self._visible.probability_from_taps(taps)
                 else:
                     probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
+                threshold = self._visible.config.flag_threshold
                 for w, p in zip(ok, probs):
-                    w.record.watermarks.visible = {"probability": round(float(p), 4)}
+                    p = round(float(p), 4)
+                    w.record.watermarks.visible = {"probability": p, "flagged": p >= threshold, "threshold": threshold}
             for w, per_desc in zip(ok, results):
                 self._fill(w.record, per_desc)
         return [w.record for w in work]
@@ -260,14 +262,7 @@ def _load_visible(o: ScanOptions):
     return VisibleWatermarkDetector.load(o.visible_model)
 
 
-# Visible-watermark probability at which `--fail-on watermark` fires. The shipped head (held-out AUC 0.90,
-# BENCHMARKS.md) would flag ~24% of clean photos at 0.5; at 0.90, on a draw separate from the held-out test, it
-# flags 3.0% of clean and 2.8% of opaque-text photos and finds 66% of marks (the earlier CNN: 33% at this gate).
-VISIBLE_FLAG_THRESHOLD = 0.90
-
-
-def fail_on_met(records: list[ScanRecord], conditions: list[str],
-                visible_threshold: float = VISIBLE_FLAG_THRESHOLD) -> bool:
+def fail_on_met(records: list[ScanRecord], conditions: list[str]) -> bool:
     """Whether any record meets a --fail-on condition (exact | replica | similar | watermark).
     Conditions are cumulative upward: `similar` also fails on replica and exact."""
     rank = {"exact": 0, "replica": 1, "similar": 2}
@@ -277,7 +272,7 @@ def fail_on_met(records: list[ScanRecord], conditions: list[str],
                 return True
             if cond == "watermark":
                 wm = rec.watermarks
-                if wm.invisible or (wm.visible and wm.visible["probability"] >= visible_threshold) \
+                if wm.invisible or (wm.visible and wm.visible.get("flagged")) \
                         or (wm.c2pa and wm.c2pa.get("ai_generated")):
                     return True
     return False

@@ -66,7 +66,9 @@ class InvisibleMark:
 class WatermarkEvidence:
     """Everything an image says about where it came from, beyond its pixels matching a corpus."""
 
-    visible: dict[str, float] | None = None  # {"probability": p} or None when the detector was not run
+    # {"probability": p, "flagged": p >= threshold, "threshold": the detector's flag threshold}, or None when the
+    # detector was not run
+    visible: dict[str, float | bool] | None = None
     invisible: list[InvisibleMark] = field(default_factory=list)
     c2pa: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None

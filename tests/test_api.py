@@ -187,6 +187,9 @@ def test_scan_corpus_photo_finds_itself(client, photos):
     expected = ScanRecord(path="x").to_dict().keys() | {"extra"}
     assert set(rec) == expected and "verdict" not in rec["matches"][0]
     assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
+    visible = rec["watermarks"]["visible"]  # the shipped weights are installed, so the check ran
+    assert set(visible) == {"probability", "flagged", "threshold"}
+    assert visible["flagged"] is (visible["probability"] >= visible["threshold"])
 
 
 def test_scan_edited_copy_is_a_replica_of_its_source(client, photos):

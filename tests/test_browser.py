@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import threading
@@ -123,6 +124,10 @@ def test_upload_finds_the_photo_as_top_match(page, corpus):
     expect(page.locator("#upload-verdict")).to_have_text("exact")
     expect(page.locator("#results-summary")).to_contain_text("Exact copy")
     expect(page.locator("#evidence-list")).to_contain_text("C2PA")
+    # the visible-watermark row is highlighted by the record's own flag (the detector's gate), not by p >= 0.5
+    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator("xpath=following-sibling::dd[1]")
+    expect(visible).to_contain_text("% likely")
+    assert (visible.get_attribute("class") == "yes") == ("(flagged)" in visible.inner_text())
     # thumbnails really loaded from /v1/items/{id}/thumbnail
     expect(top.locator("img")).to_have_js_property("complete", True)
     assert top.locator("img").evaluate("img => img.naturalWidth") > 0

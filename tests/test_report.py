@@ -35,7 +35,7 @@ def records(photos, tmp_path_factory) -> list[ScanRecord]:
             ],
             scores={"sscd": 0.991, "clip": 0.97, "pdq_distance": 2},
             watermarks=WatermarkEvidence(
-                visible={"probability": 0.93},
+                visible={"probability": 0.93, "flagged": True, "threshold": 0.9},
                 invisible=[InvisibleMark("sd-v1", 0.98, 1e-12), InvisibleMark("provenance", 1.0, 1e-15, "run-7")],
                 c2pa={"ai_generated": True, "claim_generator": "provenance-generator/0.1",
                       "digital_source_type": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
@@ -48,6 +48,7 @@ def records(photos, tmp_path_factory) -> list[ScanRecord]:
             path=str(q[2]), sha256="b" * 64, width=500, height=375, verdict="similar",
             matches=[Match(q[3].name, 0.71, "sscd", caption="Two dogs"), Match(q[4].name, 0.97, "pdq", distance=8)],
             scores={"sscd": 0.71, "clip": 0.8, "pdq_distance": 8},
+            watermarks=WatermarkEvidence(visible={"probability": 0.61, "flagged": False, "threshold": 0.9}),
             extra={"memorization": {"noise_norm": 0.5, "pairwise_sscd": 0.2, "flag": False}},
         ),  # fmt: skip
         ScanRecord(path=str(q[5]), sha256="c" * 64, width=640, height=427, verdict="novel",
@@ -109,7 +110,10 @@ def test_html_is_self_contained_and_shows_everything(records, thumbnails):
         assert f'<span class="badge v-{verdict}">{verdict} <b>{n}</b></span>' in page
     assert "memorization flagged <b>1</b>" in page
     assert page.count('class="record v-exact flagged"') == 1 and page.count("flagged\"") == 1
-    assert "93% probability" in page and "sd-v1" in page and "payload run-7" in page
+    # the visible mark is highlighted by the detector's own flag, not by p >= 0.5
+    assert '<span class="hit">93% probability</span> (flagged at 90%)' in page
+    assert '<span class="">61% probability</span>' in page
+    assert "sd-v1" in page and "payload run-7" in page
     assert "AI-generated (trainedAlgorithmicMedia)" in page and "training opt-out" in page
     assert "pairwise_sscd" in page and "8 bits" in page
 
@@ -130,6 +134,7 @@ def test_csv_parses_back(records):
     assert first["top_match_descriptor"] == "sscd" and first["top_match_caption"] == "A man <b>making</b> pizzas"
     assert (float(first["sscd"]), float(first["clip"]), int(first["pdq_distance"])) == (0.991, 0.97, 2)
     assert float(first["visible_probability"]) == 0.93 and first["invisible_schemes"] == "sd-v1;provenance"
+    assert (first["visible_flagged"], rows[1]["visible_flagged"], rows[2]["visible_flagged"]) == ("True", "False", "")
     assert first["c2pa_ai_generated"] == "True" and first["c2pa_claim_generator"] == "provenance-generator/0.1"
     assert first["memorization_flag"] == "True" and first["error"] == ""
     assert rows[2]["top_match_id"] == "" and rows[2]["c2pa_ai_generated"] == ""

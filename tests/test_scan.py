@@ -11,6 +11,8 @@ from PIL import Image, ImageEnhance, PngImagePlugin
 
 from provenance.indexer import BuildOptions, build
 from provenance.scan import ScanOptions, Scanner, Thresholds, decide_verdict, fail_on_met
+from provenance.types import ScanRecord, WatermarkEvidence
+from provenance.watermarks.visible import VisibleWatermarkDetector
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +96,21 @@ def test_record_keys_are_the_contract(scanner, photos):
     assert set(d["scores"]) == {"sscd", "clip", "pdq_distance"}
     assert set(d["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     assert set(d["matches"][0]) >= {"id", "score", "descriptor", "caption", "source"}
-    assert 0.0 <= d["watermarks"]["visible"]["probability"] <= 1.0
+    visible = d["watermarks"]["visible"]
+    assert 0.0 <= visible["probability"] <= 1.0
+    assert visible["threshold"] == VisibleWatermarkDetector.load().config.flag_threshold == 0.9
+    assert visible["flagged"] is (visible["probability"] >= visible["threshold"])
     json.dumps(d)
+
+
+def test_fail_on_watermark_follows_the_visible_flag_not_the_probability():
+    def rec(p: float, flagged: bool) -> ScanRecord:
+        return ScanRecord(path="x.png", sha256="0" * 64, width=1, height=1, verdict="novel",
+                          watermarks=WatermarkEvidence(visible={"probability": p, "flagged": flagged, "threshold": 0.9}))
+
+    assert not fail_on_met([rec(0.8, False)], ["watermark"])  # likelier than not, but below the detector's gate
+    assert fail_on_met([rec(0.8, False), rec(0.95, True)], ["watermark"])
+    assert not fail_on_met([rec(0.95, True)], ["replica"])
 
 
 def test_png_text_chunks_and_memorization_are_reported(scanner, photos, tmp_path):
@@ -139,7 +154,6 @@ def test_scan_bytes_matches_scan_paths(scanner, photos):
 def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(scanner, photos, coco_dir, tmp_path):
     # The shipped visible-watermark head reads SSCD's intermediate maps. With an SSCD index the scanner takes
     # them from the descriptor's forward pass; without one the detector runs SSCD itself; both give one number.
-    from provenance.watermarks.visible import VisibleWatermarkDetector
 
     assert scanner._visible_from_sscd
     images = [Image.open(p).convert("RGB") for p in photos[:3]]

@@ -268,6 +268,15 @@ def test_head_refuses_another_sscd_model(tiny_head_path, tmp_path):
         VisibleWatermarkDetector.load(str(other))
 
 
+def test_a_card_flag_threshold_that_is_not_a_probability_is_refused(tmp_path):
+    ckpt = torch.load(DEFAULT_WEIGHTS, weights_only=False)
+    ckpt["card"] = {**ckpt.get("card", {}), "flag_threshold": 1.5}
+    bad = tmp_path / "bad-gate.pt"
+    torch.save(ckpt, bad)
+    with pytest.raises(ModelLoadError, match="flag_threshold 1.5"):
+        VisibleWatermarkDetector.load(str(bad))
+
+
 def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos):
     # bench/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
     # the detector loads through the shipped path
@@ -279,7 +288,8 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     spec.loader.exec_module(train_head)
     out, cache = tmp_path / "head.pt", tmp_path / "cache"
     args = ["--out", str(out), "--cache", str(cache), "--data", str(flickr_shards_dir.parent), "--pairs", "4",
-            "--chunk", "2", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1"]
+            "--chunk", "2", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1",
+            "--depth", "2", "--flag-threshold", "0.8"]
     assert train_head.main(args) == 0
     maps = np.load(cache / "stride16_1.npy")
     assert maps.shape == (4, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
@@ -287,6 +297,8 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     assert card["pairs"] == 4 and card["backbone"]["taps"] == ["stride16"] and len(card["loss_per_epoch"]) == 1
     det = VisibleWatermarkDetector.load(str(out))
     assert det.probability(photos[:2]).shape == (2,)
+    # the card's gate is the one scans flag at; the extra 3x3 conv survives the round trip
+    assert det.config.flag_threshold == 0.8 and det.model.config.depth == 2 and len(det.model.branches[0]) == 3
     before = (cache / "stride16_0.npy").stat().st_mtime_ns
     assert train_head.main(args) == 0  # the second run trains from the cache without remaking it
     assert (cache / "stride16_0.npy").stat().st_mtime_ns == before

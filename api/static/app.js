@@ -193,7 +193,9 @@ function renderEvidence(record) {
   if (!checks.visible && wm.visible == null) addRow(list, "Visible watermark", "not checked", false);
   else if (wm.visible) {
     const p = wm.visible.probability;
-    addRow(list, "Visible watermark", `${Math.round(p * 100)}% likely`, p >= 0.5);
+    // the detector's own flag threshold, chosen on data (0.5 would flag about a quarter of clean photos)
+    const flagged = wm.visible.flagged === true;
+    addRow(list, "Visible watermark", `${Math.round(p * 100)}% likely${flagged ? " (flagged)" : ""}`, flagged);
   }
   if (!checks.invisible) addRow(list, "Invisible watermarks", "not checked", false);
   else if (wm.invisible && wm.invisible.length) {
