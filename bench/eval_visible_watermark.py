@@ -35,6 +35,9 @@ logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 CANVAS_SIDES = (256, 512, 1024)
 GATES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.98)
+# the flag threshold a checkpoint should carry: the lowest gate at which the separate draw flags at most this share
+# of clean and of opaque-text photos (a false alarm on an ordinary photo costs the user more than a missed faint mark)
+MAX_FALSE_FLAG_RATE = 0.03
 # overlays.mark_visibility: the fraction of pixels a mark changed by >= 24 levels; below ~0.005 a mark is a few
 # faint strokes (a tiny corner credit, white on a white sky), above ~0.02 anyone sees it
 VISIBILITY_BINS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.01)
@@ -233,17 +236,19 @@ def render_markdown(args, results: dict, card: dict) -> str:
     lines += [
         "",
         f"- AUC by canvas short side (Flickr canvases): {results['flickr_canvas'].get('auc_by_canvas_side')}",
-        f"- Recall by watermark style (held-out, all): {h['recall_by_style']}",
+        f"- Recall by watermark style (held-out, all; at {thr}): {h['recall_by_style']}",
         "- Flagged at other gates (held-out, all; recall / opaque text / clean): "
         + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in h["flagged_at"].items()),
         *(["- The same on the separate draw that chooses the gate (training fonts+strings, held-out photos, another "
            "seed): " + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}"
-                                 for g, v in results["seen"]["flagged_at"].items())] if "seen" in results else []),
-        f"- Recall by opacity: {h['recall_by_opacity']}",
+                                 for g, v in results["seen"]["flagged_at"].items())
+           + f". Lowest gate flagging <= {MAX_FALSE_FLAG_RATE:.0%} of clean and of opaque-text photos there: "
+           f"{results['suggested_flag_threshold']}; the checkpoint flags at {thr}."] if "seen" in results else []),
+        f"- Recall by opacity (at {thr}): {h['recall_by_opacity']}",
         "- AUC by how much of the image the mark visibly changed (overlays.mark_visibility; n, AUC against all "
         "negatives): " + "; ".join(f"{k}: {v['n']}, {v['auc']}" for k, v in h["auc_by_visibility"].items()),
-        f"- Opaque-text flag rate by style: {h['text_flag_rate_by_style']}",
-        f"- COCO recall by style: {results['coco']['recall_by_style']}; text flagged by style: "
+        f"- Opaque-text flag rate by style (at {thr}): {h['text_flag_rate_by_style']}",
+        f"- COCO recall by style (at {thr}): {results['coco']['recall_by_style']}; text flagged by style: "
         f"{results['coco']['text_flag_rate_by_style']}",
         f"- Cost: model {t['model_ms_per_image_1_threads']} ms/image with 1 thread, {t['model_ms_per_image_2_threads']} "
         f"ms/image with 2 threads (batch {t['batch_size']}, BatchNorm folded); preprocess (runs in the scanner's decode "
@@ -304,6 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         p2, ex2 = score(det, iter_examples(photos[1::4], *seen_args))
         results["seen"] = summarise(np.concatenate([p1, p2]), ex1 + ex2, args.threshold)
         logger.info("seen: %s", json.dumps(results["seen"]))
+        ok = [float(g) for g, v in results["seen"]["flagged_at"].items()
+              if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
+        results["suggested_flag_threshold"] = min(ok) if ok else None
+        logger.info("suggested flag threshold: %s (the checkpoint's: %s)", results["suggested_flag_threshold"],
+                    det.config.flag_threshold)
     results["timing"] = timing(det)
     logger.info("timing: %s", json.dumps(results["timing"]))
     results["weights_checksum"] = det.config.checksum
