@@ -284,7 +284,7 @@ class VisibleWatermarkDetector:
                 output="logit",
                 model_id=str(ckpt.get("model_id", CHECKPOINT_FORMAT)),
                 checksum=_checksum(path),
-                flag_threshold=_card_flag_threshold(ckpt),
+                flag_threshold=_card_flag_threshold(path, ckpt),
                 extra=dict(ckpt.get("card", {})),
             )
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -320,7 +320,7 @@ class VisibleWatermarkDetector:
             output="logit",
             model_id=str(ckpt.get("model_id", CHECKPOINT_FORMAT)),
             checksum=_checksum(path),
-            flag_threshold=_card_flag_threshold(ckpt),
+            flag_threshold=_card_flag_threshold(path, ckpt),
             extra=dict(ckpt.get("card", {})),
         )
         logger.info("loaded visible-watermark head %s (%s) on SSCD features", path, config.checksum)
@@ -443,12 +443,12 @@ def _torch_load(path: Path):
         raise ModelLoadError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _card_flag_threshold(ckpt: dict) -> float:
-    """The flag threshold a checkpoint's card chose on data, else DEFAULT_FLAG_THRESHOLD."""
+def _card_flag_threshold(path: Path, ckpt: dict) -> float:
+    """The flag threshold the checkpoint's card chose on data, else DEFAULT_FLAG_THRESHOLD."""
     card = ckpt.get("card") or {}
     value = card.get("flag_threshold", DEFAULT_FLAG_THRESHOLD) if isinstance(card, dict) else DEFAULT_FLAG_THRESHOLD
     if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ModelLoadError(f"checkpoint card's flag_threshold {value!r} is not a probability in (0, 1)")
+        raise ModelLoadError(f"{path}: checkpoint card's flag_threshold {value!r} is not a probability in (0, 1)")
     return float(value)
 
 
