@@ -122,21 +122,44 @@ def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, Cac
     return {t: CachedRows([np.load(cache / f"{t}_{c}.npy", mmap_mode="r") for c in range(chunks)]) for t in taps}
 
 
+def photo_names(shard_dir: Path, shards: tuple[str, ...]) -> list[str]:
+    """"shard/id.jpg" of every photo read_shards returns, in the same order (the names real_marks.json uses)."""
+    from provenance.corpus import read_webdataset
+
+    return [f"{s}/{it.id}.jpg" for s in shards for it in read_webdataset(str(shard_dir / f"{s}.tar")) if it.data]
+
+
+def pair_photos(pairs: int, photos: int, seed: int) -> np.ndarray:
+    """The photo index of each pair: the first draw of rng(seed, i), as SquarePairs makes it."""
+    return np.array([np.random.default_rng([seed, i]).integers(0, photos) for i in range(pairs)])
+
+
+def pairs_to_keep(names: list[str], pairs: int, seed: int, exclude: set[str]) -> np.ndarray:
+    """Indexes of the pairs whose photo is not in exclude. A photo that already carries a real mark (a
+    photographer's signature, a date stamp) makes a wrong negative: its "clean" or opaque-text half has a mark."""
+    drop = np.array([n in exclude for n in names], dtype=bool)
+    return np.flatnonzero(~drop[pair_photos(pairs, len(names), seed)])
+
+
 def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
-          seed: int) -> tuple[TapHead, list[float]]:
+          seed: int, keep: np.ndarray | None = None) -> tuple[TapHead, list[float]]:
+    """keep: indexes of the pairs to train on (default all)."""
     torch.manual_seed(seed)
     n = len(next(iter(maps.values())))
+    keep = np.arange(n // 2) if keep is None else np.asarray(keep)
     labels = torch.tensor([1.0, 0.0]).repeat(n // 2)
     head = TapHead(config)
     sample = np.random.default_rng(seed).choice(n, min(n, 1000), replace=False)
     head.set_input_scale({t: m[np.sort(sample)].mean(axis=(0, 2, 3)) for t, m in maps.items()})
     opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=0.05)
-    steps_per_epoch = (n // 2) // batch_pairs
+    steps_per_epoch = len(keep) // batch_pairs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{len(keep)} pairs to train on: fewer than one batch of {batch_pairs}")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * steps_per_epoch)
     losses = []
     for epoch in range(epochs):
         head.train()
-        order = np.random.default_rng([seed, epoch]).permutation(n // 2)
+        order = keep[np.random.default_rng([seed, epoch]).permutation(len(keep))]
         total = 0.0
         for s in range(steps_per_epoch):
             pairs = order[s * batch_pairs:(s + 1) * batch_pairs]
@@ -173,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flag-threshold", type=float, default=DEFAULT_FLAG_THRESHOLD,
                     help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py")
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
+    ap.add_argument("--exclude-photos", default=str(REPO / "bench" / "data" / "real_marks.json"),
+                    help="JSON audit ({'photos': [{'name': 'shard/id.jpg', ...}]}) of photos that already carry a "
+                         "real mark: their pairs are left out of training ('' keeps all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
@@ -192,12 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.time() - t0
     if args.examples_only:
         return 0
-    head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr, args.seed)
+    exclude = set()
+    if args.exclude_photos:
+        exclude = {e["name"] for e in json.loads(Path(args.exclude_photos).read_text())["photos"]}
+    names = photo_names(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
+    keep = pairs_to_keep(names, chunks * args.chunk, args.seed, exclude)
+    logger.info("training on %d of %d pairs (%d photos excluded)", len(keep), chunks * args.chunk, len(exclude))
+    head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr,
+                         args.seed, keep)
     card = {
         "training_command": "bench/train_visible_watermark_head.py "
         + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
         "seed": args.seed,
         "pairs": chunks * args.chunk,
+        "pairs_trained": int(len(keep)),
+        "excluded_photos": {"file": Path(args.exclude_photos).name if args.exclude_photos else None,
+                            "training_photos_listed": len(exclude & set(names))},
         "epochs": args.epochs,
         "batch_pairs": args.batch_pairs,
         "lr": args.lr,

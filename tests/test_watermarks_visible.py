@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -277,24 +278,36 @@ def test_a_card_flag_threshold_that_is_not_a_probability_is_refused(tmp_path):
         VisibleWatermarkDetector.load(str(bad))
 
 
-def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos):
-    # bench/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
-    # the detector loads through the shipped path
+@pytest.fixture(scope="module")
+def train_head():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "train_head", Path(__file__).resolve().parents[1] / "bench" / "train_visible_watermark_head.py")
-    train_head = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_head)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos,
+                                                                     train_head):
+    # bench/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
+    # the detector loads through the shipped path; the photo under pair 0 is listed as carrying a real mark
+    names = train_head.photo_names(flickr_shards_dir, train_head.TRAIN_SHARDS)
+    marked = names[int(train_head.pair_photos(1, len(names), seed=0)[0])]
+    audit = tmp_path / "marks.json"
+    audit.write_text(json.dumps({"photos": [{"name": marked, "mark": "a photographer's signature"}]}))
     out, cache = tmp_path / "head.pt", tmp_path / "cache"
-    args = ["--out", str(out), "--cache", str(cache), "--data", str(flickr_shards_dir.parent), "--pairs", "4",
-            "--chunk", "2", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1",
-            "--depth", "2", "--flag-threshold", "0.8"]
+    args = ["--out", str(out), "--cache", str(cache), "--data", str(flickr_shards_dir.parent), "--pairs", "6",
+            "--chunk", "3", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1",
+            "--depth", "2", "--flag-threshold", "0.8", "--exclude-photos", str(audit)]
     assert train_head.main(args) == 0
     maps = np.load(cache / "stride16_1.npy")
-    assert maps.shape == (4, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
+    assert maps.shape == (6, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
     card = json.loads(out.with_suffix(".json").read_text())["training"]
-    assert card["pairs"] == 4 and card["backbone"]["taps"] == ["stride16"] and len(card["loss_per_epoch"]) == 1
+    assert card["pairs"] == 6 and card["backbone"]["taps"] == ["stride16"] and len(card["loss_per_epoch"]) == 1
+    on_marked = int((train_head.pair_photos(6, len(names), seed=0) == names.index(marked)).sum())
+    assert card["pairs_trained"] == 6 - on_marked < 6 and card["excluded_photos"]["training_photos_listed"] == 1
     det = VisibleWatermarkDetector.load(str(out))
     assert det.probability(photos[:2]).shape == (2,)
     # the card's gate is the one scans flag at; the extra 3x3 conv survives the round trip
@@ -302,3 +315,57 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     before = (cache / "stride16_0.npy").stat().st_mtime_ns
     assert train_head.main(args) == 0  # the second run trains from the cache without remaking it
     assert (cache / "stride16_0.npy").stat().st_mtime_ns == before
+
+
+def test_head_trainer_knows_which_photo_each_pair_is_drawn_on(fonts, train_head):
+    # pairs_to_keep trusts pair_photos to name the photo SquarePairs draws on; photos of three solid colours show
+    # which one each pair's negative half was made from
+    colours = [(210, 40, 40), (40, 210, 40), (40, 40, 210)]
+    jpegs = []
+    for c in colours:
+        buf = io.BytesIO()
+        Image.new("RGB", (320, 260), c).save(buf, "JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    pairs = train_head.SquarePairs(jpegs, fonts[0], seed=7, start=0, stop=8)
+    drawn = [int(np.argmax(np.median(pairs[j][1].reshape(-1, 3), axis=0))) for j in range(8)]
+    assert drawn == train_head.pair_photos(8, 3, seed=7).tolist() and len(set(drawn)) > 1
+    keep = train_head.pairs_to_keep(["red", "green", "blue"], 8, 7, exclude={"green"})
+    assert keep.tolist() == [j for j in range(8) if drawn[j] != 1]
+
+
+@pytest.fixture(scope="module")
+def eval_visible():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "eval_visible", Path(__file__).resolve().parents[1] / "bench" / "eval_visible_watermark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_real_mark_audit_names_photos_that_exist(eval_visible, train_head, flickr_shards_dir, nonmember_dir,
+                                                     coco_dir):
+    # a misspelt name would silently leave a marked photo among the negatives
+    marked = eval_visible.load_real_marks()
+    known = set(train_head.photo_names(flickr_shards_dir, train_head.TRAIN_SHARDS + ("00004",)))
+    known |= {f"nonmember/{p.name}" for p in nonmember_dir.glob("*.jpg")}
+    known |= {f"coco/{p.name}" for p in coco_dir.glob("*.jpg")}
+    assert len(marked) > 50 and set(marked) <= known
+    assert {e["set"] for e in marked.values()} == {"train", "heldout", "coco"}
+
+
+def test_eval_scores_photos_with_real_marks_as_positives_not_negatives(eval_visible):
+    def ex(kind, photo):
+        return (None, kind, {"photo": photo})
+
+    examples = [ex("watermark", "a"), ex("text", "a"), ex("clean", "a"),      # a photo that already has a mark
+                ex("watermark", "b"), ex("text", "b"), ex("clean", "b"),
+                ex("clean", "c"), ex("clean", "c"), ex("text", "c")]         # c: two variants of one clean photo
+    p = np.array([0.9, 0.8, 0.7, 0.95, 0.2, 0.1, 0.6, 0.6, 0.3])
+    kept_p, kept = eval_visible.without_photos(p, examples, {"a": {}})
+    assert [f["photo"] for _, _, f in kept] == ["b"] * 3 + ["c"] * 3 and kept_p.tolist() == p[3:].tolist()
+    real = eval_visible.real_mark_summary(p, examples, {"a": {}}, threshold=0.65)
+    # a's untouched photo (0.7) against the clean photos b (0.1) and c (0.6, counted once) and the text of b, c
+    assert real["n"] == 1 and real["auc_vs_clean"] == 1.0 and real["recall_at_threshold"] == 1.0
+    assert real["scores"] == {"a": 0.7}
