@@ -85,7 +85,7 @@ def coco_photos() -> list[tuple[str, Image.Image, str]]:
 
 def load_real_marks(path: Path = REAL_MARKS) -> dict[str, dict]:
     """{photo name: audit entry} for the photos that already carry a real overlaid mark (a photographer's
-    signature, a copyright line, a URL, a camera date stamp), found by looking at every training and evaluation
+    signature, a copyright line, a URL, a logo), found by looking at every training and evaluation
     photo (bench/data/real_marks.json says how). Such a photo is neither a clean nor an opaque-text negative, so
     the synthetic sets leave it out and its own untouched version is scored as a real-world positive instead."""
     return {e["name"]: e for e in json.loads(path.read_text())["photos"]}

@@ -136,7 +136,7 @@ def pair_photos(pairs: int, photos: int, seed: int) -> np.ndarray:
 
 def pairs_to_keep(names: list[str], pairs: int, seed: int, exclude: set[str]) -> np.ndarray:
     """Indexes of the pairs whose photo is not in exclude. A photo that already carries a real mark (a
-    photographer's signature, a date stamp) makes a wrong negative: its "clean" or opaque-text half has a mark."""
+    photographer's signature, a copyright line) makes a wrong negative: its "clean" or opaque-text half has a mark."""
     drop = np.array([n in exclude for n in names], dtype=bool)
     return np.flatnonzero(~drop[pair_photos(pairs, len(names), seed)])
 

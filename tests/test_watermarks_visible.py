@@ -278,15 +278,19 @@ def test_a_card_flag_threshold_that_is_not_a_probability_is_refused(tmp_path):
         VisibleWatermarkDetector.load(str(bad))
 
 
-@pytest.fixture(scope="module")
-def train_head():
+def _bench_script(name: str):
+    """A script under bench/, imported as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "train_head", Path(__file__).resolve().parents[1] / "bench" / "train_visible_watermark_head.py")
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def train_head():
+    return _bench_script("train_visible_watermark_head")
 
 
 def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos,
@@ -335,13 +339,7 @@ def test_head_trainer_knows_which_photo_each_pair_is_drawn_on(fonts, train_head)
 
 @pytest.fixture(scope="module")
 def eval_visible():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "eval_visible", Path(__file__).resolve().parents[1] / "bench" / "eval_visible_watermark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _bench_script("eval_visible_watermark")
 
 
 def test_the_real_mark_audit_names_photos_that_exist(eval_visible, train_head, flickr_shards_dir, nonmember_dir,
