@@ -367,3 +367,19 @@ def test_eval_scores_photos_with_real_marks_as_positives_not_negatives(eval_visi
     # a's untouched photo (0.7) against the clean photos b (0.1) and c (0.6, counted once) and the text of b, c
     assert real["n"] == 1 and real["auc_vs_clean"] == 1.0 and real["recall_at_threshold"] == 1.0
     assert real["scores"] == {"a": 0.7}
+
+
+def test_real_photographer_marks_in_the_data_score_above_unmarked_photos(detector, eval_visible, nonmember_dir):
+    # the audit's untouched held-out nonmember photos that carry a real mark (signatures, "(c) name" lines, URLs)
+    # against 150 nonmember photos without one: the only real-world positives offline. The shipped head's AUC here
+    # is 0.65 (BENCHMARKS: it is weak on small corner credits); this guards against a head that ignores real marks
+    marked = eval_visible.load_real_marks()
+    paths = sorted(nonmember_dir.glob("*.jpg"))
+    with_mark = [p for p in paths if f"nonmember/{p.name}" in marked]
+    without = [p for p in paths if f"nonmember/{p.name}" not in marked][:150]
+    assert len(with_mark) >= 10
+
+    def scores(ps):
+        return detector.probability([Image.open(p).convert("RGB") for p in ps])
+
+    assert eval_visible.auc(scores(with_mark), scores(without)) > 0.6
