@@ -44,6 +44,7 @@ from provenance.watermarks.visible import (  # noqa: E402
     TapHeadConfig,
     save_checkpoint,
 )
+from eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
 from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flag-threshold", type=float, default=DEFAULT_FLAG_THRESHOLD,
                     help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py")
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
-    ap.add_argument("--exclude-photos", default=str(REPO / "bench" / "data" / "real_marks.json"),
+    ap.add_argument("--exclude-photos", default=str(REAL_MARKS),
                     help="JSON audit ({'photos': [{'name': 'shard/id.jpg', ...}]}) of photos that already carry a "
                          "real mark: their pairs are left out of training ('' keeps all)")
     args = ap.parse_args(argv)
@@ -218,12 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     t_data = time.time() - t0
     if args.examples_only:
         return 0
-    exclude = set()
-    if args.exclude_photos:
-        exclude = {e["name"] for e in json.loads(Path(args.exclude_photos).read_text())["photos"]}
+    exclude = set(load_real_marks(Path(args.exclude_photos))) if args.exclude_photos else set()
     names = photo_names(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
     keep = pairs_to_keep(names, chunks * args.chunk, args.seed, exclude)
-    logger.info("training on %d of %d pairs (%d photos excluded)", len(keep), chunks * args.chunk, len(exclude))
+    listed = len(exclude & set(names))
+    logger.info("training on %d of %d pairs (%d training photos excluded)", len(keep), chunks * args.chunk, listed)
     head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr,
                          args.seed, keep)
     card = {
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs": chunks * args.chunk,
         "pairs_trained": int(len(keep)),
         "excluded_photos": {"file": Path(args.exclude_photos).name if args.exclude_photos else None,
-                            "training_photos_listed": len(exclude & set(names))},
+                            "training_photos_listed": listed},
         "epochs": args.epochs,
         "batch_pairs": args.batch_pairs,
         "lr": args.lr,
