@@ -61,6 +61,9 @@ class VisibleWatermarkOut(BaseModel):
     probability: float = Field(description="p(stock-photo style visible watermark)")
     flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
     threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
+    input_sizes: list[int] = Field(default_factory=list,
+                                   description="input sizes (short side, px) the probability comes from: SSCD's 288, "
+                                               "plus 512 with scan --visible-thorough")
 
 
 class WatermarksOut(BaseModel):

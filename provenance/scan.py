@@ -74,6 +74,9 @@ class ScanOptions:
     models: ModelOptions | None = None
     visible_model: str | None = None  # path to other weights; None = shipped detector
     visible_laion_checkpoint: str | None = None
+    # larger input sizes the visible-watermark head also looks at (visible.THOROUGH_SCALES: finds more small and
+    # faint marks, one more SSCD pass per image); () = SSCD's 288 px only
+    visible_extra_scales: tuple[int, ...] = ()
 
 
 @dataclass
@@ -83,6 +86,7 @@ class _Work:
     name: str
     record: ScanRecord
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    visible_extra: list[np.ndarray] = field(default_factory=list)  # the image at the visible head's extra scales
 
 
 class Scanner:
@@ -106,6 +110,8 @@ class Scanner:
                     raise  # the user named weights: failing to load them is their error to see
                 # the shipped weights missing (a broken install) must not stop copy detection
                 logger.warning("visible-watermark check is off: %s", e)
+        if self._visible is not None and o.visible_extra_scales:
+            self._visible = self._visible.with_extra_scales(o.visible_extra_scales)  # ValueError: not a head
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
         # index's SSCD model is the one the head was trained on (the default); else it runs SSCD itself
         sscd = self._models.get("sscd")
@@ -182,10 +188,11 @@ class Scanner:
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
             if self._visible is not None and not self._visible_from_sscd:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
+            visible_extra = self._visible.preprocess_extra(decoded.image) if self._visible is not None else []
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
             return _Work(name, ScanRecord.failed(name, f"{type(e).__name__}: {e}", decoded.sha256))
-        return _Work(name, record, inputs)
+        return _Work(name, record, inputs, visible_extra)
 
     def _evidence(self, decoded: DecodedImage) -> WatermarkEvidence:
         o = self.options
@@ -219,14 +226,17 @@ class Scanner:
                     vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
             if self._visible is not None:
+                extra = [w.visible_extra for w in ok] if self._visible.extra_scales else None
                 if taps is not None:
-                    probs = self._visible.probability_from_taps(taps)
+                    probs = self._visible.probability_from_taps(taps, extra)
                 else:
-                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
+                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok], extra)
                 threshold = self._visible.config.flag_threshold
+                sizes = self._visible.input_sizes
                 for w, p in zip(ok, probs):
                     p = round(float(p), 4)
-                    w.record.watermarks.visible = {"probability": p, "flagged": p >= threshold, "threshold": threshold}
+                    w.record.watermarks.visible = {"probability": p, "flagged": p >= threshold, "threshold": threshold,
+                                                   "input_sizes": sizes}
             for w, per_desc in zip(ok, results):
                 self._fill(w.record, per_desc)
         return [w.record for w in work]

@@ -188,7 +188,7 @@ def test_scan_corpus_photo_finds_itself(client, photos):
     assert set(rec) == expected and "verdict" not in rec["matches"][0]
     assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     visible = rec["watermarks"]["visible"]  # the shipped weights are installed, so the check ran
-    assert set(visible) == {"probability", "flagged", "threshold"}
+    assert set(visible) == {"probability", "flagged", "threshold", "input_sizes"}
     assert visible["flagged"] is (visible["probability"] >= visible["threshold"])
 
 

@@ -106,6 +106,21 @@ def test_sscd_feature_taps_come_from_the_same_pass_and_change_no_embedding(sscd,
     assert taps[0]["stride16"].max() > 0  # live activations, not an empty buffer
 
 
+def test_sscd_graph_cut_after_a_tap_gives_the_same_maps(sscd, photos):
+    # the visible-watermark head's extra scales read maps from a graph cut after them: same bits, any input size
+    from provenance.descriptors.sscd import resize_short_side
+
+    x = [np.asarray(resize_short_side(p, 448)) for p in photos[:2]] + [sscd.preprocess(photos[2])]
+    _, full = sscd.embed_batch_with_taps(x)
+    cut = sscd.tap_maps(x, ("stride16",))
+    assert [set(c) for c in cut] == [{"stride16"}] * 3
+    for a, b in zip(full, cut):
+        np.testing.assert_array_equal(a["stride16"], b["stride16"])
+    assert cut[0]["stride16"].shape[1:] == tuple(-(-d // 16) for d in x[0].shape[:2])
+    with pytest.raises(ModelLoadError, match="maps"):
+        sscd.tap_maps(x, ("stride4",))
+
+
 def test_sscd_edited_copy_scores_far_above_other_photos(sscd, photos):
     im = photos[0]
     w, h = im.size

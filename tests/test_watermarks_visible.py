@@ -136,6 +136,43 @@ def test_watermarked_photo_scores_higher_than_clean(detector, photos, fonts):
     assert (p_marked > p_clean).sum() >= 8  # the same photo scores higher once marked, for a clear majority
 
 
+def test_thorough_detector_averages_the_head_over_input_sizes(detector, photos, fonts):
+    from provenance.descriptors.sscd import resize_short_side
+    from provenance.watermarks.visible import THOROUGH_FLAG_THRESHOLD, THOROUGH_SCALES
+
+    thorough = detector.with_extra_scales(THOROUGH_SCALES)
+    assert detector.extra_scales == () and detector.input_sizes == [288]  # the cached detector is left as it was
+    assert thorough.input_sizes == [288, 512] and thorough.model is detector.model
+    assert thorough.config.flag_threshold == THOROUGH_FLAG_THRESHOLD["flag_threshold"]
+    _, heldout_fonts = fonts
+    rng = np.random.default_rng(7)
+    marked = overlays.add_stock_watermark(photos[0], rng, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS,
+                                          style="corner", opacity=0.5)
+    images = [photos[1], marked]
+    extra = [thorough.preprocess_extra(im) for im in images]
+    assert [e[0].shape[2] for e in extra] == [3, 3] and all(min(e[0].shape[:2]) == 512 for e in extra)
+    # p = sigmoid(mean logit) of the head at SSCD's 288 px and at 512 px, the latter computed as a plain pass
+    def logit(p):
+        return np.log(p / (1 - p))
+
+    at_288 = detector.probability(images)
+    at_512 = detector.probability_from_taps(
+        detector.backbone.embed_batch_with_taps([np.asarray(resize_short_side(im, 512)) for im in images])[1])
+    expected = 1 / (1 + np.exp(-(logit(at_288.astype(np.float64)) + logit(at_512.astype(np.float64))) / 2))
+    np.testing.assert_allclose(thorough.probability(images), expected, atol=1e-4)
+    np.testing.assert_allclose(thorough.probability_batch([thorough.preprocess(im) for im in images], extra),
+                               expected, atol=1e-4)
+    with pytest.raises(ValueError, match="preprocess_extra"):
+        thorough.probability_batch([thorough.preprocess(im) for im in images])
+
+
+def test_thorough_detector_needs_a_head_on_sscd(tmp_path):
+    path = tmp_path / "cnn.pt"
+    save_checkpoint(path, WatermarkNet(WatermarkNetConfig(stem=4, widths=(8,), high_res_block=False)), input_size=64)
+    with pytest.raises(ModelLoadError, match="extra scales need a head on SSCD features"):
+        VisibleWatermarkDetector.load(str(path)).with_extra_scales((448,))
+
+
 def test_preprocess_is_thread_safe_and_matches_batch(detector, photos):
     with ThreadPoolExecutor(4) as pool:
         xs = list(pool.map(detector.preprocess, photos[:8]))

@@ -65,6 +65,7 @@ class SSCDDescriptor:
         self.backend = backend  # "onnx" | "torchscript"
         self._path: Path | None = None  # the ONNX file, for prepare_concurrent_calls
         self._serial = None  # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
+        self._cut: dict[tuple[str, ...], object] = {}  # sessions of the graph cut at some taps (see tap_maps)
         self._running = 0  # model calls in flight
         self._lock = threading.Lock()
 
@@ -124,6 +125,29 @@ class SSCDDescriptor:
                 taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps)}
         return l2_normalize(out), taps
 
+    def tap_maps(self, batch: list[np.ndarray], taps: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+        """Only the named FEATURE_TAPS maps of each image ({name: (c, h, w) uint8}), from the graph cut after them.
+
+        For a second look at an image at another input size (the visible-watermark head's extra scales), where no
+        descriptor is wanted: the cut graph skips the last ResNet stage and the projection, and its maps are
+        bit-identical to embed_batch_with_taps' (tests check)."""
+        if not self.has_feature_taps or not set(taps) <= set(FEATURE_TAPS):
+            raise ModelLoadError(f"SSCD model {self.spec.model_id} does not expose the maps {taps}")
+        with self._lock:
+            session = self._cut.get(taps)
+            if session is None:
+                opts = self._model.get_session_options()
+                threads = opts.intra_op_num_threads or None
+                session = _onnx_session(self._path, threads, self._model.get_providers(),
+                                        cut_at=tuple(FEATURE_TAPS[t] for t in taps))
+                self._cut[taps] = session
+        out: list[dict[str, np.ndarray]] = [{} for _ in batch]
+        for idx in group_by_shape(batch).values():
+            maps = session.run(None, {session.get_inputs()[0].name: np.stack([batch[i] for i in idx])})
+            for j, i in enumerate(idx):
+                out[i] = {name: m[j] for name, m in zip(taps, maps)}
+        return out
+
     def prepare_concurrent_calls(self) -> None:
         """For callers that embed on several threads at once (the API server's scan workers).
 
@@ -162,7 +186,9 @@ class SSCDDescriptor:
             return [self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()]
 
 
-def _onnx_session(model_path: Path, threads: int | None, providers: list[str]):
+def _onnx_session(model_path: Path, threads: int | None, providers: list[str], cut_at: tuple[str, ...] = ()):
+    """An ORT session of the model with FEATURE_TAPS as extra outputs, or (cut_at) of only what computes those
+    tensors, which become its outputs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -173,7 +199,8 @@ def _onnx_session(model_path: Path, threads: int | None, providers: list[str]):
     if threads:
         opts.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(_with_feature_taps(model_path), opts, providers=providers)
+        model = _cut_at(model_path, cut_at) if cut_at else _with_feature_taps(model_path)
+        return ort.InferenceSession(model, opts, providers=providers)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise ModelLoadError(f"cannot load SSCD ONNX model {model_path}: {e}") from None
 
@@ -189,6 +216,30 @@ def _with_feature_taps(model_path: Path) -> bytes | str:
         return str(model_path)
     for name in FEATURE_TAPS.values():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
+    return model.SerializeToString()
+
+
+def _cut_at(model_path: Path, outputs: tuple[str, ...]) -> bytes:
+    """The serialized model reduced to the nodes that compute `outputs` (uint8 tensors), which become its only
+    outputs. (onnx.utils.Extractor needs shape information this int8 export does not carry.)"""
+    import onnx
+
+    model = onnx.load(str(model_path))
+    producer = {name: node for node in model.graph.node for name in node.output}
+    needed: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(node.input)
+    nodes = [n for n in model.graph.node if id(n) in needed]
+    used = {name for n in nodes for name in n.input}
+    initializers = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.node[:], model.graph.initializer[:], model.graph.output[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(initializers)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UINT8, None) for o in outputs)
     return model.SerializeToString()
 
 
