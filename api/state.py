@@ -144,6 +144,8 @@ def _set_torch_threads(n: int) -> int | None:
 
 def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, Checks]:
     """A Scanner with the configured checks; optional ("auto") checks whose parts are missing are turned off."""
+    from provenance.watermarks.visible import THOROUGH_SCALES  # imports torch: only once models load
+
     checks = Checks(c2pa=config.c2pa, metadata=config.metadata)
     invisible = config.invisible
     if invisible is None:
@@ -152,11 +154,12 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
             checks.notes.append("invisible watermarks: decoder module not installed")
     checks.invisible = invisible
     options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
-                          metadata=config.metadata, max_pixels=config.max_pixels)
+                          metadata=config.metadata, max_pixels=config.max_pixels,
+                          visible_extra_scales=THOROUGH_SCALES if config.visible_thorough else ())
     try:
         scanner = Scanner(searcher, options)
     except ModelLoadError as e:
-        if config.visible is not None or not options.visible:
+        if config.visible is not None or config.visible_thorough or not options.visible:
             raise
         # The visible-watermark weights are optional in "auto" mode: scan without them and say so.
         logger.warning("visible-watermark check off: %s", e)

@@ -111,7 +111,8 @@ class Scanner:
                 # the shipped weights missing (a broken install) must not stop copy detection
                 logger.warning("visible-watermark check is off: %s", e)
         if self._visible is not None and o.visible_extra_scales:
-            self._visible = self._visible.with_extra_scales(o.visible_extra_scales)  # ValueError: not a head
+            # ModelLoadError for weights that read pixels (a CNN, LAION's): they have no view at another size
+            self._visible = self._visible.with_extra_scales(o.visible_extra_scales)
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
         # index's SSCD model is the one the head was trained on (the default); else it runs SSCD itself
         sscd = self._models.get("sscd")

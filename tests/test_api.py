@@ -465,6 +465,21 @@ def test_config_from_env(tmp_path):
         ServerConfig.from_env({})
     with pytest.raises(ValueError, match="not a number"):
         ServerConfig.from_env({**env, "PROVENANCE_MAX_PIXELS": "many"})
+    thorough = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_VISIBLE_THOROUGH": "true"})
+    assert thorough.visible_thorough and ServerConfig.from_env(thorough.to_env()) == thorough
+    with pytest.raises(ValueError, match="visible_thorough"):  # the extra view of a check that is off
+        ServerConfig.from_env(env, visible_thorough=True)
+
+
+def test_server_with_visible_thorough_scans_at_both_sizes(index_dir, photos):
+    client = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
+    try:
+        data = list(photos.values())[2]
+        rec = client.post("/v1/scan", files={"file": ("a.jpg", data, "image/jpeg")}).json()
+        assert rec["watermarks"]["visible"]["input_sizes"] == [288, 512]
+        assert rec["watermarks"]["visible"]["threshold"] == 0.85  # the gate chosen for the two sizes
+    finally:
+        client.__exit__(None, None, None)
 
 
 def test_batcher_groups_concurrent_jobs_and_keeps_order():

@@ -40,8 +40,9 @@ LAION_FLAG_THRESHOLD = 0.5
 # A head on SSCD's maps can also look at each image at larger input sizes (short side, px) and average its logits:
 # small and faint marks survive a larger input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512).
 # On the held-out set the shipped head at 288 + 512 px scores AUC 0.93 against 0.90 at 288 alone (COCO 0.94 vs
-# 0.92), at the cost of one more SSCD pass, cut after the stride-16 map, on 3.2x the pixels: about 3x the scan's
-# model time (bench/results/visible_watermark_thorough.md). A 150-photo probe: 448 px gave 0.931, 512 px 0.937.
+# 0.92), at the cost of one more SSCD pass, cut after the stride-16 map, on 3.2x the pixels: a full scan runs at
+# 10.2 instead of 34.9 images/s (bench/results/visible_watermark_thorough.md, BENCHMARKS.md). On a 150-photo probe
+# 288 + 448 px gave 0.931 and 288 + 512 px 0.937.
 THOROUGH_SCALES = (512,)
 # p at which the 288 + 512 px score flags an image, for the shipped weights (checksum below): the lowest gate that
 # flags <= 3% of clean and of opaque-text photos on the separate draw, the rule DEFAULT_FLAG_THRESHOLD was chosen by
