@@ -12,7 +12,6 @@ bench/eval_visible_watermark.py); ~12 min on the 2-core machine, ~4 GB of RAM fo
 """
 import argparse
 import copy
-import io
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
 from eval_visible_watermark import *  # noqa: E402,F403
 from train_visible_watermark import DATA as TDATA, TRAIN_SHARDS, read_shards  # noqa: E402
+from train_visible_watermark_head import SquarePairs, _identity  # noqa: E402
 from provenance.descriptors.sscd import resize_short_side  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -38,17 +38,8 @@ det = VisibleWatermarkDetector.load()
 sscd = det.backbone
 photos, _ = read_shards(Path(TDATA) / "flickr8k-dev", TRAIN_SHARDS)
 fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
-class Pairs(torch.utils.data.Dataset):
-    def __len__(self): return PAIRS
-    def __getitem__(self, j):
-        rng = np.random.default_rng([5, j])
-        photo = Image.open(io.BytesIO(photos[int(rng.integers(0, len(photos)))])).convert("RGB")
-        side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
-        canvas = overlays.random_canvas(photo, rng, side)
-        canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
-        pair = overlays.overlay_pair(canvas, rng, fonts, min_visibility=0.001)
-        return np.stack([np.asarray(resize_short_side(im, SIDE)) for im in pair])
-dl = torch.utils.data.DataLoader(Pairs(), batch_size=None, num_workers=1, prefetch_factor=8, collate_fn=lambda x: x)
+dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, 5, 0, PAIRS, side=SIDE), batch_size=None, num_workers=1,
+                                 prefetch_factor=8, collate_fn=_identity)
 X = np.empty((2 * PAIRS, 1024, -(-SIDE // 16), -(-SIDE // 16)), np.uint8)
 t0 = time.time()
 for j, pair in enumerate(dl):

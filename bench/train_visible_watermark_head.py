@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "bench"))
 
-from provenance.descriptors.sscd import FEATURE_TAPS, SSCDDescriptor  # noqa: E402
+from provenance.descriptors.sscd import FEATURE_TAPS, SSCD_SHORT_SIDE, SSCDDescriptor, resize_short_side  # noqa: E402
 from provenance.watermarks import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     DEFAULT_FLAG_THRESHOLD,
@@ -52,24 +52,24 @@ TAP_SHAPES = {"stride8": (512, 36, 36), "stride16": (1024, 18, 18)}  # of a 288x
 
 
 class SquarePairs(torch.utils.data.Dataset):
-    """Pair i -> (2, 288, 288, 3) uint8: [stock watermark, opaque text or clean] on one square canvas."""
+    """Pair i -> (2, side, side, 3) uint8: [stock watermark, opaque text or clean] on one square canvas, resized to
+    the short side SSCD sees (288 px; bench/probe_head_at_512.py asks for 512)."""
 
-    def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int):
-        self.photos, self.fonts, self.seed, self.start, self.stop = photos, fonts, seed, start, stop
+    def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int,
+                 side: int = SSCD_SHORT_SIDE):
+        self.photos, self.fonts, self.seed, self.start, self.stop, self.side = photos, fonts, seed, start, stop, side
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def __getitem__(self, j: int) -> np.ndarray:
-        from provenance.descriptors.sscd import resize_short_side
-
         rng = np.random.default_rng([self.seed, self.start + j])
         photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))])).convert("RGB")
         side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
         canvas = overlays.random_canvas(photo, rng, side)
         canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
         pair = overlays.overlay_pair(canvas, rng, self.fonts, min_visibility=0.001)  # training strings
-        xs = [np.asarray(resize_short_side(im)) for im in pair]
+        xs = [np.asarray(resize_short_side(im, self.side)) for im in pair]
         return np.stack(xs)
 
 

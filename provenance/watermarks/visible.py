@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 
 from provenance.descriptors.base import group_by_shape
+from provenance.descriptors.sscd import SSCD_SHORT_SIDE, resize_short_side
 from provenance.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -263,8 +264,6 @@ class VisibleWatermarkDetector:
         """The input sizes behind each probability: SSCD's short side and any extra scales, or the square size."""
         if self.backbone is None:
             return [self.config.input_size]
-        from provenance.descriptors.sscd import SSCD_SHORT_SIDE
-
         return [SSCD_SHORT_SIDE, *self.extra_scales]
 
     def with_extra_scales(self, scales: tuple[int, ...]) -> "VisibleWatermarkDetector":
@@ -278,8 +277,8 @@ class VisibleWatermarkDetector:
         if any(not 64 <= s <= 2048 for s in scales):
             raise ValueError(f"extra scales {scales}: each must be a short side of 64-2048 px")
         config = self.config
-        if scales and scales == THOROUGH_FLAG_THRESHOLD["scales"] and config.checksum == THOROUGH_FLAG_THRESHOLD["weights"]:
-            config = DetectorConfig(**{**config.to_dict(), "flag_threshold": THOROUGH_FLAG_THRESHOLD["flag_threshold"]})
+        if scales == THOROUGH_FLAG_THRESHOLD["scales"] and config.checksum == THOROUGH_FLAG_THRESHOLD["weights"]:
+            config = replace(config, flag_threshold=THOROUGH_FLAG_THRESHOLD["flag_threshold"])
         return VisibleWatermarkDetector(self.model, config, self.device, self.backbone, scales)
 
     # 1. Loading
@@ -420,8 +419,6 @@ class VisibleWatermarkDetector:
     def preprocess_extra(self, image: Image.Image) -> list[np.ndarray]:
         """The image at each extra scale, (h, w, 3) uint8 with the short side that scale ([] without extra scales);
         safe to call from decode threads."""
-        from provenance.descriptors.sscd import resize_short_side
-
         if not self.extra_scales:
             return []
         rgb = image if image.mode == "RGB" else image.convert("RGB")
