@@ -30,7 +30,7 @@ class ServerConfig:
     max_k: int = 100
     # Scan checks: None = on when available (e.g. visible-watermark weights present), True = required.
     visible: bool | None = None
-    # the visible-watermark head also looks at each upload at 512 px (scan --visible-thorough): more small and faint
+    # the visible-watermark head tuned at 512 px reads each upload (scan --visible-thorough): more small and faint
     # marks found, ~70 ms more CPU per scan
     visible_thorough: bool = False
     invisible: bool | None = None

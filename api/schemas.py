@@ -62,8 +62,8 @@ class VisibleWatermarkOut(BaseModel):
     flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
     threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
     input_sizes: list[int] = Field(default_factory=list,
-                                   description="input sizes (short side, px) the probability comes from: SSCD's 288, "
-                                               "plus 512 with scan --visible-thorough")
+                                   description="input size (short side, px) the probability comes from: SSCD's 288, "
+                                               "or 512 with scan --visible-thorough")
 
 
 class WatermarksOut(BaseModel):

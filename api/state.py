@@ -144,8 +144,6 @@ def _set_torch_threads(n: int) -> int | None:
 
 def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, Checks]:
     """A Scanner with the configured checks; optional ("auto") checks whose parts are missing are turned off."""
-    from provenance.watermarks.visible import THOROUGH_SCALES  # imports torch: only once models load
-
     checks = Checks(c2pa=config.c2pa, metadata=config.metadata)
     invisible = config.invisible
     if invisible is None:
@@ -155,7 +153,7 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
     checks.invisible = invisible
     options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
                           metadata=config.metadata, max_pixels=config.max_pixels,
-                          visible_extra_scales=THOROUGH_SCALES if config.visible_thorough else ())
+                          visible_thorough=config.visible_thorough)
     try:
         scanner = Scanner(searcher, options)
     except ModelLoadError as e:

@@ -20,7 +20,6 @@ from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
 from provenance.indexer import BuildOptions, build
 from provenance.models import ModelOptions
 from provenance.scan import ScanOptions, Scanner
-from provenance.watermarks.visible import THOROUGH_SCALES
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "results" / ".cache" / "scan"
@@ -58,7 +57,7 @@ def main() -> None:
         "full (sscd+pdq+invisible+visible+c2pa+metadata)": ScanOptions(use_clip=False),
         "full + clip (tiny ViT)": ScanOptions(use_clip=True),
         # scan --visible-thorough: the visible-watermark head also at 512 px (one more SSCD pass, cut at its map)
-        "full, --visible-thorough": ScanOptions(use_clip=False, visible_extra_scales=THOROUGH_SCALES),
+        "full, --visible-thorough": ScanOptions(use_clip=False, visible_thorough=True),
     }
     results = {}
     scanners = {name: Scanner.open(index_dir, opts) for name, opts in configs.items()}

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from provenance.watermarks import overlays  # noqa: E402
-from provenance.watermarks.visible import VisibleWatermarkDetector  # noqa: E402
+from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector  # noqa: E402
 
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
@@ -138,16 +138,15 @@ def iter_examples(photos, fonts, wm_strings, text_strings, seed: int, native: bo
 def score(det: VisibleWatermarkDetector, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
     """Score a stream of examples through preprocess + probability_batch, keeping only (kind, facts) of each
     (large canvases are dropped once preprocessed)."""
-    probs, meta, batch, extra = [], [], [], []
+    probs, meta, batch = [], [], []
     for im, kind, facts in examples:
         batch.append(det.preprocess(im))
-        extra.append(det.preprocess_extra(im))
         meta.append((None, kind, facts))
         if len(batch) == batch_size:
-            probs.append(det.probability_batch(batch, extra))
-            batch, extra = [], []
+            probs.append(det.probability_batch(batch))
+            batch = []
     if batch:
-        probs.append(det.probability_batch(batch, extra))
+        probs.append(det.probability_batch(batch))
     return np.concatenate(probs), meta
 
 
@@ -208,17 +207,16 @@ def _best_ms(fn, arg, repeats: int) -> float:
 
 def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5) -> dict:
     """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size. For a head on
-    SSCD features, "model" is the head alone (the scanner takes the maps from its SSCD pass) plus, with extra scales,
-    their SSCD passes (cut after the maps), and the scan's own SSCD pass is timed with and without the maps copied
-    out."""
+    SSCD features read at SSCD's own size, "model" is the head alone (the scanner takes the maps from its SSCD pass),
+    and that SSCD pass is timed with and without the maps copied out; for a head read at another size, "model" is
+    its own SSCD pass (cut after the maps) plus the head."""
     rng = np.random.default_rng(0)
     out: dict = {"batch_size": batch_size}
     images = [Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)) for _ in range(batch_size)]
     x = [det.preprocess(im) for im in images]
     model, arg = det.probability_batch, x
-    if det.backbone is not None:
-        extra = [det.preprocess_extra(im) for im in images] if det.extra_scales else None
-        model, arg = (lambda t: det.probability_from_taps(t, extra)), det.backbone.embed_batch_with_taps(x)[1]
+    if det.reads_scan_pass:
+        model, arg = det.probability_from_taps, det.backbone.embed_batch_with_taps(x)[1]
         out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, x, repeats) / batch_size, 2)
         out["sscd_with_maps_ms_per_image"] = round(
             _best_ms(det.backbone.embed_batch_with_taps, x, repeats) / batch_size, 2)
@@ -229,9 +227,7 @@ def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5
     torch.set_num_threads(old)
     for side in (224, 640, 1600, 4000):
         im = Image.fromarray(rng.integers(0, 256, (side * 3 // 4, side, 3), dtype=np.uint8))
-        # with extra scales the decode threads also resize the image to each of them
-        prep = (lambda im: (det.preprocess(im), det.preprocess_extra(im))) if det.extra_scales else det.preprocess
-        out[f"preprocess_ms_{side}px"] = round(_best_ms(prep, im, repeats), 2)
+        out[f"preprocess_ms_{side}px"] = round(_best_ms(det.preprocess, im, repeats), 2)
     return out
 
 
@@ -243,16 +239,18 @@ def _shown(path: str) -> str:
 
 def render_markdown(args, results: dict, card: dict) -> str:
     h, t = results["heldout"], results["timing"]
+    thorough = Path(args.weights).resolve() == THOROUGH_WEIGHTS.resolve()
     tr = (card or {}).get("training") or {}
     thr = args.threshold
     lines = [
-        "## Visible-watermark detector (provenance/watermarks/visible.py)" if not args.scales else
-        f"## Visible-watermark detector, also at {args.scales.replace(',', ', ')} px (`scan --visible-thorough`)",
+        "## Visible-watermark detector (provenance/watermarks/visible.py)" if not thorough else
+        "## Visible-watermark detector at 512 px (`scan --visible-thorough`)",
         "",
         f"Evaluation: `.venv/bin/python bench/eval_visible_watermark.py{' --seen' if args.seen else ''}"
-        f"{f' --scales {args.scales} --out {_shown(args.out)}' if args.scales else ''}`  ",
-        *([f"Input sizes (short side): {', '.join(map(str, results['input_sizes']))} px, the head's mean logit "
-           "over them (`provenance scan --visible-thorough`)  "] if args.scales else []),
+        f"{f' --weights {_shown(args.weights)} --out {_shown(args.out)}' if thorough else ''}`  ",
+        *([f"Input size (short side): {', '.join(map(str, results['input_sizes']))} px, read by a head fine-tuned "
+           f"there from the shipped one (`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "]
+          if thorough else []),
         f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
         f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples"
         + (f"; {tr['pairs_trained']} trained on, those drawn on photos with a real mark left out"
@@ -318,10 +316,11 @@ def render_markdown(args, results: dict, card: dict) -> str:
         f"ms/image with 2 threads (batch {t['batch_size']}, BatchNorm folded); preprocess (runs in the scanner's decode "
         f"threads) {t['preprocess_ms_224px']} ms for a 224 px image, {t['preprocess_ms_640px']} ms at 640 px, "
         f"{t['preprocess_ms_1600px']} ms at 1600 px, {t['preprocess_ms_4000px']} ms at 4000 px (best of 5)."
-        + (f" The model is the head{' plus its extra-scale SSCD passes (cut after the stride-16 map)' if args.scales else ' alone'}"
-           f": it reads the maps of the scan's own SSCD pass ({t['sscd_ms_per_image']} "
-           f"ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with them copied out; the "
-           "preprocess is SSCD's, shared too)." if "sscd_ms_per_image" in t else ""),
+        + (" The model is the head alone: it reads the maps of the scan's own SSCD pass "
+           f"({t['sscd_ms_per_image']} ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with "
+           "them copied out; the preprocess is SSCD's, shared too)." if "sscd_ms_per_image" in t else
+           " The model is its own SSCD pass at this size, cut after the stride-16 map, plus the head: the cost "
+           "`--visible-thorough` adds to a scan." if thorough else ""),
         "",
     ]
     return "\n".join(lines)
@@ -336,9 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="use only the first N held-out photos (quick checks)")
     ap.add_argument("--seen", action="store_true", help="also score training fonts/strings on held-out photos")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--scales", default="", help="extra input sizes (short side, px, comma-separated) the head also "
-                    "looks at, e.g. 448 (visible.THOROUGH_SCALES, `scan --visible-thorough`); the card's evaluation "
-                    "then goes under evaluation_scales_<sizes>")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "visible_watermark.md"))
     ap.add_argument("--no-write", action="store_true", help="print results only; leave the card and results file alone")
     args = ap.parse_args(argv)
@@ -346,8 +342,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     det = VisibleWatermarkDetector.load(args.weights)
-    if args.scales:
-        det = det.with_extra_scales(tuple(int(x) for x in args.scales.split(",")))
     if args.threshold is None:
         args.threshold = det.config.flag_threshold
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
@@ -402,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     card_path = Path(args.weights).with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
-    card["evaluation" if not args.scales else f"evaluation_scales_{args.scales.replace(',', '_')}"] = {
+    card["evaluation"] = {
         "command": "bench/eval_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "heldout_auc": results["heldout"]["auc"],
         "heldout_text_flag_rate": results["heldout"]["text_flag_rate"],

@@ -13,6 +13,15 @@ cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the 
 
 On the shared 2-core machine the shipped 12,000 pairs took about 20 min to make (~100 s per 1,000 pairs, 8 GB of
 cache) and 12 min to train (6 epochs); then run bench/eval_visible_watermark.py --seen for the held-out numbers.
+
+The 512 px head (`scan --visible-thorough`) is the shipped one fine-tuned on 8,000 fresh pairs read at 512 px:
+
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
+        --init provenance/weights/visible_watermark.pt --seed 5 --pairs 8000 --epochs 3 --lr 3e-4 \
+        --out provenance/weights/visible_watermark_512.pt
+
+(~180 s per 1,000 pairs, 2 GB of cache each), then eval_visible_watermark.py --seen --weights (that file) chooses
+its gate, written with --set-flag-threshold.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "bench"))
 
+from provenance.descriptors.base import file_checksum  # noqa: E402
 from provenance.descriptors.sscd import FEATURE_TAPS, SSCD_SHORT_SIDE, SSCDDescriptor, resize_short_side  # noqa: E402
 from provenance.watermarks import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
@@ -48,7 +58,13 @@ from eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
 from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
-TAP_SHAPES = {"stride8": (512, 36, 36), "stride16": (1024, 18, 18)}  # of a 288x288 input
+TAP_CHANNELS_STRIDES = {"stride8": (512, 8), "stride16": (1024, 16)}
+
+
+def tap_shape(tap: str, side: int) -> tuple[int, int, int]:
+    """(channels, h, w) of one tap's map for a side x side input (SSCD pads odd sizes up: 288 -> 18, 512 -> 32)."""
+    channels, stride = TAP_CHANNELS_STRIDES[tap]
+    return channels, -(-side // stride), -(-side // stride)
 
 
 class SquarePairs(torch.utils.data.Dataset):
@@ -78,16 +94,17 @@ def _identity(x):
 
 
 def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, sscd: SSCDDescriptor,
-               taps: tuple[str, ...], workers: int = 1) -> None:
+               taps: tuple[str, ...], workers: int = 1, side: int = SSCD_SHORT_SIDE) -> None:
     """Examples of pairs [chunk*size, (chunk+1)*size) -> cache/{tap}_{chunk}.npy (written whole, then renamed)."""
     start, stop = chunk * size, (chunk + 1) * size
-    dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, seed, start, stop), batch_size=None,
+    dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, seed, start, stop, side=side), batch_size=None,
                                      num_workers=workers, prefetch_factor=8, collate_fn=_identity)
     tmp = {t: cache / f"{t}_{chunk}.tmp.npy" for t in taps}
-    maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *TAP_SHAPES[t])) for t in taps}
+    maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *tap_shape(t, side))) for t in taps}
     t0 = time.time()
     for j, pair in enumerate(dl):
-        _, pair_taps = sscd.embed_batch_with_taps(list(pair))
+        # SSCD cut after the deepest tap: the same maps as a full pass (tests/test_sscd checks), without its tail
+        pair_taps = sscd.tap_maps(list(pair), taps)
         for t in taps:
             maps[t][2 * j:2 * j + 2] = np.stack([pair_taps[0][t], pair_taps[1][t]])
     for t in taps:
@@ -143,15 +160,19 @@ def pairs_to_keep(names: list[str], pairs: int, seed: int, exclude: set[str]) ->
 
 
 def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
-          seed: int, keep: np.ndarray | None = None) -> tuple[TapHead, list[float]]:
-    """keep: indexes of the pairs to train on (default all)."""
+          seed: int, keep: np.ndarray | None = None, init: TapHead | None = None) -> tuple[TapHead, list[float]]:
+    """keep: indexes of the pairs to train on (default all). init: a trained head to fine-tune (its input scale
+    and BatchNorm statistics stay as they are; its weights all train)."""
     torch.manual_seed(seed)
     n = len(next(iter(maps.values())))
     keep = np.arange(n // 2) if keep is None else np.asarray(keep)
     labels = torch.tensor([1.0, 0.0]).repeat(n // 2)
-    head = TapHead(config)
-    sample = np.random.default_rng(seed).choice(n, min(n, 1000), replace=False)
-    head.set_input_scale({t: m[np.sort(sample)].mean(axis=(0, 2, 3)) for t, m in maps.items()})
+    if init is None:
+        head = TapHead(config)
+        sample = np.random.default_rng(seed).choice(n, min(n, 1000), replace=False)
+        head.set_input_scale({t: m[np.sort(sample)].mean(axis=(0, 2, 3)) for t, m in maps.items()})
+    else:
+        head = init
     opt = torch.optim.AdamW(head.parameters(), lr, weight_decay=0.05)
     steps_per_epoch = len(keep) // batch_pairs
     if steps_per_epoch == 0:
@@ -160,6 +181,12 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
     losses = []
     for epoch in range(epochs):
         head.train()
+        if init is not None:
+            # frozen statistics: a fine-tune on a few thousand pairs keeps the normalisation the head learned on
+            # 12,000, as bench/probe_head_at_512.py measured it (there with BatchNorm folded into the convs)
+            for m in head.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
         order = keep[np.random.default_rng([seed, epoch]).permutation(len(keep))]
         total = 0.0
         for s in range(steps_per_epoch):
@@ -177,10 +204,35 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
     return head.eval(), losses
 
 
+def load_head(path: Path) -> TapHead:
+    """The TapHead in a provenance checkpoint, unfused (BatchNorm layers kept), for fine-tuning."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("kind") != "sscd-taps":
+        raise SystemExit(f"{path}: not a head on SSCD features (kind {ckpt.get('kind')!r})")
+    head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
+    head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    return head
+
+
+def set_flag_threshold(path: Path, value: float) -> None:
+    """Rewrite the flag threshold in a trained checkpoint's card (the .pt, which scans read, and its .json)."""
+    if not 0.0 < value < 1.0:
+        raise SystemExit(f"--set-flag-threshold {value}: not a probability in (0, 1)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["card"]["flag_threshold"] = value
+    torch.save(ckpt, path)
+    card_path = path.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["training"]["flag_threshold"] = value
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    logger.info("%s now flags at %s", path, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", required=True, help="folder for the cached SSCD maps (0.66 GB per 1,000 pairs for stride16, 1.3 GB more for stride8)")
+    ap.add_argument("--cache", help="folder for the cached SSCD maps (0.66 GB per 1,000 pairs for stride16 at 288 px, "
+                    "2 GB at 512 px; 1.3 GB more for stride8); needed to train")
     ap.add_argument("--data", default=str(DATA), help="folder holding flickr8k-dev/")
     ap.add_argument("--pairs", type=int, default=12000)
     ap.add_argument("--chunk", type=int, default=1000)
@@ -196,26 +248,42 @@ def main(argv: list[str] | None = None) -> int:
                     help="processes drawing overlays (pair i depends only on the seed and i, not on this)")
     ap.add_argument("--flag-threshold", type=float, default=DEFAULT_FLAG_THRESHOLD,
                     help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py")
+    ap.add_argument("--input-size", type=int, default=SSCD_SHORT_SIDE,
+                    help="short side (px) the head reads images at: 288 is SSCD's own, so a scan gets the maps from "
+                         "its SSCD pass; larger sizes keep small marks legible and cost one more SSCD pass per image")
+    ap.add_argument("--init", default=None,
+                    help="a head checkpoint to fine-tune (its architecture; --width/--depth/--taps are ignored)")
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
+    ap.add_argument("--set-flag-threshold", type=float, default=None, metavar="P",
+                    help="do not train: write P as the flag threshold of the checkpoint at --out (the gate "
+                         "eval_visible_watermark.py --seen suggests), in the .pt and its JSON card")
     ap.add_argument("--exclude-photos", default=str(REAL_MARKS),
                     help="JSON audit ({'photos': [{'name': 'shard/id.jpg', ...}]}) of photos that already carry a "
                          "real mark: their pairs are left out of training ('' keeps all)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    if args.set_flag_threshold is not None:
+        set_flag_threshold(Path(args.out), args.set_flag_threshold)
+        return 0
+    if not args.cache:
+        ap.error("--cache is needed to make examples and train")
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     chunks = args.pairs // args.chunk
     t0 = time.time()
     sscd = SSCDDescriptor.load(threads=args.threads)
-    config = TapHeadConfig(width=args.width, taps=tuple(args.taps.split(",")), depth=args.depth,
-                           channels=tuple(TAP_SHAPES[t][0] for t in args.taps.split(",")))
+    init = load_head(Path(args.init)) if args.init else None
+    config = init.config if init is not None else TapHeadConfig(
+        width=args.width, taps=tuple(args.taps.split(",")), depth=args.depth,
+        channels=tuple(TAP_CHANNELS_STRIDES[t][0] for t in args.taps.split(",")))
     missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
     if missing:
         photos, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
-            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers)
+            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers,
+                       args.input_size)
     t_data = time.time() - t0
     if args.examples_only:
         return 0
@@ -225,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = len(exclude & set(names))
     logger.info("training on %d of %d pairs (%d training photos excluded)", len(keep), chunks * args.chunk, listed)
     head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr,
-                         args.seed, keep)
+                         args.seed, keep, init)
     card = {
         "training_command": "bench/train_visible_watermark_head.py "
         + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
@@ -239,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "parameters": sum(p.numel() for p in head.parameters()),
         "flag_threshold": args.flag_threshold,
+        "input_short_side": args.input_size,
+        "init": None if init is None else {"file": Path(args.init).name, "checksum": file_checksum(args.init)},
         "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
                      "frozen": True},
         "data": {

@@ -74,9 +74,9 @@ class ScanOptions:
     models: ModelOptions | None = None
     visible_model: str | None = None  # path to other weights; None = shipped detector
     visible_laion_checkpoint: str | None = None
-    # larger input sizes the visible-watermark head also looks at (visible.THOROUGH_SCALES: finds more small and
-    # faint marks, one more SSCD pass per image); () = SSCD's 288 px only
-    visible_extra_scales: tuple[int, ...] = ()
+    # the shipped visible-watermark head tuned at 512 px (visible.THOROUGH_WEIGHTS) instead of the 288 px one: finds
+    # more small and faint marks, at the cost of one more SSCD pass per image
+    visible_thorough: bool = False
 
 
 @dataclass
@@ -86,7 +86,6 @@ class _Work:
     name: str
     record: ScanRecord
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
-    visible_extra: list[np.ndarray] = field(default_factory=list)  # the image at the visible head's extra scales
 
 
 class Scanner:
@@ -106,19 +105,17 @@ class Scanner:
             try:
                 self._visible = _load_visible(o)
             except ModelLoadError as e:
-                if o.visible_model or o.visible_laion_checkpoint:
-                    raise  # the user named weights: failing to load them is their error to see
+                if o.visible_model or o.visible_laion_checkpoint or o.visible_thorough:
+                    raise  # the user asked for these weights: failing to load them is their error to see
                 # the shipped weights missing (a broken install) must not stop copy detection
                 logger.warning("visible-watermark check is off: %s", e)
-        if self._visible is not None and o.visible_extra_scales:
-            # ModelLoadError for weights that read pixels (a CNN, LAION's): they have no view at another size
-            self._visible = self._visible.with_extra_scales(o.visible_extra_scales)
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
-        # index's SSCD model is the one the head was trained on (the default); else it runs SSCD itself
+        # index's SSCD model is the one the head was trained on and the head reads SSCD's own 288 px input (the
+        # default); else (--visible-thorough's 512 px head) it runs SSCD itself
         sscd = self._models.get("sscd")
         backbone = getattr(self._visible, "backbone", None)
         self._visible_from_sscd = (
-            backbone is not None and sscd is not None and sscd.has_feature_taps
+            backbone is not None and self._visible.reads_scan_pass and sscd is not None and sscd.has_feature_taps
             and sscd.spec.checksum == backbone.spec.checksum
         )
         self._sha_rows = self._sha_index()
@@ -189,11 +186,10 @@ class Scanner:
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
             if self._visible is not None and not self._visible_from_sscd:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
-            visible_extra = self._visible.preprocess_extra(decoded.image) if self._visible is not None else []
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
             return _Work(name, ScanRecord.failed(name, f"{type(e).__name__}: {e}", decoded.sha256))
-        return _Work(name, record, inputs, visible_extra)
+        return _Work(name, record, inputs)
 
     def _evidence(self, decoded: DecodedImage) -> WatermarkEvidence:
         o = self.options
@@ -227,11 +223,10 @@ class Scanner:
                     vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
             if self._visible is not None:
-                extra = [w.visible_extra for w in ok] if self._visible.extra_scales else None
                 if taps is not None:
-                    probs = self._visible.probability_from_taps(taps, extra)
+                    probs = self._visible.probability_from_taps(taps)
                 else:
-                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok], extra)
+                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
                 threshold = self._visible.config.flag_threshold
                 sizes = self._visible.input_sizes
                 for w, p in zip(ok, probs):
@@ -266,8 +261,13 @@ def _mime_type(fmt: str | None) -> str | None:
 
 
 def _load_visible(o: ScanOptions):
-    from provenance.watermarks.visible import VisibleWatermarkDetector
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
 
+    if o.visible_thorough and (o.visible_model or o.visible_laion_checkpoint):
+        raise ValueError("visible_thorough picks the shipped 512 px weights; it cannot be combined with other "
+                         "visible-watermark weights")
+    if o.visible_thorough:
+        return VisibleWatermarkDetector.load(str(THOROUGH_WEIGHTS))
     if o.visible_laion_checkpoint:
         return VisibleWatermarkDetector.from_laion_checkpoint(o.visible_laion_checkpoint)
     return VisibleWatermarkDetector.load(o.visible_model)

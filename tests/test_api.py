@@ -471,13 +471,16 @@ def test_config_from_env(tmp_path):
         ServerConfig.from_env(env, visible_thorough=True)
 
 
-def test_server_with_visible_thorough_scans_at_both_sizes(index_dir, photos):
+def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos):
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
+
     client = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
     try:
         data = list(photos.values())[2]
         rec = client.post("/v1/scan", files={"file": ("a.jpg", data, "image/jpeg")}).json()
-        assert rec["watermarks"]["visible"]["input_sizes"] == [288, 512]
-        assert rec["watermarks"]["visible"]["threshold"] == 0.85  # the gate chosen for the two sizes
+        assert rec["watermarks"]["visible"]["input_sizes"] == [512]
+        assert rec["watermarks"]["visible"]["threshold"] == VisibleWatermarkDetector.load(
+            str(THOROUGH_WEIGHTS)).config.flag_threshold  # the gate chosen for the 512 px head
     finally:
         client.__exit__(None, None, None)
 

@@ -107,7 +107,7 @@ def test_sscd_feature_taps_come_from_the_same_pass_and_change_no_embedding(sscd,
 
 
 def test_sscd_graph_cut_after_a_tap_gives_the_same_maps(sscd, photos):
-    # the visible-watermark head's extra scales read maps from a graph cut after them: same bits, any input size
+    # a visible-watermark head read at its own size (512 px) gets maps from a graph cut after them: same bits
     from provenance.descriptors.sscd import resize_short_side
 
     x = [np.asarray(resize_short_side(p, 448)) for p in photos[:2]] + [sscd.preprocess(photos[2])]

@@ -128,7 +128,7 @@ class SSCDDescriptor:
     def tap_maps(self, batch: list[np.ndarray], taps: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
         """Only the named FEATURE_TAPS maps of each image ({name: (c, h, w) uint8}), from the graph cut after them.
 
-        For a second look at an image at another input size (the visible-watermark head's extra scales), where no
+        For a look at an image at another input size (the visible-watermark head tuned at 512 px), where no
         descriptor is wanted: the cut graph skips the last ResNet stage and the projection, and its maps are
         bit-identical to embed_batch_with_taps' (tests check)."""
         if not self.has_feature_taps or not set(taps) <= set(FEATURE_TAPS):

