@@ -1,6 +1,8 @@
 """Evaluate the visible-watermark detector on held-out photos, fonts and strings; measure its CPU cost.
 
     .venv/bin/python bench/eval_visible_watermark.py [--weights provenance/weights/visible_watermark.pt]
+    .venv/bin/python bench/eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_512.pt \
+        --out bench/results/visible_watermark_thorough.md        # the 512 px head of scan --visible-thorough
 
 Held-out backgrounds: flickr8k-dev shard 00004 + flickr8k-nonmember (1,000 photos never used in training), and
 the 51 coco-cc photos at their native ~640 px. Every photo gives three examples: a stock-style watermark drawn
