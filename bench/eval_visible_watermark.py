@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from provenance.watermarks import overlays  # noqa: E402
-from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector  # noqa: E402
+from provenance.watermarks.visible import DEFAULT_WEIGHTS, THOROUGH_WEIGHTS, VisibleWatermarkDetector  # noqa: E402
 
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
@@ -45,6 +45,7 @@ MAX_FALSE_FLAG_RATE = 0.03
 VISIBILITY_BINS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.01)
 NOTES_MARKER = "<!-- notes: kept by eval_visible_watermark.py -->"
 REAL_MARKS = REPO / "bench" / "data" / "real_marks.json"
+DEFAULT_OUT = REPO / "bench" / "results" / "visible_watermark.md"
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -249,7 +250,9 @@ def render_markdown(args, results: dict, card: dict) -> str:
         "## Visible-watermark detector at 512 px (`scan --visible-thorough`)",
         "",
         f"Evaluation: `.venv/bin/python bench/eval_visible_watermark.py{' --seen' if args.seen else ''}"
-        f"{f' --weights {_shown(args.weights)} --out {_shown(args.out)}' if thorough else ''}`  ",
+        + "".join(f" {flag} {_shown(value)}" for flag, value, default in
+                  (("--weights", args.weights, DEFAULT_WEIGHTS), ("--out", args.out, DEFAULT_OUT))
+                  if Path(value).resolve() != default.resolve()) + "`  ",
         *([f"Input size (short side): {', '.join(map(str, results['input_sizes']))} px, read by a head fine-tuned "
            f"there from the shipped one (`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "]
           if thorough else []),
@@ -330,14 +333,14 @@ def render_markdown(args, results: dict, card: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", default=str(REPO / "provenance" / "weights" / "visible_watermark.pt"))
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
     ap.add_argument("--threshold", type=float, default=None,
                     help="gate for the recall / flagged columns (default: the detector's own flag threshold)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N held-out photos (quick checks)")
     ap.add_argument("--seen", action="store_true", help="also score training fonts/strings on held-out photos")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "visible_watermark.md"))
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--no-write", action="store_true", help="print results only; leave the card and results file alone")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)

@@ -53,6 +53,7 @@ from provenance.watermarks.visible import (  # noqa: E402
     TapHead,
     TapHeadConfig,
     save_checkpoint,
+    tap_head_from_checkpoint,
 )
 from eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
 from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
@@ -205,13 +206,11 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
 
 
 def load_head(path: Path) -> TapHead:
-    """The TapHead in a provenance checkpoint, unfused (BatchNorm layers kept), for fine-tuning."""
+    """The TapHead in a provenance checkpoint, BatchNorm layers kept, for fine-tuning."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("kind") != "sscd-taps":
         raise SystemExit(f"{path}: not a head on SSCD features (kind {ckpt.get('kind')!r})")
-    head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
-    head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
-    return head
+    return tap_head_from_checkpoint(ckpt, path)
 
 
 def set_flag_threshold(path: Path, value: float) -> None:

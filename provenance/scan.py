@@ -112,11 +112,10 @@ class Scanner:
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
         # index's SSCD model is the one the head was trained on and the head reads SSCD's own 288 px input (the
         # default); else (--visible-thorough's 512 px head) it runs SSCD itself
-        sscd = self._models.get("sscd")
-        backbone = getattr(self._visible, "backbone", None)
+        sscd, visible = self._models.get("sscd"), self._visible
         self._visible_from_sscd = (
-            backbone is not None and self._visible.reads_scan_pass and sscd is not None and sscd.has_feature_taps
-            and sscd.spec.checksum == backbone.spec.checksum
+            visible is not None and visible.reads_scan_pass and sscd is not None and sscd.has_feature_taps
+            and sscd.spec.checksum == visible.backbone.spec.checksum
         )
         self._sha_rows = self._sha_index()
 

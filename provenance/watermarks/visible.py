@@ -320,12 +320,8 @@ class VisibleWatermarkDetector:
     def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleWatermarkDetector":
         from provenance.models import load_descriptor
 
-        try:
-            head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
-            head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
-            wanted = ckpt["backbone"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{path}: checkpoint does not match the TapHead architecture ({e})") from None
+        head = tap_head_from_checkpoint(ckpt, path)
+        wanted = ckpt.get("backbone") if isinstance(ckpt.get("backbone"), dict) else {}
         # the same SSCD object the scanner queries with, so one forward pass serves both (models.load_descriptor
         # loads each model once per process)
         backbone = load_descriptor("sscd", {"path": None})
@@ -399,9 +395,7 @@ class VisibleWatermarkDetector:
         side, SSCD's own input at 288 px); safe to call from decode threads."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-        if self.reads_scan_pass:
-            return self.backbone.preprocess(image)
-        if self.backbone is not None:
+        if self.backbone is not None:  # at 288 px exactly SSCD's own preprocess
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(resize_short_side(rgb, self.config.input_size), dtype=np.uint8)
         rgb = np.asarray(resize_for_model(image, self.config.input_size))
@@ -419,9 +413,8 @@ class VisibleWatermarkDetector:
                 if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
                     shape = getattr(x, "shape", type(x).__name__)
                     raise ValueError(f"batch[{i}] has shape {shape}; expected (h, w, 3) uint8 from preprocess()")
-            if self.reads_scan_pass:
-                return self.probability_from_taps(self.backbone.embed_batch_with_taps(batch)[1])
-            # read at its own size: only the maps are wanted, from SSCD cut after them
+            # only the maps are wanted: SSCD cut after them (a scan at 288 px passes its own SSCD pass's maps to
+            # probability_from_taps instead)
             return self.probability_from_taps(self.backbone.tap_maps(batch, self.model.config.taps))
         s = self.config.input_size
         for i, x in enumerate(batch):
@@ -457,6 +450,17 @@ class VisibleWatermarkDetector:
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         """preprocess + probability_batch: p(watermark) per image, (n,) float32."""
         return self.probability_batch([self.preprocess(im) for im in images])
+
+
+def tap_head_from_checkpoint(ckpt: dict, path: Path) -> TapHead:
+    """The TapHead a checkpoint dict ("kind": "sscd-taps") holds, as trained (BatchNorm not folded: the detector
+    folds it for inference; bench/train_visible_watermark_head.py --init fine-tunes it)."""
+    try:
+        head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
+        head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: checkpoint does not match the TapHead architecture ({e})") from None
+    return head
 
 
 def laion_classifier_head() -> nn.Sequential:
@@ -537,4 +541,5 @@ __all__ = [
     "normalise",
     "resize_for_model",
     "save_checkpoint",
+    "tap_head_from_checkpoint",
 ]
