@@ -19,6 +19,7 @@ class ErrorResponse(BaseModel):
 class ChecksOut(BaseModel):
     descriptors: list[str]
     visible: bool
+    visible_thorough: bool = False  # the server's default head: 512 px (true) or 288 px; /v1/scan can ask for either
     invisible: bool
     c2pa: bool
     metadata: bool

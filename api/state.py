@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +26,10 @@ from provenance.types import ScanRecord
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "error"]
+
+
+class VisibleCheckOff(ProvenanceError):
+    """A scan asked for a visible-watermark head on a server that does not check visible watermarks."""
 T = TypeVar("T")
 
 
@@ -35,6 +39,7 @@ class Checks:
 
     descriptors: list[str] = field(default_factory=list)  # e.g. ["sscd", "pdq"]
     visible: bool = False
+    visible_thorough: bool = False  # the server's default; a scan request may ask for the other head
     invisible: bool = False
     c2pa: bool = False
     metadata: bool = False
@@ -56,6 +61,10 @@ class ServiceState:
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
+        # the other visible-watermark head (288 or 512 px) than the server's default, built on first request:
+        # visible_thorough -> (scanner, batcher)
+        self._variants: dict[bool, tuple[Scanner, ScanBatcher | None]] = {}
+        self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._torch_threads_before: int | None = None
@@ -91,9 +100,8 @@ class ServiceState:
             self._ready.set()
             return
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
-        if self.config.scan_batch > 0:
-            self.batcher = ScanBatcher(scanner.scan_many_bytes, self.config.scan_batch,
-                                       self.config.scan_window_ms / 1000, self.config.scan_workers)
+        self.batcher = self._batcher(scanner)
+        self._variants[self.config.visible_thorough] = (scanner, self.batcher)
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
@@ -106,12 +114,38 @@ class ServiceState:
 
     # 2. Work, off the event loop
 
-    async def scan(self, items: list[tuple[str, bytes]]) -> list[ScanRecord]:
-        """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off."""
+    async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None) -> list[ScanRecord]:
+        """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
+
+        visible_thorough picks the visible-watermark head (512 px when True, 288 px when False); None is the
+        server's default. The other head's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
-        if self.batcher is not None:
-            return await asyncio.wrap_future(self.batcher.submit(items))
-        return await run_in_threadpool(self.scanner.scan_many_bytes, items)
+        if visible_thorough is None or visible_thorough == self.config.visible_thorough:
+            scanner, batcher = self.scanner, self.batcher
+        else:
+            scanner, batcher = await run_in_threadpool(self._variant, visible_thorough)
+        if batcher is not None:
+            return await asyncio.wrap_future(batcher.submit(items))
+        return await run_in_threadpool(scanner.scan_many_bytes, items)
+
+    def _variant(self, visible_thorough: bool) -> tuple[Scanner, ScanBatcher | None]:
+        """The scanner (sharing the searcher's models) and batcher for the other visible-watermark head."""
+        if not self.checks.visible:
+            raise VisibleCheckOff("this server does not check visible watermarks, so it has no head to choose")
+        with self._variants_lock:
+            if visible_thorough not in self._variants:
+                assert self.scanner is not None and self.searcher is not None
+                scanner = Scanner(self.searcher, replace(self.scanner.options, visible_thorough=visible_thorough))
+                self._variants[visible_thorough] = (scanner, self._batcher(scanner))
+                logger.info("loaded the %s visible-watermark head for requests that ask for it",
+                            "512 px" if visible_thorough else "288 px")
+            return self._variants[visible_thorough]
+
+    def _batcher(self, scanner: Scanner) -> ScanBatcher | None:
+        if self.config.scan_batch <= 0:
+            return None
+        return ScanBatcher(scanner.scan_many_bytes, self.config.scan_batch, self.config.scan_window_ms / 1000,
+                           self.config.scan_workers)
 
     async def run_search(self, fn: Callable[..., T], *args: Any) -> T:
         """Run model work (image/text search) on the bounded search executor."""
@@ -120,8 +154,9 @@ class ServiceState:
     # 3. Shutdown
 
     def close(self) -> None:
-        if self.batcher is not None:
-            self.batcher.close()
+        for _, batcher in self._variants.values():
+            if batcher is not None:
+                batcher.close()
         self.search_pool.shutdown(wait=False, cancel_futures=True)
         if self._torch_threads_before is not None:  # the setting is process-wide: hand it back
             _set_torch_threads(self._torch_threads_before)
@@ -165,5 +200,6 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
         options.visible = False
         scanner = Scanner(searcher, options)
     checks.visible = options.visible
+    checks.visible_thorough = options.visible and config.visible_thorough
     checks.descriptors = list(scanner.descriptors)
     return scanner, checks

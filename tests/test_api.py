@@ -471,18 +471,40 @@ def test_config_from_env(tmp_path):
         ServerConfig.from_env(env, visible_thorough=True)
 
 
-def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos):
+def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client):
     from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
 
-    client = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
+    thorough = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
     try:
         data = list(photos.values())[2]
-        rec = client.post("/v1/scan", files={"file": ("a.jpg", data, "image/jpeg")}).json()
+        upload = {"file": ("a.jpg", data, "image/jpeg")}
+        assert thorough.get("/healthz").json()["checks"]["visible_thorough"] is True
+        rec = thorough.post("/v1/scan", files=upload).json()
         assert rec["watermarks"]["visible"]["input_sizes"] == [512]
         assert rec["watermarks"]["visible"]["threshold"] == VisibleWatermarkDetector.load(
             str(THOROUGH_WEIGHTS)).config.flag_threshold  # the gate chosen for the 512 px head
+        # a request picks the other head on either server, and gets what that server's default gives
+        assert client.get("/healthz").json()["checks"]["visible_thorough"] is False
+        asked = client.post("/v1/scan?visible_thorough=true", files=upload).json()["watermarks"]["visible"]
+        assert asked == rec["watermarks"]["visible"]
+        default = client.post("/v1/scan", files=upload).json()["watermarks"]["visible"]
+        assert default["input_sizes"] == [288]
+        assert thorough.post("/v1/scan?visible_thorough=false", files=upload).json()["watermarks"]["visible"] == default
+        batch = thorough.post("/v1/scan/batch?visible_thorough=false", files=[("files", ("b.jpg", data, "image/jpeg"))])
+        assert batch.json()[0]["watermarks"]["visible"] == default
     finally:
-        client.__exit__(None, None, None)
+        thorough.__exit__(None, None, None)
+
+
+def test_visible_thorough_on_a_server_without_the_visible_check_is_409(index_dir, photos):
+    c = _client(ServerConfig(index_dir=index_dir, visible=False))
+    try:
+        upload = {"file": ("a.jpg", list(photos.values())[0], "image/jpeg")}
+        msg = _error(c.post("/v1/scan?visible_thorough=true", files=upload), 409, "visible_check_off")
+        assert "visible watermarks" in msg
+        assert c.post("/v1/scan", files=upload).json()["watermarks"]["visible"] is None
+    finally:
+        c.__exit__(None, None, None)
 
 
 def test_batcher_groups_concurrent_jobs_and_keeps_order():

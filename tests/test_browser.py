@@ -128,12 +128,25 @@ def test_upload_finds_the_photo_as_top_match(page, corpus):
     visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator("xpath=following-sibling::dd[1]")
     expect(visible).to_contain_text("% likely")
     assert (visible.get_attribute("class") == "yes") == ("(flagged)" in visible.inner_text())
+    assert "thorough" not in visible.inner_text()  # the 288 px head, the server's default
     # thumbnails really loaded from /v1/items/{id}/thumbnail
     expect(top.locator("img")).to_have_js_property("complete", True)
     assert top.locator("img").evaluate("img => img.naturalWidth") > 0
     page.wait_for_load_state("networkidle")
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_thorough_box_scans_with_the_512_px_head(page, corpus):
+    from playwright.sync_api import expect
+
+    box = page.get_by_label(re.compile("Thorough watermark check"))
+    expect(box).to_be_visible()
+    expect(box).not_to_be_checked()
+    box.check()
+    page.set_input_files("#file-input", str(sorted(corpus.glob("*.jpg"))[1]))
+    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator("xpath=following-sibling::dd[1]")
+    expect(visible).to_contain_text("thorough check", timeout=60_000)
 
 
 def test_caption_search_shows_results(page, corpus):

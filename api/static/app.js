@@ -68,6 +68,8 @@ async function loadHealth() {
   const c = body.checks || {};
   const checks = [...(c.descriptors || []).map((d) => d.toUpperCase())];
   if (c.visible) checks.push("visible watermark");
+  $("thorough-option").hidden = !c.visible;
+  $("thorough-input").checked = c.visible_thorough === true;
   if (c.invisible) checks.push("invisible watermarks");
   if (c.c2pa) checks.push("C2PA");
   if (c.metadata) checks.push("generator metadata");
@@ -136,7 +138,8 @@ async function scanFile(file) {
   const form = new FormData();
   form.append("file", file, file.name || "pasted-image");
   try {
-    const record = await api("/v1/scan?match_verdicts=true", { method: "POST", body: form });
+    const thorough = !$("thorough-option").hidden && $("thorough-input").checked;
+    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}`, { method: "POST", body: form });
     renderScan(record, file);
   } catch (err) {
     $("results-summary").textContent = "";
@@ -195,7 +198,8 @@ function renderEvidence(record) {
     const p = wm.visible.probability;
     // the detector's own flag threshold, chosen on data (0.5 would flag about a quarter of clean photos)
     const flagged = wm.visible.flagged === true;
-    addRow(list, "Visible watermark", `${Math.round(p * 100)}% likely${flagged ? " (flagged)" : ""}`, flagged);
+    const thorough = (wm.visible.input_sizes || []).includes(512) ? ", thorough check" : "";
+    addRow(list, "Visible watermark", `${Math.round(p * 100)}% likely${flagged ? " (flagged)" : ""}${thorough}`, flagged);
   }
   if (!checks.invisible) addRow(list, "Invisible watermarks", "not checked", false);
   else if (wm.invisible && wm.invisible.length) {
