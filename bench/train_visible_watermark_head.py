@@ -73,8 +73,9 @@ class SquarePairs(torch.utils.data.Dataset):
     the short side SSCD sees (288 px; bench/probe_head_at_512.py asks for 512)."""
 
     def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int,
-                 side: int = SSCD_SHORT_SIDE):
+                 side: int = SSCD_SHORT_SIDE, native_share: float = 0.0):
         self.photos, self.fonts, self.seed, self.start, self.stop, self.side = photos, fonts, seed, start, stop, side
+        self.native_share = native_share
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -82,12 +83,27 @@ class SquarePairs(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.start + j])
         photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))])).convert("RGB")
-        side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
-        canvas = overlays.random_canvas(photo, rng, side)
-        canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
+        # the draw for native_share happens only when it is set, so that seeds without it keep their pairs
+        if self.native_share and rng.random() < self.native_share:
+            canvas = native_square(photo, rng)
+        else:
+            side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
+            canvas = overlays.random_canvas(photo, rng, side)
+            canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
         pair = overlays.overlay_pair(canvas, rng, self.fonts, min_visibility=0.001)  # training strings
         xs = [np.asarray(resize_short_side(im, self.side)) for im in pair]
         return np.stack(xs)
+
+
+def native_square(photo: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A square crop of `photo` at its own resolution (Flickr8k: 224 px), maybe mirrored: no resize and no
+    sharpening, as small web images come. random_canvas always resizes, so its smallest canvases are still
+    upscaled crops; marks drawn at a photo's native 224 px were the 512 px head's weakest held-out set."""
+    w, h = photo.size
+    s = min(w, h)
+    x, y = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+    im = photo.crop((x, y, x + s, y + s))
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else im
 
 
 def _identity(x):
@@ -95,11 +111,13 @@ def _identity(x):
 
 
 def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, sscd: SSCDDescriptor,
-               taps: tuple[str, ...], workers: int = 1, side: int = SSCD_SHORT_SIDE) -> None:
+               taps: tuple[str, ...], workers: int = 1, side: int = SSCD_SHORT_SIDE,
+               native_share: float = 0.0) -> None:
     """Examples of pairs [chunk*size, (chunk+1)*size) -> cache/{tap}_{chunk}.npy (written whole, then renamed)."""
     start, stop = chunk * size, (chunk + 1) * size
-    dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, seed, start, stop, side=side), batch_size=None,
-                                     num_workers=workers, prefetch_factor=8, collate_fn=_identity)
+    pairs = SquarePairs(photos, fonts, seed, start, stop, side=side, native_share=native_share)
+    dl = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers, prefetch_factor=8,
+                                     collate_fn=_identity)
     tmp = {t: cache / f"{t}_{chunk}.tmp.npy" for t in taps}
     maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *tap_shape(t, side))) for t in taps}
     t0 = time.time()
@@ -250,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--input-size", type=int, default=SSCD_SHORT_SIDE,
                     help="short side (px) the head reads images at: 288 is SSCD's own, so a scan gets the maps from "
                          "its SSCD pass; larger sizes keep small marks legible and cost one more SSCD pass per image")
+    ap.add_argument("--native-share", type=float, default=0.0,
+                    help="share of pairs drawn on a square crop of the photo at its own 224 px instead of a "
+                         "resized canvas (a cache holds one value: use a fresh --cache for another)")
     ap.add_argument("--init", default=None,
                     help="a head checkpoint to fine-tune (its architecture; --width/--depth/--taps are ignored)")
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
@@ -282,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
             make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers,
-                       args.input_size)
+                       args.input_size, args.native_share)
     t_data = time.time() - t0
     if args.examples_only:
         return 0
@@ -312,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                      "frozen": True},
         "data": {
             "backgrounds": "flickr8k-dev shards 00000-00003 (2000 photos), square canvases 224-768 px",
+            "native_share": args.native_share,
             "fonts": "training fonts (overlays.split_fonts), families in HELDOUT_FONT_KEYS excluded",
             "strings": "overlays.TRAIN_WATERMARK_STRINGS, overlays.TRAIN_TEXT_STRINGS",
             "labels": "pairs on one canvas: a stock watermark + opaque text (60%) or clean (40%)",

@@ -1,0 +1,101 @@
+"""Score several visible-watermark heads that read the same input size on the held-out examples of
+bench/eval_visible_watermark.py, sharing one SSCD pass per example, and their mean logit.
+
+    .venv/bin/python bench/compare_visible_heads.py provenance/weights/visible_watermark_512.pt /tmp/other.pt
+
+For choosing between candidate heads before one full evaluation: the same examples (held-out fonts, strings and
+photos; audited photos left out) as the evaluation's Flickr native, canvas and COCO rows, at the cost of one
+evaluation whatever the number of heads. Prints AUCs (all, vs clean, vs opaque text) per set and head.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from eval_visible_watermark import (  # noqa: E402
+    VisibleWatermarkDetector,
+    coco_photos,
+    heldout_photos,
+    iter_examples,
+    load_real_marks,
+    overlays,
+    summarise,
+    without_photos,
+)
+
+
+@torch.inference_mode()
+def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: int = 32):
+    """(heads, n) logits of a stream of examples, each run through SSCD once; and (kind, facts) per example."""
+    taps = tuple(sorted({t for d in dets for t in d.model.config.taps}))
+    out, meta, batch = [], [], []
+
+    def flush():
+        maps = dets[0].backbone.tap_maps(batch, taps)
+        out.append(np.stack([d._logits(maps) for d in dets]))
+        batch.clear()
+
+    for im, kind, facts in examples:
+        batch.append(dets[0].preprocess(im))
+        meta.append((None, kind, facts))
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return np.concatenate(out, axis=1), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("weights", nargs="+", help="head checkpoints, all on SSCD and read at one input size")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N held-out photos")
+    ap.add_argument("--seed", type=int, default=1234, help="the evaluation's seed (the same examples)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dets = [VisibleWatermarkDetector.load(w) for w in args.weights]
+    sizes = {d.config.input_size for d in dets}
+    if len(sizes) != 1 or any(d.backbone is None for d in dets):
+        ap.error(f"the heads must all read SSCD maps at one input size; got {sorted(sizes)}")
+    _, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
+    photos = heldout_photos()[: args.limit or None]
+    text_strings = overlays.TextStrings(
+        phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
+        words=overlays.HELDOUT_TEXT_STRINGS.words,
+    )
+    marked = load_real_marks()
+    args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed)
+    t0 = time.time()
+    sets = {
+        "native": logits_per_head(dets, iter_examples(photos, *args_h, native=True)),
+        "canvas": logits_per_head(dets, iter_examples(photos, *args_h)),
+    }
+    sets["all"] = (np.concatenate([sets["native"][0], sets["canvas"][0]], axis=1),
+                   sets["native"][1] + sets["canvas"][1])
+    sets["coco"] = logits_per_head(dets, iter_examples(coco_photos(), *args_h, native=True, variants=4))
+    names = [Path(w).name for w in args.weights] + (["mean logit"] if len(dets) > 1 else [])
+    rows = {}
+    for set_name, (logits, meta) in sets.items():
+        scored = list(logits) + ([logits.mean(axis=0)] if len(dets) > 1 else [])
+        for name, z in zip(names, scored):
+            # float32 probabilities as the detector returns them (their ties at 1.0 are part of its AUC)
+            p = torch.sigmoid(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy()
+            r = summarise(*without_photos(p, meta, marked), threshold=0.5)
+            rows.setdefault(name, {})[set_name] = (r["auc"], r["auc_vs_clean"], r["auc_vs_text"])
+    print(json.dumps({"seconds": round(time.time() - t0), "weights": args.weights, "auc_all_clean_text": rows},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
