@@ -29,6 +29,8 @@ from eval_visible_watermark import (  # noqa: E402
     iter_examples,
     load_real_marks,
     overlays,
+    seen_examples,
+    suggest_gate,
     summarise,
     without_photos,
 )
@@ -61,13 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="only the first N held-out photos")
     ap.add_argument("--seed", type=int, default=1234, help="the evaluation's seed (the same examples)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seen", action="store_true",
+                    help="also score the evaluation's separate draw and print the gate it would choose per head")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dets = [VisibleWatermarkDetector.load(w) for w in args.weights]
     sizes = {d.config.input_size for d in dets}
     if len(sizes) != 1 or any(d.backbone is None for d in dets):
         ap.error(f"the heads must all read SSCD maps at one input size; got {sorted(sizes)}")
-    _, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
+    train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
     photos = heldout_photos()[: args.limit or None]
     text_strings = overlays.TextStrings(
         phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
@@ -83,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     sets["all"] = (np.concatenate([sets["native"][0], sets["canvas"][0]], axis=1),
                    sets["native"][1] + sets["canvas"][1])
     sets["coco"] = logits_per_head(dets, iter_examples(coco_photos(), *args_h, native=True, variants=4))
+    if args.seen:
+        native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
+        (z1, m1), (z2, m2) = logits_per_head(dets, native_seen), logits_per_head(dets, canvas_seen)
+        sets["seen"] = (np.concatenate([z1, z2], axis=1), m1 + m2)
+    gates = {}
     names = [Path(w).name for w in args.weights] + (["mean logit"] if len(dets) > 1 else [])
     rows = {}
     for set_name, (logits, meta) in sets.items():
@@ -92,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             p = torch.sigmoid(torch.from_numpy(np.asarray(z, dtype=np.float32))).numpy()
             r = summarise(*without_photos(p, meta, marked), threshold=0.5)
             rows.setdefault(name, {})[set_name] = (r["auc"], r["auc_vs_clean"], r["auc_vs_text"])
-    print(json.dumps({"seconds": round(time.time() - t0), "weights": args.weights, "auc_all_clean_text": rows},
-                     indent=1))
+            if set_name == "seen":
+                gates[name] = suggest_gate(r["flagged_at"])
+    print(json.dumps({"seconds": round(time.time() - t0), "weights": args.weights, "auc_all_clean_text": rows,
+                      "suggested_flag_threshold": gates}, indent=1))
     return 0
 
 

@@ -138,6 +138,20 @@ def iter_examples(photos, fonts, wm_strings, text_strings, seed: int, native: bo
                 yield im, kind_out, facts
 
 
+def seen_examples(photos, train_fonts, seed: int):
+    """The separate draw that chooses the gate: training fonts and strings on held-out photos, another seed; a
+    quarter of the photos at native resolution and another quarter on canvases (two example streams)."""
+    ts = overlays.TextStrings(phrases=overlays.TRAIN_TEXT_STRINGS.phrases, words=overlays.TRAIN_TEXT_STRINGS.words)
+    seen_args = (train_fonts, overlays.TRAIN_WATERMARK_STRINGS, ts, seed + 1)
+    return iter_examples(photos[::4], *seen_args, native=True), iter_examples(photos[1::4], *seen_args)
+
+
+def suggest_gate(flagged_at: dict) -> float | None:
+    """The lowest gate that flags <= MAX_FALSE_FLAG_RATE of clean and of opaque-text photos (on the seen draw)."""
+    ok = [float(g) for g, v in flagged_at.items() if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
+    return min(ok) if ok else None
+
+
 def score(det: VisibleWatermarkDetector, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
     """Score a stream of examples through preprocess + probability_batch, keeping only (kind, facts) of each
     (large canvases are dropped once preprocessed)."""
@@ -381,15 +395,12 @@ def main(argv: list[str] | None = None) -> int:
                                               args.threshold)
     logger.info("photos with real marks: %s", json.dumps(results["real_marks"]))
     if args.seen:
-        ts = overlays.TextStrings(phrases=overlays.TRAIN_TEXT_STRINGS.phrases, words=overlays.TRAIN_TEXT_STRINGS.words)
-        seen_args = (train_fonts, overlays.TRAIN_WATERMARK_STRINGS, ts, args.seed + 1)
-        p1, ex1 = score(det, iter_examples(photos[::4], *seen_args, native=True))
-        p2, ex2 = score(det, iter_examples(photos[1::4], *seen_args))
+        native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
+        p1, ex1 = score(det, native_seen)
+        p2, ex2 = score(det, canvas_seen)
         results["seen"] = summarise(*without_photos(np.concatenate([p1, p2]), ex1 + ex2, marked), args.threshold)
         logger.info("seen: %s", json.dumps(results["seen"]))
-        ok = [float(g) for g, v in results["seen"]["flagged_at"].items()
-              if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
-        results["suggested_flag_threshold"] = min(ok) if ok else None
+        results["suggested_flag_threshold"] = suggest_gate(results["seen"]["flagged_at"])
         logger.info("suggested flag threshold: %s (the checkpoint's: %s)", results["suggested_flag_threshold"],
                     det.config.flag_threshold)
     results["timing"] = timing(det)
