@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seen", action="store_true",
                     help="also score the evaluation's separate draw and print the gate it would choose per head")
+    ap.add_argument("--seen-only", action="store_true", help="score only that draw (minutes): the gates")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dets = [VisibleWatermarkDetector.load(w) for w in args.weights]
@@ -80,14 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     marked = load_real_marks()
     args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed)
     t0 = time.time()
-    sets = {
-        "native": logits_per_head(dets, iter_examples(photos, *args_h, native=True)),
-        "canvas": logits_per_head(dets, iter_examples(photos, *args_h)),
-    }
-    sets["all"] = (np.concatenate([sets["native"][0], sets["canvas"][0]], axis=1),
-                   sets["native"][1] + sets["canvas"][1])
-    sets["coco"] = logits_per_head(dets, iter_examples(coco_photos(), *args_h, native=True, variants=4))
-    if args.seen:
+    sets = {}
+    if not args.seen_only:
+        sets["native"] = logits_per_head(dets, iter_examples(photos, *args_h, native=True))
+        sets["canvas"] = logits_per_head(dets, iter_examples(photos, *args_h))
+        sets["all"] = (np.concatenate([sets["native"][0], sets["canvas"][0]], axis=1),
+                       sets["native"][1] + sets["canvas"][1])
+        sets["coco"] = logits_per_head(dets, iter_examples(coco_photos(), *args_h, native=True, variants=4))
+    if args.seen or args.seen_only:
         native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
         (z1, m1), (z2, m2) = logits_per_head(dets, native_seen), logits_per_head(dets, canvas_seen)
         sets["seen"] = (np.concatenate([z1, z2], axis=1), m1 + m2)
