@@ -14,14 +14,22 @@ cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the 
 On the shared 2-core machine the shipped 12,000 pairs took about 20 min to make (~100 s per 1,000 pairs, 8 GB of
 cache) and 12 min to train (6 epochs); then run bench/eval_visible_watermark.py --seen for the held-out numbers.
 
-The 512 px head (`scan --visible-thorough`) is the shipped one fine-tuned on 8,000 fresh pairs read at 512 px:
+The 512 px head (`scan --visible-thorough`) is the shipped one fine-tuned in three stages of 8,000 fresh pairs
+each, read at 512 px; the second and third draw half their pairs on photos at their own 224 px (--native-share),
+the first head's weakest held-out set:
 
     .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
         --init provenance/weights/visible_watermark.pt --seed 5 --pairs 8000 --epochs 3 --lr 3e-4 \
-        --out provenance/weights/visible_watermark_512.pt
+        --out /tmp/stage1.pt
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n-cache --input-size 512 \
+        --init /tmp/stage1.pt --seed 6 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage2.pt
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n7-cache --input-size 512 \
+        --init /tmp/stage2.pt --seed 7 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage3.pt
 
-(~180 s per 1,000 pairs, 2 GB of cache each), then eval_visible_watermark.py --seen --weights (that file) chooses
-its gate, written with --set-flag-threshold.
+(~180 s per 1,000 pairs and 2 GB of cache each, ~13 min of training per stage; each card records its --init's
+checksum). Then copy the last stage to provenance/weights/visible_watermark_512.pt (and its .json), and
+compare_visible_heads.py --seen-only (or eval_visible_watermark.py --seen) gives the gate, written with
+--set-flag-threshold, before eval_visible_watermark.py --seen --weights (that file) records the held-out numbers.
 """
 
 from __future__ import annotations
@@ -231,6 +239,14 @@ def load_head(path: Path) -> TapHead:
     return tap_head_from_checkpoint(ckpt, path)
 
 
+def init_record(path: Path) -> dict:
+    """What a card says of the head it was fine-tuned from: its file and checksum, and that head's own training
+    command and init, so a head made in stages carries its whole recipe."""
+    card = torch.load(path, map_location="cpu", weights_only=True).get("card") or {}
+    return {"file": path.name, "checksum": file_checksum(str(path)),
+            "training_command": card.get("training_command"), "init": card.get("init")}
+
+
 def set_flag_threshold(path: Path, value: float) -> None:
     """Rewrite the flag threshold in a trained checkpoint's card (the .pt, which scans read, and its .json)."""
     if not 0.0 < value < 1.0:
@@ -328,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in head.parameters()),
         "flag_threshold": args.flag_threshold,
         "input_short_side": args.input_size,
-        "init": None if init is None else {"file": Path(args.init).name, "checksum": file_checksum(args.init)},
+        "init": None if init is None else init_record(Path(args.init)),
         "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
                      "frozen": True},
         "data": {

@@ -150,7 +150,10 @@ def test_thorough_weights_are_the_shipped_head_tuned_at_512_px(thorough, detecto
     assert thorough.input_sizes == [512] and not thorough.reads_scan_pass
     assert detector.input_sizes == [288] and detector.reads_scan_pass
     training = thorough.config.extra
-    assert training["input_short_side"] == 512 and training["init"]["checksum"] == detector.config.checksum
+    first = training["init"]  # the head it was fine-tuned from, in stages: the first stage starts from the 288 px head
+    while first.get("init"):
+        first = first["init"]
+    assert training["input_short_side"] == 512 and first["checksum"] == detector.config.checksum
     assert thorough.model.config == detector.model.config and thorough.backbone is detector.backbone
 
 
@@ -371,7 +374,9 @@ def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, fl
     assert np.load(cache / "stride16_0.npy").shape == (8, 1024, 6, 6)  # 96 px / stride 16
     card = json.loads(tuned.with_suffix(".json").read_text())["training"]
     det_base, det = VisibleWatermarkDetector.load(str(base)), VisibleWatermarkDetector.load(str(tuned))
-    assert card["input_short_side"] == 96 and card["init"] == {"file": "base.pt", "checksum": det_base.config.checksum}
+    assert card["input_short_side"] == 96 and card["init"]["file"] == "base.pt"
+    assert card["init"]["checksum"] == det_base.config.checksum and card["init"]["init"] is None
+    assert card["init"]["training_command"].endswith("--exclude-photos ")  # base's own recipe travels along
     assert det.model.config == det_base.model.config  # the architecture comes from --init
     assert det_base.reads_scan_pass and det_base.input_sizes == [288]
     assert not det.reads_scan_pass and det.input_sizes == [96]
@@ -387,6 +392,32 @@ def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, fl
     regated = VisibleWatermarkDetector.load(str(tuned))
     assert regated.config.flag_threshold == 0.7
     np.testing.assert_array_equal(regated.probability(photos[:2]), det.probability(photos[:2]))
+    # a further stage on photos at their own size: its card carries the whole chain back to the first head
+    staged = tmp_path / "staged.pt"
+    assert train_head.main(["--out", str(staged), "--cache", str(tmp_path / "c-native"), "--input-size", "96",
+                            "--init", str(tuned), "--native-share", "1", "--seed", "1", *common]) == 0
+    card = json.loads(staged.with_suffix(".json").read_text())["training"]
+    assert card["data"]["native_share"] == 1 and card["init"]["file"] == "tuned.pt"
+    assert card["init"]["init"]["file"] == "base.pt" and "--native-share" not in card["init"]["training_command"]
+
+
+def test_native_pairs_are_drawn_on_the_photo_at_its_own_size(photos, fonts, train_head):
+    # --native-share: the photo cropped square at its own resolution (no resize, no sharpening), then read at the
+    # head's input size like every pair; without it a seed keeps the pairs it always drew
+    photo = photos[0]
+    square = train_head.native_square(photo, np.random.default_rng(0))
+    assert square.size == (min(photo.size),) * 2
+    box = np.asarray(square)
+    crops = [np.asarray(photo.crop((x, y, x + box.shape[1], y + box.shape[0])))
+             for x in range(photo.size[0] - box.shape[1] + 1) for y in range(photo.size[1] - box.shape[0] + 1)]
+    assert any(np.array_equal(box, c) or np.array_equal(box[:, ::-1], c) for c in crops)  # pixels untouched
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=95)
+    jpegs = [buf.getvalue()]
+    plain = train_head.SquarePairs(jpegs, fonts[0], 3, 0, 2, side=96)
+    assert np.array_equal(plain[1], train_head.SquarePairs(jpegs, fonts[0], 3, 0, 2, side=96, native_share=0.0)[1])
+    native = train_head.SquarePairs(jpegs, fonts[0], 3, 0, 2, side=96, native_share=1.0)
+    assert native[0].shape == (2, 96, 96, 3) and not np.array_equal(native[0], plain[0])
 
 
 def test_head_trainer_knows_which_photo_each_pair_is_drawn_on(fonts, train_head):
