@@ -23,7 +23,7 @@ MatchVerdicts = Annotated[bool, Query(description="Add each match's own verdict 
                                                   "to the matches; the web page uses it for its badges.")]
 VisibleThorough = Annotated[bool | None, Query(description=(
     "Which visible-watermark head reads the image: true for the one tuned at 512 px (finds more small and faint "
-    "marks: held-out AUC 0.94 against 0.90; ~70 ms more CPU per image), false for the 288 px one that reuses the "
+    "marks: held-out AUC 0.946 against 0.90; ~70 ms more CPU per image), false for the 288 px one that reuses the "
     "copy-detection pass; unset for the server's default (/healthz: checks.visible_thorough). The record's "
     "watermarks.visible.input_sizes says which one ran."))]
 

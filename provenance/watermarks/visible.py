@@ -38,11 +38,12 @@ DEFAULT_FLAG_THRESHOLD = 0.90
 # flags at its own decision boundary
 LAION_FLAG_THRESHOLD = 0.5
 
-# `scan --visible-thorough`: the shipped head fine-tuned on images read at 512 px (its card's input_short_side).
-# Small and faint marks survive a larger input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512),
-# at the cost of one more SSCD pass per image, cut after the stride-16 map, on 3.2x the pixels (~70 ms on 2 cores).
-# Held-out AUC 0.94 against 0.90 at 288 px (COCO 0.94 vs 0.92; real photographers' marks 0.81 vs 0.66); it flags at
-# 0.80, chosen by the same rule as the 288 px head's gate (bench/results/visible_watermark_thorough.md).
+# `scan --visible-thorough`: the shipped head fine-tuned on images read at 512 px (its card's input_short_side), in
+# three stages (the card's `init` chain). Small and faint marks survive a larger input better (a corner credit 6 px
+# high at SSCD's 288 px is 11 px at 512), at the cost of one more SSCD pass per image, cut after the stride-16 map,
+# on 3.2x the pixels (~70 ms on 2 cores). Held-out AUC 0.946 against 0.90 at 288 px (COCO 0.95 vs 0.92; real
+# photographers' marks 0.78 vs 0.66); it flags at 0.70, chosen by the same rule as the 288 px head's gate
+# (bench/results/visible_watermark_thorough.md).
 THOROUGH_WEIGHTS = WEIGHTS_DIR / "visible_watermark_512.pt"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
