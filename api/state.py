@@ -26,11 +26,11 @@ from provenance.types import ScanRecord
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "error"]
+T = TypeVar("T")
 
 
 class VisibleCheckOff(ProvenanceError):
     """A scan asked for a visible-watermark head on a server that does not check visible watermarks."""
-T = TypeVar("T")
 
 
 @dataclass
@@ -61,8 +61,8 @@ class ServiceState:
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
-        # the other visible-watermark head (288 or 512 px) than the server's default, built on first request:
-        # visible_thorough -> (scanner, batcher)
+        # visible_thorough -> (scanner, batcher), one per visible-watermark head: the server's default from loading,
+        # the other (288 or 512 px) from the first request that asks for it
         self._variants: dict[bool, tuple[Scanner, ScanBatcher | None]] = {}
         self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None

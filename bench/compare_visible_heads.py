@@ -92,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
         (z1, m1), (z2, m2) = logits_per_head(dets, native_seen), logits_per_head(dets, canvas_seen)
         sets["seen"] = (np.concatenate([z1, z2], axis=1), m1 + m2)
-    gates = {}
     names = [Path(w).name for w in args.weights] + (["mean logit"] if len(dets) > 1 else [])
-    rows = {}
+    rows, gates = {}, {}
     for set_name, (logits, meta) in sets.items():
         scored = list(logits) + ([logits.mean(axis=0)] if len(dets) > 1 else [])
         for name, z in zip(names, scored):

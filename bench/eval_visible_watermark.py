@@ -148,7 +148,8 @@ def seen_examples(photos, train_fonts, seed: int):
 
 def suggest_gate(flagged_at: dict) -> float | None:
     """The lowest gate that flags <= MAX_FALSE_FLAG_RATE of clean and of opaque-text photos (on the seen draw)."""
-    ok = [float(g) for g, v in flagged_at.items() if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
+    ok = [float(g) for g, v in flagged_at.items()
+          if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
     return min(ok) if ok else None
 
 
