@@ -56,7 +56,6 @@ class ServiceState:
         self.index: ProvenanceIndex | None = None
         self.searcher: Searcher | None = None
         self.scanner: Scanner | None = None
-        self.batcher: ScanBatcher | None = None
         self.checks = Checks()
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
@@ -100,8 +99,7 @@ class ServiceState:
             self._ready.set()
             return
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
-        self.batcher = self._batcher(scanner)
-        self._variants[self.config.visible_thorough] = (scanner, self.batcher)
+        self._variants[self.config.visible_thorough] = (scanner, self._batcher(scanner))
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
@@ -120,10 +118,10 @@ class ServiceState:
         visible_thorough picks the visible-watermark head (512 px when True, 288 px when False); None is the
         server's default. The other head's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
-        if visible_thorough is None or visible_thorough == self.config.visible_thorough:
-            scanner, batcher = self.scanner, self.batcher
-        else:
-            scanner, batcher = await run_in_threadpool(self._variant, visible_thorough)
+        if visible_thorough is None:
+            visible_thorough = self.config.visible_thorough
+        variant = self._variants.get(visible_thorough)  # the default's is there from loading
+        scanner, batcher = variant or await run_in_threadpool(self._variant, visible_thorough)
         if batcher is not None:
             return await asyncio.wrap_future(batcher.submit(items))
         return await run_in_threadpool(scanner.scan_many_bytes, items)

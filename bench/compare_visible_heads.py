@@ -24,9 +24,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from eval_visible_watermark import (  # noqa: E402
     VisibleWatermarkDetector,
-    coco_photos,
     heldout_photos,
-    iter_examples,
+    heldout_streams,
     load_real_marks,
     overlays,
     seen_examples,
@@ -74,20 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"the heads must all read SSCD maps at one input size; got {sorted(sizes)}")
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
     photos = heldout_photos()[: args.limit or None]
-    text_strings = overlays.TextStrings(
-        phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
-        words=overlays.HELDOUT_TEXT_STRINGS.words,
-    )
     marked = load_real_marks()
-    args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed)
     t0 = time.time()
     sets = {}
     if not args.seen_only:
-        sets["native"] = logits_per_head(dets, iter_examples(photos, *args_h, native=True))
-        sets["canvas"] = logits_per_head(dets, iter_examples(photos, *args_h))
+        streams = heldout_streams(photos, heldout_fonts, args.seed)
+        sets["native"] = logits_per_head(dets, streams["native"])
+        sets["canvas"] = logits_per_head(dets, streams["canvas"])
         sets["all"] = (np.concatenate([sets["native"][0], sets["canvas"][0]], axis=1),
                        sets["native"][1] + sets["canvas"][1])
-        sets["coco"] = logits_per_head(dets, iter_examples(coco_photos(), *args_h, native=True, variants=4))
+        sets["coco"] = logits_per_head(dets, streams["coco"])
     if args.seen or args.seen_only:
         native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
         (z1, m1), (z2, m2) = logits_per_head(dets, native_seen), logits_per_head(dets, canvas_seen)

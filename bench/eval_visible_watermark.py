@@ -138,6 +138,19 @@ def iter_examples(photos, fonts, wm_strings, text_strings, seed: int, native: bo
                 yield im, kind_out, facts
 
 
+def heldout_streams(photos, heldout_fonts, seed: int) -> dict:
+    """The held-out example streams, lazily: "native" (the photos at their own 224 px), "canvas" (on canvases of
+    CANVAS_SIDES) and "coco" (the COCO photos at their own size, 4 variants each); held-out fonts and strings, opaque
+    text also from the photos' own captions."""
+    text_strings = overlays.TextStrings(
+        phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
+        words=overlays.HELDOUT_TEXT_STRINGS.words,
+    )
+    args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, seed)
+    return {"native": iter_examples(photos, *args_h, native=True), "canvas": iter_examples(photos, *args_h),
+            "coco": iter_examples(coco_photos(), *args_h, native=True, variants=4)}
+
+
 def seen_examples(photos, train_fonts, seed: int):
     """The separate draw that chooses the gate: training fonts and strings on held-out photos, another seed; a
     quarter of the photos at native resolution and another quarter on canvases (two example streams)."""
@@ -368,18 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     photos = heldout_photos()
     if args.limit:
         photos = photos[: args.limit]
-    text_strings = overlays.TextStrings(
-        phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in photos if c),
-        words=overlays.HELDOUT_TEXT_STRINGS.words,
-    )
     marked = load_real_marks()
     results: dict = {}
     t0 = time.time()
-    args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, args.seed)
-    p_native, native = score(det, iter_examples(photos, *args_h, native=True))
+    streams = heldout_streams(photos, heldout_fonts, args.seed)
+    p_native, native = score(det, streams["native"])
     results["flickr_native"] = summarise(*without_photos(p_native, native, marked), args.threshold)
     logger.info("flickr native 224 px: %s (%.0f s)", json.dumps(results["flickr_native"]), time.time() - t0)
-    p_canvas, canvas = score(det, iter_examples(photos, *args_h))
+    p_canvas, canvas = score(det, streams["canvas"])
     results["flickr_canvas"] = summarise(*without_photos(p_canvas, canvas, marked), args.threshold)
     logger.info("flickr canvases: %s (%.0f s)", json.dumps(results["flickr_canvas"]), time.time() - t0)
     p_all, ex_all = np.concatenate([p_native, p_canvas]), native + canvas
@@ -389,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     # audit (2026-11-28): comparable with the earlier figures
     results["heldout_unaudited"] = summarise(p_all, ex_all, args.threshold)
     logger.info("held-out, unaudited photos: %s", json.dumps(results["heldout_unaudited"]))
-    p_coco, coco = score(det, iter_examples(coco_photos(), *args_h, native=True, variants=4))
+    p_coco, coco = score(det, streams["coco"])
     results["coco"] = summarise(*without_photos(p_coco, coco, marked), args.threshold)
     logger.info("coco native: %s", json.dumps(results["coco"]))
     results["real_marks"] = real_mark_summary(np.concatenate([p_native, p_coco]), native + coco, marked,

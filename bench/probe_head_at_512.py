@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
 from eval_visible_watermark import (  # noqa: E402
-    VisibleWatermarkDetector, heldout_photos, iter_examples, load_real_marks, overlays, summarise, without_photos)
+    VisibleWatermarkDetector, heldout_photos, heldout_streams, load_real_marks, overlays, summarise, without_photos)
 from train_visible_watermark import DATA as TDATA, TRAIN_SHARDS, read_shards  # noqa: E402
 from train_visible_watermark_head import SquarePairs, _identity  # noqa: E402
 from provenance.descriptors.sscd import resize_short_side  # noqa: E402
@@ -78,12 +78,11 @@ if cli.tuned:
 else:
     tuned = VisibleWatermarkDetector(fine_tune(), det.config, "cpu", sscd)
 phot = heldout_photos()[:cli.photos]
-ts = overlays.TextStrings(phrases=overlays.HELDOUT_TEXT_STRINGS.phrases + tuple(c for _, _, c in phot if c), words=overlays.HELDOUT_TEXT_STRINGS.words)
-args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, ts, 1234)
+streams = heldout_streams(phot, heldout_fonts, 1234)
 L = {"s288": [], "s512": [], "t512": []}; meta = []
 with torch.inference_mode():
-    for native in (True, False):
-        for im, kind, facts in iter_examples(phot, *args_h, native=native):
+    for stream in ("native", "canvas"):
+        for im, kind, facts in streams[stream]:
             meta.append((None, kind, facts))
             L["s288"].append(det._logits(sscd.embed_batch_with_taps([sscd.preprocess(im)])[1])[0])
             m = sscd.tap_maps([np.asarray(resize_short_side(im.convert("RGB"), SIDE))], ("stride16",))

@@ -231,20 +231,17 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
     return head.eval(), losses
 
 
-def load_head(path: Path) -> TapHead:
-    """The TapHead in a provenance checkpoint, BatchNorm layers kept, for fine-tuning."""
+def load_head(path: Path) -> tuple[TapHead, dict]:
+    """The TapHead in a provenance checkpoint, BatchNorm layers kept, for fine-tuning; and what the new card says
+    of it: its file and checksum, and its own training command and init, so a head made in stages carries its
+    whole recipe."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("kind") != "sscd-taps":
         raise SystemExit(f"{path}: not a head on SSCD features (kind {ckpt.get('kind')!r})")
-    return tap_head_from_checkpoint(ckpt, path)
-
-
-def init_record(path: Path) -> dict:
-    """What a card says of the head it was fine-tuned from: its file and checksum, and that head's own training
-    command and init, so a head made in stages carries its whole recipe."""
-    card = torch.load(path, map_location="cpu", weights_only=True).get("card") or {}
-    return {"file": path.name, "checksum": file_checksum(str(path)),
-            "training_command": card.get("training_command"), "init": card.get("init")}
+    card = ckpt.get("card") or {}
+    record = {"file": path.name, "checksum": file_checksum(str(path)),
+              "training_command": card.get("training_command"), "init": card.get("init")}
+    return tap_head_from_checkpoint(ckpt, path), record
 
 
 def set_flag_threshold(path: Path, value: float) -> None:
@@ -309,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     chunks = args.pairs // args.chunk
     t0 = time.time()
     sscd = SSCDDescriptor.load(threads=args.threads)
-    init = load_head(Path(args.init)) if args.init else None
+    init, init_record = load_head(Path(args.init)) if args.init else (None, None)
     config = init.config if init is not None else TapHeadConfig(
         width=args.width, taps=tuple(args.taps.split(",")), depth=args.depth,
         channels=tuple(TAP_CHANNELS_STRIDES[t][0] for t in args.taps.split(",")))
@@ -344,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": sum(p.numel() for p in head.parameters()),
         "flag_threshold": args.flag_threshold,
         "input_short_side": args.input_size,
-        "init": None if init is None else init_record(Path(args.init)),
+        "init": init_record,
         "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
                      "frozen": True},
         "data": {
