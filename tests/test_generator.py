@@ -139,8 +139,10 @@ def test_same_seed_same_pixels_other_seed_other_pixels(tiny, tmp_path):
     assert np.array_equal(_pixels(a[0].path), _pixels(b[0].path))
     assert np.array_equal(_pixels(a[1].path), _pixels(b[1].path))
     assert not np.array_equal(_pixels(a[0].path), _pixels(a[1].path))
-    # image j uses seed + j: the second image of seed 5 is the first image of seed 6
-    assert np.array_equal(_pixels(a[1].path), _pixels(c[0].path))
+    # image j uses seed + j: the second image of seed 5 is the first image of seed 6, up to float rounding (a batch
+    # of 2 and a batch of 1 take different CPU kernels on some machines: bit-equal on one CI machine, not another)
+    diff = np.abs(_pixels(a[1].path).astype(int) - _pixels(c[0].path).astype(int))
+    assert diff.max() <= 3 and diff.mean() < 0.5
     assert a[0].run_id != b[0].run_id or a[0].path != b[0].path
 
 
