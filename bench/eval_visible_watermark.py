@@ -1,8 +1,8 @@
 """Evaluate the visible-watermark detector on held-out photos, fonts and strings; measure its CPU cost.
 
     .venv/bin/python bench/eval_visible_watermark.py [--weights provenance/weights/visible_watermark.pt]
-    .venv/bin/python bench/eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_512.pt \
-        --out bench/results/visible_watermark_thorough.md        # the 512 px head of scan --visible-thorough
+    .venv/bin/python bench/eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_thorough.json \
+        --out bench/results/visible_watermark_thorough.md        # the mix of scan --visible-thorough
 
 Held-out backgrounds: flickr8k-dev shard 00004 + flickr8k-nonmember (1,000 photos never used in training), and
 the 51 coco-cc photos at their native ~640 px. Every photo gives three examples: a stock-style watermark drawn
@@ -31,7 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from provenance.watermarks import overlays  # noqa: E402
-from provenance.watermarks.visible import DEFAULT_WEIGHTS, THOROUGH_WEIGHTS, VisibleWatermarkDetector  # noqa: E402
+from provenance.descriptors.sscd import SSCD_SHORT_SIDE  # noqa: E402
+from provenance.watermarks.visible import (  # noqa: E402
+    DEFAULT_WEIGHTS,
+    THOROUGH_WEIGHTS,
+    VisibleHeadMix,
+    VisibleWatermarkDetector,
+    load_detector,
+)
 
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
@@ -166,7 +173,7 @@ def suggest_gate(flagged_at: dict) -> float | None:
     return min(ok) if ok else None
 
 
-def score(det: VisibleWatermarkDetector, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
+def score(det: VisibleWatermarkDetector | VisibleHeadMix, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
     """Score a stream of examples through preprocess + probability_batch, keeping only (kind, facts) of each
     (large canvases are dropped once preprocessed)."""
     probs, meta, batch = [], [], []
@@ -236,17 +243,22 @@ def _best_ms(fn, arg, repeats: int) -> float:
     return best * 1000
 
 
-def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5) -> dict:
+def timing(det: VisibleWatermarkDetector | VisibleHeadMix, batch_size: int = 32, repeats: int = 5) -> dict:
     """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size. For a head on
     SSCD features read at SSCD's own size, "model" is the head alone (the scanner takes the maps from its SSCD pass),
     and that SSCD pass is timed with and without the maps copied out; for a head read at another size, "model" is
-    its own SSCD pass (cut after the maps) plus the head."""
+    its own SSCD pass (cut after the maps) plus the head; for a mix that shares the scan's pass, the other sizes'
+    SSCD passes plus every head, the scan pass's maps given."""
     rng = np.random.default_rng(0)
     out: dict = {"batch_size": batch_size}
     images = [Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)) for _ in range(batch_size)]
     x = [det.preprocess(im) for im in images]
     model, arg = det.probability_batch, x
-    if det.reads_scan_pass:
+    if isinstance(det, VisibleHeadMix) and det.shares_scan_pass:
+        scan_taps = det.backbone.embed_batch_with_taps([xi[SSCD_SHORT_SIDE] for xi in x])[1]
+        beside = [det.preprocess(im, beside_scan=True) for im in images]
+        model, arg = (lambda a: det.probability_batch(a[0], scan_taps=a[1])), (beside, scan_taps)
+    elif det.reads_scan_pass:
         model, arg = det.probability_from_taps, det.backbone.embed_batch_with_taps(x)[1]
         out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, x, repeats) / batch_size, 2)
         out["sscd_with_maps_ms_per_image"] = round(
@@ -268,23 +280,25 @@ def _shown(path: str) -> str:
     return str(p.relative_to(REPO)) if p.is_relative_to(REPO) else str(p)
 
 
-def render_markdown(args, results: dict, card: dict) -> str:
+def render_markdown(args, results: dict, card: dict, training: dict, mix: str = "") -> str:
+    """training: the (main) head's training card; mix: how a mix combines its heads ("" for one head)."""
     h, t = results["heldout"], results["timing"]
     thorough = Path(args.weights).resolve() == THOROUGH_WEIGHTS.resolve()
-    tr = (card or {}).get("training") or {}
+    tr = training
     thr = args.threshold
     lines = [
         "## Visible-watermark detector (provenance/watermarks/visible.py)" if not thorough else
-        "## Visible-watermark detector at 512 px (`scan --visible-thorough`)",
+        f"## Visible-watermark detector at {' + '.join(map(str, sorted(results['input_sizes'], reverse=True)))} px "
+        "(`scan --visible-thorough`)",
         "",
         f"Evaluation: `.venv/bin/python bench/eval_visible_watermark.py{' --seen' if args.seen else ''}"
         + "".join(f" {flag} {_shown(value)}" for flag, value, default in
                   (("--weights", args.weights, DEFAULT_WEIGHTS), ("--out", args.out, DEFAULT_OUT))
                   if Path(value).resolve() != default.resolve()) + "`  ",
-        *([f"Input size (short side): {', '.join(map(str, results['input_sizes']))} px, read by a head fine-tuned "
-           f"there from the shipped one (`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "]
-          if thorough else []),
-        f"Training: `.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
+        *([f"Input sizes (short side): {', '.join(map(str, results['input_sizes']))} px. {mix} "
+           f"(`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "] if mix else []),
+        f"Training{' (512 px head, last stage)' if mix else ''}: "
+        f"`.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
         f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples"
         + (f"; {tr['pairs_trained']} trained on, those drawn on photos with a real mark left out"
            if tr.get("pairs_trained", tr.get("pairs")) != tr.get("pairs") else "")
@@ -352,8 +366,11 @@ def render_markdown(args, results: dict, card: dict) -> str:
         + (" The model is the head alone: it reads the maps of the scan's own SSCD pass "
            f"({t['sscd_ms_per_image']} ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with "
            "them copied out; the preprocess is SSCD's, shared too)." if "sscd_ms_per_image" in t else
-           " The model is its own SSCD pass at this size, cut after the stride-16 map, plus the head: the cost "
-           "`--visible-thorough` adds to a scan." if thorough else ""),
+           " The model is the mix's own SSCD passes (one per input size and view, cut after the stride-16 map) "
+           "plus its heads, a 288 px head reading the scan's own pass: the cost `--visible-thorough` adds to a scan."
+           if mix else
+           " The model is its own SSCD pass at this size, cut after the stride-16 map, plus the head." if thorough
+           else ""),
         "",
     ]
     return "\n".join(lines)
@@ -374,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
 
-    det = VisibleWatermarkDetector.load(args.weights)
+    det = load_detector(args.weights)
     if args.threshold is None:
         args.threshold = det.config.flag_threshold
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
@@ -439,7 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     notes = ""
     if out.exists() and NOTES_MARKER in out.read_text():
         notes = out.read_text()[out.read_text().index(NOTES_MARKER) :]
-    out.write_text(render_markdown(args, results, card) + ("\n" + notes if notes else ""))
+    training, mix = card.get("training") or {}, ""
+    if isinstance(det, VisibleHeadMix):  # its card is the mix file itself; the training is the first head's
+        training = det.heads[0].config.extra
+        mix = "p = sigmoid(" + " + ".join(
+            f"{e['logit_weight']:g} x logit of `{e['weights']}` at {h.config.input_size} px"
+            + (" on the mirrored image" if e.get("mirrored") else "")
+            for h, e in zip(det.heads, det.config.extra["heads"])) + ")"
+    out.write_text(render_markdown(args, results, card, training, mix) + ("\n" + notes if notes else ""))
     logger.info("wrote %s and %s", card_path, args.out)
     return 0
 

@@ -111,12 +111,16 @@ class Scanner:
                 logger.warning("visible-watermark check is off: %s", e)
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
         # index's SSCD model is the one the head was trained on and the head reads SSCD's own 288 px input (the
-        # default); else (--visible-thorough's 512 px head) it runs SSCD itself
+        # default); else it runs SSCD itself. --visible-thorough's mix does both: its 288 px head reads the scan's
+        # pass, its 512 px head runs SSCD again.
         sscd, visible = self._models.get("sscd"), self._visible
-        self._visible_from_sscd = (
-            visible is not None and visible.reads_scan_pass and sscd is not None and sscd.has_feature_taps
+        same_sscd = (
+            visible is not None and visible.backbone is not None and sscd is not None and sscd.has_feature_taps
             and sscd.spec.checksum == visible.backbone.spec.checksum
         )
+        self._visible_from_sscd = same_sscd and visible.reads_scan_pass
+        self._visible_beside_sscd = same_sscd and not visible.reads_scan_pass and _is_mix(visible) \
+            and visible.shares_scan_pass
         self._sha_rows = self._sha_index()
 
     @classmethod
@@ -183,7 +187,9 @@ class Scanner:
             if isinstance(memo, dict):
                 record.extra["memorization"] = memo
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
-            if self._visible is not None and not self._visible_from_sscd:
+            if self._visible_beside_sscd:
+                inputs["visible"] = self._visible.preprocess(decoded.image, beside_scan=True)
+            elif self._visible is not None and not self._visible_from_sscd:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
@@ -216,14 +222,16 @@ class Scanner:
             vectors, taps = {}, None
             for n in self.descriptors:
                 batch = [w.inputs[n] for w in ok]
-                if n == "sscd" and self._visible_from_sscd:
+                if n == "sscd" and (self._visible_from_sscd or self._visible_beside_sscd):
                     vectors[n], taps = self._models[n].embed_batch_with_taps(batch)
                 else:
                     vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
             if self._visible is not None:
-                if taps is not None:
+                if self._visible_from_sscd:
                     probs = self._visible.probability_from_taps(taps)
+                elif self._visible_beside_sscd:
+                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok], scan_taps=taps)
                 else:
                     probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
                 threshold = self._visible.config.flag_threshold
@@ -259,17 +267,23 @@ def _mime_type(fmt: str | None) -> str | None:
             "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")
 
 
+def _is_mix(detector) -> bool:
+    from provenance.watermarks.visible import VisibleHeadMix  # torch: imported when a visible check is on
+
+    return isinstance(detector, VisibleHeadMix)
+
+
 def _load_visible(o: ScanOptions):
-    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector, load_detector
 
     if o.visible_thorough and (o.visible_model or o.visible_laion_checkpoint):
         raise ValueError("visible_thorough picks the shipped 512 px weights; it cannot be combined with other "
                          "visible-watermark weights")
     if o.visible_thorough:
-        return VisibleWatermarkDetector.load(str(THOROUGH_WEIGHTS))
+        return load_detector(THOROUGH_WEIGHTS)
     if o.visible_laion_checkpoint:
         return VisibleWatermarkDetector.from_laion_checkpoint(o.visible_laion_checkpoint)
-    return VisibleWatermarkDetector.load(o.visible_model)
+    return load_detector(o.visible_model)
 
 
 def fail_on_met(records: list[ScanRecord], conditions: list[str]) -> bool:

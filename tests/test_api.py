@@ -472,7 +472,7 @@ def test_config_from_env(tmp_path):
 
 
 def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client):
-    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, load_detector
 
     thorough = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
     try:
@@ -480,9 +480,9 @@ def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client)
         upload = {"file": ("a.jpg", data, "image/jpeg")}
         assert thorough.get("/healthz").json()["checks"]["visible_thorough"] is True
         rec = thorough.post("/v1/scan", files=upload).json()
-        assert rec["watermarks"]["visible"]["input_sizes"] == [512]
-        assert rec["watermarks"]["visible"]["threshold"] == VisibleWatermarkDetector.load(
-            str(THOROUGH_WEIGHTS)).config.flag_threshold  # the gate chosen for the 512 px head
+        assert rec["watermarks"]["visible"]["input_sizes"] == [288, 512]
+        assert rec["watermarks"]["visible"]["threshold"] == load_detector(
+            THOROUGH_WEIGHTS).config.flag_threshold  # the gate chosen for the thorough mix
         # a request picks the other head on either server, and gets what that server's default gives
         assert client.get("/healthz").json()["checks"]["visible_thorough"] is False
         asked = client.post("/v1/scan?visible_thorough=true", files=upload).json()["watermarks"]["visible"]

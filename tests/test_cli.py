@@ -134,12 +134,13 @@ def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_
     assert r.exit_code == EXIT_USAGE and "missing.pt" in r.output.replace("\n", "")  # named weights must load
     r = runner.invoke(app, [*args, "--laion-watermark-model", str(tmp_path / "laion.pt")])
     assert r.exit_code == EXIT_USAGE and "laion.pt" in r.output.replace("\n", "")
-    # --visible-thorough: the shipped head tuned at 512 px; the record says which input size its p comes from
+    # --visible-thorough: the shipped head mixed with one tuned at 512 px; the record says which input sizes its p
+    # comes from
     assert shipped["watermarks"]["visible"]["input_sizes"] == [288]
     r = runner.invoke(app, [*args, "--visible-thorough"])
     assert r.exit_code == EXIT_CLEAN, r.output
     thorough = json.loads(r.stdout.strip().splitlines()[-1])
-    assert thorough["watermarks"]["visible"]["input_sizes"] == [512] and thorough["verdict"] == "replica"
+    assert thorough["watermarks"]["visible"]["input_sizes"] == [288, 512] and thorough["verdict"] == "replica"
     assert thorough["watermarks"]["visible"]["probability"] != shipped["watermarks"]["visible"]["probability"]
     assert thorough["scores"] == shipped["scores"]  # copy detection is the same scan either way
     for other_model in (["--visible-model", str(cnn)], ["--no-visible"]):  # it picks the weights itself

@@ -166,3 +166,16 @@ def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(sca
     assert not alone._visible_from_sscd
     got_alone = [r.watermarks.visible["probability"] for r in alone.scan_paths(photos[:3])]
     assert np.allclose(got_alone, expected, atol=1e-4)
+    # --visible-thorough's mix: its 288 px head reads the scan's pass, its 512 px head runs SSCD again; without an
+    # SSCD index the mix runs both sizes itself; all three give one number
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, load_detector
+
+    expected = load_detector(THOROUGH_WEIGHTS).probability(images)
+    thorough = Scanner(scanner.searcher, ScanOptions(k=5, visible_thorough=True))
+    assert thorough._visible_beside_sscd and not thorough._visible_from_sscd
+    got = [r.watermarks.visible["probability"] for r in thorough.scan_paths(photos[:3])]
+    assert np.allclose(got, expected, atol=1e-4)
+    alone = Scanner.open(pdq_only, ScanOptions(k=5, visible_thorough=True))
+    assert not alone._visible_beside_sscd and not alone._visible_from_sscd
+    got_alone = [r.watermarks.visible["probability"] for r in alone.scan_paths(photos[:3])]
+    assert np.allclose(got_alone, expected, atol=1e-4)

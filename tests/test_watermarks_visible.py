@@ -138,26 +138,86 @@ def test_watermarked_photo_scores_higher_than_clean(detector, photos, fonts):
 
 @pytest.fixture(scope="module")
 def thorough():
-    from provenance.watermarks.visible import THOROUGH_WEIGHTS
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, load_detector
 
-    return VisibleWatermarkDetector.load(str(THOROUGH_WEIGHTS))
+    return load_detector(THOROUGH_WEIGHTS)
 
 
-def test_thorough_weights_are_the_shipped_head_tuned_at_512_px(thorough, detector):
-    from provenance.watermarks.visible import THOROUGH_WEIGHTS
+def test_thorough_mix_is_the_shipped_head_and_one_tuned_from_it_at_512_px(thorough, detector):
+    from provenance.watermarks.visible import VisibleHeadMix
 
-    assert THOROUGH_WEIGHTS.stat().st_size < 3_000_000
-    assert thorough.input_sizes == [512] and not thorough.reads_scan_pass
-    assert detector.input_sizes == [288] and detector.reads_scan_pass
-    training = thorough.config.extra
+    assert isinstance(thorough, VisibleHeadMix) and len(thorough.heads) == 2
+    at_512, at_288 = thorough.heads
+    assert at_288 is detector  # the shipped 288 px head itself, loaded once per process
+    assert [h["weights"] for h in thorough.config.extra["heads"]] == ["visible_watermark_512.pt", "visible_watermark.pt"]
+    assert thorough.input_sizes == [288, 512] and not thorough.reads_scan_pass and thorough.shares_scan_pass
+    assert at_512.input_sizes == [512] and not at_512.reads_scan_pass and detector.reads_scan_pass
+    assert all(w > 0 for w in thorough.logit_weights) and 0 < thorough.config.flag_threshold < 1
+    training = at_512.config.extra
     first = training["init"]  # the head it was fine-tuned from, in stages: the first stage starts from the 288 px head
     while first.get("init"):
         first = first["init"]
     assert training["input_short_side"] == 512 and first["checksum"] == detector.config.checksum
-    assert thorough.model.config == detector.model.config and thorough.backbone is detector.backbone
+    assert at_512.model.config == detector.model.config and at_512.backbone is detector.backbone
 
 
-def test_thorough_detector_scores_small_marks_above_the_same_photos_clean(thorough, photos, fonts):
+def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
+    images = photos[:6]
+    p = thorough.probability(images)
+    z = sum(w * torch.logit(torch.from_numpy(h.probability(images)).double()).numpy()
+            for h, w in zip(thorough.heads, thorough.logit_weights))
+    assert np.allclose(p, 1 / (1 + np.exp(-z)), atol=1e-4)
+    # as a scan gives it: the 288 px maps from the scan's own SSCD pass, only the 512 px input preprocessed
+    x = [thorough.preprocess(im) for im in images]
+    assert all(sorted(xi) == [288, 512] and xi[512].shape[2] == 3 and min(xi[512].shape[:2]) == 512 for xi in x)
+    beside = [thorough.preprocess(im, beside_scan=True) for im in images]
+    assert all(list(b) == [512] and np.array_equal(b[512], xi[512]) for b, xi in zip(beside, x))
+    scan_taps = thorough.backbone.embed_batch_with_taps([xi[288] for xi in x])[1]
+    assert np.array_equal(thorough.probability_batch(beside, scan_taps=scan_taps), p)
+    with pytest.raises(ValueError, match="288 px input"):
+        thorough.probability_batch(beside)
+    assert thorough.probability_batch([]).shape == (0,)
+
+
+def test_a_mirrored_view_reads_the_image_flipped_left_to_right(tmp_path, detector, photos):
+    from provenance.watermarks.visible import DEFAULT_WEIGHTS, load_detector
+
+    path = tmp_path / "mirror.json"
+    path.write_text(json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5, "heads": [
+        {"weights": str(DEFAULT_WEIGHTS), "logit_weight": 1.0, "mirrored": True}]}))
+    mirror = load_detector(path)
+    images = photos[:4]
+    x = [detector.preprocess(im) for im in images]
+    p_flipped = detector.probability_batch([np.ascontiguousarray(xi[:, ::-1]) for xi in x])
+    assert np.allclose(mirror.probability(images), p_flipped, atol=1e-6)
+    assert not np.allclose(p_flipped, detector.probability_batch(x), atol=1e-3)  # a different look, not the same
+    assert not mirror.shares_scan_pass  # the scan's own pass is not mirrored
+    path.write_text(path.read_text().replace("true", '"yes"'))
+    with pytest.raises(ModelLoadError, match="mirrored"):
+        load_detector(path)
+
+
+def test_a_bad_mix_file_names_its_problem(tmp_path):
+    from provenance.watermarks.visible import DEFAULT_WEIGHTS, load_detector
+
+    cases = {
+        "not json {": "cannot read",
+        json.dumps({"heads": []}): "not a visible-watermark mix",
+        json.dumps({"format": "provenance-visible-watermark-mix", "heads": [{"weights": "x.pt"}],
+                    "flag_threshold": 0.5}): "logit_weight",
+        json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5,
+                    "heads": [{"weights": str(DEFAULT_WEIGHTS), "logit_weight": -1}]}): "positive logit weights",
+        json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5,
+                    "heads": [{"weights": "missing.pt", "logit_weight": 1}]}): "missing.pt",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"mix{i}.json"
+        path.write_text(text)
+        with pytest.raises(ModelLoadError, match=message):
+            load_detector(path)
+
+
+def test_thorough_mix_scores_small_marks_above_the_same_photos_clean(thorough, photos, fonts):
     # held-out fonts and strings; corner credits and logos, the small marks the 512 px head is for, drawn on 640 px
     # canvases (a 640 px photo is read at 512 px; at SSCD's 288 px such a mark is a few pixels high)
     _, heldout_fonts = fonts
@@ -169,8 +229,6 @@ def test_thorough_detector_scores_small_marks_above_the_same_photos_clean(thorou
         clean.append(canvas)
         marked.append(overlays.add_stock_watermark(canvas, rng, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS,
                                                    style=style, opacity=0.6))
-    x = thorough.preprocess(marked[0])
-    assert x.dtype == np.uint8 and x.shape == (512, 512, 3)
     p_clean, p_marked = thorough.probability(clean), thorough.probability(marked)
     assert p_marked.mean() > p_clean.mean() + 0.2
     assert (p_marked > p_clean).sum() >= 8

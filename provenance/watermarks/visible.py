@@ -38,13 +38,14 @@ DEFAULT_FLAG_THRESHOLD = 0.90
 # flags at its own decision boundary
 LAION_FLAG_THRESHOLD = 0.5
 
-# `scan --visible-thorough`: the shipped head fine-tuned on images read at 512 px (its card's input_short_side), in
-# three stages (the card's `init` chain). Small and faint marks survive a larger input better (a corner credit 6 px
-# high at SSCD's 288 px is 11 px at 512), at the cost of one more SSCD pass per image, cut after the stride-16 map,
-# on 3.2x the pixels (~70 ms on 2 cores). Held-out AUC 0.946 against 0.90 at 288 px (COCO 0.95 vs 0.92; real
-# photographers' marks 0.78 vs 0.66); it flags at 0.70, chosen by the same rule as the 288 px head's gate
-# (bench/results/visible_watermark_thorough.md).
-THOROUGH_WEIGHTS = WEIGHTS_DIR / "visible_watermark_512.pt"
+# `scan --visible-thorough`: a mix (VisibleHeadMix) of two shipped heads: the 288 px one and one fine-tuned from it on
+# images read at 512 px (visible_watermark_512.pt; its card's `init` chain holds the three stages). Small and faint
+# marks survive a larger input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512), at the cost of
+# one more SSCD pass per image, cut after the stride-16 map, on 3.2x the pixels (~70 ms on 2 cores); the 288 px
+# head reads the scan's own pass, so mixing it in costs only the head. The mix's weights and gate were chosen on the
+# evaluation's separate draw, not on the held-out set (bench/results/visible_watermark_thorough.md).
+THOROUGH_WEIGHTS = WEIGHTS_DIR / "visible_watermark_thorough.json"
+MIX_FORMAT = "provenance-visible-watermark-mix"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -453,6 +454,138 @@ class VisibleWatermarkDetector:
         return self.probability_batch([self.preprocess(im) for im in images])
 
 
+class VisibleHeadMix:
+    """p(watermark) = sigmoid(sum of w_i * logit_i) over several heads on SSCD maps, each reading images at its own
+    short side: a head that sees small marks at 512 px and one that sees the whole image at SSCD's 288 px disagree
+    on different images, so their weighted logits rank better than either alone.
+
+    Loaded from a JSON file (MIX_FORMAT) naming the heads' checkpoints (relative to it), their logit weights and the
+    mix's own flag threshold. Same interface as VisibleWatermarkDetector where a scan needs it; its preprocessed
+    input is {short side: (h, w, 3) uint8}, one entry per size."""
+
+    def __init__(self, heads: list[VisibleWatermarkDetector], logit_weights: list[float], config: DetectorConfig,
+                 mirrored: list[bool] | None = None):
+        mirrored = [False] * len(heads) if mirrored is None else [bool(m) for m in mirrored]
+        if not heads or not len(heads) == len(logit_weights) == len(mirrored):
+            raise ValueError("a mix needs one logit weight (and mirror flag) per head, and at least one head")
+        self.heads = heads
+        self.logit_weights = [float(w) for w in logit_weights]
+        # a head may also read the mirrored image: marks are not symmetric, so the mirrored view is a second look
+        # (test-time augmentation) at the cost of one more SSCD pass at that size
+        self.mirrored = mirrored
+        self.config = config
+        self.backbone = heads[0].backbone
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VisibleHeadMix":
+        import hashlib
+        import json
+
+        p = Path(path)
+        try:
+            spec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{p}: cannot read visible-watermark mix ({e})") from None
+        if not isinstance(spec, dict) or spec.get("format") != MIX_FORMAT:
+            raise ModelLoadError(f"{p}: not a visible-watermark mix (no format={MIX_FORMAT!r})")
+        try:
+            entries = [(str(h["weights"]), float(h["logit_weight"]), h.get("mirrored", False)) for h in spec["heads"]]
+            threshold = float(spec["flag_threshold"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{p}: a mix needs heads [{{weights, logit_weight[, mirrored]}}] and flag_threshold "
+                                 f"({e})") from None
+        if not entries or not all(w > 0 for _, w, _ in entries) or not 0.0 < threshold < 1.0:
+            raise ModelLoadError(f"{p}: a mix needs at least one head, positive logit weights and a flag_threshold "
+                                 "in (0, 1)")
+        if not all(isinstance(m, bool) for _, _, m in entries):
+            raise ModelLoadError(f"{p}: a head's 'mirrored' must be true or false")
+        loaded: dict[str, VisibleWatermarkDetector] = {}  # one model per file, however many views read it
+        for w, _, _ in entries:
+            if w not in loaded:
+                loaded[w] = VisibleWatermarkDetector.load(str(p.parent / w))
+        heads = [loaded[w] for w, _, _ in entries]
+        if any(h.backbone is None for h in heads) or len({h.backbone.spec.checksum for h in heads}) != 1:
+            raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
+        # identified by what it computes (its heads' checksums and weights, its gate), not by the file's bytes: the
+        # evaluation writes its results into the same file
+        ident = json.dumps([[h.config.checksum, w] + ([True] if m else []) for h, (_, w, m) in zip(heads, entries)]
+                           + [threshold])
+        config = DetectorConfig(
+            input_size=max(h.config.input_size for h in heads),
+            mean=(0.0, 0.0, 0.0),
+            std=(1.0, 1.0, 1.0),
+            model_id=f"{CHECKPOINT_FORMAT}/mix",
+            checksum=hashlib.sha256(ident.encode()).hexdigest()[:16],
+            flag_threshold=threshold,
+            extra={k: v for k, v in spec.items() if k != "evaluation"},
+        )
+        logger.info("loaded visible-watermark mix %s (%s): %s", p, config.checksum, entries)
+        return cls(heads, [w for _, w, _ in entries], config, [m for _, _, m in entries])
+
+    @property
+    def input_sizes(self) -> list[int]:
+        return sorted({h.config.input_size for h in self.heads})
+
+    @property
+    def reads_scan_pass(self) -> bool:
+        """Whether every head reads the scan pass's maps (as VisibleWatermarkDetector.reads_scan_pass); a mix of
+        sizes does not, and runs SSCD again for the others."""
+        return all(h.reads_scan_pass for h in self.heads)
+
+    @property
+    def shares_scan_pass(self) -> bool:
+        """Whether some head reads the maps of a scan's own SSCD pass (at 288 px, not mirrored), which
+        probability_batch then takes as scan_taps instead of running SSCD at that size again."""
+        return any(h.reads_scan_pass and not m for h, m in zip(self.heads, self.mirrored))
+
+    def preprocess(self, image: Image.Image, beside_scan: bool = False) -> dict[int, np.ndarray]:
+        """{short side: SSCD input} for every size the heads read; beside_scan: without the scan pass's own size
+        (the scanner passes that pass's maps instead). Thread-safe."""
+        heads = [h for h, m in zip(self.heads, self.mirrored) if not (beside_scan and h.reads_scan_pass and not m)]
+        return {size: next(h for h in heads if h.config.input_size == size).preprocess(image)
+                for size in sorted({h.config.input_size for h in heads})}
+
+    @torch.inference_mode()
+    def probability_batch(self, batch: list[dict[int, np.ndarray]],
+                          scan_taps: list[dict[str, np.ndarray]] | None = None) -> np.ndarray:
+        """Preprocessed images (and, for the heads at SSCD's own size, a scan's maps of the same images) ->
+        p(watermark), (n,) float32."""
+        if scan_taps is not None and len(scan_taps) != len(batch):
+            raise ValueError(f"{len(scan_taps)} scan maps for {len(batch)} images")
+        z = np.zeros(len(batch), dtype=np.float32)
+        if len(batch) == 0:
+            return z
+        views = list(zip((h.config.input_size for h in self.heads), self.mirrored))
+        maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
+        if scan_taps is not None:
+            maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
+        for size, mirrored in sorted(set(views)):
+            if (size, mirrored) in maps_by_view:
+                continue
+            try:
+                inputs = [x[size] for x in batch]
+            except (KeyError, TypeError, IndexError):
+                raise ValueError(f"each image needs its {size} px input, from preprocess()") from None
+            if mirrored:
+                inputs = [np.ascontiguousarray(x[:, ::-1]) for x in inputs]
+            taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
+                                 for t in h.model.config.taps}))
+            maps_by_view[(size, mirrored)] = self.backbone.tap_maps(inputs, taps)
+        for head, w, view in zip(self.heads, self.logit_weights, views):
+            z += w * head._logits(maps_by_view[view])
+        return torch.sigmoid(torch.from_numpy(z)).numpy()
+
+    def probability(self, images: list[Image.Image]) -> np.ndarray:
+        return self.probability_batch([self.preprocess(im) for im in images])
+
+
+def load_detector(path: str | Path | None = None) -> "VisibleWatermarkDetector | VisibleHeadMix":
+    """A provenance checkpoint (.pt; None = the shipped 288 px head) or a mix of them (MIX_FORMAT JSON)."""
+    if path is not None and Path(path).suffix.lower() == ".json":
+        return VisibleHeadMix.load(path)
+    return VisibleWatermarkDetector.load(None if path is None else str(path))
+
+
 def tap_head_from_checkpoint(ckpt: dict, path: Path) -> TapHead:
     """The TapHead a checkpoint dict ("kind": "sscd-taps") holds, as trained (BatchNorm not folded: the detector
     folds it for inference; bench/train_visible_watermark_head.py --init fine-tunes it)."""
@@ -535,10 +668,12 @@ __all__ = [
     "DetectorConfig",
     "TapHead",
     "TapHeadConfig",
+    "VisibleHeadMix",
     "VisibleWatermarkDetector",
     "WatermarkNet",
     "WatermarkNetConfig",
     "laion_classifier_head",
+    "load_detector",
     "normalise",
     "resize_for_model",
     "save_checkpoint",
