@@ -14,9 +14,9 @@ cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the 
 On the shared 2-core machine the shipped 12,000 pairs took about 20 min to make (~100 s per 1,000 pairs, 8 GB of
 cache) and 12 min to train (6 epochs); then run bench/eval_visible_watermark.py --seen for the held-out numbers.
 
-The 512 px head (`scan --visible-thorough`) is the shipped one fine-tuned in three stages of 8,000 fresh pairs
-each, read at 512 px; the second and third draw half their pairs on photos at their own 224 px (--native-share),
-the first head's weakest held-out set:
+The 512 px head (read by `scan --visible-thorough`'s mix) is the shipped one fine-tuned in four stages of 8,000
+fresh pairs each, read at 512 px; the second to fourth draw half their pairs on photos at their own 224 px
+(--native-share), the first head's weakest held-out set:
 
     .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
         --init provenance/weights/visible_watermark.pt --seed 5 --pairs 8000 --epochs 3 --lr 3e-4 \
@@ -25,11 +25,16 @@ the first head's weakest held-out set:
         --init /tmp/stage1.pt --seed 6 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage2.pt
     .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n7-cache --input-size 512 \
         --init /tmp/stage2.pt --seed 7 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage3.pt
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n8-cache --input-size 512 \
+        --init /tmp/stage3.pt --seed 8 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage4.pt
 
-(~180 s per 1,000 pairs and 2 GB of cache each, ~13 min of training per stage; each card records its --init's
-checksum). Then copy the last stage to provenance/weights/visible_watermark_512.pt (and its .json), and
-compare_visible_heads.py --seen-only (or eval_visible_watermark.py --seen) gives the gate, written with
---set-flag-threshold, before eval_visible_watermark.py --seen --weights (that file) records the held-out numbers.
+(~140-180 s per 1,000 pairs and 2 GB of cache each, ~12 min of training per stage; each card records its --init's
+checksum; the cards' commands name the file each stage then read, the stage before it). Then copy the last stage
+to provenance/weights/visible_watermark_512.pt (and its .json) and give it its own gate with --set-flag-threshold.
+The mix (provenance/weights/visible_watermark_thorough.json) is chosen on the evaluation's separate draw:
+compare_visible_heads.py (new head, 288 px head) --flip --seen-only --save /tmp/seen.pkl, then
+mix_visible_heads.py /tmp/seen.pkl for the logit weights and the gate, before eval_visible_watermark.py --seen
+--weights provenance/weights/visible_watermark_thorough.json records the held-out numbers.
 """
 
 from __future__ import annotations

@@ -146,10 +146,12 @@ def thorough():
 def test_thorough_mix_is_the_shipped_head_and_one_tuned_from_it_at_512_px(thorough, detector):
     from provenance.watermarks.visible import VisibleHeadMix
 
-    assert isinstance(thorough, VisibleHeadMix) and len(thorough.heads) == 2
-    at_512, at_288 = thorough.heads
+    assert isinstance(thorough, VisibleHeadMix)
+    files = [h["weights"] for h in thorough.config.extra["heads"]]
+    assert set(files) == {"visible_watermark_512.pt", "visible_watermark.pt"}
+    at_512, at_288 = (thorough.heads[files.index(f)] for f in ("visible_watermark_512.pt", "visible_watermark.pt"))
     assert at_288 is detector  # the shipped 288 px head itself, loaded once per process
-    assert [h["weights"] for h in thorough.config.extra["heads"]] == ["visible_watermark_512.pt", "visible_watermark.pt"]
+    assert all(h is at_512 for h, f in zip(thorough.heads, files) if f == "visible_watermark_512.pt")  # one model
     assert thorough.input_sizes == [288, 512] and not thorough.reads_scan_pass and thorough.shares_scan_pass
     assert at_512.input_sizes == [512] and not at_512.reads_scan_pass and detector.reads_scan_pass
     assert all(w > 0 for w in thorough.logit_weights) and 0 < thorough.config.flag_threshold < 1
@@ -164,8 +166,13 @@ def test_thorough_mix_is_the_shipped_head_and_one_tuned_from_it_at_512_px(thorou
 def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
     images = photos[:6]
     p = thorough.probability(images)
-    z = sum(w * torch.logit(torch.from_numpy(h.probability(images)).double()).numpy()
-            for h, w in zip(thorough.heads, thorough.logit_weights))
+
+    def logits(head, mirrored):
+        x = [head.preprocess(im) for im in images]
+        x = [np.ascontiguousarray(xi[:, ::-1]) for xi in x] if mirrored else x
+        return torch.logit(torch.from_numpy(head.probability_batch(x)).double()).numpy()
+
+    z = sum(w * logits(h, m) for h, w, m in zip(thorough.heads, thorough.logit_weights, thorough.mirrored))
     assert np.allclose(p, 1 / (1 + np.exp(-z)), atol=1e-4)
     # as a scan gives it: the 288 px maps from the scan's own SSCD pass, only the 512 px input preprocessed
     x = [thorough.preprocess(im) for im in images]
