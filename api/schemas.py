@@ -19,7 +19,7 @@ class ErrorResponse(BaseModel):
 class ChecksOut(BaseModel):
     descriptors: list[str]
     visible: bool
-    visible_thorough: bool = False  # the server's default head: 512 px (true) or 288 px; /v1/scan can ask for either
+    visible_thorough: bool = False  # the server's default: the thorough mix (true) or the 288 px head; /v1/scan can ask for either
     invisible: bool
     c2pa: bool
     metadata: bool
@@ -63,8 +63,8 @@ class VisibleWatermarkOut(BaseModel):
     flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
     threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
     input_sizes: list[int] = Field(default_factory=list,
-                                   description="input size (short side, px) the probability comes from: SSCD's 288, "
-                                               "or 512 with scan --visible-thorough")
+                                   description="input sizes (short side, px) the probability comes from: SSCD's 288, "
+                                               "or 288 and 512 with scan --visible-thorough")
 
 
 class WatermarksOut(BaseModel):

@@ -61,7 +61,7 @@ class ServiceState:
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
         # visible_thorough -> (scanner, batcher), one per visible-watermark head: the server's default from loading,
-        # the other (288 or 512 px) from the first request that asks for it
+        # the other (288 px head or thorough mix) from the first request that asks for it
         self._variants: dict[bool, tuple[Scanner, ScanBatcher | None]] = {}
         self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -115,7 +115,7 @@ class ServiceState:
     async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None) -> list[ScanRecord]:
         """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
 
-        visible_thorough picks the visible-watermark head (512 px when True, 288 px when False); None is the
+        visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False); None is the
         server's default. The other head's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
         if visible_thorough is None:
@@ -135,8 +135,8 @@ class ServiceState:
                 assert self.scanner is not None and self.searcher is not None
                 scanner = Scanner(self.searcher, replace(self.scanner.options, visible_thorough=visible_thorough))
                 self._variants[visible_thorough] = (scanner, self._batcher(scanner))
-                logger.info("loaded the %s visible-watermark head for requests that ask for it",
-                            "512 px" if visible_thorough else "288 px")
+                logger.info("loaded the %s visible-watermark check for requests that ask for it",
+                            "thorough" if visible_thorough else "288 px")
             return self._variants[visible_thorough]
 
     def _batcher(self, scanner: Scanner) -> ScanBatcher | None:

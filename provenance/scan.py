@@ -74,8 +74,9 @@ class ScanOptions:
     models: ModelOptions | None = None
     visible_model: str | None = None  # path to other weights; None = shipped detector
     visible_laion_checkpoint: str | None = None
-    # the shipped visible-watermark head tuned at 512 px (visible.THOROUGH_WEIGHTS) instead of the 288 px one: finds
-    # more small and faint marks, at the cost of one more SSCD pass per image
+    # the shipped thorough visible-watermark mix (visible.THOROUGH_WEIGHTS: a head tuned at 512 px on the image and
+    # its mirror, with the 288 px head) instead of the 288 px head alone: finds more small and faint marks, at the
+    # cost of two more SSCD passes per image
     visible_thorough: bool = False
 
 
@@ -112,7 +113,7 @@ class Scanner:
         # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
         # index's SSCD model is the one the head was trained on and the head reads SSCD's own 288 px input (the
         # default); else it runs SSCD itself. --visible-thorough's mix does both: its 288 px head reads the scan's
-        # pass, its 512 px head runs SSCD again.
+        # pass, its 512 px views (the image and its mirror) run SSCD again.
         sscd, visible = self._models.get("sscd"), self._visible
         same_sscd = (
             visible is not None and visible.backbone is not None and sscd is not None and sscd.has_feature_taps
@@ -277,7 +278,7 @@ def _load_visible(o: ScanOptions):
     from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector, load_detector
 
     if o.visible_thorough and (o.visible_model or o.visible_laion_checkpoint):
-        raise ValueError("visible_thorough picks the shipped 512 px weights; it cannot be combined with other "
+        raise ValueError("visible_thorough picks the shipped thorough mix; it cannot be combined with other "
                          "visible-watermark weights")
     if o.visible_thorough:
         return load_detector(THOROUGH_WEIGHTS)
