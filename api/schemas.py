@@ -19,7 +19,7 @@ class ErrorResponse(BaseModel):
 class ChecksOut(BaseModel):
     descriptors: list[str]
     visible: bool
-    visible_thorough: bool = False  # the server's default: the thorough mix (true) or the 288 px head; /v1/scan can ask for either
+    visible_thorough: bool = False  # server default: thorough mix (true) or 288 px head; /v1/scan can ask for either
     invisible: bool
     c2pa: bool
     metadata: bool

@@ -115,8 +115,8 @@ class ServiceState:
     async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None) -> list[ScanRecord]:
         """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
 
-        visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False); None is the
-        server's default. The other head's scanner is built on first use (about a second) and kept."""
+        visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False);
+        None is the server's default. The other head's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
         if visible_thorough is None:
             visible_thorough = self.config.visible_thorough
