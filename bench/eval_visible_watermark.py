@@ -254,7 +254,7 @@ def timing(det: VisibleWatermarkDetector | VisibleHeadMix, batch_size: int = 32,
     images = [Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)) for _ in range(batch_size)]
     x = [det.preprocess(im) for im in images]
     model, arg = det.probability_batch, x
-    if isinstance(det, VisibleHeadMix) and det.shares_scan_pass:
+    if det.shares_scan_pass:
         scan_taps = det.backbone.embed_batch_with_taps([xi[SSCD_SHORT_SIDE] for xi in x])[1]
         beside = [det.preprocess(im, beside_scan=True) for im in images]
         model, arg = (lambda a: det.probability_batch(a[0], scan_taps=a[1])), (beside, scan_taps)

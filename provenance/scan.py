@@ -120,8 +120,7 @@ class Scanner:
             and sscd.spec.checksum == visible.backbone.spec.checksum
         )
         self._visible_from_sscd = same_sscd and visible.reads_scan_pass
-        self._visible_beside_sscd = same_sscd and not visible.reads_scan_pass and _is_mix(visible) \
-            and visible.shares_scan_pass
+        self._visible_beside_sscd = same_sscd and visible.shares_scan_pass
         self._sha_rows = self._sha_index()
 
     @classmethod
@@ -266,12 +265,6 @@ class Scanner:
 def _mime_type(fmt: str | None) -> str | None:
     return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
             "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")
-
-
-def _is_mix(detector) -> bool:
-    from provenance.watermarks.visible import VisibleHeadMix  # torch: imported when a visible check is on
-
-    return isinstance(detector, VisibleHeadMix)
 
 
 def _load_visible(o: ScanOptions):

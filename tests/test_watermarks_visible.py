@@ -202,6 +202,15 @@ def test_a_mirrored_view_reads_the_image_flipped_left_to_right(tmp_path, detecto
     path.write_text(path.read_text().replace("true", '"yes"'))
     with pytest.raises(ModelLoadError, match="mirrored"):
         load_detector(path)
+    # a mix of the 288 px head alone takes a scan's maps beside its (empty) own inputs, not as a single head does
+    path.write_text(path.read_text().replace('"yes"', "false"))
+    plain = load_detector(path)
+    assert plain.shares_scan_pass and not plain.reads_scan_pass and not detector.shares_scan_pass
+    beside = [plain.preprocess(im, beside_scan=True) for im in images]
+    scan_taps = detector.backbone.embed_batch_with_taps(x)[1]
+    assert beside == [{}] * len(images)
+    assert np.allclose(plain.probability_batch(beside, scan_taps=scan_taps), detector.probability_from_taps(scan_taps),
+                       atol=1e-6)
 
 
 def test_a_bad_mix_file_names_its_problem(tmp_path):

@@ -269,6 +269,12 @@ class VisibleWatermarkDetector:
         A head read at another size (such as the 512 px one) runs SSCD again, cut after the maps."""
         return self.backbone is not None and self.config.input_size == SSCD_SHORT_SIDE
 
+    @property
+    def shares_scan_pass(self) -> bool:
+        """False: one head takes a scan's maps whole (reads_scan_pass); only a VisibleHeadMix takes them beside
+        inputs of its own (probability_batch(scan_taps=...))."""
+        return False
+
     # 1. Loading
 
     @classmethod
@@ -530,9 +536,9 @@ class VisibleHeadMix:
 
     @property
     def reads_scan_pass(self) -> bool:
-        """Whether every head reads the scan pass's maps (as VisibleWatermarkDetector.reads_scan_pass); a mix of
-        sizes does not, and runs SSCD again for the others."""
-        return all(h.reads_scan_pass for h in self.heads)
+        """False: a mix has no probability_from_taps; it takes a scan's maps through probability_batch(scan_taps=...)
+        where shares_scan_pass, even when every head reads SSCD's own size."""
+        return False
 
     @property
     def shares_scan_pass(self) -> bool:
