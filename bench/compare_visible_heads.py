@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -51,15 +50,18 @@ def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: 
     out, meta, batch = [], [], []
 
     def flush():
-        views = [batch] + ([[im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in batch]] if flip else [])
         cols: list[np.ndarray] = []
-        for view in views:
-            z = np.empty((len(dets), len(view)), dtype=np.float32)
+        # the mirrored view flips the resized input, as VisibleHeadMix does
+        for mirrored in [False, True] if flip else [False]:
+            z = np.empty((len(dets), len(batch)), dtype=np.float32)
             for idx in by_size.values():
                 taps = tuple(sorted({t for i in idx for t in dets[i].model.config.taps}))
-                maps = dets[idx[0]].backbone.tap_maps([dets[idx[0]].preprocess(im) for im in view], taps)
+                inputs = [dets[idx[0]].preprocess(im) for im in batch]
+                if mirrored:
+                    inputs = [np.ascontiguousarray(x[:, ::-1]) for x in inputs]
+                maps = dets[idx[0]].backbone.tap_maps(inputs, taps)
                 for i in idx:
-                    z[i] = dets[i]._logits(maps)
+                    z[i] = dets[i].logits_from_taps(maps)
             cols.append(z)
         out.append(np.concatenate(cols))
         batch.clear()

@@ -84,9 +84,9 @@ with torch.inference_mode():
     for stream in ("native", "canvas"):
         for im, kind, facts in streams[stream]:
             meta.append((None, kind, facts))
-            L["s288"].append(det._logits(sscd.embed_batch_with_taps([sscd.preprocess(im)])[1])[0])
+            L["s288"].append(det.logits_from_taps(sscd.embed_batch_with_taps([sscd.preprocess(im)])[1])[0])
             m = sscd.tap_maps([np.asarray(resize_short_side(im.convert("RGB"), SIDE))], ("stride16",))
-            L["s512"].append(det._logits(m)[0]); L["t512"].append(tuned._logits(m)[0])
+            L["s512"].append(det.logits_from_taps(m)[0]); L["t512"].append(tuned.logits_from_taps(m)[0])
 L = {k: np.array(v) for k, v in L.items()}
 marked = load_real_marks()
 def rep(name, s):

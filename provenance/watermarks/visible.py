@@ -446,9 +446,13 @@ class VisibleWatermarkDetector:
         inputs of the head's own size), (n,) float32."""
         if self.backbone is None:
             raise TypeError("this detector reads pixels, not SSCD features")
-        return torch.sigmoid(torch.from_numpy(self._logits(taps))).numpy()
+        return torch.sigmoid(torch.from_numpy(self.logits_from_taps(taps))).numpy()
 
-    def _logits(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
+    @torch.inference_mode()
+    def logits_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
+        """The head's logits (before the sigmoid) from SSCD maps, (n,) float32: what a mix weighs."""
+        if self.backbone is None:
+            raise TypeError("this detector reads pixels, not SSCD features")
         out = np.empty(len(taps), dtype=np.float32)
         names = self.model.config.taps
         # one image's maps all follow from its input size, so its first map's shape groups it
@@ -580,7 +584,7 @@ class VisibleHeadMix:
                                  for t in h.model.config.taps}))
             maps_by_view[(size, mirrored)] = self.backbone.tap_maps(inputs, taps)
         for head, w, view in zip(self.heads, self.logit_weights, views):
-            z += w * head._logits(maps_by_view[view])
+            z += w * head.logits_from_taps(maps_by_view[view])
         return torch.sigmoid(torch.from_numpy(z)).numpy()
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
