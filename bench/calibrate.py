@@ -11,6 +11,11 @@
    normalisation against a background half of the non-members (2-fold: each half is background for the
    other), centring, and multi-view queries.
 4. Write bench/results/thresholds.json and bench/results/calibration.md.
+
+With --clip-model (and --clip-pretrained: a hub tag or a local checkpoint), the corpus is also indexed with that
+OpenCLIP model and `similar_clip` is chosen the same way as `similar_sscd` (CLIP top-1 cosine at <= 5% FPR on the
+edited and on the untouched non-members); without it the default is kept, as on a machine with no CLIP weights.
+A CLIP threshold belongs to its model: scan with the thresholds file written for the index's own CLIP model.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from provenance.calibration import (  # noqa: E402
 )
 from provenance.corpus import detect_source, read_corpus  # noqa: E402
 from provenance.images import decode_image  # noqa: E402
+from provenance.models import ModelOptions  # noqa: E402
 from provenance.scan import Thresholds, decide_verdict  # noqa: E402
 from provenance.search import Searcher  # noqa: E402
 
@@ -87,17 +93,25 @@ class Query:
 # ------------------------------------------------------------------------------------------ index
 
 
-def ensure_index(corpus: Path, cache: Path) -> Path:
+def ensure_index(corpus: Path, cache: Path, clip: ModelOptions | None = None) -> Path:
+    """The corpus indexed with SSCD + PDQ (and the CLIP model of `clip`), cached under `cache` per corpus and CLIP
+    model."""
     from provenance.indexer import BuildOptions, build
     from provenance.store import ProvenanceIndex
 
-    index_dir = cache / "index-flickr8k-dev"
+    name = "index-flickr8k-dev" if corpus.name == "flickr8k-dev" else f"index-{corpus.name}"
+    descriptors = ["sscd", "pdq"]
+    if clip is not None:
+        descriptors.append("clip")
+        tag = hashlib.sha256(json.dumps([clip.clip_model, clip.clip_pretrained]).encode()).hexdigest()[:8]
+        name += f"-clip-{tag}"
+    index_dir = cache / name
     if (index_dir / "manifest.json").exists():
         n = len(ProvenanceIndex.open(index_dir))
         logger.info("reusing the index at %s (%d items)", index_dir, n)
         return index_dir
-    logger.info("indexing %s into %s (SSCD + PDQ)", corpus, index_dir)
-    r = build(str(corpus), index_dir, BuildOptions(descriptors=["sscd", "pdq"]))
+    logger.info("indexing %s into %s (%s)", corpus, index_dir, " + ".join(descriptors))
+    r = build(str(corpus), index_dir, BuildOptions(descriptors=descriptors, models=clip or ModelOptions()))
     logger.info("indexed %d items (%d skipped) in %.0f s", r.added, r.skipped, r.seconds)
     return index_dir
 
@@ -244,6 +258,20 @@ def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher,
     return vectors, np.load(qdir / "pdq_base.npy"), timing
 
 
+def embed_clip_queries(queries: list[Query], images: QueryImages, clip, qdir: Path, batch: int = 32) -> np.ndarray:
+    """CLIP image vectors of the queries (one view, as the scanner embeds them); cached in `qdir` per CLIP model."""
+    path = qdir / f"clip_base-{clip.spec.checksum}.npy"
+    if path.exists():
+        return np.load(path)
+    logger.info("embedding %d queries with CLIP %s", len(queries), clip.spec.model_id)
+    out = np.zeros((len(queries), clip.spec.dim), np.float32)
+    for i in range(0, len(queries), batch):
+        chunk = queries[i:i + batch]
+        out[i:i + len(chunk)] = clip.embed([images.image(q) for q in chunk])
+    np.save(path, out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ scoring
 
 
@@ -341,6 +369,18 @@ class Run:
     timing: dict[str, float]
     seconds_embed: float
     started: float
+    clip: "ClipCalibration | None" = None
+
+
+@dataclass
+class ClipCalibration:
+    """CLIP top-1 per query and the similar_clip threshold chosen on it."""
+
+    model_id: str
+    score: np.ndarray  # (n,) CLIP top-1 cosine
+    correct: np.ndarray  # (n,) CLIP top-1 is the source photo
+    threshold: float
+    parts: tuple[float, float]  # (edited-only, untouched-only) thresholds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(each costs one more SSCD embedding per query on the first run)")
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--clip-model", help="also calibrate similar_clip with this OpenCLIP model (e.g. ViT-B-32)")
+    ap.add_argument("--clip-pretrained", help="its weights: an OpenCLIP hub tag or a local checkpoint path")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
@@ -364,9 +406,14 @@ def main(argv: list[str] | None = None) -> int:
         if v not in VIEWS:
             ap.error(f"unknown view {v!r}; choose from {', '.join(VIEWS)}")
 
+    if args.clip_pretrained and not args.clip_model:
+        ap.error("--clip-pretrained needs --clip-model")
+    clip_options = (ModelOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
+                    if args.clip_model else None)
+
     # 1. Index
-    index_dir = ensure_index(args.corpus, args.cache)
-    searcher = Searcher.open(index_dir)
+    index_dir = ensure_index(args.corpus, args.cache, clip_options)
+    searcher = Searcher.open(index_dir, clip_options)
     index = searcher.index
     ids = list(index.ids)
     row_of = {item: r for r, item in enumerate(ids)}
@@ -379,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     images = QueryImages(args.corpus, args.nonmembers, {q.source for q in queries if q.role == "member"})
     t_embed = time.perf_counter()
     vectors, hashes, timing = embed_queries(queries, images, searcher, views, args.cache / f"queries-{key}")
+    clip_vectors = (embed_clip_queries(queries, images, searcher.model("clip"), args.cache / f"queries-{key}")
+                    if clip_options else None)
     t_embed = time.perf_counter() - t_embed
 
     role = np.array([q.role for q in queries])
@@ -421,17 +470,26 @@ def main(argv: list[str] | None = None) -> int:
     exact_sscd, exact_bits, picks = choose_exact(base.score, pdq_dist, pdq_row, src_row, family, split)
     picks.update(replica_parts=replica_parts, similar_parts=similar_parts, margin_dup_tpr=dup_tpr,
                  margin_thr=margin_thr)
+    clip = None
+    if clip_vectors is not None:
+        # the CLIP similar band, chosen like SSCD's: <= 5% of edited and of untouched non-members reach it
+        clip_score, clip_rows = topk(clip_vectors, np.asarray(index.vectors("clip"), dtype=np.float32), 1)
+        clip_thr, *clip_parts = pick_threshold(clip_score[:, 0], split, SIMILAR_FPR)
+        clip = ClipCalibration(index.specs["clip"].model_id, clip_score[:, 0], clip_rows[:, 0] == src_row,
+                               float(clip_thr), tuple(clip_parts))
     chosen = Thresholds(exact_pdq_bits=exact_bits, exact_sscd=exact_sscd, replica_sscd=replica,
-                        similar_sscd=min(similar, replica), similar_clip=Thresholds().similar_clip)
+                        similar_sscd=min(similar, replica),
+                        similar_clip=clip.threshold if clip else Thresholds().similar_clip)
     (args.out / "thresholds.json").write_text(json.dumps(chosen.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     # 5. Verdicts with those thresholds, through the scanner's own decide_verdict, and the report.
     verdicts = np.array([
-        decide_verdict({"sscd": float(base.score[i]), "pdq_distance": int(pdq_dist[i])}, chosen,
+        decide_verdict({"sscd": float(base.score[i]), "pdq_distance": int(pdq_dist[i]),
+                        "clip": float(clip.score[i]) if clip else None}, chosen,
                        same_bytes=q.role == "member" and q.family == UNTOUCHED)
         for i, q in enumerate(queries)])
     run = Run(args, views, queries, ids, family, split, src_row, base, base.row == src_row, pdq_dist, verdicts,
-              chosen, picks, methods, results, timing, t_embed, started)
+              chosen, picks, methods, results, timing, t_embed, started, clip)
     (args.out / "calibration.md").write_text(render_report(run), encoding="utf-8")
     logger.info("wrote %s and %s in %.0f s", args.out / "thresholds.json", args.out / "calibration.md",
                 time.perf_counter() - started)
@@ -505,6 +563,26 @@ def choose_exact(sscd: np.ndarray, pdq_dist: np.ndarray, pdq_row: np.ndarray, sr
 # ------------------------------------------------------------------------------------------ report
 
 
+def clip_report(r: Run) -> str:
+    """What the CLIP similar band adds: its rates, and the edited members SSCD leaves novel that it catches."""
+    c, sp, t = r.clip, r.split, r.thresholds
+    tpr, fpr = rates(c.score[sp.pos], c.correct[sp.pos], c.score[sp.neg], t.similar_clip)
+    _, fpru = rates(c.score[sp.pos], c.correct[sp.pos], c.score[sp.neg_untouched], t.similar_clip)
+    sscd_novel = sp.pos & (r.base.score < t.similar_sscd)
+    caught = sscd_novel & (c.score >= t.similar_clip) & c.correct
+    lines = [f"### CLIP similar band ({c.model_id})\n",
+             f"At similar_clip = {t.similar_clip:.4f}: {tpr:.3f} of edited members reach it with their own photo "
+             f"as CLIP's top-1; {fpr:.3f} of edited and {fpru:.3f} of untouched non-members reach it. Of the "
+             f"{int(sscd_novel.sum())} edited members below SSCD's similar band, CLIP puts {int(caught.sum())} in "
+             "its similar band with the right id.\n",
+             "| family | n | CLIP TPR (right id) | median CLIP top-1 |", "|---|---|---|---|"]
+    for fam in sorted(set(r.family[sp.pos])):
+        m = sp.pos & (r.family == fam)
+        hit = float(((c.score >= t.similar_clip) & c.correct)[m].mean())
+        lines.append(f"| {fam} | {int(m.sum())} | {hit:.3f} | {float(np.median(c.score[m])):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def describe_params(p: dict[str, Any]) -> str:
     if "steps" in p:
         return " + ".join(s["family"] + "(" + describe_params({k: v for k, v in s.items() if k != "family"}) + ")"
@@ -544,7 +622,13 @@ def render_report(r: Run) -> str:
         f"capped at half the closest non-member ({r.picks['neg_min_pdq']} bits) |")
     add(f"| exact_sscd | {t.exact_sscd:.2f} | just under the lowest SSCD of a re-encoded member "
         f"({r.picks['reencode_min_sscd']:.3f}); the highest non-member is {r.picks['neg_max_sscd']:.3f} |")
-    add(f"| similar_clip | {t.similar_clip} | not calibrated: no CLIP weights on this machine; default kept |\n")
+    if r.clip is None:
+        add(f"| similar_clip | {t.similar_clip} | not calibrated: no CLIP weights on this machine; default kept "
+            "(`--clip-model` calibrates it) |\n")
+    else:
+        cp = r.clip.parts
+        add(f"| similar_clip | {t.similar_clip:.4f} | CLIP ({r.clip.model_id}) top-1 at FPR <= 5% ({cp[0]:.4f} "
+            f"edited, {cp[1]:.4f} untouched); the larger wins. For this CLIP model only |\n")
     tpr, fpr = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg], t.replica_sscd)
     _, fpru = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg_untouched], t.replica_sscd)
     met = tpr >= 0.97 and fpr <= 0.01 and fpru <= 0.01
@@ -553,6 +637,8 @@ def render_report(r: Run) -> str:
         f"FPR <= 1%: {'met' if met else 'NOT met'}).\n")
 
     add(recommendation(r))
+    if r.clip is not None:
+        add(clip_report(r))
 
     # -- sweep
     add("### Threshold sweep (raw SSCD top-1, one view)\n")
@@ -743,4 +829,10 @@ def per_family_methods(methods: list[Scored], src_row: np.ndarray, family: np.nd
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from provenance.errors import ProvenanceError
+
+    try:
+        raise SystemExit(main())
+    except ProvenanceError as e:  # a model or corpus that cannot be read: its message, without a traceback
+        print(f"calibrate: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -39,7 +39,8 @@ class Thresholds:
     exact_sscd: float = 0.92  # and SSCD must agree (lowest re-encode: 0.933), so PDQ alone never says exact
     replica_sscd: float = 0.45  # SSCD cosine; FPR 0.3% edited / 1.0% untouched non-members
     similar_sscd: float = 0.30  # the same rule at <= 5% FPR
-    similar_clip: float = 0.90  # not calibrated offline (no pretrained CLIP here): conservative
+    # not calibrated offline (no pretrained CLIP here): conservative; bench/calibrate.py --clip-model calibrates it
+    similar_clip: float = 0.90
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

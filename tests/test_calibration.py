@@ -89,3 +89,47 @@ def test_topk_sorted_and_corpus_margin() -> None:
     np.testing.assert_allclose(m, s[:, 0] - s[:, 1:4].mean(1), rtol=1e-5)
     with pytest.raises(ValueError, match="first >= 1"):
         corpus_margin(s, ScoreNormalization(1.0, 0, 2))
+
+
+def test_calibration_harness_chooses_similar_clip_for_the_given_clip_model(tmp_path, nonmember_dir) -> None:
+    """bench/calibrate.py --clip-model indexes the corpus with that CLIP checkpoint (here a tiny random one, through
+    the same loading path as real weights) and writes a similar_clip chosen at <= 5% FPR, which scan can load."""
+    import json
+    import shutil
+    import sys
+
+    from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
+    from provenance.scan import Thresholds, load_thresholds
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    import calibrate
+
+    nonmembers = tmp_path / "nonmembers"
+    nonmembers.mkdir()
+    for photo in sorted(nonmember_dir.glob("*.jpg"))[:24]:
+        shutil.copy(photo, nonmembers / photo.name)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny-clip.pt")
+    out = tmp_path / "out"
+    out.mkdir()
+    rc = calibrate.main(["--corpus", str(repo / "provenance" / "sample" / "coco-cc"), "--nonmembers", str(nonmembers),
+                         "--positives", "32", "--negatives", "24", "--untouched-positives", "4", "--views", "",
+                         "--cache", str(tmp_path / "cache"), "--out", str(out),
+                         "--clip-model", TINY_CLIP_MODEL, "--clip-pretrained", str(ckpt)])
+    assert rc == 0
+    chosen = load_thresholds(out / "thresholds.json")
+    assert chosen.similar_clip != Thresholds().similar_clip and -1.0 <= chosen.similar_clip <= 1.0
+    assert json.loads((out / "thresholds.json").read_text())["similar_clip"] == chosen.similar_clip
+    report = (out / "calibration.md").read_text()
+    assert f"### CLIP similar band ({TINY_CLIP_MODEL}/tiny-clip.pt)" in report
+    assert "For this CLIP model only" in report and "| reencode | 2 |" in report
+    # the queries' CLIP vectors were cached per model: the untouched non-members' top-1 scores, recomputed from
+    # them, put at most 5% (1 of 24) at or above the chosen threshold
+    cached = list((tmp_path / "cache").glob("queries-*/clip_base-*.npy"))
+    assert len(cached) == 1
+    index_dir = next((tmp_path / "cache").glob("index-coco-cc-clip-*"))
+    from provenance.store import ProvenanceIndex
+
+    xb = np.asarray(ProvenanceIndex.open(index_dir).vectors("clip"), dtype=np.float32)
+    untouched_neg = np.load(cached[0])[-24:]  # the plan ends with every non-member, untouched
+    assert int(((untouched_neg @ xb.T).max(axis=1) >= chosen.similar_clip).sum()) <= 1
