@@ -33,6 +33,8 @@ class ServerConfig:
     # the thorough visible-watermark mix reads each upload (scan --visible-thorough: the head tuned at 512 px on the
     # image and its mirror, with the 288 px head): more small and faint marks found, ~120 ms more CPU per scan
     visible_thorough: bool = False
+    # SSCD also matches the centre 60% of each upload (scan --centre-view): photos shown small inside screenshots
+    centre_view: bool = False
     invisible: bool | None = None
     c2pa: bool = True
     metadata: bool = True
@@ -112,7 +114,8 @@ class ServerConfig:
             values["cors_origins"] = _split(v)
         if (v := get("KEEP_UPLOADS")) is not None:
             values["keep_uploads"] = Path(v)
-        for name, key in (("VISIBLE", "visible"), ("VISIBLE_THOROUGH", "visible_thorough"), ("INVISIBLE", "invisible"),
+        for name, key in (("VISIBLE", "visible"), ("VISIBLE_THOROUGH", "visible_thorough"), ("CENTRE_VIEW", "centre_view"),
+                          ("INVISIBLE", "invisible"),
                           ("C2PA", "c2pa"), ("METADATA", "metadata")):
             if (v := get(name)) is not None:
                 values[key] = _flag(ENV_PREFIX + name, v)
@@ -141,6 +144,7 @@ class ServerConfig:
             "C2PA": str(self.c2pa).lower(),
             "METADATA": str(self.metadata).lower(),
             "VISIBLE_THOROUGH": str(self.visible_thorough).lower(),
+            "CENTRE_VIEW": str(self.centre_view).lower(),
         }
         if self.visible is not None:
             env["VISIBLE"] = str(self.visible).lower()

@@ -20,6 +20,7 @@ class ChecksOut(BaseModel):
     descriptors: list[str]
     visible: bool
     visible_thorough: bool = False  # server default: thorough mix (true) or 288 px head; /v1/scan can ask for either
+    centre_view: bool = False  # SSCD also matches the centre 60% of each upload (serve --centre-view)
     invisible: bool
     c2pa: bool
     metadata: bool

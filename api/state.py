@@ -40,6 +40,7 @@ class Checks:
     descriptors: list[str] = field(default_factory=list)  # e.g. ["sscd", "pdq"]
     visible: bool = False
     visible_thorough: bool = False  # the server's default; a scan request may ask for the other head
+    centre_view: bool = False  # SSCD also matches each upload's centre (scan --centre-view)
     invisible: bool = False
     c2pa: bool = False
     metadata: bool = False
@@ -186,7 +187,7 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
     checks.invisible = invisible
     options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
                           metadata=config.metadata, max_pixels=config.max_pixels,
-                          visible_thorough=config.visible_thorough)
+                          visible_thorough=config.visible_thorough, centre_view=config.centre_view)
     try:
         scanner = Scanner(searcher, options)
     except ModelLoadError as e:
@@ -199,5 +200,6 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
         scanner = Scanner(searcher, options)
     checks.visible = options.visible
     checks.visible_thorough = options.visible and config.visible_thorough
+    checks.centre_view = config.centre_view and "sscd" in scanner.descriptors
     checks.descriptors = list(scanner.descriptors)
     return scanner, checks

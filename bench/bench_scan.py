@@ -58,6 +58,8 @@ def main() -> None:
         "full + clip (tiny ViT)": ScanOptions(use_clip=True),
         # scan --visible-thorough: the visible-watermark head also at 512 px (one more SSCD pass, cut at its map)
         "full, --visible-thorough": ScanOptions(use_clip=False, visible_thorough=True),
+        # scan --centre-view: SSCD also on the centre 60% of each image (a second SSCD pass and search)
+        "full, --centre-view": ScanOptions(use_clip=False, centre_view=True),
     }
     results = {}
     scanners = {name: Scanner.open(index_dir, opts) for name, opts in configs.items()}

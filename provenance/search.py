@@ -88,6 +88,17 @@ def drop_far_pdq(per_descriptor: dict[str, list[Match]]) -> dict[str, list[Match
     return {**per_descriptor, "pdq": close}
 
 
+def best_per_item(views: list[list[Match]], k: int) -> list[Match]:
+    """One descriptor's matches from several views of the same image: each corpus item once, at its best score
+    over the views, best first, at most k."""
+    best: dict[str, Match] = {}
+    for matches in views:
+        for m in matches:
+            if m.id not in best or m.score > best[m.id].score:
+                best[m.id] = m
+    return sorted(best.values(), key=lambda m: -m.score)[:k]
+
+
 def merge_matches(per_descriptor: dict[str, list[Match]], k: int) -> list[Match]:
     """One best-first list across descriptors: sscd, then pdq, then clip, each by score, ids de-duplicated
     (copy-detection evidence ranks above semantic similarity)."""

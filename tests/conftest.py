@@ -33,3 +33,25 @@ def flickr_shards_dir() -> Path:
 @pytest.fixture(scope="session")
 def nonmember_dir() -> Path:
     return _need(NONMEMBERS)
+
+
+@pytest.fixture(scope="session")
+def window_screenshot():
+    """A function: (photo, photo_width) -> the photo shown small in a desktop window (scan's centre view finds it)."""
+    return _window_screenshot
+
+
+def _window_screenshot(photo, photo_width: float):
+    """The photo shown small in the middle of a desktop window with a title bar and a column of text."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (1100, 760), (245, 245, 245))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, 0, 1100, 40), fill=(60, 60, 70))
+    draw.text((12, 12), "Photos - Gallery viewer", fill=(255, 255, 255))
+    for y in range(60, 760, 28):
+        draw.text((20, y), f"folder item {y}", fill=(30, 30, 30))
+    w = int(1100 * photo_width)
+    h = round(w * photo.height / photo.width)
+    canvas.paste(photo.resize((w, h)), ((1100 - w) // 2, (760 - h) // 2 + 10))
+    return canvas

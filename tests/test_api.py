@@ -469,6 +469,25 @@ def test_config_from_env(tmp_path):
     assert thorough.visible_thorough and ServerConfig.from_env(thorough.to_env()) == thorough
     with pytest.raises(ValueError, match="visible_thorough"):  # the extra view of a check that is off
         ServerConfig.from_env(env, visible_thorough=True)
+    centre = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_CENTRE_VIEW": "1"})
+    assert centre.centre_view and ServerConfig.from_env(centre.to_env()) == centre
+
+
+def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos, client, window_screenshot):
+    item_id, data = list(photos.items())[7]
+    buf = io.BytesIO()
+    window_screenshot(Image.open(io.BytesIO(data)).convert("RGB"), 0.4).save(buf, "JPEG", quality=85)
+    upload = {"file": ("shot.jpg", buf.getvalue(), "image/jpeg")}
+    centre = _client(ServerConfig(index_dir=index_dir, centre_view=True, visible=False))
+    try:
+        assert centre.get("/healthz").json()["checks"]["centre_view"] is True
+        rec = centre.post("/v1/scan", files=upload).json()
+        assert rec["verdict"] == "replica" and rec["matches"][0]["id"] == item_id, rec["scores"]
+        assert rec["extra"]["sscd_view"] == "centre"
+        assert client.get("/healthz").json()["checks"]["centre_view"] is False
+        assert client.post("/v1/scan", files=upload).json()["verdict"] not in ("exact", "replica")
+    finally:
+        centre.__exit__(None, None, None)
 
 
 def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client):

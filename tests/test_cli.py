@@ -115,6 +115,19 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     assert r.exit_code == EXIT_USAGE and "no index" in r.output
 
 
+def test_scan_centre_view_gates_on_a_photo_shown_small_in_a_screenshot(index_dir, coco_dir, tmp_path,
+                                                                       window_screenshot):
+    photo = sorted(coco_dir.glob("*.jpg"))[25]
+    shot = tmp_path / "shot.jpg"
+    window_screenshot(Image.open(photo).convert("RGB"), 0.4).save(shot, quality=85)
+    args = ["scan", str(shot), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica", "--no-visible"]
+    assert runner.invoke(app, args).exit_code == EXIT_CLEAN  # the whole window: the photo is too small to match
+    r = runner.invoke(app, [*args, "--centre-view"])
+    assert r.exit_code == EXIT_FAIL_ON, r.output
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["matches"][0]["id"] == photo.name and rec["extra"]["sscd_view"] == "centre"
+
+
 def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_path):
     import torch
 

@@ -75,6 +75,35 @@ def test_non_members_are_not_replicas(scanner, nonmember_dir):
     assert "exact" not in verdicts and "replica" not in verdicts, [(r.path, r.scores) for r in records if r.verdict in ("exact", "replica")]
 
 
+def test_centre_view_finds_a_photo_shown_small_in_a_screenshot(scanner, index_dir, photos, nonmember_dir, tmp_path,
+                                                               window_screenshot):
+    centre = Scanner.open(index_dir, ScanOptions(k=5, centre_view=True, visible=False, invisible=False))
+    shots = [_save(window_screenshot(Image.open(photos[i]).convert("RGB"), 0.4), tmp_path / f"shot{i}.jpg", quality=85)
+             for i in (5, 25)]
+    plain, thorough = scanner.scan_paths(shots), centre.scan_paths(shots)
+    for i, one_view, two_views in zip((5, 25), plain, thorough):
+        assert one_view.verdict not in ("exact", "replica"), one_view.scores  # the whole window: photo too small
+        assert two_views.verdict == "replica" and two_views.matches[0].id == photos[i].name, two_views.scores
+        assert two_views.extra["sscd_view"] == "centre" and two_views.scores["sscd"] > one_view.scores["sscd"]
+    # a corpus photo itself is still its own top match, from the whole-image view
+    rec = centre.scan_paths([photos[3]])[0]
+    assert rec.verdict == "exact" and rec.matches[0].id == photos[3].name and "sscd_view" not in rec.extra
+    # and the second view does not turn non-members into replicas
+    records = centre.scan_paths(sorted(nonmember_dir.glob("*.jpg"))[:40])
+    assert not [r.scores for r in records if r.verdict in ("exact", "replica")]
+
+
+def test_best_per_item_keeps_each_item_once_at_its_best_view():
+    from provenance.search import best_per_item
+    from provenance.types import Match
+
+    full = [Match("a", 0.5, "sscd"), Match("b", 0.4, "sscd")]
+    part = [Match("b", 0.7, "sscd"), Match("c", 0.45, "sscd"), Match("a", 0.2, "sscd")]
+    merged = best_per_item([full, part], k=2)
+    assert [(m.id, m.score) for m in merged] == [("b", 0.7), ("a", 0.5)]
+    assert merged[0] is part[0] and best_per_item([[], []], k=3) == []
+
+
 def test_corrupt_files_give_error_records_and_the_batch_continues(scanner, photos, tmp_path):
     bad = tmp_path / "truncated.jpg"
     bad.write_bytes(photos[0].read_bytes()[:1000])
