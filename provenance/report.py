@@ -291,6 +291,8 @@ def _record_html(r: ScanRecord, match_thumb: Callable[[str], bytes | None], max_
         for name, key in (("sscd", "sscd"), ("clip", "clip"), ("pdq bits", "pdq_distance"))
         if r.scores.get(key) is not None
     )
+    if r.extra.get("sscd_view") == "centre":
+        scores += " (sscd from the image's centre)"
     out = [
         f'<article class="{classes}">',
         f'<div class="query">{_img_html(make_thumbnail(r.path), r.path)}',

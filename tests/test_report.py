@@ -49,7 +49,7 @@ def records(photos, tmp_path_factory) -> list[ScanRecord]:
             matches=[Match(q[3].name, 0.71, "sscd", caption="Two dogs"), Match(q[4].name, 0.97, "pdq", distance=8)],
             scores={"sscd": 0.71, "clip": 0.8, "pdq_distance": 8},
             watermarks=WatermarkEvidence(visible={"probability": 0.61, "flagged": False, "threshold": 0.9}),
-            extra={"memorization": {"noise_norm": 0.5, "pairwise_sscd": 0.2, "flag": False}},
+            extra={"memorization": {"noise_norm": 0.5, "pairwise_sscd": 0.2, "flag": False}, "sscd_view": "centre"},
         ),  # fmt: skip
         ScanRecord(path=str(q[5]), sha256="c" * 64, width=640, height=427, verdict="novel",
                    scores={"sscd": 0.21, "clip": 0.3, "pdq_distance": 120}),  # fmt: skip
@@ -116,6 +116,7 @@ def test_html_is_self_contained_and_shows_everything(records, thumbnails):
     assert "sd-v1" in page and "payload run-7" in page
     assert "AI-generated (trainedAlgorithmicMedia)" in page and "training opt-out" in page
     assert "pairwise_sscd" in page and "8 bits" in page
+    assert page.count("(sscd from the image's centre)") == 1  # scan --centre-view's top match
 
 
 def test_html_without_thumbnail_source_or_scores(records):
