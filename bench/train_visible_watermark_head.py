@@ -14,8 +14,8 @@ cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the 
 On the shared 2-core machine the shipped 12,000 pairs took about 20 min to make (~100 s per 1,000 pairs, 8 GB of
 cache) and 12 min to train (6 epochs); then run bench/eval_visible_watermark.py --seen for the held-out numbers.
 
-The 512 px head (read by `scan --visible-thorough`'s mix) is the shipped one fine-tuned in four stages of 8,000
-fresh pairs each, read at 512 px; the second to fourth draw half their pairs on photos at their own 224 px
+The 512 px head (read by `scan --visible-thorough`'s mix) is the shipped one fine-tuned in five stages of 8,000
+fresh pairs each, read at 512 px; the second to fifth draw half their pairs on photos at their own 224 px
 (--native-share), the first head's weakest held-out set:
 
     .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
@@ -27,6 +27,8 @@ fresh pairs each, read at 512 px; the second to fourth draw half their pairs on 
         --init /tmp/stage2.pt --seed 7 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage3.pt
     .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n8-cache --input-size 512 \
         --init /tmp/stage3.pt --seed 8 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage4.pt
+    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n9-cache --input-size 512 \
+        --init /tmp/stage4.pt --seed 9 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage5.pt
 
 (~140-180 s per 1,000 pairs and 2 GB of cache each, ~12 min of training per stage; each card records its --init's
 checksum; the cards' commands name the file each stage then read, the stage before it). Then copy the last stage
