@@ -61,9 +61,9 @@ class ServiceState:
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
-        # visible_thorough -> (scanner, batcher), one per visible-watermark head: the server's default from loading,
-        # the other (288 px head or thorough mix) from the first request that asks for it
-        self._variants: dict[bool, tuple[Scanner, ScanBatcher | None]] = {}
+        # (visible_thorough, centre_view) -> (scanner, batcher): the server's default from loading, another (the
+        # other visible-watermark head, or SSCD's centre view on or off) from the first request that asks for it
+        self._variants: dict[tuple[bool, bool], tuple[Scanner, ScanBatcher | None]] = {}
         self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -100,7 +100,7 @@ class ServiceState:
             self._ready.set()
             return
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
-        self._variants[self.config.visible_thorough] = (scanner, self._batcher(scanner))
+        self._variants[(self.config.visible_thorough, self.config.centre_view)] = (scanner, self._batcher(scanner))
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
@@ -113,32 +113,37 @@ class ServiceState:
 
     # 2. Work, off the event loop
 
-    async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None) -> list[ScanRecord]:
+    async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None,
+                   centre_view: bool | None = None) -> list[ScanRecord]:
         """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
 
         visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False);
-        None is the server's default. The other head's scanner is built on first use (about a second) and kept."""
+        centre_view whether SSCD also matches the image's centre (scan --centre-view); None is the server's default.
+        Another combination's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
-        if visible_thorough is None:
-            visible_thorough = self.config.visible_thorough
-        variant = self._variants.get(visible_thorough)  # the default's is there from loading
-        scanner, batcher = variant or await run_in_threadpool(self._variant, visible_thorough)
+        key = (self.config.visible_thorough if visible_thorough is None else visible_thorough,
+               self.config.centre_view if centre_view is None else centre_view)
+        variant = self._variants.get(key)  # the default's is there from loading
+        scanner, batcher = variant or await run_in_threadpool(self._variant, key)
         if batcher is not None:
             return await asyncio.wrap_future(batcher.submit(items))
         return await run_in_threadpool(scanner.scan_many_bytes, items)
 
-    def _variant(self, visible_thorough: bool) -> tuple[Scanner, ScanBatcher | None]:
-        """The scanner (sharing the searcher's models) and batcher for the other visible-watermark head."""
-        if not self.checks.visible:
+    def _variant(self, key: tuple[bool, bool]) -> tuple[Scanner, ScanBatcher | None]:
+        """The scanner (sharing the searcher's models) and batcher for another (visible_thorough, centre_view)."""
+        visible_thorough, centre_view = key
+        if visible_thorough != self.config.visible_thorough and not self.checks.visible:
             raise VisibleCheckOff("this server does not check visible watermarks, so it has no head to choose")
         with self._variants_lock:
-            if visible_thorough not in self._variants:
+            if key not in self._variants:
                 assert self.scanner is not None and self.searcher is not None
-                scanner = Scanner(self.searcher, replace(self.scanner.options, visible_thorough=visible_thorough))
-                self._variants[visible_thorough] = (scanner, self._batcher(scanner))
-                logger.info("loaded the %s visible-watermark check for requests that ask for it",
-                            "thorough" if visible_thorough else "288 px")
-            return self._variants[visible_thorough]
+                options = replace(self.scanner.options, visible_thorough=visible_thorough, centre_view=centre_view)
+                scanner = Scanner(self.searcher, options)
+                self._variants[key] = (scanner, self._batcher(scanner))
+                logger.info("loaded the scan with the %s visible-watermark check and the centre view %s for requests "
+                            "that ask for it", "thorough" if visible_thorough else "288 px",
+                            "on" if centre_view else "off")
+            return self._variants[key]
 
     def _batcher(self, scanner: Scanner) -> ScanBatcher | None:
         if self.config.scan_batch <= 0:

@@ -486,6 +486,12 @@ def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos
         assert rec["extra"]["sscd_view"] == "centre"
         assert client.get("/healthz").json()["checks"]["centre_view"] is False
         assert client.post("/v1/scan", files=upload).json()["verdict"] not in ("exact", "replica")
+        # a request picks the other setting on either server, even one without the visible check (no 409)
+        asked = client.post("/v1/scan?centre_view=true", files=upload).json()
+        assert asked["verdict"] == "replica" and asked["scores"]["sscd"] == rec["scores"]["sscd"]
+        assert asked["watermarks"]["visible"]["input_sizes"] == [288]  # the server's visible check is unchanged
+        off = centre.post("/v1/scan/batch?centre_view=false", files=[("files", ("b.jpg", buf.getvalue(), "image/jpeg"))])
+        assert off.json()[0]["verdict"] not in ("exact", "replica") and "extra" not in off.json()[0]
     finally:
         centre.__exit__(None, None, None)
 

@@ -27,6 +27,11 @@ VisibleThorough = Annotated[bool | None, Query(description=(
     "more CPU per image), false for the 288 px head alone that reuses the "
     "copy-detection pass; unset for the server's default (/healthz: checks.visible_thorough). The record's "
     "watermarks.visible.input_sizes says which one ran."))]
+CentreView = Annotated[bool | None, Query(description=(
+    "Whether SSCD also matches the centre 60% of the image, keeping each corpus item's better score (scan "
+    "--centre-view): finds a photo shown small inside a screenshot or frame, at the cost of a second SSCD pass. Unset "
+    "for the server's default (/healthz: checks.centre_view); the record's extra.sscd_view is \"centre\" when the "
+    "top match came from it."))]
 
 
 @router.post("/scan", response_model=ScanRecordOut, response_model_exclude_unset=True, responses={
@@ -34,13 +39,14 @@ VisibleThorough = Annotated[bool | None, Query(description=(
     415: {"model": ErrorResponse, "description": "not a decodable image"},
     409: {"model": ErrorResponse, "description": "visible_thorough set on a server without the visible check"}})
 async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="The image to check.")],
-               match_verdicts: MatchVerdicts = False, visible_thorough: VisibleThorough = None) -> dict[str, Any]:
+               match_verdicts: MatchVerdicts = False, visible_thorough: VisibleThorough = None,
+               centre_view: CentreView = None) -> dict[str, Any]:
     """Scan one image: its best corpus matches, the verdict, and its watermark / C2PA / metadata evidence."""
     name = display_name(file.filename)
     data = await read_upload(file, state.config.max_upload_bytes)
     if data is None:
         raise api_error(413, "too_large", f"{name}: larger than the upload limit of {state.config.max_upload_bytes:,} bytes")
-    (record,) = await _scan(state, [(name, data)], visible_thorough)
+    (record,) = await _scan(state, [(name, data)], visible_thorough, centre_view)
     if record.verdict == "error":
         await _raise_scan_error(state, name, data, record)
     await _keep(state, [(data, record)])
@@ -52,7 +58,7 @@ async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="Th
     409: {"model": ErrorResponse, "description": "visible_thorough set on a server without the visible check"}})
 async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(description="The images to check.")],
                      match_verdicts: MatchVerdicts = False,
-                     visible_thorough: VisibleThorough = None) -> list[dict[str, Any]]:
+                     visible_thorough: VisibleThorough = None, centre_view: CentreView = None) -> list[dict[str, Any]]:
     """Scan several images; records come back in upload order, and a bad file gets an error record
     (verdict "error") while the others are scanned as usual."""
     limit = state.config.max_batch_files
@@ -69,7 +75,7 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
         else:
             pending.append((i, name, data))
     if pending:
-        scanned = await _scan(state, [(name, data) for _, name, data in pending], visible_thorough)
+        scanned = await _scan(state, [(name, data) for _, name, data in pending], visible_thorough, centre_view)
         for (i, _, _), record in zip(pending, scanned):
             out[i] = record
         await _keep(state, [(data, record) for (_, _, data), record in zip(pending, scanned)])
@@ -77,10 +83,10 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
     return [_present(r, thresholds, match_verdicts) for r in out if r is not None]
 
 
-async def _scan(state: ServiceState, items: list[tuple[str, bytes]], visible_thorough: bool | None
-                ) -> list[ScanRecord]:
+async def _scan(state: ServiceState, items: list[tuple[str, bytes]], visible_thorough: bool | None,
+                centre_view: bool | None = None) -> list[ScanRecord]:
     try:
-        return await state.scan(items, visible_thorough)
+        return await state.scan(items, visible_thorough, centre_view)
     except VisibleCheckOff as e:
         raise api_error(409, "visible_check_off", str(e)) from None
 
