@@ -149,6 +149,23 @@ def test_thorough_box_scans_with_the_512_px_head(page, corpus):
     expect(visible).to_contain_text("thorough check", timeout=60_000)
 
 
+def test_screenshot_box_finds_a_photo_shown_small_in_a_window(page, corpus, window_screenshot, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    photo = sorted(corpus.glob("*.jpg"))[3]
+    shot = tmp_path / "shot.jpg"
+    window_screenshot(Image.open(photo).convert("RGB"), 0.4).save(shot, quality=85)
+    box = page.get_by_label(re.compile("Look inside screenshots"))
+    expect(box).to_be_visible()
+    expect(box).not_to_be_checked()
+    box.check()
+    page.set_input_files("#file-input", str(shot))
+    expect(page.locator("#upload-verdict")).to_have_text("replica", timeout=60_000)
+    expect(page.locator("#grid li").first).to_have_attribute("data-id", photo.name)
+    expect(page.locator("#evidence-list")).to_contain_text("the centre of the image")
+
+
 def test_caption_search_shows_results(page, corpus):
     from playwright.sync_api import expect
 

@@ -70,6 +70,8 @@ async function loadHealth() {
   if (c.visible) checks.push("visible watermark");
   $("thorough-option").hidden = !c.visible;
   $("thorough-input").checked = c.visible_thorough === true;
+  $("centre-option").hidden = !(c.descriptors || []).includes("sscd");
+  $("centre-input").checked = c.centre_view === true;
   if (c.invisible) checks.push("invisible watermarks");
   if (c.c2pa) checks.push("C2PA");
   if (c.metadata) checks.push("generator metadata");
@@ -139,7 +141,9 @@ async function scanFile(file) {
   form.append("file", file, file.name || "pasted-image");
   try {
     const thorough = !$("thorough-option").hidden && $("thorough-input").checked;
-    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}`, { method: "POST", body: form });
+    const centre = !$("centre-option").hidden && $("centre-input").checked;
+    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}&centre_view=${centre}`,
+      { method: "POST", body: form });
     renderScan(record, file);
   } catch (err) {
     $("results-summary").textContent = "";
@@ -192,6 +196,9 @@ function renderEvidence(record) {
   if (scores.pdq_distance != null) scoreParts.push(`PDQ distance ${scores.pdq_distance} bits`);
   addRow(list, "Best scores", scoreParts.join(" \u00b7 ") || "none", false);
   if (record.extra && record.extra.identical_file) addRow(list, "Identical file", record.extra.identical_file, true);
+  if (record.extra && record.extra.sscd_view === "centre") {
+    addRow(list, "Matched by", "the centre of the image (a photo inside a screenshot or frame)", true);
+  }
 
   if (!checks.visible && wm.visible == null) addRow(list, "Visible watermark", "not checked", false);
   else if (wm.visible) {
