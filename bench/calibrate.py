@@ -54,7 +54,7 @@ from provenance.calibration import (  # noqa: E402
 from provenance.corpus import detect_source, read_corpus  # noqa: E402
 from provenance.images import decode_image  # noqa: E402
 from provenance.models import ModelOptions  # noqa: E402
-from provenance.scan import Thresholds, decide_verdict  # noqa: E402
+from provenance.scan import Thresholds, centre_crop, decide_verdict  # noqa: E402
 from provenance.search import Searcher  # noqa: E402
 
 logger = logging.getLogger("calibrate")
@@ -73,8 +73,8 @@ VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "rot180": lambda im: im.transpose(Image.Transpose.ROTATE_180),
     "rot270": lambda im: im.transpose(Image.Transpose.ROTATE_270),
     # A centred crop of 60% of each side: finds a photo shown smaller inside a screenshot or a frame.
-    "centre60": lambda im: im.crop((round(im.width * 0.2), round(im.height * 0.2),
-                                    round(im.width * 0.8), round(im.height * 0.8))),
+    # the scanner's own centre view (scan --centre-view), so the harness measures what users get
+    "centre60": centre_crop,
 }
 
 
@@ -99,7 +99,7 @@ def ensure_index(corpus: Path, cache: Path, clip: ModelOptions | None = None) ->
     from provenance.indexer import BuildOptions, build
     from provenance.store import ProvenanceIndex
 
-    name = "index-flickr8k-dev" if corpus.name == "flickr8k-dev" else f"index-{corpus.name}"
+    name = f"index-{corpus.name}"
     descriptors = ["sscd", "pdq"]
     if clip is not None:
         descriptors.append("clip")
@@ -198,21 +198,26 @@ class QueryImages:
 
 
 def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher, views: list[str],
-                  qdir: Path, batch: int = 32) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, float]]:
-    """SSCD vectors per view ("base" + `views`) and PDQ hashes of the base view; cached in `qdir`."""
+                  qdir: Path, clip=None, batch: int = 32
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict[str, float]]:
+    """SSCD vectors per view ("base" + `views`), PDQ hashes of the base view and, with a `clip` descriptor, its
+    vectors of the base view (one view, as the scanner embeds them); cached in `qdir` (CLIP per model). Each query
+    image is made once for whatever is missing."""
     qdir.mkdir(parents=True, exist_ok=True)
     sscd, pdq = searcher.model("sscd"), searcher.model("pdq")
     wanted = ["base", *views]
     missing = [v for v in wanted if not (qdir / f"sscd_{v}.npy").exists()]
+    clip_path = qdir / f"clip_base-{clip.spec.checksum}.npy" if clip is not None else None
+    clip_missing = clip_path is not None and not clip_path.exists()
     timing_path = qdir / "timing.json"
     timing: dict[str, float] = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     meta_path = qdir / "queries.json"
-    if missing:
-        logger.info("embedding %d queries x views %s", len(queries), missing)
+    if missing or clip_missing:
+        logger.info("embedding %d queries x views %s%s", len(queries), missing, " + CLIP" if clip_missing else "")
         out = {v: np.zeros((len(queries), 512), np.float32) for v in missing}
         hashes = np.zeros((len(queries), 32), np.uint8)
+        clip_out = np.zeros((len(queries), clip.spec.dim), np.float32) if clip_missing else None
         spent: Counter = Counter()
-        n_embedded: Counter = Counter({"base": len(queries)})
         started = time.perf_counter()
         for i in range(0, len(queries), batch):
             chunk = queries[i:i + batch]
@@ -223,50 +228,37 @@ def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher,
                 q.size = im.size
             for v in missing:
                 t0 = time.perf_counter()
-                if v == "base":
-                    out[v][i:i + len(chunk)] = sscd.embed(ims)
-                else:
-                    # untouched photos too: a scanner with a view applies it to every image, and an untouched
-                    # non-member's centre may match another photo better than the whole does
-                    out[v][i:i + len(chunk)] = sscd.embed([VIEWS[v](im) for im in ims])
-                    n_embedded[v] += len(chunk)
+                # every query gets every view, untouched ones too: a scanner with a view applies it to every image,
+                # and an untouched non-member's centre may match another photo better than the whole does
+                out[v][i:i + len(chunk)] = sscd.embed(ims if v == "base" else [VIEWS[v](im) for im in ims])
                 spent[f"sscd_{v}"] += time.perf_counter() - t0
             if "base" in missing:
                 t0 = time.perf_counter()
                 hashes[i:i + len(chunk)] = pdq.embed(ims)
                 spent["pdq"] += time.perf_counter() - t0
+            if clip_out is not None:
+                clip_out[i:i + len(chunk)] = clip.embed(ims)
             done = i + len(chunk)
             if done % (batch * 8) == 0 or done == len(queries):
                 el = time.perf_counter() - started
                 logger.info("  %d/%d queries, %.0f s", done, len(queries), el)
         for v in missing:
             np.save(qdir / f"sscd_{v}.npy", out[v])
-            timing[f"sscd_{v}_s_per_img"] = spent[f"sscd_{v}"] / max(1, n_embedded[v])
+            timing[f"sscd_{v}_s_per_img"] = spent[f"sscd_{v}"] / len(queries)
         if "base" in missing:
             np.save(qdir / "pdq_base.npy", hashes)
             timing["pdq_s_per_img"] = spent["pdq"] / len(queries)
             timing["edit_decode_s_per_img"] = spent["edit+decode"] / len(queries)
             meta_path.write_text(json.dumps([asdict(q) for q in queries]), encoding="utf-8")
+        if clip_out is not None:
+            np.save(clip_path, clip_out)
         timing_path.write_text(json.dumps(timing, indent=1), encoding="utf-8")
     meta = json.loads(meta_path.read_text())
     for q, m in zip(queries, meta):
         q.params, q.size = m["params"], tuple(m["size"])
     vectors = {v: np.load(qdir / f"sscd_{v}.npy") for v in wanted}
-    return vectors, np.load(qdir / "pdq_base.npy"), timing
-
-
-def embed_clip_queries(queries: list[Query], images: QueryImages, clip, qdir: Path, batch: int = 32) -> np.ndarray:
-    """CLIP image vectors of the queries (one view, as the scanner embeds them); cached in `qdir` per CLIP model."""
-    path = qdir / f"clip_base-{clip.spec.checksum}.npy"
-    if path.exists():
-        return np.load(path)
-    logger.info("embedding %d queries with CLIP %s", len(queries), clip.spec.model_id)
-    out = np.zeros((len(queries), clip.spec.dim), np.float32)
-    for i in range(0, len(queries), batch):
-        chunk = queries[i:i + batch]
-        out[i:i + len(chunk)] = clip.embed([images.image(q) for q in chunk])
-    np.save(path, out)
-    return out
+    clip_vectors = np.load(clip_path) if clip_path is not None else None
+    return vectors, np.load(qdir / "pdq_base.npy"), clip_vectors, timing
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -422,9 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     key = plan_key(queries, index.specs["sscd"].checksum)
     images = QueryImages(args.corpus, args.nonmembers, {q.source for q in queries if q.role == "member"})
     t_embed = time.perf_counter()
-    vectors, hashes, timing = embed_queries(queries, images, searcher, views, args.cache / f"queries-{key}")
-    clip_vectors = (embed_clip_queries(queries, images, searcher.model("clip"), args.cache / f"queries-{key}")
-                    if clip_options else None)
+    vectors, hashes, clip_vectors, timing = embed_queries(queries, images, searcher, views, args.cache / f"queries-{key}",
+                                                          searcher.model("clip") if clip_options else None)
     t_embed = time.perf_counter() - t_embed
 
     role = np.array([q.role for q in queries])

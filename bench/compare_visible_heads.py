@@ -37,6 +37,7 @@ from eval_visible_watermark import (  # noqa: E402
     summarise,
     without_photos,
 )
+from provenance.watermarks.visible import mirror_input  # noqa: E402
 
 
 @torch.inference_mode()
@@ -58,7 +59,7 @@ def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: 
                 taps = tuple(sorted({t for i in idx for t in dets[i].model.config.taps}))
                 inputs = [dets[idx[0]].preprocess(im) for im in batch]
                 if mirrored:
-                    inputs = [np.ascontiguousarray(x[:, ::-1]) for x in inputs]
+                    inputs = [mirror_input(x) for x in inputs]
                 maps = dets[idx[0]].backbone.tap_maps(inputs, taps)
                 for i in idx:
                     z[i] = dets[i].logits_from_taps(maps)

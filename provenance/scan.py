@@ -138,6 +138,7 @@ class Scanner:
         )
         self._visible_from_sscd = same_sscd and visible.reads_scan_pass
         self._visible_beside_sscd = same_sscd and visible.shares_scan_pass
+        self._centre_view = o.centre_view and "sscd" in self._models  # a view of SSCD's: nothing to do without it
         self._sha_rows = self._sha_index()
 
     @classmethod
@@ -204,7 +205,7 @@ class Scanner:
             if isinstance(memo, dict):
                 record.extra["memorization"] = memo
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
-            if self.options.centre_view and "sscd" in self._models:
+            if self._centre_view:
                 inputs["sscd_centre"] = self._models["sscd"].preprocess(centre_crop(decoded.image))
             if self._visible_beside_sscd:
                 inputs["visible"] = self._visible.preprocess(decoded.image, beside_scan=True)
@@ -246,7 +247,7 @@ class Scanner:
                 else:
                     vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
-            if self.options.centre_view and "sscd" in vectors:
+            if self._centre_view:
                 centre = self._models["sscd"].embed_batch([w.inputs["sscd_centre"] for w in ok])
                 for w, full, part in zip(ok, results, self.searcher.search_vectors({"sscd": centre}, self.options.k)):
                     full["sscd"] = best_per_item([full["sscd"], part["sscd"]], self.options.k)

@@ -84,7 +84,7 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
 
 
 async def _scan(state: ServiceState, items: list[tuple[str, bytes]], visible_thorough: bool | None,
-                centre_view: bool | None = None) -> list[ScanRecord]:
+                centre_view: bool | None) -> list[ScanRecord]:
     try:
         return await state.scan(items, visible_thorough, centre_view)
     except VisibleCheckOff as e:

@@ -444,8 +444,6 @@ class VisibleWatermarkDetector:
     def probability_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
         """p(watermark) from SSCD maps already computed (SSCDDescriptor.embed_batch_with_taps or tap_maps, on
         inputs of the head's own size), (n,) float32."""
-        if self.backbone is None:
-            raise TypeError("this detector reads pixels, not SSCD features")
         return torch.sigmoid(torch.from_numpy(self.logits_from_taps(taps))).numpy()
 
     @torch.inference_mode()
@@ -579,7 +577,7 @@ class VisibleHeadMix:
             except (KeyError, TypeError, IndexError):
                 raise ValueError(f"each image needs its {size} px input, from preprocess()") from None
             if mirrored:
-                inputs = [np.ascontiguousarray(x[:, ::-1]) for x in inputs]
+                inputs = [mirror_input(x) for x in inputs]
             taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
                                  for t in h.model.config.taps}))
             maps_by_view[(size, mirrored)] = self.backbone.tap_maps(inputs, taps)
@@ -589,6 +587,11 @@ class VisibleHeadMix:
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         return self.probability_batch([self.preprocess(im) for im in images])
+
+
+def mirror_input(x: np.ndarray) -> np.ndarray:
+    """A preprocessed (h, w, 3) SSCD input flipped left to right: a mix's mirrored view."""
+    return np.ascontiguousarray(x[:, ::-1])
 
 
 def load_detector(path: str | Path | None = None) -> "VisibleWatermarkDetector | VisibleHeadMix":
