@@ -1,5 +1,5 @@
 """Score several visible-watermark heads on the held-out examples of bench/eval_visible_watermark.py, sharing one
-SSCD pass per example and input size, and their mean logit.
+SSCD pass per example and input size, and their mean logit. Pixel CNNs (WatermarkNet checkpoints) score beside them.
 
     .venv/bin/python bench/compare_visible_heads.py provenance/weights/visible_watermark_512.pt /tmp/other.pt
 
@@ -46,8 +46,10 @@ def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: 
     mirrored with flip: columns are then each head, then each head on the mirrored image); and (kind, facts) per
     example."""
     by_size: dict[int, list[int]] = {}
+    pixel = [i for i, d in enumerate(dets) if d.backbone is None]  # pixel CNNs: their own input, no SSCD pass
     for i, d in enumerate(dets):
-        by_size.setdefault(d.config.input_size, []).append(i)
+        if d.backbone is not None:
+            by_size.setdefault(d.config.input_size, []).append(i)
     out, meta, batch = [], [], []
 
     def flush():
@@ -63,6 +65,9 @@ def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: 
                 maps = dets[idx[0]].backbone.tap_maps(inputs, taps)
                 for i in idx:
                     z[i] = dets[i].logits_from_taps(maps)
+            for i in pixel:
+                inputs = [dets[i].preprocess(im) for im in batch]  # (3, s, s): mirrored along the last axis
+                z[i] = dets[i].logits_batch([np.ascontiguousarray(x[:, :, ::-1]) if mirrored else x for x in inputs])
             cols.append(z)
         out.append(np.concatenate(cols))
         batch.clear()
@@ -79,7 +84,7 @@ def logits_per_head(dets: list[VisibleWatermarkDetector], examples, batch_size: 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("weights", nargs="+", help="head checkpoints on SSCD maps (any input sizes)")
+    ap.add_argument("weights", nargs="+", help="head checkpoints on SSCD maps (any input sizes) or pixel CNNs")
     ap.add_argument("--limit", type=int, default=0, help="only the first N held-out photos")
     ap.add_argument("--seed", type=int, default=1234, help="the evaluation's seed (the same examples)")
     ap.add_argument("--threads", type=int, default=2)
@@ -91,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dets = [VisibleWatermarkDetector.load(w) for w in args.weights]
-    if any(d.backbone is None for d in dets):
-        ap.error("the heads must all read SSCD maps")
+    if any(d.backbone is None and d.config.output != "logit" for d in dets):
+        ap.error("a pixel model must give one logit (a provenance WatermarkNet checkpoint)")
     train_fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
     photos = heldout_photos()[: args.limit or None]
     marked = load_real_marks()

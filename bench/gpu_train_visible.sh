@@ -18,8 +18,8 @@ df -h /dev/shm | tail -1
 mount -o remount,size=24G /dev/shm 2>/dev/null && df -h /dev/shm | tail -1
 python3 -c "import torch, PIL, numpy; print('torch', torch.__version__, 'pillow', PIL.__version__, 'numpy', numpy.__version__)"
 python3 bench/train_visible_watermark.py --device "$DEVICE" --amp --data "$PACK/flickr8k-dev" --fonts "$PACK/fonts" \
-  --input-size 512 --batch-size 256 --loader-pairs 16 --workers "$WORKERS" --reuse 2 --lr 3e-3 --seed 0 \
-  --stem 32 --widths 64,128,256,384 --out "$OUT/visible_watermark_cnn_a.pt" \
-  --also-arch "48:96,192,384,512=$OUT/visible_watermark_cnn_b.pt" \
+  --input-size "${INPUT_SIZE:-512}" --generator "${GENERATOR:-canvas}" --batch-size 256 --loader-pairs 16 --workers "$WORKERS" --reuse 2 --lr 3e-3 --seed 0 \
+  --stem 32 --widths 64,128,256,384 --out "$OUT/visible_watermark_cnn_${TAG:-a}.pt" \
+  --also-arch "48:96,192,384,512=$OUT/visible_watermark_cnn_${TAG:-a}_wide.pt" \
   --fill-minutes "$FILL_MINUTES" --max-minutes "$MAX_MINUTES" --save-every 200 2>&1 | tee "$OUT/train.log"
 echo "== done"

@@ -123,6 +123,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
     (overlays.random_canvas), marked there (overlays.overlay_example), then resized to the input like any photo.
     generator "layered": overlays are drawn on a 224-768 px canvas and composited, downscaled, onto the untouched
     224 px photo (overlays.layered_example): about twice as cheap, and backgrounds are never upscaled.
+    generator "mixed": each pair is one or the other (even odds).
     Returns ((2, s, s, 3) uint8, (2,) float32 labels).
     """
 
@@ -149,7 +150,10 @@ class SyntheticPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         rng = np.random.default_rng([self.seed, i])
         photo = Image.open(io.BytesIO(self.photos[int(rng.integers(0, len(self.photos)))])).convert("RGB")
-        if self.generator == "canvas":
+        generator = self.generator
+        if generator == "mixed":  # half canvases, half the untouched photo at its own 224 px
+            generator = "canvas" if rng.random() < 0.5 else "layered"
+        if generator == "canvas":
             background = overlays.random_canvas(photo, rng)
             make = overlays.overlay_example
         else:
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", type=int, default=2, help="optimizer steps per generated batch (odd ones mirrored)")
     ap.add_argument("--lr", type=float, default=4e-3)
     ap.add_argument("--min-visibility", type=float, default=0.001)
-    ap.add_argument("--generator", choices=("canvas", "layered"), default="canvas")
+    ap.add_argument("--generator", choices=("canvas", "layered", "mixed"), default="canvas")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the model (the machine is shared)")
     ap.add_argument("--workers", type=int, default=1, help="data-generation processes")

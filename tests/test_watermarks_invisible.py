@@ -235,3 +235,33 @@ def test_run_id_decoding_corrects_two_weak_bits_and_never_guesses_on_three():
         noisy[three] *= -0.1
         # codewords are >= 6 bits apart: 3 errors are detected, never "corrected" to another id
         assert _read_provenance_run_id(noisy) is None
+
+
+# Crops that move the block grid (left/top by a few pixels), the payload's phase (top rows gone) and the row stride
+# (right side gone): each loses the mark for the plain reading.
+_CROPS = ((13, 21, 413, 401), (0, 40, 448, 512), (5, 0, 512, 300))
+
+
+def test_cropped_marks_are_found_with_try_cropped(photos):
+    marked = {
+        "sd-v1": _compvis_mark(photos[0], "StableDiffusionV1"),
+        "sdxl": _sdxl_mark(photos[1]),
+        "provenance": embed_provenance_mark(photos[2], 0x5EED1234),
+    }
+    for scheme, image in marked.items():
+        for box in _CROPS:
+            cropped = _png_round_trip(image.crop(box))
+            assert scheme not in _detected(cropped), (scheme, box)
+            found = _detected(cropped, try_cropped=True)
+            assert set(found) == {scheme}, (scheme, box)
+            assert found[scheme].p_value <= DETECTION_P_VALUE
+    # our mark, cropped then saved as a JPEG, keeps its run id
+    found = _detected(_jpeg_round_trip(marked["provenance"].crop(_CROPS[0]), 80), try_cropped=True)
+    assert found["provenance"].payload == "5eed1234"
+
+
+def test_try_cropped_keeps_uncropped_marks_and_clean_photos_clean(photos, coco_dir):
+    found = _detected(_png_round_trip(_compvis_mark(photos[3], "StableDiffusionV1")), try_cropped=True)
+    assert set(found) == {"sd-v1"}
+    for photo in _photos(coco_dir, 12, size=None):
+        assert detect_invisible_marks(photo.crop((3, 7, photo.width - 20, photo.height)), try_cropped=True) == []

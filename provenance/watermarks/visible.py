@@ -426,19 +426,30 @@ class VisibleWatermarkDetector:
             # only the maps are wanted: SSCD cut after them (a scan at 288 px passes its own SSCD pass's maps to
             # probability_from_taps instead)
             return self.probability_from_taps(self.backbone.tap_maps(batch, self.model.config.taps))
+        out = self._pixel_outputs(batch)
+        if self.config.output == "logit":
+            p = torch.sigmoid(out.reshape(-1))
+        else:
+            p = torch.softmax(out, dim=1)[:, self.config.positive_index]
+        return p.float().cpu().numpy().astype(np.float32)
+
+    @torch.inference_mode()
+    def logits_batch(self, batch: list[np.ndarray]) -> np.ndarray:
+        """A pixel model's logits (before the sigmoid) for preprocessed images, (n,) float32: what a mix weighs."""
+        if self.backbone is not None or self.config.output != "logit":
+            raise TypeError("logits_batch is for pixel models with one logit; a head on SSCD uses logits_from_taps")
+        if len(batch) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return self._pixel_outputs(batch).reshape(-1).float().cpu().numpy()
+
+    def _pixel_outputs(self, batch: list[np.ndarray]) -> torch.Tensor:
         s = self.config.input_size
         for i, x in enumerate(batch):
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
                 shape = getattr(x, "shape", type(x).__name__)
                 raise ValueError(f"batch[{i}] has shape {shape}; expected (3, {s}, {s}) from preprocess()")
         x = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        out = self.model(x)
-        if self.config.output == "logit":
-            p = torch.sigmoid(out.reshape(-1))
-        else:
-            p = torch.softmax(out, dim=1)[:, self.config.positive_index]
-        return p.float().cpu().numpy().astype(np.float32)
+        return self.model(x.contiguous(memory_format=torch.channels_last))
 
     @torch.inference_mode()
     def probability_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
