@@ -46,7 +46,7 @@ fonts, heldout_fonts = overlays.split_fonts(overlays.find_fonts())
 
 
 def fine_tune():
-    photos, _ = read_shards(Path(TDATA) / "flickr8k-dev", TRAIN_SHARDS)
+    photos, _, _ = read_shards(Path(TDATA) / "flickr8k-dev", TRAIN_SHARDS)
     dl = torch.utils.data.DataLoader(SquarePairs(photos, fonts, 5, 0, PAIRS, side=SIDE), batch_size=None, num_workers=1,
                                      prefetch_factor=8, collate_fn=_identity)
     X = np.empty((2 * PAIRS, 1024, -(-SIDE // 16), -(-SIDE // 16)), np.uint8)

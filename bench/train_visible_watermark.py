@@ -56,7 +56,9 @@ PACK_UNICODES = (*range(0x20, 0x250), *range(0x2000, 0x2070), *range(0x20A0, 0x2
                  *range(0x2190, 0x2200), *range(0x25A0, 0x2600))
 
 
-def read_shards(shard_dir: Path, shards: tuple[str, ...], exclude: set[str] = frozenset()) -> tuple[list[bytes], list[str], list[str]]:
+def read_shards(
+    shard_dir: Path, shards: tuple[str, ...], exclude: set[str] = frozenset()
+) -> tuple[list[bytes], list[str], list[str]]:
     """JPEG bytes, first captions and names ("shard/id.jpg", as real_marks.json names them) of every photo in the
     given webdataset shards, in tar order, without the photos named in `exclude`. A photo that already carries a
     real mark (a photographer's signature, a copyright line) would make a wrong negative."""

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         channels=tuple(TAP_CHANNELS_STRIDES[t][0] for t in args.taps.split(",")))
     missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
     if missing:
-        photos, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
+        photos, _, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
             make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers,

@@ -187,3 +187,22 @@ def test_build_reports_skips(tmp_path, coco_dir):
     r = runner.invoke(app, ["index", "build", str(src), "--index", str(tmp_path / "i")])
     text = " ".join(r.output.split())  # rich wraps lines at the terminal width, which long tmp paths reach
     assert r.exit_code == 0 and "1 items indexed" in text and "unreadable" in text
+
+
+def test_scan_invisible_crops_finds_our_mark_in_a_cropped_generation(index_dir, coco_dir, tmp_path):
+    from provenance.watermarks.invisible import embed_provenance_mark
+
+    generated = Image.open(sorted(coco_dir.glob("*.jpg"))[3]).convert("RGB").resize((512, 512))
+    cropped = tmp_path / "cropped.jpg"
+    embed_provenance_mark(generated, 0xABCD1234).crop((11, 30, 430, 470)).save(cropped, quality=85)
+    args = ["scan", str(cropped), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "watermark",
+            "--no-visible"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == EXIT_CLEAN, r.output  # the crop moved the block grid: the plain reading finds nothing
+    assert json.loads(r.stdout.strip().splitlines()[-1])["watermarks"]["invisible"] == []
+    r = runner.invoke(app, [*args, "--invisible-crops"])
+    assert r.exit_code == EXIT_FAIL_ON, r.output
+    (mark,) = json.loads(r.stdout.strip().splitlines()[-1])["watermarks"]["invisible"]
+    assert mark["scheme"] == "provenance" and mark["payload"] == "abcd1234" and mark["p_value"] <= 1e-6
+    r = runner.invoke(app, [*args, "--invisible-crops", "--no-invisible"])
+    assert r.exit_code == EXIT_USAGE

@@ -556,3 +556,53 @@ def test_real_photographer_marks_in_the_data_score_above_unmarked_photos(detecto
         return detector.probability([Image.open(p).convert("RGB") for p in ps])
 
     assert eval_visible.auc(scores(with_mark), scores(without)) > 0.6
+
+
+def test_pixel_cnn_trainer_packs_for_a_gpu_and_trains_two_architectures(tmp_path, flickr_shards_dir, fonts):
+    # bench/train_visible_watermark.py: --pack (what a GPU machine is sent: re-encoded photos, subset fonts) gives
+    # the same examples as the full fonts, and training on the pack writes checkpoints the detector loads
+    import shutil
+
+    trainer = _bench_script("train_visible_watermark")
+    from provenance.watermarks import overlays
+
+    font_root = tmp_path / "fonts"
+    for f in fonts[0][:3]:  # three training faces, at their paths relative to the system's font folder
+        target = font_root / Path(f).relative_to(overlays.FONT_ROOT)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, target)
+    _, _, names = trainer.read_shards(flickr_shards_dir, ("00000",))
+    audit = tmp_path / "marks.json"
+    audit.write_text(json.dumps({"photos": [{"name": names[5], "mark": "a signature"}]}))
+    pack = tmp_path / "pack"
+    common = ["--shards", "00000", "--exclude-photos", str(audit)]
+    assert trainer.main(["--pack", str(pack), "--data", str(flickr_shards_dir), "--fonts", str(font_root), *common]) == 0
+    packed_photos, _, packed_names = trainer.read_shards(pack / "flickr8k-dev", ("00000",))
+    assert len(packed_names) == len(names) - 1 and names[5] not in packed_names
+    assert sum(len(b) for b in packed_photos) < (flickr_shards_dir / "00000.tar").stat().st_size  # re-encoded
+
+    photos, captions, _ = trainer.read_shards(flickr_shards_dir, ("00000",))
+    strings = overlays.TextStrings(phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions),
+                                   words=overlays.TRAIN_TEXT_STRINGS.words)
+
+    def examples(font_dir):
+        train_fonts, _ = overlays.split_fonts(overlays.find_fonts(font_dir))
+        ds = trainer.SyntheticPairs(photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, strings, 128, 0, 100,
+                                    0.001, "mixed")
+        return [ds[i][0].numpy() for i in range(12)]
+
+    for full, subset in zip(examples(font_root), examples(pack / "fonts")):
+        np.testing.assert_array_equal(full, subset)
+
+    out, alt = tmp_path / "cnn.pt", tmp_path / "cnn_wide.pt"
+    assert trainer.main(["--data", str(pack / "flickr8k-dev"), "--fonts", str(pack / "fonts"), *common,
+                         "--steps", "2", "--batch-size", "4", "--workers", "0", "--input-size", "64", "--stem", "8",
+                         "--widths", "16", "--also-arch", f"8:16,32={alt}", "--out", str(out),
+                         "--generator", "mixed"]) == 0
+    for path, widths in ((out, [16]), (alt, [16, 32])):
+        card = json.loads(path.with_suffix(".json").read_text())["training"]
+        assert card["architecture"]["widths"] == widths and card["steps"] == 2 and len(card["loss_every_100_steps"]) == 1
+        det = VisibleWatermarkDetector.load(str(path))
+        assert det.config.input_size == 64 and det.backbone is None
+        z = det.logits_batch([det.preprocess(Image.fromarray(x)) for x in examples(pack / "fonts")[0]])
+        assert z.shape == (2,) and np.isfinite(z).all()

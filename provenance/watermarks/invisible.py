@@ -327,7 +327,8 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
     best: dict[str, tuple[tuple[int, float], np.ndarray, int]] = {}
     tests = {sc.name: 0 for sc in SCHEMES}
     phase_index = {sc.length: (np.arange(sc.length)[None, :] - np.arange(sc.length)[:, None]) % sc.length
-                   for sc in SCHEMES}  # row = phase, column = payload bit: sums_by_position[row's index]
+                   for sc in SCHEMES}  # [phase, payload bit] -> the position that bit sits at under that phase
+    correlators = {sc.name: _phase_correlators(sc, phase_index[sc.length]) for sc in SCHEMES}
     for oy in range(8):
         for ox in range(8):
             band, first = _centre_band(image.crop((ox, oy, w, h)))
@@ -339,7 +340,7 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
             n = blocks["Y"].shape[1]
             rows, cols = np.divmod(np.arange(n), per_row)
             rows += first // per_row  # the band's rows counted from the top of the crop
-            widths = [per_row] + sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row})
+            widths = np.array([per_row] + sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row}))
             soft_cache: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
             for scheme in SCHEMES:
                 length = scheme.length
@@ -348,20 +349,36 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                 key = (scheme.channel, scheme.offset, scheme.step)
                 if key not in soft_cache:
                     soft_cache[key] = _block_soft(blocks[scheme.channel], scheme.offset, scheme.step)
-                fixed = np.asarray(scheme.fixed_bits, dtype=bool)
-                for width in widths:
-                    position = (rows * width + cols) % length  # the block's bit, up to the unknown phase
-                    for soft in soft_cache[key]:
-                        by_phase = np.bincount(position, weights=soft, minlength=length)[phase_index[length]]
-                        head = by_phase[:, : scheme.n_fixed]
-                        agree = np.count_nonzero((head > 0) == fixed, axis=1)
-                        clarity = np.sum(np.where(fixed, head, -head), axis=1) / (np.sum(np.abs(head), axis=1) + 1e-9)
-                        i = int(np.lexsort((clarity, agree))[-1])
-                        tests[scheme.name] += length
-                        score = (int(agree[i]), float(clarity[i]))
-                        if scheme.name not in best or score > best[scheme.name][0]:
-                            best[scheme.name] = (score, by_phase[i], 0)
+                # every width at once: block j's bit (up to the unknown phase) under width w, in bins w * length + bit
+                position = ((rows[None, :] * widths[:, None] + cols[None, :]) % length
+                            + length * np.arange(len(widths))[:, None]).ravel()
+                signs, mask = correlators[scheme.name]
+                for soft in soft_cache[key]:
+                    sums = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
+                    sums = sums.reshape(len(widths), length)  # (widths, position)
+                    # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
+                    # phase, each position's fixed bit as +-1 (0 for payload bits), so one product scores all phases
+                    agree = (np.where(sums > 0, 1.0, -1.0) @ signs + scheme.n_fixed) / 2  # (widths, phases)
+                    clarity = (sums @ signs) / (np.abs(sums) @ mask + 1e-9)
+                    order = np.lexsort((clarity.ravel(), np.rint(agree).ravel()))
+                    wi, phase = divmod(int(order[-1]), length)
+                    tests[scheme.name] += agree.size
+                    score = (int(round(agree[wi, phase])), float(clarity[wi, phase]))
+                    if scheme.name not in best or score > best[scheme.name][0]:
+                        best[scheme.name] = (score, sums[wi, phase_index[length][phase]], 0)
     return {name: (score, sums, tests[name]) for name, (score, sums, _) in best.items()}
+
+
+def _phase_correlators(scheme: MarkScheme, phase_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(length, length) matrices [position, phase]: the fixed bit that sits at each position under each phase, as
+    +1 / -1 (0 at the payload's other bits), and 1 where a fixed bit sits (the mask)."""
+    length, n = scheme.length, scheme.n_fixed
+    signs, mask = np.zeros((length, length)), np.zeros((length, length))
+    for phase in range(length):
+        positions = phase_index[phase, :n]
+        signs[positions, phase] = np.where(np.asarray(scheme.fixed_bits, dtype=bool), 1.0, -1.0)
+        mask[positions, phase] = 1.0
+    return signs, mask
 
 
 @dataclass(frozen=True)
