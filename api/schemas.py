@@ -21,6 +21,7 @@ class ChecksOut(BaseModel):
     visible: bool
     visible_thorough: bool = False  # server default: thorough mix (true) or 288 px head; /v1/scan can ask for either
     centre_view: bool = False  # SSCD also matches the centre 60% of each upload (serve --centre-view)
+    invisible_crops: bool = False  # invisible marks also read as in a crop of a marked image (serve --invisible-crops)
     invisible: bool
     c2pa: bool
     metadata: bool

@@ -33,6 +33,10 @@ class VisibleCheckOff(ProvenanceError):
     """A scan asked for a visible-watermark head on a server that does not check visible watermarks."""
 
 
+class InvisibleCheckOff(ProvenanceError):
+    """A scan asked for the invisible-mark crop search on a server that does not read invisible marks."""
+
+
 @dataclass
 class Checks:
     """Which evidence a scan gathers; reported by /healthz so clients know what "no marks" means."""
@@ -41,6 +45,7 @@ class Checks:
     visible: bool = False
     visible_thorough: bool = False  # the server's default; a scan request may ask for the other head
     centre_view: bool = False  # SSCD also matches each upload's centre (scan --centre-view)
+    invisible_crops: bool = False  # invisible marks also read as in a crop of a marked image (scan --invisible-crops)
     invisible: bool = False
     c2pa: bool = False
     metadata: bool = False
@@ -61,9 +66,10 @@ class ServiceState:
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
-        # (visible_thorough, centre_view) -> (scanner, batcher): the server's default from loading, another (the
-        # other visible-watermark head, or SSCD's centre view on or off) from the first request that asks for it
-        self._variants: dict[tuple[bool, bool], tuple[Scanner, ScanBatcher | None]] = {}
+        # (visible_thorough, centre_view, invisible_crops) -> (scanner, batcher): the server's default from loading,
+        # another (the other visible-watermark head, SSCD's centre view or the crop search on or off) from the first
+        # request that asks for it
+        self._variants: dict[tuple[bool, bool, bool], tuple[Scanner, ScanBatcher | None]] = {}
         self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -100,7 +106,8 @@ class ServiceState:
             self._ready.set()
             return
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
-        self._variants[(self.config.visible_thorough, self.config.centre_view)] = (scanner, self._batcher(scanner))
+        self._variants[(self.config.visible_thorough, self.config.centre_view, checks.invisible_crops)] = (
+            scanner, self._batcher(scanner))
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
@@ -114,35 +121,41 @@ class ServiceState:
     # 2. Work, off the event loop
 
     async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None,
-                   centre_view: bool | None = None) -> list[ScanRecord]:
+                   centre_view: bool | None = None, invisible_crops: bool | None = None) -> list[ScanRecord]:
         """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
 
         visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False);
-        centre_view whether SSCD also matches the image's centre (scan --centre-view); None is the server's default.
+        centre_view whether SSCD also matches the image's centre (scan --centre-view); invisible_crops whether invisible
+        marks are also read as in a crop of a marked image (scan --invisible-crops); None is the server's default.
         Another combination's scanner is built on first use (about a second) and kept."""
         assert self.scanner is not None
         key = (self.config.visible_thorough if visible_thorough is None else visible_thorough,
-               self.config.centre_view if centre_view is None else centre_view)
+               self.config.centre_view if centre_view is None else centre_view,
+               self.checks.invisible_crops if invisible_crops is None else invisible_crops)
         variant = self._variants.get(key)  # the default's is there from loading
         scanner, batcher = variant or await run_in_threadpool(self._variant, key)
         if batcher is not None:
             return await asyncio.wrap_future(batcher.submit(items))
         return await run_in_threadpool(scanner.scan_many_bytes, items)
 
-    def _variant(self, key: tuple[bool, bool]) -> tuple[Scanner, ScanBatcher | None]:
-        """The scanner (sharing the searcher's models) and batcher for another (visible_thorough, centre_view)."""
-        visible_thorough, centre_view = key
+    def _variant(self, key: tuple[bool, bool, bool]) -> tuple[Scanner, ScanBatcher | None]:
+        """The scanner (sharing the searcher's models) and batcher for another (visible_thorough, centre_view,
+        invisible_crops)."""
+        visible_thorough, centre_view, invisible_crops = key
         if visible_thorough != self.config.visible_thorough and not self.checks.visible:
             raise VisibleCheckOff("this server does not check visible watermarks, so it has no head to choose")
+        if invisible_crops and not self.checks.invisible:
+            raise InvisibleCheckOff("this server does not read invisible watermarks, so it cannot search crops for them")
         with self._variants_lock:
             if key not in self._variants:
                 assert self.scanner is not None and self.searcher is not None
-                options = replace(self.scanner.options, visible_thorough=visible_thorough, centre_view=centre_view)
+                options = replace(self.scanner.options, visible_thorough=visible_thorough, centre_view=centre_view,
+                                  invisible_crops=invisible_crops)
                 scanner = Scanner(self.searcher, options)
                 self._variants[key] = (scanner, self._batcher(scanner))
-                logger.info("loaded the scan with the %s visible-watermark check and the centre view %s for requests "
-                            "that ask for it", "thorough" if visible_thorough else "288 px",
-                            "on" if centre_view else "off")
+                logger.info("loaded the scan with the %s visible-watermark check, the centre view %s and the crop "
+                            "search %s for requests that ask for it", "thorough" if visible_thorough else "288 px",
+                            "on" if centre_view else "off", "on" if invisible_crops else "off")
             return self._variants[key]
 
     def _batcher(self, scanner: Scanner) -> ScanBatcher | None:
@@ -192,7 +205,8 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
     checks.invisible = invisible
     options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
                           metadata=config.metadata, max_pixels=config.max_pixels,
-                          visible_thorough=config.visible_thorough, centre_view=config.centre_view)
+                          visible_thorough=config.visible_thorough, centre_view=config.centre_view,
+                          invisible_crops=config.invisible_crops and invisible)
     try:
         scanner = Scanner(searcher, options)
     except ModelLoadError as e:
@@ -206,5 +220,6 @@ def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, C
     checks.visible = options.visible
     checks.visible_thorough = options.visible and config.visible_thorough
     checks.centre_view = config.centre_view and "sscd" in scanner.descriptors
+    checks.invisible_crops = options.invisible_crops
     checks.descriptors = list(scanner.descriptors)
     return scanner, checks

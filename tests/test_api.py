@@ -471,6 +471,31 @@ def test_config_from_env(tmp_path):
         ServerConfig.from_env(env, visible_thorough=True)
     centre = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_CENTRE_VIEW": "1"})
     assert centre.centre_view and ServerConfig.from_env(centre.to_env()) == centre
+    crops = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_INVISIBLE_CROPS": "true"})
+    assert crops.invisible_crops and ServerConfig.from_env(crops.to_env()) == crops
+    with pytest.raises(ValueError, match="invisible_crops"):
+        ServerConfig.from_env({**env, "PROVENANCE_INVISIBLE": "false"}, invisible_crops=True)
+
+
+def test_invisible_crops_per_request_finds_our_mark_in_a_cropped_upload(index_dir, photos, client):
+    from provenance.watermarks.invisible import embed_provenance_mark
+
+    generated = Image.open(io.BytesIO(list(photos.values())[4])).convert("RGB").resize((512, 512))
+    buf = io.BytesIO()
+    embed_provenance_mark(generated, 0x0BADCAFE).crop((6, 19, 470, 420)).save(buf, "JPEG", quality=85)
+    upload = {"file": ("cropped.jpg", buf.getvalue(), "image/jpeg")}
+    assert client.get("/healthz").json()["checks"]["invisible_crops"] is False
+    assert client.post("/v1/scan", files=upload).json()["watermarks"]["invisible"] == []
+    (mark,) = client.post("/v1/scan?invisible_crops=true", files=upload).json()["watermarks"]["invisible"]
+    assert mark["scheme"] == "provenance" and mark["payload"] == "0badcafe"
+    batch = client.post("/v1/scan/batch?invisible_crops=true", files=[("files", ("c.jpg", buf.getvalue(), "image/jpeg"))])
+    assert batch.json()[0]["watermarks"]["invisible"] == [mark]
+    off = _client(ServerConfig(index_dir=index_dir, visible=False, invisible=False))
+    try:
+        assert _error(off.post("/v1/scan?invisible_crops=true", files=upload), 409, "invisible_check_off")
+        assert off.post("/v1/scan", files=upload).json()["watermarks"]["invisible"] == []
+    finally:
+        off.__exit__(None, None, None)
 
 
 def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos, client, window_screenshot):

@@ -166,6 +166,28 @@ def test_screenshot_box_finds_a_photo_shown_small_in_a_window(page, corpus, wind
     expect(page.locator("#evidence-list")).to_contain_text("the centre of the image")
 
 
+def test_crops_box_reads_our_mark_in_a_cropped_generation(page, corpus, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from provenance.watermarks.invisible import embed_provenance_mark
+
+    generated = Image.open(sorted(corpus.glob("*.jpg"))[4]).convert("RGB").resize((512, 512))
+    cropped = tmp_path / "cropped.jpg"
+    embed_provenance_mark(generated, 0x5EED1234).crop((9, 14, 480, 430)).save(cropped, quality=85)
+    invisible = page.locator("#evidence-list dt", has_text=re.compile("^Invisible watermarks$")).locator(
+        "xpath=following-sibling::dd[1]")
+    page.set_input_files("#file-input", str(cropped))
+    expect(invisible).to_have_text("none found", timeout=60_000)  # the crop moved the mark's block grid
+    box = page.get_by_label(re.compile("Look for invisible marks in crops"))
+    expect(box).to_be_visible()
+    expect(box).not_to_be_checked()
+    box.check()
+    page.set_input_files("#file-input", str(cropped))
+    expect(invisible).to_contain_text("provenance", timeout=60_000)
+    expect(invisible).to_contain_text("5eed1234")
+
+
 def test_caption_search_shows_results(page, corpus):
     from playwright.sync_api import expect
 

@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import ReadyDep
 from api.errors import api_error
 from api.schemas import ErrorResponse, ScanRecordOut
-from api.state import ServiceState, VisibleCheckOff
+from api.state import InvisibleCheckOff, ServiceState, VisibleCheckOff
 from api.uploads import display_name, keep_upload, read_upload
 from provenance.errors import DecompressionBombError, UnreadableImageError
 from provenance.images import decode_image
@@ -32,21 +32,26 @@ CentreView = Annotated[bool | None, Query(description=(
     "--centre-view): finds a photo shown small inside a screenshot or frame, at the cost of a second SSCD pass. Unset "
     "for the server's default (/healthz: checks.centre_view); the record's extra.sscd_view is \"centre\" when the "
     "top match came from it."))]
+InvisibleCrops = Annotated[bool | None, Query(description=(
+    "Whether invisible marks (Stable Diffusion's, ours) are also read as in a crop of a marked image: every block-grid "
+    "offset, original width and payload phase (scan --invisible-crops), ~0.2 s more CPU per 512 px image. Unset for "
+    "the server's default (/healthz: checks.invisible_crops)."))]
 
 
 @router.post("/scan", response_model=ScanRecordOut, response_model_exclude_unset=True, responses={
     413: {"model": ErrorResponse, "description": "file over the upload limit, or more pixels than allowed (bomb)"},
     415: {"model": ErrorResponse, "description": "not a decodable image"},
-    409: {"model": ErrorResponse, "description": "visible_thorough set on a server without the visible check"}})
+    409: {"model": ErrorResponse, "description": "visible_thorough (invisible_crops) set on a server without the "
+                                                 "visible (invisible) check"}})
 async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="The image to check.")],
                match_verdicts: MatchVerdicts = False, visible_thorough: VisibleThorough = None,
-               centre_view: CentreView = None) -> dict[str, Any]:
+               centre_view: CentreView = None, invisible_crops: InvisibleCrops = None) -> dict[str, Any]:
     """Scan one image: its best corpus matches, the verdict, and its watermark / C2PA / metadata evidence."""
     name = display_name(file.filename)
     data = await read_upload(file, state.config.max_upload_bytes)
     if data is None:
         raise api_error(413, "too_large", f"{name}: larger than the upload limit of {state.config.max_upload_bytes:,} bytes")
-    (record,) = await _scan(state, [(name, data)], visible_thorough, centre_view)
+    (record,) = await _scan(state, [(name, data)], visible_thorough, centre_view, invisible_crops)
     if record.verdict == "error":
         await _raise_scan_error(state, name, data, record)
     await _keep(state, [(data, record)])
@@ -55,10 +60,11 @@ async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="Th
 
 @router.post("/scan/batch", response_model=list[ScanRecordOut], response_model_exclude_unset=True, responses={
     400: {"model": ErrorResponse, "description": "no files, or more than the configured maximum"},
-    409: {"model": ErrorResponse, "description": "visible_thorough set on a server without the visible check"}})
+    409: {"model": ErrorResponse, "description": "visible_thorough (invisible_crops) set on a server without the "
+                                                 "visible (invisible) check"}})
 async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(description="The images to check.")],
-                     match_verdicts: MatchVerdicts = False,
-                     visible_thorough: VisibleThorough = None, centre_view: CentreView = None) -> list[dict[str, Any]]:
+                     match_verdicts: MatchVerdicts = False, visible_thorough: VisibleThorough = None,
+                     centre_view: CentreView = None, invisible_crops: InvisibleCrops = None) -> list[dict[str, Any]]:
     """Scan several images; records come back in upload order, and a bad file gets an error record
     (verdict "error") while the others are scanned as usual."""
     limit = state.config.max_batch_files
@@ -75,7 +81,8 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
         else:
             pending.append((i, name, data))
     if pending:
-        scanned = await _scan(state, [(name, data) for _, name, data in pending], visible_thorough, centre_view)
+        scanned = await _scan(state, [(name, data) for _, name, data in pending], visible_thorough, centre_view,
+                              invisible_crops)
         for (i, _, _), record in zip(pending, scanned):
             out[i] = record
         await _keep(state, [(data, record) for (_, _, data), record in zip(pending, scanned)])
@@ -84,11 +91,13 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
 
 
 async def _scan(state: ServiceState, items: list[tuple[str, bytes]], visible_thorough: bool | None,
-                centre_view: bool | None) -> list[ScanRecord]:
+                centre_view: bool | None, invisible_crops: bool | None) -> list[ScanRecord]:
     try:
-        return await state.scan(items, visible_thorough, centre_view)
+        return await state.scan(items, visible_thorough, centre_view, invisible_crops)
     except VisibleCheckOff as e:
         raise api_error(409, "visible_check_off", str(e)) from None
+    except InvisibleCheckOff as e:
+        raise api_error(409, "invisible_check_off", str(e)) from None
 
 
 async def _raise_scan_error(state: ServiceState, name: str, data: bytes, record: ScanRecord) -> None:

@@ -72,6 +72,8 @@ async function loadHealth() {
   $("thorough-input").checked = c.visible_thorough === true;
   $("centre-option").hidden = !(c.descriptors || []).includes("sscd");
   $("centre-input").checked = c.centre_view === true;
+  $("crops-option").hidden = !c.invisible;
+  $("crops-input").checked = c.invisible_crops === true;
   if (c.invisible) checks.push("invisible watermarks");
   if (c.c2pa) checks.push("C2PA");
   if (c.metadata) checks.push("generator metadata");
@@ -142,8 +144,9 @@ async function scanFile(file) {
   try {
     const thorough = !$("thorough-option").hidden && $("thorough-input").checked;
     const centre = !$("centre-option").hidden && $("centre-input").checked;
-    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}&centre_view=${centre}`,
-      { method: "POST", body: form });
+    const crops = !$("crops-option").hidden && $("crops-input").checked;
+    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}&centre_view=${centre}` +
+      `&invisible_crops=${crops}`, { method: "POST", body: form });
     renderScan(record, file);
   } catch (err) {
     $("results-summary").textContent = "";
