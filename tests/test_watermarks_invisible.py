@@ -164,6 +164,7 @@ def test_flat_and_synthetic_images_report_nothing():
     ]
     for im in images:
         assert detect_invisible_marks(im) == []
+        assert detect_invisible_marks(im, try_cropped=True) == []
 
 
 def test_own_mark_round_trips_with_run_id(photos):
@@ -258,6 +259,9 @@ def test_cropped_marks_are_found_with_try_cropped(photos):
     # our mark, cropped then saved as a JPEG, keeps its run id
     found = _detected(_jpeg_round_trip(marked["provenance"].crop(_CROPS[0]), 80), try_cropped=True)
     assert found["provenance"].payload == "5eed1234"
+    # a crop taller than the decoded band: the band's block rows are counted from the top of the crop
+    tall = embed_provenance_mark(photos[4].resize((512, 2048)), 77).crop((3, 101, 509, 2000))
+    assert _detected(_png_round_trip(tall), try_cropped=True)["provenance"].payload == f"{77:08x}"
 
 
 def test_try_cropped_keeps_uncropped_marks_and_clean_photos_clean(photos, coco_dir):

@@ -329,17 +329,24 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
     phase_index = {sc.length: (np.arange(sc.length)[None, :] - np.arange(sc.length)[:, None]) % sc.length
                    for sc in SCHEMES}  # [phase, payload bit] -> the position that bit sits at under that phase
     correlators = {sc.name: _phase_correlators(sc, phase_index[sc.length]) for sc in SCHEMES}
+    if w < 8 or h < 8:
+        return {}
+    # whole block rows around the centre, enough for MAX_BLOCKS blocks at every offset: a large image is cut once
+    # here rather than copied for each of the 64 offsets
+    keep_rows = min(h // 8, MAX_BLOCKS // (w // 8) + 1)
+    y0 = 8 * ((h // 8 - keep_rows) // 2)
+    region = image.crop((0, y0, w, min(h, y0 + 8 * keep_rows + 8)))
     for oy in range(8):
         for ox in range(8):
-            band, first = _centre_band(image.crop((ox, oy, w, h)))
             per_row = (w - ox) // 8
-            if per_row == 0 or band.height < 8:
+            if per_row == 0 or region.height - oy < 8:
                 continue
+            band, first = _centre_band(region.crop((ox, oy, w, region.height)))
             ll_y, ll_u = _ll_yu(band)
             blocks = {"Y": _blocks(ll_y), "U": _blocks(ll_u)}
             n = blocks["Y"].shape[1]
             rows, cols = np.divmod(np.arange(n), per_row)
-            rows += first // per_row  # the band's rows counted from the top of the crop
+            rows += y0 // 8 + first // per_row  # block rows counted from the top of the image cut at (ox, oy)
             widths = np.array([per_row] + sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row}))
             soft_cache: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
             for scheme in SCHEMES:
