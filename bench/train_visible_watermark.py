@@ -1,9 +1,10 @@
 """Train the visible-watermark pixel CNN on synthetic overlays of Flickr8k photos (fixed seeds; CPU or a GPU).
 
-    .venv/bin/python bench/train_visible_watermark.py --out provenance/weights/visible_watermark.pt
+    .venv/bin/python bench/train_visible_watermark.py --exclude-photos '' --out /tmp/cnn.pt
 
-reproduces the shipped weights (56 min wall on the shared 2-core machine, 23 + 39 CPU-min); adding
-`--generator layered --steps 1300 --min-visibility 0.002` fits ~15 min but gives a weaker model (see
+reproduces the former detector's weights (the pixel CNN shipped until 2026-11-27, before the audit of photos with
+real marks, which the trainer now leaves out by default; 56 min wall on the shared 2-core machine, 23 + 39 CPU-min);
+adding `--generator layered --steps 1300 --min-visibility 0.002` fits ~15 min but gives a weaker model (see
 bench/results/visible_watermark.md). Backgrounds: flickr8k-dev shards 00000-00003 (2,000 photos). Overlays:
 provenance.watermarks.overlays with the training fonts and strings only (held-out fonts/strings are for
 bench/eval_visible_watermark.py). Every example is generated from (seed, index), so a run is reproducible whatever
