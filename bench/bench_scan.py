@@ -60,6 +60,8 @@ def main() -> None:
         "full, --visible-thorough": ScanOptions(use_clip=False, visible_thorough=True),
         # scan --centre-view: SSCD also on the centre 60% of each image (a second SSCD pass and search)
         "full, --centre-view": ScanOptions(use_clip=False, centre_view=True),
+        # scan --invisible-crops: invisible marks also read as in a crop (64 grid offsets x widths x phases)
+        "full, --invisible-crops": ScanOptions(use_clip=False, invisible_crops=True),
     }
     results = {}
     scanners = {name: Scanner.open(index_dir, opts) for name, opts in configs.items()}
