@@ -57,6 +57,11 @@ PACK_UNICODES = (*range(0x20, 0x250), *range(0x2000, 0x2070), *range(0x20A0, 0x2
                  *range(0x2190, 0x2200), *range(0x25A0, 0x2600))
 
 
+def photo_name(shard: str, item_id: str) -> str:
+    """A training photo's name as real_marks.json writes it: "shard/id.jpg"."""
+    return f"{shard}/{item_id}.jpg"
+
+
 def read_shards(
     shard_dir: Path, shards: tuple[str, ...], exclude: set[str] = frozenset()
 ) -> tuple[list[bytes], list[str], list[str]]:
@@ -68,7 +73,7 @@ def read_shards(
     photos, captions, names = [], [], []
     for s in shards:
         for it in read_webdataset(str(shard_dir / f"{s}.tar")):
-            name = f"{s}/{it.id}.jpg"
+            name = photo_name(s, it.id)
             if it.data and name not in exclude:
                 photos.append(it.data)
                 names.append(name)
@@ -86,20 +91,19 @@ def pack_for_gpu(out: Path, shard_dir: Path, shards: tuple[str, ...], exclude: s
 
     from fontTools import subset
 
+    from provenance.corpus import read_webdataset
+
     (out / "flickr8k-dev").mkdir(parents=True, exist_ok=True)
     n_photos = 0
     for s in shards:
-        photos, _, names = read_shards(shard_dir, (s,), exclude)
-        from provenance.corpus import read_webdataset
-
-        captions = {f"{s}/{it.id}.jpg": it.caption or "" for it in read_webdataset(str(shard_dir / f"{s}.tar"))}
         with tarfile.open(out / "flickr8k-dev" / f"{s}.tar", "w") as tar:
-            for data, name in zip(photos, names):
-                key = Path(name).stem
+            for it in read_webdataset(str(shard_dir / f"{s}.tar")):
+                if not it.data or photo_name(s, it.id) in exclude:
+                    continue
                 buf = io.BytesIO()
-                Image.open(io.BytesIO(data)).convert("RGB").save(buf, "JPEG", quality=quality)
-                for ext, payload in (("jpg", buf.getvalue()), ("txt", captions[name].encode())):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
+                Image.open(io.BytesIO(it.data)).convert("RGB").save(buf, "JPEG", quality=quality)
+                for ext, payload in (("jpg", buf.getvalue()), ("txt", (it.caption or "").encode())):
+                    info = tarfile.TarInfo(f"{it.id}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
                 n_photos += 1

@@ -176,9 +176,7 @@ def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, Cac
 
 def photo_names(shard_dir: Path, shards: tuple[str, ...]) -> list[str]:
     """"shard/id.jpg" of every photo read_shards returns, in the same order (the names real_marks.json uses)."""
-    from provenance.corpus import read_webdataset
-
-    return [f"{s}/{it.id}.jpg" for s in shards for it in read_webdataset(str(shard_dir / f"{s}.tar")) if it.data]
+    return read_shards(shard_dir, shards)[2]
 
 
 def pair_photos(pairs: int, photos: int, seed: int) -> np.ndarray:
