@@ -9,11 +9,11 @@ from provenance.descriptors.base import DescriptorSpec
 
 PDQ_BITS = 256
 # PDQ itself squashes every image to 64x64 with a Jarosz box filter before its 16x16 DCT, so a
-# squash to 128x128 first changes few bits (~6 of 256 on COCO photos) and makes hashing ~15x faster.
+# squash to 128x128 first changes few bits and makes hashing much cheaper on large photos.
 # Corpus and queries go through the same resize, so distances stay comparable.
 PDQ_INPUT_SIZE = 128
 # Hamming distance at or under which two hashes are the "same picture" (ThreatExchange recommends
-# 31 of 256 for matching; we use a tighter default for the `exact` verdict, calibrated in bench/).
+# 31 of 256 for matching; the `exact` verdict uses a tighter, calibrated threshold: see BENCHMARKS.md).
 PDQ_MATCH_THRESHOLD = 31
 
 

@@ -52,7 +52,7 @@ def resize_short_side(image: Image.Image, short: int = SSCD_SHORT_SIDE) -> Image
     if size == (w, h):
         return image
     # reducing_gap: PIL first shrinks by an integer factor with a box filter, then resamples;
-    # about 3x faster on large photos and indistinguishable for SSCD (measured in bench/).
+    # much cheaper on large photos, and the embeddings are indistinguishable for SSCD.
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
@@ -153,9 +153,9 @@ class SSCDDescriptor:
 
         From now on a model call that starts while another is running uses a second ONNX session with one
         intra-op thread: each call then has a core to itself instead of two multi-threaded calls contending
-        for both, while a call alone keeps every core. Measured on the 2-core machine with two callers: 18.9
-        vs 18.2 images/s and 92 vs 108 ms of CPU per image; alone, the multi-threaded session answers ~30%
-        sooner. The outputs are identical: the int8 graph gives the same bits on one thread or several.
+        for both, while a call alone keeps every core. With two callers this spends less CPU per image for the
+        same throughput, and a lone call still answers sooner on all cores (figures in BENCHMARKS.md, "API
+        server"). The outputs are identical: the int8 graph gives the same bits on one thread or several.
         Costs a second copy of the model (~60 MB). No-op for TorchScript, a GPU, or a session already
         limited to one thread.
         """
@@ -192,7 +192,7 @@ def _onnx_session(model_path: Path, threads: int | None, providers: list[str], c
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    # Spinning (ORT's default) makes batch work ~25% faster on idle cores (40 vs 32 img/s here), but
+    # Spinning (ORT's default) makes batch work faster on idle cores (bulk indexing), but
     # the busy-waiting steals cores from concurrent requests; `provenance serve` turns it off.
     spinning = os.environ.get("PROVENANCE_ORT_SPINNING", "1")
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if spinning == "0" else "1")
