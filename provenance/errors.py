@@ -6,42 +6,94 @@ from __future__ import annotations
 class ProvenanceError(Exception):
     """Base class of every error this library raises on purpose."""
 
+    code = "provenance_error"
+
 
 class UnreadableImageError(ProvenanceError):
     """A file or byte string is not an image we can decode (corrupt, truncated, empty, not an image)."""
+
+    code = "not_an_image"
+
+
+class FileUnreadableError(UnreadableImageError):
+    """A path that cannot be read at all (missing, a directory, no permission): the bytes never arrived."""
+
+    code = "unreadable"
+
+
+class UploadTooLargeError(UnreadableImageError):
+    """An upload over the server's byte limit, refused before it was decoded."""
+
+    code = "too_large"
 
 
 class DecompressionBombError(UnreadableImageError):
     """An image whose pixel count exceeds the configured limit (a decompression bomb)."""
 
+    code = "too_many_pixels"
+
 
 class CorpusError(ProvenanceError):
     """A corpus source cannot be read at all (missing folder, no shards, unsupported column...)."""
+
+    code = "corpus_error"
 
 
 class IndexNotFoundError(ProvenanceError):
     """No built index at the given directory."""
 
+    code = "index_not_found"
+
 
 class IndexFormatError(ProvenanceError):
     """An index directory exists but its manifest or files are unreadable or of another format version."""
+
+    code = "index_format"
 
 
 class IndexMismatchError(ProvenanceError):
     """A query or an append uses a different model/descriptor than the one the index was built with."""
 
+    code = "index_mismatch"
+
 
 class DescriptorUnavailableError(ProvenanceError):
     """A search asks for a descriptor the index was not built with (e.g. text search without `clip`)."""
+
+    code = "descriptor_unavailable"
 
 
 class ModelLoadError(ProvenanceError):
     """A model checkpoint or hub id cannot be loaded."""
 
+    code = "model_load_failed"
+
 
 class ItemNotFoundError(ProvenanceError):
     """A corpus item id that the index does not hold."""
 
+    code = "item_not_found"
+
 
 class GenerationError(ProvenanceError):
     """Image generation cannot start or continue (bad model id, unwritable output folder...)."""
+
+    code = "generation_failed"
+
+
+class InvalidOptionsError(ProvenanceError, ValueError):
+    """Scan options that break a rule of `provenance.options.ScanOptions` (a range, or two that cannot go together)."""
+
+    code = "invalid_options"
+
+
+def error_from_code(code: str | None, message: str) -> ProvenanceError:
+    """The exception of the class whose `code` is `code` (e.g. a scan record's `error_code`), carrying `message`;
+    a plain ProvenanceError for an unknown code. Lets a surface raise a record's error without re-running it."""
+    todo: list[type[ProvenanceError]] = [ProvenanceError]
+    while todo:
+        cls = todo.pop()
+        if cls.code == code:
+            return cls(message)
+        todo.extend(cls.__subclasses__())
+    return ProvenanceError(message)

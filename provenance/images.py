@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from provenance.errors import DecompressionBombError, UnreadableImageError
+from provenance.errors import DecompressionBombError, FileUnreadableError, UnreadableImageError
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +46,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise UnreadableImageError(f"{p}: file not found") from None
+        raise FileUnreadableError(f"{p}: file not found") from None
     except IsADirectoryError:
-        raise UnreadableImageError(f"{p}: is a directory, not an image file") from None
+        raise FileUnreadableError(f"{p}: is a directory, not an image file") from None
     except OSError as e:
-        raise UnreadableImageError(f"{p}: cannot read file ({e.strerror or e})") from None
+        raise FileUnreadableError(f"{p}: cannot read file ({e.strerror or e})") from None
     return data
 
 

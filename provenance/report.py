@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from provenance.errors import ProvenanceError
 from provenance.images import load_image
-from provenance.types import VERDICT_ORDER, ScanRecord
+from provenance.types import SCAN_SCHEMA_VERSION, VERDICT_ORDER, ScanRecord
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,15 @@ def write_report(
     if fmt not in FORMATS:
         raise ValueError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     with _open_out(out) as stream:
+        # JSON carries the record shape's version (the next issues add keys): on every JSONL line, and at the
+        # top of the JSON report beside its records
         if fmt == "jsonl":
             for r in records:
-                stream.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                stream.write(json.dumps({"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()}, ensure_ascii=False)
+                             + "\n")
         elif fmt == "json":
-            json.dump([r.to_dict() for r in records], stream, ensure_ascii=False, indent=2)
+            json.dump({"schema_version": SCAN_SCHEMA_VERSION, "records": [r.to_dict() for r in records]}, stream,
+                      ensure_ascii=False, indent=2)
             stream.write("\n")
         elif fmt == "csv":
             write_csv(records, stream)

@@ -20,31 +20,13 @@ import numpy as np
 from PIL import Image
 
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
-from provenance.images import DEFAULT_MAX_PIXELS, DecodedImage, decode_image, read_bytes, sha256_bytes
-from provenance.models import ModelOptions
+from provenance.images import DecodedImage, decode_image, read_bytes, sha256_bytes
+from provenance.options import ScanOptions, Thresholds  # noqa: F401 - the scan's public names
 from provenance.search import Searcher, best_per_item, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Verdict thresholds, calibrated by bench/calibrate.py (BENCHMARKS.md, "Calibration"): 1,000 edited copies
-    of Flickr8k corpus photos in 16 edit families against 1,000 edited and 500 untouched non-members.
-    The replica threshold keeps FPR <= 1% on edited AND on untouched non-members (TPR 0.988)."""
-
-    exact_pdq_bits: int = 10  # PDQ Hamming distance <= this (or identical file bytes) -> exact;
-    # every re-encoded member (JPEG q75-95) is within 10 bits, the nearest non-member 84 bits away
-    exact_sscd: float = 0.92  # and SSCD must agree (lowest re-encode: 0.933), so PDQ alone never says exact
-    replica_sscd: float = 0.45  # SSCD cosine; FPR 0.3% edited / 1.0% untouched non-members
-    similar_sscd: float = 0.30  # the same rule at <= 5% FPR
-    # not calibrated offline (no pretrained CLIP here): conservative; bench/calibrate.py --clip-model calibrates it
-    similar_clip: float = 0.90
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
 
 def decide_verdict(scores: dict[str, float | int | None], t: Thresholds, same_bytes: bool = False) -> Verdict:
@@ -61,35 +43,20 @@ def decide_verdict(scores: dict[str, float | int | None], t: Thresholds, same_by
     return "novel"
 
 
-@dataclass
-class ScanOptions:
-    k: int = 10
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    use_clip: bool | None = None  # None = when the index has clip
-    visible: bool = True
-    invisible: bool = True
-    c2pa: bool = True
-    metadata: bool = True
-    batch_size: int = 16
-    workers: int = 2
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    models: ModelOptions | None = None
-    visible_model: str | None = None  # path to other weights; None = shipped detector
-    visible_laion_checkpoint: str | None = None
-    # the shipped thorough visible-watermark mix (visible.THOROUGH_WEIGHTS: a head tuned at 512 px on the image and
-    # its mirror, with the 288 px head) instead of the 288 px head alone: finds more small and faint marks, at the
-    # cost of two more SSCD passes per image
-    visible_thorough: bool = False
-    # also search SSCD with the centre of each image (CENTRE_VIEW_SIDE of each side), keeping each corpus item's
-    # better score: finds a photo shown small inside a screenshot, a frame or a padded canvas (calibration: TPR
-    # 0.988 -> 0.994 at the same threshold and FPR; screenshots 0.94 -> 0.98), at the cost of a second SSCD pass
-    centre_view: bool = False
-    # also read invisible marks as in an image cropped from a marked one (invisible.detect_invisible_marks'
-    # try_cropped: every block-grid offset, original width and payload phase), ~0.2 s of CPU per 512 px image
-    invisible_crops: bool = False
+def match_verdict(m: Match, t: Thresholds, same_bytes: bool = False) -> Verdict:
+    """One match's own verdict, from its descriptor's score alone (the page's badge beside each match)."""
+    scores: dict[str, float | int | None] = (
+        {"pdq_distance": m.distance} if m.descriptor == "pdq" else {m.descriptor: m.score})
+    return decide_verdict(scores, t, same_bytes=same_bytes)
 
 
-# the centre view keeps the middle 60% of each side (36% of the area): chosen by bench/calibrate.py --views centre60
+def match_verdicts(record: ScanRecord, t: Thresholds) -> list[Verdict]:
+    """`match_verdict` of each of the record's matches, in order; a match whose file is byte-identical is exact."""
+    identical = record.extra.get("identical_file")
+    return [match_verdict(m, t, same_bytes=(m.id == identical)) for m in record.matches]
+
+
+# the centre view keeps the middle 60% of each side (36% of the area), the view the calibration chose
 CENTRE_VIEW_SIDE = 0.6
 
 
@@ -141,7 +108,13 @@ class Scanner:
         )
         self._visible_from_sscd = same_sscd and visible.reads_scan_pass
         self._visible_beside_sscd = same_sscd and visible.shares_scan_pass
-        self._centre_view = o.centre_view and "sscd" in self._models  # a view of SSCD's: nothing to do without it
+        requested = o.requested_checks()
+        self._centre_view = requested["centre_view"] and "sscd" in self._models  # a view of SSCD's: none without it
+        self._invisible_crops = requested["invisible_crops"]
+        # what every record of this scanner says ran: what was asked for, less what could not run here
+        self.checks: dict[str, Any] = {"descriptors": list(self.descriptors), **requested,
+                                       "visible": self._visible is not None, "centre_view": self._centre_view}
+        self.checks["visible_thorough"] = self.checks["visible"] and requested["visible_thorough"]
         self._sha_rows = self._sha_index()
 
     @classmethod
@@ -196,13 +169,14 @@ class Scanner:
         try:
             raw = data if data is not None else read_bytes(name)
         except UnreadableImageError as e:
-            return _Work(name, ScanRecord.failed(name, str(e)))
+            return _Work(name, ScanRecord.failed(name, e))
         try:
             decoded = decode_image(raw, name, self.options.max_pixels)  # hashes the bytes too
         except UnreadableImageError as e:
-            return _Work(name, ScanRecord.failed(name, str(e), sha256_bytes(raw) if raw else None))
+            return _Work(name, ScanRecord.failed(name, e, sha256_bytes(raw) if raw else None))
         try:
-            record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height)
+            record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height,
+                                checks=dict(self.checks))
             record.watermarks = self._evidence(decoded)
             memo = ((record.watermarks.metadata or {}).get("provenance") or {}).get("memorization")
             if isinstance(memo, dict):
@@ -216,7 +190,7 @@ class Scanner:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
-            return _Work(name, ScanRecord.failed(name, f"{type(e).__name__}: {e}", decoded.sha256))
+            return _Work(name, ScanRecord.failed(name, e, decoded.sha256))
         return _Work(name, record, inputs)
 
     def _evidence(self, decoded: DecodedImage) -> WatermarkEvidence:
@@ -225,7 +199,7 @@ class Scanner:
         if o.invisible:
             from provenance.watermarks.invisible import detect_invisible_marks
 
-            ev.invisible = detect_invisible_marks(decoded.image, try_cropped=o.invisible_crops)
+            ev.invisible = detect_invisible_marks(decoded.image, try_cropped=self._invisible_crops)
         if o.c2pa:
             from provenance.watermarks.c2pa import read_c2pa
 
@@ -299,9 +273,6 @@ def _mime_type(fmt: str | None) -> str | None:
 def _load_visible(o: ScanOptions):
     from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector, load_detector
 
-    if o.visible_thorough and (o.visible_model or o.visible_laion_checkpoint):
-        raise ValueError("visible_thorough picks the shipped thorough mix; it cannot be combined with other "
-                         "visible-watermark weights")
     if o.visible_thorough:
         return load_detector(THOROUGH_WEIGHTS)
     if o.visible_laion_checkpoint:

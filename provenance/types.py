@@ -12,6 +12,9 @@ from typing import Any, Literal
 DescriptorName = Literal["sscd", "clip", "pdq"]
 Verdict = Literal["exact", "replica", "similar", "novel", "error"]
 VERDICT_ORDER: tuple[Verdict, ...] = ("exact", "replica", "similar", "novel", "error")
+# The version of the scan record's JSON shape (JSON/JSONL reports, the API): bumped when a key changes meaning;
+# /2 added `error_code` and `checks`, and wrapped the JSON report's records as {"schema_version", "records"}.
+SCAN_SCHEMA_VERSION = "provenance.scan/2"
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,12 @@ class ScanRecord:
     )
     watermarks: WatermarkEvidence = field(default_factory=WatermarkEvidence)
     error: str | None = None
+    # the failure kind beside its message: the `code` of the ProvenanceError raised (e.g. "not_an_image",
+    # "too_many_pixels", "unreadable", "too_large"), "scan_failed" for an unexpected one; None when it worked
+    error_code: str | None = None
+    # which checks ran on this image: {"descriptors": ["sscd", "pdq"], "visible": True, "centre_view": False, ...}
+    # (empty when the image could not be read, so nothing ran)
+    checks: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. memorization signals from the generator
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,11 +119,19 @@ class ScanRecord:
             "scores": dict(self.scores),
             "watermarks": self.watermarks.to_dict(),
             "error": self.error,
+            "error_code": self.error_code,
+            "checks": dict(self.checks),
         }
         if self.extra:
             d["extra"] = self.extra
         return d
 
     @classmethod
-    def failed(cls, path: str, error: str, sha256: str | None = None) -> "ScanRecord":
-        return cls(path=path, sha256=sha256, verdict="error", error=error)
+    def failed(cls, path: str, error: str | BaseException, sha256: str | None = None,
+               code: str | None = None) -> "ScanRecord":
+        """The record of an image that could not be scanned; an exception gives its message and its class's
+        `code` (ProvenanceError subclasses), anything else is "scan_failed"."""
+        if isinstance(error, BaseException):
+            code = code or getattr(error, "code", None) or "scan_failed"
+            error = str(error) if hasattr(type(error), "code") else f"{type(error).__name__}: {error}"
+        return cls(path=path, sha256=sha256, verdict="error", error=error, error_code=code or "scan_failed")
