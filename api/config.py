@@ -1,80 +1,78 @@
-"""The server's typed configuration, built from CLI options or PROVENANCE_* environment variables."""
+"""The server's settings: one pydantic-settings class read from PROVENANCE_* environment variables (and the
+`serve` flags), with the scan options nested: PROVENANCE_SCAN__CENTRE_VIEW=true sets `scan.centre_view`."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from provenance.images import DEFAULT_MAX_PIXELS
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from provenance.options import ScanOptions, options_error
+
+logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "PROVENANCE_"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Multipart framing (boundaries, part headers, small form fields) on top of the file itself.
 MULTIPART_SLACK_BYTES = 64 * 1024
+# The flat names of this release's scan settings, read for one more release (with a warning) as the nested ones.
+DEPRECATED_SCAN_ENV = ("VISIBLE", "VISIBLE_THOROUGH", "CENTRE_VIEW", "INVISIBLE", "INVISIBLE_CROPS", "C2PA",
+                       "METADATA", "K", "MAX_PIXELS")
+
+CommaList = Annotated[tuple[str, ...], NoDecode]  # "a,b" in the environment, not JSON
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    """Everything `create_app` needs; immutable so every request sees the same settings."""
+class ServerConfig(BaseSettings):
+    """Everything `create_app` needs; frozen so every request sees the same settings."""
 
-    index_dir: Path
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES  # per uploaded file
-    max_batch_files: int = 32  # files per /v1/scan/batch request
-    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are rejected as decompression bombs
-    api_keys: tuple[str, ...] = ()  # empty = /v1 is open
-    cors_origins: tuple[str, ...] = ()  # empty = no CORS headers (same-origin page only)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null",
+                                      frozen=True, extra="ignore", populate_by_name=True)
+
+    index_dir: Path = Field(validation_alias=AliasChoices("index_dir", ENV_PREFIX + "INDEX"))
+    # what each scan runs, and what a request may change (ScanOptions.request_names); max_pixels is the
+    # decompression-bomb limit of every upload, scans and image searches alike
+    scan: ScanOptions = Field(default_factory=ScanOptions)
+    max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0)  # per uploaded file
+    max_batch_files: int = Field(32, ge=1)  # files per /v1/scan/batch request
+    api_keys: CommaList = ()  # empty = /v1 is open
+    cors_origins: CommaList = ()  # empty = no CORS headers (same-origin page only)
     keep_uploads: Path | None = None  # folder to keep scanned uploads in; None = keep nothing
-    k: int = 10  # matches per scan record
-    max_k: int = 100
-    # Scan checks: None = on when available (e.g. visible-watermark weights present), True = required.
-    visible: bool | None = None
-    # the thorough visible-watermark mix reads each upload (scan --visible-thorough: the head tuned at 512 px on the
-    # image and its mirror, with the 288 px head): more small and faint marks found, ~120 ms more CPU per scan
-    visible_thorough: bool = False
-    # SSCD also matches the centre 60% of each upload (scan --centre-view): photos shown small inside screenshots
-    centre_view: bool = False
-    invisible: bool | None = None
-    # invisible marks are also read as in a crop of a marked image (scan --invisible-crops): ~0.2 s more CPU per scan
-    invisible_crops: bool = False
-    c2pa: bool = True
-    metadata: bool = True
     # Scans run on `scan_workers` threads fed by a queue (a bounded pool, however many requests arrive).
     # Each worker may take up to `scan_batch` queued scans as one Scanner batch, waiting at most
     # scan_window_ms for company; 0 = no queue, every request scans in its own thread, unbounded.
     # Micro-batching is off by default: it saved no CPU per scan on mixed-size photos (SSCD batches only
-    # images of one shape), measured in bench/results/api.md.
-    scan_batch: int = 1
-    scan_window_ms: float = 0.0
-    scan_workers: int = 2
-    search_threads: int = 2  # executor for image/text search (model work), sized to the cores
+    # images of one shape); BENCHMARKS.md has the figures.
+    scan_batch: int = Field(1, ge=0, le=256)
+    scan_window_ms: float = Field(0.0, ge=0)
+    scan_workers: int = Field(2, ge=1, le=64)
+    search_threads: int = Field(2, ge=1)  # executor for image/text search (model work), sized to the cores
     # torch threads per model call (visible-watermark model, CLIP) for the threads that start once the models are
     # loaded (the scan and search threads); 0 = torch's default (all cores). Scans and searches already run side by
     # side on their own threads, and a batch-1 call of the small watermark CNN is no faster on 2 threads, only
-    # twice the CPU (5.5 vs 10.6 ms per 224 px image, measured for issue 5).
-    torch_threads: int = 1
+    # twice the CPU.
+    torch_threads: int = Field(1, ge=0)
     load_in_background: bool = True
 
-    def __post_init__(self) -> None:
-        if self.max_upload_bytes <= 0:
-            raise ValueError(f"max_upload_bytes must be positive, got {self.max_upload_bytes}")
-        if self.max_pixels <= 0:
-            raise ValueError(f"max_pixels must be positive, got {self.max_pixels}")
-        if not 0 <= self.scan_batch <= 256:
-            raise ValueError(f"scan_batch must be in 0..256, got {self.scan_batch}")
-        if not 1 <= self.scan_workers <= 64:
-            raise ValueError(f"scan_workers must be in 1..64, got {self.scan_workers}")
-        if self.scan_window_ms < 0:
-            raise ValueError(f"scan_window_ms must be >= 0, got {self.scan_window_ms}")
-        if self.torch_threads < 0:
-            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
-        if self.visible_thorough and self.visible is False:
-            raise ValueError("visible_thorough needs the visible-watermark check, which is off")
-        if self.invisible_crops and self.invisible is False:
-            raise ValueError("invisible_crops needs the invisible-watermark check, which is off")
-        if not 1 <= self.k <= self.max_k:
-            raise ValueError(f"k must be in 1..{self.max_k}, got {self.k}")
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(p.strip() for p in value.split(",") if p.strip())
+        return value
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # first wins: keyword arguments (the serve flags), PROVENANCE_*, then the deprecated flat names
+        return init_settings, env_settings, _DeprecatedScanEnv(settings_cls)
 
     @property
     def max_request_bytes(self) -> int:
@@ -85,87 +83,55 @@ class ServerConfig:
         return self.max_upload_bytes * self.max_batch_files + MULTIPART_SLACK_BYTES
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "ServerConfig":
-        """Settings from PROVENANCE_* variables; keyword overrides (e.g. from the CLI) win when not None."""
-        env = dict(os.environ if environ is None else environ)
-
-        def get(name: str) -> str | None:
-            value = env.get(ENV_PREFIX + name)
-            return value if value not in (None, "") else None
-
-        values: dict[str, Any] = {}
-        if (v := get("INDEX")) is not None:
-            values["index_dir"] = Path(v)
-        for name, key, conv in (
-            ("MAX_UPLOAD_BYTES", "max_upload_bytes", int),
-            ("MAX_BATCH_FILES", "max_batch_files", int),
-            ("MAX_PIXELS", "max_pixels", int),
-            ("SCAN_BATCH", "scan_batch", int),
-            ("SCAN_WINDOW_MS", "scan_window_ms", float),
-            ("SCAN_WORKERS", "scan_workers", int),
-            ("SEARCH_THREADS", "search_threads", int),
-            ("TORCH_THREADS", "torch_threads", int),
-            ("K", "k", int),
-        ):
-            if (v := get(name)) is not None:
-                try:
-                    values[key] = conv(v)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{name}={v!r} is not a number") from None
-        if (v := get("API_KEYS")) is not None:
-            values["api_keys"] = _split(v)
-        if (v := get("CORS_ORIGINS")) is not None:
-            values["cors_origins"] = _split(v)
-        if (v := get("KEEP_UPLOADS")) is not None:
-            values["keep_uploads"] = Path(v)
-        for name, key in (("VISIBLE", "visible"), ("VISIBLE_THOROUGH", "visible_thorough"), ("CENTRE_VIEW", "centre_view"),
-                          ("INVISIBLE", "invisible"), ("INVISIBLE_CROPS", "invisible_crops"),
-                          ("C2PA", "c2pa"), ("METADATA", "metadata")):
-            if (v := get(name)) is not None:
-                values[key] = _flag(ENV_PREFIX + name, v)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "index_dir" not in values:
+    def from_env(cls, **overrides: Any) -> "ServerConfig":
+        """Settings from PROVENANCE_* variables; keyword overrides (e.g. from the CLI) win when not None, and
+        `scan` may be a dict of the scan options given (merged into the environment's). A bad value raises
+        ValueError naming it."""
+        values = {k: v for k, v in overrides.items() if v is not None}
+        if "index_dir" not in values and not os.environ.get(ENV_PREFIX + "INDEX"):
             raise ValueError(f"no index given: pass --index DIR or set {ENV_PREFIX}INDEX")
-        values["index_dir"] = Path(values["index_dir"])
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise options_error(e, "server settings") from None
 
     def to_env(self) -> dict[str, str]:
-        """The variables that make `from_env` rebuild this config (for uvicorn worker processes)."""
-        env = {
-            "INDEX": str(self.index_dir),
-            "MAX_UPLOAD_BYTES": str(self.max_upload_bytes),
-            "MAX_BATCH_FILES": str(self.max_batch_files),
-            "MAX_PIXELS": str(self.max_pixels),
-            "SCAN_BATCH": str(self.scan_batch),
-            "SCAN_WINDOW_MS": str(self.scan_window_ms),
-            "SCAN_WORKERS": str(self.scan_workers),
-            "SEARCH_THREADS": str(self.search_threads),
-            "TORCH_THREADS": str(self.torch_threads),
-            "K": str(self.k),
-            "API_KEYS": ",".join(self.api_keys),
-            "CORS_ORIGINS": ",".join(self.cors_origins),
-            "KEEP_UPLOADS": str(self.keep_uploads) if self.keep_uploads else "",
-            "C2PA": str(self.c2pa).lower(),
-            "METADATA": str(self.metadata).lower(),
-            "VISIBLE_THOROUGH": str(self.visible_thorough).lower(),
-            "CENTRE_VIEW": str(self.centre_view).lower(),
-            "INVISIBLE_CROPS": str(self.invisible_crops).lower(),
-        }
-        if self.visible is not None:
-            env["VISIBLE"] = str(self.visible).lower()
-        if self.invisible is not None:
-            env["INVISIBLE"] = str(self.invisible).lower()
-        return {ENV_PREFIX + k: v for k, v in env.items()}
+        """The variables that make `from_env` rebuild this config (for uvicorn worker processes): every setting,
+        so none comes from what the parent's environment happened to hold."""
+        env = {ENV_PREFIX + "INDEX": str(self.index_dir)}
+        for name in type(self).model_fields:
+            if name not in ("index_dir", "scan"):
+                env[ENV_PREFIX + name.upper()] = _env_value(getattr(self, name))
+        for name in ScanOptions.model_fields:
+            env[f"{ENV_PREFIX}SCAN__{name.upper()}"] = _env_value(getattr(self.scan, name))
+        return env
 
 
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in value.split(",") if p.strip())
+def _env_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return json.dumps(asdict(value))
+    return str(value)
 
 
-def _flag(name: str, value: str) -> bool:
-    v = value.strip().lower()
-    if v in ("1", "true", "yes", "on"):
-        return True
-    if v in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={value!r}: expected true or false")
+class _DeprecatedScanEnv(PydanticBaseSettingsSource):
+    """PROVENANCE_CENTRE_VIEW and the other flat names of the scan settings, as `scan.centre_view`, with a
+    warning; the nested name (PROVENANCE_SCAN__CENTRE_VIEW) wins where both are set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads the whole table at once
+
+    def __call__(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for name in DEPRECATED_SCAN_ENV:
+            value = os.environ.get(ENV_PREFIX + name)
+            if value not in (None, ""):
+                logger.warning("%s%s is deprecated and will be removed in the next release: use %sSCAN__%s",
+                               ENV_PREFIX, name, ENV_PREFIX, name)
+                found[name.lower()] = value
+        return {"scan": found} if found else {}

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from provenance.cli_options import with_scan_options
 from provenance.errors import ProvenanceError
 
 app = typer.Typer(help="Training-data provenance checker: find training images an image copies, and its provenance marks.",
@@ -174,25 +175,16 @@ def search(
 
 
 @app.command("scan")
+@with_scan_options()
 def scan(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
     index: IndexDir,
-    k: Annotated[int, typer.Option("-k", min=1, max=100)] = 10,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | jsonl | json | csv | html")] = "table",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report here (default: stdout).")] = None,
     fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", help="exact | replica | similar | watermark (repeatable); exit 1 if met.")] = None,
-    clip: Annotated[Optional[bool], typer.Option("--clip/--no-clip", help="Also search OpenCLIP (default: if the index has it).")] = None,
-    visible: Annotated[bool, typer.Option("--visible/--no-visible", help="Visible-watermark detector.")] = True,
-    invisible: Annotated[bool, typer.Option("--invisible/--no-invisible", help="Invisible-watermark decoding.")] = True,
-    visible_model: Annotated[Optional[Path], typer.Option(help="Other provenance visible-watermark weights (from bench/train_visible_watermark*.py); default: the shipped head.")] = None,
-    laion_watermark_model: Annotated[Optional[Path], typer.Option(help="LAION's watermark detector (EfficientNet-B3 .pt, needs timm) instead of ours; not calibrated here, so it flags at its own 0.5 boundary.")] = None,
-    visible_thorough: Annotated[bool, typer.Option("--visible-thorough", help="Look for visible watermarks thoroughly: a head tuned at 512 px reads the image and its mirror, mixed with the default 288 px head. Finds more small and faint marks (held-out AUC 0.95 vs 0.90) at about a fifth of the scan speed.")] = False,
-    centre_view: Annotated[bool, typer.Option("--centre-view", help="Also match the centre 60% of each image with SSCD, keeping the better score: finds photos shown small inside screenshots, frames or padding. A second SSCD pass per image.")] = False,
-    invisible_crops: Annotated[bool, typer.Option("--invisible-crops", help="Also look for invisible marks (SD's, ours) as in an image cropped from a marked one: every block-grid offset, original width and payload phase. About 0.2 s of CPU per 512 px image.")] = False,
     thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    workers: Annotated[int, typer.Option(min=1)] = 2,
     verbose: Verbose = False,
+    scan_options: dict | None = None,  # the ScanOptions flags (provenance.cli_options), e.g. --thorough
 ) -> None:
     """Scan images for replicas of corpus images and for watermark/provenance evidence."""
     from provenance.images import iter_image_paths
@@ -209,21 +201,14 @@ def scan(
         _fail(typer.BadParameter(f"--fail-on: unknown condition(s) {bad}; use exact, replica, similar, watermark"))
     if fmt == "html" and output is None:
         _fail(typer.BadParameter("--format html needs --output FILE"))
-    if invisible_crops and not invisible:
-        _fail(typer.BadParameter("--invisible-crops is a way of reading invisible marks: it cannot go with --no-invisible"))
-    if visible_thorough and (laion_watermark_model or visible_model or not visible):
-        _fail(typer.BadParameter("--visible-thorough picks the shipped thorough visible-watermark mix: it cannot go with "
-                                 "--no-visible, --visible-model or --laion-watermark-model"))
+    try:
+        opts = ScanOptions.build(**(scan_options or {}), thresholds=load_thresholds(thresholds))
+    except ProvenanceError as e:  # a broken rule of the options (InvalidOptionsError) or an unreadable thresholds file
+        _fail(e)
     files = iter_image_paths(paths)
     if not files:
         _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
     try:
-        opts = ScanOptions(k=k, thresholds=load_thresholds(thresholds), use_clip=clip, visible=visible,
-                           invisible=invisible, batch_size=batch_size, workers=workers,
-                           visible_model=str(visible_model) if visible_model else None,
-                           visible_laion_checkpoint=str(laion_watermark_model) if laion_watermark_model else None,
-                           visible_thorough=visible_thorough, centre_view=centre_view,
-                           invisible_crops=invisible_crops)
         scanner = Scanner.open(index, opts)
         with Progress(SpinnerColumn(), TextColumn("[bold]scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:

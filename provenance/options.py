@@ -154,11 +154,11 @@ class ScanOptions(BaseModel):
         return out
 
 
-def options_error(e: ValidationError) -> InvalidOptionsError:
+def options_error(e: ValidationError, what: str = "scan options") -> InvalidOptionsError:
     """One line per broken rule, naming the field, from pydantic's error list."""
     problems = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()))
         msg = str(err.get("msg", "")).removeprefix("Value error, ")
         problems.append(f"{loc}: {msg}" if loc else msg)
-    return InvalidOptionsError("invalid scan options: " + "; ".join(problems))
+    return InvalidOptionsError(f"invalid {what}: " + "; ".join(problems))
