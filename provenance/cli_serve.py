@@ -40,7 +40,7 @@ def serve_command(
     """
     import uvicorn
 
-    from api.config import ServerConfig
+    from provenance.api.config import ServerConfig
     from provenance.errors import ProvenanceError
     from provenance.store import ProvenanceIndex
 
@@ -62,10 +62,10 @@ def serve_command(
     if workers > 1:
         # Worker processes import the app themselves: hand them the config through the environment.
         os.environ.update(config.to_env())
-        uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("provenance.api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
                     log_level=log_level, timeout_graceful_shutdown=10)
     else:
-        from api.app import create_app
+        from provenance.api.app import create_app
 
         uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 

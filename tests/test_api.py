@@ -17,8 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api import ServerConfig, create_app
-from api.batcher import ScanBatcher
+from provenance.api import ServerConfig, create_app
+from provenance.api.batcher import ScanBatcher
 from provenance.indexer import BuildOptions, build
 from provenance.models import ModelOptions
 from provenance.types import ScanRecord
@@ -644,7 +644,7 @@ def test_serve_with_workers_hands_config_to_the_factory(index_dir, monkeypatch):
                                           "--max-upload-mb", "5"])
         assert result.exit_code == 0, result.output
         (args, kwargs), = started
-        assert args == ("api.app:app_from_env",) and kwargs["factory"] and kwargs["workers"] == 3
+        assert args == ("provenance.api.app:app_from_env",) and kwargs["factory"] and kwargs["workers"] == 3
         cfg = ServerConfig.from_env()  # what each worker process will build
         assert cfg.index_dir == index_dir and cfg.max_upload_bytes == 5 * 1024 * 1024 and cfg.api_keys == ("secret",)
     finally:

@@ -52,7 +52,7 @@ def server(corpus, tmp_path_factory):
     """A real uvicorn server (in a thread of this process) on a free loopback port; yields its base URL."""
     import uvicorn
 
-    from api import ServerConfig, create_app
+    from provenance.api import ServerConfig, create_app
 
     index_dir = tmp_path_factory.mktemp("browser-index") / "idx"
     build(str(corpus), index_dir, BuildOptions(descriptors=["sscd", "pdq"]))

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import IndexDep
-from api.errors import api_error
-from api.schemas import ErrorResponse, ItemOut
+from provenance.api.deps import IndexDep
+from provenance.api.errors import api_error
+from provenance.api.schemas import ErrorResponse, ItemOut
 from provenance.errors import ItemNotFoundError
 
 router = APIRouter(tags=["items"])

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ReadyDep
-from api.errors import api_error
-from api.schemas import ErrorResponse, ScanRecordOut
-from api.state import InvisibleCheckOff, ServiceState, VisibleCheckOff
-from api.uploads import display_name, keep_upload, read_upload
+from provenance.api.deps import ReadyDep
+from provenance.api.errors import api_error
+from provenance.api.schemas import ErrorResponse, ScanRecordOut
+from provenance.api.state import InvisibleCheckOff, ServiceState, VisibleCheckOff
+from provenance.api.uploads import display_name, keep_upload, read_upload
 from provenance.errors import DecompressionBombError, UnreadableImageError
 from provenance.images import decode_image
 from provenance.scan import Thresholds, decide_verdict

@@ -6,7 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from api.deps import IndexDep
+from provenance.api.deps import IndexDep
 
 router = APIRouter(tags=["index"])
 

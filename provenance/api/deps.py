@@ -9,8 +9,8 @@ from fastapi import Depends, Request
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api.errors import api_error, error_body, send_json
-from api.state import ServiceState
+from provenance.api.errors import api_error, error_body, send_json
+from provenance.api.state import ServiceState
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
 

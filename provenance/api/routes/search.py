@@ -7,10 +7,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import IndexDep, ReadyDep, SearcherDep
-from api.errors import api_error
-from api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
-from api.uploads import display_name, read_upload
+from provenance.api.deps import IndexDep, ReadyDep, SearcherDep
+from provenance.api.errors import api_error
+from provenance.api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
+from provenance.api.uploads import display_name, read_upload
 from provenance.errors import DecompressionBombError, DescriptorUnavailableError, UnreadableImageError
 from provenance.images import decode_image
 from provenance.search import drop_far_pdq, merge_matches

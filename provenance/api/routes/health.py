@@ -7,8 +7,8 @@ from dataclasses import asdict
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from api.deps import StateDep
-from api.schemas import ChecksOut, HealthOut
+from provenance.api.deps import StateDep
+from provenance.api.schemas import ChecksOut, HealthOut
 
 router = APIRouter(tags=["health"])
 

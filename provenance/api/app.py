@@ -13,12 +13,12 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
-from api.config import ServerConfig
-from api.deps import ApiKeyMiddleware, require_api_key
-from api.errors import UploadLimitMiddleware, install_error_handlers
-from api.routes import health, index, items, page, scan, search
-from api.schemas import ErrorResponse
-from api.state import ServiceState
+from provenance.api.config import ServerConfig
+from provenance.api.deps import ApiKeyMiddleware, require_api_key
+from provenance.api.errors import UploadLimitMiddleware, install_error_handlers
+from provenance.api.routes import health, index, items, page, scan, search
+from provenance.api.schemas import ErrorResponse
+from provenance.api.state import ServiceState
 from provenance import __version__
 
 logger = logging.getLogger(__name__)
@@ -97,5 +97,5 @@ def _body_limits(config: ServerConfig) -> Callable[[str], int | None]:
 
 
 def app_from_env() -> FastAPI:
-    """App factory for `uvicorn --factory api.app:app_from_env` (several workers): config from PROVENANCE_*."""
+    """App factory for `uvicorn --factory provenance.api.app:app_from_env` (several workers): config from PROVENANCE_*."""
     return create_app(ServerConfig.from_env())

@@ -15,8 +15,8 @@ from typing import Any, Literal, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from api.batcher import ScanBatcher
-from api.config import ServerConfig
+from provenance.api.batcher import ScanBatcher
+from provenance.api.config import ServerConfig
 from provenance.errors import ModelLoadError, ProvenanceError
 from provenance.scan import ScanOptions, Scanner
 from provenance.search import Searcher

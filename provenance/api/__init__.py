@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from api.app import app_from_env, create_app
-from api.config import ServerConfig
+from provenance.api.app import app_from_env, create_app
+from provenance.api.config import ServerConfig
 
 __all__ = ["ServerConfig", "app_from_env", "create_app"]
