@@ -50,13 +50,16 @@ def scan_option_parameters(unset_default: bool = False) -> list[inspect.Paramete
 
 def with_scan_options(unset_default: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate a typer command that takes `scan_options: dict`: the command gets one flag per ScanOptions field,
-    and receives their values (None = not given, with unset_default) in that dict."""
+    and receives their values (None = not given, with unset_default) in that dict. A parameter of the command's own
+    keeps its name, and hides the scan option of that name."""
 
     def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(func, include_extras=True)
         own = [p.replace(annotation=hints.get(p.name, p.annotation))
                for p in inspect.signature(func).parameters.values() if p.name != "scan_options"]
-        extra = scan_option_parameters(unset_default)
+        # a parameter of the command's own wins over a scan option of the same name (serve's --workers are processes)
+        taken = {p.name for p in own}
+        extra = [p for p in scan_option_parameters(unset_default) if p.name not in taken]
         names = [p.name for p in extra]
 
         @functools.wraps(func)

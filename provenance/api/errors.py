@@ -12,12 +12,26 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from provenance.errors import ProvenanceError
+
 logger = logging.getLogger(__name__)
 
 # The code clients switch on, per status, when a route gives none of its own.
 DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "not_an_image",
                  422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+
+
+# The HTTP status of each library error code (provenance.errors: each ProvenanceError subclass's `code`, and a
+# scan record's `error_code`); the one table the API maps failures by. A code not here is a 400.
+STATUS_BY_CODE = {"not_an_image": 415, "unreadable": 415, "too_many_pixels": 413, "too_large": 413,
+                  "invalid_options": 400, "item_not_found": 404, "descriptor_unavailable": 409,
+                  "index_mismatch": 409, "index_not_found": 503, "index_format": 503, "model_load_failed": 503,
+                  "scan_failed": 500}
+
+
+def status_for(code: str | None) -> int:
+    return STATUS_BY_CODE.get(code or "", 400)
 
 
 def api_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> HTTPException:
@@ -38,6 +52,15 @@ async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSON
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+async def _provenance_error(request: Request, exc: Exception) -> JSONResponse:
+    # a library error raised by a route (or rebuilt from a scan record's error_code): status by its code
+    code = getattr(exc, "code", "provenance_error")
+    status = status_for(code)
+    if status >= 500:
+        logger.error("%s %s failed: %s", request.method, request.url.path, exc)
+    return JSONResponse(error_body(status, code, str(exc)), status_code=status)
+
+
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's 422 becomes a 400 "bad parameters" with one readable line per problem.
     problems = []
@@ -56,6 +79,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ProvenanceError, _provenance_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from provenance.types import SCAN_SCHEMA_VERSION
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(examples=["not_an_image"])
@@ -17,15 +19,23 @@ class ErrorResponse(BaseModel):
 
 
 class ChecksOut(BaseModel):
+    """What a scan with the server's options checks: the descriptors searched, and one boolean per check of
+    provenance.options.ScanOptions (visible, invisible, c2pa, metadata, centre_view, invisible_crops, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
     descriptors: list[str]
-    visible: bool
-    visible_thorough: bool = False  # server default: thorough mix (true) or 288 px head; /v1/scan can ask for either
-    centre_view: bool = False  # SSCD also matches the centre 60% of each upload (serve --centre-view)
-    invisible_crops: bool = False  # invisible marks also read as in a crop of a marked image (serve --invisible-crops)
-    invisible: bool
-    c2pa: bool
-    metadata: bool
-    notes: list[str] = []
+    notes: list[str] = Field(default_factory=list, description="why a check the server asks for is off")
+
+
+class ScanOptionOut(BaseModel):
+    """A scan option a request may set (`/v1/scan?name=true`), for clients and the web page."""
+
+    name: str
+    title: str
+    description: str
+    default: bool = Field(description="the server's setting, used when a request leaves it unset")
+    available: bool = Field(description="false when it cannot run on this server (e.g. its check is off)")
 
 
 class HealthOut(BaseModel):
@@ -33,6 +43,7 @@ class HealthOut(BaseModel):
     index: str | None = None
     items: int | None = None
     checks: ChecksOut | None = None
+    options: list[ScanOptionOut] = Field(default_factory=list, description="the options a scan request may set")
     text_search: bool = False  # the index has OpenCLIP embeddings
     auth: bool = False  # /v1 needs an API key
     max_upload_bytes: int
@@ -65,8 +76,8 @@ class VisibleWatermarkOut(BaseModel):
     flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
     threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
     input_sizes: list[int] = Field(default_factory=list,
-                                   description="input sizes (short side, px) the probability comes from: SSCD's 288, "
-                                               "or 288 and 512 with scan --visible-thorough")
+                                   description="input sizes (short side, px) the probability comes from "
+                                               "(several with visible_thorough)")
 
 
 class WatermarksOut(BaseModel):
@@ -90,6 +101,10 @@ class ScanRecordOut(BaseModel):
     scores: dict[str, float | int | None] = {}
     watermarks: WatermarksOut = WatermarksOut()
     error: str | None = None
+    error_code: str | None = Field(default=None, examples=["not_an_image"],
+                                   description="the failure kind beside `error` (its HTTP status in /v1/scan)")
+    checks: dict[str, Any] = Field(default_factory=dict, description="which checks ran on this image")
+    schema_version: str = Field(default=SCAN_SCHEMA_VERSION, description="the version of this record's shape")
     extra: dict[str, Any] | None = None
 
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import sys
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
 from typing import Any, Literal, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
 from provenance.api.batcher import ScanBatcher
 from provenance.api.config import ServerConfig
-from provenance.errors import ModelLoadError, ProvenanceError
+from provenance.errors import ProvenanceError
 from provenance.scan import ScanOptions, Scanner
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
@@ -27,29 +25,6 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "error"]
 T = TypeVar("T")
-
-
-class VisibleCheckOff(ProvenanceError):
-    """A scan asked for a visible-watermark head on a server that does not check visible watermarks."""
-
-
-class InvisibleCheckOff(ProvenanceError):
-    """A scan asked for the invisible-mark crop search on a server that does not read invisible marks."""
-
-
-@dataclass
-class Checks:
-    """Which evidence a scan gathers; reported by /healthz so clients know what "no marks" means."""
-
-    descriptors: list[str] = field(default_factory=list)  # e.g. ["sscd", "pdq"]
-    visible: bool = False
-    visible_thorough: bool = False  # the server's default; a scan request may ask for the other head
-    centre_view: bool = False  # SSCD also matches each upload's centre (scan --centre-view)
-    invisible_crops: bool = False  # invisible marks also read as in a crop of a marked image (scan --invisible-crops)
-    invisible: bool = False
-    c2pa: bool = False
-    metadata: bool = False
-    notes: list[str] = field(default_factory=list)  # why a check is off
 
 
 class ServiceState:
@@ -62,14 +37,15 @@ class ServiceState:
         self.index: ProvenanceIndex | None = None
         self.searcher: Searcher | None = None
         self.scanner: Scanner | None = None
-        self.checks = Checks()
+        # what a scan with the server's options checks (Scanner.checks), and why a check asked for is off
+        self.checks: dict[str, Any] = {}
+        self.notes: list[str] = []
         self.load_seconds: float | None = None
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
-        # (visible_thorough, centre_view, invisible_crops) -> (scanner, batcher): the server's default from loading,
-        # another (the other visible-watermark head, SSCD's centre view or the crop search on or off) from the first
-        # request that asks for it
-        self._variants: dict[tuple[bool, bool, bool], tuple[Scanner, ScanBatcher | None]] = {}
+        # the per-request options (ScanOptions.request_names) -> (scanner, batcher): the server's own from loading,
+        # another from the first request that asks for it
+        self._variants: dict[tuple[Any, ...], tuple[Scanner, ScanBatcher | None]] = {}
         self._variants_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -90,7 +66,7 @@ class ServiceState:
         try:
             index = ProvenanceIndex.open(self.config.index_dir)
             searcher = Searcher(index)
-            scanner, checks = _build_scanner(searcher, self.config)
+            scanner = Scanner(searcher, self.config.scan)
             if "sscd" in scanner.descriptors:
                 # Scan workers and image searches call SSCD side by side: give each overlapping call one core.
                 searcher.model("sscd").prepare_concurrent_calls()
@@ -105,13 +81,16 @@ class ServiceState:
             self.error, self.status = f"{type(e).__name__}: {e}", "error"
             self._ready.set()
             return
-        self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, checks
-        self._variants[(self.config.visible_thorough, self.config.centre_view, checks.invisible_crops)] = (
-            scanner, self._batcher(scanner))
+        self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, scanner.checks
+        requested = self.config.scan.requested_checks()
+        # a check asked for that cannot run here (weights missing, no SSCD for the centre view)
+        self.notes = [f"{name}: asked for but unavailable on this server (see the server log)"
+                      for name, on in requested.items() if on and not self.checks.get(name)]
+        self._variants[_variant_key(self.config.scan)] = (scanner, self._batcher(scanner))
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
-        logger.info("ready: %s (%d items, %s) in %.1fs", index.dir, len(index), ", ".join(checks.descriptors),
+        logger.info("ready: %s (%d items, %s) in %.1fs", index.dir, len(index), ", ".join(scanner.descriptors),
                     self.load_seconds)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -120,42 +99,32 @@ class ServiceState:
 
     # 2. Work, off the event loop
 
-    async def scan(self, items: list[tuple[str, bytes]], visible_thorough: bool | None = None,
-                   centre_view: bool | None = None, invisible_crops: bool | None = None) -> list[ScanRecord]:
-        """Scan (name, bytes) pairs: through the micro-batcher, or in a worker thread when batching is off.
+    def options_for(self, overrides: dict[str, Any]) -> ScanOptions:
+        """The server's scan options with a request's overrides (None = the server's), validated by ScanOptions:
+        a broken rule raises InvalidOptionsError (a 400)."""
+        return self.config.scan.with_overrides(**overrides)
 
-        visible_thorough picks the visible-watermark check (the thorough mix when True, the 288 px head when False);
-        centre_view whether SSCD also matches the image's centre (scan --centre-view); invisible_crops whether invisible
-        marks are also read as in a crop of a marked image (scan --invisible-crops); None is the server's default.
-        Another combination's scanner is built on first use (about a second) and kept."""
+    async def scan(self, items: list[tuple[str, bytes]], options: ScanOptions | None = None) -> list[ScanRecord]:
+        """Scan (name, bytes) pairs with `options` (from `options_for`; None = the server's): through the
+        micro-batcher, or in a worker thread when batching is off. Another combination of the per-request options
+        gets its scanner (sharing the loaded models) on first use, and keeps it."""
         assert self.scanner is not None
-        key = (self.config.visible_thorough if visible_thorough is None else visible_thorough,
-               self.config.centre_view if centre_view is None else centre_view,
-               self.checks.invisible_crops if invisible_crops is None else invisible_crops)
-        variant = self._variants.get(key)  # the default's is there from loading
-        scanner, batcher = variant or await run_in_threadpool(self._variant, key)
+        options = options or self.config.scan
+        variant = self._variants.get(_variant_key(options))  # the server's own is there from loading
+        scanner, batcher = variant or await run_in_threadpool(self._variant, options)
         if batcher is not None:
             return await asyncio.wrap_future(batcher.submit(items))
         return await run_in_threadpool(scanner.scan_many_bytes, items)
 
-    def _variant(self, key: tuple[bool, bool, bool]) -> tuple[Scanner, ScanBatcher | None]:
-        """The scanner (sharing the searcher's models) and batcher for another (visible_thorough, centre_view,
-        invisible_crops)."""
-        visible_thorough, centre_view, invisible_crops = key
-        if visible_thorough != self.config.visible_thorough and not self.checks.visible:
-            raise VisibleCheckOff("this server does not check visible watermarks, so it has no head to choose")
-        if invisible_crops and not self.checks.invisible:
-            raise InvisibleCheckOff("this server does not read invisible watermarks, so it cannot search crops for them")
+    def _variant(self, options: ScanOptions) -> tuple[Scanner, ScanBatcher | None]:
+        key = _variant_key(options)
         with self._variants_lock:
             if key not in self._variants:
-                assert self.scanner is not None and self.searcher is not None
-                options = replace(self.scanner.options, visible_thorough=visible_thorough, centre_view=centre_view,
-                                  invisible_crops=invisible_crops)
+                assert self.searcher is not None
                 scanner = Scanner(self.searcher, options)
                 self._variants[key] = (scanner, self._batcher(scanner))
-                logger.info("loaded the scan with the %s visible-watermark check, the centre view %s and the crop "
-                            "search %s for requests that ask for it", "thorough" if visible_thorough else "288 px",
-                            "on" if centre_view else "off", "on" if invisible_crops else "off")
+                logger.info("loaded a scan with %s for requests that ask for it",
+                            ", ".join(f"{n}={getattr(options, n)}" for n in ScanOptions.request_names()))
             return self._variants[key]
 
     def _batcher(self, scanner: Scanner) -> ScanBatcher | None:
@@ -194,32 +163,6 @@ def _set_torch_threads(n: int) -> int | None:
     return before
 
 
-def _build_scanner(searcher: Searcher, config: ServerConfig) -> tuple[Scanner, Checks]:
-    """A Scanner with the configured checks; optional ("auto") checks whose parts are missing are turned off."""
-    checks = Checks(c2pa=config.c2pa, metadata=config.metadata)
-    invisible = config.invisible
-    if invisible is None:
-        invisible = importlib.util.find_spec("provenance.watermarks.invisible") is not None
-        if not invisible:
-            checks.notes.append("invisible watermarks: decoder module not installed")
-    checks.invisible = invisible
-    options = ScanOptions(k=config.k, visible=config.visible is not False, invisible=invisible, c2pa=config.c2pa,
-                          metadata=config.metadata, max_pixels=config.max_pixels,
-                          visible_thorough=config.visible_thorough, centre_view=config.centre_view,
-                          invisible_crops=config.invisible_crops and invisible)
-    try:
-        scanner = Scanner(searcher, options)
-    except ModelLoadError as e:
-        if config.visible is not None or config.visible_thorough or not options.visible:
-            raise
-        # The visible-watermark weights are optional in "auto" mode: scan without them and say so.
-        logger.warning("visible-watermark check off: %s", e)
-        checks.notes.append("visible watermark: detector weights not available (see the server log)")
-        options.visible = False
-        scanner = Scanner(searcher, options)
-    checks.visible = options.visible
-    checks.visible_thorough = options.visible and config.visible_thorough
-    checks.centre_view = config.centre_view and "sscd" in scanner.descriptors
-    checks.invisible_crops = options.invisible_crops
-    checks.descriptors = list(scanner.descriptors)
-    return scanner, checks
+def _variant_key(options: ScanOptions) -> tuple[Any, ...]:
+    # variants differ only in what a request may set; everything else is the server's
+    return tuple(getattr(options, n) for n in ScanOptions.request_names())

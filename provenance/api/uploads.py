@@ -11,6 +11,7 @@ from pathlib import Path
 
 from fastapi import UploadFile
 
+from provenance.errors import UploadTooLargeError
 from provenance.types import ScanRecord
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,11 @@ async def read_upload(file: UploadFile, limit: int) -> bytes | None:
             return None
         parts.append(chunk)
     return b"".join(parts)
+
+
+def upload_too_large(name: str, limit: int) -> UploadTooLargeError:
+    """The error of an upload over the byte limit (a 413, code too_large), as raised or as a batch record's."""
+    return UploadTooLargeError(f"{name}: larger than the upload limit of {limit:,} bytes")
 
 
 def display_name(filename: str | None, fallback: str = "upload") -> str:

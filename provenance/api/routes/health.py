@@ -1,14 +1,15 @@
-"""GET /healthz: loading status, what a scan checks, and the limits a client should respect."""
+"""GET /healthz: loading status, what a scan checks, the options a request may set, and the limits to respect."""
 
 from __future__ import annotations
-
-from dataclasses import asdict
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from provenance.api.deps import StateDep
-from provenance.api.schemas import ChecksOut, HealthOut
+from provenance.api.schemas import ChecksOut, HealthOut, ScanOptionOut
+from provenance.api.state import ServiceState
+from provenance.errors import InvalidOptionsError
+from provenance.options import ScanOptions
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +22,26 @@ def healthz(state: StateDep):
     if state.status == "ready" and state.index is not None:
         body.index = state.index.manifest.get("name")
         body.items = len(state.index)
-        body.checks = ChecksOut(**asdict(state.checks))
+        body.checks = ChecksOut(**state.checks, notes=state.notes)
+        body.options = _request_options(state)
         body.text_search = "clip" in state.index.specs
     status = 200 if state.status == "ready" else 503
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _request_options(state: ServiceState) -> list[ScanOptionOut]:
+    """Each per-request option with the server's value; available when turning it on is valid here and the check
+    it is a way of running is on."""
+    out = []
+    base = state.config.scan
+    for name in ScanOptions.request_names():
+        field = ScanOptions.model_fields[name]
+        needs = ScanOptions.meta(name).get("needs")
+        try:
+            base.with_overrides(**{name: True})
+            available = not needs or bool(state.checks.get(needs))
+        except InvalidOptionsError:
+            available = False
+        out.append(ScanOptionOut(name=name, title=field.title or name, description=field.description or "",
+                                 default=bool(getattr(base, name)), available=available))
+    return out

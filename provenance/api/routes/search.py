@@ -10,8 +10,8 @@ from starlette.concurrency import run_in_threadpool
 from provenance.api.deps import IndexDep, ReadyDep, SearcherDep
 from provenance.api.errors import api_error
 from provenance.api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
-from provenance.api.uploads import display_name, read_upload
-from provenance.errors import DecompressionBombError, DescriptorUnavailableError, UnreadableImageError
+from provenance.api.uploads import display_name, read_upload, upload_too_large
+from provenance.errors import DescriptorUnavailableError
 from provenance.images import decode_image
 from provenance.search import drop_far_pdq, merge_matches
 
@@ -29,13 +29,9 @@ async def search_image(state: ReadyDep, searcher: SearcherDep,
     name = display_name(file.filename)
     data = await read_upload(file, state.config.max_upload_bytes)
     if data is None:
-        raise api_error(413, "too_large", f"{name}: larger than the upload limit of {state.config.max_upload_bytes:,} bytes")
-    try:
-        decoded = await state.run_search(decode_image, data, name, state.config.max_pixels)
-    except DecompressionBombError as e:
-        raise api_error(413, "too_many_pixels", str(e)) from None
-    except UnreadableImageError as e:
-        raise api_error(415, "not_an_image", str(e)) from None
+        raise upload_too_large(name, state.config.max_upload_bytes)
+    # a bad image raises the library's error, which the app's one handler maps to 415 / 413
+    decoded = await state.run_search(decode_image, data, name, state.config.scan.max_pixels)
     per_desc = await state.run_search(searcher.search_image, decoded.image, k)
     # As in scan records, the merged list leaves out far PDQ neighbours; by_descriptor keeps k of each.
     return {"matches": [m.to_dict() for m in merge_matches(drop_far_pdq(per_desc), k)],

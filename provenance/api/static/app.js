@@ -68,12 +68,7 @@ async function loadHealth() {
   const c = body.checks || {};
   const checks = [...(c.descriptors || []).map((d) => d.toUpperCase())];
   if (c.visible) checks.push("visible watermark");
-  $("thorough-option").hidden = !c.visible;
-  $("thorough-input").checked = c.visible_thorough === true;
-  $("centre-option").hidden = !(c.descriptors || []).includes("sscd");
-  $("centre-input").checked = c.centre_view === true;
-  $("crops-option").hidden = !c.invisible;
-  $("crops-input").checked = c.invisible_crops === true;
+  renderScanOptions(body.options || []);
   if (c.invisible) checks.push("invisible watermarks");
   if (c.c2pa) checks.push("C2PA");
   if (c.metadata) checks.push("generator metadata");
@@ -85,6 +80,39 @@ async function loadHealth() {
     $("search-mode").value = "text";
     updateSearchHelp();
   }
+}
+
+// One checkbox per option a scan request may set (the library's ScanOptions, listed by /healthz): adding an
+// option there adds its box here. Options that cannot run on this server are not offered.
+function renderScanOptions(options) {
+  const box = $("scan-options");
+  box.replaceChildren();
+  for (const o of options) {
+    if (!o.available) continue;
+    const label = document.createElement("label");
+    label.className = "check-option";
+    label.id = `option-${o.name}`;
+    const input = document.createElement("input");
+    input.type = "checkbox";
+    input.name = o.name;
+    input.checked = o.default === true;
+    const text = document.createElement("span");
+    text.textContent = o.title + " ";
+    const help = document.createElement("span");
+    help.className = "drop-help";
+    help.textContent = `(${o.description})`;
+    text.append(help);
+    label.append(input, text);
+    box.append(label);
+  }
+}
+
+function scanQuery() {
+  const params = new URLSearchParams({ match_verdicts: "true" });
+  for (const input of $("scan-options").querySelectorAll("input[type=checkbox]")) {
+    params.set(input.name, String(input.checked));
+  }
+  return params.toString();
 }
 
 function updateSearchHelp() {
@@ -109,6 +137,7 @@ function clearError() { $("error").hidden = true; $("error").replaceChildren(); 
 function errorTitle(err) {
   switch (err.code) {
     case "not_an_image": return "Not an image";
+    case "invalid_options": return "Options that cannot go together";
     case "too_large": return "File too large";
     case "too_many_pixels": return "Image too large";
     case "unauthorized": return "API key needed";
@@ -142,11 +171,7 @@ async function scanFile(file) {
   const form = new FormData();
   form.append("file", file, file.name || "pasted-image");
   try {
-    const thorough = !$("thorough-option").hidden && $("thorough-input").checked;
-    const centre = !$("centre-option").hidden && $("centre-input").checked;
-    const crops = !$("crops-option").hidden && $("crops-input").checked;
-    const record = await api(`/v1/scan?match_verdicts=true&visible_thorough=${thorough}&centre_view=${centre}` +
-      `&invisible_crops=${crops}`, { method: "POST", body: form });
+    const record = await api(`/v1/scan?${scanQuery()}`, { method: "POST", body: form });
     renderScan(record, file);
   } catch (err) {
     $("results-summary").textContent = "";
@@ -188,7 +213,8 @@ function renderScan(record, file) {
 }
 
 function renderEvidence(record) {
-  const checks = (state.health && state.health.checks) || {};
+  // the checks that ran on this image (the record says), else the server's
+  const checks = record.checks || (state.health && state.health.checks) || {};
   const wm = record.watermarks || {};
   const list = $("evidence-list");
   list.replaceChildren();
