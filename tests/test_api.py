@@ -21,7 +21,8 @@ from provenance.api import ServerConfig, create_app
 from provenance.api.batcher import ScanBatcher
 from provenance.indexer import BuildOptions, build
 from provenance.models import ModelOptions
-from provenance.types import ScanRecord
+from provenance.options import ScanOptions
+from provenance.types import SCAN_SCHEMA_VERSION, ScanRecord
 
 N_PHOTOS = 10
 NESTED = "sub/dir"  # two photos live here, so their ids contain "/"
@@ -184,8 +185,13 @@ def test_scan_corpus_photo_finds_itself(client, photos):
     assert rec["path"] == "passwd.jpg"  # only the base name, as a label
     assert rec["extra"]["identical_file"] == item_id
     # the JSON is the library's scan record contract, key for key
-    expected = ScanRecord(path="x").to_dict().keys() | {"extra"}
+    expected = ScanRecord(path="x").to_dict().keys() | {"extra", "schema_version"}
     assert set(rec) == expected and "verdict" not in rec["matches"][0]
+    assert rec["schema_version"] == SCAN_SCHEMA_VERSION and rec["error_code"] is None
+    # the record says which checks ran: the server's defaults, with the index's descriptors
+    assert rec["checks"] == {"descriptors": ["sscd", "pdq", "clip"], "visible": True, "visible_thorough": False,
+                             "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
+                             "centre_view": False}
     assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     visible = rec["watermarks"]["visible"]  # the shipped weights are installed, so the check ran
     assert set(visible) == {"probability", "flagged", "threshold", "input_sizes"}
@@ -219,11 +225,21 @@ def _bomb_png(width: int = 9000, height: int = 9000) -> bytes:
     return bytes(png)
 
 
-def test_scan_rejects_decompression_bomb(client):
+def test_scan_rejects_decompression_bomb(client, monkeypatch):
+    import provenance.api.routes.scan as scan_route
+    import provenance.scan
+
+    decodes = []
+    decode = provenance.scan.decode_image
+    monkeypatch.setattr(provenance.scan, "decode_image", lambda *a, **kw: decodes.append(a[1]) or decode(*a, **kw))
     bomb = _bomb_png()
     assert Image.open(io.BytesIO(bomb)).size == (9000, 9000) and len(bomb) < 1000
     msg = _error(client.post("/v1/scan", files={"file": ("bomb.png", bomb, "image/png")}), 413, "too_many_pixels")
     assert "decompression bomb" in msg
+    # the status comes from the record's error_code: the upload was decoded once, by the scan
+    assert decodes == ["bomb.png"] and not hasattr(scan_route, "decode_image")
+    (rec,) = client.post("/v1/scan/batch", files=[("files", ("bomb.png", bomb, "image/png"))]).json()
+    assert rec["verdict"] == "error" and rec["error_code"] == "too_many_pixels" and rec["checks"] == {}
 
 
 def test_scan_batch_keeps_order_and_isolates_bad_files(client, photos):
@@ -234,6 +250,8 @@ def test_scan_batch_keeps_order_and_isolates_bad_files(client, photos):
     assert [r["path"] for r in recs] == ["a.jpg", "bad.txt", "b.jpg"]
     assert recs[0]["matches"][0]["id"] == id_a and recs[2]["matches"][0]["id"] == id_b
     assert recs[1]["verdict"] == "error" and "not an image" in recs[1]["error"]
+    assert recs[1]["error_code"] == "not_an_image" and recs[0]["error_code"] is None
+    assert all(r["schema_version"] == SCAN_SCHEMA_VERSION for r in recs)
 
 
 def test_scan_batch_limits(index_dir, photos):
@@ -246,6 +264,7 @@ def test_scan_batch_limits(index_dir, photos):
         recs = c.post("/v1/scan/batch", files=[("files", ("big.jpg", big, "image/jpeg")),
                                                ("files", ("ok.jpg", one, "image/jpeg"))]).json()
         assert recs[0]["verdict"] == "error" and "upload limit" in recs[0]["error"]
+        assert recs[0]["error_code"] == "too_large"
         assert recs[1]["verdict"] == "exact"
     finally:
         c.__exit__(None, None, None)
@@ -452,29 +471,58 @@ def test_page_is_self_contained(client):
 # ---------------------------------------------------------------------------------- config, batcher
 
 
-def test_config_from_env(tmp_path):
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No PROVENANCE_* variable from the caller's shell: each test sets its own."""
+    for k in [k for k in os.environ if k.startswith("PROVENANCE_")]:
+        monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def test_config_from_env(tmp_path, clean_env):
     env = {"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_API_KEYS": " a, b ,", "PROVENANCE_CORS_ORIGINS": "https://x",
            "PROVENANCE_KEEP_UPLOADS": str(tmp_path / "k"), "PROVENANCE_MAX_UPLOAD_BYTES": "1000",
-           "PROVENANCE_VISIBLE": "false", "PROVENANCE_TORCH_THREADS": "0"}
-    cfg = ServerConfig.from_env(env)
+           "PROVENANCE_SCAN__VISIBLE": "false", "PROVENANCE_TORCH_THREADS": "0"}
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    cfg = ServerConfig.from_env()
     assert cfg.api_keys == ("a", "b") and cfg.cors_origins == ("https://x",) and cfg.torch_threads == 0
-    assert cfg.keep_uploads == tmp_path / "k" and cfg.max_upload_bytes == 1000 and cfg.visible is False
-    assert ServerConfig.from_env(cfg.to_env()) == cfg
-    assert ServerConfig.from_env(env, max_upload_bytes=5).max_upload_bytes == 5
+    assert cfg.keep_uploads == tmp_path / "k" and cfg.max_upload_bytes == 1000 and cfg.scan.visible is False
+    assert ServerConfig.from_env(max_upload_bytes=5).max_upload_bytes == 5
+    # the worker processes' environment rebuilds the same config (the serve flags included)
+    given = ServerConfig.from_env(scan={"thorough": True, "k": 7})
+    assert given.scan.thorough and given.scan.k == 7 and given.scan.visible is False  # flags merge with the env's
+    for k, v in given.to_env().items():
+        clean_env.setenv(k, v)
+    assert ServerConfig.from_env() == given
+    clean_env.setenv("PROVENANCE_MAX_UPLOAD_BYTES", "many")
+    with pytest.raises(ValueError, match="max_upload_bytes"):
+        ServerConfig.from_env()
+    clean_env.delenv("PROVENANCE_INDEX")
     with pytest.raises(ValueError, match="no index"):
-        ServerConfig.from_env({})
-    with pytest.raises(ValueError, match="not a number"):
-        ServerConfig.from_env({**env, "PROVENANCE_MAX_PIXELS": "many"})
-    thorough = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_VISIBLE_THOROUGH": "true"})
-    assert thorough.visible_thorough and ServerConfig.from_env(thorough.to_env()) == thorough
-    with pytest.raises(ValueError, match="visible_thorough"):  # the extra view of a check that is off
-        ServerConfig.from_env(env, visible_thorough=True)
-    centre = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_CENTRE_VIEW": "1"})
-    assert centre.centre_view and ServerConfig.from_env(centre.to_env()) == centre
-    crops = ServerConfig.from_env({"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_INVISIBLE_CROPS": "true"})
-    assert crops.invisible_crops and ServerConfig.from_env(crops.to_env()) == crops
-    with pytest.raises(ValueError, match="invisible_crops"):
-        ServerConfig.from_env({**env, "PROVENANCE_INVISIBLE": "false"}, invisible_crops=True)
+        ServerConfig.from_env()
+
+
+def test_nested_scan_settings_and_deprecated_flat_names(tmp_path, clean_env, caplog):
+    clean_env.setenv("PROVENANCE_INDEX", str(tmp_path))
+    clean_env.setenv("PROVENANCE_SCAN__CENTRE_VIEW", "true")
+    cfg = ServerConfig.from_env()
+    assert cfg.scan.centre_view and not cfg.scan.invisible_crops and not caplog.records
+    # this release's flat names still work, with a warning naming the new one
+    clean_env.setenv("PROVENANCE_INVISIBLE_CROPS", "1")
+    clean_env.setenv("PROVENANCE_K", "3")
+    with caplog.at_level("WARNING", logger="provenance.api.config"):
+        cfg = ServerConfig.from_env()
+    assert cfg.scan.centre_view and cfg.scan.invisible_crops and cfg.scan.k == 3
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "PROVENANCE_INVISIBLE_CROPS is deprecated" in warned and "PROVENANCE_SCAN__INVISIBLE_CROPS" in warned
+    assert "PROVENANCE_K is deprecated" in warned
+    clean_env.setenv("PROVENANCE_SCAN__K", "4")  # the nested name wins over the flat one
+    assert ServerConfig.from_env().scan.k == 4
+    # a combination the options type refuses is refused here too, naming both options
+    clean_env.setenv("PROVENANCE_SCAN__INVISIBLE", "false")
+    with pytest.raises(ValueError, match="invisible_crops is a way of running the invisible check"):
+        ServerConfig.from_env()
 
 
 def test_invisible_crops_per_request_finds_our_mark_in_a_cropped_upload(index_dir, photos, client):
@@ -490,9 +538,17 @@ def test_invisible_crops_per_request_finds_our_mark_in_a_cropped_upload(index_di
     assert mark["scheme"] == "provenance" and mark["payload"] == "0badcafe"
     batch = client.post("/v1/scan/batch?invisible_crops=true", files=[("files", ("c.jpg", buf.getvalue(), "image/jpeg"))])
     assert batch.json()[0]["watermarks"]["invisible"] == [mark]
-    off = _client(ServerConfig(index_dir=index_dir, visible=False, invisible=False))
+    # the one switch: thorough turns on the crop search and the centre view, and the record says they ran
+    rec = client.post("/v1/scan?thorough=true", files=upload).json()
+    assert rec["watermarks"]["invisible"] == [mark]
+    assert rec["checks"]["invisible_crops"] and rec["checks"]["centre_view"] and not rec["checks"]["visible_thorough"]
+    options = {o["name"]: o for o in client.get("/healthz").json()["options"]}
+    assert list(options)[0] == "thorough" and options["thorough"]["available"] and not options["thorough"]["default"]
+    assert "centre view" in options["thorough"]["description"] and options["invisible_crops"]["title"]
+    off = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(visible=False, invisible=False)))
     try:
-        assert _error(off.post("/v1/scan?invisible_crops=true", files=upload), 409, "invisible_check_off")
+        msg = _error(off.post("/v1/scan?invisible_crops=true", files=upload), 400, "invalid_options")
+        assert "invisible_crops is a way of running the invisible check" in msg
         assert off.post("/v1/scan", files=upload).json()["watermarks"]["invisible"] == []
     finally:
         off.__exit__(None, None, None)
@@ -503,7 +559,7 @@ def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos
     buf = io.BytesIO()
     window_screenshot(Image.open(io.BytesIO(data)).convert("RGB"), 0.4).save(buf, "JPEG", quality=85)
     upload = {"file": ("shot.jpg", buf.getvalue(), "image/jpeg")}
-    centre = _client(ServerConfig(index_dir=index_dir, centre_view=True, visible=False))
+    centre = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(centre_view=True, visible=False)))
     try:
         assert centre.get("/healthz").json()["checks"]["centre_view"] is True
         rec = centre.post("/v1/scan", files=upload).json()
@@ -524,7 +580,7 @@ def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos
 def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client):
     from provenance.watermarks.visible import THOROUGH_WEIGHTS, load_detector
 
-    thorough = _client(ServerConfig(index_dir=index_dir, visible_thorough=True))
+    thorough = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(visible_thorough=True)))
     try:
         data = list(photos.values())[2]
         upload = {"file": ("a.jpg", data, "image/jpeg")}
@@ -546,12 +602,14 @@ def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client)
         thorough.__exit__(None, None, None)
 
 
-def test_visible_thorough_on_a_server_without_the_visible_check_is_409(index_dir, photos):
-    c = _client(ServerConfig(index_dir=index_dir, visible=False))
+def test_visible_thorough_on_a_server_without_the_visible_check_is_400(index_dir, photos):
+    c = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(visible=False)))
     try:
         upload = {"file": ("a.jpg", list(photos.values())[0], "image/jpeg")}
-        msg = _error(c.post("/v1/scan?visible_thorough=true", files=upload), 409, "visible_check_off")
-        assert "visible watermarks" in msg
+        msg = _error(c.post("/v1/scan?visible_thorough=true", files=upload), 400, "invalid_options")
+        assert "visible_thorough is a way of running the visible check" in msg
+        (option,) = [o for o in c.get("/healthz").json()["options"] if o["name"] == "visible_thorough"]
+        assert option["available"] is False  # so the page does not offer it
         assert c.post("/v1/scan", files=upload).json()["watermarks"]["visible"] is None
     finally:
         c.__exit__(None, None, None)
