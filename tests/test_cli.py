@@ -13,6 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from provenance.cli import EXIT_CLEAN, EXIT_FAIL_ON, EXIT_UNREADABLE, EXIT_USAGE, app
+from provenance.types import SCAN_SCHEMA_VERSION
 
 runner = CliRunner()
 
@@ -107,6 +108,14 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     assert r.exit_code == EXIT_UNREADABLE
     lines = [json.loads(x) for x in r.stdout.strip().splitlines()]
     assert [x["verdict"] for x in lines][1] == "error" and lines[0]["verdict"] != "error"
+    # every JSONL line carries the record shape's version; a corrupt file its error code beside its message
+    assert all(x["schema_version"] == SCAN_SCHEMA_VERSION for x in lines)
+    assert lines[1]["error_code"] == "not_an_image" and lines[0]["error_code"] is None
+    assert lines[0]["checks"]["visible"] is True and lines[0]["checks"]["centre_view"] is False
+    r = runner.invoke(app, ["scan", str(clean), str(bad), "--index", str(index_dir), "--format", "json"])
+    report = json.loads(r.stdout)
+    assert report["schema_version"] == SCAN_SCHEMA_VERSION and [x["error_code"] for x in report["records"]] == [
+        None, "not_an_image"]
     r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--format", "yaml"])
     assert r.exit_code == EXIT_USAGE
     r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--fail-on", "sometimes"])
@@ -158,7 +167,8 @@ def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_
     assert thorough["scores"] == shipped["scores"]  # copy detection is the same scan either way
     for other_model in (["--visible-model", str(cnn)], ["--no-visible"]):  # it picks the weights itself
         r = runner.invoke(app, [*args, "--visible-thorough", *other_model])
-        assert r.exit_code == EXIT_USAGE and "shipped thorough" in r.output.replace("\n", ""), r.output
+        assert r.exit_code == EXIT_USAGE and "invalid scan options: visible_thorough" in r.output.replace("\n", ""), \
+            r.output
 
 
 def test_scan_html_and_csv_reports(index_dir, edited_copy, coco_dir, tmp_path):
@@ -205,4 +215,24 @@ def test_scan_invisible_crops_finds_our_mark_in_a_cropped_generation(index_dir, 
     (mark,) = json.loads(r.stdout.strip().splitlines()[-1])["watermarks"]["invisible"]
     assert mark["scheme"] == "provenance" and mark["payload"] == "abcd1234" and mark["p_value"] <= 1e-6
     r = runner.invoke(app, [*args, "--invisible-crops", "--no-invisible"])
-    assert r.exit_code == EXIT_USAGE
+    assert r.exit_code == EXIT_USAGE  # refused by ScanOptions, naming both options
+    assert "invisible_crops is a way of running the invisible check" in " ".join(r.output.split())
+    # --thorough: the slower checks that do better on real inputs, the crop search among them; the record says so
+    r = runner.invoke(app, [*args, "--thorough"])
+    assert r.exit_code == EXIT_FAIL_ON, r.output
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rec["watermarks"]["invisible"] == [mark]
+    assert rec["checks"]["invisible_crops"] and rec["checks"]["centre_view"] and not rec["checks"]["visible"]
+    assert not rec["checks"]["visible_thorough"]  # the thorough visible mix is not part of --thorough
+
+
+def test_scan_flags_come_from_the_options_type():
+    from provenance.options import ScanOptions
+
+    # every boolean scan option is a flag of `scan` and `serve`, with its description as its help text
+    for command in ("scan", "serve"):
+        text = " ".join(runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"}).output.split())
+        for name, f in ScanOptions.model_fields.items():
+            if f.annotation is bool:
+                assert f"--{name.replace('_', '-')}" in text, (command, name)
+        assert " ".join(ScanOptions.model_fields["thorough"].description.split()[:6]) in text

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from provenance.report import CSV_COLUMNS, make_thumbnail, render_html, write_report
-from provenance.types import InvisibleMark, Match, ScanRecord, WatermarkEvidence
+from provenance.types import SCAN_SCHEMA_VERSION, InvisibleMark, Match, ScanRecord, WatermarkEvidence
 
 
 @pytest.fixture(scope="module")
@@ -153,10 +153,13 @@ def test_jsonl_and_json_round_trip(records):
     buf = io.StringIO()
     write_report(records, "jsonl", buf)
     lines = buf.getvalue().splitlines()
-    assert [json.loads(line) for line in lines] == [r.to_dict() for r in records]
+    # each line is the record with the version of its shape; the JSON report carries it once, beside the records
+    assert [json.loads(line) for line in lines] == [{"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()}
+                                                    for r in records]
     buf = io.StringIO()
     write_report(records, "json", buf)
-    assert json.loads(buf.getvalue()) == [r.to_dict() for r in records]
+    assert json.loads(buf.getvalue()) == {"schema_version": SCAN_SCHEMA_VERSION,
+                                          "records": [r.to_dict() for r in records]}
 
 
 def test_table_lists_rows_and_counts(records):

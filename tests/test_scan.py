@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, PngImagePlugin
+from pydantic import ValidationError
 
+from provenance.errors import InvalidOptionsError
 from provenance.indexer import BuildOptions, build
-from provenance.scan import ScanOptions, Scanner, Thresholds, decide_verdict, fail_on_met
-from provenance.types import ScanRecord, WatermarkEvidence
+from provenance.scan import ScanOptions, Scanner, Thresholds, decide_verdict, fail_on_met, match_verdicts
+from provenance.types import Match, ScanRecord, WatermarkEvidence
 from provenance.watermarks.visible import VisibleWatermarkDetector
 
 
@@ -46,6 +48,11 @@ def test_verdict_rules_are_ordered():
     assert decide_verdict({"sscd": 0.1, "clip": 0.95}, t) == "similar"
     assert decide_verdict({"sscd": 0.1, "clip": 0.2, "pdq_distance": 120}, t) == "novel"
     assert decide_verdict({"sscd": 0.1}, t, same_bytes=True) == "exact"
+    # each match's own verdict, from its descriptor's score alone (the library's, the API only presents it)
+    rec = ScanRecord(path="q", matches=[Match("a", 0.7, "sscd"), Match("b", 0.99, "pdq", distance=3),
+                                        Match("c", 0.2, "clip"), Match("d", 0.1, "sscd")],
+                     extra={"identical_file": "d"})
+    assert match_verdicts(rec, t) == ["replica", "exact", "novel", "exact"]
 
 
 def test_corpus_file_is_exact_and_reencoded_copy_too(scanner, photos, tmp_path):
@@ -117,11 +124,41 @@ def test_corrupt_files_give_error_records_and_the_batch_continues(scanner, photo
     assert records[1].matches[0].id == photos[2].name
     d = records[0].to_dict()
     assert d["verdict"] == "error" and d["matches"] == [] and d["error"]
+    # each failure kind has its code beside its message (the class of the library's exception)
+    assert [r.error_code for r in records] == ["not_an_image", None, "not_an_image", "unreadable", "not_an_image"]
+    assert d["error_code"] == "not_an_image" and d["checks"] == {}  # nothing ran on a file that did not decode
+    bomb = Scanner(scanner.searcher, ScanOptions(k=5, max_pixels=100 * 100)).scan_paths([photos[2]])[0]
+    assert bomb.error_code == "too_many_pixels" and "decompression bomb" in bomb.error
+
+
+def test_options_check_their_rules_once_with_a_clear_message():
+    with pytest.raises(InvalidOptionsError, match="invisible_crops is a way of running the invisible check"):
+        ScanOptions.build(invisible=False, invisible_crops=True)
+    with pytest.raises(InvalidOptionsError, match="visible_thorough picks the shipped thorough"):
+        ScanOptions.build(visible_thorough=True, visible_model="other.pt")
+    with pytest.raises(InvalidOptionsError, match="k: Input should be less than or equal to 100"):
+        ScanOptions.build(k=1000)
+    with pytest.raises(ValueError):  # the constructor itself refuses them too (pydantic's ValidationError)
+        ScanOptions(workers=0)
+    o = ScanOptions()
+    with pytest.raises(ValidationError):  # frozen: a Scanner and every request see the same options
+        o.k = 3  # type: ignore[misc]
+    # thorough turns on the slower checks that do better on real inputs, where the check they belong to is on
+    assert o.requested_checks()["centre_view"] is False
+    thorough = o.with_overrides(thorough=True).requested_checks()
+    assert thorough["centre_view"] and thorough["invisible_crops"] and not thorough["visible_thorough"]
+    no_invisible = ScanOptions(thorough=True, invisible=False).requested_checks()
+    assert no_invisible["centre_view"] and not no_invisible["invisible_crops"]
+    assert o.with_overrides(centre_view=None) is o  # None keeps the value
 
 
 def test_record_keys_are_the_contract(scanner, photos):
     d = scanner.scan_paths([photos[1]])[0].to_dict()
-    assert set(d) >= {"path", "sha256", "width", "height", "verdict", "matches", "scores", "watermarks", "error"}
+    assert set(d) >= {"path", "sha256", "width", "height", "verdict", "matches", "scores", "watermarks", "error",
+                      "error_code", "checks"}
+    assert d["checks"] == {"descriptors": ["sscd", "pdq"], "visible": True, "visible_thorough": False,
+                           "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
+                           "centre_view": False}
     assert set(d["scores"]) == {"sscd", "clip", "pdq_distance"}
     assert set(d["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     assert set(d["matches"][0]) >= {"id", "score", "descriptor", "caption", "source"}
