@@ -140,7 +140,7 @@ def test_upload_finds_the_photo_as_top_match(page, corpus):
 def test_thorough_box_scans_with_the_512_px_head(page, corpus):
     from playwright.sync_api import expect
 
-    box = page.get_by_label(re.compile("Thorough watermark check"))
+    box = page.get_by_label(re.compile("^Thorough visible-watermark check"))
     expect(box).to_be_visible()
     expect(box).not_to_be_checked()
     box.check()
@@ -264,3 +264,23 @@ def test_api_docs_render_offline(browser, server):
         context.close()
     assert not outside, outside
 
+
+def test_thorough_check_box_reads_our_mark_in_a_crop(page, corpus, tmp_path):
+    """The one switch a user understands: the page's first box turns on the crop search (and the centre view)."""
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    from provenance.watermarks.invisible import embed_provenance_mark
+
+    generated = Image.open(sorted(corpus.glob("*.jpg"))[5]).convert("RGB").resize((512, 512))
+    cropped = tmp_path / "cropped.jpg"
+    embed_provenance_mark(generated, 0x7E57AB1E).crop((9, 14, 480, 430)).save(cropped, quality=85)
+    boxes = page.locator("#scan-options input[type=checkbox]")
+    expect(boxes.first).to_have_attribute("name", "thorough")  # first: the switch before the experts' ones
+    box = page.get_by_label(re.compile("^Thorough check"))
+    expect(box).not_to_be_checked()
+    box.check()
+    page.set_input_files("#file-input", str(cropped))
+    invisible = page.locator("#evidence-list dt", has_text=re.compile("^Invisible watermarks$")).locator(
+        "xpath=following-sibling::dd[1]")
+    expect(invisible).to_contain_text("7e57ab1e", timeout=60_000)
