@@ -31,7 +31,7 @@ class ScanBatcher:
     batches grow with load without delaying a lone request; `window_s` > 0 additionally waits that long
     for company after the first job arrives. The server runs two workers (two scans side by side gave
     more throughput than one at a time on the 2-core machine) with max_batch 1 (batching saved no CPU on
-    mixed-size photos); see bench/results/api.md.
+    mixed-size photos); the figures are in BENCHMARKS.md.
     """
 
     def __init__(self, scan_many: ScanMany, max_batch: int = 8, window_s: float = 0.0, workers: int = 1):
