@@ -254,7 +254,7 @@ def real_stats(real: dict[str, np.ndarray]) -> dict[str, float]:
 def synth_stats(corpus: np.ndarray, sample: int = 500) -> dict:
     n = corpus.shape[0]
     rows = np.random.default_rng(3).choice(np.arange(N_REAL, n), min(sample, n - N_REAL), replace=False)
-    from provenance.ann import exact_search
+    from training.ann_eval import exact_search
 
     d, _ = exact_search(np.asarray(corpus[rows], np.float32), corpus, 2)
     nn = d[:, 1]  # [0] is the row itself
@@ -360,6 +360,7 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
     import faiss
 
     from provenance import ann
+    from training import ann_eval
 
     t = time.perf_counter()
     corpus = synthesise(real["corpus"], n)
@@ -371,7 +372,7 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
         z = np.load(gt_path)
         gt_d, gt = z["D"], z["I"]
     else:
-        gt_d, gt = ann.exact_search(xq, corpus, 10)  # brute force over the float16 rows, in chunks
+        gt_d, gt = ann_eval.exact_search(xq, corpus, 10)  # brute force over the float16 rows, in chunks
         np.savez(gt_path, D=gt_d, I=gt)
     plan = ann.plan_index(n, DIM, memory_budget_bytes=args.budget, kind=args.kind)
     logger.info("n=%d: %s", n, plan.reason)
@@ -400,7 +401,7 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
     head = qkind != KIND_HELD_OUT  # the headline query set: copies + novel, as in earlier runs
     standard = (qkind == KIND_HELD_OUT) | (qkind == KIND_REAL_COPY)
     n_real = int(qs["n_real_copies"])
-    kind_recall = lambda ids, kd: ann.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")  # noqa: E731
+    kind_recall = lambda ids, kd: ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")  # noqa: E731
     rows = []
     for params in sweep(plan):
         p = plan.with_params(**params)
@@ -425,13 +426,13 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
             build_s=build_s,
             build_cpu_s=build_cpu_s,
             index_mb=index_mb,
-            recall10=ann.recall_at_k(ids[head], gt[head], 10),
-            recall10_copies=ann.recall_at_k(ids[is_copy], gt[is_copy], 10),
+            recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
+            recall10_copies=ann_eval.recall_at_k(ids[is_copy], gt[is_copy], 10),
             recall10_real_copies=kind_recall(ids, KIND_REAL_COPY),
             recall10_synth_copies=kind_recall(ids, KIND_SYNTH_COPY),
             recall10_novel=kind_recall(ids, KIND_NOVEL),
             recall10_held_out=kind_recall(ids, KIND_HELD_OUT),
-            recall10_standard=ann.recall_at_k(ids[standard], gt[standard], 10),
+            recall10_standard=ann_eval.recall_at_k(ids[standard], gt[standard], 10),
             n_held_out=int((qkind == KIND_HELD_OUT).sum()),
             similar_recall=_similar_recall(ids[head], gt[head], gt_d[head]),
             top1_copy=float((ids[is_copy, 0] == src[is_copy]).mean()),

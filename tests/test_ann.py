@@ -9,6 +9,7 @@ import pytest
 from provenance import ann
 from provenance.ann import AnnPlan, Neighbors, build_index, load_index, plan_index, save_index, search
 from provenance.errors import IndexMismatchError
+from training import ann_eval
 
 D = 64  # small dim keeps every kind's build under a second on 2 cores
 
@@ -49,7 +50,7 @@ def xq(xb) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def gt(xq, xb) -> np.ndarray:
-    return ann.exact_search(xq, xb, 10)[1]
+    return ann_eval.exact_search(xq, xb, 10)[1]
 
 
 def test_flat_self_search_is_exact(xb):
@@ -76,7 +77,7 @@ def test_each_kind_recall_and_copy_found(kind, xb, xq, gt):
     # ivf_pq must re-rank from the float16 embeddings the indexer stores
     xb16 = xb.astype(np.float16)
     got = search(index, xq, 10, plan, rerank_vectors=xb16 if plan.rerank_k else None)
-    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
+    assert ann_eval.recall_at_k(got.ids, gt, 10) >= 0.9
     # every query is an edited copy of row 40*i: it must come first
     assert (got.ids[:, 0] == np.arange(0, len(xb), 40)).mean() >= 0.98
     if kind == "ivf_pq":
@@ -227,9 +228,9 @@ def test_bad_inputs_raise(xb):
 def test_tune_search_params_reaches_target(xb, xq, gt):
     plan = plan_index(len(xb), D, kind="ivf_flat").with_params(nprobe=1)
     index = build_index(xb, plan, use_gpu=False)
-    tuned = ann.tune_search_params(index, plan, xq, gt, target_recall=0.97)
+    tuned = ann_eval.tune_search_params(index, plan, xq, gt, target_recall=0.97)
     got = search(index, xq, 10, tuned)
-    assert ann.recall_at_k(got.ids, gt, 10) >= 0.97
+    assert ann_eval.recall_at_k(got.ids, gt, 10) >= 0.97
     assert tuned.params["nprobe"] >= 1
 
 
@@ -253,7 +254,7 @@ def test_torch_kmeans_path_builds_a_good_ivf(monkeypatch, xb, xq, gt):
     # spherical, as faiss for IP (tolerance: the centroids are stored as SQ8, 1/255 of each range)
     np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-2)
     got = search(index, xq, 10, plan, rerank_vectors=xb)
-    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
+    assert ann_eval.recall_at_k(got.ids, gt, 10) >= 0.9
 
 
 @pytest.mark.gpu
@@ -263,7 +264,7 @@ def test_gpu_build_matches_cpu(xb, xq, gt):
     plan = plan_index(len(xb), D, kind="ivf_flat")
     index = build_index(xb, plan, use_gpu=True)
     got = search(index, xq, 10, plan)
-    assert ann.recall_at_k(got.ids, gt, 10) >= 0.9
+    assert ann_eval.recall_at_k(got.ids, gt, 10) >= 0.9
 
 
 def test_rerank_from_row_reader_matches_the_memory_map(tmp_path, xb, xq):
@@ -309,7 +310,7 @@ def test_ivf_pq_sq8_refine_same_top_k_as_exact_and_exact_scores(tmp_path, xb, xq
     reader = RowReader.from_npy(tmp_path / "sscd.f16.npy")
     got = search(index, xq, 10, plan, rerank_vectors=reader)
     # exact top-10 over the float16 rows, as the benchmark's ground truth
-    ex_d, ex_i = ann.exact_search(xq, xb16, 10)
+    ex_d, ex_i = ann_eval.exact_search(xq, xb16, 10)
     same = [set(a) == set(b) for a, b in zip(got.ids.tolist(), ex_i.tolist())]
     assert np.mean(same) >= 0.95  # the rest differ by near-ties only:
     np.testing.assert_allclose(np.sort(got.scores, axis=1), np.sort(ex_d, axis=1), atol=2e-3)

@@ -1,11 +1,13 @@
-"""provenance.calibration: score normalisation, centring and thresholds at a target FPR."""
+"""training.calibration: score normalisation, centring and thresholds at a target FPR."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from provenance.calibration import (
+from training.calibration import (
     ScoreNormalization,
     background_similarity,
     centre,
@@ -92,18 +94,15 @@ def test_topk_sorted_and_corpus_margin() -> None:
 
 
 def test_calibration_harness_chooses_similar_clip_for_the_given_clip_model(tmp_path, nonmember_dir) -> None:
-    """bench/calibrate.py --clip-model indexes the corpus with that CLIP checkpoint (here a tiny random one, through
+    """training/calibrate.py --clip-model indexes the corpus with that CLIP checkpoint (here a tiny random one, through
     the same loading path as real weights) and writes a similar_clip chosen at <= 5% FPR, which scan can load."""
     import json
     import shutil
-    import sys
 
     from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
     from provenance.scan import Thresholds, load_thresholds
 
-    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "bench"))
-    import calibrate
+    from training import calibrate
 
     nonmembers = tmp_path / "nonmembers"
     nonmembers.mkdir()
@@ -112,7 +111,7 @@ def test_calibration_harness_chooses_similar_clip_for_the_given_clip_model(tmp_p
     ckpt = make_tiny_checkpoint(tmp_path / "tiny-clip.pt")
     out = tmp_path / "out"
     out.mkdir()
-    rc = calibrate.main(["--corpus", str(repo / "provenance" / "sample" / "coco-cc"), "--nonmembers", str(nonmembers),
+    rc = calibrate.main(["--corpus", str(Path(__file__).resolve().parents[1] / "provenance" / "sample" / "coco-cc"), "--nonmembers", str(nonmembers),
                          "--positives", "32", "--negatives", "24", "--untouched-positives", "4", "--views", "",
                          "--cache", str(tmp_path / "cache"), "--out", str(out),
                          "--clip-model", TINY_CLIP_MODEL, "--clip-pretrained", str(ckpt)])

@@ -1,19 +1,15 @@
-"""bench/edits.py: every edit family gives a sane RGB image and is deterministic for a seed."""
+"""training/edits.py: every edit family gives a sane RGB image and is deterministic for a seed."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from edits import FAMILY_NAMES, apply_edit  # noqa: E402
-
-from provenance.images import decode_image, load_image  # noqa: E402
+from provenance.images import decode_image, load_image
+from training.edits import FAMILY_NAMES, apply_edit
 
 
 @pytest.fixture(scope="module")

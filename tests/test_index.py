@@ -289,6 +289,7 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
     from provenance import ann
     from provenance.descriptors.base import DescriptorSpec
     from provenance.store import IndexContents, write_index
+    from training import ann_eval
 
     x = _synthetic_sscd(3000)
     spec = DescriptorSpec("sscd", "test-model", "", 512, "cosine")
@@ -309,7 +310,7 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     matches = idx.search_vectors("sscd", q, k=10)
     assert [m[0].id for m in matches] == ["r5", "r1234", "r2599"]
-    exact_d, exact_i = ann.exact_search(q, x[:2600], 10)
+    exact_d, exact_i = ann_eval.exact_search(q, x[:2600], 10)
     for qi, ms in enumerate(matches):
         rows_ = [idx.row(m.id) for m in ms]
         # the scores are the exact cosines of the stored float16 rows, best first

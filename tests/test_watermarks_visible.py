@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from provenance.errors import ModelLoadError
-from provenance.watermarks import overlays
+from training import overlays
 from provenance.watermarks.visible import (
     DEFAULT_WEIGHTS,
     TapHead,
@@ -392,24 +392,16 @@ def test_a_card_flag_threshold_that_is_not_a_probability_is_refused(tmp_path):
         VisibleWatermarkDetector.load(str(bad))
 
 
-def _bench_script(name: str):
-    """A script under bench/, imported as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def train_head():
-    return _bench_script("train_visible_watermark_head")
+    from training import train_visible_watermark_head
+
+    return train_visible_watermark_head
 
 
 def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos,
                                                                      train_head):
-    # bench/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
+    # training/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
     # the detector loads through the shipped path; the photo under pair 0 is listed as carrying a real mark
     names = train_head.photo_names(flickr_shards_dir, train_head.TRAIN_SHARDS)
     marked = names[int(train_head.pair_photos(1, len(names), seed=0)[0])]
@@ -512,7 +504,9 @@ def test_head_trainer_knows_which_photo_each_pair_is_drawn_on(fonts, train_head)
 
 @pytest.fixture(scope="module")
 def eval_visible():
-    return _bench_script("eval_visible_watermark")
+    from training import eval_visible_watermark
+
+    return eval_visible_watermark
 
 
 def test_the_real_mark_audit_names_photos_that_exist(eval_visible, train_head, flickr_shards_dir, nonmember_dir,
@@ -559,12 +553,11 @@ def test_real_photographer_marks_in_the_data_score_above_unmarked_photos(detecto
 
 
 def test_pixel_cnn_trainer_packs_for_a_gpu_and_trains_two_architectures(tmp_path, flickr_shards_dir, fonts):
-    # bench/train_visible_watermark.py: --pack (what a GPU machine is sent: re-encoded photos, subset fonts) gives
+    # training/train_visible_watermark.py: --pack (what a GPU machine is sent: re-encoded photos, subset fonts) gives
     # the same examples as the full fonts, and training on the pack writes checkpoints the detector loads
     import shutil
 
-    trainer = _bench_script("train_visible_watermark")
-    from provenance.watermarks import overlays
+    from training import train_visible_watermark as trainer
 
     font_root = tmp_path / "fonts"
     for f in fonts[0][:3]:  # three training faces, at their paths relative to the system's font folder

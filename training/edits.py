@@ -200,7 +200,7 @@ def blur(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dic
 def _fonts() -> tuple[str, ...]:
     """Latin text fonts on this machine (sorted, so a seed gives the same font everywhere)."""
     try:
-        from provenance.watermarks.overlays import find_fonts
+        from training.overlays import find_fonts
 
         return tuple(find_fonts())
     except ImportError:  # the overlays module is another engineer's; fall back to the system fonts
@@ -217,7 +217,7 @@ def _font(rng: np.random.Generator, size: int) -> ImageFont.ImageFont:
 def text_overlay(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, dict[str, Any]]:
     """A stock-photo watermark or ordinary opaque text (meme caption, subtitle, date stamp...)."""
     try:
-        from provenance.watermarks import overlays
+        from training import overlays
     except ImportError:
         overlays = None
     fonts = list(_fonts())

@@ -1,6 +1,6 @@
 """Train the visible-watermark head on SSCD's intermediate features (CPU, fixed seeds).
 
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm-head-cache \\
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm-head-cache \\
         --out provenance/weights/visible_watermark.pt
 
 Step 1, examples (cached under --cache, in chunks of --chunk pairs; a later run with more --pairs reuses them):
@@ -12,22 +12,22 @@ are stored as uint8 memory maps. SSCD is frozen: only the head learns, which is 
 cores feasible. Step 2 trains visible.TapHead on the cached maps and writes the checkpoint and its JSON card.
 
 On the shared 2-core machine the shipped 12,000 pairs took about 20 min to make (~100 s per 1,000 pairs, 8 GB of
-cache) and 12 min to train (6 epochs); then run bench/eval_visible_watermark.py --seen for the held-out numbers.
+cache) and 12 min to train (6 epochs); then run training/eval_visible_watermark.py --seen for the held-out numbers.
 
 The 512 px head (read by `scan --visible-thorough`'s mix) is the shipped one fine-tuned in five stages of 8,000
 fresh pairs each, read at 512 px; the second to fifth draw half their pairs on photos at their own 224 px
 (--native-share), the first head's weakest held-out set:
 
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm512-cache --input-size 512 \
         --init provenance/weights/visible_watermark.pt --seed 5 --pairs 8000 --epochs 3 --lr 3e-4 \
         --out /tmp/stage1.pt
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n-cache --input-size 512 \
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm512n-cache --input-size 512 \
         --init /tmp/stage1.pt --seed 6 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage2.pt
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n7-cache --input-size 512 \
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm512n7-cache --input-size 512 \
         --init /tmp/stage2.pt --seed 7 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage3.pt
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n8-cache --input-size 512 \
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm512n8-cache --input-size 512 \
         --init /tmp/stage3.pt --seed 8 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage4.pt
-    .venv/bin/python bench/train_visible_watermark_head.py --cache /tmp/wm512n9-cache --input-size 512 \
+    .venv/bin/python training/train_visible_watermark_head.py --cache /tmp/wm512n9-cache --input-size 512 \
         --init /tmp/stage4.pt --seed 9 --native-share 0.5 --pairs 8000 --epochs 3 --lr 3e-4 --out /tmp/stage5.pt
 
 (~140-180 s per 1,000 pairs and 2 GB of cache each, ~12 min of training per stage; each card records its --init's
@@ -58,11 +58,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-sys.path.insert(0, str(REPO / "bench"))
 
 from provenance.descriptors.base import file_checksum  # noqa: E402
 from provenance.descriptors.sscd import FEATURE_TAPS, SSCD_SHORT_SIDE, SSCDDescriptor, resize_short_side  # noqa: E402
-from provenance.watermarks import overlays  # noqa: E402
+from training import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     DEFAULT_FLAG_THRESHOLD,
     TapHead,
@@ -70,8 +69,8 @@ from provenance.watermarks.visible import (  # noqa: E402
     save_checkpoint,
     tap_head_from_checkpoint,
 )
-from eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
-from train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
+from training.eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
+from training.train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
 TAP_CHANNELS_STRIDES = {"stride8": (512, 8), "stride16": (1024, 16)}
@@ -85,7 +84,7 @@ def tap_shape(tap: str, side: int) -> tuple[int, int, int]:
 
 class SquarePairs(torch.utils.data.Dataset):
     """Pair i -> (2, side, side, 3) uint8: [stock watermark, opaque text or clean] on one square canvas, resized to
-    the short side SSCD sees (288 px; bench/probe_head_at_512.py asks for 512)."""
+    the short side SSCD sees (288 px; a 512 px probe asked for 512)."""
 
     def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int,
                  side: int = SSCD_SHORT_SIDE, native_share: float = 0.0):
@@ -215,7 +214,7 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
         head.train()
         if init is not None:
             # frozen statistics: a fine-tune on a few thousand pairs keeps the normalisation the head learned on
-            # 12,000, as bench/probe_head_at_512.py measured it (there with BatchNorm folded into the convs)
+            # 12,000, as a 512 px probe measured it (there with BatchNorm folded into the convs)
             for m in head.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):
                     m.eval()
@@ -333,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr,
                          args.seed, keep, init)
     card = {
-        "training_command": "bench/train_visible_watermark_head.py "
+        "training_command": "training/train_visible_watermark_head.py "
         + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
         "seed": args.seed,
         "pairs": chunks * args.chunk,

@@ -1,9 +1,9 @@
 """Calibrate the scanner's verdict thresholds on edited copies of corpus photos (positives) and of non-members.
 
-    .venv/bin/python bench/calibrate.py [--positives 1000] [--negatives 1000] [--views hflip,rot90,rot180,rot270]
+    .venv/bin/python training/calibrate.py [--positives 1000] [--negatives 1000] [--views hflip,rot90,rot180,rot270]
 
 1. Index flickr8k-dev (2,500 photos; SSCD + PDQ), cached in bench/results/.cache/ and reused.
-2. Plan edited queries (bench/edits.py families) of members and of flickr8k-nonmember photos, deterministic
+2. Plan edited queries (training/edits.py families) of members and of flickr8k-nonmember photos, deterministic
    for --seed; embed them as the scanner would (JPEG bytes -> decode_image -> SSCD / PDQ), plus query-side
    views (flips, rotations). Embeddings are cached per view, so re-tuning does not re-embed.
 3. Score each query against the corpus, choose thresholds (replica at <= 1% FPR over all edited negatives,
@@ -38,11 +38,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
 
-from edits import FAMILY_NAMES, apply_edit  # noqa: E402
+from training.edits import FAMILY_NAMES, apply_edit  # noqa: E402
 
-from provenance.calibration import (  # noqa: E402
+from training.calibration import (  # noqa: E402
     ScoreNormalization,
     background_similarity,
     centre,
@@ -165,7 +164,7 @@ def edits_fingerprint() -> str:
 def plan_key(queries: list[Query], sscd_checksum: str) -> str:
     h = hashlib.sha256()
     h.update(b"views on untouched queries too")  # caches made before 2026-12-04 left those rows as the base view
-    h.update((REPO / "bench" / "edits.py").read_bytes())
+    h.update((REPO / "training" / "edits.py").read_bytes())
     h.update(edits_fingerprint().encode())
     h.update(sscd_checksum.encode())
     h.update(json.dumps([(q.role, q.source, q.family, q.seed) for q in queries]).encode())
@@ -585,8 +584,8 @@ def render_report(r: Run) -> str:
     L: list[str] = []
     add = L.append
     view_arg = ",".join(r.views) or "''"
-    add("## Calibration of the verdict thresholds (bench/calibrate.py)\n")
-    add(f"```\n.venv/bin/python bench/calibrate.py --positives {r.args.positives} --negatives {r.args.negatives} "
+    add("## Calibration of the verdict thresholds (training/calibrate.py)\n")
+    add(f"```\n.venv/bin/python training/calibrate.py --positives {r.args.positives} --negatives {r.args.negatives} "
         f"--seed {r.args.seed} --views {view_arg}\n```\n")
     add(f"Machine: 2-core x86_64 CPU, shared (other engineers' jobs running, load average 6-11). Corpus: "
         f"flickr8k-dev, {len(r.ids)} photos (224x224) indexed with SSCD (int8 ONNX, short side 288) + PDQ. "

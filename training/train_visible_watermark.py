@@ -1,17 +1,17 @@
 """Train the visible-watermark pixel CNN on synthetic overlays of Flickr8k photos (fixed seeds; CPU or a GPU).
 
-    .venv/bin/python bench/train_visible_watermark.py --exclude-photos '' --out /tmp/cnn.pt
+    .venv/bin/python training/train_visible_watermark.py --exclude-photos '' --out /tmp/cnn.pt
 
 reproduces the former detector's weights (the pixel CNN shipped until 2026-11-27, before the audit of photos with
 real marks, which the trainer now leaves out by default; 56 min wall on the shared 2-core machine, 23 + 39 CPU-min);
 adding `--generator layered --steps 1300 --min-visibility 0.002` fits ~15 min but gives a weaker model (see
 bench/results/visible_watermark.md). Backgrounds: flickr8k-dev shards 00000-00003 (2,000 photos). Overlays:
 provenance.watermarks.overlays with the training fonts and strings only (held-out fonts/strings are for
-bench/eval_visible_watermark.py). Every example is generated from (seed, index), so a run is reproducible whatever
+training/eval_visible_watermark.py). Every example is generated from (seed, index), so a run is reproducible whatever
 the number of data workers. One process trains (1 torch thread), one generates examples; each generated batch is
 used twice (mirrored the 2nd time), since generating an example costs about as much as two training steps on it.
 
-On a GPU machine (bench/gpu_train_visible.sh): the photos and the training fonts travel as a pack made here
+On a GPU machine (a one-off GPU script, since deleted): the photos and the training fonts travel as a pack made here
 (`--pack DIR`: photos re-encoded at JPEG quality 88 and fonts subset to the characters the overlays draw, so that both
 fit the machine's 64 MiB carry), examples come from many data workers, the model trains in bf16 autocast, and
 `--fill-minutes M` sets --steps from a data-rate probe so the run fits M minutes. `--also-arch` trains more
@@ -38,7 +38,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from provenance.watermarks import overlays  # noqa: E402
+from training import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -51,7 +51,7 @@ from provenance.watermarks.visible import (  # noqa: E402
 logger = logging.getLogger("train_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
 TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
-REAL_MARKS = REPO / "bench" / "data" / "real_marks.json"
+REAL_MARKS = REPO / "training" / "data" / "real_marks.json"
 # what the overlays can draw (strings, captions, ids, years, symbols): a font subset for the GPU pack keeps these
 PACK_UNICODES = (*range(0x20, 0x250), *range(0x2000, 0x2070), *range(0x20A0, 0x20D0), *range(0x2100, 0x2150),
                  *range(0x2190, 0x2200), *range(0x25A0, 0x2600))
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     worker_cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     for t in trainees:
         card = {
-            "training_command": "bench/train_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "training_command": "training/train_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "architecture": asdict(t.config),
             "seed": args.seed,
             "steps": args.steps,
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         save_checkpoint(t.out, t.model.cpu(), args.input_size, card)
         card_path = Path(t.out).with_suffix(".json")
-        # the evaluation section is filled by bench/eval_visible_watermark.py for these exact weights
+        # the evaluation section is filled by training/eval_visible_watermark.py for these exact weights
         card_path.write_text(json.dumps({"weights": Path(t.out).name, "training": card, "evaluation": None},
                                         indent=2) + "\n")
         logger.info("wrote %s (%.1f KB) and %s", t.out, Path(t.out).stat().st_size / 1024, card_path)

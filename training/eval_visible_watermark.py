@@ -1,7 +1,7 @@
 """Evaluate the visible-watermark detector on held-out photos, fonts and strings; measure its CPU cost.
 
-    .venv/bin/python bench/eval_visible_watermark.py [--weights provenance/weights/visible_watermark.pt]
-    .venv/bin/python bench/eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_thorough.json \
+    .venv/bin/python training/eval_visible_watermark.py [--weights provenance/weights/visible_watermark.pt]
+    .venv/bin/python training/eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_thorough.json \
         --out bench/results/visible_watermark_thorough.md        # the mix of scan --visible-thorough
 
 Held-out backgrounds: flickr8k-dev shard 00004 + flickr8k-nonmember (1,000 photos never used in training), and
@@ -30,7 +30,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from provenance.watermarks import overlays  # noqa: E402
+from training import overlays  # noqa: E402
 from provenance.descriptors.sscd import SSCD_SHORT_SIDE  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     DEFAULT_WEIGHTS,
@@ -51,7 +51,7 @@ MAX_FALSE_FLAG_RATE = 0.03
 # faint strokes (a tiny corner credit, white on a white sky), above ~0.02 anyone sees it
 VISIBILITY_BINS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05, 1.01)
 NOTES_MARKER = "<!-- notes: kept by eval_visible_watermark.py -->"
-REAL_MARKS = REPO / "bench" / "data" / "real_marks.json"
+REAL_MARKS = REPO / "training" / "data" / "real_marks.json"
 DEFAULT_OUT = REPO / "bench" / "results" / "visible_watermark.md"
 
 
@@ -96,7 +96,7 @@ def coco_photos() -> list[tuple[str, Image.Image, str]]:
 def load_real_marks(path: Path = REAL_MARKS) -> dict[str, dict]:
     """{photo name: audit entry} for the photos that already carry a real overlaid mark (a photographer's
     signature, a copyright line, a URL, a logo), found by looking at every training and evaluation
-    photo (bench/data/real_marks.json says how). Such a photo is neither a clean nor an opaque-text negative, so
+    photo (training/data/real_marks.json says how). Such a photo is neither a clean nor an opaque-text negative, so
     the synthetic sets leave it out and its own untouched version is scored as a real-world positive instead."""
     return {e["name"]: e for e in json.loads(path.read_text())["photos"]}
 
@@ -291,14 +291,14 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
         f"## Visible-watermark detector at {' + '.join(map(str, sorted(results['input_sizes'], reverse=True)))} px "
         "(`scan --visible-thorough`)",
         "",
-        f"Evaluation: `.venv/bin/python bench/eval_visible_watermark.py{' --seen' if args.seen else ''}"
+        f"Evaluation: `.venv/bin/python training/eval_visible_watermark.py{' --seen' if args.seen else ''}"
         + "".join(f" {flag} {_shown(value)}" for flag, value, default in
                   (("--weights", args.weights, DEFAULT_WEIGHTS), ("--out", args.out, DEFAULT_OUT))
                   if Path(value).resolve() != default.resolve()) + "`  ",
         *([f"Input sizes (short side): {', '.join(map(str, results['input_sizes']))} px. {mix} "
            f"(`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "] if mix else []),
         f"Training{' (512 px head, last stage)' if mix else ''}: "
-        f"`.venv/bin/python {tr.get('training_command', 'bench/train_visible_watermark_head.py')}`: "
+        f"`.venv/bin/python {tr.get('training_command', 'training/train_visible_watermark_head.py')}`: "
         f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples"
         + (f"; {tr['pairs_trained']} trained on, those drawn on photos with a real mark left out"
            if tr.get("pairs_trained", tr.get("pairs")) != tr.get("pairs") else "")
@@ -340,7 +340,7 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
     rm = results["real_marks"]
     lines += [
         "",
-        f"- Photos that already carry a real mark (bench/data/real_marks.json): left out of every synthetic row "
+        f"- Photos that already carry a real mark (training/data/real_marks.json): left out of every synthetic row "
         f"above except the 'before the audit' one. Their untouched versions ({rm['n']}: held-out Flickr and COCO) "
         f"as positives: AUC {rm['auc_vs_clean']} against the audited clean photos, {rm['auc_vs_clean_and_text']} "
         f"against clean + opaque text; recall {rm['recall_at_threshold']} at {thr}, {rm['recall_at_0.5']} at 0.5.",
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     card_path = Path(args.weights).with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
     card["evaluation"] = {
-        "command": "bench/eval_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "training/eval_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "heldout_auc": results["heldout"]["auc"],
         "heldout_text_flag_rate": results["heldout"]["text_flag_rate"],
         "heldout_clean_flag_rate": results["heldout"]["clean_flag_rate"],
