@@ -5,13 +5,32 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 from rich.console import Console
 from rich.table import Table
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample" / "coco-cc"
+
+
+def add_tiled_watermark(image: Image.Image, text: str, opacity: float = 0.4, angle: float = 30.0) -> Image.Image:
+    """`text` in white, rotated by `angle` and tiled over `image` at `opacity`: the commonest stock-photo mark.
+
+    Drawn with Pillow's built-in scalable font, so it needs no system fonts (the detector was trained on marks
+    drawn with many typefaces; training/overlays.py draws those)."""
+    base = image.convert("RGBA")
+    font = ImageFont.load_default(size=max(12, min(base.size) // 12))
+    x0, y0, x1, y1 = font.getbbox(text)
+    tile = Image.new("RGBA", (x1 - x0 + 8, y1 - y0 + 8), (0, 0, 0, 0))
+    ImageDraw.Draw(tile).text((4 - x0, 4 - y0), text, font=font, fill=(255, 255, 255, round(255 * opacity)),
+                              stroke_width=1, stroke_fill=(40, 40, 40, round(255 * opacity)))
+    tile = tile.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
+    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    for j, y in enumerate(range(-tile.height // 2, base.height, tile.height)):
+        for x in range(-tile.width // 2 + (tile.width // 2) * (j % 2), base.width, tile.width):
+            layer.alpha_composite(tile, (max(0, x), max(0, y)), (max(0, -x), max(0, -y)))
+    return Image.alpha_composite(base, layer).convert("RGB")
 
 
 def make_demo_inputs(out_dir: Path) -> list[Path]:
@@ -33,15 +52,9 @@ def make_demo_inputs(out_dir: Path) -> list[Path]:
     paths.append(out_dir / "flipped-contrast-caption.png")
     edited.save(paths[-1])
 
-    import numpy as np
-
-    from provenance.watermarks.overlays import add_stock_watermark, find_fonts
-
-    fonts = find_fonts()
-    if fonts:  # a machine without TrueType fonts (no fonts-* packages) skips this example
-        stock = add_stock_watermark(c.copy(), np.random.default_rng(0), fonts, style="tiled", opacity=0.4)
-        paths.append(out_dir / "stock-watermarked.jpg")
-        stock.save(paths[-1], quality=90)
+    # a stock-photo style mark: semi-transparent agency text tiled across the photo
+    paths.append(out_dir / "stock-watermarked.jpg")
+    add_tiled_watermark(c, "shutterstock", opacity=0.4).save(paths[-1], quality=90)
 
     novel = Image.new("RGB", (512, 512), (30, 60, 90))
     draw = ImageDraw.Draw(novel)
