@@ -342,13 +342,13 @@ def stage_profile(index: Path, passes: int = 3) -> dict[str, float]:
             xs = timed("SSCD resize (short side 288)", sscd.preprocess, d.image)
             xp = timed("PDQ resize (128 px)", pdq.preprocess, d.image)
             h = timed("PDQ hash", pdq.embed_batch, [xp])
-            if scanner._visible_from_sscd:  # the head reads the maps of the descriptor's own pass
+            taps = None
+            if visible.needs_scan_taps:  # the head reads the maps of the descriptor's own pass
                 v, taps = timed("SSCD model (int8 ONNX) + its maps", sscd.embed_batch_with_taps, [xs])
-                timed("visible-watermark head", visible.probability_from_taps, taps)
             else:
                 v = timed("SSCD model (int8 ONNX)", sscd.embed_batch, [xs])
-                xv = timed("visible-watermark resize", visible.preprocess, d.image)
-                timed("visible-watermark model", visible.probability_batch, [xv])
+            xv = timed("visible-watermark resize", visible.preprocess, d.image)
+            timed("visible-watermark model", visible.probabilities, [xv], taps)
             timed("FAISS search", scanner.searcher.search_vectors, {"sscd": v, "pdq": h}, 10)
             timed("whole Scanner.scan_bytes", scanner.scan_bytes, data, "x")
         for stage, ms in times.items():

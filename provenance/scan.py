@@ -97,17 +97,9 @@ class Scanner:
                     raise  # the user asked for these weights: failing to load them is their error to see
                 # the shipped weights missing (a broken install) must not stop copy detection
                 logger.warning("visible-watermark check is off: %s", e)
-        # a visible-watermark head on SSCD features reads them from the descriptor's own forward pass when the
-        # index's SSCD model is the one the head was trained on and the head reads SSCD's own 288 px input (the
-        # default); else it runs SSCD itself. --visible-thorough's mix does both: its 288 px head reads the scan's
-        # pass, its 512 px views (the image and its mirror) run SSCD again.
-        sscd, visible = self._models.get("sscd"), self._visible
-        same_sscd = (
-            visible is not None and visible.backbone is not None and sscd is not None and sscd.has_feature_taps
-            and sscd.spec.checksum == visible.backbone.spec.checksum
-        )
-        self._visible_from_sscd = same_sscd and visible.reads_scan_pass
-        self._visible_beside_sscd = same_sscd and visible.shares_scan_pass
+        if self._visible is not None:
+            # a head on SSCD's maps at 288 px reads them from the index's own SSCD pass when it is the same model
+            self._visible = self._visible.sharing_scan_pass(self._models.get("sscd"))
         requested = o.requested_checks()
         self._centre_view = requested["centre_view"] and "sscd" in self._models  # a view of SSCD's: none without it
         self._invisible_crops = requested["invisible_crops"]
@@ -184,9 +176,7 @@ class Scanner:
             inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
             if self._centre_view:
                 inputs["sscd_centre"] = self._models["sscd"].preprocess(centre_crop(decoded.image))
-            if self._visible_beside_sscd:
-                inputs["visible"] = self._visible.preprocess(decoded.image, beside_scan=True)
-            elif self._visible is not None and not self._visible_from_sscd:
+            if self._visible is not None:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
@@ -219,7 +209,7 @@ class Scanner:
             vectors, taps = {}, None
             for n in self.descriptors:
                 batch = [w.inputs[n] for w in ok]
-                if n == "sscd" and (self._visible_from_sscd or self._visible_beside_sscd):
+                if n == "sscd" and self._visible is not None and self._visible.needs_scan_taps:
                     vectors[n], taps = self._models[n].embed_batch_with_taps(batch)
                 else:
                     vectors[n] = self._models[n].embed_batch(batch)
@@ -231,12 +221,7 @@ class Scanner:
                     if full["sscd"] and any(full["sscd"][0] is m for m in part["sscd"]):
                         w.record.extra["sscd_view"] = "centre"  # the top match came from the centre view
             if self._visible is not None:
-                if self._visible_from_sscd:
-                    probs = self._visible.probability_from_taps(taps)
-                elif self._visible_beside_sscd:
-                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok], scan_taps=taps)
-                else:
-                    probs = self._visible.probability_batch([w.inputs["visible"] for w in ok])
+                probs = self._visible.probabilities([w.inputs["visible"] for w in ok], taps)
                 threshold = self._visible.config.flag_threshold
                 sizes = self._visible.input_sizes
                 for w, p in zip(ok, probs):
@@ -271,13 +256,13 @@ def _mime_type(fmt: str | None) -> str | None:
 
 
 def _load_visible(o: ScanOptions):
-    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector, load_detector
+    from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
 
     if o.visible_thorough:
-        return load_detector(THOROUGH_WEIGHTS)
+        return VisibleWatermarkDetector.load(THOROUGH_WEIGHTS)
     if o.visible_laion_checkpoint:
         return VisibleWatermarkDetector.from_laion_checkpoint(o.visible_laion_checkpoint)
-    return load_detector(o.visible_model)
+    return VisibleWatermarkDetector.load(o.visible_model)
 
 
 def fail_on_met(records: list[ScanRecord], conditions: list[str]) -> bool:

@@ -140,10 +140,11 @@ def test_scan_centre_view_gates_on_a_photo_shown_small_in_a_screenshot(index_dir
 def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_path):
     import torch
 
-    from provenance.watermarks.visible import WatermarkNet, WatermarkNetConfig, save_checkpoint
+    from provenance.watermarks.visible import WatermarkNet, WatermarkNetConfig
+    from training.visible_checkpoint import save_checkpoint
 
     torch.manual_seed(0)
-    cnn = tmp_path / "cnn.pt"  # a version-1 style pixel CNN, as bench/train_visible_watermark.py writes
+    cnn = tmp_path / "cnn.pt"  # a version-1 style pixel CNN, as training/train_visible_watermark.py writes
     save_checkpoint(cnn, WatermarkNet(WatermarkNetConfig(stem=8, widths=(16,))), 64, {})
     args = ["scan", str(edited_copy), "--index", str(index_dir), "--format", "jsonl"]
     shipped = json.loads(runner.invoke(app, args).stdout.strip().splitlines()[-1])

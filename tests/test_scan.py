@@ -221,7 +221,7 @@ def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(sca
     # The shipped visible-watermark head reads SSCD's intermediate maps. With an SSCD index the scanner takes
     # them from the descriptor's forward pass; without one the detector runs SSCD itself; both give one number.
 
-    assert scanner._visible_from_sscd
+    assert scanner._visible.needs_scan_taps
     images = [Image.open(p).convert("RGB") for p in photos[:3]]
     expected = VisibleWatermarkDetector.load().probability(images)
     got = [r.watermarks.visible["probability"] for r in scanner.scan_paths(photos[:3])]
@@ -229,7 +229,7 @@ def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(sca
     pdq_only = tmp_path / "pdq-only"
     build(str(coco_dir), pdq_only, BuildOptions(descriptors=["pdq"]))
     alone = Scanner.open(pdq_only, ScanOptions(k=5))
-    assert not alone._visible_from_sscd
+    assert not alone._visible.needs_scan_taps
     got_alone = [r.watermarks.visible["probability"] for r in alone.scan_paths(photos[:3])]
     assert np.allclose(got_alone, expected, atol=1e-4)
     # --visible-thorough's mix: its 288 px head reads the scan's pass, its 512 px head runs SSCD again; without an
@@ -238,10 +238,10 @@ def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(sca
 
     expected = load_detector(THOROUGH_WEIGHTS).probability(images)
     thorough = Scanner(scanner.searcher, ScanOptions(k=5, visible_thorough=True))
-    assert thorough._visible_beside_sscd and not thorough._visible_from_sscd
+    assert thorough._visible.needs_scan_taps
     got = [r.watermarks.visible["probability"] for r in thorough.scan_paths(photos[:3])]
     assert np.allclose(got, expected, atol=1e-4)
     alone = Scanner.open(pdq_only, ScanOptions(k=5, visible_thorough=True))
-    assert not alone._visible_beside_sscd and not alone._visible_from_sscd
+    assert not alone._visible.needs_scan_taps
     got_alone = [r.watermarks.visible["probability"] for r in alone.scan_paths(photos[:3])]
     assert np.allclose(got_alone, expected, atol=1e-4)

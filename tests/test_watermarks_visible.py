@@ -13,17 +13,18 @@ import torch
 from PIL import Image
 
 from provenance.errors import ModelLoadError
-from training import overlays
 from provenance.watermarks.visible import (
     DEFAULT_WEIGHTS,
     TapHead,
     TapHeadConfig,
+    VisibleHead,
     VisibleWatermarkDetector,
     WatermarkNet,
     WatermarkNetConfig,
     laion_classifier_head,
-    save_checkpoint,
 )
+from training import overlays
+from training.visible_checkpoint import save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -144,23 +145,21 @@ def thorough():
 
 
 def test_thorough_mix_is_the_shipped_head_and_one_tuned_from_it_at_512_px(thorough, detector):
-    from provenance.watermarks.visible import VisibleHeadMix
-
-    assert isinstance(thorough, VisibleHeadMix)
+    assert isinstance(thorough, VisibleWatermarkDetector) and len(thorough.heads) == 3
     files = [h["weights"] for h in thorough.config.extra["heads"]]
     assert set(files) == {"visible_watermark_512.pt", "visible_watermark.pt"}
     at_512, at_288 = (thorough.heads[files.index(f)] for f in ("visible_watermark_512.pt", "visible_watermark.pt"))
-    assert at_288 is detector  # the shipped 288 px head itself, loaded once per process
+    assert at_288 is detector.heads[0]  # the shipped 288 px head itself, loaded once per process
     assert all(h is at_512 for h, f in zip(thorough.heads, files) if f == "visible_watermark_512.pt")  # one model
-    assert thorough.input_sizes == [288, 512] and not thorough.reads_scan_pass and thorough.shares_scan_pass
-    assert at_512.input_sizes == [512] and not at_512.reads_scan_pass and detector.reads_scan_pass
+    assert thorough.input_sizes == [288, 512] and detector.input_sizes == [288]
+    assert not at_512.reads_sscd_pass and at_288.reads_sscd_pass
     assert all(w > 0 for w in thorough.logit_weights) and 0 < thorough.config.flag_threshold < 1
     training = at_512.config.extra
     first = training["init"]  # the head it was fine-tuned from, in stages: the first stage starts from the 288 px head
     while first.get("init"):
         first = first["init"]
     assert training["input_short_side"] == 512 and first["checksum"] == detector.config.checksum
-    assert at_512.model.config == detector.model.config and at_512.backbone is detector.backbone
+    assert at_512.model.config == at_288.model.config and at_512.backbone is detector.backbone
 
 
 def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
@@ -170,20 +169,24 @@ def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
     def logits(head, mirrored):
         x = [head.preprocess(im) for im in images]
         x = [np.ascontiguousarray(xi[:, ::-1]) for xi in x] if mirrored else x
-        return torch.logit(torch.from_numpy(head.probability_batch(x)).double()).numpy()
+        return head.logits_from_taps(head.backbone.tap_maps(x, head.model.config.taps)).astype(np.float64)
 
     z = sum(w * logits(h, m) for h, w, m in zip(thorough.heads, thorough.logit_weights, thorough.mirrored))
     assert np.allclose(p, 1 / (1 + np.exp(-z)), atol=1e-4)
     # as a scan gives it: the 288 px maps from the scan's own SSCD pass, only the 512 px input preprocessed
     x = [thorough.preprocess(im) for im in images]
     assert all(sorted(xi) == [288, 512] and xi[512].shape[2] == 3 and min(xi[512].shape[:2]) == 512 for xi in x)
-    beside = [thorough.preprocess(im, beside_scan=True) for im in images]
+    shared = thorough.sharing_scan_pass(thorough.backbone)
+    assert shared.needs_scan_taps and not thorough.needs_scan_taps
+    beside = [shared.preprocess(im) for im in images]
     assert all(list(b) == [512] and np.array_equal(b[512], xi[512]) for b, xi in zip(beside, x))
     scan_taps = thorough.backbone.embed_batch_with_taps([xi[288] for xi in x])[1]
-    assert np.array_equal(thorough.probability_batch(beside, scan_taps=scan_taps), p)
+    assert np.array_equal(shared.probabilities(beside, scan_taps), p)
+    with pytest.raises(ValueError, match="scan_taps"):
+        shared.probabilities(beside)
     with pytest.raises(ValueError, match="288 px input"):
-        thorough.probability_batch(beside)
-    assert thorough.probability_batch([]).shape == (0,)
+        thorough.probabilities(beside)
+    assert thorough.probabilities([]).shape == (0,)
 
 
 def test_a_mirrored_view_reads_the_image_flipped_left_to_right(tmp_path, detector, photos):
@@ -195,22 +198,23 @@ def test_a_mirrored_view_reads_the_image_flipped_left_to_right(tmp_path, detecto
     mirror = load_detector(path)
     images = photos[:4]
     x = [detector.preprocess(im) for im in images]
-    p_flipped = detector.probability_batch([np.ascontiguousarray(xi[:, ::-1]) for xi in x])
+    p_flipped = detector.probabilities([{288: np.ascontiguousarray(xi[288][:, ::-1])} for xi in x])
     assert np.allclose(mirror.probability(images), p_flipped, atol=1e-6)
-    assert not np.allclose(p_flipped, detector.probability_batch(x), atol=1e-3)  # a different look, not the same
-    assert not mirror.shares_scan_pass  # the scan's own pass is not mirrored
+    assert not np.allclose(p_flipped, detector.probabilities(x), atol=1e-3)  # a different look, not the same
+    assert not mirror.sharing_scan_pass(detector.backbone).needs_scan_taps  # the scan's own pass is not mirrored
     path.write_text(path.read_text().replace("true", '"yes"'))
     with pytest.raises(ModelLoadError, match="mirrored"):
         load_detector(path)
-    # a mix of the 288 px head alone takes a scan's maps beside its (empty) own inputs, not as a single head does
+    # a mix of the 288 px head alone is the head: beside a scan it takes the scan's maps and needs no input of its own
     path.write_text(path.read_text().replace('"yes"', "false"))
-    plain = load_detector(path)
-    assert plain.shares_scan_pass and not plain.reads_scan_pass and not detector.shares_scan_pass
-    beside = [plain.preprocess(im, beside_scan=True) for im in images]
-    scan_taps = detector.backbone.embed_batch_with_taps(x)[1]
-    assert beside == [{}] * len(images)
-    assert np.allclose(plain.probability_batch(beside, scan_taps=scan_taps), detector.probability_from_taps(scan_taps),
-                       atol=1e-6)
+    plain = load_detector(path).sharing_scan_pass(detector.backbone)
+    shared = detector.sharing_scan_pass(detector.backbone)
+    assert plain.needs_scan_taps and shared.needs_scan_taps
+    beside = [plain.preprocess(im) for im in images]
+    scan_taps = detector.backbone.embed_batch_with_taps([xi[288] for xi in x])[1]
+    assert beside == [{}] * len(images) and [shared.preprocess(im) for im in images] == beside
+    assert np.allclose(plain.probabilities(beside, scan_taps), shared.probabilities(beside, scan_taps), atol=1e-6)
+    assert np.allclose(shared.probabilities(beside, scan_taps), detector.probabilities(x), atol=1e-6)
 
 
 def test_a_bad_mix_file_names_its_problem(tmp_path):
@@ -253,21 +257,20 @@ def test_thorough_mix_scores_small_marks_above_the_same_photos_clean(thorough, p
 def test_preprocess_is_thread_safe_and_matches_batch(detector, photos):
     with ThreadPoolExecutor(4) as pool:
         xs = list(pool.map(detector.preprocess, photos[:8]))
-    if detector.backbone is not None:  # a head on SSCD features takes SSCD's own input
-        assert all(x.dtype == np.uint8 and x.ndim == 3 and min(x.shape[:2]) == 288 for x in xs)
-    else:
-        s = detector.config.input_size
-        assert all(x.shape == (3, s, s) and x.dtype == np.float32 for x in xs)
-    assert np.array_equal(xs[3], detector.preprocess(photos[3]))
-    p = detector.probability_batch(xs)
+    # the shipped head on SSCD features takes SSCD's own input
+    assert all(list(x) == [288] and x[288].dtype == np.uint8 and min(x[288].shape[:2]) == 288 for x in xs)
+    assert np.array_equal(xs[3][288], detector.preprocess(photos[3])[288])
+    p = detector.probabilities(xs)
     assert np.allclose(p, detector.probability(photos[:8]), atol=1e-6)
     assert ((p >= 0) & (p <= 1)).all()
 
 
-def test_probability_batch_checks_inputs(detector):
-    assert detector.probability_batch([]).shape == (0,)
+def test_probabilities_checks_inputs(detector):
+    assert detector.probabilities([]).shape == (0,)
     with pytest.raises(ValueError, match="expected"):
-        detector.probability_batch([np.zeros((3, 10, 10), np.float32)])
+        detector.probabilities([{288: np.zeros((3, 10, 10), np.float32)}])
+    with pytest.raises(ValueError, match="288 px input"):
+        detector.probabilities([np.zeros((288, 288, 3), np.uint8)])
     with pytest.raises(TypeError):
         detector.preprocess(np.zeros((10, 10, 3), np.uint8))
 
@@ -287,8 +290,8 @@ def test_fused_inference_model_matches_training_model(tmp_path):
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8))
     x = det.preprocess(img)
     with torch.no_grad():
-        expected = torch.sigmoid(net.eval()(torch.from_numpy(x)[None])).numpy()
-    assert np.allclose(det.probability_batch([x]), expected, atol=1e-5)
+        expected = torch.sigmoid(net.eval()(torch.from_numpy(x[64])[None])).numpy()
+    assert np.allclose(det.probabilities([x]), expected, atol=1e-5)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def test_laion_architecture_checkpoint_loads_by_path(tmp_path, photos):
     p = det.probability(photos[:2])
     assert p.shape == (2,) and p.dtype == np.float32 and ((p >= 0) & (p <= 1)).all()
     # p(watermark) is the softmax at index 0 ('watermark' = 0, 'clear' = 1 in LAION's training labels)
-    x = torch.from_numpy(np.stack([det.preprocess(im) for im in photos[:2]]))
+    x = torch.from_numpy(np.stack([det.preprocess(im)[256] for im in photos[:2]]))
     with torch.no_grad():
         expected = torch.softmax(model.eval()(x), dim=1)[:, 0].numpy()
     assert np.allclose(p, expected, atol=1e-5)
@@ -357,9 +360,10 @@ def tiny_head_path(tmp_path_factory) -> Path:
 def test_head_on_sscd_features_loads_and_matches_the_training_module(tiny_head_path, photos):
     det = VisibleWatermarkDetector.load(str(tiny_head_path))
     assert det.backbone is not None and det.backbone.has_feature_taps and det.config.extra == {"note": "tiny"}
-    xs = [det.preprocess(im) for im in photos[:3]]
+    inputs = [det.preprocess(im) for im in photos[:3]]
+    xs = [x[288] for x in inputs]
     assert all(x.dtype == np.uint8 and min(x.shape[:2]) == 288 for x in xs)  # SSCD's own input
-    p = det.probability_batch(xs)
+    p = det.probabilities(inputs)
     assert p.shape == (3,) and ((p >= 0) & (p <= 1)).all()
     # the loaded head has BatchNorm folded into its convs; the training module must give the same numbers
     ckpt = torch.load(tiny_head_path, weights_only=True)
@@ -369,9 +373,11 @@ def test_head_on_sscd_features_loads_and_matches_the_training_module(tiny_head_p
     with torch.no_grad():
         expected = [torch.sigmoid(head.eval()({"stride16": torch.from_numpy(t["stride16"][None])})).item() for t in taps]
     assert np.allclose(p, expected, atol=1e-5)
-    assert np.allclose(det.probability_from_taps(taps), p, atol=1e-6)
+    shared = det.sharing_scan_pass(det.backbone)  # as a scan with this SSCD model runs it: the scan's maps
+    assert shared.needs_scan_taps and shared.preprocess(photos[0]) == {}
+    assert np.allclose(shared.probabilities([{}] * 3, taps), p, atol=1e-6)
     with pytest.raises(ValueError, match="expected"):
-        det.probability_batch([np.zeros((3, 10, 10), np.float32)])
+        det.probabilities([{288: np.zeros((3, 10, 10), np.float32)}])
 
 
 def test_head_refuses_another_sscd_model(tiny_head_path, tmp_path):
@@ -421,7 +427,8 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     det = VisibleWatermarkDetector.load(str(out))
     assert det.probability(photos[:2]).shape == (2,)
     # the card's gate is the one scans flag at; the extra 3x3 conv survives the round trip
-    assert det.config.flag_threshold == 0.8 and det.model.config.depth == 2 and len(det.model.branches[0]) == 3
+    model = det.heads[0].model
+    assert det.config.flag_threshold == 0.8 and model.config.depth == 2 and len(model.branches[0]) == 3
     before = (cache / "stride16_0.npy").stat().st_mtime_ns
     assert train_head.main(args) == 0  # the second run trains from the cache without remaking it
     assert (cache / "stride16_0.npy").stat().st_mtime_ns == before
@@ -443,13 +450,14 @@ def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, fl
     assert card["input_short_side"] == 96 and card["init"]["file"] == "base.pt"
     assert card["init"]["checksum"] == det_base.config.checksum and card["init"]["init"] is None
     assert card["init"]["training_command"].endswith("--exclude-photos ")  # base's own recipe travels along
-    assert det.model.config == det_base.model.config  # the architecture comes from --init
-    assert det_base.reads_scan_pass and det_base.input_sizes == [288]
-    assert not det.reads_scan_pass and det.input_sizes == [96]
-    x = det.preprocess(photos[0])
+    assert det.heads[0].model.config == det_base.heads[0].model.config  # the architecture comes from --init
+    assert det_base.heads[0].reads_sscd_pass and det_base.input_sizes == [288]
+    assert not det.heads[0].reads_sscd_pass and det.input_sizes == [96]
+    assert not det.sharing_scan_pass(det.backbone).needs_scan_taps  # a scan's 288 px maps are not its input
+    x = det.preprocess(photos[0])[96]
     assert x.dtype == np.uint8 and min(x.shape[:2]) == 96
     # its p is the head on the maps of SSCD run at 96 px
-    logit = det.model({"stride16": torch.from_numpy(det.backbone.tap_maps([x], ("stride16",))[0]["stride16"][None])})
+    logit = det.heads[0].model({"stride16": torch.from_numpy(det.backbone.tap_maps([x], ("stride16",))[0]["stride16"][None])})
     np.testing.assert_allclose(det.probability([photos[0]]), torch.sigmoid(logit).detach().numpy(), atol=1e-5)
     assert not np.allclose(det.probability(photos[:2]), det_base.probability(photos[:2]))
     # the gate the evaluation chooses is written into the checkpoint afterwards, without training again
@@ -595,7 +603,7 @@ def test_pixel_cnn_trainer_packs_for_a_gpu_and_trains_two_architectures(tmp_path
     for path, widths in ((out, [16]), (alt, [16, 32])):
         card = json.loads(path.with_suffix(".json").read_text())["training"]
         assert card["architecture"]["widths"] == widths and card["steps"] == 2 and len(card["loss_every_100_steps"]) == 1
-        det = VisibleWatermarkDetector.load(str(path))
-        assert det.config.input_size == 64 and det.backbone is None
-        z = det.logits_batch([det.preprocess(Image.fromarray(x)) for x in examples(pack / "fonts")[0]])
+        head = VisibleHead.load(str(path))
+        assert head.config.input_size == 64 and head.backbone is None
+        z = head.logits([head.preprocess(Image.fromarray(x)) for x in examples(pack / "fonts")[0]])
         assert z.shape == (2,) and np.isfinite(z).all()

@@ -30,15 +30,13 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training import overlays  # noqa: E402
-from provenance.descriptors.sscd import SSCD_SHORT_SIDE  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     DEFAULT_WEIGHTS,
     THOROUGH_WEIGHTS,
-    VisibleHeadMix,
     VisibleWatermarkDetector,
     load_detector,
 )
+from training import overlays  # noqa: E402
 
 logger = logging.getLogger("eval_visible_watermark")
 DATA = REPO.parent / "shared" / "data"
@@ -173,18 +171,18 @@ def suggest_gate(flagged_at: dict) -> float | None:
     return min(ok) if ok else None
 
 
-def score(det: VisibleWatermarkDetector | VisibleHeadMix, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
-    """Score a stream of examples through preprocess + probability_batch, keeping only (kind, facts) of each
+def score(det: VisibleWatermarkDetector, examples, batch_size: int = 32) -> tuple[np.ndarray, list]:
+    """Score a stream of examples through preprocess + probabilities, keeping only (kind, facts) of each
     (large canvases are dropped once preprocessed)."""
     probs, meta, batch = [], [], []
     for im, kind, facts in examples:
         batch.append(det.preprocess(im))
         meta.append((None, kind, facts))
         if len(batch) == batch_size:
-            probs.append(det.probability_batch(batch))
+            probs.append(det.probabilities(batch))
             batch = []
     if batch:
-        probs.append(det.probability_batch(batch))
+        probs.append(det.probabilities(batch))
     return np.concatenate(probs), meta
 
 
@@ -243,7 +241,7 @@ def _best_ms(fn, arg, repeats: int) -> float:
     return best * 1000
 
 
-def timing(det: VisibleWatermarkDetector | VisibleHeadMix, batch_size: int = 32, repeats: int = 5) -> dict:
+def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5) -> dict:
     """Model ms/image at batch_size with 1 and 2 threads, and preprocess ms/image by source size. For a head on
     SSCD features read at SSCD's own size, "model" is the head alone (the scanner takes the maps from its SSCD pass),
     and that SSCD pass is timed with and without the maps copied out; for a head read at another size, "model" is
@@ -253,16 +251,17 @@ def timing(det: VisibleWatermarkDetector | VisibleHeadMix, batch_size: int = 32,
     out: dict = {"batch_size": batch_size}
     images = [Image.fromarray(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8)) for _ in range(batch_size)]
     x = [det.preprocess(im) for im in images]
-    model, arg = det.probability_batch, x
-    if det.shares_scan_pass:
-        scan_taps = det.backbone.embed_batch_with_taps([xi[SSCD_SHORT_SIDE] for xi in x])[1]
-        beside = [det.preprocess(im, beside_scan=True) for im in images]
-        model, arg = (lambda a: det.probability_batch(a[0], scan_taps=a[1])), (beside, scan_taps)
-    elif det.reads_scan_pass:
-        model, arg = det.probability_from_taps, det.backbone.embed_batch_with_taps(x)[1]
-        out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, x, repeats) / batch_size, 2)
-        out["sscd_with_maps_ms_per_image"] = round(
-            _best_ms(det.backbone.embed_batch_with_taps, x, repeats) / batch_size, 2)
+    model, arg = det.probabilities, x
+    shared = det.sharing_scan_pass(det.backbone)  # as a scan over an SSCD index runs it
+    if shared.needs_scan_taps:
+        sscd_in = [det.backbone.preprocess(im) for im in images]
+        scan_taps = det.backbone.embed_batch_with_taps(sscd_in)[1]
+        beside = [shared.preprocess(im) for im in images]
+        model, arg = (lambda a: shared.probabilities(a[0], a[1])), (beside, scan_taps)
+        if len(det.heads) == 1:
+            out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, sscd_in, repeats) / batch_size, 2)
+            out["sscd_with_maps_ms_per_image"] = round(
+                _best_ms(det.backbone.embed_batch_with_taps, sscd_in, repeats) / batch_size, 2)
     old = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -457,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists() and NOTES_MARKER in out.read_text():
         notes = out.read_text()[out.read_text().index(NOTES_MARKER) :]
     training, mix = card.get("training") or {}, ""
-    if isinstance(det, VisibleHeadMix):  # its card is the mix file itself; the training is the first head's
+    if len(det.heads) > 1:  # a mix's card is the mix file itself; the training is the first head's
         training = det.heads[0].config.extra
         mix = "p = sigmoid(" + " + ".join(
             f"{e['logit_weight']:g} x logit of `{e['weights']}` at {h.config.input_size} px"

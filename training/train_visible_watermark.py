@@ -38,15 +38,15 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
     WatermarkNet,
     WatermarkNetConfig,
     resize_for_model,
-    save_checkpoint,
 )
+from training import overlays  # noqa: E402
+from training.visible_checkpoint import save_checkpoint  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark")
 DATA = REPO.parent / "shared" / "data"

@@ -61,14 +61,14 @@ sys.path.insert(0, str(REPO))
 
 from provenance.descriptors.base import file_checksum  # noqa: E402
 from provenance.descriptors.sscd import FEATURE_TAPS, SSCD_SHORT_SIDE, SSCDDescriptor, resize_short_side  # noqa: E402
-from training import overlays  # noqa: E402
 from provenance.watermarks.visible import (  # noqa: E402
     DEFAULT_FLAG_THRESHOLD,
     TapHead,
     TapHeadConfig,
-    save_checkpoint,
     tap_head_from_checkpoint,
 )
+from training import overlays  # noqa: E402
+from training.visible_checkpoint import save_checkpoint  # noqa: E402
 from training.eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
 from training.train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
 

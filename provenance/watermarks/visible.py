@@ -1,8 +1,10 @@
 """Visible-watermark detection: the probability that an image carries a stock-photo style visible watermark.
 
-Three kinds of model load through one detector: the shipped TapHead, which reads SSCD's intermediate maps (so a scan
-gets it from its own SSCD pass); the earlier small pixel CNN (WatermarkNet, checkpoint version 1); and LAION's
-EfficientNet-B3 watermark detector, by path.
+Three kinds of model (VisibleHead) load: the shipped TapHead, which reads SSCD's intermediate maps (so a scan gets
+them from its own SSCD pass); the earlier small pixel CNN (WatermarkNet, checkpoint version 1, for `scan
+--visible-model`); and LAION's EfficientNet-B3 watermark detector, by path (`scan --laion-watermark-model`). A
+VisibleWatermarkDetector weighs one or more of them; it is the one interface a scan uses. Training and checkpoint
+writing live in the repository's training/ folder, outside the installed package.
 """
 
 from __future__ import annotations
@@ -30,22 +32,19 @@ CHECKPOINT_FORMAT = "provenance-visible-watermark"
 CHECKPOINT_VERSION = 2  # 2 added heads on SSCD features ("kind": "sscd-taps"); version 1 files still load
 
 # p(watermark) at and above which a scan flags an image (report highlight, web page, `--fail-on watermark`) when
-# the checkpoint's card names no "flag_threshold". At 0.5 the shipped head would flag ~24% of clean photos; at 0.90,
-# on a draw separate from the held-out test, it flags 3.0% of clean and 2.8% of opaque-text photos and finds 66% of
-# marks (bench/results/visible_watermark.md).
+# the checkpoint's card names no "flag_threshold": a high gate, since clean photos with ordinary text score high too
+# (the chosen gate and its flag rates: BENCHMARKS.md, visible watermarks)
 DEFAULT_FLAG_THRESHOLD = 0.90
 # LAION's detector is a softmax classifier that this project cannot calibrate (its weights are not offline), so it
 # flags at its own decision boundary
 LAION_FLAG_THRESHOLD = 0.5
 
-# `scan --visible-thorough`: a mix (VisibleHeadMix) of logits: a head fine-tuned from the 288 px one on images read at
-# 512 px (visible_watermark_512.pt; its card's `init` chain holds the five stages), run on the image and on its
-# mirror (marks are not symmetric: a second look), plus 0.1 of the 288 px head. Small and faint marks survive a larger
-# input better (a corner credit 6 px high at SSCD's 288 px is 11 px at 512), at the cost of two more SSCD passes per
-# image at 512 px, cut after the stride-16 map (~120 ms on 2 cores); the 288 px head reads the scan's own pass, so
-# mixing it in costs only the head. Held-out AUC 0.9532 (0.9498 on a second draw) against 0.90 for the 288 px head;
-# the weights and the 0.70 gate were chosen on the evaluation's separate draw
-# (bench/results/visible_watermark_thorough.md).
+# `scan --visible-thorough`: a mix of logits of a head fine-tuned at 512 px (visible_watermark_512.pt; its card's
+# `init` chain holds its training stages), run on the image and on its mirror (marks are not symmetric: a second
+# look), plus a small weight of the 288 px head. Small and faint marks survive a larger input better, at the cost of
+# two more SSCD passes per image at 512 px, cut after the stride-16 map; the 288 px head reads the scan's own pass, so
+# mixing it in costs only the head. Weights and gate were chosen on the evaluation's separate draw (the file's
+# card; figures in BENCHMARKS.md).
 THOROUGH_WEIGHTS = WEIGHTS_DIR / "visible_watermark_thorough.json"
 MIX_FORMAT = "provenance-visible-watermark-mix"
 
@@ -203,7 +202,7 @@ class TapHead(nn.Module):
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every Conv2d+BatchNorm2d pair into the conv (inference only): ~25% faster on CPU, same outputs."""
+    """Fold every Conv2d+BatchNorm2d pair into the conv (inference only): faster on CPU, same outputs."""
     for module in model.modules():
         children = list(module.named_children())
         for (name_a, a), (name_b, b) in zip(children, children[1:]):
@@ -240,14 +239,15 @@ def normalise(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) 
 
 
 # ---------------------------------------------------------------------------------------------
-# The detector
+# One model
 
 
-class VisibleWatermarkDetector:
-    """p(visible watermark) for RGB images, from the shipped head on SSCD features, a pixel CNN, or LAION's
-    EfficientNet-B3 detector."""
+class VisibleHead:
+    """One visible-watermark model: a TapHead on SSCD's maps (shipped), a pixel CNN (WatermarkNet, checkpoint
+    version 1) or LAION's EfficientNet-B3 detector. Gives logits; VisibleWatermarkDetector weighs one or more of
+    them into p(watermark)."""
 
-    _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
+    _cache: dict[tuple[str, str, float], "VisibleHead"] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None):
@@ -258,33 +258,19 @@ class VisibleWatermarkDetector:
         self.backbone = backbone
 
     @property
-    def input_sizes(self) -> list[int]:
-        """The input size behind each probability (short side for a head on SSCD, else the square's side), as a
-        list: the scan record's visible evidence reports it."""
-        return [self.config.input_size]
-
-    @property
-    def reads_scan_pass(self) -> bool:
-        """True for a head on the maps SSCD makes at its own input size: a scan's SSCD pass gives them for free.
-        A head read at another size (such as the 512 px one) runs SSCD again, cut after the maps."""
+    def reads_sscd_pass(self) -> bool:
+        """True for a head on the maps SSCD makes at its own input size, which a scan's SSCD pass computes anyway."""
         return self.backbone is not None and self.config.input_size == SSCD_SHORT_SIDE
 
-    @property
-    def shares_scan_pass(self) -> bool:
-        """False: one head takes a scan's maps whole (reads_scan_pass); only a VisibleHeadMix takes them beside
-        inputs of its own (probability_batch(scan_taps=...))."""
-        return False
-
-    # 1. Loading
 
     @classmethod
-    def load(cls, path: str | None = None, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def load(cls, path: str | None = None, device: str = "cpu") -> "VisibleHead":
         """Load a provenance checkpoint (None = the shipped weights); each file is loaded once per process."""
         p = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not p.is_file():
             hint = ""
             if path is None:
-                hint = " (the shipped weights are missing: reinstall, or run bench/train_visible_watermark.py)"
+                hint = " (the shipped weights are missing: reinstall provenance)"
             raise ModelLoadError(f"{p}: no visible-watermark weights file{hint}")
         key = (str(p.resolve()), device, p.stat().st_mtime)
         with cls._cache_lock:
@@ -293,7 +279,7 @@ class VisibleWatermarkDetector:
             return cls._cache[key]
 
     @classmethod
-    def _load_uncached(cls, path: Path, device: str) -> "VisibleWatermarkDetector":
+    def _load_uncached(cls, path: Path, device: str) -> "VisibleHead":
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ModelLoadError(
@@ -327,7 +313,7 @@ class VisibleWatermarkDetector:
         return cls(model, config, device)
 
     @classmethod
-    def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleWatermarkDetector":
+    def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleHead":
         from provenance.models import load_descriptor
 
         head = tap_head_from_checkpoint(ckpt, path)
@@ -359,7 +345,7 @@ class VisibleWatermarkDetector:
         return cls(fuse_batchnorm(head.eval()), config, device, backbone=backbone)
 
     @classmethod
-    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleHead":
         """LAION-5B's watermark detector (timm EfficientNet-B3 with a 1536-625-256-2 head) from a local .pt.
 
         LAION trained with labels 'watermark' = 0 and 'clear' = 1, so p(watermark) is softmax index 0;
@@ -398,70 +384,43 @@ class VisibleWatermarkDetector:
         logger.info("loaded LAION watermark detector %s on %s", p, device)
         return cls(model.eval(), config, device)
 
-    # 2. Preprocessing (CPU, thread-safe: no shared state is written)
-
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """One PIL image -> (3, s, s) float32, normalised (for a head on SSCD: (h, w, 3) uint8 with the head's short
-        side, SSCD's own input at 288 px); safe to call from decode threads."""
+        """One PIL image -> this model's input: (h, w, 3) uint8 at the head's short side for a head on SSCD (at
+        288 px exactly SSCD's own input), else (3, s, s) float32 normalised. Thread-safe."""
         if not isinstance(image, Image.Image):
             raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
-        if self.backbone is not None:  # at 288 px exactly SSCD's own preprocess
+        if self.backbone is not None:
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(resize_short_side(rgb, self.config.input_size), dtype=np.uint8)
         rgb = np.asarray(resize_for_model(image, self.config.input_size))
         return normalise(rgb, self.config.mean, self.config.std)
 
-    # 3. Model
-
     @torch.inference_mode()
-    def probability_batch(self, batch: list[np.ndarray]) -> np.ndarray:
-        """Preprocessed images -> p(watermark), (n,) float32 in [0, 1]."""
-        if len(batch) == 0:
-            return np.zeros(0, dtype=np.float32)
+    def logits(self, batch: list[np.ndarray]) -> np.ndarray:
+        """A pixel model's logit of p(watermark) per preprocessed image, (n,) float32 (a softmax model's class
+        scores become log(p / (1 - p)) of its watermark class)."""
         if self.backbone is not None:
-            for i, x in enumerate(batch):
-                if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
-                    shape = getattr(x, "shape", type(x).__name__)
-                    raise ValueError(f"batch[{i}] has shape {shape}; expected (h, w, 3) uint8 from preprocess()")
-            # only the maps are wanted: SSCD cut after them (a scan at 288 px passes its own SSCD pass's maps to
-            # probability_from_taps instead)
-            return self.probability_from_taps(self.backbone.tap_maps(batch, self.model.config.taps))
-        out = self._pixel_outputs(batch)
-        if self.config.output == "logit":
-            p = torch.sigmoid(out.reshape(-1))
-        else:
-            p = torch.softmax(out, dim=1)[:, self.config.positive_index]
-        return p.float().cpu().numpy().astype(np.float32)
-
-    @torch.inference_mode()
-    def logits_batch(self, batch: list[np.ndarray]) -> np.ndarray:
-        """A pixel model's logits (before the sigmoid) for preprocessed images, (n,) float32: what a mix weighs."""
-        if self.backbone is not None or self.config.output != "logit":
-            raise TypeError("logits_batch is for pixel models with one logit; a head on SSCD uses logits_from_taps")
+            raise TypeError("a head on SSCD reads SSCD's maps: use logits_from_taps")
         if len(batch) == 0:
             return np.zeros(0, dtype=np.float32)
-        return self._pixel_outputs(batch).reshape(-1).float().cpu().numpy()
-
-    def _pixel_outputs(self, batch: list[np.ndarray]) -> torch.Tensor:
         s = self.config.input_size
         for i, x in enumerate(batch):
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
                 shape = getattr(x, "shape", type(x).__name__)
                 raise ValueError(f"batch[{i}] has shape {shape}; expected (3, {s}, {s}) from preprocess()")
         x = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
-        return self.model(x.contiguous(memory_format=torch.channels_last))
-
-    @torch.inference_mode()
-    def probability_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """p(watermark) from SSCD maps already computed (SSCDDescriptor.embed_batch_with_taps or tap_maps, on
-        inputs of the head's own size), (n,) float32."""
-        return torch.sigmoid(torch.from_numpy(self.logits_from_taps(taps))).numpy()
+        out = self.model(x.contiguous(memory_format=torch.channels_last)).float()
+        if self.config.output == "logit":
+            return out.reshape(-1).cpu().numpy()
+        pos = self.config.positive_index
+        others = torch.cat([out[:, :pos], out[:, pos + 1:]], dim=1)  # (n, classes - 1)
+        return (out[:, pos] - torch.logsumexp(others, dim=1)).cpu().numpy()
 
     @torch.inference_mode()
     def logits_from_taps(self, taps: list[dict[str, np.ndarray]]) -> np.ndarray:
-        """The head's logits (before the sigmoid) from SSCD maps, (n,) float32: what a mix weighs."""
+        """A head's logits from SSCD maps of inputs at its own size ({tap: (c, h, w) uint8} per image), (n,) float32."""
         if self.backbone is None:
-            raise TypeError("this detector reads pixels, not SSCD features")
+            raise TypeError("this model reads pixels, not SSCD features: use logits")
         out = np.empty(len(taps), dtype=np.float32)
         names = self.model.config.taps
         # one image's maps all follow from its input size, so its first map's shape groups it
@@ -470,25 +429,33 @@ class VisibleWatermarkDetector:
             out[idx] = self.model(x).float().cpu().numpy()
         return out
 
-    def probability(self, images: list[Image.Image]) -> np.ndarray:
-        """preprocess + probability_batch: p(watermark) per image, (n,) float32."""
-        return self.probability_batch([self.preprocess(im) for im in images])
+
+# ---------------------------------------------------------------------------------------------
+# The detector
 
 
-class VisibleHeadMix:
-    """p(watermark) = sigmoid(sum of w_i * logit_i) over several heads on SSCD maps, each reading images at its own
-    short side: a head that sees small marks at 512 px and one that sees the whole image at SSCD's 288 px disagree
-    on different images, so their weighted logits rank better than either alone.
+class VisibleWatermarkDetector:
+    """p(visible watermark) = sigmoid(sum of w_i * logit_i) over one or more views, each a VisibleHead reading the
+    image (or its mirror) at its own size. A single model is a mix of one (weight 1); `scan --visible-thorough`'s
+    mix weighs a head at 512 px on the image and its mirror with the 288 px head, which disagree on different
+    images (BENCHMARKS.md, visible watermarks).
 
-    Loaded from a JSON file (MIX_FORMAT) naming the heads' checkpoints (relative to it), their logit weights and the
-    mix's own flag threshold. Same interface as VisibleWatermarkDetector where a scan needs it; its preprocessed
-    input is {short side: (h, w, 3) uint8}, one entry per size."""
+    The one interface a scan uses: `preprocess(image)` in decode threads, `probabilities(inputs, scan_taps)` per
+    batch, and `needs_scan_taps`: whether a view reads the maps of the scan's own SSCD pass (see
+    `sharing_scan_pass`) instead of running SSCD at 288 px again.
+    """
 
-    def __init__(self, heads: list[VisibleWatermarkDetector], logit_weights: list[float], config: DetectorConfig,
-                 mirrored: list[bool] | None = None):
+    _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
+    _single: dict[int, "VisibleWatermarkDetector"] = {}
+    _cache_lock = threading.Lock()
+
+    def __init__(self, heads: list[VisibleHead], logit_weights: list[float], config: DetectorConfig,
+                 mirrored: list[bool] | None = None, *, scan_view: bool = False):
         mirrored = [False] * len(heads) if mirrored is None else [bool(m) for m in mirrored]
         if not heads or not len(heads) == len(logit_weights) == len(mirrored):
             raise ValueError("a mix needs one logit weight (and mirror flag) per head, and at least one head")
+        if len(heads) > 1 and any(h.backbone is None for h in heads):
+            raise ValueError("only heads on SSCD maps mix; a pixel model is a detector of one")
         self.heads = heads
         self.logit_weights = [float(w) for w in logit_weights]
         # a head may also read the mirrored image: marks are not symmetric, so the mirrored view is a second look
@@ -496,13 +463,43 @@ class VisibleHeadMix:
         self.mirrored = mirrored
         self.config = config
         self.backbone = heads[0].backbone
+        # True: the 288 px unmirrored view reads the maps a scan's SSCD pass hands to probabilities(scan_taps=...)
+        self._scan_view = scan_view
+
+    # 1. Loading
 
     @classmethod
-    def load(cls, path: str | Path) -> "VisibleHeadMix":
+    def of(cls, head: VisibleHead) -> "VisibleWatermarkDetector":
+        """One model as a detector: a mix of one, with the model's own config (checksum, flag threshold, card)."""
+        return cls([head], [1.0], head.config)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "VisibleWatermarkDetector":
+        """A provenance checkpoint (.pt; None = the shipped 288 px head) or a mix of them (MIX_FORMAT JSON); each
+        file is loaded once per process."""
+        if path is not None and Path(path).suffix.lower() == ".json":
+            p = Path(path)
+            if not p.is_file():
+                raise ModelLoadError(f"{p}: no visible-watermark mix file")
+            key = (str(p.resolve()), device, p.stat().st_mtime)
+            with cls._cache_lock:
+                if key not in cls._cache:
+                    cls._cache[key] = cls._load_mix(p, device)
+                return cls._cache[key]
+        head = VisibleHead.load(None if path is None else str(path), device)
+        with cls._cache_lock:  # heads are cached for the process, so their detector of one is too
+            return cls._single.setdefault(id(head), cls.of(head))
+
+    @classmethod
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleWatermarkDetector":
+        """LAION-5B's watermark detector from a local .pt (VisibleHead.from_laion_checkpoint), as a detector."""
+        return cls.of(VisibleHead.from_laion_checkpoint(path, device))
+
+    @classmethod
+    def _load_mix(cls, p: Path, device: str) -> "VisibleWatermarkDetector":
         import hashlib
         import json
 
-        p = Path(path)
         try:
             spec = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -520,10 +517,10 @@ class VisibleHeadMix:
                                  "in (0, 1)")
         if not all(isinstance(m, bool) for _, _, m in entries):
             raise ModelLoadError(f"{p}: a head's 'mirrored' must be true or false")
-        loaded: dict[str, VisibleWatermarkDetector] = {}  # one model per file, however many views read it
+        loaded: dict[str, VisibleHead] = {}  # one model per file, however many views read it
         for w, _, _ in entries:
             if w not in loaded:
-                loaded[w] = VisibleWatermarkDetector.load(str(p.parent / w))
+                loaded[w] = VisibleHead.load(str(p.parent / w), device)
         heads = [loaded[w] for w, _, _ in entries]
         if any(h.backbone is None for h in heads) or len({h.backbone.spec.checksum for h in heads}) != 1:
             raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
@@ -543,61 +540,88 @@ class VisibleHeadMix:
         logger.info("loaded visible-watermark mix %s (%s): %s", p, config.checksum, entries)
         return cls(heads, [w for _, w, _ in entries], config, [m for _, _, m in entries])
 
+    def sharing_scan_pass(self, sscd) -> "VisibleWatermarkDetector":
+        """This detector, reading the maps of a scan's own SSCD pass (`sscd`, the index's SSCDDescriptor or None)
+        for its 288 px unmirrored view where that pass computes the same maps (same SSCD model); else itself."""
+        same_sscd = (self.backbone is not None and sscd is not None and sscd.has_feature_taps
+                     and sscd.spec.checksum == self.backbone.spec.checksum)
+        if not same_sscd or not any(h.reads_sscd_pass and not m for h, m in zip(self.heads, self.mirrored)):
+            return self
+        return VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored, scan_view=True)
+
+    @property
+    def needs_scan_taps(self) -> bool:
+        """Whether probabilities() needs the scan's SSCD maps of the same images (see sharing_scan_pass)."""
+        return self._scan_view
+
     @property
     def input_sizes(self) -> list[int]:
+        """The input sizes the views read (short side for a head on SSCD, else the square's side): the scan
+        record's visible evidence reports them."""
         return sorted({h.config.input_size for h in self.heads})
 
-    @property
-    def reads_scan_pass(self) -> bool:
-        """False: a mix has no probability_from_taps; it takes a scan's maps through probability_batch(scan_taps=...)
-        where shares_scan_pass, even when every head reads SSCD's own size."""
-        return False
+    def _from_scan(self, head: VisibleHead, mirrored: bool) -> bool:
+        return self._scan_view and head.reads_sscd_pass and not mirrored
 
-    @property
-    def shares_scan_pass(self) -> bool:
-        """Whether some head reads the maps of a scan's own SSCD pass (at 288 px, not mirrored), which
-        probability_batch then takes as scan_taps instead of running SSCD at that size again."""
-        return any(h.reads_scan_pass and not m for h, m in zip(self.heads, self.mirrored))
+    # 2. Preprocessing (CPU, thread-safe: no shared state is written)
 
-    def preprocess(self, image: Image.Image, beside_scan: bool = False) -> dict[int, np.ndarray]:
-        """{short side: SSCD input} for every size the heads read; beside_scan: without the scan pass's own size
-        (the scanner passes that pass's maps instead). Thread-safe."""
-        heads = [h for h, m in zip(self.heads, self.mirrored) if not (beside_scan and h.reads_scan_pass and not m)]
+    def preprocess(self, image: Image.Image) -> dict[int, np.ndarray]:
+        """{input size: the views' input at that size} for one image (without the input of a view that reads the
+        scan's SSCD maps). Thread-safe."""
+        heads = [h for h, m in zip(self.heads, self.mirrored) if not self._from_scan(h, m)]
         return {size: next(h for h in heads if h.config.input_size == size).preprocess(image)
                 for size in sorted({h.config.input_size for h in heads})}
 
+    # 3. Model
+
     @torch.inference_mode()
-    def probability_batch(self, batch: list[dict[int, np.ndarray]],
-                          scan_taps: list[dict[str, np.ndarray]] | None = None) -> np.ndarray:
-        """Preprocessed images (and, for the heads at SSCD's own size, a scan's maps of the same images) ->
-        p(watermark), (n,) float32."""
-        if scan_taps is not None and len(scan_taps) != len(batch):
-            raise ValueError(f"{len(scan_taps)} scan maps for {len(batch)} images")
-        z = np.zeros(len(batch), dtype=np.float32)
-        if len(batch) == 0:
+    def probabilities(self, inputs: list[dict[int, np.ndarray]],
+                      scan_taps: list[dict[str, np.ndarray]] | None = None) -> np.ndarray:
+        """Preprocessed images (and, when needs_scan_taps, the scan's SSCD maps of the same images) ->
+        p(watermark), (n,) float32 in [0, 1]."""
+        if self._scan_view and scan_taps is None:
+            raise ValueError("this detector reads the scan's SSCD maps: pass scan_taps")
+        if scan_taps is not None and len(scan_taps) != len(inputs):
+            raise ValueError(f"{len(scan_taps)} scan maps for {len(inputs)} images")
+        z = np.zeros(len(inputs), dtype=np.float32)
+        if len(inputs) == 0:
             return z
         views = list(zip((h.config.input_size for h in self.heads), self.mirrored))
-        maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
-        if scan_taps is not None:
-            maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
-        for size, mirrored in sorted(set(views)):
-            if (size, mirrored) in maps_by_view:
-                continue
+
+        def at(size: int) -> list[np.ndarray]:
             try:
-                inputs = [x[size] for x in batch]
+                return [x[size] for x in inputs]
             except (KeyError, TypeError, IndexError):
                 raise ValueError(f"each image needs its {size} px input, from preprocess()") from None
+
+        maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
+        if self._scan_view:
+            maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
+        for size, mirrored in sorted(set(v for h, v in zip(self.heads, views) if h.backbone is not None)):
+            if (size, mirrored) in maps_by_view:
+                continue
+            images = at(size)
+            for i, x in enumerate(images):
+                if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
+                    shape = getattr(x, "shape", type(x).__name__)
+                    raise ValueError(f"image {i}: {size} px input has shape {shape}; expected (h, w, 3) uint8 "
+                                     "from preprocess()")
             if mirrored:
-                inputs = [mirror_input(x) for x in inputs]
+                images = [mirror_input(x) for x in images]
             taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
                                  for t in h.model.config.taps}))
-            maps_by_view[(size, mirrored)] = self.backbone.tap_maps(inputs, taps)
+            # only the maps are wanted: SSCD cut after them
+            maps_by_view[(size, mirrored)] = self.backbone.tap_maps(images, taps)
         for head, w, view in zip(self.heads, self.logit_weights, views):
-            z += w * head.logits_from_taps(maps_by_view[view])
+            logits = head.logits(at(view[0])) if head.backbone is None else head.logits_from_taps(maps_by_view[view])
+            z += w * logits
         return torch.sigmoid(torch.from_numpy(z)).numpy()
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
-        return self.probability_batch([self.preprocess(im) for im in images])
+        """p(watermark) per PIL image, (n,) float32, running every view itself (no scan pass to share)."""
+        alone = self if not self._scan_view else VisibleWatermarkDetector(
+            self.heads, self.logit_weights, self.config, self.mirrored)
+        return alone.probabilities([alone.preprocess(im) for im in images])
 
 
 def mirror_input(x: np.ndarray) -> np.ndarray:
@@ -605,16 +629,14 @@ def mirror_input(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x[:, ::-1])
 
 
-def load_detector(path: str | Path | None = None) -> "VisibleWatermarkDetector | VisibleHeadMix":
-    """A provenance checkpoint (.pt; None = the shipped 288 px head) or a mix of them (MIX_FORMAT JSON)."""
-    if path is not None and Path(path).suffix.lower() == ".json":
-        return VisibleHeadMix.load(path)
-    return VisibleWatermarkDetector.load(None if path is None else str(path))
+def load_detector(path: str | Path | None = None) -> VisibleWatermarkDetector:
+    """VisibleWatermarkDetector.load: a provenance checkpoint (.pt; None = the shipped 288 px head) or a mix."""
+    return VisibleWatermarkDetector.load(path)
 
 
 def tap_head_from_checkpoint(ckpt: dict, path: Path) -> TapHead:
     """The TapHead a checkpoint dict ("kind": "sscd-taps") holds, as trained (BatchNorm not folded: the detector
-    folds it for inference; bench/train_visible_watermark_head.py --init fine-tunes it)."""
+    folds it for inference; the head trainer's --init fine-tunes it)."""
     try:
         head = TapHead(TapHeadConfig.from_dict(ckpt["arch"]))
         head.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
@@ -658,50 +680,19 @@ def _checksum(path: Path) -> str:
     return file_checksum(str(path))
 
 
-def save_checkpoint(
-    path: str | Path,
-    model: WatermarkNet | TapHead,
-    input_size: int = 0,
-    card: dict | None = None,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    backbone=None,
-) -> None:
-    """Write a WatermarkNet (pixels in, `input_size`) or a TapHead (on the SSCD model whose DescriptorSpec is
-    `backbone`) in the provenance checkpoint format: float32 state dict + architecture + card."""
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "model_id": CHECKPOINT_FORMAT,
-        "arch": asdict(model.config),
-        "state_dict": {k: v.detach().cpu().float().clone() for k, v in model.state_dict().items()},
-        "card": card or {},
-    }
-    if isinstance(model, TapHead):
-        if backbone is None:
-            raise ValueError("a TapHead checkpoint needs the DescriptorSpec of the SSCD model it was trained on")
-        ckpt["kind"] = "sscd-taps"
-        ckpt["model_id"] = f"{CHECKPOINT_FORMAT}/sscd-head"
-        ckpt["backbone"] = {"model_id": backbone.model_id, "checksum": backbone.checksum}
-    else:
-        ckpt["preprocess"] = {"input_size": int(input_size), "mean": list(mean), "std": list(std)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ckpt, path)
-
-
 __all__ = [
     "THOROUGH_WEIGHTS",
     "DetectorConfig",
     "TapHead",
     "TapHeadConfig",
-    "VisibleHeadMix",
+    "VisibleHead",
     "VisibleWatermarkDetector",
     "WatermarkNet",
     "WatermarkNetConfig",
     "laion_classifier_head",
     "load_detector",
+    "mirror_input",
     "normalise",
     "resize_for_model",
-    "save_checkpoint",
     "tap_head_from_checkpoint",
 ]
