@@ -330,7 +330,7 @@ class ProvenanceIndex:
             raise IndexFormatError(
                 f"{index_dir}: index format {manifest.get('format_version')} but this tool reads {FORMAT_VERSION}; rebuild it"
             )
-        return cls(index_dir, manifest)
+        return cls(index_dir, manifest, use_gpu)
 
     def __len__(self) -> int:
         return len(self.ids)
