@@ -72,12 +72,12 @@ def _tokenizer(tmp: Path):
     (same special-token ids, so the random text encoder sees valid ids either way)."""
     from transformers import CLIPTokenizer
 
-    from provenance import generator as g
+    from provenance import tiny_random
 
     try:
-        g.build_clip_tokenizer_files(g._openclip_bpe_path(), tmp)
+        tiny_random.build_clip_tokenizer_files(tiny_random._openclip_bpe_path(), tmp)
     except Exception:  # noqa: BLE001 - open_clip absent on the GPU machine: the tokenizer's speed is irrelevant
-        chars = list(g._bytes_to_unicode().values())
+        chars = list(tiny_random._bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars]
         vocab += [f"<|unused{i}|>" for i in range(49406 - len(vocab))] + ["<|startoftext|>", "<|endoftext|>"]
         (tmp / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), "utf-8")
@@ -90,9 +90,9 @@ def build_pipeline(tiny: bool, device: str, dtype):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from provenance import generator as g
+    from provenance import tiny_random
 
-    unet_cfg, vae_cfg, text_cfg = (g._TINY_UNET, g._TINY_VAE, g._TINY_TEXT) if tiny else (SD15_UNET, SD15_VAE, VIT_L14_TEXT)
+    unet_cfg, vae_cfg, text_cfg = (tiny_random._TINY_UNET, tiny_random._TINY_VAE, tiny_random._TINY_TEXT) if tiny else (SD15_UNET, SD15_VAE, VIT_L14_TEXT)
     torch.manual_seed(0)
     # build on the device: random init of 1B parameters on the GPU takes ~1 s, on the CPU ~20 s
     with torch.device(device):
@@ -102,7 +102,7 @@ def build_pipeline(tiny: bool, device: str, dtype):
     tokenizer = _tokenizer(Path(tempfile.mkdtemp(prefix="gpu-generate-tok-")))
     pipe = StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(),
-        scheduler=PNDMScheduler(**g._SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        scheduler=PNDMScheduler(**tiny_random._SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )  # fmt: skip
     if dtype != torch.float32:

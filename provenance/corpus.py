@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from provenance.errors import CorpusError
+from provenance.extras import require
 from provenance.images import IMAGE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
@@ -232,8 +233,7 @@ def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str,
 def read_hf_dataset(location: str, image_column: str | None = None, caption_column: str | None = None,
                     id_column: str | None = None, split: str | None = None) -> Iterator[CorpusItem]:
     """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder."""
-    import datasets
-
+    datasets = require("datasets", "a Hugging Face dataset corpus")
     try:
         if Path(location).is_dir():
             ds = datasets.load_from_disk(location)

@@ -87,6 +87,12 @@ class InvalidOptionsError(ProvenanceError, ValueError):
     code = "invalid_options"
 
 
+class MissingExtraError(ProvenanceError, ImportError):
+    """A feature needs an optional part that is not installed (e.g. `pip install 'provenance[clip]'`)."""
+
+    code = "missing_extra"
+
+
 def error_from_code(code: str | None, message: str) -> ProvenanceError:
     """The exception of the class whose `code` is `code` (e.g. a scan record's `error_code`), carrying `message`;
     a plain ProvenanceError for an unknown code. Lets a surface raise a record's error without re-running it."""

@@ -16,6 +16,7 @@ from PIL import Image
 
 from provenance.descriptors.base import DescriptorSpec, file_checksum, l2_normalize
 from provenance.errors import ModelLoadError
+from provenance.extras import require
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,7 @@ def _register_local_configs() -> None:
     """Make open_clip aware of the tiny test architecture shipped in provenance/assets/."""
     global _registered
     if not _registered:
-        import open_clip
-
+        open_clip = require("open_clip", "the clip descriptor")
         open_clip.add_model_config(_ASSETS / f"{TINY_CLIP_MODEL}.json")
         _registered = True
 
@@ -49,8 +49,9 @@ class CLIPDescriptor:
     @classmethod
     def load(cls, model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | os.PathLike | None = DEFAULT_CLIP_PRETRAINED,
              device: str | None = None) -> "CLIPDescriptor":
-        import open_clip
         import torch
+
+        open_clip = require("open_clip", "the clip descriptor")
 
         _register_local_configs()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -104,8 +105,9 @@ class CLIPDescriptor:
 
 def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Save a randomly initialised `provenance-tiny` OpenCLIP model as a checkpoint (tests, offline demo)."""
-    import open_clip
     import torch
+
+    open_clip = require("open_clip", "the clip descriptor")
 
     _register_local_configs()
     torch.manual_seed(seed)
