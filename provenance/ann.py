@@ -34,36 +34,36 @@ METRICS = ("ip", "hamming")
 # --- Planning thresholds. autofaiss (criteo/autofaiss, autofaiss/external/optimize.py,
 # get_optimal_index_keys_v2) uses Flat below 1,000 vectors, HNSW below 10,000, HNSW whenever
 # it fits the memory budget, IVF-Flat below 1M vectors when it fits, and IVF-PQ otherwise. We keep
-# its order but move the Flat threshold up: provenance verdicts threshold the *exact* cosine, and
-# one brute-force query over 16k x 512 float32 (32 MiB) takes ~3 ms on one core (1 ms at 5k, measured).
+# its order but move the Flat threshold up: provenance verdicts threshold the *exact* cosine, and a
+# brute-force query over this many values still costs a few milliseconds on one core (BENCHMARKS.md, index).
 FLAT_MAX_VALUES = 16_384 * 512  # n * dim up to which exact search is used
-# HNSW is CPU-only, cannot be memory-mapped usefully (its graph is read at random) and builds at
-# ~500 vectors/s on 2 shared cores for M=32, efConstruction=40, d=512 (measured: 100k in ~4 min),
-# so larger corpora go to IVF even when HNSW would fit the budget (autofaiss ignores build time).
+# HNSW is CPU-only, cannot be memory-mapped usefully (its graph is read at random) and builds slowly
+# on a few cores, so larger corpora go to IVF even when HNSW would fit the budget (autofaiss ignores
+# build time; build rates in BENCHMARKS.md, index).
 HNSW_MAX_N = 100_000
 IVF_FLAT_MAX_N = 1_000_000  # autofaiss ivf_flat_threshold
 HNSW_M = 32  # autofaiss: HNSW{min(m_hnsw, 32)}
-HNSW_EF_CONSTRUCTION = 40  # faiss's default; 80 builds 1.8x slower (measured 290 vs 520 vectors/s)
+HNSW_EF_CONSTRUCTION = 40  # faiss's default; a larger one builds much slower for little recall
 # autofaiss get_optimal_train_size: "between 30 and 256" training points per centroid (it uses
-# 100); faiss warns below 39. k-means cost is linear in it: 40 keeps a 1M build under 3 minutes.
-# faiss's 10 k-means iterations (cp.niter) are kept: 20 gave the same lists at 1M (measured).
+# 100); faiss warns below 39. k-means cost is linear in it, so we stay near the floor to keep a 1M
+# build to minutes. faiss's 10 k-means iterations (cp.niter) are kept: more gave the same lists.
 TRAIN_POINTS_PER_CENTROID = 40
 MIN_POINTS_PER_CENTROID = 39
 SEED = 1234  # training-sample draw and k-means seed: the same vectors give the same index
-ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the copy to 128 MB at d=512)
-BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 61 MiB; exact popcount scan: 4.7 ms CPU per query at 1M (measured)
+ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the float32 copy)
+BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 61 MiB: an exact popcount scan stays cheap per query
 PAD_DISTANCE = np.iinfo(np.int32).max  # hamming distance reported for padded (-1) results
-# --- IVF-PQ at 1M x 512 (bench/results/index.md). A single query's time went to the coarse scan of
-# 4,096 float32 centroids (8 MiB read per query, ~0.6-1 ms), the fast-scan of the probed lists and
-# the exact re-rank of the PQ top 100, whose rows came from the float16 file by one pread each.
-# IVF plans store their centroids as SQ8 (2 MiB: 0.4 ms less per query; the probed lists are
-# those of the exact centroids 0.99 of the time and recall@10 did not change, measured).
+# --- IVF-PQ at 1M x 512. A single query's time goes to the coarse scan of the float32 centroids,
+# the fast-scan of the probed lists and the exact re-rank of the PQ top candidates, whose rows come
+# from the float16 file by one pread each. IVF plans store their centroids as SQ8: a quarter of the
+# bytes read per query, and the probed lists are nearly always those of the exact centroids, with
+# the same recall@10 (BENCHMARKS.md, index).
 COARSE_SQ = "SQ8"
-# When it fits, an in-memory SQ8 copy of the vectors (d bytes per vector, 488 MiB at 1M x 512)
-# re-scores the PQ candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are
-# then read from the float16 file for their exact cosines (the verdict thresholds are calibrated
-# on exact scores). SQ8 alone reorders near-ties (recall@10 0.944 vs 0.954 for exact scores of the
-# PQ top 100); its top 12 re-scored exactly lost nothing (0.954); 16 leaves a margin (~7 us a row).
+# When it fits, an in-memory SQ8 copy of the vectors (d bytes per vector) re-scores the PQ
+# candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are then read from the
+# float16 file for their exact cosines (the verdict thresholds are calibrated on exact scores).
+# SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact ranking, and
+# EXACT_K leaves a margin over the fewest that did.
 # (SQ8 with per-dimension min/max ranked best: "optim", "quantiles" and uniform ranges did worse.)
 REFINE_SQ = "SQ8"
 EXACT_K = 16
@@ -151,10 +151,9 @@ def _nlist(n: int) -> int:
     """IVF list count: a power of 2 near 4*sqrt(n), capped so that every centroid gets >= 39
     training points. autofaiss (get_optimal_nb_clusters) and the faiss wiki ("Guidelines to choose
     an index") use 4..16*sqrt(n); we take the low end because k-means and the assignment of every
-    added vector cost O(n * nlist * d) and a 1M build must fit 3 minutes on 2 cores (4,096 lists:
-    ~45 s of k-means, ~55 s to add, measured). 2*sqrt(n) was too coarse: at 1M, 2,048 lists cut
-    groups of similar photos across many lists (the exact top-10 of the benchmark's queries lay in
-    the 16 nearest lists 0.78 of the time, vs 0.94 with 4,096 lists; bench/results/index.md)."""
+    added vector cost O(n * nlist * d) and a 1M build must stay within minutes on 2 cores.
+    2*sqrt(n) was too coarse: it cuts groups of similar photos across many lists, so the exact
+    top-10 falls outside the probed lists far more often (BENCHMARKS.md, index)."""
     nl = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
     cap = 2 ** int(math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
     return int(max(1, min(nl, cap)))
@@ -165,9 +164,9 @@ def _pq_m(dim: int, n: int = 0, nlist: int = 0, budget: float = math.inf) -> int
     index fits half the memory budget, else one per 4, then per 8 dims.
 
     Finer codes rank the candidates well enough that few need the exact re-rank, whose rows are
-    read from disk one by one: at 1M x 512, the exact top-10 was within the PQ top-100 0.96 of the
-    time with 256 sub-quantizers, but needed the top 400-1000 with 128 and was never reached with
-    64 (bench/results/index.md). The scan itself costs about the same (the probed lists are short).
+    read from disk one by one: with coarser codes the exact top-10 needs a far deeper re-rank, or
+    is not reached at all (BENCHMARKS.md, index). The scan itself costs about the same (the probed
+    lists are short).
     """
     cands = [m for m in (dim // 2, dim // 4, dim // 8, dim // 16) if m >= 2 and dim % m == 0 and m % 2 == 0]
     for m in cands:
@@ -204,20 +203,19 @@ def _est_memory(
 
 
 def _default_params(kind: str, n: int, nlist: int, refine: bool = False) -> dict[str, Any]:
-    """Search parameters chosen with bench/bench_index.py (bench/results/index.md) on SSCD-like
-    vectors: the copy of a query must come first (>= 0.99 of edited copies) at ~2-3 ms of CPU per
-    query, and recall@10 against exact search as high as that allows (0.90 at 100k, 0.95 at 1M)."""
+    """Search parameters chosen on SSCD-like vectors (the index benchmark; figures in BENCHMARKS.md):
+    the edited copy of a query must come first nearly always at a few milliseconds of CPU per query,
+    and recall@10 against exact search is as high as that allows."""
     if kind in ("hnsw", "binary_hnsw"):
-        # efSearch 64 found 0.980 of copies first at 100k, 128 found 0.998 (1.35 vs 2.3 ms CPU)
+        # efSearch 64 missed a copy's first place noticeably more often than 128, for a little less CPU
         return {"efSearch": 128, "efConstruction": HNSW_EF_CONSTRUCTION}
     if kind == "ivf_flat":
-        # IVF1024 at 100k: nprobe 32 put 0.983 of copies first, 64 put 0.994 (2 vs 4 ms, loaded machine)
+        # probing 1/16 of the lists put nearly every copy first; half of that missed more of them
         return {"nprobe": min(nlist, max(8, nlist // 16))}
     if kind == "ivf_pq":
-        # at 1M (IVF4096,PQ256x4fs, bench/results/index.md): recall@10 0.954 at nprobe 64 with the PQ
-        # top 100 re-ranked, 0.945 at nprobe 32, 0.950 re-ranking only 50 (each row is one pread, ~3 us);
-        # nprobe 128 reached 0.963 for ~0.6 ms more per query. With the SQ8 refine, the same 0.954
-        # needs exact cosines for its top 12-16 only (0.944 with 10).
+        # 1/64 of the lists with the PQ top 100 re-ranked: fewer probes or a shallower re-rank lost
+        # recall, more probes gained little for their cost. With the SQ8 refine, the same recall
+        # needs exact cosines for the refine's top EXACT_K only.
         params = {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": 100}
         return {**params, "exact_k": EXACT_K} if refine else params
     if kind == "binary_ivf":  # not benchmarked: the same scanned fraction as ivf_flat
@@ -808,7 +806,7 @@ def _gather(xb: Any, rows: np.ndarray) -> np.ndarray:
 def _rerank(xq: np.ndarray, cand: np.ndarray, xb: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosine of each query with its (nq, kk) candidates, cut to the best k (kk >= k)."""
     nq, kk = cand.shape
-    if nq == 1:  # the usual single query: no de-duplication across queries (~0.1 ms of numpy less)
+    if nq == 1:  # the usual single query: no de-duplication across queries (less numpy per query)
         got = cand[0][cand[0] >= 0]  # faiss ids are unique; -1 pads
         s1 = _gather(xb, got) @ xq[0]  # (len(got),)
         order = np.argsort(-s1, kind="stable")[:k]
@@ -826,7 +824,7 @@ def _rerank(xq: np.ndarray, cand: np.ndarray, xb: Any, k: int) -> tuple[np.ndarr
         uniq, inv = np.unique(np.where(valid, c, 0).ravel(), return_inverse=True)
         rows = _gather(xb, uniq)  # (u, d) float32
         # one BLAS product per unique row, then each query picks its candidates' scores (a (b, kk, d)
-        # gather + einsum cost ~0.1 ms more per single query at kk=100, d=512)
+        # gather + einsum costs more per query)
         s_u = rows @ xq[a : a + block].T  # (u, b)
         s = s_u[inv.reshape(c.shape), np.arange(c.shape[0])[:, None]]  # (b, kk)
         s[~valid] = -np.inf

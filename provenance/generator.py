@@ -236,7 +236,7 @@ def _hub_offline() -> bool:
 
 
 def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    # one TCP connect instead of huggingface_hub's retries (~25 s with backoff) to learn we are offline
+    # one TCP connect instead of huggingface_hub's retries (many seconds with backoff) to learn we are offline
     from huggingface_hub import constants
 
     url = urlparse(constants.ENDPOINT)
