@@ -272,11 +272,7 @@ class VisibleHead:
             if path is None:
                 hint = " (the shipped weights are missing: reinstall provenance)"
             raise ModelLoadError(f"{p}: no visible-watermark weights file{hint}")
-        key = (str(p.resolve()), device, p.stat().st_mtime)
-        with cls._cache_lock:
-            if key not in cls._cache:
-                cls._cache[key] = cls._load_uncached(p, device)
-            return cls._cache[key]
+        return _load_once(cls._cache, cls._cache_lock, p, device, cls._load_uncached)
 
     @classmethod
     def _load_uncached(cls, path: Path, device: str) -> "VisibleHead":
@@ -481,11 +477,7 @@ class VisibleWatermarkDetector:
             p = Path(path)
             if not p.is_file():
                 raise ModelLoadError(f"{p}: no visible-watermark mix file")
-            key = (str(p.resolve()), device, p.stat().st_mtime)
-            with cls._cache_lock:
-                if key not in cls._cache:
-                    cls._cache[key] = cls._load_mix(p, device)
-                return cls._cache[key]
+            return _load_once(cls._cache, cls._cache_lock, p, device, cls._load_mix)
         head = VisibleHead.load(None if path is None else str(path), device)
         with cls._cache_lock:  # heads are cached for the process, so their detector of one is too
             return cls._single.setdefault(id(head), cls.of(head))
@@ -655,6 +647,15 @@ def laion_classifier_head() -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(in_features=256, out_features=2),
     )
+
+
+def _load_once(cache: dict, lock: threading.Lock, path: Path, device: str, load):
+    """load(path, device), once per process for each version of the file (its path, device and mtime)."""
+    key = (str(path.resolve()), device, path.stat().st_mtime)
+    with lock:
+        if key not in cache:
+            cache[key] = load(path, device)
+        return cache[key]
 
 
 def _torch_load(path: Path):
