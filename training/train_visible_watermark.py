@@ -6,7 +6,7 @@ reproduces the former detector's weights (the pixel CNN shipped until 2026-11-27
 real marks, which the trainer now leaves out by default; 56 min wall on the shared 2-core machine, 23 + 39 CPU-min);
 adding `--generator layered --steps 1300 --min-visibility 0.002` fits ~15 min but gives a weaker model (see
 bench/results/visible_watermark.md). Backgrounds: flickr8k-dev shards 00000-00003 (2,000 photos). Overlays:
-provenance.watermarks.overlays with the training fonts and strings only (held-out fonts/strings are for
+training/overlays.py with the training fonts and strings only (held-out fonts/strings are for
 training/eval_visible_watermark.py). Every example is generated from (seed, index), so a run is reproducible whatever
 the number of data workers. One process trains (1 torch thread), one generates examples; each generated batch is
 used twice (mirrored the 2nd time), since generating an example costs about as much as two training steps on it.

@@ -33,10 +33,10 @@ fresh pairs each, read at 512 px; the second to fifth draw half their pairs on p
 (~140-180 s per 1,000 pairs and 2 GB of cache each, ~12 min of training per stage; each card records its --init's
 checksum; the cards' commands name the file each stage then read, the stage before it). Then copy the last stage
 to provenance/weights/visible_watermark_512.pt (and its .json) and give it its own gate with --set-flag-threshold.
-The mix (provenance/weights/visible_watermark_thorough.json) is chosen on the evaluation's separate draw:
-compare_visible_heads.py (new head, 288 px head) --flip --seen-only --save /tmp/seen.pkl, then
-mix_visible_heads.py /tmp/seen.pkl for the logit weights and the gate, before eval_visible_watermark.py --seen
---weights provenance/weights/visible_watermark_thorough.json records the held-out numbers.
+The mix (provenance/weights/visible_watermark_thorough.json) was chosen on the evaluation's separate draw by a
+grid over logit weights (docs/experiments/2026-12-04-visible-head-mixes.md; the one-off scripts were deleted), then
+eval_visible_watermark.py --seen --weights provenance/weights/visible_watermark_thorough.json records the held-out
+numbers.
 """
 
 from __future__ import annotations
