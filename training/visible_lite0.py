@@ -37,7 +37,7 @@ SPLIT_FILE = REPO / "training" / "data" / "visible_real_split.json"
 CACHE = REPO / "bench" / "results" / ".cache" / "visible_lite0"
 RESULTS = REPO / "bench" / "results" / "visible_lite0.md"
 SPLIT_SEED = "visible-real-split-v1"
-REAL_MARKS = REPO / "bench" / "data" / "real_marks.json"
+REAL_MARKS = REPO / "training" / "data" / "real_marks.json"
 MAX_FALSE_FLAG = 0.02  # the val false-flag rate (clean and caption photos) the flag threshold is chosen for
 GATE_RECALL = 0.98  # the share of val marks the SSCD head's gate must let through to the text stage
 
@@ -60,7 +60,7 @@ def make_split() -> dict:
     marked = {p["name"].replace("coco/", "coco-cc/") for p in json.loads(REAL_MARKS.read_text())["photos"]}
     split: dict = {"about": __doc__.split("\n\n")[2].strip(), "seed": SPLIT_SEED,
                    "rule": "u = int(sha256(seed + ':' + name)[:8], 16) / 2**32; test if u < 0.5, val if u < 0.7, "
-                           "else train; photos with a real overlaid mark (bench/data/real_marks.json) excluded",
+                           "else train; photos with a real overlaid mark (training/data/real_marks.json) excluded",
                    "test": [], "val": [], "train": [], "excluded": sorted(m for m in marked if m.startswith("coco-cc/"))}
     for name, _ in _real_photos():
         if name in marked:
@@ -93,7 +93,7 @@ def _crop(im: Image.Image, rng: np.random.Generator, min_area: float) -> Image.I
 
 def draw_set(which: str, names: list[str], seed: int):
     """Yield (image, kind, photo name, facts) for the `which` set ("train", "val", "test")."""
-    from provenance.watermarks import overlays as ov
+    from training import overlays as ov
 
     train_fonts, heldout_fonts = ov.split_fonts(ov.find_fonts())
     if which == "train":
@@ -154,7 +154,7 @@ def _changed_box(before: Image.Image, after: Image.Image) -> list[int] | None:
 def compute_features(which: str, names: list[str], seed: int, thorough: bool) -> dict:
     from provenance.watermarks.visible import (
         THOROUGH_WEIGHTS,
-        VisibleHeadMix,
+        VisibleHead,
         VisibleWatermarkDetector,
     )
     from training.visible_text import (
@@ -166,8 +166,8 @@ def compute_features(which: str, names: list[str], seed: int, thorough: bool) ->
         text_inputs,
     )
 
-    head = VisibleWatermarkDetector.load()
-    mix = VisibleHeadMix.load(THOROUGH_WEIGHTS) if thorough else None
+    head = VisibleHead.load()  # the default detector's one model: its logit is a feature of the attempt
+    mix = VisibleWatermarkDetector.load(THOROUGH_WEIGHTS) if thorough else None
     ocr, lite0 = TextProbability(), load_lite0()
     rows: dict[str, list] = {k: [] for k in ("kind", "photo", "head_logit", "thorough_p", "text", "lite", "boxes",
                                              "mark_box", "size", "style")}
