@@ -5,6 +5,7 @@ at their native resolution, against the current 288 px head and the --visible-th
     PYTHONPATH=. nice -n 10 .venv/bin/python -m training.visible_lite0 features   # draws sets, caches features
     PYTHONPATH=. nice -n 10 .venv/bin/python -m training.visible_lite0 fit        # trains, picks on val, tests once
     PYTHONPATH=. nice -n 10 .venv/bin/python -m training.visible_lite0 probe-ocr-sizes  # text map vs input size
+    PYTHONPATH=. nice -n 10 .venv/bin/python -m training.visible_lite0 time       # CPU per image vs the SSCD pass
 
 The split (training/data/visible_real_split.json) puts each real high-resolution photo (openimages-hires, coco-cc)
 in test (50%), val (20%) or train (30%) by a seeded hash of its name. Test photos are touched by nothing but the
@@ -435,10 +436,35 @@ def probe_ocr_sizes() -> None:
         sys.stdout.write(f"short side {s}: {1000 * seconds[s] / n:.0f} ms/image; fired on {counts}\n")
 
 
+def time_components(n: int = 24) -> None:
+    """CPU time per image of the text models against the SSCD pass a scan already makes (288 px, full model with
+    its maps), on the same val photos in one run: the ratios say what the text stage would add to a scan."""
+    import training.visible_text as vt
+    from provenance.watermarks.visible import VisibleHead
+
+    split = json.loads(SPLIT_FILE.read_text())
+    head = VisibleHead.load()
+    ocr, lite0 = vt.TextProbability(), vt.load_lite0()
+    inputs = [vt.text_inputs(load_photo(name), with_sscd=True) for name in split["val"]][:n]
+    steps = {
+        "SSCD pass at 288 px with its maps (a scan's own)": lambda x: head.backbone.embed_batch_with_taps([x.sscd]),
+        f"PP-OCRv4 det at short side {vt.OCR_SHORT_SIDE}": lambda x: ocr([x.ocr]),
+        f"EfficientNet-Lite0 at {vt.LITE0_SIDE} px": lambda x: lite0.features(
+            torch.from_numpy(x.lite.copy()).permute(2, 0, 1)[None].float().sub(127.0).div(128.0)),
+    }
+    for name, step in steps.items():
+        step(inputs[0])  # warm-up
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for x in inputs:
+                step(x)
+        sys.stdout.write(f"{name}: {1000 * (time.perf_counter() - t) / len(inputs):.1f} ms/image\n")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["split", "features", "fit", "probe-ocr-sizes"])
+    ap.add_argument("stage", choices=["split", "features", "fit", "probe-ocr-sizes", "time"])
     ap.add_argument("--sets", default="val,test,train")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -452,6 +478,8 @@ def main() -> None:
             save_rows(which, rows)
     elif args.stage == "probe-ocr-sizes":
         probe_ocr_sizes()
+    elif args.stage == "time":
+        time_components()
     else:
         fit(args)
 
