@@ -103,3 +103,9 @@ def error_from_code(code: str | None, message: str) -> ProvenanceError:
             return cls(message)
         todo.extend(cls.__subclasses__())
     return ProvenanceError(message)
+
+
+class IndexLockedError(ProvenanceError):
+    """Another process is writing the index (build, append, remove, compact): one writer at a time."""
+
+    code = "index_locked"

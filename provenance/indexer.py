@@ -1,13 +1,17 @@
-"""Building an index: read a corpus, decode in worker threads, embed in batches, stage chunks, write atomically.
+"""Building an index: read a corpus, decode in worker threads, embed in batches, write one part at a time.
 
 Decoding and per-model preprocessing run in a thread pool (PIL and numpy release the GIL) while the
-main thread runs the models on the previous batch, so the models are never starved. Every
-`chunk_size` items the results are staged to `.<name>.partial/` next to the index; an interrupted
-build resumes from there, and the live index is only replaced by `store.write_index`'s swap.
+main thread runs the models on the previous batch, so the models are never starved. Items stream into a
+`parts.PartWriter` (one part per input shard, or per `part_size` items of a folder or dataset), which is
+renamed into place complete; memory holds one batch and one metadata batch, never the corpus. The build
+ends by committing a manifest that lists its parts (`store.commit_manifest`). A killed build keeps its
+complete parts; the re-run (same source and settings) adopts them and does only the rest. The whole build
+holds the index's writer lock (`provenance.locking`): a second writer is refused, or waits with `wait`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -22,12 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from provenance.corpus import CorpusItem, CorpusSource, detect_source, read_corpus
+from provenance.corpus import CorpusItem, CorpusSource, detect_source, list_shards, read_corpus, read_webdataset
 from provenance.descriptors.base import DescriptorSpec
-from provenance.errors import DecompressionBombError, IndexMismatchError, UnreadableImageError
+from provenance.errors import DecompressionBombError, IndexFormatError, IndexMismatchError, UnreadableImageError
 from provenance.images import DEFAULT_MAX_PIXELS, decode_image
+from provenance.locking import IndexWriteLock
 from provenance.models import ModelOptions, check_same_model, load_descriptor, parse_descriptors
-from provenance.store import IndexContents, ProvenanceIndex, recover_interrupted_swap, write_index
+from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
+from provenance.store import (DEFAULT_PART_SIZE, MANIFEST, PARTS, ProvenanceIndex, _remove_v1_files, commit_manifest,
+                              new_manifest, part_entry, part_name, read_manifest, remove_unlisted_parts,
+                              unlisted_parts, vector_dims, write_tombstones)
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +49,25 @@ class BuildOptions:
     limit: int | None = None
     append: bool = False
     workers: int = 2  # decode threads
-    chunk_size: int = 1024  # items per staged chunk (the unit of resume)
+    part_size: int = DEFAULT_PART_SIZE  # items (and skips) per part of a folder or dataset; shards: one part each
     models: ModelOptions = field(default_factory=ModelOptions)
-    memory_budget_bytes: int = 1 << 30
+    memory_budget_bytes: int = 1 << 30  # per part's FAISS index
     thumbnails: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     use_gpu: bool | None = None
+    wait: float = 0.0  # seconds to wait for another writer of the same index (0: refuse at once)
 
 
 @dataclass
 class BuildResult:
     index_dir: Path
     manifest: dict[str, Any]
-    added: int  # items embedded by this run (including those resumed from staged chunks)
-    resumed: int  # of which were already staged by an interrupted run
+    added: int  # items embedded by this run (including those resumed from complete parts)
+    resumed: int  # of which were already in parts written by an interrupted run
     reused: int  # items kept from the existing index (--append)
     skipped: int  # items of this run that could not be indexed
     seconds: float
+    parts: int = 0  # parts this build added
 
 
 @dataclass
@@ -86,6 +96,8 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
     """Index `source` into `index_dir` (see module docstring); returns counts and the manifest."""
     started = time.perf_counter()
     options = options or BuildOptions()
+    if options.part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {options.part_size}")
     index_dir = Path(index_dir)
     # 1. Inputs and models
     names = parse_descriptors(options.descriptors)
@@ -98,51 +110,185 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
     if "clip" in load_args:
         load_args["clip_text"] = load_args["clip"]
 
-    # 2. The existing index (kept when appending, replaced otherwise)
-    recover_interrupted_swap(index_dir)
-    old: ProvenanceIndex | None = None
-    if options.append and (index_dir / "manifest.json").exists():
-        old = ProvenanceIndex.open(index_dir)
-        _check_append_compatible(old, specs)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    with IndexWriteLock(index_dir, wait=options.wait, action="append" if options.append else "build"):
+        # 2. The existing index: kept and extended (--append), or replaced when the new manifest lands
+        old_manifest: dict[str, Any] | None = None
+        if (index_dir / MANIFEST).exists():
+            try:
+                old_manifest = read_manifest(index_dir)
+            except IndexFormatError:
+                if options.append:
+                    raise
+                logger.warning("replacing the unreadable or old-format index at %s", index_dir)
+        old = ProvenanceIndex(index_dir, old_manifest) if options.append and old_manifest else None
+        if old is not None:
+            _check_append_compatible(old, specs)
 
-    # 3. Staged chunks of an interrupted run
-    staging = index_dir.parent / f".{index_dir.name}.partial"
-    build_key = {"source": corpus.to_dict(), "specs": {n: s.to_dict() for n, s in specs.items()},
-                 "append": options.append, "limit": options.limit}
-    done_ids = _open_staging(staging, build_key)
-    resumed = len(done_ids)
-    known_ids = set(old.ids) if old is not None else set()
+        # 3. Complete parts of an interrupted run with the same settings are adopted, others deleted
+        build_key = {"source": corpus.to_dict(), "specs": {n: s.to_dict() for n, s in specs.items()},
+                     "append": options.append, "limit": options.limit, "part_size": options.part_size,
+                     "thumbnails": options.thumbnails,
+                     "base": [p["name"] for p in old_manifest["parts"]] if old is not None else None}
+        build_id = hashlib.sha256(json.dumps(build_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        parts_dir = index_dir / PARTS
+        parts_dir.mkdir(exist_ok=True)
+        for tmp in parts_dir.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed writer's half part (we hold the lock)
+        staged: list[dict[str, Any]] = []
+        for d in unlisted_parts(index_dir, old_manifest):
+            try:
+                marker = read_marker(d)
+            except IndexFormatError:
+                marker = {}
+            if marker.get("build") == build_id:
+                staged.append(marker)
+            else:
+                logger.warning("discarding %s: a part of an interrupted build with other settings", d)
+                shutil.rmtree(d, ignore_errors=True)
+        resumed = sum(m["n"] for m in staged)
+        if staged:
+            logger.info("resuming: %d complete parts (%d items) of an interrupted build", len(staged), resumed)
 
-    # 4. Embed everything new, staging a chunk every `chunk_size` items
-    writer = _ChunkWriter(staging, start=len(list(staging.glob("chunk-*.npz"))))
-    n_added, n_skipped = resumed, 0
-    for batch in _prepared_batches(read_corpus(corpus, options.limit), models, options, skip=done_ids | known_ids):
-        ready = [p for p in batch if isinstance(p, _Prepared)]
-        skips = [s for s in batch if isinstance(s, _Skip)]
-        for s in skips:
-            logger.warning("skipped %s: %s", s.id, s.reason)
-        vectors = _embed(models, ready)
-        writer.add(ready, vectors, skips)
-        n_added += len(ready)
-        n_skipped += len(skips)
-        if writer.pending >= options.chunk_size:
-            writer.flush()
-        if progress:
-            progress(n_added, n_skipped)
-    writer.flush()
+        # 4. Embed what is new, one part at a time
+        run = _Run(index_dir, options, models, specs, build_id, old, staged, progress)
+        run.index_units(corpus)
 
-    # 5. Assemble old + staged, write the new index, swap it in, drop the staging area
-    contents = _assemble(old, staging, specs, load_args)
-    manifest_extra = {
-        "source": corpus.to_dict(),
-        "builds": (old.manifest.get("builds", []) if old else [])
-        + [{"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": corpus.to_dict(),
-            "added": n_added, "skipped": n_skipped, "append": options.append}],
-    }
-    manifest = write_index(index_dir, contents, manifest_extra, options.memory_budget_bytes, options.use_gpu)
-    shutil.rmtree(staging, ignore_errors=True)
-    return BuildResult(index_dir, manifest, n_added, resumed, len(old) if old else 0, n_skipped,
-                       time.perf_counter() - started)
+        # 5. Commit: the manifest lists the parts (old ones too when appending); unlisted leftovers go
+        entries = [part_entry(m) for m in sorted(run.staged, key=lambda m: m["name"])]
+        this_build = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": corpus.to_dict(),
+                      "added": run.added, "skipped": run.skipped, "append": options.append, "parts": len(entries)}
+        if old is not None:
+            manifest = json.loads(json.dumps(old_manifest))
+            manifest["parts"] += entries
+            manifest["builds"] = manifest.get("builds", []) + [this_build]
+        else:
+            manifest = new_manifest(index_dir, specs, load_args, {"builds": [this_build]})
+            manifest["parts"] = entries
+            write_tombstones(index_dir, manifest, [])
+        manifest["source"] = corpus.to_dict()
+        manifest["next_part"] = run.next_seq
+        commit_manifest(index_dir, manifest)
+        remove_unlisted_parts(index_dir, manifest)
+        if old is None:
+            _remove_v1_files(index_dir)
+    return BuildResult(index_dir, manifest, run.added, resumed, len(old) if old is not None else 0, run.skipped,
+                       time.perf_counter() - started, len(entries))
+
+
+class _Run:
+    """One build's state: what is already indexed, the part being written, the counters."""
+
+    def __init__(self, index_dir: Path, options: BuildOptions, models: dict[str, Any],
+                 specs: dict[str, DescriptorSpec], build_id: str, old: ProvenanceIndex | None,
+                 staged: list[dict[str, Any]], progress: ProgressFn | None):
+        self.parts_dir = index_dir / PARTS
+        self.options, self.models, self.specs, self.build_id = options, models, specs, build_id
+        self.dims = vector_dims(specs)
+        self.old = old
+        self.staged = list(staged)
+        # parts already written (old index + this build's): probed for ids, 8 bytes per item on disk
+        self.known = [PartReader(self.parts_dir / m["name"], m["n"]) for m in staged]
+        self.done_units = {m["unit"] for m in staged if m.get("unit") and m.get("unit") != "items"}
+        # ids this build skipped (unreadable...): not indexed, but not to be decoded again by a resume
+        self.skipped_ids = {s["id"] for r in self.known for s in r.skipped()}
+        self.added = sum(m["n"] for m in staged)
+        self.skipped = 0
+        self.read = sum(m["n"] + m["skipped"] for m in staged)  # corpus items consumed (for --limit)
+        seqs = [int(p.name[:6]) for p in self.parts_dir.iterdir() if p.name[:6].isdigit()]
+        self.next_seq = max([(old.manifest.get("next_part", 0) if old else 0) - 1, *seqs, -1]) + 1
+        self.progress = progress
+        self.writer: PartWriter | None = None
+        self.pending: dict[str, None] = {}  # ids accepted but not yet in a finished part (insertion-ordered)
+
+    # 1. Units: one per shard, or the whole folder/dataset cut every part_size items
+
+    def index_units(self, corpus: CorpusSource) -> None:
+        if corpus.kind == "webdataset":
+            for shard in list_shards(corpus.location):
+                if shard.name in self.done_units:
+                    logger.info("%s: already indexed by the interrupted run", shard.name)
+                    continue
+                self._index_items(read_webdataset(str(shard)), unit=shard.name)
+        else:
+            self._index_items(read_corpus(corpus), unit=None)
+
+    def _limited(self, items: Iterator[CorpusItem]) -> Iterator[CorpusItem]:
+        for it in items:
+            if self.options.limit is not None and self.read >= self.options.limit:
+                return
+            self.read += 1
+            yield it
+
+    def _index_items(self, items: Iterator[CorpusItem], unit: str | None) -> None:
+        for batch in _prepared_batches(self._limited(items), self.models, self.options, self._fresh):
+            ready = [p for p in batch if isinstance(p, _Prepared)]
+            skips = [s for s in batch if isinstance(s, _Skip)]
+            for s in skips:
+                logger.warning("skipped %s: %s", s.id, s.reason)
+            vectors = _embed(self.models, ready)
+            entries: list[tuple[int | None, _Skip | None]] = [(i, None) for i in range(len(ready))] + [(None, s) for s in skips]
+            pos = 0
+            while pos < len(entries):
+                if self.writer is None:
+                    self.writer = PartWriter(self.parts_dir, part_name(self.next_seq, unit), self.dims,
+                                             unit=unit or "items", build_id=self.build_id)
+                    self.next_seq += 1
+                room = len(entries) if unit is not None else self.options.part_size - self.writer.count
+                take = entries[pos:pos + max(1, room)]
+                pos += len(take)
+                idx = [i for i, _ in take if i is not None]
+                self.writer.add([ready[i].row for i in idx], {n: x[idx] for n, x in vectors.items()},
+                                [ready[i].thumbnail for i in idx], [s.to_dict() for _, s in take if s is not None])
+                if unit is None and self.writer.count >= self.options.part_size:
+                    self._finish_part()
+            self.added += len(ready)
+            self.skipped += len(skips)
+            if self.progress:
+                self.progress(self.added, self.skipped)
+        if self.writer is not None:
+            self._finish_part()
+
+    def _finish_part(self) -> None:
+        w, self.writer = self.writer, None
+        marker = w.finish(self.options.memory_budget_bytes, self.options.use_gpu, self.specs)
+        self.staged.append(marker)
+        reader = PartReader(self.parts_dir / marker["name"], marker["n"])
+        self.known.append(reader)
+        if marker["n"]:
+            for _, batch in reader.iter_batches():
+                for i in batch.column("id").to_pylist():
+                    self.pending.pop(i, None)
+        for s in w.skipped:
+            self.pending.pop(s["id"], None)
+        self.skipped_ids.update(s["id"] for s in w.skipped)
+        logger.info("part %s: %d items, %d skipped", marker["name"], marker["n"], marker["skipped"])
+
+    # 2. Which items are new: not in the old index, not in this build's parts, not seen in this run
+
+    def _fresh(self, items: list[CorpusItem]) -> list[CorpusItem]:
+        if not items:
+            return items
+        ids = [it.id for it in items]
+        hashes = id_hash(ids)
+        taken = np.zeros(len(items), bool)
+        for part in self.known:
+            if len(part):
+                maybe = part.contains_hashes(hashes) & ~taken
+                for j in np.flatnonzero(maybe):
+                    taken[j] = bool(part.rows_of_id(ids[j]))
+        if self.old is not None:
+            taken |= self.old.contains_ids(ids)
+        out = []
+        for it, t in zip(items, taken):
+            if t or it.id in self.skipped_ids:
+                continue
+            if it.id in self.pending:
+                logger.warning("duplicate id %s in the corpus: keeping the first", it.id)
+                continue
+            self.pending[it.id] = None
+            out.append(it)
+        return out
 
 
 def _check_append_compatible(old: ProvenanceIndex, specs: dict[str, DescriptorSpec]) -> None:
@@ -188,20 +334,19 @@ def _thumbnail(image) -> bytes:
 
 
 def _prepared_batches(items: Iterator[CorpusItem], models: dict[str, Any], options: BuildOptions,
-                      skip: set[str]) -> Iterator[list[_Prepared | _Skip]]:
-    """Batches of prepared items; the next batch is decoded while the caller embeds the current one."""
-    seen: set[str] = set()
-
-    def fresh() -> Iterator[CorpusItem]:
+                      fresh: Callable[[list[CorpusItem]], list[CorpusItem]]) -> Iterator[list[_Prepared | _Skip]]:
+    """Batches of prepared items; the next batch is decoded while the caller embeds the current one.
+    `fresh` drops, from each group of items read, those already indexed (one vectorised probe per group)."""
+    def new_items() -> Iterator[CorpusItem]:
+        group: list[CorpusItem] = []
         for it in items:
-            if it.id in skip or it.id in seen:
-                if it.id in seen:
-                    logger.warning("duplicate id %s in the corpus: keeping the first", it.id)
-                continue
-            seen.add(it.id)
-            yield it
+            group.append(it)
+            if len(group) >= options.batch_size:
+                yield from fresh(group)
+                group = []
+        yield from fresh(group)
 
-    source = fresh()
+    source = new_items()
     with ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="decode") as pool:
         def submit_batch() -> list[Future]:
             futures = []
@@ -228,109 +373,3 @@ def _embed(models: dict[str, Any], ready: list[_Prepared]) -> dict[str, np.ndarr
         if name == "clip":
             out["clip_text"] = model.embed_text([p.row["caption"] or "" for p in ready]).astype(np.float16)
     return out
-
-
-# --------------------------------------------------------------------------------- staging area
-
-
-def _open_staging(staging: Path, build_key: dict[str, Any]) -> set[str]:
-    """Ids already embedded by an interrupted run with the same settings (others are discarded)."""
-    key_path = staging / "build.json"
-    if staging.exists():
-        try:
-            same = json.loads(key_path.read_text(encoding="utf-8")) == json.loads(json.dumps(build_key))
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if not same:
-            logger.warning("discarding a partial build at %s made with other settings", staging)
-            shutil.rmtree(staging)
-    if not staging.exists():
-        staging.mkdir(parents=True)
-        key_path.write_text(json.dumps(build_key), encoding="utf-8")
-        return set()
-    done: set[str] = set()
-    for chunk in sorted(staging.glob("chunk-*.npz")):
-        meta = _read_chunk_meta(chunk)
-        done.update(r["id"] for r in meta["rows"])
-        done.update(s["id"] for s in meta["skipped"])
-    logger.info("resuming: %d items already staged in %s", len(done), staging)
-    return done
-
-
-def _read_chunk_meta(chunk: Path) -> dict[str, Any]:
-    with np.load(chunk, allow_pickle=False) as z:
-        return json.loads(bytes(z["meta"]).decode("utf-8"))
-
-
-class _ChunkWriter:
-    def __init__(self, staging: Path, start: int):
-        self.staging = staging
-        self.next = start
-        self._reset()
-
-    def _reset(self) -> None:
-        self.rows: list[dict] = []
-        self.skips: list[dict] = []
-        self.thumbs: list[bytes | None] = []
-        self.vectors: dict[str, list[np.ndarray]] = {}
-
-    @property
-    def pending(self) -> int:
-        return len(self.rows) + len(self.skips)
-
-    def add(self, ready: list[_Prepared], vectors: dict[str, np.ndarray], skips: list[_Skip]) -> None:
-        self.rows += [p.row for p in ready]
-        self.thumbs += [p.thumbnail for p in ready]
-        self.skips += [s.to_dict() for s in skips]
-        for name, x in vectors.items():
-            self.vectors.setdefault(name, []).append(x)
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        thumbs = [t or b"" for t in self.thumbs]
-        arrays = {f"v_{n}": np.concatenate(xs) for n, xs in self.vectors.items()}
-        meta = {"rows": self.rows, "skipped": self.skips, "thumb_sizes": [len(t) for t in thumbs]}
-        arrays["meta"] = np.frombuffer(json.dumps(meta, default=str).encode("utf-8"), dtype=np.uint8)
-        arrays["thumbs"] = np.frombuffer(b"".join(thumbs), dtype=np.uint8)
-        path = self.staging / f"chunk-{self.next:06d}.npz"
-        tmp = self.staging / f".chunk-{self.next:06d}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # a chunk is either fully there or absent
-        self.next += 1
-        self._reset()
-
-
-def _assemble(old: ProvenanceIndex | None, staging: Path, specs: dict[str, DescriptorSpec],
-              load_args: dict[str, Any]) -> IndexContents:
-    rows: list[dict[str, Any]] = []
-    thumbs: list[bytes | None] = []
-    skipped: list[dict[str, Any]] = []
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in specs}
-    if old is not None:
-        rows += old.rows()
-        thumbs += old.all_thumbnails()  # one open, not one per item
-        skipped += old.skipped()
-        for n in specs:
-            parts[n].append(np.asarray(old.vectors(n)))
-    for chunk in sorted(staging.glob("chunk-*.npz")):
-        with np.load(chunk, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["meta"]).decode("utf-8"))
-            blob = bytes(z["thumbs"])
-            for n in specs:
-                if meta["rows"]:
-                    parts[n].append(z[f"v_{n}"])
-        rows += meta["rows"]
-        skipped += meta["skipped"]
-        pos = 0
-        for size in meta["thumb_sizes"]:
-            thumbs.append(blob[pos:pos + size] or None)
-            pos += size
-    vectors = {}
-    for n, xs in parts.items():
-        if xs:
-            vectors[n] = np.concatenate(xs)
-        else:
-            dim = 32 if n == "pdq" else specs[n].dim
-            vectors[n] = np.zeros((0, dim), dtype=np.uint8 if n == "pdq" else np.float16)
-    return IndexContents(rows, vectors, specs, load_args, thumbs, skipped)

@@ -107,16 +107,11 @@ class Scanner:
         self.checks: dict[str, Any] = {"descriptors": list(self.descriptors), **requested,
                                        "visible": self._visible is not None, "centre_view": self._centre_view}
         self.checks["visible_thorough"] = self.checks["visible"] and requested["visible_thorough"]
-        self._sha_rows = self._sha_index()
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, options: ScanOptions | None = None) -> "Scanner":
         options = options or ScanOptions()
         return cls(Searcher.open(index_dir, options.models), options)
-
-    def _sha_index(self) -> dict[str, str]:
-        col = self.index._rows.column("sha256").to_pylist()
-        return {sha: item_id for sha, item_id in zip(col, self.index.ids) if sha}
 
     # ------------------------------------------------------------------------------ public API
 
@@ -242,7 +237,7 @@ class Scanner:
         if per_desc.get("pdq"):
             scores["pdq_distance"] = per_desc["pdq"][0].distance
             per_desc = drop_far_pdq(per_desc)
-        same_item = self._sha_rows.get(record.sha256 or "")
+        same_item = self.index.id_with_sha256(record.sha256)  # per-part sorted sha256 arrays, removed items excluded
         record.scores = scores
         record.verdict = decide_verdict(scores, t, same_bytes=same_item is not None)
         record.matches = merge_matches(per_desc, self.options.k)

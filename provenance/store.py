@@ -1,58 +1,198 @@
-"""The on-disk index (`indexes/<name>/`): manifest, embeddings, FAISS indexes, metadata, caption search.
+"""The on-disk index (`indexes/<name>/`): a manifest over immutable parts, tombstones, one writer at a time.
 
-Layout (row i of every file is corpus item i):
-  manifest.json            format version, descriptors (model id, checksum, dim, ANN plan), counts, source
-  metadata.parquet         id, caption, source, license, width, height, sha256, extra (JSON), thumbnail offsets
-  captions.sqlite          SQLite FTS5 over captions (rowid = row), for name/word search
-  thumbnails.bin           concatenated small JPEGs (offsets in metadata)
-  {sscd,clip,clip_text}.f16.npy   (n, d) float16 L2-normalised embeddings (re-rank rows read with pread)
-  pdq.u8.npy               (n, 32) uint8 packed PDQ hashes
-  <descriptor>.faiss       the FAISS index over those vectors (with its SQ8 copy, for IVF-PQ plans that have one)
-  skipped.jsonl            every item that could not be indexed, with its reason
+Layout (format 2):
+  manifest.json        format version, descriptors (model id, checksum, dim, load args), counts, source, builds,
+                       and the ordered list of parts (name, rows, skipped, caption tokens): global row g is row
+                       g - start(p) of the part p whose range holds it
+  tombstones.jsonl     removed items (id, part, row, time), honoured by every search; `compact` drops them
+  .lock                the writer lock (`provenance.locking`): build, append, remove, compact, upgrade
+  parts/<name>/        one part per input shard or chunk of items (`provenance.parts` describes its files)
 
-Writes never modify a live index: `write_index` fills a temporary sibling folder and swaps it in
-with renames, so a killed build leaves the previous index usable.
+Only `manifest.json` and `tombstones.jsonl` are ever rewritten (atomically, by rename). A build or an append
+writes new part folders and then commits a manifest that lists them; a part folder not listed by the manifest
+is either an interrupted build's work (adopted by its resume) or garbage (deleted by the next writer).
+
+Opening reads the manifest and the tombstones only: no part file is touched until a search, a lookup or a
+row read needs it, so opening costs the same at 10M items as at 10k (bench/bench_index_open.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from provenance import ann
 from provenance.descriptors.base import DescriptorSpec
-from provenance.errors import IndexFormatError, IndexNotFoundError, ItemNotFoundError
+from provenance.errors import DescriptorUnavailableError, IndexFormatError, IndexNotFoundError, ItemNotFoundError
+from provenance.locking import IndexWriteLock
+from provenance.parts import (FTS_TOKENIZE, TMP_PREFIX, PartReader, PartWriter, RowReader, VerifyProblem,
+                              atomic_write_text, file_sha256, fsync_dir, read_marker, verify_part, vectors_file)
 from provenance.types import CaptionHit, Match
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "IndexContents", "ProvenanceIndex", "RowReader", "write_index", "vectors_file"]
+
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-METADATA = "metadata.parquet"
-CAPTIONS_DB = "captions.sqlite"
-THUMBNAILS = "thumbnails.bin"
-SKIPPED = "skipped.jsonl"
+PARTS = "parts"
+TOMBSTONES = "tombstones.jsonl"
 VECTOR_NAMES = ("sscd", "clip", "clip_text", "pdq")
+DEFAULT_PART_SIZE = 10_000  # items per part for folders and datasets (img2dataset's default shard size)
+CAPTION_CANDIDATES = 50  # per part, before the global BM25 re-scoring (see `search_caption`)
+BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants
+_V1_FILES = ("metadata.parquet", "captions.sqlite", "thumbnails.bin", "skipped.jsonl")
 
 
-def vectors_file(name: str) -> str:
-    return "pdq.u8.npy" if name == "pdq" else f"{name}.f16.npy"
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _tool_version() -> str:
+    from provenance import __version__
+
+    return __version__
+
+
+def vector_dims(specs: dict[str, DescriptorSpec]) -> dict[str, int]:
+    """Descriptor name -> stored row width: the embedding dim, or 32 bytes for PDQ's 256 bits."""
+    return {n: (s.dim // 8 if n == "pdq" else s.dim) for n, s in specs.items()}
+
+
+def part_name(seq: int, unit: str | None) -> str:
+    label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(unit).stem if unit else "items")[:80] or "items"
+    return f"{seq:06d}-{label}"
+
+
+# ------------------------------------------------------------------------------- manifest
+
+
+def read_manifest(index_dir: Path) -> dict[str, Any]:
+    path = index_dir / MANIFEST
+    if not path.exists():
+        raise IndexNotFoundError(
+            f"no index at {index_dir} (no {MANIFEST}); build one with `provenance index build SOURCE --index {index_dir}`")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexFormatError(f"{path}: unreadable manifest ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version == 1:
+        raise IndexFormatError(
+            f"{index_dir} is a format-1 index (one set of files, before parts); convert it in place, keeping every "
+            f"vector, with `provenance index upgrade {index_dir}`, or rebuild it with "
+            f"`provenance index build SOURCE --index {index_dir}`")
+    if version != FORMAT_VERSION:
+        raise IndexFormatError(f"{index_dir}: index format {version} but this tool reads {FORMAT_VERSION}; rebuild it")
+    return manifest
+
+
+def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Recount and atomically replace the manifest: the moment a build, append, removal or compaction lands."""
+    parts = manifest["parts"]
+    removed = int(manifest.get("tombstones", {}).get("count", 0))
+    by_reason: dict[str, int] = {}
+    for p in parts:
+        for r, c in (p.get("skipped_by_reason") or {}).items():
+            by_reason[r] = by_reason.get(r, 0) + c
+    rows = sum(p["n"] for p in parts)
+    manifest["counts"] = {"indexed": rows - removed, "rows": rows, "removed": removed,
+                          "skipped": sum(p.get("skipped", 0) for p in parts), "skipped_by_reason": by_reason,
+                          "parts": len(parts)}
+    manifest["updated_at"] = _now()
+    atomic_write_text(index_dir / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    fsync_dir(index_dir)
+
+
+def new_manifest(index_dir: Path, specs: dict[str, DescriptorSpec], load_args: dict[str, Any],
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    descriptors = {}
+    for name, spec in specs.items():
+        entry: dict[str, Any] = {**spec.to_dict(), "vectors": vectors_file(name)}
+        if load_args.get(name):
+            entry["load"] = load_args[name]
+        descriptors[name] = entry
+    return {"format_version": FORMAT_VERSION, "tool_version": _tool_version(), "name": index_dir.name,
+            "built_at": _now(), "descriptors": descriptors, "parts": [], "next_part": 0,
+            "tombstones": {"file": TOMBSTONES, "count": 0}, **(extra or {})}
+
+
+def part_entry(marker: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest keeps of a part: enough to place its rows and count, without opening it."""
+    return {"name": marker["name"], "n": marker["n"], "skipped": marker["skipped"],
+            "skipped_by_reason": marker.get("skipped_by_reason") or {}, "unit": marker.get("unit"),
+            "caption_tokens": marker.get("caption_tokens", 0)}
+
+
+def specs_of(manifest: dict[str, Any]) -> dict[str, DescriptorSpec]:
+    return {n: DescriptorSpec.from_dict(d) for n, d in manifest["descriptors"].items()}
+
+
+def remove_unlisted_parts(index_dir: Path, manifest: dict[str, Any], keep: set[str] = frozenset()) -> None:
+    """Delete part folders the manifest does not list (replaced, compacted, interrupted): writers only."""
+    listed = {p["name"] for p in manifest["parts"]} | set(keep)
+    parts_dir = index_dir / PARTS
+    if not parts_dir.is_dir():
+        return
+    for d in parts_dir.iterdir():
+        if d.is_dir() and d.name not in listed:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- tombstones
+
+
+def read_tombstones(index_dir: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    meta = manifest.get("tombstones") or {}
+    if not meta.get("count"):
+        return []
+    path = index_dir / meta.get("file", TOMBSTONES)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IndexFormatError(f"{path}: the manifest lists {meta['count']} removed items but the file is "
+                               f"unreadable ({e.strerror or e}); run `provenance index verify {index_dir}`") from None
+    if meta.get("size") is not None and (len(data) != meta["size"] or file_sha256_bytes(data) != meta.get("sha256")):
+        raise IndexFormatError(f"{path}: does not match the manifest's size and sha256 (corrupted); "
+                               f"run `provenance index verify {index_dir}`")
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+def file_sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_tombstones(index_dir: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    if records:
+        atomic_write_text(index_dir / TOMBSTONES, text)
+    elif (index_dir / TOMBSTONES).exists():
+        (index_dir / TOMBSTONES).unlink()
+    data = text.encode("utf-8")
+    manifest["tombstones"] = {"file": TOMBSTONES, "count": len(records), "size": len(data),
+                              "sha256": file_sha256_bytes(data)}
+
+
+# ------------------------------------------------------------------------------- writing a whole index
 
 
 @dataclass
 class IndexContents:
-    """Everything an index holds, in memory or memory-mapped, ready to be written."""
+    """Everything a small index holds, in memory, for `write_index` (tests, synthetic benchmarks)."""
 
     rows: list[dict[str, Any]]  # metadata rows (id, caption, source, license, width, height, sha256, extra)
     vectors: dict[str, np.ndarray]  # name -> (n, d) float16 / (n, 32) uint8
@@ -62,278 +202,82 @@ class IndexContents:
     skipped: list[dict[str, Any]]
 
 
-def recover_interrupted_swap(index_dir: Path) -> None:
-    """If a crash fell between the two renames of a swap, put the previous index back."""
-    if index_dir.exists():
-        return
-    olds = sorted(index_dir.parent.glob(f".{index_dir.name}.old-*"))
-    if olds:
-        logger.warning("restoring %s from interrupted swap %s", index_dir, olds[-1])
-        os.rename(olds[-1], index_dir)
-
-
 def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[str, Any],
-                memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None) -> dict[str, Any]:
-    """Write a complete index into a temporary folder, then swap it in place of `index_dir`."""
+                memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None,
+                part_size: int | None = None) -> dict[str, Any]:
+    """Write `contents` as a new index at `index_dir` (replacing any), in parts of `part_size` rows (default: one)."""
     index_dir = Path(index_dir)
-    index_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = index_dir.parent / f".{index_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     n = len(contents.rows)
-    try:
-        thumb_offsets = _write_thumbnails(tmp / THUMBNAILS, contents.thumbnails)
-        _write_metadata(tmp / METADATA, contents.rows, thumb_offsets)
-        _write_captions_db(tmp / CAPTIONS_DB, [_searchable_text(r) for r in contents.rows])
-        descriptors: dict[str, Any] = {}
-        for name, x in contents.vectors.items():
-            if len(x) != n:
-                raise IndexFormatError(f"{name}: {len(x)} vectors for {n} items")
-            np.save(tmp / vectors_file(name), np.ascontiguousarray(x))
-            spec = contents.specs[name]
-            metric = "hamming" if name == "pdq" else "ip"
-            entry: dict[str, Any] = {**spec.to_dict(), "vectors": vectors_file(name)}
-            if n:
-                plan = ann.plan_index(n, spec.dim, metric=metric, memory_budget_bytes=memory_budget_bytes)
-                # float16 as stored: build_index converts chunk by chunk (a 1M x 512 float32 copy is 2 GB)
-                index = ann.build_index(np.load(tmp / vectors_file(name), mmap_mode="r"), plan, use_gpu=use_gpu)
-                ann.save_index(index, tmp / f"{name}.faiss")
-                entry.update({"faiss": f"{name}.faiss", "ann": plan.to_dict()})
-            if name in contents.load_args:
-                entry["load"] = contents.load_args[name]
-            descriptors[name] = entry
-        with open(tmp / SKIPPED, "w", encoding="utf-8") as f:
-            for s in contents.skipped:
-                f.write(json.dumps(s) + "\n")
-        by_reason: dict[str, int] = {}
-        for s in contents.skipped:
-            by_reason[s["reason_kind"]] = by_reason.get(s["reason_kind"], 0) + 1
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "tool_version": _tool_version(),
-            "name": index_dir.name,
-            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "descriptors": descriptors,
-            "counts": {"indexed": n, "skipped": len(contents.skipped), "skipped_by_reason": by_reason},
-            **manifest_extra,
-        }
-        _atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2, default=str))
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _swap_in(tmp, index_dir)
+    for name, x in contents.vectors.items():
+        if len(x) != n:
+            raise IndexFormatError(f"{name}: {len(x)} vectors for {n} items")
+    with IndexWriteLock(index_dir, action="write"):
+        manifest = new_manifest(index_dir, contents.specs, contents.load_args, manifest_extra)
+        size = part_size or max(n, 1)
+        dims = vector_dims(contents.specs)
+        for start in range(0, max(n, 1), size):
+            end = min(n, start + size)
+            w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], None), dims)
+            manifest["next_part"] += 1
+            try:
+                w.add(contents.rows[start:end], {k: v[start:end] for k, v in contents.vectors.items()},
+                      contents.thumbnails[start:end], contents.skipped if start == 0 else [])
+            except BaseException:
+                w.abort()
+                raise
+            manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, contents.specs)))
+        write_tombstones(index_dir, manifest, [])
+        commit_manifest(index_dir, manifest)
+        remove_unlisted_parts(index_dir, manifest)
+        _remove_v1_files(index_dir)
     return manifest
 
 
-def _swap_in(tmp: Path, index_dir: Path) -> None:
-    old = index_dir.parent / f".{index_dir.name}.old-{os.getpid()}"
-    if index_dir.exists():
-        os.rename(index_dir, old)
-    os.rename(tmp, index_dir)
-    _fsync_dir(index_dir.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_thumbnails(path: Path, thumbs: list[bytes | None]) -> list[tuple[int, int]]:
-    offsets = []
-    pos = 0
-    with open(path, "wb") as f:
-        for t in thumbs:
-            if t:
-                f.write(t)
-                offsets.append((pos, len(t)))
-                pos += len(t)
-            else:
-                offsets.append((-1, 0))
-    return offsets
-
-
-def _write_metadata(path: Path, rows: list[dict[str, Any]], thumb_offsets: list[tuple[int, int]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    cols = {
-        "id": pa.array([r["id"] for r in rows], pa.string()),
-        "caption": pa.array([r.get("caption") for r in rows], pa.string()),
-        "source": pa.array([r.get("source") for r in rows], pa.string()),
-        "license": pa.array([r.get("license") for r in rows], pa.string()),
-        "width": pa.array([r.get("width") for r in rows], pa.int32()),
-        "height": pa.array([r.get("height") for r in rows], pa.int32()),
-        "sha256": pa.array([r.get("sha256") for r in rows], pa.string()),
-        "extra": pa.array([json.dumps(r.get("extra") or {}, default=str) for r in rows], pa.string()),
-        "thumb_offset": pa.array([o for o, _ in thumb_offsets], pa.int64()),
-        "thumb_size": pa.array([s for _, s in thumb_offsets], pa.int32()),
-    }
-    pq.write_table(pa.table(cols), path)
-
-
-def _searchable_text(row: dict[str, Any]) -> str:
-    """The caption plus any alternative captions (COCO and Flickr8k carry five per image)."""
-    texts = [row.get("caption") or ""]
-    more = (row.get("extra") or {}).get("captions")
-    if isinstance(more, list):
-        texts += [str(c) for c in more if c and c != row.get("caption")]
-    return "\n".join(texts)
-
-
-def _write_captions_db(path: Path, captions: list[str | None]) -> None:
-    con = sqlite3.connect(path)
-    try:
-        # unicode61 with diacritics removed, so "Dali" finds "Dalí"; prefix indexes speed up "name*".
-        con.execute("CREATE VIRTUAL TABLE captions USING fts5(caption, tokenize='unicode61 remove_diacritics 2', "
-                    "prefix='2 3')")
-        con.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",
-                        ((i, c or "") for i, c in enumerate(captions)))
-        con.commit()
-    finally:
-        con.close()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tool_version() -> str:
-    from provenance import __version__
-
-    return __version__
+def _remove_v1_files(index_dir: Path) -> None:
+    for f in list(_V1_FILES) + [p.name for p in index_dir.glob("*.npy")] + [p.name for p in index_dir.glob("*.faiss")]:
+        try:
+            (index_dir / f).unlink()
+        except FileNotFoundError:
+            pass
 
 
 # ------------------------------------------------------------------------------------ reading
 
 
-class RowReader:
-    """Rows of an (n, d) matrix in a file (a .npy, or raw rows at an offset), read with os.pread.
-
-    The exact re-rank of an IVF-PQ search needs 16 (after an SQ8 refine) to 100 scattered rows per
-    query. Read through a memory map, each row maps its pages (and the kernel's fault-around
-    neighbours) into the process: after a few thousand queries at 1M x 512 the whole 977 MiB file counted as resident.
-    pread copies just the rows out of the page cache (~3 us each here), so the process stays at
-    its own memory; the OS still caches the file and drops it under pressure. Thread-safe.
-    """
-
-    def __init__(self, path: str | os.PathLike, shape: tuple[int, int], dtype: Any, offset: int = 0):
-        self.path = Path(path)
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.dtype = np.dtype(dtype)
-        self.ndim = 2
-        self._offset = int(offset)
-        self._row_bytes = self.shape[1] * self.dtype.itemsize
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        size = os.fstat(self._fd).st_size
-        if size < self._offset + self.shape[0] * self._row_bytes:
-            os.close(self._fd)
-            raise IndexFormatError(f"{self.path}: {size} bytes, too short for {self.shape} {self.dtype} rows")
-
-    @classmethod
-    def from_npy(cls, path: str | os.PathLike) -> "RowReader":
-        """A reader of a 2-D C-order .npy file (as `write_index` saves the embeddings)."""
-        # np.load parses the header; the map it makes is never touched, only its offset is kept
-        m = np.load(path, mmap_mode="r")
-        if not isinstance(m, np.memmap) or m.ndim != 2 or not m.flags.c_contiguous:
-            raise IndexFormatError(f"{path}: expected a 2-D C-order numeric array, got {m.shape} {m.dtype}")
-        shape, dtype, offset = m.shape, m.dtype, m.offset
-        del m
-        return cls(path, shape, dtype, offset)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """(len(rows), d) array of the given row numbers (sorted rows read the file in order)."""
-        rows = np.asarray(rows, dtype=np.int64).ravel()
-        if rows.size and (rows.min() < 0 or rows.max() >= self.shape[0]):
-            raise IndexError(f"row out of range [0, {self.shape[0]}) in {self.path}")
-        rb, off, fd = self._row_bytes, self._offset, self._fd
-        if not hasattr(os, "pread"):  # Windows: no pread; a short-lived map of the file
-            return np.asarray(np.memmap(self.path, self.dtype, "r", off, self.shape)[rows])
-        data = b"".join([os.pread(fd, rb, off + r * rb) for r in rows.tolist()])
-        if len(data) != rows.size * rb:
-            raise IndexFormatError(f"{self.path}: short read (file truncated while open?)")
-        return np.frombuffer(data, self.dtype).reshape(rows.size, self.shape[1])
-
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        return self.read_rows(rows)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown
-            pass
-
-
 class ProvenanceIndex:
-    """A built index opened for search: vectors memory-mapped, FAISS indexes loaded once."""
+    """A built index opened for search. Opening reads the manifest and tombstones; parts open on first use."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], use_gpu: bool | None = None):
-        import pyarrow.parquet as pq
-
-        self.dir = index_dir
+        self.dir = Path(index_dir)
         self.manifest = manifest
-        self.specs = {n: DescriptorSpec.from_dict(d) for n, d in manifest["descriptors"].items()}
-        table = pq.read_table(index_dir / METADATA)
-        self._rows = table
-        self.ids: list[str] = table.column("id").to_pylist()
-        self._row_of = {id_: i for i, id_ in enumerate(self.ids)}
-        self._captions: list[str | None] = table.column("caption").to_pylist()
-        self._sources: list[str | None] = table.column("source").to_pylist()
-        self._thumb_offset = table.column("thumb_offset").to_numpy()
-        self._thumb_size = table.column("thumb_size").to_numpy()
-        self._vectors: dict[str, np.ndarray] = {}
-        self._row_readers: dict[str, RowReader] = {}
-        self._faiss: dict[str, Any] = {}
-        self._plans: dict[str, ann.AnnPlan] = {}
+        self.specs = specs_of(manifest)
+        entries = manifest["parts"]
+        self.parts = [PartReader(self.dir / PARTS / e["name"], int(e["n"])) for e in entries]
+        # (n_parts + 1,) int64: global row of each part's first row (O(parts), not O(items))
+        self._starts = np.concatenate([[0], np.cumsum([int(e["n"]) for e in entries], dtype=np.int64)])
         self._use_gpu = use_gpu
+        self._tombstones = read_tombstones(self.dir, manifest)
+        part_of = {e["name"]: i for i, e in enumerate(entries)}
+        removed: dict[int, list[int]] = {}
+        for t in self._tombstones:
+            if t["part"] in part_of:
+                removed.setdefault(part_of[t["part"]], []).append(int(t["row"]))
+        self._removed = {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()}
+        self._removed_ids = {t["id"] for t in self._tombstones}
         self._lock = threading.Lock()
-        self._local = threading.local()
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> "ProvenanceIndex":
         index_dir = Path(index_dir)
-        recover_interrupted_swap(index_dir)
-        path = index_dir / MANIFEST
-        if not path.exists():
-            raise IndexNotFoundError(
-                f"no index at {index_dir} (no {MANIFEST}); build one with `provenance index build SOURCE --index {index_dir}`"
-            )
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise IndexFormatError(f"{path}: unreadable manifest ({e})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{index_dir}: index format {manifest.get('format_version')} but this tool reads {FORMAT_VERSION}; rebuild it"
-            )
-        return cls(index_dir, manifest, use_gpu)
+        return cls(index_dir, read_manifest(index_dir), use_gpu=use_gpu)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        """Live items (rows less removed ones)."""
+        return int(self._starts[-1]) - sum(len(r) for r in self._removed.values())
+
+    @property
+    def n_rows(self) -> int:
+        return int(self._starts[-1])
 
     @property
     def descriptor_names(self) -> list[str]:
@@ -342,139 +286,515 @@ class ProvenanceIndex:
     def load_args(self, name: str) -> dict[str, Any]:
         return dict(self.manifest["descriptors"][name].get("load") or {})
 
-    def vectors(self, name: str) -> np.ndarray:
-        """(n, d) float16 or (n, 32) uint8, memory-mapped: only the rows a re-rank touches are read."""
-        if name not in self._vectors:
-            self._vectors[name] = np.load(self.dir / vectors_file(name), mmap_mode="r")
-        return self._vectors[name]
+    def locate(self, global_row: int) -> tuple[int, int]:
+        """(part index, row in the part) of a global row number."""
+        if not 0 <= global_row < self.n_rows:
+            raise IndexError(f"row {global_row} out of range [0, {self.n_rows})")
+        pi = int(np.searchsorted(self._starts, global_row, "right")) - 1
+        return pi, int(global_row - self._starts[pi])
 
-    def row_reader(self, name: str) -> RowReader:
-        """The (n, d) embeddings of `name` read row by row with pread (the re-rank's exact scores)."""
-        with self._lock:
-            if name not in self._row_readers:
-                self._row_readers[name] = RowReader.from_npy(self.dir / vectors_file(name))
-            return self._row_readers[name]
+    def is_removed(self, pi: int, row: int) -> bool:
+        rs = self._removed.get(pi)
+        if rs is None:
+            return False
+        j = int(np.searchsorted(rs, row))
+        return j < len(rs) and int(rs[j]) == row
 
-    def _faiss_index(self, name: str):
-        with self._lock:
-            if name not in self._faiss:
-                entry = self.manifest["descriptors"][name]
-                plan = ann.AnnPlan.from_dict(entry["ann"])
-                self._plans[name] = plan
-                self._faiss[name] = ann.load_index(self.dir / entry["faiss"], plan, use_gpu=self._use_gpu)
-            return self._faiss[name], self._plans[name]
+    # -- lookups: per-part sorted hash arrays, no dict of the corpus
 
-    def search_vectors(self, name: str, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
-        """Nearest corpus items for each query vector, best first, as Matches of descriptor `name`."""
-        if name not in self.specs:
-            from provenance.errors import DescriptorUnavailableError
-
-            raise DescriptorUnavailableError(
-                f"the index at {self.dir} has no {name!r} descriptor (it has {', '.join(self.specs)}); "
-                f"rebuild with --descriptors including {name.split('_')[0]}"
-            )
-        if len(self) == 0:
-            return [[] for _ in range(len(xq))]
-        index, plan = self._faiss_index(name)
-        k = min(k, len(self))
-        rerank = self.row_reader(name) if plan.params.get("rerank_k") else None
-        nb = ann.search(index, xq, k, plan, rerank_vectors=rerank)
-        descriptor = "clip" if name == "clip_text" else name
-        out: list[list[Match]] = []
-        for qi in range(len(xq)):
-            matches = []
-            for j in range(nb.ids.shape[1]):
-                row = int(nb.ids[qi, j])
-                if row < 0:
-                    continue
-                dist = int(nb.distances[qi, j]) if nb.distances is not None else None
-                matches.append(Match(self.ids[row], float(nb.scores[qi, j]), descriptor,
-                                     self._captions[row], self._sources[row], dist))
-            out.append(matches)
-        return out
-
-    def search_caption(self, query: str, k: int = 10) -> list[CaptionHit]:
-        """Full-text search of captions (SQLite FTS5, BM25). Words are ANDed; quotes keep phrases."""
-        fts_query = _fts_query(query)
-        if not fts_query:
-            return []
-        con = self._db()
-        rows = con.execute(
-            "SELECT rowid, bm25(captions), snippet(captions, 0, '[', ']', '…', 12) FROM captions "
-            "WHERE captions MATCH ? ORDER BY bm25(captions) LIMIT ?", (fts_query, int(k))
-        ).fetchall()
-        return [CaptionHit(self.ids[r], -float(score), self._captions[r], self._sources[r], snip)
-                for r, score, snip in rows]
-
-    def _db(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(f"file:{self.dir / CAPTIONS_DB}?mode=ro", uri=True, check_same_thread=False)
-            self._local.con = con
-        return con
+    def find(self, item_id: str) -> tuple[int, int] | None:
+        """(part index, row) of a live item, or None."""
+        if item_id in self._removed_ids:
+            return None
+        for pi in range(len(self.parts) - 1, -1, -1):
+            if len(self.parts[pi]) == 0:
+                continue
+            for r in self.parts[pi].rows_of_id(item_id):
+                if not self.is_removed(pi, r):
+                    return pi, r
+        return None
 
     def row(self, item_id: str) -> int:
-        try:
-            return self._row_of[item_id]
-        except KeyError:
-            raise ItemNotFoundError(f"no item {item_id!r} in the index at {self.dir}") from None
+        """The item's global row number; ItemNotFoundError if the index does not hold it (or it was removed)."""
+        loc = self.find(item_id)
+        if loc is None:
+            raise ItemNotFoundError(f"no item {item_id!r} in the index at {self.dir}")
+        return int(self._starts[loc[0]]) + loc[1]
+
+    def contains_ids(self, ids: list[str]) -> np.ndarray:
+        """(len(ids),) bool: which ids the index holds (removed ones included: an append must not bring them back)."""
+        from provenance.parts import id_hash
+
+        hashes = id_hash(ids)
+        hit = np.zeros(len(ids), bool)
+        for part in self.parts:
+            if len(part):
+                maybe = part.contains_hashes(hashes) & ~hit
+                for j in np.flatnonzero(maybe):
+                    hit[j] = bool(part.rows_of_id(ids[j]))
+        return hit
+
+    def rows_with_sha256(self, sha: str) -> list[tuple[int, int]]:
+        """Live (part, row) pairs of items whose file has this sha256."""
+        out = []
+        for pi, part in enumerate(self.parts):
+            if len(part):
+                out += [(pi, r) for r in part.rows_of_sha256(sha) if not self.is_removed(pi, r)]
+        return out
+
+    def id_with_sha256(self, sha: str | None) -> str | None:
+        """The id of the first live item whose file has this sha256 (scan's "identical file"), or None."""
+        if not sha:
+            return None
+        rows = self.rows_with_sha256(sha)
+        return self.parts[rows[0][0]].column_value(rows[0][1], "id") if rows else None
 
     def item(self, item_id: str) -> dict[str, Any]:
-        r = self.row(item_id)
-        rec = self._rows.slice(r, 1).to_pylist()[0]
+        loc = self.find(item_id)
+        if loc is None:
+            raise ItemNotFoundError(f"no item {item_id!r} in the index at {self.dir}")
+        rec = self.parts[loc[0]].record(loc[1])
         rec["extra"] = json.loads(rec.get("extra") or "{}")
         rec["has_thumbnail"] = rec.pop("thumb_offset") >= 0
         rec.pop("thumb_size", None)
         return rec
 
-    def rows(self) -> list[dict[str, Any]]:
-        """All metadata rows as written (for --append), without the thumbnail bookkeeping."""
-        rows = self._rows.drop_columns(["thumb_offset", "thumb_size"]).to_pylist()
-        for r in rows:
-            r["extra"] = json.loads(r.get("extra") or "{}")
-        return rows
-
     def thumbnail(self, item_id: str) -> bytes | None:
-        """The item's small JPEG thumbnail, or None if none was stored."""
-        r = self._row_of.get(item_id)
-        if r is None or self._thumb_offset[r] < 0:
-            return None
-        with open(self.dir / THUMBNAILS, "rb") as f:
-            f.seek(int(self._thumb_offset[r]))
-            return f.read(int(self._thumb_size[r]))
+        """The item's small JPEG thumbnail, or None if none was stored (or no such live item)."""
+        loc = self.find(item_id)
+        return None if loc is None else self.parts[loc[0]].thumbnail(loc[1])
 
-    def all_thumbnails(self) -> list[bytes | None]:
-        """Every item's thumbnail in row order, from one pass over thumbnails.bin (used by --append)."""
-        out: list[bytes | None] = []
-        with open(self.dir / THUMBNAILS, "rb") as f:
-            for off, size in zip(self._thumb_offset, self._thumb_size):
-                if off < 0:
-                    out.append(None)
-                else:
-                    f.seek(int(off))
-                    out.append(f.read(int(size)))
+    # -- whole-corpus reads (tools and benchmarks: O(n), never on open)
+
+    @property
+    def ids(self) -> list[str]:
+        """Every live item id in global row order. Reads all the metadata: for tools, not for serving."""
+        out: list[str] = []
+        for pi, part in enumerate(self.parts):
+            if not len(part):
+                continue
+            for start, batch in part.iter_batches():
+                ids = batch.column("id").to_pylist()
+                if pi in self._removed:
+                    keep = self._live_mask(pi, start, len(ids))
+                    ids = [i for i, k in zip(ids, keep) if k]
+                out += ids
         return out
 
+    def _live_mask(self, pi: int, start: int, n: int) -> np.ndarray:
+        keep = np.ones(n, bool)
+        rs = self._removed.get(pi)
+        if rs is not None:
+            sel = rs[(rs >= start) & (rs < start + n)] - start
+            keep[sel] = False
+        return keep
+
+    def vectors(self, name: str) -> np.ndarray:
+        """(live items, d) float16 or (.., 32) uint8 in global row order: a memory map for one part without
+        removals, else a copy (O(n) memory: for tools such as calibration, not for serving)."""
+        if name not in self.specs:
+            raise DescriptorUnavailableError(f"the index at {self.dir} has no {name!r} descriptor")
+        parts = [(pi, p) for pi, p in enumerate(self.parts) if len(p)]
+        if len(parts) == 1 and not self._removed:
+            return parts[0][1].vectors(name)
+        xs = [p.vectors(name)[self._live_mask(pi, 0, len(p))] for pi, p in parts]
+        dim = vector_dims({name: self.specs[name]})[name]
+        return np.concatenate(xs) if xs else np.zeros((0, dim), np.uint8 if name == "pdq" else np.float16)
+
     def sample_captions(self, n: int, seed: int = 0) -> list[str]:
-        captions = [c for c in self._captions if c]
+        """Up to n captions of live items drawn at random (rows sampled, not the whole caption column read)."""
         rng = random.Random(seed)
-        return rng.sample(captions, min(n, len(captions)))
+        total = self.n_rows
+        rows = rng.sample(range(total), min(total, 4 * n + 64))
+        out: list[str] = []
+        for g in rows:
+            pi, r = self.locate(g)
+            if self.is_removed(pi, r):
+                continue
+            c = self.parts[pi].column_value(r, "caption")
+            if c:
+                out.append(c)
+                if len(out) >= n:
+                    break
+        return out
 
     def skipped(self) -> list[dict[str, Any]]:
-        path = self.dir / SKIPPED
-        if not path.exists():
+        return [s for p in self.parts for s in p.skipped()]
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest plus, per descriptor, the FAISS plan of its largest part and how many parts use each
+        plan (reads every part's marker: `index info`, not search)."""
+        m = json.loads(json.dumps(self.manifest))
+        big = max(range(len(self.parts)), key=lambda i: len(self.parts[i]), default=None)
+        for name, d in m["descriptors"].items():
+            counts: dict[str, int] = {}
+            for p in self.parts:
+                plan = p.marker["descriptors"].get(name, {}).get("ann")
+                if plan:
+                    counts[plan["factory"]] = counts.get(plan["factory"], 0) + 1
+            if big is not None and len(self.parts[big]):
+                d["ann"] = self.parts[big].marker["descriptors"][name].get("ann")
+            d["ann_parts"] = counts
+        return m
+
+    # -- search over parts
+
+    def _check_descriptor(self, name: str) -> None:
+        if name not in self.specs:
+            raise DescriptorUnavailableError(
+                f"the index at {self.dir} has no {name!r} descriptor (it has {', '.join(self.specs)}); "
+                f"rebuild with --descriptors including {name.split('_')[0]}")
+
+    def search_vectors(self, name: str, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
+        """Nearest live corpus items for each query vector, best first, as Matches of descriptor `name`.
+
+        Each part is searched for its k (plus its removed rows) best, and the lists are merged by score (PDQ:
+        by Hamming distance) then global row: with exact per-part plans this is one flat search over all rows.
+        """
+        self._check_descriptor(name)
+        nq = len(xq)
+        if len(self) == 0 or nq == 0:
+            return [[] for _ in range(nq)]
+        hamming = name == "pdq"
+        scores, dists, grows = [], [], []
+        for pi, part in enumerate(self.parts):
+            if not len(part):
+                continue
+            removed = self._removed.get(pi)
+            extra = 0 if removed is None else len(removed)
+            nb = part.search(name, xq, k + extra, self._use_gpu)
+            ids = nb.ids.copy()
+            if removed is not None:
+                ids[np.isin(ids, removed)] = -1
+            s = np.where(ids < 0, -np.inf, nb.scores)
+            scores.append(s)
+            dists.append(np.where(ids < 0, np.iinfo(np.int32).max, nb.distances) if hamming and nb.distances is not None
+                         else np.zeros_like(ids))
+            grows.append(np.where(ids < 0, -1, ids + self._starts[pi]))
+        S, D, G = np.concatenate(scores, 1), np.concatenate(dists, 1), np.concatenate(grows, 1)
+        descriptor = "clip" if name == "clip_text" else name
+        out: list[list[Match]] = []
+        for qi in range(nq):
+            order = np.lexsort((G[qi], D[qi], -S[qi])) if hamming else np.lexsort((G[qi], -S[qi]))
+            matches = []
+            for j in order[:k]:
+                g = int(G[qi, j])
+                if g < 0:
+                    break
+                pi, r = self.locate(g)
+                batch, b = self.parts[pi].batch_of(r)
+                matches.append(Match(batch.column("id")[b].as_py(), float(S[qi, j]), descriptor,
+                                     batch.column("caption")[b].as_py(), batch.column("source")[b].as_py(),
+                                     int(D[qi, j]) if hamming else None))
+            out.append(matches)
+        return out
+
+    def search_caption(self, query: str, k: int = 10) -> list[CaptionHit]:
+        """Full-text search of captions: words are ANDed, quotes keep phrases, `word*` is a prefix.
+
+        BM25 scores of separate FTS5 tables are not comparable (each has its own document count, term
+        frequencies and average length), so: each part proposes its CAPTION_CANDIDATES best (by its own
+        bm25), and the union is re-scored with FTS5's own BM25 formula over corpus-wide statistics (rows and
+        tokens from the manifest, each term's document frequency counted in every part). On one part the
+        scores are FTS5's bm25() (negated: higher = better). A document outside every part's candidates
+        cannot be returned: with several parts the top k is exact when each part's local order agrees.
+        """
+        terms = _fts_terms(query)
+        if not terms:
             return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        fts_query = " ".join(t.fts for t in terms)
+        k = int(k)
+        cand: list[tuple[int, int, str, str]] = []  # (part, row, text, snippet)
+        df = [0] * len(terms)
+        for pi, part in enumerate(self.parts):
+            if not len(part):
+                continue
+            con = part.db()
+            removed = self._removed.get(pi)
+            limit = max(k, CAPTION_CANDIDATES) + (0 if removed is None else len(removed))
+            hits = con.execute(
+                "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
+                "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
+            if not hits:
+                continue
+            cand += [(pi, int(r), text, snip) for r, text, snip in hits if not self.is_removed(pi, int(r))]
+            for j, t in enumerate(terms):
+                df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
+        if not cand:
+            return []
+        n_docs = self.n_rows
+        tokens = sum(int(e.get("caption_tokens", 0)) for e in self.manifest["parts"])
+        scores = _bm25(terms, [c[2] for c in cand], df, n_docs, tokens / max(1, n_docs))
+        order = sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i][0], cand[i][1]))[:k]
+        out = []
+        for i in order:
+            pi, r, _, snip = cand[i]
+            batch, b = self.parts[pi].batch_of(r)
+            out.append(CaptionHit(batch.column("id")[b].as_py(), float(scores[i]), batch.column("caption")[b].as_py(),
+                                  batch.column("source")[b].as_py(), snip))
+        return out
 
 
-def _fts_query(text: str) -> str:
-    """Turn user words into a safe FTS5 query: each word quoted (so punctuation can't inject syntax)."""
-    import re
+# ------------------------------------------------------------------------------------ caption ranking
 
+
+@dataclass
+class _Term:
+    text: str  # the words of a term or phrase, as typed
+    prefix: bool
+    fts: str  # its safe FTS5 form: "word", "word"*, "two words"
+
+
+def _fts_terms(text: str) -> list[_Term]:
+    """User words as FTS5 terms: each word quoted (so punctuation can't inject syntax); quotes keep phrases."""
     phrases = re.findall(r'"([^"]+)"', text)
     rest = re.sub(r'"[^"]*"', " ", text)
     words = re.findall(r"\w+\*?", rest, flags=re.UNICODE)
-    terms = [f'"{p}"' for p in phrases]
+    terms = [_Term(p, False, '"' + p.replace('"', " ") + '"') for p in phrases if re.search(r"\w", p)]
     for w in words:
-        terms.append(f'"{w[:-1]}"*' if w.endswith("*") else f'"{w}"')
-    return " ".join(terms)
+        terms.append(_Term(w[:-1], True, f'"{w[:-1]}"*') if w.endswith("*") else _Term(w, False, f'"{w}"'))
+    return terms
+
+
+def _fts_query(text: str) -> str:
+    return " ".join(t.fts for t in _fts_terms(text))
+
+
+def _bm25(terms: list[_Term], texts: list[str], df: list[int], n_docs: int, avgdl: float) -> list[float]:
+    """FTS5's BM25 (k1 1.2, b 0.75, idf floored at 1e-6) of each text for the terms, with the given corpus
+    statistics. Tokens and positions come from FTS5 itself (an in-memory table with the parts' tokenizer)."""
+    mem = sqlite3.connect(":memory:")
+    try:
+        mem.execute(f"CREATE VIRTUAL TABLE t USING fts5(x, tokenize='{FTS_TOKENIZE}')")
+        mem.execute("CREATE VIRTUAL TABLE v USING fts5vocab(t, 'instance')")
+        mem.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((i + 1, s or "") for i, s in enumerate(texts)))
+        mem.executemany("INSERT INTO t(rowid, x) VALUES (?, ?)", ((-(j + 1), t.text) for j, t in enumerate(terms)))
+        docs: dict[int, dict[int, str]] = {}
+        for doc, term, off in mem.execute("SELECT doc, term, offset FROM v"):
+            docs.setdefault(int(doc), {})[int(off)] = term
+    finally:
+        mem.close()
+    term_tokens = [[tok for _, tok in sorted(docs.get(-(j + 1), {}).items())] for j in range(len(terms))]
+    idf = [max(1e-6, math.log((n_docs - d + 0.5) / (d + 0.5))) for d in df]
+    out = []
+    for i in range(len(texts)):
+        toks = docs.get(i + 1, {})
+        dl = len(toks)
+        score = 0.0
+        for j, t in enumerate(terms):
+            want = term_tokens[j]
+            if not want:
+                continue
+            tf = 0
+            for off in toks:
+                ok = True
+                for q, w in enumerate(want):
+                    tok = toks.get(off + q)
+                    last_prefix = t.prefix and q == len(want) - 1
+                    if tok is None or not (tok.startswith(w) if last_prefix else tok == w):
+                        ok = False
+                        break
+                tf += ok
+            score += idf[j] * tf * (BM25_K1 + 1) / (tf + BM25_K1 * (1 - BM25_B + BM25_B * dl / max(avgdl, 1e-9)))
+        out.append(score)
+    return out
+
+
+# ------------------------------------------------------------------------------------ maintenance
+
+
+@dataclass
+class RemoveResult:
+    removed: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    already_removed: list[str] = field(default_factory=list)
+
+
+def remove_items(index_dir: str | os.PathLike, ids: list[str], wait: float = 0.0) -> RemoveResult:
+    """Tombstone `ids` (takedowns, opt-outs): every search, lookup and scan stops returning them at once."""
+    index_dir = Path(index_dir)
+    res = RemoveResult()
+    with IndexWriteLock(index_dir, wait=wait, action="remove"):
+        idx = ProvenanceIndex.open(index_dir)
+        records = list(idx._tombstones)
+        seen: set[str] = set()
+        for item_id in ids:
+            if item_id in seen:
+                continue
+            seen.add(item_id)
+            if item_id in idx._removed_ids:
+                res.already_removed.append(item_id)
+                continue
+            loc = idx.find(item_id)
+            if loc is None:
+                res.not_found.append(item_id)
+                continue
+            records.append({"id": item_id, "part": idx.parts[loc[0]].name, "row": loc[1], "at": _now()})
+            res.removed.append(item_id)
+        if res.removed:
+            manifest = idx.manifest
+            write_tombstones(index_dir, manifest, records)
+            commit_manifest(index_dir, manifest)
+    return res
+
+
+def _copy_rows(src: PartReader, writer: PartWriter, names: list[str], keep: np.ndarray | None) -> None:
+    """Stream a part's rows (all, or where keep is True) into a writer, one metadata batch at a time."""
+    thumbs_path = src.dir / "thumbnails.bin"
+    with open(thumbs_path, "rb") as tf:
+        for start, batch in src.iter_batches():
+            n = batch.num_rows
+            sel = np.arange(n) if keep is None else np.flatnonzero(keep[start:start + n])
+            if not len(sel):
+                continue
+            rows = batch.take(sel).to_pylist()
+            thumbs = []
+            for r in rows:
+                off, size = r.pop("thumb_offset"), r.pop("thumb_size")
+                if off < 0:
+                    thumbs.append(None)
+                else:
+                    tf.seek(off)
+                    thumbs.append(tf.read(size))
+            vectors = {nm: np.asarray(src.vectors(nm)[start:start + n])[sel] for nm in names}
+            writer.add(rows, vectors, thumbs)
+
+
+def compact(index_dir: str | os.PathLike, wait: float = 0.0, memory_budget_bytes: int = 1 << 30,
+            use_gpu: bool | None = None) -> dict[str, Any]:
+    """Rewrite every part that has removed rows without them, and clear those tombstones. Returns counts.
+
+    Parts without removals stay as they are. Global row numbers change; item ids do not. A process that
+    opened the index before the compaction must reopen it (its removed parts' files are deleted).
+    """
+    index_dir = Path(index_dir)
+    with IndexWriteLock(index_dir, wait=wait, action="compact"):
+        idx = ProvenanceIndex.open(index_dir)
+        manifest = idx.manifest
+        dims = vector_dims(idx.specs)
+        rewritten, dropped = 0, 0
+        for pi, part in enumerate(idx.parts):
+            removed = idx._removed.get(pi)
+            if removed is None:
+                continue
+            keep = np.ones(len(part), bool)
+            keep[removed] = False
+            entry = manifest["parts"][pi]
+            w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], entry.get("unit")), dims,
+                           unit=entry.get("unit"), build_id=part.marker.get("build"))
+            manifest["next_part"] += 1
+            try:
+                _copy_rows(part, w, list(dims), keep)
+                w.skipped.extend(part.skipped())
+            except BaseException:
+                w.abort()
+                raise
+            manifest["parts"][pi] = part_entry(w.finish(memory_budget_bytes, use_gpu, idx.specs))
+            rewritten += 1
+            dropped += len(removed)
+        write_tombstones(index_dir, manifest, [])
+        commit_manifest(index_dir, manifest)
+        remove_unlisted_parts(index_dir, manifest)
+    return {"parts_rewritten": rewritten, "rows_dropped": dropped, "items": manifest["counts"]["indexed"]}
+
+
+def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DEFAULT_PART_SIZE,
+            memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None) -> dict[str, Any]:
+    """Convert a format-1 index in place into format 2 (parts of `part_size` rows), keeping every vector,
+    caption and thumbnail (nothing is re-embedded). The format-1 files are deleted once the new manifest lands."""
+    import pyarrow.parquet as pq
+
+    index_dir = Path(index_dir)
+    with IndexWriteLock(index_dir, wait=wait, action="upgrade"):
+        try:
+            old = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise IndexNotFoundError(f"no index at {index_dir} (no {MANIFEST})") from None
+        if old.get("format_version") == FORMAT_VERSION:
+            return old
+        if old.get("format_version") != 1:
+            raise IndexFormatError(f"{index_dir}: format {old.get('format_version')} cannot be upgraded; rebuild it")
+        specs = specs_of(old)
+        load_args = {n: d["load"] for n, d in old["descriptors"].items() if d.get("load")}
+        extra = {k: old[k] for k in ("source", "builds") if k in old}
+        manifest = new_manifest(index_dir, specs, load_args, extra)
+        manifest["built_at"] = old.get("built_at", manifest["built_at"])
+        manifest["upgraded_from"] = {"format_version": 1, "tool_version": old.get("tool_version"), "at": _now()}
+        dims = vector_dims(specs)
+        vecs = {n: np.load(index_dir / vectors_file(n), mmap_mode="r") for n in specs}
+        skipped = [json.loads(line) for line in (index_dir / "skipped.jsonl").read_text(encoding="utf-8").splitlines()
+                   if line.strip()] if (index_dir / "skipped.jsonl").exists() else []
+        pf = pq.ParquetFile(index_dir / "metadata.parquet")
+        writer: PartWriter | None = None
+        start = 0
+        with open(index_dir / "thumbnails.bin", "rb") as tf:
+            for batch in pf.iter_batches(batch_size=min(part_size, 4096)):
+                rows = batch.to_pylist()
+                thumbs = []
+                for r in rows:
+                    off, size = r.pop("thumb_offset"), r.pop("thumb_size")
+                    tf.seek(max(off, 0))
+                    thumbs.append(tf.read(size) if off >= 0 else None)
+                pos = 0
+                while pos < len(rows):
+                    if writer is None:
+                        writer = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], "upgraded"), dims,
+                                            unit="upgraded")
+                        manifest["next_part"] += 1
+                    take = min(len(rows) - pos, part_size - writer.n)
+                    sl = slice(start + pos, start + pos + take)
+                    writer.add(rows[pos:pos + take], {n: np.asarray(v[sl]) for n, v in vecs.items()},
+                               thumbs[pos:pos + take])
+                    pos += take
+                    if writer.n >= part_size:
+                        manifest["parts"].append(part_entry(writer.finish(memory_budget_bytes, use_gpu, specs)))
+                        writer = None
+                start += len(rows)
+        if writer is None and not manifest["parts"]:
+            writer = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], "upgraded"), dims, unit="upgraded")
+            manifest["next_part"] += 1
+        if writer is not None:
+            writer.skipped.extend(skipped)
+            manifest["parts"].append(part_entry(writer.finish(memory_budget_bytes, use_gpu, specs)))
+        elif skipped:  # the skips ride on an extra empty part so that the counts survive
+            w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], "upgraded-skipped"), dims, unit="upgraded")
+            manifest["next_part"] += 1
+            w.skipped.extend(skipped)
+            manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, specs)))
+        write_tombstones(index_dir, manifest, [])
+        commit_manifest(index_dir, manifest)
+        remove_unlisted_parts(index_dir, manifest)
+        _remove_v1_files(index_dir)
+    return manifest
+
+
+def verify(index_dir: str | os.PathLike, checksums: bool = True) -> list[VerifyProblem]:
+    """Every file of the index against the manifest and the part markers: [] when all is well."""
+    index_dir = Path(index_dir)
+    try:
+        manifest = read_manifest(index_dir)
+        read_tombstones(index_dir, manifest)
+    except (IndexFormatError, IndexNotFoundError) as e:
+        return [VerifyProblem(str(index_dir / MANIFEST), str(e))]
+    problems: list[VerifyProblem] = []
+    for entry in manifest["parts"]:
+        d = index_dir / PARTS / entry["name"]
+        found = verify_part(d, checksums)
+        if not found:
+            marker = read_marker(d)
+            if marker["n"] != entry["n"]:
+                found.append(VerifyProblem(str(d / "part.json"), f"{marker['n']} rows, the manifest says {entry['n']}"))
+        problems += found
+    return problems
+
+
+def unlisted_parts(index_dir: Path, manifest: dict[str, Any] | None) -> list[Path]:
+    """Complete part folders the manifest does not list (an interrupted build's work), and temporary ones."""
+    listed = {p["name"] for p in (manifest or {}).get("parts", [])}
+    d = index_dir / PARTS
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.iterdir() if p.is_dir() and p.name not in listed and not p.name.startswith(TMP_PREFIX))
+
+
+__all__ += ["remove_items", "compact", "upgrade", "verify", "RemoveResult", "IndexWriteLock", "file_sha256"]
