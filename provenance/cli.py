@@ -38,6 +38,7 @@ def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory (e.g. indexes/coco).")]
+WaitOpt = Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for another writer of the index to finish (default: refuse at once).")]
 
 
 def _model_options(sscd_model, clip_model, clip_pretrained, device=None):
@@ -67,15 +68,21 @@ def index_build(
     clip_pretrained: Annotated[Optional[str], typer.Option(help="OpenCLIP hub tag or local checkpoint (default laion2b_s34b_b79k).")] = None,
     memory_budget_mb: Annotated[int, typer.Option(help="RAM budget for each FAISS index; picks the index type.")] = 1024,
     thumbnails: Annotated[bool, typer.Option(help="Store small thumbnails for reports and the web page.")] = True,
+    part_size: Annotated[int, typer.Option(min=1, help="Items per part of a folder or dataset (shards: one part each); the unit of resume.")] = 10_000,
+    wait: WaitOpt = 0.0,
     verbose: Verbose = False,
 ) -> None:
-    """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search."""
+    """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search.
+
+    The index is written in parts (one per shard, or per --part-size items); a killed build keeps its complete
+    parts and the same command resumes. --append adds parts and leaves the existing ones untouched."""
     from provenance.indexer import BuildOptions, build
 
     _setup_logging(verbose)
     opts = BuildOptions(descriptors=descriptors.split(","), batch_size=batch_size, limit=limit, append=append,
                         workers=workers, models=_model_options(sscd_model, clip_model, clip_pretrained),
-                        memory_budget_bytes=memory_budget_mb << 20, thumbnails=thumbnails)
+                        memory_budget_bytes=memory_budget_mb << 20, thumbnails=thumbnails, part_size=part_size,
+                        wait=wait)
     src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
     try:
         with Progress(SpinnerColumn(), TextColumn("[bold]indexing"), BarColumn(), TextColumn("{task.fields[done]} embedded"),
@@ -85,11 +92,11 @@ def index_build(
             result = build(source, index, opts, progress=lambda d, s: bar.update(task, completed=d + s, done=d, skipped=s),
                            source_options=src_opts)
     except ProvenanceError as e:
-        _fail(e)
+        _fail(e, _index_error_code(e))
     counts = result.manifest["counts"]
     console.print(f"[green]built[/] {index}: {counts['indexed']} items indexed ({result.added} new"
                   f"{f', {result.resumed} resumed' if result.resumed else ''}{f', {result.reused} kept' if result.reused else ''}), "
-                  f"{result.skipped} skipped this run, {result.seconds:.1f}s")
+                  f"{result.skipped} skipped this run, {result.parts} new parts, {result.seconds:.1f}s")
     for reason, n in counts["skipped_by_reason"].items():
         console.print(f"  skipped ({reason}): {n}")
 
@@ -102,24 +109,134 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory."
 
     try:
         idx = ProvenanceIndex.open(index_dir)
+        m = idx.describe()
     except ProvenanceError as e:
-        _fail(e)
-    m = idx.manifest
+        _fail(e, _index_error_code(e))
     if as_json:
         out.print_json(json.dumps(m, default=str))
         return
     c = m["counts"]
     out.print(f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})")
     out.print(f"source: {m['source']['kind']} {m['source']['location']}")
-    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}")
+    removed = f", {c['removed']} removed (index compact drops them)" if c.get("removed") else ""
+    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}{removed}; "
+              f"{len(m['parts'])} parts")
     # the factory string ("IVF4096(SQ8),PQ256x4fs,Refine(SQ8)") has no spaces: fold it, not "…"
     t = Table("descriptor", "model", "dim", "metric", Column("FAISS index", overflow="fold"),
               Column("why", overflow="fold"))
     for name, d in m["descriptors"].items():
         plan = d.get("ann") or {}
+        others = {f: n for f, n in (d.get("ann_parts") or {}).items() if f != plan.get("factory")}
+        why = plan.get("reason", "empty index") + (
+            f" (largest part; other parts: {', '.join(f'{f} x{n}' for f, n in others.items())})" if others else "")
         t.add_row(name, f"{d['model_id']} ({d['checksum'] or '-'})", str(d["dim"]), d["metric"],
-                  plan.get("factory", "-"), plan.get("reason", "empty index"))
+                  plan.get("factory", "-"), why)
     out.print(t)
+
+
+EXIT_BROKEN_INDEX = 4  # an index file is missing, truncated or corrupt (2 is the usage error)
+
+
+def _index_error_code(e: Exception) -> int:
+    from provenance.errors import IndexFormatError
+
+    return EXIT_BROKEN_INDEX if isinstance(e, IndexFormatError) else EXIT_USAGE
+
+
+@index_app.command("remove")
+def index_remove(
+    index: IndexDir,
+    ids: Annotated[Optional[list[str]], typer.Option("--id", help="Item id to remove (repeatable).")] = None,
+    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="File of item ids, one per line ('-': stdin).")] = None,
+    wait: WaitOpt = 0.0,
+    verbose: Verbose = False,
+) -> None:
+    """Remove items (takedowns, opt-outs): they stop appearing in searches, scans and the API at once.
+
+    Parts are immutable: removal writes a tombstone list; `provenance index compact` drops the rows from disk."""
+    from provenance.store import remove_items
+
+    _setup_logging(verbose)
+    wanted = list(ids or [])
+    if ids_file is not None:
+        try:
+            text = sys.stdin.read() if str(ids_file) == "-" else ids_file.read_text(encoding="utf-8")
+        except OSError as e:
+            _fail(typer.BadParameter(f"--ids-file {ids_file}: {e.strerror or e}"))
+        wanted += [line.strip() for line in text.splitlines() if line.strip()]
+    if not wanted:
+        _fail(typer.BadParameter("give the items to remove with --id ID (repeatable) or --ids-file FILE"))
+    try:
+        res = remove_items(index, wanted, wait=wait)
+    except ProvenanceError as e:
+        _fail(e, _index_error_code(e))
+    console.print(f"[green]removed[/] {len(res.removed)} item(s) from {index}"
+                  + (f"; {len(res.already_removed)} already removed" if res.already_removed else ""))
+    if res.not_found:
+        shown = ", ".join(res.not_found[:10]) + (" ..." if len(res.not_found) > 10 else "")
+        console.print(f"[yellow]{len(res.not_found)} id(s) not in the index:[/] {shown}")
+        raise typer.Exit(EXIT_FAIL_ON)
+
+
+@index_app.command("compact")
+def index_compact(
+    index: IndexDir,
+    wait: WaitOpt = 0.0,
+    memory_budget_mb: Annotated[int, typer.Option(help="RAM budget for each rewritten part's FAISS index.")] = 1024,
+    verbose: Verbose = False,
+) -> None:
+    """Rewrite the parts that hold removed items without them, and clear the tombstones.
+
+    A server that had the index open must be restarted afterwards (the old parts are deleted)."""
+    from provenance.store import compact
+
+    _setup_logging(verbose)
+    try:
+        res = compact(index, wait=wait, memory_budget_bytes=memory_budget_mb << 20)
+    except ProvenanceError as e:
+        _fail(e, _index_error_code(e))
+    console.print(f"[green]compacted[/] {index}: {res['parts_rewritten']} part(s) rewritten, "
+                  f"{res['rows_dropped']} removed row(s) dropped, {res['items']} items")
+
+
+@index_app.command("verify")
+def index_verify(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Check sizes only, not checksums.")] = False,
+) -> None:
+    """Check every file of an index against the sizes and sha256 checksums its manifest and part markers record.
+
+    Exit 0 when all is well, 4 (naming each broken file) otherwise."""
+    from provenance.store import verify
+
+    problems = verify(index_dir, checksums=not quick)
+    if not problems:
+        console.print(f"[green]ok[/] {index_dir}: every file has its recorded size" + ("" if quick else " and checksum"))
+        return
+    for p in problems:
+        console.print(f"[bold red]broken:[/] {p.path}: {p.problem}")
+    console.print(f"{len(problems)} problem(s): rebuild the index (`provenance index build SOURCE --index {index_dir}`); "
+                  "a build with the same source rewrites only what is missing once the broken parts are deleted")
+    raise typer.Exit(EXIT_BROKEN_INDEX)
+
+
+@index_app.command("upgrade")
+def index_upgrade(
+    index_dir: Annotated[Path, typer.Argument(help="A format-1 index directory, converted in place.")],
+    part_size: Annotated[int, typer.Option(min=1, help="Rows per part.")] = 10_000,
+    wait: WaitOpt = 0.0,
+    verbose: Verbose = False,
+) -> None:
+    """Convert an index of format 1 (before parts) to the current format, keeping every vector (no re-embedding)."""
+    from provenance.store import upgrade
+
+    _setup_logging(verbose)
+    try:
+        m = upgrade(index_dir, wait=wait, part_size=part_size)
+    except ProvenanceError as e:
+        _fail(e, _index_error_code(e))
+    console.print(f"[green]upgraded[/] {index_dir}: format {m['format_version']}, {m['counts']['indexed']} items "
+                  f"in {len(m['parts'])} part(s)")
 
 
 # ------------------------------------------------------------------------------------ search
@@ -156,7 +273,7 @@ def search(
         else:
             rows = [h.to_dict() for h in searcher.search_caption(caption, k)]
     except ProvenanceError as e:
-        _fail(e)
+        _fail(e, _index_error_code(e))
     if as_json:
         out.print_json(json.dumps(rows))
         return

@@ -34,7 +34,7 @@ from provenance.locking import IndexWriteLock
 from provenance.models import ModelOptions, check_same_model, load_descriptor, parse_descriptors
 from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
 from provenance.store import (DEFAULT_PART_SIZE, MANIFEST, PARTS, ProvenanceIndex, _remove_v1_files, commit_manifest,
-                              new_manifest, part_entry, part_name, read_manifest, remove_unlisted_parts,
+                              new_manifest, next_part_seq, part_entry, part_name, read_manifest, remove_unlisted_parts,
                               unlisted_parts, vector_dims, write_tombstones)
 
 logger = logging.getLogger(__name__)
@@ -195,8 +195,7 @@ class _Run:
         self.added = sum(m["n"] for m in staged)
         self.skipped = 0
         self.read = sum(m["n"] + m["skipped"] for m in staged)  # corpus items consumed (for --limit)
-        seqs = [int(p.name[:6]) for p in self.parts_dir.iterdir() if p.name[:6].isdigit()]
-        self.next_seq = max([(old.manifest.get("next_part", 0) if old else 0) - 1, *seqs, -1]) + 1
+        self.next_seq = next_part_seq(index_dir, old.manifest if old is not None else None)
         self.progress = progress
         self.writer: PartWriter | None = None
         self.pending: dict[str, None] = {}  # ids accepted but not yet in a finished part (insertion-ordered)

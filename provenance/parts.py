@@ -90,7 +90,13 @@ def _schema():
 def searchable_text(row: dict[str, Any]) -> str:
     """The caption plus any alternative captions (COCO and Flickr8k carry five per image)."""
     texts = [row.get("caption") or ""]
-    more = (row.get("extra") or {}).get("captions")
+    extra = row.get("extra") or {}
+    if isinstance(extra, str):  # as stored in the metadata (compact, upgrade)
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError:
+            extra = {}
+    more = extra.get("captions") if isinstance(extra, dict) else None
     if isinstance(more, list):
         texts += [str(c) for c in more if c and c != row.get("caption")]
     return "\n".join(texts)
@@ -417,12 +423,13 @@ class VerifyProblem:
     problem: str
 
 
-def verify_part(part_dir: Path, checksums: bool = True) -> list[VerifyProblem]:
+def verify_part(part_dir: Path, checksums: bool = True, marker: dict[str, Any] | None = None) -> list[VerifyProblem]:
     """Every file of the part against its marker: present, regular, of its size and (checksums=True) sha256."""
-    try:
-        marker = read_marker(part_dir)
-    except IndexFormatError as e:
-        return [VerifyProblem(str(part_dir / MARKER), str(e))]
+    if marker is None:
+        try:
+            marker = read_marker(part_dir)
+        except IndexFormatError as e:
+            return [VerifyProblem(str(part_dir / MARKER), str(e))]
     problems = []
     for fname, rec in marker["files"].items():
         p = part_dir / fname
@@ -459,7 +466,7 @@ class PartReader:
             with self._lock:
                 if self._marker is None:
                     marker = read_marker(self.dir)
-                    bad = verify_part(self.dir, checksums=False)
+                    bad = verify_part(self.dir, checksums=False, marker=marker)
                     if bad:
                         raise IndexFormatError(
                             f"{bad[0].path}: {bad[0].problem}; run `provenance index verify {self.dir.parent.parent}` "

@@ -71,6 +71,13 @@ def vector_dims(specs: dict[str, DescriptorSpec]) -> dict[str, int]:
     return {n: (s.dim // 8 if n == "pdq" else s.dim) for n, s in specs.items()}
 
 
+def next_part_seq(index_dir: Path, manifest: dict[str, Any] | None) -> int:
+    """The next part number: past the manifest's counter and every part folder on disk (listed or not)."""
+    d = index_dir / PARTS
+    seqs = [int(p.name[:6]) for p in d.iterdir() if p.name[:6].isdigit()] if d.is_dir() else []
+    return max([int((manifest or {}).get("next_part", 0)) - 1, *seqs, -1]) + 1
+
+
 def part_name(seq: int, unit: str | None) -> str:
     label = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(unit).stem if unit else "items")[:80] or "items"
     return f"{seq:06d}-{label}"
@@ -213,6 +220,7 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
             raise IndexFormatError(f"{name}: {len(x)} vectors for {n} items")
     with IndexWriteLock(index_dir, action="write"):
         manifest = new_manifest(index_dir, contents.specs, contents.load_args, manifest_extra)
+        manifest["next_part"] = next_part_seq(index_dir, None)
         size = part_size or max(n, 1)
         dims = vector_dims(contents.specs)
         for start in range(0, max(n, 1), size):
@@ -515,10 +523,8 @@ class ProvenanceIndex:
             hits = con.execute(
                 "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
                 "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
-            if not hits:
-                continue
             cand += [(pi, int(r), text, snip) for r, text, snip in hits if not self.is_removed(pi, int(r))]
-            for j, t in enumerate(terms):
+            for j, t in enumerate(terms):  # document frequencies over every part, matched or not
                 df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
         if not cand:
             return []

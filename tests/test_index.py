@@ -51,7 +51,7 @@ def built(corpus, tmp_path_factory) -> Path:
 
 def test_manifest_counts_and_skips(built):
     idx = ProvenanceIndex.open(built)
-    m = idx.manifest
+    m = idx.describe()  # the manifest with each descriptor's FAISS plan (of its largest part)
     assert m["counts"]["indexed"] == 52  # 51 photos + the CMYK copy
     assert m["counts"]["skipped"] == 4
     assert m["counts"]["skipped_by_reason"] == {"unreadable": 3, "decompression_bomb": 1}
@@ -61,8 +61,9 @@ def test_manifest_counts_and_skips(built):
         d = m["descriptors"][name]
         assert d["ann"]["factory"] and d["checksum"] is not None and d["model_id"]
     assert m["descriptors"]["sscd"]["dim"] == 512
-    vec = np.load(built / "sscd.f16.npy", mmap_mode="r")
+    vec = idx.vectors("sscd")
     assert vec.dtype == np.float16 and vec.shape == (52, 512)
+    assert m["format_version"] == 2 and m["counts"]["parts"] == len(m["parts"]) >= 1
 
 
 def test_every_corpus_photo_is_its_own_top_match(built, coco_dir):
@@ -128,12 +129,12 @@ def test_append_adds_without_reembedding(coco_dir, tmp_path):
         shutil.copy(p, part2 / p.name)
     idx_dir = tmp_path / "idx"
     build(str(part1), idx_dir, BuildOptions(descriptors=["sscd", "pdq"]))
-    before = np.load(idx_dir / "sscd.f16.npy").copy()
+    before = np.asarray(ProvenanceIndex.open(idx_dir).vectors("sscd")).copy()
     res = build(str(part2), idx_dir, BuildOptions(descriptors=["sscd", "pdq"], append=True))
-    assert res.reused == 6 and res.added == 4
+    assert res.reused == 6 and res.added == 4 and res.parts == 1
     idx = ProvenanceIndex.open(idx_dir)
     assert len(idx) == 10 and idx.ids[:6] == [p.name for p in photos[:6]]
-    np.testing.assert_array_equal(np.load(idx_dir / "sscd.f16.npy")[:6], before)  # old vectors kept as they were
+    np.testing.assert_array_equal(idx.vectors("sscd")[:6], before)  # old vectors kept as they were
     s = Searcher(idx)
     assert s.search_image(load_image(photos[9]).image, k=1)["sscd"][0].id == photos[9].name
     assert len(idx.manifest["builds"]) == 2
@@ -169,17 +170,19 @@ def test_resume_after_interrupted_build(coco_dir, tmp_path):
         if done >= 24:
             raise KeyboardInterrupt
 
-    opts = BuildOptions(descriptors=["sscd", "pdq"], batch_size=8, chunk_size=8)
+    opts = BuildOptions(descriptors=["sscd", "pdq"], batch_size=8, part_size=8)
     with pytest.raises(KeyboardInterrupt):
         build(str(coco_dir), idx_dir, opts, progress=interrupt)
-    assert not idx_dir.exists()  # nothing half-written in place
-    staged = list((tmp_path / ".idx.partial").glob("chunk-*.npz"))
-    assert len(staged) >= 2
+    assert not (idx_dir / "manifest.json").exists()  # no index yet: nothing half-written is served
+    with pytest.raises(IndexNotFoundError):
+        ProvenanceIndex.open(idx_dir)
+    staged = sorted((idx_dir / "parts").iterdir())
+    assert len(staged) >= 2 and all((d / "part.json").exists() for d in staged)
     res = build(str(coco_dir), idx_dir, opts)
     assert res.resumed >= 16 and res.added == 51
     idx = ProvenanceIndex.open(idx_dir)
     assert len(idx) == 51 and len(set(idx.ids)) == 51
-    assert not (tmp_path / ".idx.partial").exists()
+    assert set(staged) <= set((idx_dir / "parts").iterdir())  # the interrupted run's parts were adopted
     p = sorted(coco_dir.glob("*.jpg"))[30]
     assert Searcher(idx).search_image(load_image(p).image, k=1)["sscd"][0].id == p.name
 
@@ -191,13 +194,14 @@ def test_killed_build_leaves_previous_index_usable(built, coco_dir, flickr_shard
     script = (
         "import sys; from provenance.indexer import BuildOptions, build; "
         f"build({str(flickr_shards_dir / '00002.tar')!r}, {str(idx_dir)!r}, "
-        "BuildOptions(descriptors=['sscd','pdq'], batch_size=8, chunk_size=8))"
+        "BuildOptions(descriptors=['sscd','pdq'], batch_size=8))"
     )
+    # a shard is one part: kill the rebuild once its first batches are in (the part is not finished)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
-    staging = tmp_path / ".live.partial"
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(staging.glob("chunk-*.npz"))) < 2:
-        time.sleep(0.2)
+    while time.time() < deadline and not list((idx_dir / "parts").glob(".tmp-*/captions.sqlite")):
+        time.sleep(0.05)
+    time.sleep(1.0)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (idx_dir / "manifest.json").read_text() == manifest_before
@@ -205,8 +209,12 @@ def test_killed_build_leaves_previous_index_usable(built, coco_dir, flickr_shard
     assert len(idx) == 52
     p = sorted(coco_dir.glob("*.jpg"))[5]
     assert Searcher(idx).search_image(load_image(p).image, k=1)["sscd"][0].id == p.name
-    assert len(list(staging.glob("chunk-*.npz"))) >= 2  # the killed run's work is kept for a resume
-    assert json.loads((staging / "build.json").read_text())["source"]["kind"] == "webdataset"
+    # the killed rebuild left a half part (and its lock file) that the next writer cleans up
+    from provenance.locking import IndexWriteLock
+
+    with IndexWriteLock(idx_dir):  # the killed process's flock went with it
+        pass
+    assert ProvenanceIndex.open(idx_dir).manifest["parts"] == json.loads(manifest_before)["parts"]
 
 
 def test_clip_index_text_search_and_caption_embeddings(coco_dir, tmp_path):
@@ -261,12 +269,12 @@ def test_ivf_pq_index_reranks_with_rows_read_from_the_file(tmp_path, one_faiss_t
     contents = IndexContents(rows, {"sscd": x}, {"sscd": spec}, {}, [None] * len(x), [])
     write_index(tmp_path / "idx", contents, {}, memory_budget_bytes=1 << 20, use_gpu=False)
     idx = ProvenanceIndex.open(tmp_path / "idx")
-    assert idx.manifest["descriptors"]["sscd"]["ann"]["kind"] == "ivf_pq"
+    assert idx.parts[0].marker["descriptors"]["sscd"]["ann"]["kind"] == "ivf_pq"
     q = x[[5, 1234]].astype(np.float32) + 0.01 * rng.standard_normal((2, 512)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     matches = idx.search_vectors("sscd", q, k=5)
     assert [m[0].id for m in matches] == ["r5", "r1234"]
-    assert isinstance(idx.row_reader("sscd"), RowReader)
+    assert isinstance(idx.parts[0].row_reader("sscd"), RowReader)
     for qi, ms in enumerate(matches):
         rows_ = [idx.row(m.id) for m in ms]
         expect = x[rows_].astype(np.float32) @ q[qi]
@@ -302,7 +310,7 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
         return ProvenanceIndex.open(tmp_path / "idx")
 
     idx = write(x[:2600])
-    plan = ann.AnnPlan.from_dict(idx.manifest["descriptors"]["sscd"]["ann"])
+    plan = ann.AnnPlan.from_dict(idx.parts[0].marker["descriptors"]["sscd"]["ann"])
     assert plan.kind == "ivf_pq" and plan.refine == "SQ8" and plan.factory.endswith(",Refine(SQ8)")
     assert "SQ8 copy" in plan.reason and plan.est_memory_bytes <= 3 << 20
     rng = np.random.default_rng(1)
@@ -316,9 +324,9 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
         # the scores are the exact cosines of the stored float16 rows, best first
         np.testing.assert_allclose([m.score for m in ms], x[rows_].astype(np.float32) @ q[qi], atol=1e-5)
         assert rows_ == exact_i[qi].tolist()  # nprobe 16 of 64 lists, well separated groups: exact top-10
-    # --append rewrites the index with the old rows then the new ones: both parts hold every row
+    # a rewrite with more rows: the FAISS index and its SQ8 copy hold every row
     idx = write(x)
-    index, plan2 = idx._faiss_index("sscd")
+    index, plan2 = idx.parts[0].faiss_index("sscd")
     assert plan2.refine == "SQ8" and isinstance(index, faiss.IndexRefine)
     assert index.base_index.ntotal == index.refine_index.ntotal == 3000
     assert idx.search_vectors("sscd", x[2999:3000].astype(np.float32), k=1)[0][0].id == "r2999"
