@@ -34,8 +34,8 @@ from provenance.locking import IndexWriteLock
 from provenance.models import ModelOptions, check_same_model, load_descriptor, parse_descriptors
 from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
 from provenance.store import (DEFAULT_PART_SIZE, MANIFEST, PARTS, ProvenanceIndex, _remove_v1_files, commit_manifest,
-                              new_manifest, next_part_seq, part_entry, part_name, read_manifest, remove_unlisted_parts,
-                              unlisted_parts, vector_dims, write_tombstones)
+                              new_manifest, next_part_seq, part_entry, part_name, read_manifest, remove_unlisted_lookups, remove_unlisted_parts,
+                              unlisted_parts, vector_dims, write_merged_lookup, write_tombstones)
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,11 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
             write_tombstones(index_dir, manifest, [])
         manifest["source"] = corpus.to_dict()
         manifest["next_part"] = run.next_seq
+        if old is None:  # a build merges its parts' lookups; an append leaves them (compact merges them)
+            write_merged_lookup(index_dir, manifest)
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
+        remove_unlisted_lookups(index_dir, manifest)
         if old is None:
             _remove_v1_files(index_dir)
     return BuildResult(index_dir, manifest, run.added, resumed, len(old) if old is not None else 0, run.skipped,

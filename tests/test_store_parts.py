@@ -127,6 +127,11 @@ def test_append_leaves_every_old_part_file_byte_identical(coco_dir, tmp_path):
     assert {k: new[k] for k in old} == old  # every old part file is still there, byte for byte
     idx = ProvenanceIndex.open(idx_dir)
     assert len(idx) == 30 and idx.ids[:20] == old_ids and len(idx.manifest["builds"]) == 2
+    # the build's merged lookup covers its parts; the appended ones are probed one by one until a compact
+    assert idx._unmerged == [3, 4] and idx.row(photos[2].name) == 2 and idx.row(photos[29].name) == 29
+    assert runner.invoke(app, ["index", "compact", "--index", str(idx_dir)]).exit_code == 0
+    idx = ProvenanceIndex.open(idx_dir)
+    assert idx._unmerged == [] and idx.row(photos[29].name) == 29 and _file_hashes(idx_dir) == new
     assert Searcher(idx).search_image(load_image(photos[29]).image, k=1)["sscd"][0].id == photos[29].name
 
 
@@ -187,9 +192,9 @@ def test_opening_reads_no_metadata_and_no_part_file(tmp_path, monkeypatch):
     idx = ProvenanceIndex.open(tmp_path / "idx")
     assert len(idx) == 600 and len(idx.parts) == 6 and idx.specs["sscd"].dim == 64
     assert calls == {}  # the manifest only: no metadata, vectors, lookups, markers or databases
-    # a lookup reads one part's markers, lookups and one metadata batch, not the corpus
-    assert idx.row("item-00250") == 250
-    assert calls["open_file"] <= 6 and calls["read_marker"] <= 6
+    # a lookup is one binary search of the merged lookup, then one part's marker and one metadata batch
+    assert idx.row("item-00250") == 250 and idx.id_with_sha256(hashlib.sha256(b"250").hexdigest()) == "item-00250"
+    assert calls["open_file"] == 1 and calls["read_marker"] == 1 and calls["load"] == 4
 
 
 def test_removed_item_never_comes_back(index_copy, coco_dir):
