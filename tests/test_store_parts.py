@@ -235,7 +235,7 @@ def test_removed_item_never_comes_back(index_copy, coco_dir):
 def test_removed_item_is_404_in_the_api(index_copy, coco_dir):
     from fastapi.testclient import TestClient
 
-    from api import ServerConfig, create_app
+    from provenance.api import ServerConfig, create_app
 
     gone = sorted(coco_dir.glob("*.jpg"))[7].name
     assert runner.invoke(app, ["index", "remove", "--index", str(index_copy), "--id", gone]).exit_code == 0
