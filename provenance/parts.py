@@ -454,6 +454,8 @@ class PartReader:
     def __init__(self, part_dir: Path, n: int | None = None):
         self.dir = Path(part_dir)
         self.name = self.dir.name
+        # how errors name the part's files: from the index's own folder, never the server's full path
+        self.label = f"{self.dir.parent.parent.name}/{self.dir.parent.name}/{self.name}"
         self._n = n
         self._marker: dict[str, Any] | None = None
         self._lock = threading.RLock()
@@ -465,12 +467,15 @@ class PartReader:
         if self._marker is None:
             with self._lock:
                 if self._marker is None:
-                    marker = read_marker(self.dir)
+                    try:
+                        marker = read_marker(self.dir)
+                    except IndexFormatError as e:
+                        raise IndexFormatError(str(e).replace(str(self.dir), self.label)) from None
                     bad = verify_part(self.dir, checksums=False, marker=marker)
                     if bad:
                         raise IndexFormatError(
-                            f"{bad[0].path}: {bad[0].problem}; run `provenance index verify {self.dir.parent.parent}` "
-                            "and rebuild or compact the part")
+                            f"{bad[0].path.replace(str(self.dir), self.label)}: {bad[0].problem}; the index is broken: "
+                            "run `provenance index verify` on it, and rebuild it")
                     self._marker = marker
         return self._marker
 
@@ -492,7 +497,7 @@ class PartReader:
             try:
                 return np.load(self.dir / fname, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise IndexFormatError(f"{self.dir / fname}: unreadable ({e})") from None
+                raise IndexFormatError(f"{self.label}/{fname}: unreadable ({e})") from None
         return self._get(f"npy:{fname}", load)
 
     # -- lookups
@@ -535,7 +540,7 @@ class PartReader:
             try:
                 return ipc.open_file(pa.memory_map(str(self.dir / METADATA), "r"))
             except (OSError, pa.ArrowInvalid) as e:
-                raise IndexFormatError(f"{self.dir / METADATA}: unreadable metadata ({e})") from None
+                raise IndexFormatError(f"{self.label}/{METADATA}: unreadable metadata ({e})") from None
         return self._get("metadata", open_)
 
     def batch_of(self, row: int):
@@ -570,7 +575,7 @@ class PartReader:
             f.seek(off)
             data = f.read(size)
         if len(data) != size:
-            raise IndexFormatError(f"{self.dir / THUMBNAILS}: truncated (row {row} needs bytes {off}..{off + size})")
+            raise IndexFormatError(f"{self.label}/{THUMBNAILS}: truncated (row {row} needs bytes {off}..{off + size})")
         return data
 
     def skipped(self) -> list[dict[str, Any]]:
@@ -596,7 +601,7 @@ class PartReader:
             try:
                 index = ann.load_index(self.dir / entry["faiss"], plan, use_gpu=use_gpu)
             except (ValueError, FileNotFoundError) as e:
-                raise IndexFormatError(f"{self.dir / entry['faiss']}: {e}") from None
+                raise IndexFormatError(f"{self.label}/{entry['faiss']}: {str(e).replace(str(self.dir), self.label)}") from None
             return index, plan
         return self._get(f"faiss:{name}", load)
 
@@ -619,6 +624,6 @@ class PartReader:
                 con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
                 con.execute("SELECT count(*) FROM captions WHERE rowid = 0").fetchone()
             except sqlite3.Error as e:
-                raise IndexFormatError(f"{path}: unreadable caption database ({e})") from None
+                raise IndexFormatError(f"{self.label}/{CAPTIONS_DB}: unreadable caption database ({e})") from None
             self._local.con = con
         return con

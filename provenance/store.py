@@ -568,6 +568,20 @@ class ProvenanceIndex:
             d["ann_parts"] = counts
         return m
 
+    def preload(self, descriptors: list[str] | None = None) -> None:
+        """Open every part now: markers (with their file-size checks), FAISS indexes and caption databases, so
+        that a server is not ready until its index is usable and a broken file fails the load, naming the file.
+        O(parts): for servers, not for the CLI's open."""
+        for part in self.parts:
+            if not len(part):
+                part.marker  # noqa: B018 - checks the part's files even when it holds only skips
+                continue
+            for name in descriptors or list(self.specs):
+                part.faiss_index(name, self._use_gpu)
+                if part.marker["descriptors"][name]["ann"].get("params", {}).get("rerank_k"):
+                    part.row_reader(name)
+            part.db()
+
     # -- search over parts
 
     def _check_descriptor(self, name: str) -> None:
@@ -643,12 +657,16 @@ class ProvenanceIndex:
             con = part.db()
             removed = self._removed.get(pi)
             limit = max(k, CAPTION_CANDIDATES) + (0 if removed is None else len(removed))
-            hits = con.execute(
-                "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
-                "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
+            try:
+                hits = con.execute(
+                    "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
+                    "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
+                for j, t in enumerate(terms):  # document frequencies over every part, matched or not
+                    df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
+            except sqlite3.Error as e:
+                raise IndexFormatError(f"{part.label}/captions.sqlite: unreadable caption database ({e}); "
+                                       "run `provenance index verify` on the index") from None
             cand += [(pi, int(r), text, snip) for r, text, snip in hits if not self.is_removed(pi, int(r))]
-            for j, t in enumerate(terms):  # document frequencies over every part, matched or not
-                df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
         if not cand:
             return []
         n_docs = self.n_rows

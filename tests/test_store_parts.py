@@ -391,3 +391,38 @@ def test_verify_names_a_truncated_file_and_search_refuses_it(index_copy, coco_di
     assert "thumbnails.bin: sha256 differs" in _out(r)
     with pytest.raises(IndexFormatError, match="sscd.f16.npy"):
         Searcher.open(index_copy).search_image(load_image(sorted(coco_dir.glob("*.jpg"))[0]).image, k=3)
+
+
+def test_a_truncated_faiss_file_keeps_the_server_unready_and_healthz_names_it(index_copy):
+    from fastapi.testclient import TestClient
+
+    from provenance.api import ServerConfig, create_app
+
+    victim = sorted((index_copy / "parts").iterdir())[2] / "sscd.faiss"
+    with open(victim, "r+b") as f:
+        f.truncate(1000)
+    with TestClient(create_app(ServerConfig(index_dir=index_copy))) as client:
+        assert client.app.state.service.wait(120)
+        r = client.get("/healthz")
+        assert r.status_code == 503 and r.json()["status"] == "error"
+        err = r.json()["error"]
+        assert "parts/" in err and "sscd.faiss" in err and str(index_copy.parent) not in err  # no server path
+
+
+def test_broken_caption_database_thumbnails_and_metadata_are_named_errors(index_copy):
+    parts = sorted((index_copy / "parts").iterdir())
+    db = parts[0] / "captions.sqlite"
+    db.write_bytes(b"SQLite format 3\x00" + b"\x00" * (db.stat().st_size - 16))  # same size, garbage pages
+    r = runner.invoke(app, ["search", "--index", str(index_copy), "--caption", "pizza"])
+    assert r.exit_code == 4 and "captions.sqlite" in _out(r), r.output
+    thumbs = parts[1] / "thumbnails.bin"
+    with open(thumbs, "r+b") as f:
+        f.truncate(thumbs.stat().st_size // 2)
+    idx = ProvenanceIndex.open(index_copy)
+    with pytest.raises(IndexFormatError, match="thumbnails.bin: .* bytes, the marker says"):
+        idx.parts[1].thumbnail(0)
+    meta = parts[3] / "metadata.arrow"
+    with open(meta, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(IndexFormatError, match="metadata.arrow"):
+        ProvenanceIndex.open(index_copy).parts[3].record(0)

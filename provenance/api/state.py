@@ -65,6 +65,7 @@ class ServiceState:
         started = time.perf_counter()
         try:
             index = ProvenanceIndex.open(self.config.index_dir)
+            index.preload()  # every part's files checked and its FAISS indexes loaded: not ready until usable
             searcher = Searcher(index)
             scanner = Scanner(searcher, self.config.scan)
             if "sscd" in scanner.descriptors:
