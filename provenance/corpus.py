@@ -39,6 +39,8 @@ class CorpusItem:
     license: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # any other metadata columns
     error: str | None = None  # reader-level failure (missing file, unreadable member)
+    # its kind: missing, permission, dangling_link, symlink_loop, special_file, too_large, unreadable
+    error_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,31 +123,70 @@ def _split_row(row: dict[str, Any]) -> tuple[str | None, str | None, dict[str, A
     return (str(caption) if caption is not None else None), (str(license_) if license_ else None), extra
 
 
+def _walk_images(root: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
+    """Image files under `root` (sorted), and every path skipped on the way as (path, reason_kind, reason):
+    folders that cannot be listed, folder symlink loops, and image-named entries that are not readable regular
+    files (dangling links, loops, FIFOs and other special files, files over the size limit)."""
+    from provenance.images import file_problem
+
+    files: list[Path] = []
+    skipped: list[tuple[Path, str, str]] = []
+
+    def onerror(e: OSError) -> None:
+        kind = "permission" if isinstance(e, PermissionError) else "unreadable"
+        skipped.append((Path(e.filename), kind, f"{e.filename}: cannot list folder ({e.strerror or e})"))
+
+    seen_dirs: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=onerror, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink back to a folder already walked
+            skipped.append((Path(dirpath), "symlink_loop", f"{dirpath}: symbolic link loop (folder already read)"))
+            dirnames[:] = []
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames) + [d for d in dirnames if Path(d).suffix.lower() in IMAGE_EXTENSIONS]:
+            f = Path(dirpath) / name
+            if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            problem = file_problem(f)
+            if problem is None:
+                files.append(f)
+            elif problem[0] != "directory":
+                skipped.append((f, *problem))
+    return sorted(files), skipped
+
+
 def read_image_folder(location: str) -> Iterator[CorpusItem]:
+    from provenance.errors import FileUnreadableError
+    from provenance.images import read_bytes
+
     root = Path(location)
     if not root.is_dir():
         raise CorpusError(f"{location}: not a folder")
     metadata = _load_folder_metadata(root)
-    files = sorted(
-        f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-    )
+    files, skipped = _walk_images(root)
     listed = {f.relative_to(root).as_posix() for f in files}
+    for path, kind, reason in skipped:
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
+        listed.add(rel)
+        caption, license_, extra = _split_row(metadata.get(rel, {}))
+        yield CorpusItem(rel, None, caption, str(path), license_, extra, error=reason, error_kind=kind)
     for missing in sorted(set(metadata) - listed):
         # A metadata row whose image is absent is a skip the user should see, not a silent drop.
         caption, license_, extra = _split_row(metadata[missing])
         yield CorpusItem(missing, None, caption, str(root / missing), license_, extra,
-                         error="listed in metadata but the file is missing")
-    if not files and not metadata:
+                         error="listed in metadata but the file is missing", error_kind="missing")
+    if not files and not metadata and not skipped:
         raise CorpusError(f"{location}: no image files found")
     for f in files:
         rel = f.relative_to(root).as_posix()
         caption, license_, extra = _split_row(metadata.get(rel, {}))
         try:
-            data = f.read_bytes()
-            err = None
-        except OSError as e:
-            data, err = None, f"cannot read file ({e.strerror or e})"
-        yield CorpusItem(rel, data, caption, str(f), license_, extra, error=err)
+            data, err, kind = read_bytes(f), None, None
+        except FileUnreadableError as e:
+            data, err, kind = None, str(e), getattr(e, "reason_kind", "unreadable")
+        yield CorpusItem(rel, data, caption, str(f), license_, extra, error=err, error_kind=kind)
 
 
 # ---------------------------------------------------------------------------------- webdataset

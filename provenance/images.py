@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import errno
 import logging
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +43,72 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+# The largest image file read: a 64 MP PNG at 4 bytes a pixel with no compression is ~256 MB. Checked before
+# reading, so a huge (or sparse) file costs a stat, not its size in memory.
+DEFAULT_MAX_FILE_BYTES = 256 << 20
+
+
+def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, str] | None:
+    """(reason_kind, reason) why `path` cannot be read as an image file, or None when it is a readable regular
+    file of at most max_bytes. Kinds: missing, dangling_link, symlink_loop, permission, special_file,
+    directory, too_large."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        st = os.stat(p)
     except FileNotFoundError:
-        raise FileUnreadableError(f"{p}: file not found") from None
-    except IsADirectoryError:
-        raise FileUnreadableError(f"{p}: is a directory, not an image file") from None
+        if os.path.islink(p):
+            return "dangling_link", f"{p}: dangling symbolic link (its target {os.readlink(p)!r} does not exist)"
+        return "missing", f"{p}: file not found"
+    except PermissionError:
+        return "permission", f"{p}: permission denied"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink_loop", f"{p}: symbolic link loop"
+        return "unreadable", f"{p}: cannot read file ({e.strerror or e})"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory", f"{p}: is a directory, not an image file"
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        return "special_file", f"{p}: {kind}, not an image file"
+    if st.st_size > max_bytes:
+        return "too_large", f"{p}: {st.st_size:,} bytes, over the {max_bytes:,}-byte limit for an image file"
+    return None
+
+
+def _unreadable(kind: str, message: str) -> FileUnreadableError:
+    e = FileUnreadableError(message)
+    e.reason_kind = kind  # type: ignore[attr-defined] - the skip reason a corpus reader reports
+    return e
+
+
+def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular image file. Special files (a FIFO would block forever), files over max_bytes,
+    dangling links, loops and unreadable files raise FileUnreadableError with the true reason."""
+    p = Path(path)
+    problem = file_problem(p, max_bytes)
+    if problem is not None:
+        raise _unreadable(*problem)
+    try:
+        # O_NONBLOCK: if the path was swapped for a FIFO since the stat, open returns instead of waiting
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except PermissionError:
+        raise _unreadable("permission", f"{p}: permission denied") from None
+    except OSError as e:
+        raise _unreadable("unreadable", f"{p}: cannot read file ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise FileUnreadableError(f"{p}: changed while being opened (not a regular file of at most "
+                                      f"{max_bytes:,} bytes)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
     except OSError as e:
         raise FileUnreadableError(f"{p}: cannot read file ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise FileUnreadableError(f"{p}: grew over the {max_bytes:,}-byte limit while being read")
     return data
 
 

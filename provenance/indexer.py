@@ -309,7 +309,7 @@ def _check_append_compatible(old: ProvenanceIndex, specs: dict[str, DescriptorSp
 def _prepare(item: CorpusItem, models: dict[str, Any], options: BuildOptions) -> _Prepared | _Skip:
     """Worker-thread work for one item: decode, preprocess for every model, make a thumbnail."""
     if item.error or item.data is None:
-        return _Skip(item.id, item.source, item.error or "no image data", "missing")
+        return _Skip(item.id, item.source, item.error or "no image data", item.error_kind or "missing")
     try:
         decoded = decode_image(item.data, item.source or item.id, options.max_pixels)
         inputs = {n: m.preprocess(decoded.image) for n, m in models.items()}

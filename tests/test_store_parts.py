@@ -426,3 +426,53 @@ def test_broken_caption_database_thumbnails_and_metadata_are_named_errors(index_
         f.truncate(100)
     with pytest.raises(IndexFormatError, match="metadata.arrow"):
         ProvenanceIndex.open(index_copy).parts[3].record(0)
+
+
+def _odd_files(root: Path, photo: Path) -> None:
+    """A folder with what a real crawl or a careless user leaves: a FIFO, links, a huge sparse file."""
+    shutil.copy(photo, root / "ok.jpg")
+    os.mkfifo(root / "fifo.jpg")
+    os.symlink("loop.jpg", root / "loop.jpg")
+    os.symlink("nothere.jpg", root / "dangling.jpg")
+    with open(root / "big.png", "wb") as f:
+        f.truncate(1 << 30)  # 1 GB, sparse: costs nothing on disk, everything if read
+    (root / "sub").mkdir()
+    os.symlink("..", root / "sub" / "up")
+
+
+def test_build_reports_every_skipped_path_with_its_true_reason(coco_dir, tmp_path):
+    src = tmp_path / "odd"
+    src.mkdir()
+    _odd_files(src, sorted(coco_dir.glob("*.jpg"))[0])
+    if os.geteuid() != 0:  # root reads anything: the permission case needs a normal user
+        (src / "locked").mkdir()
+        shutil.copy(src / "ok.jpg", src / "locked" / "a.jpg")
+        os.chmod(src / "locked", 0)
+    try:
+        res = build(str(src), tmp_path / "idx", BuildOptions(descriptors=["pdq"]))
+    finally:
+        if (src / "locked").exists():
+            os.chmod(src / "locked", 0o755)
+    counts = res.manifest["counts"]
+    expect = {"special_file": 1, "symlink_loop": 2, "dangling_link": 1, "too_large": 1}
+    if os.geteuid() != 0:
+        expect["permission"] = 1
+    assert counts["indexed"] == 1 and counts["skipped_by_reason"] == expect
+    reasons = {s["id"]: s["reason"] for s in ProvenanceIndex.open(tmp_path / "idx").skipped()}
+    assert "FIFO" in reasons["fifo.jpg"] and "dangling" in reasons["dangling.jpg"] and "limit" in reasons["big.png"]
+
+
+def test_scan_names_a_fifo_and_a_huge_file_without_hanging_or_reading_them(parts_index, coco_dir, tmp_path):
+    _odd_files(tmp_path, sorted(coco_dir.glob("*.jpg"))[0])
+    cmd = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = ['provenance'] + sys.argv[1:]; "
+           "exec('try:\\n runpy.run_module(\"provenance.cli\", run_name=\"__main__\")\\nfinally:\\n "
+           "print(\"maxrss\", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)')",
+           "scan", str(tmp_path / "fifo.jpg"), str(tmp_path / "big.png"), "--index", str(parts_index),
+           "--format", "jsonl", "--no-visible", "--no-invisible"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    recs = {json.loads(line)["path"]: json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")}
+    assert r.returncode == 3, r.stderr
+    assert "FIFO" in recs[str(tmp_path / "fifo.jpg")]["error"]
+    assert "limit" in recs[str(tmp_path / "big.png")]["error"]
+    maxrss_kb = int(r.stderr.split("maxrss")[-1].split()[0])
+    assert maxrss_kb < 1_000_000  # the 1 GB file was never read
