@@ -34,9 +34,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ("a man woman dog cat red blue green small large old young photo of on in with the near beside street "
-         "beach city mountain river table kitchen pizza bike car train sky sunset tree house window garden boy girl "
-         "playing sitting standing running holding looking white black wooden field snow water boat plate").split()
+WORDS = ["a", "man", "woman", "dog", "cat", "red", "blue", "green", "small", "large", "old", "young", "photo", "of", "on", "in", "with", "the", "near", "beside", "street", "beach", "city", "mountain", "river", "table", "kitchen", "pizza", "bike", "car", "train", "sky", "sunset", "tree", "house", "window", "garden", "boy", "girl", "playing", "sitting", "standing", "running", "holding", "looking", "white", "black", "wooden", "field", "snow", "water", "boat", "plate"]
 
 
 def _mem() -> dict[str, int]:
@@ -63,8 +61,15 @@ def generate(index_dir: Path, n: int, part_size: int) -> float:
     from provenance.descriptors.base import DescriptorSpec
     from provenance.locking import IndexWriteLock
     from provenance.parts import PartWriter, read_marker
-    from provenance.store import (PARTS, commit_manifest, new_manifest, part_entry, part_name,
-                                  write_merged_lookup, write_tombstones)
+    from provenance.store import (
+        PARTS,
+        commit_manifest,
+        new_manifest,
+        part_entry,
+        part_name,
+        write_merged_lookup,
+        write_tombstones,
+    )
 
     t0 = time.perf_counter()
     specs = {"pdq": DescriptorSpec("pdq", "pdq/pdqhash-128px", None, 256, "hamming")}
@@ -103,7 +108,7 @@ def measure(index_dir: Path, n: int, baseline: bool) -> dict:
     import sqlite3  # noqa: F401 - imports are not what is measured
 
     import pyarrow as pa
-    import pyarrow.ipc  # noqa: F401
+    import pyarrow.ipc
 
     from provenance.store import ProvenanceIndex
 
@@ -206,7 +211,7 @@ def main() -> None:
 
 
 def write_results(args, results: list[dict]) -> None:
-    mib = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
+    mib = lambda b: f"{b / 2**20:.1f}"
     lines = [
         "# Opening a part-based index (bench/bench_index_open.py)",
         "",

@@ -102,7 +102,7 @@ class IndexWriteLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "IndexWriteLock":
+    def __enter__(self) -> IndexWriteLock:
         self.acquire()
         return self
 

@@ -198,7 +198,7 @@ class PartWriter:
 
     def _write_batch(self, rows: list[dict[str, Any]]) -> None:
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+        from pyarrow import ipc
 
         schema = _schema()
         if self._meta is None:
@@ -246,7 +246,7 @@ class PartWriter:
 
     def _finish(self, memory_budget_bytes: int, use_gpu: bool | None, specs: dict[str, DescriptorSpec]) -> dict[str, Any]:
         import pyarrow as pa
-        import pyarrow.ipc as ipc
+        from pyarrow import ipc
 
         tmp, n = self.tmp, self.n
         # 1. Metadata: the last (short) batch; an empty part still gets a readable, empty file
@@ -267,8 +267,7 @@ class PartWriter:
         # 3. Thumbnails, skipped
         self._thumbs.close()
         with open(tmp / SKIPPED, "w", encoding="utf-8") as f:
-            for s in self.skipped:
-                f.write(json.dumps(s, default=str) + "\n")
+            f.writelines(json.dumps(s, default=str) + "\n" for s in self.skipped)
         # 4. Lookups: sorted hashes and their rows (np.searchsorted on the memory-mapped files)
         for (hash_file, row_file), pieces in (((IDS_HASH, IDS_ROW), self._id_hashes), ((SHA_HASH, SHA_ROW), self._sha_hashes)):
             h = np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)
@@ -363,7 +362,7 @@ class RowReader:
             raise IndexFormatError(f"{self.path}: {size} bytes, too short for {self.shape} {self.dtype} rows")
 
     @classmethod
-    def from_npy(cls, path: str | os.PathLike) -> "RowReader":
+    def from_npy(cls, path: str | os.PathLike) -> RowReader:
         """A reader of a 2-D C-order .npy file (as parts store the embeddings)."""
         # np.load parses the header; the map it makes is never touched, only its offset is kept
         m = np.load(path, mmap_mode="r")
@@ -534,7 +533,7 @@ class PartReader:
     def _metadata(self):
         def open_():
             import pyarrow as pa
-            import pyarrow.ipc as ipc
+            from pyarrow import ipc
 
             self.marker  # noqa: B018
             try:

@@ -35,15 +35,32 @@ from typing import Any
 import numpy as np
 
 from provenance.descriptors.base import DescriptorSpec
-from provenance.errors import DescriptorUnavailableError, IndexFormatError, IndexNotFoundError, ItemNotFoundError
+from provenance.errors import (
+    DescriptorUnavailableError,
+    IndexFormatError,
+    IndexNotFoundError,
+    ItemNotFoundError,
+)
 from provenance.locking import IndexWriteLock
-from provenance.parts import (FTS_TOKENIZE, TMP_PREFIX, PartReader, PartWriter, RowReader, VerifyProblem,
-                              atomic_write_text, file_sha256, fsync_dir, read_marker, verify_part, vectors_file)
+from provenance.parts import (
+    FTS_TOKENIZE,
+    TMP_PREFIX,
+    PartReader,
+    PartWriter,
+    RowReader,
+    VerifyProblem,
+    atomic_write_text,
+    file_sha256,
+    fsync_dir,
+    read_marker,
+    vectors_file,
+    verify_part,
+)
 from provenance.types import CaptionHit, Match
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT_VERSION", "IndexContents", "ProvenanceIndex", "RowReader", "write_index", "vectors_file"]
+__all__ = ["FORMAT_VERSION", "IndexContents", "ProvenanceIndex", "RowReader", "vectors_file", "write_index"]
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -342,7 +359,7 @@ class ProvenanceIndex:
         self._merged: dict[str, np.ndarray] = {}
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> "ProvenanceIndex":
+    def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> ProvenanceIndex:
         index_dir = Path(index_dir)
         return cls(index_dir, read_manifest(index_dir), use_gpu=use_gpu)
 
@@ -957,4 +974,4 @@ def unlisted_parts(index_dir: Path, manifest: dict[str, Any] | None) -> list[Pat
     return sorted(p for p in d.iterdir() if p.is_dir() and p.name not in listed and not p.name.startswith(TMP_PREFIX))
 
 
-__all__ += ["remove_items", "compact", "upgrade", "verify", "RemoveResult", "IndexWriteLock", "file_sha256"]
+__all__ += ["IndexWriteLock", "RemoveResult", "compact", "file_sha256", "remove_items", "upgrade", "verify"]

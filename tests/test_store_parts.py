@@ -90,7 +90,7 @@ def test_killed_build_keeps_complete_parts_and_the_rerun_does_only_the_rest(coco
               f"part_size={PART}))")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env())
     deadline = time.time() + 120
-    complete = lambda: [d for d in (idx_dir / "parts").glob("0*") if (d / "part.json").exists()]  # noqa: E731
+    complete = lambda: [d for d in (idx_dir / "parts").glob("0*") if (d / "part.json").exists()]
     while time.time() < deadline and len(complete()) < 2 and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -99,7 +99,7 @@ def test_killed_build_keeps_complete_parts_and_the_rerun_does_only_the_rest(coco
     assert len(kept) >= 2 and not (idx_dir / "manifest.json").exists()
     before = {str(p.relative_to(idx_dir)): p.read_bytes() for d in kept for p in d.iterdir()}
 
-    import provenance.indexer as indexer
+    from provenance import indexer
 
     embedded = []
     real_embed = indexer._embed
@@ -171,7 +171,7 @@ def test_search_over_parts_equals_one_flat_search(tmp_path):
 
 def test_opening_reads_no_metadata_and_no_part_file(tmp_path, monkeypatch):
     import pyarrow as pa
-    import pyarrow.ipc as ipc
+    from pyarrow import ipc
 
     write_index(tmp_path / "idx", _synthetic(600), {}, use_gpu=False, part_size=100)
     calls: dict[str, int] = {}
@@ -198,7 +198,7 @@ def test_opening_reads_no_metadata_and_no_part_file(tmp_path, monkeypatch):
 
 
 def test_removed_item_never_comes_back(index_copy, coco_dir):
-    from provenance.scan import ScanOptions, Scanner
+    from provenance.scan import Scanner, ScanOptions
 
     photo = sorted(coco_dir.glob("*.jpg"))[20]
     gone = photo.name
