@@ -103,7 +103,7 @@ def part_name(seq: int, unit: str | None) -> str:
 # ------------------------------------------------------------------------------- manifest
 
 
-def read_manifest(index_dir: Path) -> dict[str, Any]:
+def read_manifest(index_dir: Path, with_parts: bool = True) -> dict[str, Any]:
     path = index_dir / MANIFEST
     if not path.exists():
         raise IndexNotFoundError(
@@ -120,11 +120,43 @@ def read_manifest(index_dir: Path) -> dict[str, Any]:
             f"`provenance index build SOURCE --index {index_dir}`")
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{index_dir}: index format {version} but this tool reads {FORMAT_VERSION}; rebuild it")
+    if with_parts:
+        load_part_list(index_dir, manifest)
     return manifest
 
 
+def load_part_list(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Put the part list (`parts-<gen>.json`, checked against the manifest's size and sha256) into the manifest:
+    manifest["parts"], and manifest["lookup"]["covers"]. A no-op when it is already there."""
+    if "parts" in manifest:
+        return
+    ref = manifest.get("parts_list") or {}
+    path = index_dir / ref.get("file", "")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise IndexFormatError(
+            f"{index_dir.name}/{ref.get('file')}: the manifest's part list is unreadable ({e.strerror or e}); if the "
+            "index was rewritten since it was opened (compact, build), open it again") from None
+    if len(data) != ref.get("size") or file_sha256_bytes(data) != ref.get("sha256"):
+        raise IndexFormatError(f"{index_dir.name}/{ref.get('file')}: does not match the manifest's size and sha256; "
+                               "run `provenance index verify` on the index")
+    listing = json.loads(data)
+    manifest["parts"] = listing["parts"]
+    if manifest.get("lookup") is not None:
+        manifest["lookup"]["covers"] = listing.get("lookup_covers", [])
+
+
+PART_LIST_PREFIX = "parts-"
+
+
 def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
-    """Recount and atomically replace the manifest: the moment a build, append, removal or compaction lands."""
+    """Recount and atomically replace the manifest: the moment a build, append, removal or compaction lands.
+
+    The part list (one entry per part) goes to a new `parts-<gen>.json` first, and manifest.json, which names it
+    with its size and sha256, replaces the old one by rename: opening reads manifest.json only, whose size does
+    not grow with the corpus; the part list is read on first use. The previous list is kept for readers that
+    opened the previous manifest; older ones are deleted."""
     parts = manifest["parts"]
     removed = int(manifest.get("tombstones", {}).get("count", 0))
     by_reason: dict[str, int] = {}
@@ -136,8 +168,23 @@ def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
                           "skipped": sum(p.get("skipped", 0) for p in parts), "skipped_by_reason": by_reason,
                           "parts": len(parts)}
     manifest["updated_at"] = _now()
-    atomic_write_text(index_dir / MANIFEST, json.dumps(manifest, indent=1, default=str))
+    on_disk = [int(p.name[len(PART_LIST_PREFIX):-5]) for p in index_dir.glob(f"{PART_LIST_PREFIX}*.json")
+               if p.name[len(PART_LIST_PREFIX):-5].isdigit()]
+    gen = max([int((manifest.get("parts_list") or {}).get("gen", -1)), *on_disk]) + 1
+    lookup = manifest.get("lookup")
+    listing = json.dumps({"parts": parts, "lookup_covers": (lookup or {}).get("covers", [])}, default=str)
+    name = f"{PART_LIST_PREFIX}{gen:06d}.json"
+    atomic_write_text(index_dir / name, listing)
+    data = listing.encode("utf-8")
+    manifest["parts_list"] = {"file": name, "gen": gen, "size": len(data), "sha256": file_sha256_bytes(data)}
+    head = {k: v for k, v in manifest.items() if k != "parts"}
+    if lookup is not None:
+        head["lookup"] = {k: v for k, v in lookup.items() if k != "covers"}
+    atomic_write_text(index_dir / MANIFEST, json.dumps(head, indent=1, default=str))
     fsync_dir(index_dir)
+    for g in on_disk:
+        if g < gen - 1:
+            (index_dir / f"{PART_LIST_PREFIX}{g:06d}.json").unlink(missing_ok=True)
 
 
 def new_manifest(index_dir: Path, specs: dict[str, DescriptorSpec], load_args: dict[str, Any],
@@ -327,49 +374,127 @@ def _remove_v1_files(index_dir: Path) -> None:
 # ------------------------------------------------------------------------------------ reading
 
 
+class _LazyParts:
+    """The index's parts as a sequence of PartReaders, each made on first access."""
+
+    def __init__(self, parts_dir: Path, entries: list[dict[str, Any]]):
+        self._dir = parts_dir
+        self._entries = entries
+        self._readers: list[PartReader | None] = [None] * len(entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, i: int) -> PartReader:
+        r = self._readers[i]
+        if r is None:
+            e = self._entries[i]
+            r = self._readers[i] = PartReader(self._dir / e["name"], int(e["n"]))
+        return r
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+@dataclass
+class _Layout:
+    """What the part list gives: readers, global row starts, removed rows per part, the merged lookup's cover."""
+
+    parts: _LazyParts
+    starts: np.ndarray  # (n_parts + 1,) int64: global row of each part's first row
+    removed: dict[int, np.ndarray]  # part index -> sorted removed rows
+    part_of_seq: dict[int, int]
+    unmerged: list[int]  # parts the merged lookup does not cover (appended since)
+    unmerged_set: set[int]
+    caption_tokens: int  # over every part (BM25's average caption length)
+
+    @classmethod
+    def of(cls, index_dir: Path, manifest: dict[str, Any], tombstones: list[dict[str, Any]]) -> _Layout:
+        entries = manifest["parts"]
+        starts = np.concatenate([[0], np.cumsum([int(e["n"]) for e in entries], dtype=np.int64)])
+        part_of = {e["name"]: i for i, e in enumerate(entries)}
+        removed: dict[int, list[int]] = {}
+        for t in tombstones:
+            if t["part"] in part_of:
+                removed.setdefault(part_of[t["part"]], []).append(int(t["row"]))
+        lk = manifest.get("lookup") or {}
+        covered = {int(s) for s in lk.get("covers", [])}
+        unmerged = [i for i, e in enumerate(entries) if int(e["name"][:6]) not in covered]
+        return cls(_LazyParts(index_dir / PARTS, entries), starts,
+                   {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()},
+                   {int(e["name"][:6]): i for i, e in enumerate(entries)}, unmerged, set(unmerged),
+                   sum(int(e.get("caption_tokens", 0)) for e in entries))
+
+
 class ProvenanceIndex:
     """A built index opened for search. Opening reads the manifest and tombstones; parts open on first use."""
 
     def __init__(self, index_dir: Path, manifest: dict[str, Any], use_gpu: bool | None = None):
         self.dir = Path(index_dir)
-        self.manifest = manifest
+        self._manifest = manifest  # without its part list until something needs the parts
         self.specs = specs_of(manifest)
-        entries = manifest["parts"]
-        self.parts = [PartReader(self.dir / PARTS / e["name"], int(e["n"])) for e in entries]
-        # (n_parts + 1,) int64: global row of each part's first row (O(parts), not O(items))
-        self._starts = np.concatenate([[0], np.cumsum([int(e["n"]) for e in entries], dtype=np.int64)])
         self._use_gpu = use_gpu
         self._tombstones = read_tombstones(self.dir, manifest)
-        part_of = {e["name"]: i for i, e in enumerate(entries)}
-        removed: dict[int, list[int]] = {}
-        for t in self._tombstones:
-            if t["part"] in part_of:
-                removed.setdefault(part_of[t["part"]], []).append(int(t["row"]))
-        self._removed = {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()}
         self._removed_ids = {t["id"] for t in self._tombstones}
         self._lock = threading.Lock()
-        # the merged lookup (write_merged_lookup) and which listed parts it covers; the others are probed one by one
         lk = manifest.get("lookup") or {}
         self._lookup_dir = self.dir / lk["dir"] if lk.get("dir") else None
         self._lookup_files = lk.get("files") or {}
-        self._part_of_seq = {int(e["name"][:6]): i for i, e in enumerate(entries)}
-        covered = {int(s) for s in lk.get("covers", [])}
-        self._unmerged = [i for i, e in enumerate(entries) if int(e["name"][:6]) not in covered]
-        self._unmerged_set = set(self._unmerged)
         self._merged: dict[str, np.ndarray] = {}
+        self._layout: _Layout | None = None
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> ProvenanceIndex:
+        """Read manifest.json and the tombstones: nothing that grows with the corpus (see module docstring)."""
         index_dir = Path(index_dir)
-        return cls(index_dir, read_manifest(index_dir), use_gpu=use_gpu)
+        return cls(index_dir, read_manifest(index_dir, with_parts=False), use_gpu=use_gpu)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The whole manifest, its part list included (read on first use)."""
+        self._lay  # noqa: B018
+        return self._manifest
+
+    @property
+    def _lay(self) -> _Layout:
+        if self._layout is None:
+            with self._lock:
+                if self._layout is None:
+                    load_part_list(self.dir, self._manifest)
+                    self._layout = _Layout.of(self.dir, self._manifest, self._tombstones)
+        return self._layout
+
+    @property
+    def parts(self) -> _LazyParts:
+        return self._lay.parts
+
+    @property
+    def _starts(self) -> np.ndarray:
+        return self._lay.starts
+
+    @property
+    def _removed(self) -> dict[int, np.ndarray]:
+        return self._lay.removed
+
+    @property
+    def _part_of_seq(self) -> dict[int, int]:
+        return self._lay.part_of_seq
+
+    @property
+    def _unmerged(self) -> list[int]:
+        return self._lay.unmerged
+
+    @property
+    def _unmerged_set(self) -> set[int]:
+        return self._lay.unmerged_set
 
     def __len__(self) -> int:
-        """Live items (rows less removed ones)."""
-        return int(self._starts[-1]) - sum(len(r) for r in self._removed.values())
+        """Live items (rows less removed ones), from the manifest's counts."""
+        return int(self._manifest["counts"]["indexed"])
 
     @property
     def n_rows(self) -> int:
-        return int(self._starts[-1])
+        return int(self._manifest["counts"]["rows"])
 
     @property
     def descriptor_names(self) -> list[str]:
@@ -687,7 +812,7 @@ class ProvenanceIndex:
         if not cand:
             return []
         n_docs = self.n_rows
-        tokens = sum(int(e.get("caption_tokens", 0)) for e in self.manifest["parts"])
+        tokens = self._lay.caption_tokens
         scores = _bm25(terms, [c[2] for c in cand], df, n_docs, tokens / max(1, n_docs))
         order = sorted(range(len(cand)), key=lambda i: (-scores[i], cand[i][0], cand[i][1]))[:k]
         out = []

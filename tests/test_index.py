@@ -214,7 +214,7 @@ def test_killed_build_leaves_previous_index_usable(built, coco_dir, flickr_shard
 
     with IndexWriteLock(idx_dir):  # the killed process's flock went with it
         pass
-    assert ProvenanceIndex.open(idx_dir).manifest["parts"] == json.loads(manifest_before)["parts"]
+    assert ProvenanceIndex.open(idx_dir).manifest["parts_list"] == json.loads(manifest_before)["parts_list"]
 
 
 def test_clip_index_text_search_and_caption_embeddings(coco_dir, tmp_path):

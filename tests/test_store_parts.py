@@ -464,15 +464,20 @@ def test_build_reports_every_skipped_path_with_its_true_reason(coco_dir, tmp_pat
 
 def test_scan_names_a_fifo_and_a_huge_file_without_hanging_or_reading_them(parts_index, coco_dir, tmp_path):
     _odd_files(tmp_path, sorted(coco_dir.glob("*.jpg"))[0])
-    cmd = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = ['provenance'] + sys.argv[1:]; "
-           "exec('try:\\n runpy.run_module(\"provenance.cli\", run_name=\"__main__\")\\nfinally:\\n "
-           "print(\"maxrss\", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)')",
-           "scan", str(tmp_path / "fifo.jpg"), str(tmp_path / "big.png"), "--index", str(parts_index),
-           "--format", "jsonl", "--no-visible", "--no-invisible"]
-    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    import tracemalloc
+
+    from provenance.errors import FileUnreadableError
+    from provenance.images import read_bytes
+
+    cmd = [sys.executable, "-m", "provenance.cli", "scan", str(tmp_path / "fifo.jpg"), str(tmp_path / "big.png"),
+           "--index", str(parts_index), "--format", "jsonl", "--no-visible", "--no-invisible"]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     recs = {json.loads(line)["path"]: json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")}
     assert r.returncode == 3, r.stderr
     assert "FIFO" in recs[str(tmp_path / "fifo.jpg")]["error"]
     assert "limit" in recs[str(tmp_path / "big.png")]["error"]
-    maxrss_kb = int(r.stderr.split("maxrss")[-1].split()[0])
-    assert maxrss_kb < 1_000_000  # the 1 GB file was never read
+    tracemalloc.start()
+    with pytest.raises(FileUnreadableError, match="over the .*-byte limit"):
+        read_bytes(tmp_path / "big.png")
+    assert tracemalloc.get_traced_memory()[1] < 1 << 20  # refused from its size: the 1 GB was never read
+    tracemalloc.stop()
