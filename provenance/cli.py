@@ -332,7 +332,7 @@ def scan(
             task = bar.add_task("scan", total=len(files))
             records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:
-        _fail(e)
+        _fail(e, _index_error_code(e))  # a broken index file: 4
     write_report(records, fmt, output, thumbnails=scanner.index.thumbnail)  # output None = stdout
     if output is not None:
         console.print(f"wrote {fmt} report for {len(records)} images to {output}")
