@@ -391,6 +391,9 @@ def test_verify_names_a_truncated_file_and_search_refuses_it(index_copy, coco_di
     assert "thumbnails.bin: sha256 differs" in _out(r)
     with pytest.raises(IndexFormatError, match="sscd.f16.npy"):
         Searcher.open(index_copy).search_image(load_image(sorted(coco_dir.glob("*.jpg"))[0]).image, k=3)
+    r = runner.invoke(app, ["scan", str(sorted(coco_dir.glob("*.jpg"))[0]), "--index", str(index_copy),
+                            "--no-visible", "--no-invisible", "--format", "jsonl"])
+    assert r.exit_code == 4 and "sscd.f16.npy" in _out(r) and "index verify" in _out(r), r.output
 
 
 def test_a_truncated_faiss_file_keeps_the_server_unready_and_healthz_names_it(index_copy):
