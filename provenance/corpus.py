@@ -275,6 +275,10 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
                     id_column: str | None = None, split: str | None = None) -> Iterator[CorpusItem]:
     """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder."""
     datasets = require("datasets", "a Hugging Face dataset corpus")
+
+    from provenance.errors import FileUnreadableError
+    from provenance.images import read_bytes
+
     try:
         if Path(location).is_dir():
             ds = datasets.load_from_disk(location)
@@ -315,19 +319,18 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
     for i, row in enumerate(ds):
         item_id = str(row[id_column]) if id_column else f"{split}/{i}"
         value = row[image_column]
-        data, err, source = None, None, f"{location}[{split}][{i}]"
-        if isinstance(value, dict):
-            data = value.get("bytes")
-            if data is None and value.get("path"):
-                try:
-                    data = Path(value["path"]).read_bytes()
-                    source = value["path"]
-                except OSError as e:
-                    err = f"cannot read {value['path']} ({e.strerror or e})"
+        data, err, kind, source = None, None, None, f"{location}[{split}][{i}]"
+        path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else (
+            value if isinstance(value, str) else None)
+        if isinstance(value, dict) and value.get("bytes") is not None:
+            data = value["bytes"]
         elif isinstance(value, (bytes, bytearray)):
             data = bytes(value)
-        elif isinstance(value, str) and Path(value).is_file():
-            data, source = Path(value).read_bytes(), value
+        elif path:
+            try:  # a regular file of bounded size only (a FIFO or a huge file is a skip with its reason)
+                data, source = read_bytes(path), path
+            except FileUnreadableError as e:
+                err, kind = str(e), getattr(e, "reason_kind", "unreadable")
         else:
             err = f"unsupported image value of type {type(value).__name__}"
         if data is None and err is None:
@@ -337,7 +340,7 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
                  if k not in (image_column, caption_column, id_column) and _jsonable(v)}
         license_ = extra.pop("license", None)
         yield CorpusItem(item_id, data, str(caption) if caption is not None else None, source,
-                         str(license_) if license_ else None, extra, error=err)
+                         str(license_) if license_ else None, extra, error=err, error_kind=kind)
 
 
 def _jsonable(v: Any) -> bool:
