@@ -185,14 +185,16 @@ def iter_image_paths(inputs: list[str]) -> list[Path]:
     seen: dict[Path, None] = {}
     for item in inputs:
         p = Path(item)
+        # image-named entries that are not regular files (dangling links, loops, FIFOs) are kept: reading them
+        # gives their true reason instead of a silent skip
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
+                if f.suffix.lower() in IMAGE_EXTENSIONS and not f.is_dir():
                     seen.setdefault(f, None)
         elif any(ch in item for ch in "*?["):
             for g in sorted(glob.glob(item, recursive=True)):
                 gp = Path(g)
-                if gp.is_file() and gp.suffix.lower() in IMAGE_EXTENSIONS:
+                if gp.suffix.lower() in IMAGE_EXTENSIONS and not gp.is_dir():
                     seen.setdefault(gp, None)
         else:
             seen.setdefault(p, None)

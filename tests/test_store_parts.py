@@ -484,3 +484,11 @@ def test_scan_names_a_fifo_and_a_huge_file_without_hanging_or_reading_them(parts
         read_bytes(tmp_path / "big.png")
     assert tracemalloc.get_traced_memory()[1] < 1 << 20  # refused from its size: the 1 GB was never read
     tracemalloc.stop()
+
+
+def test_scan_of_a_folder_reports_its_odd_entries_instead_of_dropping_them(tmp_path, coco_dir):
+    from provenance.images import iter_image_paths
+
+    _odd_files(tmp_path, sorted(coco_dir.glob("*.jpg"))[0])
+    names = {p.name for p in iter_image_paths([str(tmp_path)])}
+    assert names == {"ok.jpg", "fifo.jpg", "loop.jpg", "dangling.jpg", "big.png"}
