@@ -68,7 +68,7 @@ PARTS = "parts"
 TOMBSTONES = "tombstones.jsonl"
 VECTOR_NAMES = ("sscd", "clip", "clip_text", "pdq")
 DEFAULT_PART_SIZE = 10_000  # items per part for folders and datasets (img2dataset's default shard size)
-CAPTION_CANDIDATES = 50  # per part, before the global BM25 re-scoring (see `search_caption`)
+CAPTION_CANDIDATES = 200  # over all parts (at least k per part), before the global BM25 re-scoring (`search_caption`)
 BM25_K1, BM25_B = 1.2, 0.75  # FTS5's bm25() constants
 _V1_FILES = ("metadata.parquet", "captions.sqlite", "thumbnails.bin", "skipped.jsonl")
 
@@ -780,8 +780,8 @@ class ProvenanceIndex:
         """Full-text search of captions: words are ANDed, quotes keep phrases, `word*` is a prefix.
 
         BM25 scores of separate FTS5 tables are not comparable (each has its own document count, term
-        frequencies and average length), so: each part proposes its CAPTION_CANDIDATES best (by its own
-        bm25), and the union is re-scored with FTS5's own BM25 formula over corpus-wide statistics (rows and
+        frequencies and average length), so: each part proposes its best (by its own bm25; at least k, and
+        CAPTION_CANDIDATES over all parts), and the union is re-scored with FTS5's own BM25 formula over corpus-wide statistics (rows and
         tokens from the manifest, each term's document frequency counted in every part). On one part the
         scores are FTS5's bm25() (negated: higher = better). A document outside every part's candidates
         cannot be returned: with several parts the top k is exact when each part's local order agrees.
@@ -798,7 +798,9 @@ class ProvenanceIndex:
                 continue
             con = part.db()
             removed = self._removed.get(pi)
-            limit = max(k, CAPTION_CANDIDATES) + (0 if removed is None else len(removed))
+            # CAPTION_CANDIDATES over all parts, at least k from each (the global top k is among them when
+            # each part's local order agrees with the global one)
+            limit = max(k, -(-CAPTION_CANDIDATES // len(self.parts))) + (0 if removed is None else len(removed))
             try:
                 hits = con.execute(
                     "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
