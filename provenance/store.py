@@ -1,19 +1,22 @@
 """The on-disk index (`indexes/<name>/`): a manifest over immutable parts, tombstones, one writer at a time.
 
 Layout (format 2):
-  manifest.json        format version, descriptors (model id, checksum, dim, load args), counts, source, builds,
-                       and the ordered list of parts (name, rows, skipped, caption tokens): global row g is row
-                       g - start(p) of the part p whose range holds it
+  manifest.json        format version, descriptors (model id, checksum, dim, load args), counts, source, builds, and
+                       the size and sha256 of each small file below: its size does not grow with the corpus
+  parts-<gen>.json     the ordered part list (name, rows, skips, caption tokens): global row g is row g - start(p)
+                       of the part p whose range holds it. Read on first use, not on open
   tombstones.jsonl     removed items (id, part, row, time), honoured by every search; `compact` drops them
+  lookup-<gen>/        every part's sorted id and sha256 hashes merged (one binary search per lookup), written by
+                       builds and `compact`; parts appended since are searched one by one
   .lock                the writer lock (`provenance.locking`): build, append, remove, compact, upgrade
   parts/<name>/        one part per input shard or chunk of items (`provenance.parts` describes its files)
 
-Only `manifest.json` and `tombstones.jsonl` are ever rewritten (atomically, by rename). A build or an append
-writes new part folders and then commits a manifest that lists them; a part folder not listed by the manifest
-is either an interrupted build's work (adopted by its resume) or garbage (deleted by the next writer).
+Part folders are never modified. A build or an append writes new part folders, then commits: a new part list
+and lookup, then manifest.json by rename. A part folder the manifest does not list is an interrupted build's work
+(adopted by its resume) or garbage (deleted by the next writer).
 
-Opening reads the manifest and the tombstones only: no part file is touched until a search, a lookup or a
-row read needs it, so opening costs the same at 10M items as at 10k (bench/bench_index_open.py).
+Opening reads manifest.json and the tombstones only, so it costs the same at 10M items as at 10k
+(bench/bench_index_open.py); no part file is touched until a search, a lookup or a row read needs it.
 """
 
 from __future__ import annotations
