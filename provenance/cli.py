@@ -117,7 +117,8 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory."
         return
     c = m["counts"]
     out.print(f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})")
-    out.print(f"source: {m['source']['kind']} {m['source']['location']}")
+    source = m.get("source") or {}
+    out.print(f"source: {source.get('kind', '-')} {source.get('location', '')}")
     removed = f", {c['removed']} removed (index compact drops them)" if c.get("removed") else ""
     out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}{removed}; "
               f"{len(m['parts'])} parts")
