@@ -120,7 +120,8 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory."
     source = m.get("source") or {}
     out.print(f"source: {source.get('kind', '-')} {source.get('location', '')}")
     removed = f", {c['removed']} removed (index compact drops them)" if c.get("removed") else ""
-    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped {c['skipped_by_reason'] or ''}{removed}; "
+    by_reason = f" {c['skipped_by_reason']}" if c["skipped_by_reason"] else ""
+    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped{by_reason}{removed}; "
               f"{len(m['parts'])} parts")
     # the factory string ("IVF4096(SQ8),PQ256x4fs,Refine(SQ8)") has no spaces: fold it, not "…"
     t = Table("descriptor", "model", "dim", "metric", Column("FAISS index", overflow="fold"),
