@@ -20,8 +20,9 @@ Reading (the same for every scheme, which are data in `SCHEMES`):
   * hypotheses about what happened to the image since it was marked: as is; (chroma schemes only)
     decoded from a 4:2:0 JPEG, whose chroma upsampling we invert; and resized back to a standard
     generator size of the same aspect ratio when the image is up to 4x larger than one (optional:
-    `try_resized`). Each scheme's p-value is the exact binomial tail of its agreeing fixed bits
-    times the number of (hypothesis, read-out) pairs tried (Bonferroni), so a clean image passes
+    `try_resized`); and, for SDXL, the encoder's colour domain (float or 8-bit). Each scheme's p-value
+    is the exact binomial tail of its agreeing fixed bits times the number of (hypothesis, domain,
+    read-out) triples tried (Bonferroni), so a clean image passes
     `DETECTION_P_VALUE` = 1e-6 with probability <= 1e-6 per scheme;
   * optionally (`try_cropped`), the image as a crop of a marked one: every block-grid offset, the
     original's width and the payload's phase (`_crop_search`), with those tests in its own
@@ -32,8 +33,11 @@ Schemes:
     CompVis / Stability txt2img scripts: `WatermarkEncoder().set_watermark('bytes', ...)` then
     `encode(bgr_uint8, 'dwtDct')`); ``sd-v2``: the same with b"SDV2" (32 bits).
   * ``sdxl``: the 48 bits 101100111110110010010000011110111011000110011110 in U, step 36, written
-    by diffusers' `StableDiffusionXLWatermarker` on a float image in 0..255, for which OpenCV puts U
-    around 0.5 instead of 128; we read it in that float domain (`offset` below).
+    by diffusers' `StableDiffusionXLWatermarker` (and generative-models') on a float image in 0..255,
+    for which OpenCV puts U around 0.5 instead of 128, and by other tools on the 8-bit image, where
+    U is around 128. The two lattices differ (256 mod 36 = 4, and values below the centre fold the
+    other way under |v|), so read in the wrong domain about 15% of the blocks vote wrong and a
+    384x384 image keeps too few right bits; we read it in both (`offsets` below).
   * ``provenance`` (ours, written by `embed_provenance_mark`): 112 bits in the luma channel Y,
     step 20, PSNR about 51 dB (of the steps 16-32 we tried, 20 survived JPEG q60-q90 best):
       bits   0..63   magic  bc0619ab9e8e0f07 (sha256(b"provenance-mark-v1")[:8]); detection is the
@@ -116,8 +120,9 @@ class MarkScheme:
     length: int  # payload length in bits; LL block k carries bit k % length
     channel: Literal["Y", "U"]
     # Added to LL coefficients before reading: 2 x the colour offset the encoder's channel had
-    # (LL = 2 x the 2x2 mean), e.g. U = 128 for an 8-bit encode, 0.5 for a float one.
-    offset: float
+    # (LL = 2 x the 2x2 mean), e.g. U = 128 for an 8-bit encode, 0.5 for a float one. One entry per
+    # way the scheme's encoder is run in practice; each is a hypothesis, in the Bonferroni factor.
+    offsets: tuple[float, ...]
     step: float  # the quantisation step (invisible-watermark's `scales` entry for the channel)
     # Turns the soft sums of the payload bits after the fixed ones, (length - n,) float, into the
     # reported payload string, or None when they do not decode reliably.
@@ -160,13 +165,20 @@ def _read_provenance_run_id(soft: np.ndarray) -> str | None:
     return None
 
 
+# LL offsets of U: an 8-bit encode (U = 128 + ..., and imwatermark writes the float channel back into
+# a uint8 array, truncating each pixel by 0.5 on average, i.e. LL by 1) and a float one (U = 0.5 + ...).
+_U8_OFFSET = 256.0 + 1.0
+_FLOAT_OFFSET = 1.0
+
 SCHEMES: tuple[MarkScheme, ...] = (
-    # +1: imwatermark writes the float channel back into a uint8 array, truncating each pixel by 0.5
-    # on average, i.e. LL by 1.
-    MarkScheme("sd-v1", _bytes_bits(b"StableDiffusionV1"), 136, "U", 256.0 + 1.0, 36.0),
-    MarkScheme("sd-v2", _bytes_bits(b"SDV2"), 32, "U", 256.0 + 1.0, 36.0),
-    MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U", 1.0, 36.0),
-    MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", 0.0, PROVENANCE_STEP, _read_provenance_run_id),
+    MarkScheme("sd-v1", _bytes_bits(b"StableDiffusionV1"), 136, "U", (_U8_OFFSET,), 36.0),
+    MarkScheme("sd-v2", _bytes_bits(b"SDV2"), 32, "U", (_U8_OFFSET,), 36.0),
+    # SDXL's bits are written both ways: diffusers and Stability's generative-models encode the float
+    # image; tools that mark a saved 8-bit image (the CompVis-script way) encode uint8. Read in the
+    # wrong domain the lattice and the signs of about half the blocks flip (issue 31), so both are tried.
+    MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U",
+               (_FLOAT_OFFSET, _U8_OFFSET), 36.0),
+    MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", (0.0,), PROVENANCE_STEP, _read_provenance_run_id),
 )
 
 
@@ -257,7 +269,7 @@ def detect_invisible_marks(
     if image.mode != "RGB":
         image = image.convert("RGB")
     hypotheses = _hypotheses(image, try_resized)
-    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}
+    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}  # x offsets
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
@@ -272,25 +284,26 @@ def detect_invisible_marks(
             n_blocks = coeffs.shape[1]
             if n_blocks < scheme.length:
                 continue
-            key = (h.name, scheme.channel, scheme.offset, scheme.step)
-            if key not in soft_cache:  # sd-v1 and sd-v2 read the same block values
-                soft_cache[key] = _block_soft(coeffs, scheme.offset, scheme.step)
             ikey = (first, n_blocks, scheme.length)
             if ikey not in index_cache:
                 index_cache[ikey] = (first + np.arange(n_blocks)) % scheme.length
             bit_index = index_cache[ikey]
-            for readout, soft in zip(_READOUTS, soft_cache[key]):
-                sums = np.bincount(bit_index, weights=soft, minlength=scheme.length)  # (length,)
-                agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
-                # Ties (e.g. all fixed bits right under two read-outs) go to the read-out whose fixed
-                # bits are most clearly right, whose payload bits are then the most reliable too.
-                head = sums[: scheme.n_fixed]
-                clarity = float(np.sum(np.where(fixed, head, -head)) / (np.sum(np.abs(head)) + 1e-9))
-                if best is None or (agree, clarity) > best[0]:
-                    best = ((agree, clarity), f"{h.name}, {readout}", sums)
+            for offset in scheme.offsets:
+                key = (h.name, scheme.channel, offset, scheme.step)
+                if key not in soft_cache:  # sd-v1, sd-v2 and sdxl's 8-bit reading share block values
+                    soft_cache[key] = _block_soft(coeffs, offset, scheme.step)
+                for readout, soft in zip(_READOUTS, soft_cache[key]):
+                    sums = np.bincount(bit_index, weights=soft, minlength=scheme.length)  # (length,)
+                    agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
+                    # Ties (e.g. all fixed bits right under two read-outs) go to the read-out whose fixed
+                    # bits are most clearly right, whose payload bits are then the most reliable too.
+                    head = sums[: scheme.n_fixed]
+                    clarity = float(np.sum(np.where(fixed, head, -head)) / (np.sum(np.abs(head)) + 1e-9))
+                    if best is None or (agree, clarity) > best[0]:
+                        best = ((agree, clarity), f"{h.name}, offset {offset:g}, {readout}", sums)
         p = 1.0
         if best is not None:
-            p = min(1.0, binomial_p_value(best[0][0], scheme.n_fixed) * tried[scheme.channel])
+            p = min(1.0, binomial_p_value(best[0][0], scheme.n_fixed) * tried[scheme.channel] * len(scheme.offsets))
         if try_cropped:
             if crops is None:
                 crops = _crop_search(image)
@@ -324,8 +337,8 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
     within it), the payload's phase (block k of the original carries bit k % length), and the row stride of the
     block numbering (the original's width in blocks). So: each of the 64 grid offsets (the image cut by 0-7 pixels
     at the left and top); for each, the crop's own width and every wider GENERATOR_SIZES width as the original's;
-    for each, every phase of the payload (one matrix product scores them all). The tests made (offsets x widths x
-    read-outs x phases) are the scheme's Bonferroni factor.
+    for each, every phase of the payload (one matrix product scores them all). The tests made (grid offsets x widths x
+    colour domains x read-outs x phases) are the scheme's Bonferroni factor.
     """
     w, h = image.size
     if w < 8 or h < 8:
@@ -354,14 +367,16 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                 length = scheme.length
                 if n < length:
                     continue
-                key = (scheme.channel, scheme.offset, scheme.step)
-                if key not in soft_cache:
-                    soft_cache[key] = _block_soft(blocks[scheme.channel], scheme.offset, scheme.step)
                 # every width at once: block j's bit (up to the unknown phase) under width w, in bins w * length + bit
                 position = ((rows[None, :] * widths[:, None] + cols[None, :]) % length
                             + length * np.arange(len(widths))[:, None]).ravel()
                 phase_index, signs, mask = _phase_tables(scheme)
-                for soft in soft_cache[key]:
+                for offset in scheme.offsets:
+                    key = (scheme.channel, offset, scheme.step)
+                    if key not in soft_cache:
+                        soft_cache[key] = _block_soft(blocks[scheme.channel], offset, scheme.step)
+                softs = [soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]]
+                for soft in softs:
                     sums = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
                     sums = sums.reshape(len(widths), length)  # (widths, position)
                     # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
