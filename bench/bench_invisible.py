@@ -1,6 +1,13 @@
 """Benchmark of invisible-watermark detection: detection rate per scheme and condition, false positives, speed.
 
     .venv/bin/python bench/bench_invisible.py [--marked 200] [--out bench/results/invisible.md]
+    .venv/bin/python bench/bench_invisible.py --only-sizes [--sizes 256,384,512,768,1024]
+
+Per image size (`--sizes`, the section `--only-sizes` rewrites alone in the results file): the 121 real photos
+(51 COCO, 70 Open Images up to 2048x1536) resized to size x size, marked by each scheme's encoder (SDXL both as
+diffusers writes it, on the float image, and on the 8-bit image), saved as PNG and JPEG q90; our detection rate
+against the plain invisible-watermark decoder's at the same p threshold on the same images; and the clean false
+detections at that size (1,000 Flickr8k photos, dev then non-members, resized from 224 px, plus the 121 real ones).
 
 Marked set: `--marked` Flickr8k-dev photos (224x224, upscaled to 512x512 as SD outputs are) plus the
 51 COCO photos at native size (~640x427). Each gets each scheme's mark the way its real encoder
@@ -79,6 +86,13 @@ def sdxl(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(np.clip(rgb / 255, 0, 1) * 255).astype(np.uint8))
 
 
+def sdxl_8bit(image: Image.Image) -> Image.Image:
+    """SDXL's bits written on the 8-bit BGR image, the CompVis-script way (tools that mark saved images)."""
+    enc = WatermarkEncoder()
+    enc.set_watermark("bits", SDXL_BITS)
+    return Image.fromarray(enc.encode(cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR), "dwtDct")[:, :, ::-1])
+
+
 RUN_ID = 0x5EED1234
 EMBEDDERS = {
     "sd-v1": lambda im: compvis(im, "StableDiffusionV1"),
@@ -109,12 +123,214 @@ def stock_detected(image: Image.Image, scheme: str) -> bool:
     """Plain invisible-watermark decoding with the same p-value rule (one hypothesis, no correction)."""
     s = next(s for s in SCHEMES if s.name == scheme)
     bgr = cv2.cvtColor(np.array(image), cv2.COLOR_RGB2BGR)
-    bits = np.asarray(WatermarkDecoder("bits", s.length).decode(bgr, "dwtDct"), dtype=np.uint8)
+    scales = [s.step, 0, 0] if s.channel == "Y" else [0, s.step, 0]
+    bits = np.asarray(WatermarkDecoder("bits", s.length).decode(bgr, "dwtDct", scales=scales), dtype=np.uint8)
     agree = int(np.sum(bits[: s.n_fixed] == np.asarray(s.fixed_bits)))
     return binomial_p_value(agree, s.n_fixed) <= DETECTION_P_VALUE
 
 
 # -- runs -------------------------------------------------------------------------------------------
+
+
+def module_at(ref: str):
+    """provenance.watermarks.invisible as it was at git `ref`, imported under another name (a same-run baseline)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:provenance/watermarks/invisible.py"],
+                         check=True, capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "invisible_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("invisible_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["invisible_baseline"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cpu_section(args) -> str:
+    """CPU per image of reading invisible marks, against a baseline version in the same run, and its share of a scan.
+
+    The scan is the default `provenance scan` (Scanner with default ScanOptions) against an index built from
+    coco-cc; detect_invisible_marks is wrapped to add up its thread CPU time (the scan reads in worker threads).
+    """
+    import tempfile
+
+    import provenance.watermarks.invisible as current
+    from provenance.indexer import BuildOptions, build
+    from provenance.scan import ScanOptions, Scanner
+
+    base = module_at(args.baseline_ref)
+    coco_files = sorted((DATA / "coco-cc").glob("*.jpg"))
+    hires_files = [p for p in sorted((DATA / "openimages-hires").glob("*.jpg"))
+                   if Image.open(p).size in ((2048, 1536), (1536, 2048))]
+    tmp = Path(tempfile.mkdtemp())
+    sq_files = []
+    for p in coco_files:  # 512x512 PNGs, as a generator writes them
+        sq_files.append(tmp / f"{p.stem}.png")
+        Image.open(p).convert("RGB").resize((512, 512), Image.Resampling.LANCZOS).save(sq_files[-1])
+    sets = {"512x512 PNG": sq_files, "COCO JPEG (~640x427)": coco_files, "2048x1536 JPEG": hires_files}
+
+    # 1. detect_invisible_marks alone, both versions, same images, interleaved passes; outputs compared
+    rows, same = [], True
+    for name, files in sets.items():
+        images = [decode_image(p.read_bytes(), str(p)).image for p in files]
+        for im in images:
+            a = base.detect_invisible_marks(im, include_undetected=True)
+            b = current.detect_invisible_marks(im, include_undetected=True)
+            same &= [(m.scheme, round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload) for m in a] == \
+                [(m.scheme, round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload) for m in b]
+        times = {"base": [], "new": []}
+        for _ in range(3):
+            for key, mod in (("base", base), ("new", current)):
+                t = time.process_time()
+                for im in images:
+                    mod.detect_invisible_marks(im)
+                times[key].append((time.process_time() - t) / len(images) * 1000)
+        rows.append((name, len(images), float(np.median(times["base"])), float(np.median(times["new"]))))
+
+    # 2. its share of a whole default scan
+    index = Path(args.scan_index)
+    if not (index / "manifest.json").exists():
+        build(str(DATA / "coco-cc"), index, BuildOptions())
+    spent = [0.0, 0]
+    real = current.detect_invisible_marks
+
+    def timed(*a, **kw):
+        t = time.thread_time()
+        out = real(*a, **kw)
+        spent[0] += time.thread_time() - t  # += on floats under the GIL: at worst a lost add, not a crash
+        spent[1] += 1
+        return out
+
+    scanner = Scanner.open(index, ScanOptions())
+    scanner.scan_paths(coco_files[:8])  # warm-up: models loaded, threads started
+    share = []
+    current.detect_invisible_marks = timed
+    try:
+        for name, files in sets.items():
+            spent[:] = [0.0, 0]
+            t = time.process_time()
+            records = scanner.scan_paths(files)
+            cpu = (time.process_time() - t) / len(files) * 1000
+            assert not [r for r in records if r.verdict == "error"]
+            share.append((name, len(files), cpu, spent[0] / max(1, spent[1]) * 1000))
+    finally:
+        current.detect_invisible_marks = real
+
+    lines = ["<!-- cpu -->", "## CPU of reading invisible marks, alone and within a scan", "",
+             f"Command: `.venv/bin/python bench/bench_invisible.py --only-cpu --baseline-ref {args.baseline_ref}`  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, 24 GB, shared "
+             "(other jobs running), no GPU. CPU time, so the load of other jobs matters less than for wall time.", "",
+             f"`detect_invisible_marks` (default options), single thread, median of 3 interleaved passes; baseline = "
+             f"the module at `{args.baseline_ref}`, loaded in the same process. Same outputs on every image "
+             f"(schemes, bit accuracies, p-values to 6 digits, payloads): **{'yes' if same else 'NO'}**.", "",
+             "| images | n | baseline ms/image | this version ms/image |", "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {k} | {b:.2f} | {c:.2f} |" for n, k, b, c in rows]
+    lines += ["", "Within a default scan (`Scanner` with default `ScanOptions`, index built from coco-cc with the "
+              "default descriptors; process CPU time of `scan_paths`, all threads; the invisible reading's thread CPU):",
+              "", "| images | n | scan CPU ms/image | invisible marks ms/image | share |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {k} | {c:.1f} | {i:.2f} | {100 * i / c:.1f}% |" for n, k, c, i in share]
+    lines += ["", "<!-- /cpu -->", ""]
+    return "\n".join(lines)
+
+
+SIZE_SCHEMES = {  # row label -> (scheme name, embedder)
+    "sd-v1": ("sd-v1", EMBEDDERS["sd-v1"]),
+    "sdxl (diffusers, float)": ("sdxl", sdxl),
+    "sdxl (8-bit image)": ("sdxl", sdxl_8bit),
+    "provenance": ("provenance", EMBEDDERS["provenance"]),
+}
+SIZE_CONDITIONS = ("PNG", "JPEG q90")
+
+
+def square(images: list[Image.Image], size: int) -> list[Image.Image]:
+    """Each image resized to size x size: Lanczos when shrinking (as a pipeline or a site would), bicubic when growing."""
+    return [im.resize((size, size), Image.Resampling.LANCZOS if min(im.size) >= size else Image.Resampling.BICUBIC)
+            for im in images]
+
+
+def per_size(sizes: list[int], real: list[Image.Image], clean_small: list[Image.Image]) -> dict[int, dict]:
+    """{size: {"rates": {(row, cond): (ours hits, plain hits, n)}, "cross": n, "clean": (n, flagged, min p)}}."""
+    out = {}
+    for size in sizes:
+        t = time.time()
+        marked_sources = square(real, size)
+        rates: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        cross = 0
+        for src in marked_sources:
+            for row, (scheme, embed) in SIZE_SCHEMES.items():
+                marked = embed(src)
+                for cond in SIZE_CONDITIONS:
+                    im = CONDITIONS[cond](marked)
+                    found = {m.scheme for m in detect_invisible_marks(im)}
+                    r = rates[(row, cond)]
+                    r[0] += scheme in found
+                    r[1] += stock_detected(im, scheme)
+                    r[2] += 1
+                    cross += bool(found - {scheme})
+        clean = square(clean_small, size) + marked_sources
+        flagged, min_p = [], {sc.name: 1.0 for sc in SCHEMES}
+        for i, im in enumerate(clean):
+            for m in detect_invisible_marks(im, include_undetected=True):
+                min_p[m.scheme] = min(min_p[m.scheme], m.p_value)
+                if m.p_value <= DETECTION_P_VALUE:
+                    flagged.append((i, m.scheme, m.p_value))
+        out[size] = {"rates": dict(rates), "cross": cross, "clean": (len(clean), flagged, min_p)}
+        print(f"  size {size}: {time.time() - t:.0f} s, {len(flagged)} clean flagged", flush=True)
+    return out
+
+
+def size_section(args, res: dict[int, dict], n_real: int, n_small: int, elapsed: float) -> str:
+    lines = [
+        "<!-- per-size -->",
+        "## Per image size: our reading against the plain decoder (issue 31)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_invisible.py --only-sizes --sizes {args.sizes}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, 24 GB, shared, "
+        f"no GPU, single-threaded; this section took {elapsed / 60:.1f} min.  ",
+        f"Marked: the {n_real} real photos (51 COCO ~640x427, 70 Open Images up to 2048x1536) resized to size x size "
+        "(Lanczos down, bicubic up), marked by each scheme's encoder: SD v1 = the CompVis script (8-bit image); "
+        "SDXL as diffusers writes it (float image, checked against diffusers by the tests) and the same bits "
+        "written on the 8-bit image (the way issue 31's set was made); ours = `embed_provenance_mark`. "
+        f"Detected = p <= {DETECTION_P_VALUE:g}. Plain = invisible-watermark's `WatermarkDecoder.decode` (hard bits, "
+        "the scheme's channel and step), the same exact binomial test on the fixed bits, with no correction.",
+        "",
+        "| size | scheme | PNG: ours | PNG: plain | JPEG q90: ours | JPEG q90: plain |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for size, r in res.items():
+        for row in SIZE_SCHEMES:
+            cells = []
+            for cond in SIZE_CONDITIONS:
+                ours, plain, n = r["rates"][(row, cond)]
+                cells += [f"{100 * ours / n:.1f}%", f"{100 * plain / n:.1f}%"]
+            lines.append(f"| {size} | {row} | " + " | ".join(cells) + " |")
+    n0 = next(iter(res.values()))["rates"][(next(iter(SIZE_SCHEMES)), "PNG")][2]
+    lines += ["", f"n = {n0} marked photos per size, scheme and condition. Marked images flagged with another "
+              "scheme as well: " + ", ".join(f"{s}: {r['cross']}" for s, r in res.items()) + ".", "",
+              f"Clean photos ({n_small} Flickr8k photos resized from 224 px, dev then non-members, plus the "
+              f"{n_real} real photos unmarked), read as the scan reads them:", "",
+              "| size | clean photos | flagged | min p (" + " / ".join(s.name for s in SCHEMES) + ") |",
+              "|---|---:|---:|---|"]
+    for size, r in res.items():
+        n, flagged, min_p = r["clean"]
+        lines.append(f"| {size} | {n} | {len(flagged)} | " + " / ".join(f"{min_p[s.name]:.2g}" for s in SCHEMES) + " |")
+    lines += ["", "<!-- /per-size -->", ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str, tag: str = "per-size") -> None:
+    """Put a `<!-- tag -->` section into the results file, replacing the previous one (the rest is kept)."""
+    text = path.read_text() if path.exists() else ""
+    start, end = text.find(f"<!-- {tag} -->"), text.find(f"<!-- /{tag} -->")
+    if start >= 0 and end > start:
+        text = text[:start] + section + text[end + len(f"<!-- /{tag} -->\n"):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def detection(marked_sources: list[Image.Image], with_stock: bool) -> tuple[dict, dict, dict]:
@@ -185,8 +401,30 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "invisible.md")
     ap.add_argument("--no-stock", action="store_true", help="skip the plain invisible-watermark baseline")
     ap.add_argument("--clean-limit", type=int, default=None, help="use only this many clean photos per set (quick runs)")
+    ap.add_argument("--sizes", default="256,384,512,768,1024", help="image sides for the per-size section")
+    ap.add_argument("--only-sizes", action="store_true", help="run only the per-size section and rewrite it alone")
+    ap.add_argument("--real-limit", type=int, default=None, help="use only this many real photos per size (quick runs)")
+    ap.add_argument("--only-cpu", action="store_true", help="run only the CPU section (baseline vs this version, "
+                    "share of a scan) and rewrite it alone")
+    ap.add_argument("--baseline-ref", default="main", help="git ref of the invisible.py to time against")
+    ap.add_argument("--scan-index", default="/tmp/provenance-bench-coco-index",
+                    help="index of coco-cc for the scan share (built there when missing)")
     args = ap.parse_args()
     t0 = time.time()
+    if args.only_cpu:
+        section = cpu_section(args)
+        print(section)
+        write_section(args.out, section, "cpu")
+        return
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    real = (folder("coco-cc") + folder("openimages-hires"))[: args.real_limit]
+    clean_small = (flickr_dev()[:500] + folder("flickr8k-nonmember")[:500])[: args.clean_limit]
+    res = per_size(sizes, real, clean_small)
+    section = size_section(args, res, len(real), len(clean_small), time.time() - t0)
+    print(section)
+    if args.only_sizes:
+        write_section(args.out, section)
+        return
 
     dev, nonmembers, coco = flickr_dev(), folder("flickr8k-nonmember"), folder("coco-cc")
     print(f"loaded {len(dev)} dev, {len(nonmembers)} non-members, {len(coco)} COCO photos", flush=True)
@@ -222,6 +460,7 @@ def main() -> None:
     embed_ms = (time.process_time() - te) / len(t512) * 1000
 
     write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, embed_ms, time.time() - t0)
+    write_section(args.out, section)
 
 
 NOTES = [
