@@ -35,9 +35,10 @@ Schemes:
   * ``sdxl``: the 48 bits 101100111110110010010000011110111011000110011110 in U, step 36, written
     by diffusers' `StableDiffusionXLWatermarker` (and generative-models') on a float image in 0..255,
     for which OpenCV puts U around 0.5 instead of 128, and by other tools on the 8-bit image, where
-    U is around 128. The two lattices differ (256 mod 36 = 4, and values below the centre fold the
-    other way under |v|), so read in the wrong domain about 15% of the blocks vote wrong and a
-    384x384 image keeps too few right bits; we read it in both (`offsets` below).
+    U is around 128. Read in the other domain than it was written in, the lattice moves by
+    256 mod 36 = 4, coefficients below U's centre fold the other way under |v|, and the largest |v|
+    is often another coefficient: enough wrong votes that a 256-384 px image (21-48 copies) falls
+    under the 42 right bits of 48 that p <= 1e-6 needs (issue 31). So we read it in both (`offsets`).
   * ``provenance`` (ours, written by `embed_provenance_mark`): 112 bits in the luma channel Y,
     step 20, PSNR about 51 dB (of the steps 16-32 we tried, 20 survived JPEG q60-q90 best):
       bits   0..63   magic  bc0619ab9e8e0f07 (sha256(b"provenance-mark-v1")[:8]); detection is the
@@ -174,8 +175,8 @@ SCHEMES: tuple[MarkScheme, ...] = (
     MarkScheme("sd-v1", _bytes_bits(b"StableDiffusionV1"), 136, "U", (_U8_OFFSET,), 36.0),
     MarkScheme("sd-v2", _bytes_bits(b"SDV2"), 32, "U", (_U8_OFFSET,), 36.0),
     # SDXL's bits are written both ways: diffusers and Stability's generative-models encode the float
-    # image; tools that mark a saved 8-bit image (the CompVis-script way) encode uint8. Read in the
-    # wrong domain the lattice and the signs of about half the blocks flip (issue 31), so both are tried.
+    # image; tools that mark a saved 8-bit image (the CompVis-script way) encode uint8. Both are tried
+    # (see the module docstring).
     MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U",
                (_FLOAT_OFFSET, _U8_OFFSET), 36.0),
     MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", (0.0,), PROVENANCE_STEP, _read_provenance_run_id),
@@ -269,7 +270,7 @@ def detect_invisible_marks(
     if image.mode != "RGB":
         image = image.convert("RGB")
     hypotheses = _hypotheses(image, try_resized)
-    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}  # x offsets
+    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}  # x len(offsets) per scheme
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
