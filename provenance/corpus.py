@@ -175,7 +175,7 @@ def read_image_folder(location: str) -> Iterator[CorpusItem]:
     for missing in sorted(set(metadata) - listed):
         # A metadata row whose image is absent is a skip the user should see, not a silent drop.
         caption, license_, extra = _split_row(metadata[missing])
-        yield CorpusItem(missing, None, caption, str(root / missing), license_, extra,
+        yield CorpusItem(missing, None, caption, missing, license_, extra,
                          error="listed in metadata but the file is missing", error_kind="missing")
     if not files and not metadata and not skipped:
         raise CorpusError(f"{location}: no image files found")
@@ -186,7 +186,8 @@ def read_image_folder(location: str) -> Iterator[CorpusItem]:
             data, err, kind = read_bytes(f), None, None
         except FileUnreadableError as e:
             data, err, kind = None, str(e), getattr(e, "reason_kind", "unreadable")
-        yield CorpusItem(rel, data, caption, str(f), license_, extra, error=err, error_kind=kind)
+        # the source is relative to the corpus folder (in the manifest): a server never shows its own paths
+        yield CorpusItem(rel, data, caption, rel, license_, extra, error=err, error_kind=kind)
 
 
 # ---------------------------------------------------------------------------------- webdataset

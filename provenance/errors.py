@@ -93,6 +93,18 @@ class MissingExtraError(ProvenanceError, ImportError):
     code = "missing_extra"
 
 
+class QueryTooLongError(ProvenanceError, ValueError):
+    """A search query over the server's limits (too many words, or too many characters)."""
+
+    code = "query_too_long"
+
+
+class QueryTimeoutError(ProvenanceError):
+    """A search query that ran past its time budget and was stopped."""
+
+    code = "query_timeout"
+
+
 def error_from_code(code: str | None, message: str) -> ProvenanceError:
     """The exception of the class whose `code` is `code` (e.g. a scan record's `error_code`), carrying `message`;
     a plain ProvenanceError for an unknown code. Lets a surface raise a record's error without re-running it."""

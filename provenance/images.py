@@ -7,8 +7,12 @@ import io
 import errno
 import logging
 import os
+import re
 import stat
+import struct
+import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,9 @@ class DecodedImage:
     format: str | None
     raw: bytes  # the original file bytes (watermark and metadata readers need them)
     info: dict  # PIL's info of the original (PNG text chunks, EXIF, ...)
+    # what could not be read although the image could, e.g. a PNG text chunk over Pillow's size limit (the
+    # metadata reader reports these in the record)
+    warnings: tuple[str, ...] = ()
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -117,30 +124,34 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
 
     Handles CMYK, 16-bit, palette, alpha (composited on white, as a viewer shows it), greyscale and
     EXIF-rotated images. Raises UnreadableImageError naming `name` for empty, truncated, corrupt or
-    non-image data, and DecompressionBombError above `max_pixels`.
+    non-image data, and DecompressionBombError above `max_pixels` (Pillow's own limit is raised to it, so
+    ours is the one that applies and is quoted). A PNG whose text chunks Pillow refuses (a ComfyUI workflow
+    inflating past PngImagePlugin.MAX_TEXT_CHUNK) is decoded without them, and says so in `warnings`.
     """
     if not data:
         raise UnreadableImageError(f"{name}: empty file (0 bytes)")
+    _raise_pillow_limit(max_pixels)
+    notes: list[str] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > max_pixels:
-                raise DecompressionBombError(
-                    f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
-                    "(possible decompression bomb)"
-                )
-            fmt = im.format
-            info = dict(im.info)
-            im.load()
+        try:
+            im, fmt, info = _open(data, name, max_pixels)
+        except ValueError as e:
+            if not (data[:8] == _PNG_SIGNATURE and _PNG_TEXT_ERROR.search(str(e))):
+                raise
+            # the pixels are fine; only the metadata is too big for Pillow: decode without the text chunks
+            notes.append(f"a PNG text chunk inflates past Pillow's limit of {_max_text_chunk():,} bytes "
+                         f"(PngImagePlugin.MAX_TEXT_CHUNK) and was not read ({e})")
+            im, fmt, info = _open(_without_png_text(data), name, max_pixels)
     except DecompressionBombError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecompressionBombError(f"{name}: {e}") from None
+    except Image.DecompressionBombError as e:  # above twice Pillow's limit, before we saw the size
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(m.group(1)):,} pixels" if m else "the image"
+        raise DecompressionBombError(f"{name}: {pixels} exceeds the limit of {max_pixels:,} "
+                                     "(possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{name}: not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         raise UnreadableImageError(f"{name}: corrupt or truncated image ({e})") from None
     try:
         # in place: the decoded image is ours, and without an Orientation tag this saves a full copy
@@ -148,7 +159,82 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         im = _to_rgb(im)
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
         raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
-    return DecodedImage(im, sha256_bytes(data), im.width, im.height, fmt, data, info)
+    return DecodedImage(im, sha256_bytes(data), im.width, im.height, fmt, data, info, tuple(notes))
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str | None, dict]:
+    """The loaded image, its format and info; DecompressionBombError above max_pixels, before decoding."""
+    with warnings.catch_warnings():
+        # Pillow warns between its limit and twice it: our own check below decides, with our numbers
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    w, h = im.size
+    if w * h > max_pixels:
+        raise DecompressionBombError(
+            f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (possible decompression bomb)"
+        )
+    fmt, info = im.format, dict(im.info)
+    im.load()
+    return im, fmt, info
+
+
+def _max_text_chunk() -> int:
+    from PIL import PngImagePlugin
+
+    return PngImagePlugin.MAX_TEXT_CHUNK
+
+
+_pillow_limit_lock = threading.Lock()
+
+
+def _raise_pillow_limit(max_pixels: int) -> None:
+    """Raise Pillow's process-wide MAX_IMAGE_PIXELS to at least `max_pixels` (never lower it: another caller may
+    need more), so that its check never fires before ours with its own number (89,478,485 by default)."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < max_pixels:
+        with _pillow_limit_lock:
+            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+                Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_TEXT_ERROR = re.compile(r"MAX_TEXT_CHUNK|MAX_TEXT_MEMORY|text chunk", re.IGNORECASE)
+
+
+def _without_png_text(data: bytes) -> bytes:
+    """The PNG without the text chunks (tEXt, zTXt, iTXt) that inflate past Pillow's MAX_TEXT_CHUNK; every other
+    chunk, smaller text included, as it was."""
+    from PIL import PngImagePlugin
+
+    limit = PngImagePlugin.MAX_TEXT_CHUNK
+    out = [data[:8]]
+    pos = 8
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        end = pos + 12 + length
+        if data[pos + 4:pos + 8] not in _PNG_TEXT_CHUNKS or _text_size(data[pos + 4:pos + 8],
+                                                                       data[pos + 8:pos + 8 + length], limit) <= limit:
+            out.append(data[pos:end])
+        pos = end
+    return b"".join(out)
+
+
+def _text_size(kind: bytes, body: bytes, limit: int) -> int:
+    """The text's size once inflated, counted up to limit + 1 (never inflating more than that)."""
+    if kind == b"tEXt":
+        return len(body)
+    key, _, rest = body.partition(b"\0")
+    if kind == b"zTXt":
+        compressed = rest[1:]  # after the compression method byte
+    else:  # iTXt: flag, method, language\0, translated keyword\0, text
+        if not rest or rest[0] == 0:
+            return len(rest)
+        compressed = rest[2:].split(b"\0", 2)[-1]
+    try:
+        return len(zlib.decompressobj().decompress(compressed, limit + 1))
+    except zlib.error:
+        return 0  # Pillow reports a broken chunk itself
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from provenance.captions import CaptionLimits, CaptionTerm, caption_terms, sqlite_time_budget
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import (
     DescriptorUnavailableError,
@@ -779,7 +780,7 @@ class ProvenanceIndex:
             out.append(matches)
         return out
 
-    def search_caption(self, query: str, k: int = 10) -> list[CaptionHit]:
+    def search_caption(self, query: str, k: int = 10, limits: CaptionLimits | None = None) -> list[CaptionHit]:
         """Full-text search of captions: words are ANDed, quotes keep phrases, `word*` is a prefix.
 
         BM25 scores of separate FTS5 tables are not comparable (each has its own document count, term
@@ -789,7 +790,9 @@ class ProvenanceIndex:
         scores are FTS5's bm25() (negated: higher = better). A document outside every part's candidates
         cannot be returned: with several parts the top k is exact when each part's local order agrees.
         """
-        terms = _fts_terms(query)
+        limits = limits or CaptionLimits()  # what the query may cost: terms, length, time (provenance.captions)
+        terms = caption_terms(query, limits.max_terms, limits.max_chars)
+        started = time.monotonic()
         if not terms:
             return []
         fts_query = " ".join(t.fts for t in terms)
@@ -805,11 +808,12 @@ class ProvenanceIndex:
             # each part's local order agrees with the global one)
             limit = max(k, -(-CAPTION_CANDIDATES // len(self.parts))) + (0 if removed is None else len(removed))
             try:
-                hits = con.execute(
-                    "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
-                    "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
-                for j, t in enumerate(terms):  # document frequencies over every part, matched or not
-                    df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
+                with sqlite_time_budget(con, limits.time_budget_s, started):
+                    hits = con.execute(
+                        "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
+                        "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
+                    for j, t in enumerate(terms):  # document frequencies over every part, matched or not
+                        df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
             except sqlite3.Error as e:
                 raise IndexFormatError(f"{part.label}/captions.sqlite: unreadable caption database ({e}); "
                                        "run `provenance index verify` on the index") from None
@@ -832,11 +836,7 @@ class ProvenanceIndex:
 # ------------------------------------------------------------------------------------ caption ranking
 
 
-@dataclass
-class _Term:
-    text: str  # the words of a term or phrase, as typed
-    prefix: bool
-    fts: str  # its safe FTS5 form: "word", "word"*, "two words"
+_Term = CaptionTerm  # (text, prefix, fts): the words as typed, `word*`, and the safe FTS5 form
 
 
 def _fts_terms(text: str) -> list[_Term]:

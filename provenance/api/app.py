@@ -15,7 +15,11 @@ from fastapi.staticfiles import StaticFiles
 
 from provenance.api.config import ServerConfig
 from provenance.api.deps import ApiKeyMiddleware, require_api_key
-from provenance.api.errors import UploadLimitMiddleware, install_error_handlers
+from provenance.api.errors import install_error_handlers
+from provenance.api.limits import (BodyGuardMiddleware, BodyRules, RateLimitMiddleware, ScanSlotsMiddleware,
+                                   TokenBuckets)
+from provenance.api.methods import HeadOptionsMiddleware
+from provenance.api.privacy import install_log_redaction
 from provenance.api.routes import health, index, items, page, scan, search
 from provenance.api.schemas import ErrorResponse
 from provenance.api.state import ServiceState
@@ -40,6 +44,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        install_log_redaction(config.api_keys)  # now: uvicorn has set up its loggers by the time the app starts
         state.start()
         try:
             yield
@@ -72,28 +77,46 @@ def create_app(config: ServerConfig) -> FastAPI:
                                    swagger_css_url="/static/swagger/swagger-ui.css",
                                    swagger_favicon_url="/static/swagger/favicon-32x32.png")
 
-    # 2. Middleware (the last added runs first): body limits inside the key check inside CORS, so a 401 or 413
-    #    still carries CORS headers.
-    app.add_middleware(UploadLimitMiddleware, limit_for=_body_limits(config))
+    # 2. Middleware (the last added runs first), from the outside in: CORS (so every refusal carries its headers),
+    #    HEAD/OPTIONS, the key check (before any byte of the body is read), rate limits (only valid keys get a
+    #    bucket), the bound on scans in progress, then the body's size, read deadlines and multipart rules.
+    app.add_middleware(BodyGuardMiddleware, rules_for=_body_rules(config), idle_timeout_s=config.body_idle_timeout_s,
+                       total_timeout_s=config.body_timeout_s)
+    app.add_middleware(ScanSlotsMiddleware, paths=SCAN_PATHS, slots=config.max_active_scans,
+                       retry_after_s=config.retry_after_s)
+    app.add_middleware(RateLimitMiddleware,
+                       per_client=_buckets(config.client_rate_per_minute, config.client_burst),
+                       per_key=_buckets(config.key_rate_per_minute, config.key_burst))
     if config.api_keys:  # outside the body limit: a request without a key is refused before any byte is read
         app.add_middleware(ApiKeyMiddleware, keys=tuple(config.api_keys))
+    app.add_middleware(HeadOptionsMiddleware, router=app.router)
     if config.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
     return app
 
 
-def _body_limits(config: ServerConfig) -> Callable[[str], int | None]:
-    uploads = {"/v1/scan", "/v1/search/image"}
+SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image"})  # the requests that decode and embed
 
-    def limit_for(path: str) -> int:
+
+def _body_rules(config: ServerConfig) -> Callable[[str], BodyRules]:
+    single = BodyRules(config.max_request_bytes, max_files=1, files_field="file")
+    batch = BodyRules(config.max_batch_request_bytes, max_files=config.max_batch_files, files_field="files",
+                      max_pixels=config.max_batch_pixels, pixels_per_unreadable=config.scan.max_pixels)
+    small = BodyRules(SMALL_BODY_LIMIT)
+
+    def rules_for(path: str) -> BodyRules:
         if path == "/v1/scan/batch":
-            return config.max_batch_request_bytes
-        if path in uploads:
-            return config.max_request_bytes
-        return SMALL_BODY_LIMIT
+            return batch
+        if path in SCAN_PATHS:
+            return single
+        return small
 
-    return limit_for
+    return rules_for
+
+
+def _buckets(per_minute: float, burst: int) -> TokenBuckets | None:
+    return TokenBuckets(per_minute / 60.0, burst) if per_minute > 0 else None
 
 
 def app_from_env() -> FastAPI:

@@ -59,6 +59,30 @@ class ServerConfig(BaseSettings):
     torch_threads: int = Field(1, ge=0)
     load_in_background: bool = True
 
+    # --- Limits that bound the cost of every request (README, "Deploying it publicly"). 0 turns a rate limit off.
+    # A batch request: its whole body, and the pixels of its images summed from their headers as the parts arrive.
+    max_batch_bytes: int = Field(128 * 1024 * 1024, gt=0)
+    max_batch_pixels: int = Field(256_000_000, gt=0)
+    # scan and image-search requests handled at once, their uploads included; one more is a 503 with Retry-After
+    max_active_scans: int = Field(8, ge=1)
+    retry_after_s: int = Field(5, ge=1)  # what a 503 (busy) or 429 tells the client to wait
+    # token buckets over /v1: per client address (behind a proxy, see --forwarded-allow-ips) and per API key
+    client_rate_per_minute: float = Field(120.0, ge=0)
+    client_burst: int = Field(60, ge=1)
+    key_rate_per_minute: float = Field(600.0, ge=0)
+    key_burst: int = Field(120, ge=1)
+    # a request body that stops arriving for body_idle_timeout_s, or is still arriving after body_timeout_s, is a 408;
+    # a connection whose request headers are not complete after header_timeout_s is closed (`provenance serve` only)
+    body_idle_timeout_s: float = Field(15.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
+    header_timeout_s: float = Field(10.0, gt=0)
+    # caption search: words kept (after removing repeats), query length, and the time SQLite may spend on it
+    caption_max_terms: int = Field(16, ge=1)
+    caption_max_chars: int = Field(256, ge=1)
+    caption_time_budget_s: float = Field(0.5, gt=0)
+    # /v1/index shows the build source location and history (server paths) only when the operator allows it
+    expose_index_paths: bool = False
+
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
@@ -80,7 +104,7 @@ class ServerConfig(BaseSettings):
 
     @property
     def max_batch_request_bytes(self) -> int:
-        return self.max_upload_bytes * self.max_batch_files + MULTIPART_SLACK_BYTES
+        return self.max_batch_bytes + MULTIPART_SLACK_BYTES
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":

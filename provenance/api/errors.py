@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Send
 
 from provenance.errors import ProvenanceError
 
@@ -18,8 +17,9 @@ logger = logging.getLogger(__name__)
 
 # The code clients switch on, per status, when a route gives none of its own.
 DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "too_large", 415: "not_an_image",
-                 422: "invalid_request", 500: "internal_error", 503: "unavailable"}
+                 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "too_large",
+                 415: "not_an_image", 422: "invalid_request", 429: "rate_limited", 500: "internal_error",
+                 503: "unavailable"}
 
 
 # The HTTP status of each library error code (provenance.errors: each ProvenanceError subclass's `code`, and a
@@ -27,7 +27,10 @@ DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 STATUS_BY_CODE = {"not_an_image": 415, "unreadable": 415, "too_many_pixels": 413, "too_large": 413,
                   "invalid_options": 400, "item_not_found": 404, "descriptor_unavailable": 409,
                   "index_mismatch": 409, "index_not_found": 503, "index_format": 503, "model_load_failed": 503,
-                  "scan_failed": 500}
+                  "scan_failed": 500,
+                  # the limits of provenance.api.limits and of caption queries (provenance.captions)
+                  "bad_batch": 400, "repeated_field": 400, "request_timeout": 408, "rate_limited": 429,
+                  "busy": 503, "query_too_long": 400, "query_timeout": 503}
 
 
 def status_for(code: str | None) -> int:
@@ -43,12 +46,18 @@ def error_body(status: int, code: str | None, message: str) -> dict:
     return {"error": {"code": code or DEFAULT_CODES.get(status, "error"), "message": message}}
 
 
+def _public(request: Request, message: str) -> str:
+    # library messages may name server paths (the index folder, a corpus file): never send those
+    state = getattr(request.app.state, "service", None)
+    return state.redactor.text(message) if state is not None else message
+
+
 async def _http_exception(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     detail = exc.detail
     if isinstance(detail, dict) and "code" in detail:
-        body = error_body(exc.status_code, detail["code"], str(detail.get("message", "")))
+        body = error_body(exc.status_code, detail["code"], _public(request, str(detail.get("message", ""))))
     else:
-        body = error_body(exc.status_code, None, str(detail))
+        body = error_body(exc.status_code, None, _public(request, str(detail)))
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
@@ -58,7 +67,7 @@ async def _provenance_error(request: Request, exc: Exception) -> JSONResponse:
     status = status_for(code)
     if status >= 500:
         logger.error("%s %s failed: %s", request.method, request.url.path, exc)
-    return JSONResponse(error_body(status, code, str(exc)), status_code=status)
+    return JSONResponse(error_body(status, code, _public(request, str(exc))), status_code=status)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -83,75 +92,10 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected)
 
 
-class UploadTooLarge(StarletteHTTPException):
-    """Raised from inside `receive` when a body passes its limit; an HTTPException so FastAPI's
-    body reader passes it through (it turns other exceptions into a generic 400)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, {"code": "too_large", "message": f"request body exceeds the limit of {limit:,} bytes"})
-        self.limit = limit
-
-
-class UploadLimitMiddleware:
-    """Reject request bodies over a per-path byte limit as they stream in, before anything buffers them.
-
-    A declared Content-Length over the limit is refused without reading the body; otherwise bytes are
-    counted as they arrive and the request fails with 413 the moment the count passes the limit.
-    """
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None]):
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (limit := self.limit_for(scope["path"])) is None:
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await send_json(send, 413, error_body(413, "too_large",
-                                                   f"request body of {declared:,} bytes exceeds the limit of {limit:,} bytes"))
-            return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise UploadTooLarge(limit)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except UploadTooLarge as e:
-            if started:
-                raise
-            await send_json(send, 413, error_body(413, "too_large", e.detail["message"]))
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
 async def send_json(send: Send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     """A whole JSON response from ASGI middleware; the connection closes, since the request body may be unread."""
     payload = json.dumps(body).encode()
-    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items() if k.lower() != "connection"]
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             (b"connection", b"close"), *extra]})

@@ -15,6 +15,8 @@ from starlette.concurrency import run_in_threadpool
 
 from provenance.api.batcher import ScanBatcher
 from provenance.api.config import ServerConfig
+from provenance.api.privacy import PathRedactor
+from provenance.captions import CaptionLimits
 from provenance.errors import ProvenanceError
 from provenance.scan import ScanOptions, Scanner
 from provenance.search import Searcher
@@ -41,6 +43,10 @@ class ServiceState:
         self.checks: dict[str, Any] = {}
         self.notes: list[str] = []
         self.load_seconds: float | None = None
+        # what answers may say about server paths: the index folder now, the corpus folders once it is open
+        self.redactor = PathRedactor(config.index_dir)
+        self.caption_limits = CaptionLimits(config.caption_max_terms, config.caption_max_chars,
+                                            config.caption_time_budget_s)
         self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
                                               thread_name_prefix="search")
         # the per-request options (ScanOptions.request_names) -> (scanner, batcher): the server's own from loading,
@@ -65,6 +71,7 @@ class ServiceState:
         started = time.perf_counter()
         try:
             index = ProvenanceIndex.open(self.config.index_dir)
+            self.redactor = PathRedactor(self.config.index_dir, index.manifest)
             index.preload()  # every part's files checked and its FAISS indexes loaded: not ready until usable
             searcher = Searcher(index)
             scanner = Scanner(searcher, self.config.scan)

@@ -84,8 +84,9 @@ def read_generation_metadata(decoded: DecodedImage) -> dict[str, Any] | None:
         # fail the scan, and the raw text is still reported below.
         logger.info("unrecognised generation metadata layout: %s", e)
         generator, parameters, own = None, {"parse_error": str(e)}, None
+    problems = list(getattr(decoded, "warnings", ()))  # metadata the decoder could not read (images.py)
     if not (text or exif or xmp or parameters):
-        return None
+        return {"error": "; ".join(problems)} if problems else None
     if generator is None:
         generator = "png-text" if text else "exif" if exif else "xmp" if xmp else "comment"
 
@@ -106,6 +107,8 @@ def read_generation_metadata(decoded: DecodedImage) -> dict[str, Any] | None:
     }
     if own is not None:
         out["provenance"] = own
+    if problems:
+        out["error"] = "; ".join(problems)
     return out
 
 

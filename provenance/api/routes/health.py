@@ -18,7 +18,8 @@ router = APIRouter(tags=["health"])
 def healthz(state: StateDep):
     """200 once the index and models are loaded; 503 with the same body while loading or after a failed load."""
     body = HealthOut(status=state.status, max_upload_bytes=state.config.max_upload_bytes,
-                     auth=bool(state.config.api_keys), error=state.error)
+                     auth=bool(state.config.api_keys),
+                     error=state.redactor.text(state.error) if state.error else None)
     if state.status == "ready" and state.index is not None:
         body.index = state.index.manifest.get("name")
         body.items = len(state.index)

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Response
 from starlette.concurrency import run_in_threadpool
 
-from provenance.api.deps import IndexDep
+from provenance.api.deps import IndexDep, StateDep
 from provenance.api.errors import api_error
 from provenance.api.schemas import ErrorResponse, ItemOut
 from provenance.errors import ItemNotFoundError
@@ -33,9 +33,9 @@ async def get_thumbnail(item_id: str, index: IndexDep) -> Response:
 
 
 @router.get("/items/{item_id:path}", response_model=ItemOut, responses=_404)
-async def get_item(item_id: str, index: IndexDep) -> dict[str, Any]:
+async def get_item(item_id: str, index: IndexDep, state: StateDep) -> dict[str, Any]:
     """The item's metadata: caption, source, license, size, sha256 and any extra fields of its corpus."""
     try:
-        return await run_in_threadpool(index.item, item_id)
+        return state.redactor.hit(await run_in_threadpool(index.item, item_id))
     except ItemNotFoundError as e:
         raise api_error(404, "item_not_found", str(e)) from None

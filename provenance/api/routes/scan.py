@@ -19,6 +19,7 @@ from provenance.scan import match_verdicts
 from provenance.types import SCAN_SCHEMA_VERSION, ScanRecord
 
 router = APIRouter(tags=["scan"])
+BATCH_GROUP = 4  # files of a batch request read and scanned together
 
 MatchVerdicts = Annotated[bool, Query(description="Add each match's own verdict (from its descriptor's score alone) "
                                                   "to the matches; the web page uses it for its badges.")]
@@ -59,7 +60,7 @@ async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="Th
     if record.verdict == "error":  # the record's error_code gives the status: nothing is decoded again
         raise error_from_code(record.error_code, record.error or "the scan failed")
     await _keep(state, [(data, record)])
-    return _present(record, options.thresholds, match_verdicts)
+    return _present(state, record, options.thresholds, match_verdicts)
 
 
 @router.post("/scan/batch", response_model=list[ScanRecordOut], response_model_exclude_unset=True,
@@ -73,21 +74,27 @@ async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(de
     limit = state.config.max_batch_files
     if not files or len(files) > limit:
         raise api_error(400, "bad_batch", f"send 1 to {limit} files in the `files` field (got {len(files)})")
-    out: list[ScanRecord | None] = [None] * len(files)
-    pending: list[tuple[int, str, bytes]] = []  # (position, name, bytes) of the files to scan
-    for i, f in enumerate(files):
-        name = display_name(f.filename, f"upload-{i}")
-        data = await read_upload(f, state.config.max_upload_bytes)
-        if data is None:
-            out[i] = ScanRecord.failed(name, upload_too_large(name, state.config.max_upload_bytes))
-        else:
-            pending.append((i, name, data))
-    if pending:
-        scanned = await state.scan([(name, data) for _, name, data in pending], options)
-        for (i, _, _), record in zip(pending, scanned, strict=True):
-            out[i] = record
-        await _keep(state, [(data, record) for (_, _, data), record in zip(pending, scanned, strict=True)])
-    return [_present(r, options.thresholds, match_verdicts) for r in out if r is not None]
+    # A few files at a time: their bytes are read from the spooled uploads (on disk past 1 MB) and released once
+    # scanned, so a batch holds at most BATCH_GROUP uploads and their decodes in memory, however many it sends.
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(files), BATCH_GROUP):
+        group: list[tuple[int, str, bytes]] = []  # (position, name, bytes) of the files to scan
+        records: dict[int, ScanRecord] = {}
+        for i in range(start, min(start + BATCH_GROUP, len(files))):
+            name = display_name(files[i].filename, f"upload-{i}")
+            data = await read_upload(files[i], state.config.max_upload_bytes)
+            await files[i].close()
+            if data is None:
+                records[i] = ScanRecord.failed(name, upload_too_large(name, state.config.max_upload_bytes))
+            else:
+                group.append((i, name, data))
+        if group:
+            scanned = await state.scan([(name, data) for _, name, data in group], options)
+            records.update({i: r for (i, _, _), r in zip(group, scanned, strict=True)})
+            await _keep(state, [(data, r) for (_, _, data), r in zip(group, scanned, strict=True)])
+        del group
+        out += [_present(state, records[i], options.thresholds, match_verdicts) for i in sorted(records)]
+    return out
 
 
 async def _keep(state: ServiceState, pairs: list[tuple[bytes, ScanRecord]]) -> None:
@@ -99,9 +106,13 @@ async def _keep(state: ServiceState, pairs: list[tuple[bytes, ScanRecord]]) -> N
             await run_in_threadpool(keep_upload, folder, data, record)
 
 
-def _present(record: ScanRecord, thresholds: Thresholds, with_match_verdicts: bool) -> dict[str, Any]:
-    """The record's JSON with its schema version, and each match's verdict (computed by the library) when asked."""
+def _present(state: ServiceState, record: ScanRecord, thresholds: Thresholds, with_match_verdicts: bool
+             ) -> dict[str, Any]:
+    """The record's JSON with its schema version, and each match's verdict (computed by the library) when asked;
+    match sources never name a server path."""
     d = {"schema_version": SCAN_SCHEMA_VERSION, **record.to_dict()}
+    for md in d.get("matches", []):
+        state.redactor.hit(md)
     if with_match_verdicts and record.verdict != "error":
         for md, verdict in zip(d["matches"], match_verdicts(record, thresholds), strict=True):
             md["verdict"] = verdict

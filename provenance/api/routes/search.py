@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from provenance.api.deps import IndexDep, ReadyDep, SearcherDep
+from provenance.api.deps import IndexDep, ReadyDep, SearcherDep, StateDep
 from provenance.api.errors import api_error
 from provenance.api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
 from provenance.api.uploads import display_name, read_upload, upload_too_large
@@ -34,8 +34,9 @@ async def search_image(state: ReadyDep, searcher: SearcherDep,
     decoded = await state.run_search(decode_image, data, name, state.config.scan.max_pixels)
     per_desc = await state.run_search(searcher.search_image, decoded.image, k)
     # As in scan records, the merged list leaves out far PDQ neighbours; by_descriptor keeps k of each.
-    return {"matches": [m.to_dict() for m in merge_matches(drop_far_pdq(per_desc), k)],
-            "by_descriptor": {n: [m.to_dict() for m in ms] for n, ms in per_desc.items()}}
+    public = state.redactor.hit
+    return {"matches": [public(m.to_dict()) for m in merge_matches(drop_far_pdq(per_desc), k)],
+            "by_descriptor": {n: [public(m.to_dict()) for m in ms] for n, ms in per_desc.items()}}
 
 
 @router.post("/text", response_model=TextSearchOut, response_model_exclude_unset=True, responses={
@@ -50,13 +51,16 @@ async def search_text(state: ReadyDep, searcher: SearcherDep, query: TextQuery) 
         matches = await state.run_search(searcher.search_text, query.text, query.k)
     except DescriptorUnavailableError as e:
         raise api_error(409, "text_search_unavailable", str(e)) from None
-    return {"query": query.text, "matches": [m.to_dict() for m in matches]}
+    return {"query": query.text, "matches": [state.redactor.hit(m.to_dict()) for m in matches]}
 
 
 @router.get("/caption", response_model=CaptionSearchOut)
-async def search_caption(index: IndexDep,
-                         q: Annotated[str, Query(min_length=1, max_length=500, description="Words; \"quotes\" keep a phrase, word* matches a prefix.")],
+async def search_caption(index: IndexDep, state: StateDep,
+                         q: Annotated[str, Query(min_length=1, description="Words; \"quotes\" keep a phrase, word* "
+                                                 "matches a prefix (2+ letters). Repeated words count once; the "
+                                                 "server caps words, length and time (400 query_too_long, 503 "
+                                                 "query_timeout).")],
                          k: K = 10) -> dict[str, Any]:
     """Full-text search of the corpus captions (BM25): every word must appear."""
-    hits = await run_in_threadpool(index.search_caption, q, k)
-    return {"query": q, "hits": [h.to_dict() for h in hits]}
+    hits = await run_in_threadpool(index.search_caption, q, k, state.caption_limits)
+    return {"query": q, "hits": [state.redactor.hit(h.to_dict()) for h in hits]}
