@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from provenance.errors import QueryTimeoutError, QueryTooLongError
 
-# SQLite calls the progress handler every this many virtual-machine instructions: often enough that a query
-# stops within about a millisecond of its budget, rarely enough to cost nothing measurable.
-_PROGRESS_STEPS = 1000
+# SQLite calls the progress handler every this many virtual-machine instructions (a few per matching row): often
+# enough that a query stops soon after its budget, rarely enough to cost little.
+_PROGRESS_STEPS = 100
 
 
 @dataclass(frozen=True)

@@ -60,15 +60,22 @@ def serve_command(
         raise typer.Exit(EXIT_USAGE) from None
     console.print(f"serving {config.index_dir} on http://{host}:{port}/ (API docs at /docs)"
                   + (f", {workers} workers" if workers > 1 else ""))
+    # Headers must arrive within header_timeout_s (uvicorn has no such deadline); connections beyond
+    # max_connections get a 503. Behind a reverse proxy on this host, uvicorn takes the client address from
+    # X-Forwarded-For (FORWARDED_ALLOW_IPS lists the trusted proxies), so rate limits apply per real client.
+    from provenance.api.protocol import HeaderTimeoutH11Protocol
+
+    HeaderTimeoutH11Protocol.timeout_s = config.header_timeout_s
+    server_options = dict(host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
+                          http=HeaderTimeoutH11Protocol, limit_concurrency=config.max_connections)
     if workers > 1:
         # Worker processes import the app themselves: hand them the config through the environment.
         os.environ.update(config.to_env())
-        uvicorn.run("provenance.api.app:app_from_env", factory=True, host=host, port=port, workers=workers,
-                    log_level=log_level, timeout_graceful_shutdown=10)
+        uvicorn.run("provenance.api.app:app_from_env", factory=True, workers=workers, **server_options)
     else:
         from provenance.api.app import create_app
 
-        uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+        uvicorn.run(create_app(config), **server_options)
 
 
 def register(app: typer.Typer) -> None:

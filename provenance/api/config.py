@@ -76,6 +76,7 @@ class ServerConfig(BaseSettings):
     body_idle_timeout_s: float = Field(15.0, gt=0)
     body_timeout_s: float = Field(120.0, gt=0)
     header_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(256, ge=1)  # open connections (`provenance serve`); more are answered 503
     # caption search: words kept (after removing repeats), query length, and the time SQLite may spend on it
     caption_max_terms: int = Field(16, ge=1)
     caption_max_chars: int = Field(256, ge=1)

@@ -48,7 +48,7 @@ class BodyRules:
 
 
 SNIFF_BYTES = 1 << 20  # the most of each file part kept to read its image header
-_FIRST_TRY = 16 * 1024  # a JPEG's size is usually in its first kilobytes; EXIF/ICC can push it further
+_FIRST_TRY = 16 * 1024  # after the first piece, a header is read again at 16 KiB, 32 KiB, ... (EXIF/ICC push it)
 
 
 class BodyGuardMiddleware:
@@ -143,7 +143,7 @@ class _MultipartInspector:
         self._is_file = False
         self._head = bytearray()  # the first SNIFF_BYTES of the current file part
         self._sized = False
-        self._next_try = _FIRST_TRY
+        self._next_try = 0
         self._broken = False  # malformed multipart: Starlette reports it; stop inspecting
         self._parser = multipart.MultipartParser(boundary, {
             "on_part_begin": self._part_begin, "on_header_field": self._header_field,
@@ -177,7 +177,7 @@ class _MultipartInspector:
     def _part_begin(self) -> None:
         self._disposition, self._is_file, self._sized = b"", False, False
         self._head = bytearray()
-        self._next_try = _FIRST_TRY
+        self._next_try = 0  # the first piece of data: a PNG's or JPEG's size is usually in it
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -213,7 +213,7 @@ class _MultipartInspector:
         self._head += data[start:min(end, start + room)]
         # try at each doubling of what we hold, so a long header costs a few attempts, not one per chunk
         if len(self._head) >= self._next_try or len(self._head) >= SNIFF_BYTES:
-            self._next_try = 2 * len(self._head)
+            self._next_try = max(2 * len(self._head), _FIRST_TRY)
             size = image_size(bytes(self._head))
             if size is not None:
                 self._count(size[0] * size[1])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.routing import Match, Router
+from starlette.routing import Match, Mount, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -43,16 +43,19 @@ class HeadOptionsMiddleware:
         await self.app({**scope, "method": "GET"}, receive, bodiless_send)
 
     def _allowed(self, scope: Scope) -> set[str]:
+        """The methods some route takes at this path: each asked of the router as a request of that method would."""
         methods: set[str] = set()
         for route in self.router.routes:
-            match, _ = route.matches({**scope, "method": "GET"})
-            if match == Match.NONE:
+            if isinstance(route, Mount):  # static files: GET and HEAD, whatever the path under them
+                if route.matches({**scope, "method": "GET"})[0] != Match.NONE:
+                    methods |= {"GET", "HEAD"}
                 continue
-            route_methods = getattr(route, "methods", None)
-            if route_methods is None:  # a mount (static files): they take GET and HEAD themselves
-                methods |= {"GET", "HEAD"}
-            else:
-                methods |= set(route_methods)
+            for method in _METHODS - methods:
+                if route.matches({**scope, "method": method})[0] == Match.FULL:
+                    methods.add(method)
         if "GET" in methods:
-            methods |= {"HEAD"}
+            methods.add("HEAD")
         return methods | {"OPTIONS"} if methods else set()
+
+
+_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})

@@ -93,6 +93,12 @@ class SecretRedactingFilter(logging.Filter):
         return _SECRET_PARAMS.sub(r"\1=[redacted]", text)
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # arguments one by one, keeping their shape (uvicorn's access formatter unpacks them); the whole message
+        # when a secret hides elsewhere (inside a dict, say)
+        if isinstance(record.msg, str):
+            record.msg = self.redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
         try:
             message = record.getMessage()
         except Exception:  # noqa: BLE001 - a record that cannot format is logging's problem to report
