@@ -119,7 +119,8 @@ def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES)
     return data
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_side: int | None = None) -> DecodedImage:
     """Decode `data` into an upright RGB image.
 
     Handles CMYK, 16-bit, palette, alpha (composited on white, as a viewer shows it), greyscale and
@@ -127,6 +128,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     non-image data, and DecompressionBombError above `max_pixels` (Pillow's own limit is raised to it, so
     ours is the one that applies and is quoted). A PNG whose text chunks Pillow refuses (a ComfyUI workflow
     inflating past PngImagePlugin.MAX_TEXT_CHUNK) is decoded without them, and says so in `warnings`.
+
+    `min_side`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`) as long
+    as its short side stays at least this many pixels; `width` and `height` are still the file's. For callers
+    whose models all read smaller images (not the invisible-mark decoders, which need every pixel).
     """
     if not data:
         raise UnreadableImageError(f"{name}: empty file (0 bytes)")
@@ -134,14 +139,14 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     notes: list[str] = []
     try:
         try:
-            im, fmt, info = _open(data, name, max_pixels)
+            im, fmt, info = _open(data, name, max_pixels, min_side)
         except ValueError as e:
             if not (data[:8] == _PNG_SIGNATURE and _PNG_TEXT_ERROR.search(str(e))):
                 raise
             # the pixels are fine; only the metadata is too big for Pillow: decode without the text chunks
             notes.append(f"a PNG text chunk inflates past Pillow's limit of {_max_text_chunk():,} bytes "
                          f"(PngImagePlugin.MAX_TEXT_CHUNK) and was not read ({e})")
-            im, fmt, info = _open(_without_png_text(data), name, max_pixels)
+            im, fmt, info = _open(_without_png_text(data), name, max_pixels, min_side)
     except DecompressionBombError:
         raise
     except Image.DecompressionBombError as e:  # above twice Pillow's limit, before we saw the size
@@ -153,16 +158,22 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         raise UnreadableImageError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
         raise UnreadableImageError(f"{name}: corrupt or truncated image ({e})") from None
+    full = info.pop("_full_size", None)  # (w, h) in the file, when drafted smaller
     try:
         # in place: the decoded image is ours, and without an Orientation tag this saves a full copy
         ImageOps.exif_transpose(im, in_place=True)
         im = _to_rgb(im)
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
         raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
-    return DecodedImage(im, sha256_bytes(data), im.width, im.height, fmt, data, info, tuple(notes))
+    width, height = im.size
+    if full is not None:  # the upright size of the file: swapped where the drafted image was turned
+        scaled_turned = (im.width > im.height) != (full[0] > full[1])
+        width, height = (full[1], full[0]) if scaled_turned else full
+    return DecodedImage(im, sha256_bytes(data), width, height, fmt, data, info, tuple(notes))
 
 
-def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str | None, dict]:
+def _open(data: bytes, name: str, max_pixels: int, min_side: int | None = None
+          ) -> tuple[Image.Image, str | None, dict]:
     """The loaded image, its format and info; DecompressionBombError above max_pixels, before decoding."""
     with warnings.catch_warnings():
         # Pillow warns between its limit and twice it: our own check below decides, with our numbers
@@ -174,6 +185,11 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, str | N
             f"{name}: {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (possible decompression bomb)"
         )
     fmt, info = im.format, dict(im.info)
+    if min_side and fmt == "JPEG" and min(w, h) >= 2 * min_side:
+        scale = min(w, h) / min_side  # draft picks the smallest DCT scale whose size is still >= the one asked
+        im.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
+        if im.size != (w, h):
+            info["_full_size"] = (w, h)
     im.load()
     return im, fmt, info
 

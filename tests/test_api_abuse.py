@@ -80,7 +80,7 @@ def _error(response, status: int, code: str) -> str:
 
 def _bilevel_png(w: int, h: int, text: dict[str, str] | None = None) -> bytes:
     """A 1-bit PNG of w x h: a few kB on disk, w*h pixels once decoded (the issue's 7900x7900 bomb)."""
-    raw = zlib.compress(b"\x00" * (w // 8 + 1) * h, 9)
+    raw = zlib.compress(b"\x00" * ((w + 7) // 8 + 1) * h, 9)  # a filter byte + ceil(w/8) bytes per row
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -523,3 +523,13 @@ def test_png_with_an_oversized_text_chunk_is_scanned_and_the_metadata_failure_re
     metadata = record["watermarks"]["metadata"]
     assert "MAX_TEXT_CHUNK" in metadata["error"]
     assert metadata["parameters"]["steps"] == 20  # the chunks within the limit are still read
+
+
+def test_healthz_tells_clients_the_limits(index_dir):
+    c = _client(index_dir, max_batch_files=5, caption_max_terms=7)
+    try:
+        limits = c.get("/healthz").json()["limits"]
+        assert limits["max_batch_files"] == 5 and limits["caption_max_terms"] == 7
+        assert limits["max_pixels"] == 64_000_000 and limits["max_batch_pixels"] == 256_000_000
+    finally:
+        c.__exit__(None, None, None)

@@ -47,6 +47,9 @@ class HealthOut(BaseModel):
     text_search: bool = False  # the index has OpenCLIP embeddings
     auth: bool = False  # /v1 needs an API key
     max_upload_bytes: int
+    limits: dict[str, float | int] = Field(default_factory=dict, description=(
+        "what one request may send or cost (README, \"Deploying it publicly\"): files, bytes and pixels per batch, "
+        "caption query words and characters"))
     error: str | None = None
 
 
