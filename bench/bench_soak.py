@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import random
@@ -187,7 +186,8 @@ def bomb_client(url: str, stop: threading.Event, tally: Tally) -> None:
                 try:
                     r = call()
                     body = r.json()
-                    said = body["error"]["code"] if isinstance(body, dict) and "error" in body else "scanned"
+                    error = body.get("error") if isinstance(body, dict) else None
+                    said = error["code"] if isinstance(error, dict) else "scanned"
                     tally.add(kind, f"{r.status_code} {said}", time.perf_counter() - started)
                 except httpx.HTTPError as e:
                     tally.add(kind, f"transport {type(e).__name__}")
@@ -284,9 +284,6 @@ def write_report(args, tally: Tally, before: float, peak: float, after: float, n
         lines.append(f"| {kind} | {outcome} | {n} | {pct(xs, 50):.0f} | {pct(xs, 99):.0f} |")
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
-    json.dump({"errors": errors, "busy": busy, "p99_clean_ms": pct(clean, 99), "p99_abuse_ms": pct(abuse, 99),
-               "rss_mib": {"ready": before, "peak": peak, "end": after}},
-              open(RESULTS.with_suffix(".json"), "w"), indent=1)
 
 
 if __name__ == "__main__":

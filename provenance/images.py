@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 # 64 megapixels: far above any photo a corpus or a generator produces, far below what
 # would exhaust memory (an RGB decode of this size is ~200 MB).
 DEFAULT_MAX_PIXELS = 64_000_000
+# The short side a JPEG may be drafted down to when no reader needs every pixel: SSCD and the default visible
+# head read 288 px, the thorough head 512, the centre view 288 / 0.6 = 480 (bench/results/draft.md: the copy
+# descriptors barely move, decoding costs about half on 2 MP photos).
+DRAFT_MIN_SIDE = 512
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".heic"}
 )

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
-from provenance.images import DecodedImage, decode_image, read_bytes, sha256_bytes
+from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, read_bytes, sha256_bytes
 from provenance.options import ScanOptions, Thresholds  # noqa: F401 - the scan's public names
 from provenance.search import Searcher, best_per_item, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
@@ -158,7 +158,9 @@ class Scanner:
         except UnreadableImageError as e:
             return _Work(name, ScanRecord.failed(name, e))
         try:
-            decoded = decode_image(raw, name, self.options.max_pixels)  # hashes the bytes too
+            # invisible marks are read from every pixel; without them a JPEG may decode at reduced size
+            min_side = None if self.options.invisible else DRAFT_MIN_SIDE
+            decoded = decode_image(raw, name, self.options.max_pixels, min_side)  # hashes the bytes too
         except UnreadableImageError as e:
             return _Work(name, ScanRecord.failed(name, e, sha256_bytes(raw) if raw else None))
         try:

@@ -96,3 +96,18 @@ def test_iter_image_paths_expands_folders_and_globs(coco_dir, tmp_path):
     assert names[:3] == ["0.png", "1.png", "2.png"]
     assert "notes.txt" in names  # named explicitly: kept, so it yields its error
     assert any(n.startswith("0000000007") for n in names)
+
+
+def test_jpeg_drafted_to_a_minimum_side_keeps_its_file_size_and_orientation(coco_dir):
+    photo = Image.open(sorted(coco_dir.glob("*.jpg"))[0]).convert("RGB").resize((2048, 1536))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: upright it is 1536 x 2048
+    buf = io.BytesIO()
+    photo.save(buf, "JPEG", quality=90, exif=exif)
+    full = decode_image(buf.getvalue(), "big.jpg")
+    small = decode_image(buf.getvalue(), "big.jpg", min_side=512)
+    assert (full.width, full.height) == (small.width, small.height) == (1536, 2048)
+    assert small.image.size == (768, 1024)  # decoded at 1/2: the short side stays >= 512, and it is upright
+    assert decode_image(buf.getvalue(), "big.jpg", min_side=1000).image.size == full.image.size
+    png = _encode(photo, "PNG")  # only JPEG decoders can scale while decoding
+    assert decode_image(png, "big.png", min_side=512).image.size == (2048, 1536)

@@ -86,7 +86,7 @@ def create_app(config: ServerConfig) -> FastAPI:
                        retry_after_s=config.retry_after_s)
     app.add_middleware(RateLimitMiddleware,
                        per_client=_buckets(config.client_rate_per_minute, config.client_burst),
-                       per_key=_buckets(config.key_rate_per_minute, config.key_burst))
+                       per_key=_buckets(config.key_rate_per_minute, config.key_burst) if config.api_keys else None)
     if config.api_keys:  # outside the body limit: a request without a key is refused before any byte is read
         app.add_middleware(ApiKeyMiddleware, keys=tuple(config.api_keys))
     app.add_middleware(HeadOptionsMiddleware, router=app.router)

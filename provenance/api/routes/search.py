@@ -12,7 +12,7 @@ from provenance.api.errors import api_error
 from provenance.api.schemas import CaptionSearchOut, ErrorResponse, ImageSearchOut, TextQuery, TextSearchOut
 from provenance.api.uploads import display_name, read_upload, upload_too_large
 from provenance.errors import DescriptorUnavailableError
-from provenance.images import decode_image
+from provenance.images import DRAFT_MIN_SIDE, decode_image
 from provenance.search import drop_far_pdq, merge_matches
 
 router = APIRouter(prefix="/search", tags=["search"])
@@ -31,7 +31,8 @@ async def search_image(state: ReadyDep, searcher: SearcherDep,
     if data is None:
         raise upload_too_large(name, state.config.max_upload_bytes)
     # a bad image raises the library's error, which the app's one handler maps to 415 / 413
-    decoded = await state.run_search(decode_image, data, name, state.config.scan.max_pixels)
+    # no invisible-mark check here: every descriptor reads a small image, so a JPEG may decode at reduced size
+    decoded = await state.run_search(decode_image, data, name, state.config.scan.max_pixels, DRAFT_MIN_SIDE)
     per_desc = await state.run_search(searcher.search_image, decoded.image, k)
     # As in scan records, the merged list leaves out far PDQ neighbours; by_descriptor keeps k of each.
     public = state.redactor.hit
