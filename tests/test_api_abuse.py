@@ -272,6 +272,10 @@ def test_batch_pixel_budget_counts_image_headers_as_they_arrive(index_dir, photo
         assert consumed == 4 and decodes == []  # refused at the 4th header: nothing was decoded
         files = [("files", (n, d, "image/jpeg")) for n, d in photos.items()]
         assert c.post("/v1/scan/batch", files=files).status_code == 200  # ordinary photos are well within it
+        # images over the per-image limit are refused without decoding: they take nothing from the budget
+        huge = _bilevel_png(14000, 14000)  # 196 MP each, 3 x 196 MP > 200 MP
+        records = c.post("/v1/scan/batch", files=[("files", (f"h{i}.png", huge, "image/png")) for i in range(3)])
+        assert [r["error_code"] for r in records.json()] == ["too_many_pixels"] * 3
     finally:
         c.__exit__(None, None, None)
 
@@ -415,6 +419,8 @@ def test_an_old_index_with_absolute_sources_answers_without_them(client, corpus,
     assert r.source("00001.tar:key") == "00001.tar:key"
     assert r.text("no item 'x' in the index at /srv/idx; see https://a.b/c") == \
         "no item 'x' in the index at idx; see https://a.b/c"
+    assert r.text("cannot read /home/me/corpus/a.jpg: use caption search (/v1/search/caption)") == \
+        "cannot read a.jpg: use caption search (/v1/search/caption)"
 
 
 def test_404_and_health_never_echo_the_index_folder(client, index_dir, tmp_path):

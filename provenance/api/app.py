@@ -102,7 +102,7 @@ SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image"})  # th
 def _body_rules(config: ServerConfig) -> Callable[[str], BodyRules]:
     single = BodyRules(config.max_request_bytes, max_files=1, files_field="file")
     batch = BodyRules(config.max_batch_request_bytes, max_files=config.max_batch_files, files_field="files",
-                      max_pixels=config.max_batch_pixels, pixels_per_unreadable=config.scan.max_pixels)
+                      max_pixels=config.max_batch_pixels, max_image_pixels=config.scan.max_pixels)
     small = BodyRules(SMALL_BODY_LIMIT)
 
     def rules_for(path: str) -> BodyRules:

@@ -44,7 +44,9 @@ class BodyRules:
     max_files: int | None = None  # file parts in a multipart body; None = no rule
     files_field: str | None = None  # the form field the files come in (named in messages)
     max_pixels: int | None = None  # the images' pixels summed from their headers; None = not counted
-    pixels_per_unreadable: int = 0  # what an image whose header is not in its first SNIFF_BYTES counts
+    # the per-image limit (ScanOptions.max_pixels): an image over it is refused before decoding, so it counts 0;
+    # one whose size is not in its first SNIFF_BYTES counts this much, the most it can cost
+    max_image_pixels: int = 0
 
 
 SNIFF_BYTES = 1 << 20  # the most of each file part kept to read its image header
@@ -218,7 +220,7 @@ class _MultipartInspector:
             if size is not None:
                 self._count(size[0] * size[1])
             elif len(self._head) >= SNIFF_BYTES:
-                self._count(self.rules.pixels_per_unreadable)  # a header past 1 MB: count what it may cost
+                self._count(self.rules.max_image_pixels)  # a header past 1 MB: count what it may cost
 
     def _part_end(self) -> None:
         if self._is_file and not self._sized and self.rules.max_pixels is not None:
@@ -228,6 +230,8 @@ class _MultipartInspector:
 
     def _count(self, pixels: int) -> None:
         self._sized = True
+        if self.rules.max_image_pixels and pixels > self.rules.max_image_pixels:
+            pixels = 0  # refused before decoding: costs nothing
         self.pixels += pixels
         if self.rules.max_pixels is not None and self.pixels > self.rules.max_pixels:
             raise RequestRefused("too_many_pixels", f"the images of this request hold more than "

@@ -10,8 +10,9 @@ from typing import Any
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _WINDOWS_ABS = re.compile(r"^(?:[A-Za-z]:[\\/]|\\\\)")
-# an absolute path inside a message: a "/" not preceded by a word character, ":" or "/" (so URLs stay whole)
-_ABS_IN_TEXT = re.compile(r"(?<![\w.:/~-])/[^\s'\"()\[\],;]+")
+# an absolute path inside a message: a "/" not preceded by a word character, ":" or "/" (so URLs stay whole),
+# and not one of the API's own routes, which messages name on purpose
+_ABS_IN_TEXT = re.compile(r"(?<![\w.:/~-])(?!/(?:v1|healthz|docs|static|openapi)\b)/[^\s'\"()\[\],;]+")
 _SECRET_PARAMS = re.compile(r"(?i)\b(api[_-]?key|key|token|access_token)=([^&\s\"']+)")
 _BEARER = re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+")
 
