@@ -46,16 +46,16 @@ def main() -> None:
 
     sscd, pdq = load_descriptor("sscd"), load_descriptor("pdq")
     lines = ["# JPEG draft decoding", "",
-             f"{time.strftime('%Y-%m-%d')}, `python bench/bench_draft.py --min-side {args.min_side}`, "
-             f"{platform.machine()}, {os.cpu_count()} cores shared, no GPU. Median of 3 decodes per file.", "",
-             "| photos | n | mean size | decode full ms | decode draft ms | ratio | SSCD cosine min / median "
-             "| PDQ bits max / median |", "|---|---|---|---|---|---|---|---|"]
+             (f"{time.strftime('%Y-%m-%d')}, `python bench/bench_draft.py --min-side {args.min_side}`, "
+              f"{platform.machine()}, {os.cpu_count()} cores shared, no GPU. Median of 3 decodes per file."), "",
+             ("| photos | n | mean size | decode full ms | decode draft ms | ratio | SSCD cosine min / median "
+              "| PDQ bits max / median |"), "|---|---|---|---|---|---|---|---|"]
     for label, folder in (("openimages-hires", DATA / "openimages-hires"), ("coco-cc", DATA / "coco-cc")):
         full_t, draft_t, cos, bits, sizes = [], [], [], [], []
         for path in sorted(folder.glob("*.jpg")):
             data = path.read_bytes()
-            tf, full = timed(lambda: decode_image(data, path.name))
-            td, small = timed(lambda: decode_image(data, path.name, min_side=args.min_side))
+            tf, full = timed(lambda data=data, name=path.name: decode_image(data, name))
+            td, small = timed(lambda data=data, name=path.name: decode_image(data, name, min_side=args.min_side))
             assert (small.width, small.height) == (full.width, full.height)
             full_t.append(tf)
             draft_t.append(td)

@@ -23,7 +23,6 @@ Results: bench/results/soak.md.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import random
@@ -76,7 +75,7 @@ class Server:
         self.rss: list[tuple[float, float]] = []  # (seconds since start, MiB)
         self._stop = threading.Event()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")} | SERVER_ENV
         self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
@@ -259,22 +258,20 @@ def write_report(args, tally: Tally, before: float, peak: float, after: float, n
     errors = sum(n for (kind, outcome), n in tally.outcomes.items()
                  if kind in well_formed and outcome.startswith("error"))
     busy = sum(n for (kind, outcome), n in tally.outcomes.items() if outcome.startswith("busy"))
+    setup = (f"{time.strftime('%Y-%m-%d')}, `python bench/bench_soak.py --minutes {args.minutes:g} --clients "
+             f"{args.clients}`, {platform.machine()}, {os.cpu_count()} cores shared with other work, no GPU. The "
+             "server runs the default checks (SSCD + PDQ, visible and invisible watermarks, C2PA, metadata) on an "
+             f"SSCD + PDQ index of the 52 coco-cc photos; clients upload {n_photos} photos (coco-cc and Flickr8k "
+             f"non-members). Half the time the {args.clients} scan clients run alone (clean), half beside batch "
+             "uploads, bombs and slow clients (abuse).")
+    latency = (f"- **Scan latency p99: {pct(clean, 99):.0f} ms clean, {pct(abuse, 99):.0f} ms under abuse "
+               f"(x{pct(abuse, 99) / pct(clean, 99):.2f})**; p50 {pct(clean, 50):.0f} / {pct(abuse, 50):.0f} ms; "
+               f"{len(clean)} + {len(abuse)} scans")
     lines = [
-        "# Soak: `provenance serve` under abuse",
-        "",
-        f"{time.strftime('%Y-%m-%d')}, `python bench/bench_soak.py --minutes {args.minutes:g} --clients "
-        f"{args.clients}`, {platform.machine()}, {os.cpu_count()} cores shared with other work, no GPU. The server "
-        "runs the default checks (SSCD + PDQ, visible and invisible watermarks, C2PA, metadata) on an SSCD + PDQ "
-        f"index of the 52 coco-cc photos; clients upload {n_photos} photos (coco-cc and Flickr8k non-members). "
-        f"Half the time the {args.clients} scan clients run alone (clean), half beside batch uploads, bombs and "
-        "slow clients (abuse).",
-        "",
+        "# Soak: `provenance serve` under abuse", "", setup, "",
         f"- **Errors of well-formed requests: {errors}** (busy 503s retried after Retry-After: {busy})",
-        f"- **Scan latency p99: {pct(clean, 99):.0f} ms clean, {pct(abuse, 99):.0f} ms under abuse "
-        f"(x{pct(abuse, 99) / pct(clean, 99):.2f})**; p50 {pct(clean, 50):.0f} / {pct(abuse, 50):.0f} ms; "
-        f"{len(clean)} + {len(abuse)} scans",
-        f"- **Server RSS: {before:.0f} MiB ready, {peak:.0f} MiB peak, {after:.0f} MiB at the end** "
-        "(sampled every 0.5 s)",
+        latency,
+        f"- **Server RSS: {before:.0f} MiB ready, {peak:.0f} MiB peak, {after:.0f} MiB at the end** (sampled every 0.5 s)",
         "",
         "| request | answer | count | p50 ms | p99 ms |",
         "|---|---|---|---|---|",

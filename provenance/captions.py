@@ -64,10 +64,10 @@ def sqlite_time_budget(conn: sqlite3.Connection, seconds: float) -> Iterator[Non
     conn.set_progress_handler(check, _PROGRESS_STEPS)
     try:
         yield
-    except sqlite3.OperationalError as e:
+    except sqlite3.OperationalError:
         if stopped:
             raise QueryTimeoutError(f"the caption query ran past its time budget of {seconds:g} s and was "
                                     "stopped: use fewer or rarer words") from None
-        raise e
+        raise
     finally:
         conn.set_progress_handler(None, 0)

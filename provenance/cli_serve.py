@@ -66,8 +66,8 @@ def serve_command(
     from provenance.api.protocol import HeaderTimeoutH11Protocol
 
     HeaderTimeoutH11Protocol.timeout_s = config.header_timeout_s
-    server_options = dict(host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10,
-                          http=HeaderTimeoutH11Protocol, limit_concurrency=config.max_connections)
+    server_options = {"host": host, "port": port, "log_level": log_level, "timeout_graceful_shutdown": 10,
+                      "http": HeaderTimeoutH11Protocol, "limit_concurrency": config.max_connections}
     if workers > 1:
         # Worker processes import the app themselves: hand them the config through the environment.
         os.environ.update(config.to_env())

@@ -244,7 +244,7 @@ def _text_size(kind: bytes, body: bytes, limit: int) -> int:
     """The text's size once inflated, counted up to limit + 1 (never inflating more than that)."""
     if kind == b"tEXt":
         return len(body)
-    key, _, rest = body.partition(b"\0")
+    _, _, rest = body.partition(b"\0")  # after the keyword
     if kind == b"zTXt":
         compressed = rest[1:]  # after the compression method byte
     else:  # iTXt: flag, method, language\0, translated keyword\0, text

@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -134,8 +135,7 @@ class _MultipartInspector:
     RequestRefused at the part header that breaks a rule, or at the image header that passes the pixel budget."""
 
     def __init__(self, boundary: bytes, rules: BodyRules):
-        import python_multipart as multipart
-
+        multipart, _ = _multipart()
         self.rules = rules
         self.files = 0
         self.pixels = 0
@@ -154,12 +154,10 @@ class _MultipartInspector:
             "on_part_end": self._part_end})
 
     @classmethod
-    def for_request(cls, headers: Headers, rules: BodyRules) -> "_MultipartInspector | None":
+    def for_request(cls, headers: Headers, rules: BodyRules) -> _MultipartInspector | None:
         if rules.max_files is None and rules.max_pixels is None:
             return None
-        from python_multipart.multipart import parse_options_header
-
-        content_type, params = parse_options_header(headers.get("content-type", ""))
+        content_type, params = _parse_options(headers.get("content-type", ""))
         if content_type != b"multipart/form-data" or b"boundary" not in params:
             return None
         return cls(params[b"boundary"], rules)
@@ -193,9 +191,7 @@ class _MultipartInspector:
         self._header_name, self._header_value = b"", b""
 
     def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
-        _, options = parse_options_header(self._disposition)
+        _, options = _parse_options(self._disposition)
         self._is_file = b"filename" in options
         if not self._is_file or self.rules.max_files is None:
             return
@@ -237,6 +233,22 @@ class _MultipartInspector:
             raise RequestRefused("too_many_pixels", f"the images of this request hold more than "
                                                     f"{self.rules.max_pixels:,} pixels in all (read from their "
                                                     f"headers): send fewer or smaller images")
+
+
+def _multipart() -> tuple[Any, Callable[[Any], tuple[bytes, dict[bytes, bytes]]]]:
+    """python-multipart (the parser of Starlette's forms; imported as `multipart` before its 0.0.13) and its
+    header-options parser."""
+    try:
+        import python_multipart
+        from python_multipart.multipart import parse_options_header
+    except ImportError:  # pragma: no cover - older python-multipart
+        import multipart as python_multipart  # type: ignore[no-redef]
+        from multipart.multipart import parse_options_header  # type: ignore[no-redef]
+    return python_multipart, parse_options_header
+
+
+def _parse_options(value: Any) -> tuple[bytes, dict[bytes, bytes]]:
+    return _multipart()[1](value)
 
 
 def image_size(head: bytes) -> tuple[int, int] | None:

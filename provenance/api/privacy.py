@@ -50,7 +50,7 @@ class PathRedactor:
         if not source or _URL.match(source) or not _is_absolute(source):
             return source
         for root in self.roots:
-            if source.startswith(root + "/") or source.startswith(root + "\\"):
+            if source.startswith((root + "/", root + "\\")):
                 return source[len(root) + 1:].replace("\\", "/")
         return _basename(source)
 
