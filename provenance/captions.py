@@ -27,33 +27,45 @@ class CaptionLimits:
     time_budget_s: float = 0.5
 
 
-def sanitize_caption_query(text: str, max_terms: int = 16, max_chars: int = 256) -> str:
-    """User words as a safe FTS5 query: every word and "phrase" quoted (punctuation cannot inject syntax),
-    repeats removed, `word*` kept as a prefix only with 2+ letters. Raises QueryTooLongError over the limits."""
+@dataclass(frozen=True)
+class CaptionTerm:
+    """One term of a caption query."""
+
+    text: str  # its words as typed (a phrase's joined by spaces)
+    prefix: bool  # `word*`: every word that starts with it
+    fts: str  # its safe FTS5 form: "word", "word"*, "two words"
+
+
+def caption_terms(text: str, max_terms: int = 16, max_chars: int = 256) -> list[CaptionTerm]:
+    """User words as FTS5 terms: every word and "phrase" quoted (punctuation cannot inject syntax), repeats
+    removed, `word*` a prefix only with 2+ letters. Raises QueryTooLongError over the limits."""
     if len(text) > max_chars:
         raise QueryTooLongError(f"caption query of {len(text)} characters: the limit is {max_chars}")
-    phrases = [p.strip() for p in re.findall(r'"([^"]+)"', text)]
-    rest = re.sub(r'"[^"]*"', " ", text)
-    terms: dict[str, None] = {}  # ordered set: "a a a" is one term
-    for p in phrases:
-        words = re.findall(r"\w+", p, flags=re.UNICODE)
+    terms: dict[str, CaptionTerm] = {}  # by FTS form, in order: "a a a" is one term
+    for phrase in re.findall(r'"([^"]+)"', text):
+        words = " ".join(re.findall(r"\w+", phrase, flags=re.UNICODE))
         if words:
-            terms.setdefault('"' + " ".join(words) + '"')
-    for w in re.findall(r"\w+\*?", rest, flags=re.UNICODE):
-        if w.endswith("*") and len(w) > 2:
-            terms.setdefault(f'"{w[:-1]}"*')
-        else:
-            terms.setdefault(f'"{w.rstrip("*")}"')
+            terms.setdefault(f'"{words}"', CaptionTerm(words, False, f'"{words}"'))
+    for w in re.findall(r"\w+\*?", re.sub(r'"[^"]*"', " ", text), flags=re.UNICODE):
+        word, prefix = w.rstrip("*"), w.endswith("*") and len(w) > 2
+        fts = f'"{word}"*' if prefix else f'"{word}"'
+        terms.setdefault(fts, CaptionTerm(word, prefix, fts))
     if len(terms) > max_terms:
         raise QueryTooLongError(f"caption query of {len(terms)} different words or phrases: the limit is {max_terms}")
-    return " ".join(terms)
+    return list(terms.values())
+
+
+def sanitize_caption_query(text: str, max_terms: int = 16, max_chars: int = 256) -> str:
+    """The FTS5 query of `caption_terms` (an empty string when there are none)."""
+    return " ".join(t.fts for t in caption_terms(text, max_terms, max_chars))
 
 
 @contextmanager
-def sqlite_time_budget(conn: sqlite3.Connection, seconds: float) -> Iterator[None]:
-    """Stop any statement run on `conn` inside the block once `seconds` have passed (SQLite's progress handler
-    aborts it from within), raising QueryTimeoutError."""
-    deadline = time.monotonic() + seconds
+def sqlite_time_budget(conn: sqlite3.Connection, seconds: float, started: float | None = None) -> Iterator[None]:
+    """Stop any statement run on `conn` inside the block once `seconds` have passed since `started` (a
+    time.monotonic() value; default now: one budget can span queries on several connections), raising
+    QueryTimeoutError. SQLite's progress handler aborts the statement from within."""
+    deadline = (time.monotonic() if started is None else started) + seconds
     stopped = False
 
     def check() -> int:
