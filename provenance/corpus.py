@@ -171,7 +171,7 @@ def read_image_folder(location: str) -> Iterator[CorpusItem]:
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         listed.add(rel)
         caption, license_, extra = _split_row(metadata.get(rel, {}))
-        yield CorpusItem(rel, None, caption, str(path), license_, extra, error=reason, error_kind=kind)
+        yield CorpusItem(rel, None, caption, rel, license_, extra, error=reason, error_kind=kind)
     for missing in sorted(set(metadata) - listed):
         # A metadata row whose image is absent is a skip the user should see, not a silent drop.
         caption, license_, extra = _split_row(metadata[missing])
