@@ -85,6 +85,9 @@ def audit_command(
         _fail(typer.BadParameter(f"no images found in {' '.join(images)}"))
     if not files and from_captions is None:
         _fail(typer.BadParameter("nothing to audit: give IMAGES, or --from-captions N --model M"))
+    missing = [r for r in reference or [] if not any(ch in r for ch in "*?[") and not Path(r).exists()]
+    if missing:
+        _fail(typer.BadParameter(f"--reference: not found: {', '.join(missing)}"))
     ref_files = iter_image_paths(reference) if reference else []
     if reference and not ref_files:
         _fail(typer.BadParameter(f"--reference: no images found in {' '.join(reference)}"))
