@@ -165,8 +165,11 @@ def distribution_svg(bins: list[int], reference: list[int] | None, lines: list[t
         out.append(f'<polyline class="ref" points="{" ".join(pts)}"/>')
     for k, (x, label, cls) in enumerate(sorted(lines)):
         px = left + min(max(x, 0.0), 1.0) * pw
+        # labels right of their line, or left of it near the right edge so they stay inside the plot
+        tx, anchor = (px + 3, "start") if x < 0.8 else (px - 3, "end")
         out.append(f'<line class="mark {cls}" x1="{px:.1f}" y1="{top - 4}" x2="{px:.1f}" y2="{top + ph}"/>'
-                   f'<text class="mark {cls}" x="{px + 3:.1f}" y="{top + 6 + 11 * (k % 4)}">{_esc(label)}</text>')
+                   f'<text class="mark {cls}" x="{tx:.1f}" y="{top + 6 + 11 * (k % 4)}" text-anchor="{anchor}">'
+                   f"{_esc(label)}</text>")
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         out.append(f'<text x="{left + tick * pw:.1f}" y="{height - 8}" text-anchor="middle">{tick:g}</text>')
     if not sum(bins):
@@ -255,7 +258,8 @@ def _memo_html(s: PromptStat) -> str:
     m = s.memorization
     if not m:
         return '<span class="muted">not recorded</span>'
-    shown: dict[str, Any] = {k: m.get(k) for k in ("noise_norm", "noise_norm_z", "pairwise_sscd") if m.get(k) is not None}
+    shown: dict[str, Any] = {k: f"{m[k]:.3g}" if isinstance(m[k], float) else m[k]
+                             for k in ("noise_norm", "noise_norm_z", "pairwise_sscd") if m.get(k) is not None}
     flag = '<span class="badge flag">flagged</span> ' if m.get("flag") else ""
     why = f' <span class="muted">{_esc(m["flag_reason"])}</span>' if m.get("flag") and m.get("flag_reason") else ""
     return flag + (_kv_html(shown) if shown else '<span class="muted">no values</span>') + why
