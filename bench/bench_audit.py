@@ -27,13 +27,13 @@ from PIL import Image, ImageEnhance
 
 from provenance.audit import AuditAccumulator, audit_paths
 from provenance.indexer import BuildOptions, build
-from provenance.scan import ScanOptions, Scanner, Thresholds
+from provenance.scan import Scanner, ScanOptions, Thresholds
 from provenance.types import Match, ScanRecord, WatermarkEvidence
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "results" / ".cache" / "audit"
 DATA = Path(os.environ.get("PROVENANCE_SHARED_DATA", REPO.parent / "shared" / "data"))
-AUDIT_SCAN = dict(k=5, visible=False, invisible=False, c2pa=False, metadata=True)  # what cli_audit uses
+AUDIT_SCAN = {"k": 5, "visible": False, "invisible": False, "c2pa": False, "metadata": True}  # what cli_audit uses
 
 
 def _inputs(n: int) -> list[Path]:

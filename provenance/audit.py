@@ -34,7 +34,7 @@ import math
 import os
 from array import array
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
 from typing import Any, Literal
@@ -89,7 +89,7 @@ class Rate:
     confidence: float = CONFIDENCE
 
     @classmethod
-    def of(cls, count: int, total: int, confidence: float = CONFIDENCE) -> "Rate":
+    def of(cls, count: int, total: int, confidence: float = CONFIDENCE) -> Rate:
         if total == 0:
             return cls(count, total, None, None, None, confidence)
         low, high = wilson_interval(count, total, confidence)
@@ -108,7 +108,7 @@ class ScoreDistribution:
     quantiles: dict[str, float | None]  # p50, p90, p95, p99, max
 
     @classmethod
-    def of(cls, scores: np.ndarray) -> "ScoreDistribution":
+    def of(cls, scores: np.ndarray) -> ScoreDistribution:
         scores = np.asarray(scores, dtype=np.float64)  # (n,)
         idx = np.clip((scores * SCORE_BINS).astype(np.int64), 0, SCORE_BINS - 1)
         bins = np.bincount(idx, minlength=SCORE_BINS).tolist()
@@ -252,7 +252,7 @@ class _ScoreTally:
     """Verdict counts, errors and top-1 SSCD scores (float32, 4 bytes per image) of a stream of records."""
 
     def __init__(self) -> None:
-        self.verdicts = dict.fromkeys(VERDICT_ORDER, 0)
+        self.verdicts: dict[str, int] = dict.fromkeys(VERDICT_ORDER, 0)
         self.errors: list[dict[str, str]] = []
         self.scores = array("f")
 
@@ -348,7 +348,7 @@ class AuditAccumulator:
             self.reference = _ScoreTally()
         self.reference.add(record)
 
-    def result(self) -> "AuditResult":
+    def result(self) -> AuditResult:
         o, out = self.options, self.outputs
         scores = out.score_array()
         replication = out.share(REPLICATING)

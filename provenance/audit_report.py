@@ -34,7 +34,7 @@ def render_audit_html(result: AuditResult, *, thumbnails: ThumbnailFn | None = N
     memorization signals, and the unreadable inputs. Only the top pairs' images are read (thumbnails)."""
     e = _esc
     r = result
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         # The page must work offline and load nothing, even if a caption smuggles in a URL.
@@ -108,8 +108,9 @@ def _distribution_html(r: AuditResult) -> str:
             lines.append((float(t[key]), f"{label} {t[key]:g}", cls))
     lines.append((PAPER_SSCD, f"SSCD {PAPER_SSCD:g} (papers)", "t-paper"))
     ref = r.reference
-    if ref is not None and ref.scores.quantiles.get("p99") is not None:
-        lines.append((float(ref.scores.quantiles["p99"]), f"reference p99 {ref.scores.quantiles['p99']:.2f}", "t-ref"))
+    ref_p99 = ref.scores.quantiles.get("p99") if ref is not None else None
+    if ref_p99 is not None:
+        lines.append((ref_p99, f"reference p99 {ref_p99:.2f}", "t-ref"))
     svg = distribution_svg(r.scores.bins, ref.scores.bins if ref else None, lines)
     q = r.scores.quantiles
     stats = [f"outputs: median {_num(q['p50'])}, p99 {_num(q['p99'])}, max {_num(q['max'])}"]

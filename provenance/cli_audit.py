@@ -66,7 +66,7 @@ def audit_command(
     3 no input could be read. Unreadable inputs are listed and do not count as outputs."""
     from provenance.audit import GATE_ON, AuditOptions, audit_paths
     from provenance.images import iter_image_paths
-    from provenance.scan import ScanOptions, Scanner, load_thresholds
+    from provenance.scan import Scanner, ScanOptions, load_thresholds
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

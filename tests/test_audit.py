@@ -24,7 +24,7 @@ from provenance.audit import (
 from provenance.audit_report import render_audit_html
 from provenance.cli import EXIT_CLEAN, EXIT_FAIL_ON, EXIT_UNREADABLE, EXIT_USAGE, app
 from provenance.indexer import BuildOptions, build
-from provenance.scan import ScanOptions, Scanner
+from provenance.scan import Scanner, ScanOptions
 from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, WatermarkEvidence
 
@@ -179,7 +179,7 @@ def test_json_summary_has_the_fields(result):
 
 def test_html_report_is_self_contained(result, index_dir):
     page = render_audit_html(result, thumbnails=ProvenanceIndex.open(index_dir).thumbnail)
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
     assert "http://" not in page and "https://" not in page and "<script" not in page.lower()
     assert page.count('class="dist"') == 1 and 'class="ref"' in page  # the histogram with the reference line
     # each top pair shows both images: the output's thumbnail and the corpus item's stored one
