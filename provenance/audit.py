@@ -45,7 +45,7 @@ from provenance.types import VERDICT_ORDER, Match, ScanRecord
 
 logger = logging.getLogger(__name__)
 
-AUDIT_SCHEMA_VERSION = 1  # bump when a key of AuditResult.to_dict() changes meaning or goes away
+AUDIT_SCHEMA_VERSION = "provenance.audit/1"  # bumped when a key of AuditResult.to_dict() changes meaning or goes
 CONFIDENCE = 0.95
 SCORE_BINS = 50  # over SSCD cosine [0, 1]: 0.02 wide, fine enough to place the 0.45 / 0.5 lines
 PAPER_SSCD = 0.5  # Somepalli et al. 2023's replication cut-off on SSCD cosine
@@ -259,7 +259,8 @@ class _ScoreTally:
     def add(self, record: ScanRecord) -> None:
         self.verdicts[record.verdict] = self.verdicts.get(record.verdict, 0) + 1
         if record.verdict == "error":
-            self.errors.append({"path": record.path, "error": record.error or "unreadable"})
+            self.errors.append({"path": record.path, "error": record.error or "unreadable",
+                                "error_code": record.error_code or "scan_failed"})
             return
         s = record.scores.get("sscd")
         if s is not None:
@@ -306,6 +307,7 @@ class AuditAccumulator:
         self._seen = 0
         self._prompts: dict[str, PromptStat] = {}
         self._with_prompt = 0
+        self._checks: dict[str, Any] = {}
 
     def add(self, record: ScanRecord) -> None:
         """Count one output's record."""
@@ -313,6 +315,8 @@ class AuditAccumulator:
         self._seen += 1
         if record.verdict == "error":
             return
+        if not self._checks and record.checks:
+            self._checks = dict(record.checks)  # one scanner, one set of options: the first record says them
         prompt = prompt_of(record)
         top = _pair_match(record)
         sscd = record.scores.get("sscd")
@@ -376,6 +380,7 @@ class AuditAccumulator:
         return AuditResult(
             index=self.index_name,
             thresholds=self.thresholds,
+            checks=self._checks,
             inputs=self._seen,
             outputs=out.outputs,
             errors=out.errors,
@@ -448,9 +453,10 @@ class AuditResult:
 
     index: str  # the index's folder name
     thresholds: dict[str, Any]  # the verdict thresholds the scan used
+    checks: dict[str, Any]  # which checks the scan ran (ScanRecord.checks: descriptors, centre_view...)
     inputs: int  # files given, readable or not
     outputs: int  # readable ones: the denominator of every rate
-    errors: list[dict[str, str]]  # {"path", "error"} per unreadable input; not counted as outputs
+    errors: list[dict[str, str]]  # {"path", "error", "error_code"} per unreadable input; not counted as outputs
     verdicts: dict[str, int]
     replication: Rate  # replica or exact
     replica: Rate
@@ -465,13 +471,14 @@ class AuditResult:
     captions: list[PromptStat]  # the prompts that replicate most, first
     memorization: dict[str, int]
     gate: Gate | None = None
-    schema_version: int = AUDIT_SCHEMA_VERSION
+    schema_version: str = AUDIT_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
             "index": self.index,
             "thresholds": self.thresholds,
+            "checks": self.checks,
             "inputs": self.inputs,
             "outputs": self.outputs,
             "errors": self.errors,

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from provenance.cli_options import with_scan_options
 from provenance.errors import ProvenanceError
 
 console = Console(stderr=True)
@@ -20,6 +21,9 @@ out = Console(soft_wrap=True)
 # the main CLI's codes: 0 gate passed (or none set), 1 gate failed, 2 usage error, 3 nothing could be read
 EXIT_CLEAN, EXIT_GATE, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
+# the audit checks copies, not marks: the watermark detectors are off unless asked for (`scan` reports marks); the
+# generation metadata stays on, it carries the prompts and memorization signals; 5 matches are plenty for a pair
+AUDIT_SCAN_DEFAULTS = {"k": 5, "visible": False, "invisible": False, "c2pa": False, "metadata": True}
 
 _REFERENCE_HELP = (
     "Non-member photos (folder, files or glob: photos known NOT to be in the index, ideally of the same kind as the "
@@ -34,6 +38,7 @@ def _fail(e: Exception | str, code: int = EXIT_USAGE) -> None:
     raise typer.Exit(code)
 
 
+@with_scan_options(unset_default=True)
 def audit_command(
     index: Annotated[Path, typer.Option("--index", "-i", help="Index directory of the training corpus.")],
     images: Annotated[Optional[list[str]], typer.Argument(help="Generated images: files, folders (recursive) or globs.")] = None,
@@ -44,7 +49,6 @@ def audit_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON summary here ('-' for stdout).")] = None,
     top_pairs: Annotated[int, typer.Option(min=0, help="Pairs shown side by side in the report.")] = 12,
     top_captions: Annotated[int, typer.Option(min=0, help="Prompts listed, most replicating first.")] = 20,
-    centre_view: Annotated[bool, typer.Option("--centre-view", help="Also match each output's centre with SSCD (as scan --centre-view).")] = False,
     thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
     from_captions: Annotated[Optional[int], typer.Option("--from-captions", min=1, help="First generate from N captions of the index (generate --from-captions), then audit those outputs too.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="With --from-captions: hub id, local diffusers folder or tiny-random.")] = "",
@@ -56,14 +60,14 @@ def audit_command(
     width: Annotated[Optional[int], typer.Option(min=8, help="With --from-captions: multiple of 8.")] = None,
     device: Annotated[Optional[str], typer.Option(help="With --from-captions: auto, cpu, cuda, mps.")] = None,
     gen_out: Annotated[Path, typer.Option("--gen-out", help="With --from-captions: where the generated images go.")] = Path("out/audit-generated"),
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    workers: Annotated[int, typer.Option(min=1)] = 2,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+    scan_options: dict | None = None,  # the ScanOptions flags given (provenance.cli_options), e.g. --thorough
 ) -> None:
     """Audit a model release for replication: the share of its outputs that copy a training image (95% Wilson
     interval), their score distribution against non-member photos, the top pairs, the captions that replicate
     most and their memorization signals. Exit 0 clean, 1 the --max-replication-rate gate failed, 2 usage error,
-    3 no input could be read. Unreadable inputs are listed and do not count as outputs."""
+    3 no input could be read. Unreadable inputs are listed and do not count as outputs. The scan flags are
+    scan's (e.g. --thorough); watermark checks are off unless turned on, since the audit is about copies."""
     from provenance.audit import GATE_ON, AuditOptions, audit_paths
     from provenance.images import iter_image_paths
     from provenance.scan import Scanner, ScanOptions, load_thresholds
@@ -93,12 +97,12 @@ def audit_command(
         _fail(typer.BadParameter(f"--reference: no images found in {' '.join(reference)}"))
     options = AuditOptions(top_pairs=top_pairs, top_captions=top_captions,
                            max_replication_rate=max_replication_rate, gate_on=gate_on)  # type: ignore[arg-type]
+    given = {k: v for k, v in (scan_options or {}).items() if v is not None}
     try:
-        # the audit checks copies, not marks: the watermark detectors are off (`scan` reports them); the
-        # generation metadata stays on, it carries the prompts and memorization signals
-        scan_opts = ScanOptions(k=5, thresholds=load_thresholds(thresholds), visible=False, invisible=False,
-                                c2pa=False, metadata=True, batch_size=batch_size, workers=workers,
-                                centre_view=centre_view)
+        scan_opts = ScanOptions.build(**{**AUDIT_SCAN_DEFAULTS, **given}, thresholds=load_thresholds(thresholds))
+    except ProvenanceError as e:  # a broken rule of the options or an unreadable thresholds file
+        _fail(e)
+    try:
         scanner = Scanner.open(index, scan_opts)  # a bad index fails before any generation
     except ProvenanceError as e:
         _fail(e)

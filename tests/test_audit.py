@@ -168,11 +168,13 @@ def test_captions_rank_by_replication_with_memorization_beside(result):
 def test_json_summary_has_the_fields(result):
     d = json.loads(json.dumps(result.to_dict()))
     assert d["schema_version"] == AUDIT_SCHEMA_VERSION
-    assert set(d) >= {"index", "thresholds", "inputs", "outputs", "errors", "verdicts", "replication", "replica",
+    assert set(d) >= {"index", "thresholds", "checks", "inputs", "outputs", "errors", "verdicts", "replication", "replica",
                       "exact", "similar", "sscd_above_0_5", "scores", "reference", "top_pairs", "captions",
                       "memorization", "gate"}
     assert set(d["replication"]) == {"count", "total", "rate", "low", "high", "confidence"}
     assert d["thresholds"]["replica_sscd"] == 0.45 and len(d["scores"]["bins"]) == 50
+    assert d["checks"]["descriptors"] == ["sscd", "pdq"] and d["checks"]["visible"] is False
+    assert d["errors"][0]["error_code"] and d["errors"][0]["path"].endswith("truncated.png")
     assert set(d["top_pairs"][0]) >= {"path", "corpus_id", "score", "verdict", "region", "prompt"}
     assert d["gate"]["on"] == "point" and d["gate"]["failed"] is False
 
@@ -218,15 +220,21 @@ def test_cli_gate_exit_codes_point_and_upper(index_dir, outputs, tmp_path):
     assert d["replication"]["rate"] == 0.30 and d["reference"] is None and d["gate"]["failed"] is False
     page = html.read_text()
     assert "https://" not in page and "No reference given" in page
-    r = runner.invoke(app, [*args, "--gate-on", "upper"])
+    assert d["checks"]["centre_view"] is False and d["checks"]["visible"] is False  # the audit's defaults
+    # the scan flags are scan's own: --thorough turns the centre view on (not the invisible crops: marks are off)
+    r = runner.invoke(app, [*args, "--gate-on", "upper", "--thorough", "--json", str(summary)])
     assert r.exit_code == EXIT_FAIL_ON, r.output
     assert "upper bound" in r.output
+    d = json.loads(summary.read_text())
+    assert d["checks"]["centre_view"] is True and d["checks"]["invisible_crops"] is False
+    assert d["replication"]["count"] == REPLICAS and d["gate"]["on"] == "upper" and d["gate"]["failed"] is True
 
 
 def test_cli_usage_errors_and_unreadable_only(index_dir, outputs, tmp_path):
     base = ["audit", str(outputs), "--index", str(index_dir)]
     for extra in (["--gate-on", "median"], ["--max-replication-rate", "5"], ["--model", "tiny-random"],
-                  ["--reference", str(tmp_path / "nothing-here")]):
+                  ["--reference", str(tmp_path / "nothing-here")],
+                  ["--invisible-crops"]):  # a way of reading invisible marks, which the audit leaves off
         r = runner.invoke(app, [*base, *extra])
         assert r.exit_code == EXIT_USAGE, (extra, r.output)
     assert runner.invoke(app, ["audit", "--index", str(index_dir)]).exit_code == EXIT_USAGE
