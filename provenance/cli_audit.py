@@ -17,7 +17,6 @@ from provenance.cli_options import with_scan_options
 from provenance.errors import ProvenanceError
 
 console = Console(stderr=True)
-out = Console(soft_wrap=True)
 # the main CLI's codes: 0 gate passed (or none set), 1 gate failed, 2 usage error, 3 nothing could be read
 EXIT_CLEAN, EXIT_GATE, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 EXIT_INTERRUPTED = 130
@@ -130,7 +129,7 @@ def audit_command(
     if json_out is not None:
         text = json.dumps(result.to_dict(), ensure_ascii=False, indent=2)
         if str(json_out) == "-":
-            out.print(text, markup=False, highlight=False)
+            typer.echo(text)
         else:
             json_out.write_text(text + "\n", encoding="utf-8")
             console.print(f"wrote the JSON summary to {json_out}")

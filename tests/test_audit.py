@@ -243,3 +243,19 @@ def test_cli_usage_errors_and_unreadable_only(index_dir, outputs, tmp_path):
     bad.write_bytes(b"\xff\xd8\xff garbage")
     r = runner.invoke(app, ["audit", str(bad), "--index", str(index_dir), "--max-replication-rate", "0.5"])
     assert r.exit_code == EXIT_UNREADABLE, r.output
+
+
+@pytest.mark.slow  # importing diffusers and building the tiny pipeline: ~10-30 s on 2 shared cores
+def test_cli_from_captions_generates_then_audits_with_prompts(index_dir, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    monkeypatch.setenv("PROVENANCE_CACHE_DIR", str(tmp_path / "cache"))  # the tiny tokenizer is built there
+    summary = tmp_path / "audit.json"
+    r = runner.invoke(app, ["audit", "--index", str(index_dir), "--from-captions", "2", "--model", "tiny-random",
+                            "--steps", "2", "--seed", "3", "--device", "cpu", "--gen-out", str(tmp_path / "gen"),
+                            "--json", str(summary), "--max-replication-rate", "0.5"])
+    assert r.exit_code == EXIT_CLEAN, r.output  # the tiny model outputs noise: nothing replicates
+    d = json.loads(summary.read_text())
+    assert d["outputs"] == 2 and d["replication"]["count"] == 0 and len(list((tmp_path / "gen").glob("*.png"))) == 2
+    captions = {c.strip() for c in ProvenanceIndex.open(index_dir).sample_captions(2, seed=3)}
+    assert {c["prompt"] for c in d["captions"]} == captions  # each output's prompt read back from its PNG chunk
+    assert all(c["memorization"] is not None for c in d["captions"])
