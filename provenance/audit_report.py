@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 ThumbnailFn = Callable[[str], bytes | None]  # corpus id -> its thumbnail (JPEG bytes) or None
 QueryThumbnailFn = Callable[[str], bytes | None]  # output path -> a thumbnail of it or None
+MAX_ERRORS_SHOWN = 200  # the page stays readable with thousands of bad inputs; the JSON summary lists them all
 
 
 def write_audit_html(result: AuditResult, path: str | Path, *, thumbnails: ThumbnailFn | None = None,
@@ -38,14 +39,14 @@ def render_audit_html(result: AuditResult, *, thumbnails: ThumbnailFn | None = N
     parts = [
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
         # The page must work offline and load nothing, even if a caption smuggles in a URL.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">",
+        ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">"),
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}{_AUDIT_CSS}</style></head><body>",
         f"<header><h1>{e(title)}</h1>",
-        f'<p class="muted">index {e(r.index)} · {r.outputs} outputs audited'
+        (f'<p class="muted">index {e(r.index)} · {r.outputs} outputs audited'
         f"{f' · {len(r.errors)} unreadable inputs not counted' if r.errors else ''}"
-        f"{f' · {r.reference.images} reference photos' if r.reference else ' · no reference'} · generated {e(now)}</p>",
+        f"{f' · {r.reference.images} reference photos' if r.reference else ' · no reference'} · generated {e(now)}</p>"),
         _gate_html(r),
         _rates_html(r),
         "</header><main>",
@@ -149,8 +150,8 @@ def distribution_svg(bins: list[int], reference: list[int] | None, lines: list[t
     def y(v: float) -> float:
         return top + ph - ph * v / peak
 
-    out = [f'<svg class="dist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="Histogram of top-1 SSCD scores">',
+    out = [(f'<svg class="dist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+           f'aria-label="Histogram of top-1 SSCD scores">'),
            f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="axis"/>',
            f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{peak:.0%}</text>',
            f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>']
@@ -273,7 +274,10 @@ def _errors_html(r: AuditResult) -> str:
     out = []
     for title, errors in groups:
         if errors:
-            items = "".join(f"<li><b>{_esc(x['path'])}</b>: {_esc(x['error'])}</li>" for x in errors)
+            shown = errors[:MAX_ERRORS_SHOWN]
+            items = "".join(f"<li><b>{_esc(x['path'])}</b>: {_esc(x['error'])}</li>" for x in shown)
+            if len(errors) > MAX_ERRORS_SHOWN:
+                items += f'<li class="muted">and {len(errors) - MAX_ERRORS_SHOWN} more (all in the JSON summary)</li>'
             out.append(f'<section class="card"><h2>{_esc(title)}: {len(errors)}</h2><ul class="errs">{items}</ul>'
                        "</section>")
     return "\n".join(out)
