@@ -259,3 +259,15 @@ def test_cli_from_captions_generates_then_audits_with_prompts(index_dir, tmp_pat
     captions = {c.strip() for c in ProvenanceIndex.open(index_dir).sample_captions(2, seed=3)}
     assert {c["prompt"] for c in d["captions"]} == captions  # each output's prompt read back from its PNG chunk
     assert all(c["memorization"] is not None for c in d["captions"])
+
+
+def test_prompts_and_captions_are_escaped():
+    evil = '<img src="https://evil.example/x.png" onerror="alert(1)">'
+    md = {"provenance": {"prompt": evil, "memorization": None}}
+    rec = ScanRecord(path="out/<b>.png", sha256="0" * 64, verdict="replica",
+                     matches=[Match("item<1>", 0.7, "sscd", caption=evil)],
+                     scores={"sscd": 0.7, "clip": None, "pdq_distance": None},
+                     watermarks=WatermarkEvidence(metadata=md))
+    page = render_audit_html(audit_records([rec], {"replica_sscd": 0.45}), query_thumbnails=lambda p: None)
+    assert "<img src=\"https://" not in page and "&lt;img src=&quot;https://evil" in page
+    assert "item&lt;1&gt;" in page and "out/&lt;b&gt;.png" in page
