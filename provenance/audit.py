@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from provenance.errors import InvalidOptionsError
 from provenance.types import VERDICT_ORDER, Match, ScanRecord
 
 logger = logging.getLogger(__name__)
@@ -208,9 +209,9 @@ class Gate:
 def evaluate_gate(replication: Rate, max_rate: float, on: GateOn = "point") -> Gate:
     """Compare the point estimate (or the interval's upper bound) with `max_rate`; no outputs fails the gate."""
     if on not in GATE_ON:
-        raise ValueError(f"gate_on must be one of {', '.join(GATE_ON)}, got {on!r}")
+        raise InvalidOptionsError(f"gate_on must be one of {', '.join(GATE_ON)}, got {on!r}")
     if not (isinstance(max_rate, (int, float)) and 0.0 <= max_rate <= 1.0):
-        raise ValueError(f"max replication rate must be a share in [0, 1], got {max_rate!r}")
+        raise InvalidOptionsError(f"max replication rate must be a share in [0, 1], got {max_rate!r}")
     value = replication.rate if on == "point" else replication.high
     if value is None:
         return Gate(max_rate, on, None, True, "no readable outputs: the replication rate is unknown")
@@ -274,7 +275,7 @@ class _ScoreTally:
         return Rate.of(sum(self.verdicts.get(v, 0) for v in verdicts), self.outputs)
 
     def score_array(self) -> np.ndarray:
-        return np.frombuffer(self.scores, dtype=np.float32) if len(self.scores) else np.zeros(0, np.float32)
+        return np.array(self.scores, dtype=np.float32)  # a copy: a view would pin the array's buffer
 
 
 @dataclass(frozen=True)
@@ -286,11 +287,12 @@ class AuditOptions:
 
     def check(self) -> None:
         if self.top_pairs < 0 or self.top_captions < 0:
-            raise ValueError("top_pairs and top_captions must be >= 0")
+            raise InvalidOptionsError("top_pairs and top_captions must be >= 0")
         if self.gate_on not in GATE_ON:
-            raise ValueError(f"gate_on must be one of {', '.join(GATE_ON)}, got {self.gate_on!r}")
+            raise InvalidOptionsError(f"gate_on must be one of {', '.join(GATE_ON)}, got {self.gate_on!r}")
         if self.max_replication_rate is not None and not 0.0 <= self.max_replication_rate <= 1.0:
-            raise ValueError(f"max replication rate must be a share in [0, 1], got {self.max_replication_rate}")
+            raise InvalidOptionsError(
+                f"max replication rate must be a share in [0, 1], got {self.max_replication_rate}")
 
 
 class AuditAccumulator:
