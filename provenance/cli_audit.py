@@ -94,6 +94,10 @@ def audit_command(
     ref_files = iter_image_paths(reference) if reference else []
     if reference and not ref_files:
         _fail(typer.BadParameter(f"--reference: no images found in {' '.join(reference)}"))
+    for flag, path in (("--output", output), ("--json", json_out)):
+        # found out now, not after an hour of scanning
+        if path is not None and str(path) != "-" and not (path.parent.is_dir() and not path.is_dir()):
+            _fail(typer.BadParameter(f"{flag}: cannot write {path} (its folder does not exist, or it is a folder)"))
     options = AuditOptions(top_pairs=top_pairs, top_captions=top_captions,
                            max_replication_rate=max_replication_rate, gate_on=gate_on)  # type: ignore[arg-type]
     given = {k: v for k, v in (scan_options or {}).items() if v is not None}

@@ -234,7 +234,8 @@ def test_cli_usage_errors_and_unreadable_only(index_dir, outputs, tmp_path):
     base = ["audit", str(outputs), "--index", str(index_dir)]
     for extra in (["--gate-on", "median"], ["--max-replication-rate", "5"], ["--model", "tiny-random"],
                   ["--reference", str(tmp_path / "nothing-here")],
-                  ["--invisible-crops"]):  # a way of reading invisible marks, which the audit leaves off
+                  ["--invisible-crops"],  # a way of reading invisible marks, which the audit leaves off
+                  ["--json", str(tmp_path / "no-such-dir" / "a.json")]):
         r = runner.invoke(app, [*base, *extra])
         assert r.exit_code == EXIT_USAGE, (extra, r.output)
     assert runner.invoke(app, ["audit", "--index", str(index_dir)]).exit_code == EXIT_USAGE
