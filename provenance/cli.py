@@ -367,7 +367,7 @@ def demo(
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (generator, server)."""
-    for module in ("provenance.cli_generate", "provenance.cli_serve", "provenance.cli_audit"):
+    for module in ("provenance.cli_generate", "provenance.cli_serve", "provenance.cli_audit", "provenance.cli_consent"):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -93,10 +93,10 @@ def summarize_manifest_store(store: dict[str, Any]) -> dict[str, Any]:
                 source_types.append(t)
     ai_types = [t for t in source_types if _last_segment(t) in AI_SOURCE_TYPES]
 
-    training = _training_mining(active)
+    training, training_from = _training_mining(active), active
     if not training:
         for m in ordered[1:]:
-            training = _training_mining(m)
+            training, training_from = _training_mining(m), m
             if training:
                 break
     sig = active.get("signature_info") or {}
@@ -118,6 +118,7 @@ def summarize_manifest_store(store: dict[str, Any]) -> dict[str, Any]:
         "digital_source_type": (ai_types or source_types or [None])[0],
         "digital_source_types": source_types,
         "training_mining": training,
+        "training_mining_constraints": _training_constraints(training_from) if training else {},
         "training_opt_out": any(
             training.get(f"{prefix}.{entry}") == "notAllowed"
             for prefix in ("c2pa", "cawg")
@@ -171,4 +172,22 @@ def _training_mining(manifest: dict[str, Any]) -> dict[str, str]:
             use = entry.get("use") if isinstance(entry, dict) else entry
             if isinstance(use, str):
                 out[str(key)] = use
+    return out
+
+
+def _training_constraints(manifest: dict[str, Any]) -> dict[str, str]:
+    """{entry: constraint text} of the training-mining entries that carry one.
+
+    The C2PA spec names the field `constraint_info`; some writers say `constraints_info`.
+    """
+    out: dict[str, str] = {}
+    for a in manifest.get("assertions") or []:
+        label = str(a.get("label", ""))
+        if not (label.startswith("c2pa.training-mining") or label.startswith("cawg.training-mining")):
+            continue
+        for key, entry in ((a.get("data") or {}).get("entries") or {}).items():
+            if isinstance(entry, dict):
+                info = entry.get("constraint_info", entry.get("constraints_info"))
+                if info is not None:
+                    out[str(key)] = info if isinstance(info, str) else json.dumps(info)[:2000]
     return out

@@ -1,0 +1,305 @@
+"""Consent signals for a URL: TDMRep (well-known file, headers, HTML meta), X-Robots-Tag, ai.txt and robots.txt."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+from provenance.consent.fetch import FetchRequest, FetchResult, Fetcher
+from provenance.consent.robots import RobotsFile, Rule, ai_crawlers, decide, parse_robots, path_matches
+from provenance.consent.types import Consent, ConsentSignal, TrainingUse
+
+logger = logging.getLogger(__name__)
+
+# Byte caps per fetched file. RFC 9309 asks crawlers to read at least 500 KiB of a robots.txt;
+# ai.txt has the same syntax; TDMRep files and an HTML head are small.
+ROBOTS_MAX_BYTES = 512 * 1024
+TDMREP_MAX_BYTES = 256 * 1024
+PAGE_MAX_BYTES = 256 * 1024  # of an HTML page: the meta tags are in its head
+MAX_URL_CHARS = 8192
+SITE_FILES = {"tdmrep.json": "/.well-known/tdmrep.json", "ai.txt": "/ai.txt", "robots.txt": "/robots.txt"}
+_NOAI = re.compile(r"\b(noimageai|noai)\b", re.IGNORECASE)
+
+
+def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str] | None = None) -> dict[str, Consent]:
+    """{url: Consent} for every URL, batched: each site's files are fetched (or read from the cache) once.
+
+    Per URL: the URL's own response (TDMRep and X-Robots-Tag headers; TDMRep and robots meta tags
+    when it is an HTML page), and its origin's /.well-known/tdmrep.json, /ai.txt and /robots.txt.
+    `crawlers` are the AI-training user agents robots.txt is read for (default: the shipped list).
+    Never raises for one bad URL: it gets an `unknown` signal saying why.
+    """
+    agents = tuple(crawlers) if crawlers is not None else ai_crawlers()
+    out: dict[str, Consent] = {}
+    valid: dict[str, str] = {}  # url -> origin
+    for url in dict.fromkeys(urls):
+        problem = _url_problem(url)
+        if problem:
+            out[url] = Consent.of([ConsentSignal("url", "invalid", "unknown", problem)])
+        else:
+            p = urlsplit(url)
+            valid[url] = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}"
+    requests = [FetchRequest(u, PAGE_MAX_BYTES, "html") for u in valid]
+    for origin in set(valid.values()):
+        requests += [_site_request(origin, name) for name in SITE_FILES]
+    results = fetcher.fetch_many(requests)
+
+    sites: dict[str, SiteRules] = {}
+    for origin in set(valid.values()):
+        files = {name: results[_site_request(origin, name).key] for name in SITE_FILES}
+        sites[origin] = SiteRules.from_results(files, agents)
+    for url, origin in valid.items():
+        page = results[FetchRequest(url, PAGE_MAX_BYTES, "html").key]
+        out[url] = Consent.of(url_signals(url, page, sites[origin]))
+    return out
+
+
+def _site_request(origin: str, name: str) -> FetchRequest:
+    return FetchRequest(origin + SITE_FILES[name], TDMREP_MAX_BYTES if name == "tdmrep.json" else ROBOTS_MAX_BYTES)
+
+
+def _url_problem(url: Any) -> str | None:
+    if not isinstance(url, str) or not url:
+        return "empty URL"
+    if len(url) > MAX_URL_CHARS:
+        return f"URL longer than {MAX_URL_CHARS} characters"
+    try:
+        p = urlsplit(url)
+        p.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if p.scheme not in ("http", "https"):
+        return f"only http and https URLs are checked, not {p.scheme or 'a scheme-less'!s} URLs"
+    if not p.hostname:
+        return "URL has no host"
+    return None
+
+
+# ------------------------------------------------------------------------------------- site files
+
+
+@dataclass
+class SiteRules:
+    """One origin's parsed files, ready to answer for any path: made once per origin per batch."""
+
+    tdmrep: list[dict[str, Any]] | None = None
+    ai_txt: list[Rule] | None = None  # the rules ai.txt applies to AI users (`*` and named crawlers)
+    robots_named: dict[str, list[Rule]] = field(default_factory=dict)  # AI crawler -> its own rules
+    robots_star: list[Rule] = field(default_factory=list)
+    truncated: dict[str, bool] = field(default_factory=dict)
+    problems: list[ConsentSignal] = field(default_factory=list)  # unreadable files: the same for every path
+
+    @classmethod
+    def from_results(cls, files: dict[str, FetchResult], agents: tuple[str, ...]) -> "SiteRules":
+        site = cls()
+        for name, r in files.items():
+            text = _site_file_text(name, r, site.problems)
+            if text is None:
+                continue
+            site.truncated[name] = r.truncated
+            if name == "tdmrep.json":
+                site.tdmrep = _parse_tdmrep(text, r.truncated, site.problems)
+            elif name == "ai.txt":
+                rf = parse_robots(text, r.truncated)
+                site.ai_txt = [rule for g in rf.groups if "*" in g.agents or any(a.lower() in g.agents for a in agents)
+                               for rule in g.rules]  # fmt: skip
+            else:
+                rf = parse_robots(text, r.truncated)
+                site.robots_named = {a: rf.rules_for(a) or [] for a in agents if rf.names(a)}
+                site.robots_star = [rule for g in rf.groups if "*" in g.agents for rule in g.rules]
+        return site
+
+
+def _site_file_text(name: str, r: FetchResult, problems: list[ConsentSignal]) -> str | None:
+    """The file's text, or None when there is none; an unreadable file adds an `unknown` signal."""
+    if r.error:
+        problems.append(ConsentSignal(name, "unreachable", "unknown", f"{name} not read: {r.error}"))
+        return None
+    status = r.status or 0
+    if 400 <= status < 500:
+        return None  # no file: no statement (RFC 9309 reads a 4xx robots.txt as "no rules")
+    if status >= 500 or status < 200 or status >= 300:
+        problems.append(ConsentSignal(name, f"HTTP {status}", "unknown", f"{name} answered HTTP {status}"))
+        return None
+    if "html" in r.headers.get("content-type", "").lower():
+        return None  # a site's "not found" page served with 200: not the file
+    return r.text()
+
+
+def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> list[dict[str, Any]] | None:
+    if truncated:
+        problems.append(ConsentSignal("tdmrep.json", "too large", "unknown",
+                                      f"tdmrep.json is larger than {TDMREP_MAX_BYTES} bytes; not read"))  # fmt: skip
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", f"tdmrep.json is not JSON: {e}"))
+        return None
+    if not isinstance(doc, list):
+        problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", "tdmrep.json is not a JSON array of rules"))
+        return None
+    return [rule for rule in doc if isinstance(rule, dict) and isinstance(rule.get("location"), str)]
+
+
+# ----------------------------------------------------------------------------------------- per URL
+
+
+def url_signals(url: str, page: FetchResult, site: SiteRules) -> list[ConsentSignal]:
+    """Every signal for one URL from its own response and its site's parsed files."""
+    p = urlsplit(url)
+    path = (p.path or "/") + (f"?{p.query}" if p.query else "")
+    signals: list[ConsentSignal] = list(site.problems)
+
+    # 1. TDMRep, in precedence order: response header > HTML meta > the well-known file.
+    tdm: list[ConsentSignal] = []
+    if page.error:
+        signals.append(ConsentSignal("fetch", "unreachable", "unknown", f"URL not read: {page.error}"))
+    elif page.status is not None and page.status >= 400:
+        signals.append(ConsentSignal("fetch", f"HTTP {page.status}", "unknown", f"URL answered HTTP {page.status}"))
+    header = _tdm_signal("tdm-header", page.headers.get("tdm-reservation"), page.headers.get("tdm-policy"))
+    meta = _html_meta(page)
+    if header:
+        tdm.append(header)
+    meta_tdm = _tdm_signal("html-meta", meta.get("tdm-reservation"), meta.get("tdm-policy"))
+    if meta_tdm:
+        tdm.append(meta_tdm)
+    if site.tdmrep is not None:
+        file_signal = tdmrep_file_signal(site.tdmrep, path)
+        if file_signal:
+            tdm.append(file_signal)
+    signals += _apply_precedence(tdm)
+
+    # 2. X-Robots-Tag and <meta name="robots"> noai / noimageai.
+    for source, value in (("x-robots-tag", page.headers.get("x-robots-tag")), ("html-meta", meta.get("robots"))):
+        for token in dict.fromkeys(t.lower() for t in _NOAI.findall(value or "")):
+            what = "AI use of this content" if token == "noai" else "AI use of images"
+            signals.append(ConsentSignal(source, token, "not_allowed", f"{source} {token}: the site reserves {what}"))
+
+    # 3. ai.txt and robots.txt.
+    if site.ai_txt is not None:
+        signals.append(_ai_txt_signal(site.ai_txt, path, site.truncated.get("ai.txt", False)))
+    signals += robots_signals(site, path)
+    return signals
+
+
+def _tdm_signal(source: str, reservation: str | None, policy: str | None) -> ConsentSignal | None:
+    if reservation is None and policy is None:
+        return None
+    extra = {"tdm_policy": policy[:2000]} if policy else {}
+    value = (reservation or "").strip()
+    if value == "1":
+        detail = "text and data mining rights reserved" + (" (licence terms in tdm-policy)" if policy else "")
+        return ConsentSignal(source, "tdm-reservation=1", "not_allowed", detail, extra=extra)
+    if value == "0":
+        return ConsentSignal(source, "tdm-reservation=0", "allowed", "text and data mining rights not reserved", extra=extra)
+    return ConsentSignal(source, f"tdm-reservation={value[:50]}", "unknown",
+                         "tdm-reservation must be 0 or 1" if value else "tdm-policy without tdm-reservation", extra=extra)  # fmt: skip
+
+
+def tdmrep_file_signal(rules: list[dict[str, Any]], path: str) -> ConsentSignal | None:
+    """The /.well-known/tdmrep.json rule for `path`: the matching rule with the most specific (longest) location."""
+    best: tuple[int, dict[str, Any]] | None = None
+    for rule in rules:
+        loc = rule["location"]
+        if loc.startswith(("http://", "https://")):
+            loc = urlsplit(loc).path or "/"
+        elif not loc.startswith(("/", "*")):
+            loc = "/" + loc
+        if path_matches(loc, path) and (best is None or len(loc) > best[0]):
+            best = (len(loc), rule)
+    if best is None:
+        return None
+    rule = best[1]
+    reservation = rule.get("tdm-reservation")
+    policy = rule.get("tdm-policy")
+    s = _tdm_signal("tdmrep.json", None if reservation is None else str(reservation), policy if isinstance(policy, str) else None)
+    if s is None:
+        return None
+    return ConsentSignal(s.source, s.value, s.training, s.detail, extra={**s.extra, "location": rule["location"][:500]})
+
+
+def _apply_precedence(tdm: list[ConsentSignal]) -> list[ConsentSignal]:
+    """TDMRep: the first (highest-precedence) statement wins; the others are listed as overridden by it."""
+    if len(tdm) < 2:
+        return tdm
+    winner = tdm[0]
+    return [winner] + [
+        ConsentSignal(s.source, s.value, s.training, s.detail, overridden_by=winner.source, extra=s.extra)
+        for s in tdm[1:]
+    ]
+
+
+def _ai_txt_signal(rules: list[Rule], path: str, truncated: bool) -> ConsentSignal:
+    extra: dict[str, Any] = {"truncated": True} if truncated else {}
+    rule = decide(rules, path)
+    if rule is None:
+        return ConsentSignal("ai.txt", "no-match", "allowed", "ai.txt has no rule for this path", extra=extra)
+    line = f"{'Allow' if rule.allow else 'Disallow'}: {rule.pattern}"
+    use: TrainingUse = "allowed" if rule.allow else "not_allowed"
+    return ConsentSignal("ai.txt", line, use, f"ai.txt {line} matches this path", extra=extra)
+
+
+def robots_signals(site: SiteRules, path: str) -> list[ConsentSignal]:
+    """robots.txt groups naming AI-training crawlers are training rules; `User-agent: *` is a crawl rule only."""
+    extra: dict[str, Any] = {"truncated": True} if site.truncated.get("robots.txt") else {}
+    disallowed: dict[str, str] = {}
+    allowed: list[str] = []
+    for agent, rules in site.robots_named.items():
+        rule = decide(rules, path)
+        if rule is not None and not rule.allow:
+            disallowed[agent] = f"Disallow: {rule.pattern}"
+        else:
+            allowed.append(agent)
+    out = []
+    if disallowed:
+        out.append(ConsentSignal("robots.txt", "disallow", "not_allowed",
+                                 f"robots.txt disallows this path for AI-training crawlers: {', '.join(disallowed)}",
+                                 extra={**extra, "agents": list(disallowed), "rules": sorted(set(disallowed.values()))}))  # fmt: skip
+    if allowed:
+        out.append(ConsentSignal("robots.txt", "allow", "allowed",
+                                 f"robots.txt names and allows these AI-training crawlers here: {', '.join(allowed)}",
+                                 extra={**extra, "agents": allowed}))  # fmt: skip
+    star = decide(site.robots_star, path)
+    if star is not None and not star.allow:
+        out.append(ConsentSignal("robots.txt", "crawl-disallow", None,
+                                 f"User-agent: * Disallow: {star.pattern} is a crawl rule for every crawler, "
+                                 "not a training reservation", extra=dict(extra)))  # fmt: skip
+    return out
+
+
+class _MetaReader(HTMLParser):
+    NAMES = ("tdm-reservation", "tdm-policy", "robots")
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag != "meta":
+            return
+        a = {k.lower(): v or "" for k, v in attrs}
+        name = a.get("name", "").strip().lower()
+        if name in self.NAMES:
+            content = a.get("content", "")
+            if name == "robots" and name in self.found:
+                self.found[name] += ", " + content  # several robots metas combine
+            else:
+                self.found.setdefault(name, content)  # a TDMRep name keeps its first value
+
+
+def _html_meta(page: FetchResult) -> dict[str, str]:
+    if not page.body or "html" not in page.headers.get("content-type", "").lower():
+        return {}
+    reader = _MetaReader()
+    try:
+        reader.feed(page.body.decode("utf-8", errors="replace"))
+        reader.close()
+    except Exception as e:  # noqa: BLE001 - html.parser is lenient, but a page is whatever a server sends
+        logger.info("html meta of %s not parsed: %s", page.url, e)
+    return reader.found
