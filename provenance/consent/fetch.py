@@ -11,6 +11,7 @@ same way; no proxy or netrc from the environment is used.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import logging
@@ -33,7 +34,7 @@ BodyMode = Literal["always", "html"]  # "html": read the body only when the resp
 # Response headers the consent readers use; nothing else is kept in the cache.
 KEPT_HEADERS = ("content-type", "tdm-reservation", "tdm-policy", "x-robots-tag")
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-_CACHE_SCHEMA = 1
+_CACHE_SCHEMA = 1  # bump (and rename the table) when the row layout changes
 
 
 def default_cache_path() -> Path:
@@ -93,6 +94,7 @@ class FetchResult:
     final_url: str | None = None  # after redirects
     error: str | None = None  # network failure, refusal, too many redirects...
     from_cache: bool = False
+    private: bool = False  # some hop went to a non-public address (allowed by allow_private_addresses)
 
     @property
     def ok(self) -> bool:
@@ -115,7 +117,8 @@ def address_refusal(ip: str) -> str | None:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-    for kind in ("loopback", "private", "link_local", "multicast", "reserved", "unspecified"):
+    # Most specific first: 169.254/16 is also "private" to ipaddress, but "link-local" says more.
+    for kind in ("loopback", "link_local", "multicast", "unspecified", "reserved", "private"):
         if getattr(addr, f"is_{kind}"):
             return f"{addr} is a {kind.replace('_', '-')} address"
     if not addr.is_global:
@@ -136,13 +139,17 @@ class ConsentCache:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS fetches (key TEXT PRIMARY KEY, expires_at REAL NOT NULL, "
             "fetched_at REAL NOT NULL, url TEXT NOT NULL, status INTEGER, headers TEXT, body BLOB, "
-            "truncated INTEGER NOT NULL, final_url TEXT, error TEXT)"
+            "truncated INTEGER NOT NULL, final_url TEXT, error TEXT, private INTEGER NOT NULL)"
         )
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(_CACHE_SCHEMA),))
 
-    def get_many(self, keys: Sequence[str], now: float | None = None) -> dict[str, FetchResult]:
-        """The unexpired entries among `keys` (read in chunks of 500: SQLite's bound-parameter limit)."""
+    def get_many(self, keys: Sequence[str], now: float | None = None, *, private: bool = False) -> dict[str, FetchResult]:
+        """The unexpired entries among `keys` (read in chunks of 500: SQLite's bound-parameter limit).
+
+        Entries fetched from private addresses are returned only with `private=True`: a run without
+        --allow-private-addresses must not be answered with what an earlier run fetched from an intranet.
+        """
         now = time.time() if now is None else now
         out: dict[str, FetchResult] = {}
         with self._lock:
@@ -150,21 +157,21 @@ class ConsentCache:
                 chunk = list(keys[i : i + 500])
                 rows = self._db.execute(
                     "SELECT key, url, status, headers, body, truncated, final_url, error FROM fetches "
-                    f"WHERE expires_at > ? AND key IN ({','.join('?' * len(chunk))})",
-                    [now, *chunk],
+                    f"WHERE expires_at > ? AND private <= ? AND key IN ({','.join('?' * len(chunk))})",
+                    [now, int(private), *chunk],
                 )
                 for key, url, status, headers, body, truncated, final_url, error in rows:
                     out[key] = FetchResult(url, status, json.loads(headers) if headers else {}, body,
-                                           bool(truncated), final_url, error, from_cache=True)  # fmt: skip
+                                           bool(truncated), final_url, error, from_cache=True, private=private)  # fmt: skip
         return out
 
     def put(self, key: str, r: FetchResult, ttl_s: float) -> None:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO fetches VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO fetches VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (key, now + ttl_s, now, r.url, r.status, json.dumps(r.headers), r.body, int(r.truncated),
-                 r.final_url, r.error),
+                 r.final_url, r.error, int(r.private)),
             )  # fmt: skip
 
     def close(self) -> None:
@@ -236,7 +243,8 @@ class Fetcher:
     def fetch_many(self, requests: Sequence[FetchRequest]) -> dict[str, FetchResult]:
         """{request.key: result} for every request: cached ones read in one pass, the rest fetched in parallel."""
         unique = {r.key: r for r in requests}
-        out: dict[str, FetchResult] = self.cache.get_many(list(unique)) if self.cache is not None else {}
+        private = self.options.allow_private_addresses
+        out: dict[str, FetchResult] = self.cache.get_many(list(unique), private=private) if self.cache else {}
         missing = [r for k, r in unique.items() if k not in out]
         if not missing:
             return out
@@ -269,6 +277,7 @@ class Fetcher:
 
     def _fetch(self, request: FetchRequest) -> FetchResult:
         url = request.url
+        private = False
         for hop in range(self.options.max_redirects + 1):
             parts = urlsplit(url)
             try:
@@ -277,6 +286,7 @@ class Fetcher:
                 if hop == 0:
                     raise
                 raise RefusedURLError(f"redirect to {url[:200]}: {e}") from None
+            private = private or (self.options.allow_private_addresses and address_refusal(ip) is not None)
             try:
                 with self._gate(host).slot():
                     response = self._send(parts.scheme, host, port, ip, parts)
@@ -284,14 +294,15 @@ class Fetcher:
                         if response.status_code in _REDIRECTS and "location" in response.headers:
                             url = urljoin(url, response.headers["location"])
                             continue
-                        return self._read(request, url, response)
+                        return dataclasses.replace(self._read(request, url, response), private=private)
                     finally:
                         response.close()
             except httpx.TimeoutException:
-                return FetchResult(request.url, error=f"{host}: timed out after {self.options.timeout_s:g} s")
+                return FetchResult(request.url, error=f"{host}: timed out after {self.options.timeout_s:g} s", private=private)
             except (httpx.HTTPError, OSError) as e:
-                return FetchResult(request.url, error=f"{host}: {type(e).__name__}: {e}")
-        return FetchResult(request.url, error=f"more than {self.options.max_redirects} redirects (a redirect loop?)")
+                return FetchResult(request.url, error=f"{host}: {type(e).__name__}: {e}", private=private)
+        return FetchResult(request.url, error=f"more than {self.options.max_redirects} redirects (a redirect loop?)",
+                           private=private)  # fmt: skip
 
     def _checked_address(self, url: str) -> tuple[str, int, str]:
         """(host, port, the IP to connect to) for `url`, or RefusedURLError saying why not."""
@@ -319,7 +330,8 @@ class Fetcher:
             if reason is None:
                 return host, port, ip
             reasons.append(reason)
-        raise RefusedURLError(f"{host}: {reasons[0]} (pass --allow-private-addresses to allow)")
+        where = "" if ips == [host] else f"{host}: "
+        raise RefusedURLError(f"{where}{reasons[0]} (pass --allow-private-addresses to allow)")
 
     def _gate(self, host: str) -> _HostGate:
         with self._gates_lock:

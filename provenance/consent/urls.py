@@ -37,6 +37,7 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
     agents = tuple(crawlers) if crawlers is not None else ai_crawlers()
     out: dict[str, Consent] = {}
     valid: dict[str, str] = {}  # url -> origin
+    urls = list(urls)
     for url in dict.fromkeys(urls):
         problem = _url_problem(url)
         if problem:
@@ -56,7 +57,7 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
     for url, origin in valid.items():
         page = results[FetchRequest(url, PAGE_MAX_BYTES, "html").key]
         out[url] = Consent.of(url_signals(url, page, sites[origin]))
-    return out
+    return {url: out[url] for url in dict.fromkeys(urls)}  # in the caller's order
 
 
 def _site_request(origin: str, name: str) -> FetchRequest:
