@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -73,11 +74,13 @@ class FetchOptions:
 
 @dataclass(frozen=True)
 class FetchRequest:
+    """One GET to make: its URL, the body's byte cap, and whether to read the body at all."""
+
     url: str
     max_bytes: int
     body: BodyMode = "always"
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         return f"{self.body}:{self.max_bytes}:{self.url}"
 
@@ -220,12 +223,20 @@ class Fetcher:
         self._resolve = resolve or _system_resolve
         o = self.options
         self.cache = ConsentCache(o.cache_path or default_cache_path()) if o.use_cache else None
-        self._client = httpx.Client(
-            follow_redirects=False, trust_env=False, timeout=httpx.Timeout(o.timeout_s),
-            limits=httpx.Limits(max_connections=o.workers, max_keepalive_connections=o.workers),
-        )  # fmt: skip
+        self._client_instance: httpx.Client | None = None  # made on the first miss: a warm cache needs none
         self._gates: dict[str, _HostGate] = {}
         self._gates_lock = threading.Lock()
+
+    @property
+    def _client(self) -> httpx.Client:
+        with self._gates_lock:
+            if self._client_instance is None:
+                o = self.options
+                self._client_instance = httpx.Client(
+                    follow_redirects=False, trust_env=False, timeout=httpx.Timeout(o.timeout_s),
+                    limits=httpx.Limits(max_connections=o.workers, max_keepalive_connections=o.workers),
+                )  # fmt: skip
+            return self._client_instance
 
     def __enter__(self) -> "Fetcher":
         return self
@@ -234,7 +245,8 @@ class Fetcher:
         self.close()
 
     def close(self) -> None:
-        self._client.close()
+        if self._client_instance is not None:
+            self._client_instance.close()
         if self.cache is not None:
             self.cache.close()
 

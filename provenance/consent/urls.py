@@ -36,7 +36,7 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
     """
     agents = tuple(crawlers) if crawlers is not None else ai_crawlers()
     out: dict[str, Consent] = {}
-    valid: dict[str, str] = {}  # url -> origin
+    valid: dict[str, tuple[str, str]] = {}  # url -> (origin, path with query)
     urls = list(urls)
     for url in dict.fromkeys(urls):
         problem = _url_problem(url)
@@ -44,19 +44,19 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
             out[url] = Consent.of([ConsentSignal("url", "invalid", "unknown", problem)])
         else:
             p = urlsplit(url)
-            valid[url] = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}"
-    requests = [FetchRequest(u, PAGE_MAX_BYTES, "html") for u in valid]
-    for origin in set(valid.values()):
-        requests += [_site_request(origin, name) for name in SITE_FILES]
-    results = fetcher.fetch_many(requests)
+            origin = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}"
+            valid[url] = (origin, (p.path or "/") + (f"?{p.query}" if p.query else ""))
+    origins = {origin for origin, _ in valid.values()}
+    pages = {u: FetchRequest(u, PAGE_MAX_BYTES, "html") for u in valid}
+    site_requests = {(o, name): _site_request(o, name) for o in origins for name in SITE_FILES}
+    results = fetcher.fetch_many([*pages.values(), *site_requests.values()])
 
     sites: dict[str, SiteRules] = {}
-    for origin in set(valid.values()):
-        files = {name: results[_site_request(origin, name).key] for name in SITE_FILES}
+    for origin in origins:
+        files = {name: results[site_requests[origin, name].key] for name in SITE_FILES}
         sites[origin] = SiteRules.from_results(files, agents)
-    for url, origin in valid.items():
-        page = results[FetchRequest(url, PAGE_MAX_BYTES, "html").key]
-        out[url] = Consent.of(url_signals(url, page, sites[origin]))
+    for url, (origin, path) in valid.items():
+        out[url] = Consent.of(url_signals(path, results[pages[url].key], sites[origin]))
     return {url: out[url] for url in dict.fromkeys(urls)}  # in the caller's order
 
 
@@ -151,10 +151,8 @@ def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> 
 # ----------------------------------------------------------------------------------------- per URL
 
 
-def url_signals(url: str, page: FetchResult, site: SiteRules) -> list[ConsentSignal]:
-    """Every signal for one URL from its own response and its site's parsed files."""
-    p = urlsplit(url)
-    path = (p.path or "/") + (f"?{p.query}" if p.query else "")
+def url_signals(path: str, page: FetchResult, site: SiteRules) -> list[ConsentSignal]:
+    """Every signal for one URL (`path`: its path and query) from its own response and its site's parsed files."""
     signals: list[ConsentSignal] = list(site.problems)
 
     # 1. TDMRep, in precedence order: response header > HTML meta > the well-known file.
