@@ -216,6 +216,21 @@ def test_redirect_loop_and_unreachable_host(site, tmp_path):
     assert all(s.value == "unreachable" and "Connect" in s.detail for s in c.signals)
 
 
+def test_unresolvable_host_and_slow_server(site, tmp_path):
+    def resolve(host, port):
+        raise OSError(-2, "Name or service not known")
+
+    with Fetcher(FetchOptions(cache_path=tmp_path / "c.sqlite"), resolve=resolve) as f:
+        (c,) = url_consent(["https://no-such-host.invalid/a.jpg"], f).values()
+    assert c.training == "unknown" and len(c.signals) == 4
+    assert all("no-such-host.invalid does not resolve" in s.detail and "refused" not in s.detail for s in c.signals)
+    site.delay = 1.0
+    start = time.perf_counter()
+    (c,) = _check(site, tmp_path, "/slow.jpg", timeout_s=0.2, max_per_host=4)
+    assert time.perf_counter() - start < 1.0
+    assert all("timed out" in s.detail for s in c.signals)
+
+
 def test_redirects_followed(site, tmp_path):
     site.routes["/.well-known/tdmrep.json"] = (301, {"Location": "/tdm/rules.json"}, b"")
     site.routes["/tdm/rules.json"] = (200, {"Content-Type": "application/json"}, b'[{"location": "/", "tdm-reservation": 1}]')

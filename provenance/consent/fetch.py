@@ -115,6 +115,10 @@ class RefusedURLError(Exception):
     """A URL (or a redirect hop) the guard refuses: not http(s), no host, or a private address."""
 
 
+class _UnresolvableHostError(Exception):
+    """A host name the resolver cannot resolve: an unreachable site, not a refusal."""
+
+
 def address_refusal(ip: str) -> str | None:
     """Why `ip` may not be fetched by default (private, loopback...), or None for a public address."""
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
@@ -298,6 +302,8 @@ class Fetcher:
                 if hop == 0:
                     raise
                 raise RefusedURLError(f"redirect to {url[:200]}: {e}") from None
+            except _UnresolvableHostError as e:
+                return FetchResult(request.url, error=str(e) if hop == 0 else f"redirect to {url[:200]}: {e}")
             private = private or (self.options.allow_private_addresses and address_refusal(ip) is not None)
             try:
                 with self._gate(host).slot():
@@ -331,9 +337,9 @@ class Fetcher:
         try:
             ips = self._resolve(host, port)
         except (OSError, UnicodeError) as e:
-            raise RefusedURLError(f"{host} does not resolve ({e})") from None
+            raise _UnresolvableHostError(f"{host} does not resolve ({e})") from None
         if not ips:
-            raise RefusedURLError(f"{host} does not resolve")
+            raise _UnresolvableHostError(f"{host} does not resolve")
         if self.options.allow_private_addresses:
             return host, port, ips[0]
         reasons = []
