@@ -49,6 +49,7 @@ def check(
 ) -> None:
     """Check URLs for TDMRep, X-Robots-Tag noai, ai.txt and AI-crawler robots.txt reservations."""
     from provenance.consent import Fetcher, FetchOptions, url_consent
+    from provenance.errors import ProvenanceError
 
     _setup_logging(verbose)
     todo = list(urls or [])
@@ -67,7 +68,7 @@ def check(
             ttl_s=ttl_hours * 3600.0, offline=offline,
         )  # fmt: skip
         fetcher = Fetcher(options)
-    except (ValueError, OSError) as e:
+    except (ValueError, ProvenanceError) as e:
         _fail(f"{e}")
     with fetcher:
         answers = url_consent(todo, fetcher)

@@ -105,6 +105,12 @@ class QueryTimeoutError(ProvenanceError):
     code = "query_timeout"
 
 
+class ConsentCacheError(ProvenanceError):
+    """The consent signals cache (SQLite) cannot be opened or written (unwritable folder, not a database...)."""
+
+    code = "consent_cache_unavailable"
+
+
 def error_from_code(code: str | None, message: str) -> ProvenanceError:
     """The exception of the class whose `code` is `code` (e.g. a scan record's `error_code`), carrying `message`;
     a plain ProvenanceError for an unknown code. Lets a surface raise a record's error without re-running it."""

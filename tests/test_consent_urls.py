@@ -332,3 +332,12 @@ def test_cli_consent_check(site, tmp_path):
     assert res.exit_code == 0 and "not_allowed" in res.stdout and "robots.txt" in res.stdout
     res = CliRunner().invoke(app, ["consent", "check"])
     assert res.exit_code == 2 and "give URLs" in res.output
+    (tmp_path / "not-a-db.sqlite").write_bytes(b"this is not a SQLite file" * 100)
+    res = CliRunner().invoke(app, ["consent", "check", "http://example.org/", "--cache", str(tmp_path / "not-a-db.sqlite")])
+    assert res.exit_code == 2 and "cannot open the consent cache" in res.output
+
+
+def test_non_ascii_url_path_and_query_reach_the_server(site, tmp_path):
+    (c,) = _check(site, tmp_path, "/bilder/größe 1.jpg?q=ü&x=%2F")
+    assert c.signals == ()
+    assert "/bilder/gr%C3%B6%C3%9Fe%201.jpg?q=%C3%BC&x=%2F" in {path for _, path in site.log}

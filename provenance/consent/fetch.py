@@ -25,9 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
+
+from provenance.errors import ConsentCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +140,16 @@ class ConsentCache:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._written = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._init_schema()
+        except (OSError, sqlite3.Error) as e:
+            raise ConsentCacheError(f"{self.path}: cannot open the consent cache ({e}); pass another --cache path") from None
+
+    def _init_schema(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
@@ -175,6 +184,7 @@ class ConsentCache:
     def put(self, key: str, r: FetchResult, ttl_s: float) -> None:
         now = time.time()
         with self._lock:
+            self._written = True
             self._db.execute(
                 "INSERT OR REPLACE INTO fetches VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (key, now + ttl_s, now, r.url, r.status, json.dumps(r.headers), r.body, int(r.truncated),
@@ -182,7 +192,10 @@ class ConsentCache:
             )  # fmt: skip
 
     def close(self) -> None:
+        """Close, first dropping expired entries if this session wrote any (so the file does not only grow)."""
         with self._lock:
+            if self._written:
+                self._db.execute("DELETE FROM fetches WHERE expires_at < ?", (time.time(),))
             self._db.close()
 
 
@@ -283,6 +296,9 @@ class Fetcher:
         except RefusedURLError as e:
             # Not cached: whether a URL is refused depends on this run's options, not on the site.
             return FetchResult(request.url, error=f"refused: {e}")
+        except Exception as e:  # noqa: BLE001 - one odd URL or response must not stop the batch
+            logger.exception("consent: fetching %s failed", request.url[:200])
+            return FetchResult(request.url, error=f"{type(e).__name__}: {e}")
         if self.cache is not None:
             ttl = self.options.error_ttl_s if result.error or (result.status or 0) >= 500 else self.options.ttl_s
             if ttl > 0:
@@ -330,6 +346,11 @@ class Fetcher:
         host = (parts.hostname or "").rstrip(".").lower()
         if not host:
             raise RefusedURLError(f"{url[:200]!r} has no host")
+        if not host.isascii():
+            try:
+                host = host.encode("idna").decode("ascii")  # the Host header and SNI are ASCII
+            except UnicodeError:
+                raise RefusedURLError(f"{url[:200]!r} has an invalid host name") from None
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
@@ -363,7 +384,8 @@ class Fetcher:
         default_port = 443 if scheme == "https" else 80
         host_header = host if port == default_port else f"{host}:{port}"
         raw_path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        target = httpx.URL(scheme=scheme, host=ip, port=port, raw_path=raw_path.encode("ascii", "replace"))
+        raw_path = quote(raw_path, safe="/?%:@!$&'()*+,;=-._~[]")  # non-ASCII (an IRI) percent-encoded; escapes kept
+        target = httpx.URL(scheme=scheme, host=ip, port=port, raw_path=raw_path.encode("ascii"))
         headers = {"Host": host_header, "User-Agent": self.options.user_agent, "Accept-Encoding": "identity"}
         extensions = {"sni_hostname": host} if scheme == "https" else {}
         request = self._client.build_request("GET", target, headers=headers, extensions=extensions)
