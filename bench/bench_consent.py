@@ -57,8 +57,12 @@ Crawl-delay: 1
 Sitemap: https://example.org/sitemap.xml
 """
 AI_TXT = b"User-Agent: *\nDisallow: *.gif\nAllow: *.txt\n"
-TDMREP = json.dumps([{"location": "/", "tdm-reservation": 0},
-                     {"location": "/photos/*", "tdm-reservation": 1, "tdm-policy": "https://example.org/policy"}]).encode()
+TDMREP = json.dumps(
+    [
+        {"location": "/", "tdm-reservation": 0},
+        {"location": "/photos/*", "tdm-reservation": 1, "tdm-policy": "https://example.org/policy"},
+    ]
+).encode()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -110,7 +114,9 @@ def main() -> None:
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="bench-consent-"))
     cache_path = tmp / "consent.sqlite"
-    opts = FetchOptions(allow_private_addresses=True, cache_path=cache_path, per_host_rate=0.0, max_per_host=4, workers=16)
+    opts = FetchOptions(
+        allow_private_addresses=True, cache_path=cache_path, per_host_rate=0.0, max_per_host=4, workers=16
+    )
 
     # Cold: every URL and every site file fetched over loopback into the cache.
     t0 = time.perf_counter()
@@ -152,7 +158,9 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, env=env, check=True)
         cli.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "provenance.cli", "consent", "--help"], capture_output=True, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "provenance.cli", "consent", "--help"], capture_output=True, env=env, check=True
+        )
         startup.append(time.perf_counter() - t0)
     rows = json.loads(res.stdout)
     assert len(rows) == len(urls) and all(r["consent"] == cold[r["url"]].to_dict() for r in rows)

@@ -165,7 +165,9 @@ def test_malformed_xmp_gives_unknown_signal(photo):
 def test_xmp_entity_expansion_is_refused_fast(photo):
     lol = (
         '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-        + "".join(f'<!ENTITY lol{i} "{"&lol" + (str(i - 1) if i > 1 else "") + ";" * 1}' * 10 + '">' for i in range(1, 10))
+        + "".join(
+            f'<!ENTITY lol{i} "{"&lol" + (str(i - 1) if i > 1 else "") + ";" * 1}' * 10 + '">' for i in range(1, 10)
+        )
         + "]>"
     )
     packet = lol.encode() + _attr_xmp("DMI-ALLOWED").replace(b"DMI-ALLOWED", b"&lol9;")

@@ -52,7 +52,9 @@ class _Handler(BaseHTTPRequestHandler):
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
         try:
             time.sleep(s.delay)
-            default = (404, {"Content-Type": "text/plain"}, b"not found") if self.path in _SITE_FILES else (200, IMG, b"x")
+            default = (
+                (404, {"Content-Type": "text/plain"}, b"not found") if self.path in _SITE_FILES else (200, IMG, b"x")
+            )
             status, headers, body = s.routes.get(self.path, default)
             self.send_response(status)
             for k, v in headers.items():
@@ -233,7 +235,11 @@ def test_unresolvable_host_and_slow_server(site, tmp_path):
 
 def test_redirects_followed(site, tmp_path):
     site.routes["/.well-known/tdmrep.json"] = (301, {"Location": "/tdm/rules.json"}, b"")
-    site.routes["/tdm/rules.json"] = (200, {"Content-Type": "application/json"}, b'[{"location": "/", "tdm-reservation": 1}]')
+    site.routes["/tdm/rules.json"] = (
+        200,
+        {"Content-Type": "application/json"},
+        b'[{"location": "/", "tdm-reservation": 1}]',
+    )
     (c,) = _check(site, tmp_path, "/a.jpg")
     assert c.training == "not_allowed" and c.signals[-1].source == "tdmrep.json"
 
@@ -333,7 +339,9 @@ def test_cli_consent_check(site, tmp_path):
     res = CliRunner().invoke(app, ["consent", "check"])
     assert res.exit_code == 2 and "give URLs" in res.output
     (tmp_path / "not-a-db.sqlite").write_bytes(b"this is not a SQLite file" * 100)
-    res = CliRunner().invoke(app, ["consent", "check", "http://example.org/", "--cache", str(tmp_path / "not-a-db.sqlite")])
+    res = CliRunner().invoke(
+        app, ["consent", "check", "http://example.org/", "--cache", str(tmp_path / "not-a-db.sqlite")]
+    )
     assert res.exit_code == 2 and "cannot open the consent cache" in res.output
 
 

@@ -12,6 +12,14 @@ from provenance.consent.types import TRAINING_ORDER, Consent, ConsentSignal, Tra
 from provenance.consent.urls import url_consent
 
 __all__ = [
-    "Consent", "ConsentSignal", "FetchOptions", "Fetcher", "TRAINING_ORDER", "TrainingUse", "combine",
-    "default_cache_path", "read_file_consent", "url_consent",
+    "TRAINING_ORDER",
+    "Consent",
+    "ConsentSignal",
+    "FetchOptions",
+    "Fetcher",
+    "TrainingUse",
+    "combine",
+    "default_cache_path",
+    "read_file_consent",
+    "url_consent",
 ]  # fmt: skip

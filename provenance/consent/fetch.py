@@ -21,10 +21,11 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Literal
 from urllib.parse import quote, urljoin, urlsplit
 
 import httpx
@@ -147,7 +148,9 @@ class ConsentCache:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._init_schema()
         except (OSError, sqlite3.Error) as e:
-            raise ConsentCacheError(f"{self.path}: cannot open the consent cache ({e}); pass another --cache path") from None
+            raise ConsentCacheError(
+                f"{self.path}: cannot open the consent cache ({e}); pass another --cache path"
+            ) from None
 
     def _init_schema(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -160,7 +163,9 @@ class ConsentCache:
         self._db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT)")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(_CACHE_SCHEMA),))
 
-    def get_many(self, keys: Sequence[str], now: float | None = None, *, private: bool = False) -> dict[str, FetchResult]:
+    def get_many(
+        self, keys: Sequence[str], now: float | None = None, *, private: bool = False
+    ) -> dict[str, FetchResult]:
         """The unexpired entries among `keys` (read in chunks of 500: SQLite's bound-parameter limit).
 
         Entries fetched from private addresses are returned only with `private=True`: a run without
@@ -255,7 +260,7 @@ class Fetcher:
                 )  # fmt: skip
             return self._client_instance
 
-    def __enter__(self) -> "Fetcher":
+    def __enter__(self) -> Fetcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -332,7 +337,9 @@ class Fetcher:
                     finally:
                         response.close()
             except httpx.TimeoutException:
-                return FetchResult(request.url, error=f"{host}: timed out after {self.options.timeout_s:g} s", private=private)
+                return FetchResult(
+                    request.url, error=f"{host}: timed out after {self.options.timeout_s:g} s", private=private
+                )
             except (httpx.HTTPError, OSError) as e:
                 return FetchResult(request.url, error=f"{host}: {type(e).__name__}: {e}", private=private)
         return FetchResult(request.url, error=f"more than {self.options.max_redirects} redirects (a redirect loop?)",

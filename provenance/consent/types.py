@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 TrainingUse = Literal["not_allowed", "constrained", "allowed", "unknown"]
 # Most restrictive first: the combined answer is the first of these that any counted signal says.
@@ -46,7 +47,7 @@ class ConsentSignal:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ConsentSignal":
+    def from_dict(cls, d: dict[str, Any]) -> ConsentSignal:
         known = {"source", "value", "training", "detail", "overridden_by"}
         return cls(
             source=str(d["source"]), value=str(d["value"]), training=d.get("training"), detail=d.get("detail"),
@@ -62,11 +63,11 @@ class Consent:
     signals: tuple[ConsentSignal, ...] = ()
 
     @classmethod
-    def of(cls, signals: Iterable[ConsentSignal]) -> "Consent":
+    def of(cls, signals: Iterable[ConsentSignal]) -> Consent:
         signals = tuple(signals)
         return cls(training=combine(signals), signals=signals)
 
-    def merged(self, other: "Consent") -> "Consent":
+    def merged(self, other: Consent) -> Consent:
         """Both answers' signals under one answer (e.g. a file's signals and its URL's)."""
         return Consent.of(self.signals + other.signals)
 
@@ -74,7 +75,7 @@ class Consent:
         return {"training": self.training, "signals": [s.to_dict() for s in self.signals]}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Consent":
+    def from_dict(cls, d: dict[str, Any]) -> Consent:
         return cls.of(ConsentSignal.from_dict(s) for s in d.get("signals") or [])
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
-from provenance.consent.fetch import FetchRequest, FetchResult, Fetcher
-from provenance.consent.robots import RobotsFile, Rule, ai_crawlers, decide, parse_robots, path_matches
+from provenance.consent.fetch import Fetcher, FetchRequest, FetchResult
+from provenance.consent.robots import Rule, ai_crawlers, decide, parse_robots, path_matches
 from provenance.consent.types import Consent, ConsentSignal, TrainingUse
 
 logger = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class SiteRules:
     problems: list[ConsentSignal] = field(default_factory=list)  # unreadable files: the same for every path
 
     @classmethod
-    def from_results(cls, files: dict[str, FetchResult], agents: tuple[str, ...]) -> "SiteRules":
+    def from_results(cls, files: dict[str, FetchResult], agents: tuple[str, ...]) -> SiteRules:
         site = cls()
         for name, r in files.items():
             text = _site_file_text(name, r, site.problems)
@@ -143,7 +144,9 @@ def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> 
         problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", f"tdmrep.json is not JSON: {e}"))
         return None
     if not isinstance(doc, list):
-        problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", "tdmrep.json is not a JSON array of rules"))
+        problems.append(
+            ConsentSignal("tdmrep.json", "malformed", "unknown", "tdmrep.json is not a JSON array of rules")
+        )
         return None
     return [rule for rule in doc if isinstance(rule, dict) and isinstance(rule.get("location"), str)]
 
@@ -196,7 +199,9 @@ def _tdm_signal(source: str, reservation: str | None, policy: str | None) -> Con
         detail = "text and data mining rights reserved" + (" (licence terms in tdm-policy)" if policy else "")
         return ConsentSignal(source, "tdm-reservation=1", "not_allowed", detail, extra=extra)
     if value == "0":
-        return ConsentSignal(source, "tdm-reservation=0", "allowed", "text and data mining rights not reserved", extra=extra)
+        return ConsentSignal(
+            source, "tdm-reservation=0", "allowed", "text and data mining rights not reserved", extra=extra
+        )
     return ConsentSignal(source, f"tdm-reservation={value[:50]}", "unknown",
                          "tdm-reservation must be 0 or 1" if value else "tdm-policy without tdm-reservation", extra=extra)  # fmt: skip
 
@@ -217,7 +222,9 @@ def tdmrep_file_signal(rules: list[dict[str, Any]], path: str) -> ConsentSignal 
     rule = best[1]
     reservation = rule.get("tdm-reservation")
     policy = rule.get("tdm-policy")
-    s = _tdm_signal("tdmrep.json", None if reservation is None else str(reservation), policy if isinstance(policy, str) else None)
+    s = _tdm_signal(
+        "tdmrep.json", None if reservation is None else str(reservation), policy if isinstance(policy, str) else None
+    )
     if s is None:
         return None
     return ConsentSignal(s.source, s.value, s.training, s.detail, extra={**s.extra, "location": rule["location"][:500]})
