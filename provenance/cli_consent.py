@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -94,7 +94,8 @@ def file_command(
     from provenance.images import read_bytes
 
     _setup_logging(verbose)
-    results, failed = [], False
+    results: list[dict[str, Any]] = []
+    failed = False
     for p in paths:
         try:
             results.append({"path": str(p), "consent": read_file_consent(read_bytes(p)).to_dict()})

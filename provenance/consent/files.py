@@ -6,7 +6,7 @@ import logging
 import struct
 import xml.parsers.expat
 import zlib
-from typing import Any
+from typing import Any, NoReturn
 
 from provenance.consent.types import Consent, ConsentSignal, TrainingUse
 
@@ -156,7 +156,7 @@ def parse_plus_xmp(packet: bytes) -> dict[str, list[str]]:
     text: list[str] = []
     parser = xml.parsers.expat.ParserCreate(namespace_separator="")
 
-    def refuse_dtd(*_: Any) -> None:
+    def refuse_dtd(*_: Any) -> NoReturn:
         raise ValueError("XMP with a DTD or entity declaration is refused")
 
     def start(name: str, attrs: dict[str, str]) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from provenance.consent.fetch import Fetcher, FetchRequest, FetchResult
-from provenance.consent.robots import Rule, ai_crawlers, decide, parse_robots, path_matches
+from provenance.consent.robots import Rule, ai_crawlers, compile_pattern, decide, parse_robots
 from provenance.consent.types import Consent, ConsentSignal, TrainingUse
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,10 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
     valid: dict[str, tuple[str, str]] = {}  # url -> (origin, path with query)
     urls = list(urls)
     for url in dict.fromkeys(urls):
-        problem = _url_problem(url)
-        if problem:
+        p, problem = _parse_url(url)
+        if p is None:
             out[url] = Consent.of([ConsentSignal("url", "invalid", "unknown", problem)])
         else:
-            p = urlsplit(url)
             origin = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}"
             valid[url] = (origin, (p.path or "/") + (f"?{p.query}" if p.query else ""))
     origins = {origin for origin, _ in valid.values()}
@@ -65,21 +64,22 @@ def _site_request(origin: str, name: str) -> FetchRequest:
     return FetchRequest(origin + SITE_FILES[name], TDMREP_MAX_BYTES if name == "tdmrep.json" else ROBOTS_MAX_BYTES)
 
 
-def _url_problem(url: Any) -> str | None:
+def _parse_url(url: Any) -> tuple[SplitResult | None, str | None]:
+    """(the parsed URL, None), or (None, what is wrong with it)."""
     if not isinstance(url, str) or not url:
-        return "empty URL"
+        return None, "empty URL"
     if len(url) > MAX_URL_CHARS:
-        return f"URL longer than {MAX_URL_CHARS} characters"
+        return None, f"URL longer than {MAX_URL_CHARS} characters"
     try:
         p = urlsplit(url)
         p.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        return f"not a URL ({e})"
+        return None, f"not a URL ({e})"
     if p.scheme not in ("http", "https"):
-        return f"only http and https URLs are checked, not {p.scheme or 'a scheme-less'!s} URLs"
+        return None, f"only http and https URLs are checked, not {p.scheme or 'a scheme-less'!s} URLs"
     if not p.hostname:
-        return "URL has no host"
-    return None
+        return None, "URL has no host"
+    return p, None
 
 
 # ------------------------------------------------------------------------------------- site files
@@ -89,7 +89,7 @@ def _url_problem(url: Any) -> str | None:
 class SiteRules:
     """One origin's parsed files, ready to answer for any path: made once per origin per batch."""
 
-    tdmrep: list[dict[str, Any]] | None = None
+    tdmrep: list[TdmRule] | None = None
     ai_txt: list[Rule] | None = None  # the rules ai.txt applies to AI users (`*` and named crawlers)
     robots_named: dict[str, list[Rule]] = field(default_factory=dict)  # AI crawler -> its own rules
     robots_star: list[Rule] = field(default_factory=list)
@@ -133,7 +133,7 @@ def _site_file_text(name: str, r: FetchResult, problems: list[ConsentSignal]) ->
     return r.text()
 
 
-def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> list[dict[str, Any]] | None:
+def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> list[TdmRule] | None:
     if truncated:
         problems.append(ConsentSignal("tdmrep.json", "too large", "unknown",
                                       f"tdmrep.json is larger than {TDMREP_MAX_BYTES} bytes; not read"))  # fmt: skip
@@ -148,7 +148,7 @@ def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> 
             ConsentSignal("tdmrep.json", "malformed", "unknown", "tdmrep.json is not a JSON array of rules")
         )
         return None
-    return [rule for rule in doc if isinstance(rule, dict) and isinstance(rule.get("location"), str)]
+    return compile_tdmrep([rule for rule in doc if isinstance(rule, dict) and isinstance(rule.get("location"), str)])
 
 
 # ----------------------------------------------------------------------------------------- per URL
@@ -179,7 +179,9 @@ def url_signals(path: str, page: FetchResult, site: SiteRules) -> list[ConsentSi
 
     # 2. X-Robots-Tag and <meta name="robots"> noai / noimageai.
     for source, value in (("x-robots-tag", page.headers.get("x-robots-tag")), ("html-meta", meta.get("robots"))):
-        for token in dict.fromkeys(t.lower() for t in _NOAI.findall(value or "")):
+        if not value:
+            continue
+        for token in dict.fromkeys(t.lower() for t in _NOAI.findall(value)):
             what = "AI use of this content" if token == "noai" else "AI use of images"
             signals.append(ConsentSignal(source, token, "not_allowed", f"{source} {token}: the site reserves {what}"))
 
@@ -206,20 +208,31 @@ def _tdm_signal(source: str, reservation: str | None, policy: str | None) -> Con
                          "tdm-reservation must be 0 or 1" if value else "tdm-policy without tdm-reservation", extra=extra)  # fmt: skip
 
 
-def tdmrep_file_signal(rules: list[dict[str, Any]], path: str) -> ConsentSignal | None:
-    """The /.well-known/tdmrep.json rule for `path`: the matching rule with the most specific (longest) location."""
-    best: tuple[int, dict[str, Any]] | None = None
+TdmRule = tuple[int, Callable[[str], bool], dict[str, Any]]  # (location length, matcher, the rule as written)
+
+
+def compile_tdmrep(rules: list[dict[str, Any]]) -> list[TdmRule]:
+    """tdmrep.json rules with their `location` patterns compiled (once per site, not per URL)."""
+    out = []
     for rule in rules:
         loc = rule["location"]
         if loc.startswith(("http://", "https://")):
             loc = urlsplit(loc).path or "/"
         elif not loc.startswith(("/", "*")):
             loc = "/" + loc
-        if path_matches(loc, path) and (best is None or len(loc) > best[0]):
-            best = (len(loc), rule)
+        out.append((len(loc), compile_pattern(loc), rule))
+    return out
+
+
+def tdmrep_file_signal(rules: list[TdmRule], path: str) -> ConsentSignal | None:
+    """The /.well-known/tdmrep.json rule for `path`: the matching rule with the most specific (longest) location."""
+    best: TdmRule | None = None
+    for r in rules:
+        if (best is None or r[0] > best[0]) and r[1](path):
+            best = r
     if best is None:
         return None
-    rule = best[1]
+    rule = best[2]
     reservation = rule.get("tdm-reservation")
     policy = rule.get("tdm-policy")
     s = _tdm_signal(
