@@ -178,6 +178,19 @@ def test_star_disallow_is_a_crawl_rule_not_a_reservation(site, tmp_path):
     assert [(s.source, s.value, s.training) for s in c.signals] == [("robots.txt", "crawl-disallow", None)]
 
 
+def test_malformed_site_files_give_unknown_signals(site, tmp_path):
+    site.routes["/.well-known/tdmrep.json"] = (200, {"Content-Type": "application/json"}, b"[" * 100_000)
+    site.routes["/ai.txt"] = (500, TEXT, b"oops")
+    site.routes["/robots.txt"] = (200, TEXT, "\ufeffUser-agent: GPTBot\nDisallow: /\n".encode())  # with a BOM
+    (c,) = _check(site, tmp_path, "/a.jpg")
+    s = _by_source(c)
+    assert s["tdmrep.json"].value == "malformed" and s["ai.txt"].value == "HTTP 500"
+    assert c.training == "not_allowed" and s["robots.txt"].extra["agents"] == ["GPTBot"]
+    site.routes["/.well-known/tdmrep.json"] = (200, {"Content-Type": "application/json"}, b'{"location": "/"}')
+    (c,) = _check(site, tmp_path, "/b.jpg", use_cache=False)
+    assert "not a JSON array" in _by_source(c)["tdmrep.json"].detail
+
+
 def test_html_soft_404_for_site_files_is_ignored(site, tmp_path):
     soft = (200, {"Content-Type": "text/html"}, b"<html><body>Page not found</body></html>")
     for p in ("/robots.txt", "/ai.txt", "/.well-known/tdmrep.json"):

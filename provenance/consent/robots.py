@@ -58,7 +58,7 @@ def parse_robots(text: str, truncated: bool = False) -> RobotsFile:
     groups: list[Group] = []
     current: Group | None = None
     last_was_agent = False
-    for i, raw in enumerate(text.splitlines()):
+    for i, raw in enumerate(text.removeprefix("\ufeff").splitlines()):
         if i >= MAX_LINES:
             truncated = True
             break

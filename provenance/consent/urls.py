@@ -44,7 +44,7 @@ def url_consent(urls: Iterable[str], fetcher: Fetcher, *, crawlers: Iterable[str
         if p is None:
             out[url] = Consent.of([ConsentSignal("url", "invalid", "unknown", problem)])
         else:
-            origin = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1]}"
+            origin = f"{p.scheme}://{p.netloc.rsplit('@', 1)[-1].lower()}"  # no userinfo; host names are case-blind
             valid[url] = (origin, (p.path or "/") + (f"?{p.query}" if p.query else ""))
     origins = {origin for origin, _ in valid.values()}
     pages = {u: FetchRequest(u, PAGE_MAX_BYTES, "html") for u in valid}
@@ -140,6 +140,9 @@ def _parse_tdmrep(text: str, truncated: bool, problems: list[ConsentSignal]) -> 
         return None
     try:
         doc = json.loads(text)
+    except RecursionError:
+        problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", "tdmrep.json nests too deeply"))
+        return None
     except ValueError as e:
         problems.append(ConsentSignal("tdmrep.json", "malformed", "unknown", f"tdmrep.json is not JSON: {e}"))
         return None
