@@ -389,12 +389,13 @@ class Fetcher:
     def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:  # noqa: ANN001
         # Connect to the checked IP; Host and (for https) SNI and certificate checks use the name.
         default_port = 443 if scheme == "https" else 80
-        host_header = host if port == default_port else f"{host}:{port}"
+        name = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        host_header = name if port == default_port else f"{name}:{port}"
         raw_path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         raw_path = quote(raw_path, safe="/?%:@!$&'()*+,;=-._~[]")  # non-ASCII (an IRI) percent-encoded; escapes kept
         target = httpx.URL(scheme=scheme, host=ip, port=port, raw_path=raw_path.encode("ascii"))
         headers = {"Host": host_header, "User-Agent": self.options.user_agent, "Accept-Encoding": "identity"}
-        extensions = {"sni_hostname": host} if scheme == "https" else {}
+        extensions = {"sni_hostname": host} if scheme == "https" and host != ip else {}
         request = self._client.build_request("GET", target, headers=headers, extensions=extensions)
         return self._client.send(request, stream=True)
 
