@@ -182,8 +182,10 @@ class ConsentCache:
                     [now, int(private), *chunk],
                 )
                 for key, url, status, headers, body, truncated, final_url, error in rows:
-                    out[key] = FetchResult(url, status, json.loads(headers) if headers else {}, body,
-                                           bool(truncated), final_url, error, from_cache=True, private=private)  # fmt: skip
+                    hdrs = json.loads(headers) if headers else {}
+                    out[key] = FetchResult(
+                        url, status, hdrs, body, bool(truncated), final_url, error, from_cache=True, private=private
+                    )
         return out
 
     def put(self, key: str, r: FetchResult, ttl_s: float) -> None:

@@ -95,6 +95,9 @@ class SiteRules:
     robots_star: list[Rule] = field(default_factory=list)
     truncated: dict[str, bool] = field(default_factory=dict)
     problems: list[ConsentSignal] = field(default_factory=list)  # unreadable files: the same for every path
+    # The signal(s) each decision gives, made once: most URLs of a site fall under the same few rules.
+    # Shared between answers, so treat signals as read-only (they are frozen; leave `extra` alone too).
+    memo: dict[tuple, Any] = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, files: dict[str, FetchResult], agents: tuple[str, ...]) -> SiteRules:
@@ -175,7 +178,7 @@ def url_signals(path: str, page: FetchResult, site: SiteRules) -> list[ConsentSi
     if meta_tdm:
         tdm.append(meta_tdm)
     if site.tdmrep is not None:
-        file_signal = tdmrep_file_signal(site.tdmrep, path)
+        file_signal = tdmrep_file_signal(site.tdmrep, path, site.memo)
         if file_signal:
             tdm.append(file_signal)
     signals += _apply_precedence(tdm)
@@ -190,7 +193,7 @@ def url_signals(path: str, page: FetchResult, site: SiteRules) -> list[ConsentSi
 
     # 3. ai.txt and robots.txt.
     if site.ai_txt is not None:
-        signals.append(_ai_txt_signal(site.ai_txt, path, site.truncated.get("ai.txt", False)))
+        signals.append(_ai_txt_signal(site, path))
     signals += robots_signals(site, path)
     return signals
 
@@ -207,8 +210,8 @@ def _tdm_signal(source: str, reservation: str | None, policy: str | None) -> Con
         return ConsentSignal(
             source, "tdm-reservation=0", "allowed", "text and data mining rights not reserved", extra=extra
         )
-    return ConsentSignal(source, f"tdm-reservation={value[:50]}", "unknown",
-                         "tdm-reservation must be 0 or 1" if value else "tdm-policy without tdm-reservation", extra=extra)  # fmt: skip
+    detail = "tdm-reservation must be 0 or 1" if value else "tdm-policy without tdm-reservation"
+    return ConsentSignal(source, f"tdm-reservation={value[:50]}", "unknown", detail, extra=extra)
 
 
 TdmRule = tuple[int, Callable[[str], bool], dict[str, Any]]  # (location length, matcher, the rule as written)
@@ -227,7 +230,7 @@ def compile_tdmrep(rules: list[dict[str, Any]]) -> list[TdmRule]:
     return out
 
 
-def tdmrep_file_signal(rules: list[TdmRule], path: str) -> ConsentSignal | None:
+def tdmrep_file_signal(rules: list[TdmRule], path: str, memo: dict | None = None) -> ConsentSignal | None:
     """The /.well-known/tdmrep.json rule for `path`: the matching rule with the most specific (longest) location."""
     best: TdmRule | None = None
     for r in rules:
@@ -235,7 +238,15 @@ def tdmrep_file_signal(rules: list[TdmRule], path: str) -> ConsentSignal | None:
             best = r
     if best is None:
         return None
-    rule = best[2]
+    if memo is None:
+        return _tdmrep_rule_signal(best[2])
+    key = ("tdmrep.json", id(best))
+    if key not in memo:
+        memo[key] = _tdmrep_rule_signal(best[2])
+    return memo[key]
+
+
+def _tdmrep_rule_signal(rule: dict[str, Any]) -> ConsentSignal | None:
     reservation = rule.get("tdm-reservation")
     policy = rule.get("tdm-policy")
     s = _tdm_signal(
@@ -257,9 +268,16 @@ def _apply_precedence(tdm: list[ConsentSignal]) -> list[ConsentSignal]:
     ]
 
 
-def _ai_txt_signal(rules: list[Rule], path: str, truncated: bool) -> ConsentSignal:
+def _ai_txt_signal(site: SiteRules, path: str) -> ConsentSignal:
+    rule = decide(site.ai_txt or [], path)
+    key = ("ai.txt", id(rule))
+    if key not in site.memo:
+        site.memo[key] = _ai_txt_rule_signal(rule, site.truncated.get("ai.txt", False))
+    return site.memo[key]
+
+
+def _ai_txt_rule_signal(rule: Rule | None, truncated: bool) -> ConsentSignal:
     extra: dict[str, Any] = {"truncated": True} if truncated else {}
-    rule = decide(rules, path)
     if rule is None:
         return ConsentSignal("ai.txt", "no-match", "allowed", "ai.txt has no rule for this path", extra=extra)
     line = f"{'Allow' if rule.allow else 'Disallow'}: {rule.pattern}"
@@ -269,25 +287,33 @@ def _ai_txt_signal(rules: list[Rule], path: str, truncated: bool) -> ConsentSign
 
 def robots_signals(site: SiteRules, path: str) -> list[ConsentSignal]:
     """robots.txt groups naming AI-training crawlers are training rules; `User-agent: *` is a crawl rule only."""
+    decisions = [decide(rules, path) for rules in site.robots_named.values()]
+    star = decide(site.robots_star, path)
+    key = ("robots.txt", id(star), *map(id, decisions))
+    if key not in site.memo:
+        site.memo[key] = _robots_rule_signals(site, decisions, star)
+    return site.memo[key]
+
+
+def _robots_rule_signals(site: SiteRules, decisions: list[Rule | None], star: Rule | None) -> list[ConsentSignal]:
     extra: dict[str, Any] = {"truncated": True} if site.truncated.get("robots.txt") else {}
     disallowed: dict[str, str] = {}
     allowed: list[str] = []
-    for agent, rules in site.robots_named.items():
-        rule = decide(rules, path)
+    for agent, rule in zip(site.robots_named, decisions):
         if rule is not None and not rule.allow:
             disallowed[agent] = f"Disallow: {rule.pattern}"
         else:
             allowed.append(agent)
     out = []
     if disallowed:
-        out.append(ConsentSignal("robots.txt", "disallow", "not_allowed",
-                                 f"robots.txt disallows this path for AI-training crawlers: {', '.join(disallowed)}",
-                                 extra={**extra, "agents": list(disallowed), "rules": sorted(set(disallowed.values()))}))  # fmt: skip
+        detail = f"robots.txt disallows this path for AI-training crawlers: {', '.join(disallowed)}"
+        rules = sorted(set(disallowed.values()))
+        out.append(ConsentSignal("robots.txt", "disallow", "not_allowed", detail,
+                                 extra={**extra, "agents": list(disallowed), "rules": rules}))  # fmt: skip
     if allowed:
         out.append(ConsentSignal("robots.txt", "allow", "allowed",
                                  f"robots.txt names and allows these AI-training crawlers here: {', '.join(allowed)}",
                                  extra={**extra, "agents": allowed}))  # fmt: skip
-    star = decide(site.robots_star, path)
     if star is not None and not star.allow:
         out.append(ConsentSignal("robots.txt", "crawl-disallow", None,
                                  f"User-agent: * Disallow: {star.pattern} is a crawl rule for every crawler, "
