@@ -25,12 +25,13 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote, urljoin, urlsplit
 
-import httpx
-
 from provenance.errors import ConsentCacheError
+
+if TYPE_CHECKING:
+    import httpx  # imported when the first request is sent: a run answered from the cache never needs it
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +254,8 @@ class Fetcher:
 
     @property
     def _client(self) -> httpx.Client:
+        import httpx
+
         with self._gates_lock:
             if self._client_instance is None:
                 o = self.options
@@ -315,6 +318,8 @@ class Fetcher:
     # ------------------------------------------------------------------------------------- one
 
     def _fetch(self, request: FetchRequest) -> FetchResult:
+        import httpx
+
         url = request.url
         private = False
         for hop in range(self.options.max_redirects + 1):
@@ -389,6 +394,8 @@ class Fetcher:
             return gate
 
     def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:  # noqa: ANN001
+        import httpx
+
         # Connect to the checked IP; Host and (for https) SNI and certificate checks use the name.
         default_port = 443 if scheme == "https" else 80
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
