@@ -211,6 +211,10 @@ def test_combine_order_and_round_trip():
     c = Consent.of(sig)
     again = Consent.from_dict(json.loads(json.dumps(c.to_dict())))
     assert again == c
+    # A file's answer and its URL's answer merge into one, every signal kept.
+    url = Consent.of([ConsentSignal("robots.txt", "disallow", "not_allowed", extra={"agents": ["GPTBot"]})])
+    both = c.merged(url)
+    assert both.training == "not_allowed" and both.signals == c.signals + url.signals
 
 
 def test_cli_consent_file(photo, tmp_path):
