@@ -71,7 +71,10 @@ def check(
     except (ValueError, ProvenanceError) as e:
         _fail(f"{e}")
     with fetcher:
-        answers = url_consent(todo, fetcher)
+        try:
+            answers = url_consent(todo, fetcher)
+        except ProvenanceError as e:  # e.g. httpx not installed: pip install 'provenance[consent]'
+            _fail(f"{e}")
     if json_out:
         sys.stdout.write(json.dumps([{"url": u, "consent": c.to_dict()} for u, c in answers.items()]) + "\n")
         return

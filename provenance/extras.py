@@ -21,6 +21,7 @@ EXTRA_OF = {
     "uvicorn": "serve",
     "pydantic_settings": "serve",
     "datasets": "hf",
+    "httpx": "consent",
 }
 
 

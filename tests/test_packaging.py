@@ -18,7 +18,7 @@ from provenance.errors import MissingExtraError
 REPO = Path(__file__).resolve().parents[1]
 # what the extras install (and the reference encoders only tests use): none may load for an SSCD + PDQ scan
 EXTRA_MODULES = ("diffusers", "transformers", "huggingface_hub", "datasets", "fastapi", "uvicorn", "starlette",
-                 "pydantic_settings", "open_clip", "timm", "cv2", "imwatermark", "provenance.api")
+                 "pydantic_settings", "open_clip", "timm", "cv2", "imwatermark", "provenance.api", "httpx")
 
 # Runs a command of the CLI with every extra's module made unimportable (None in sys.modules: `import x` raises
 # ImportError), then prints which of them were imported anyway.
@@ -76,6 +76,11 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(MissingExtraError, match=r"provenance\[generate\]"):
         generator.load_pipeline(generator.TINY_RANDOM, "cpu")
+    from provenance.consent import Fetcher, FetchOptions, url_consent
+
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    with Fetcher(FetchOptions(use_cache=False)) as f, pytest.raises(MissingExtraError, match=r"provenance\[consent\]"):
+        url_consent(["https://example.org/a.jpg"], f)
 
 
 def test_pyproject_keeps_heavy_parts_in_extras_and_pins_in_constraints():

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, urljoin, urlsplit
 
 from provenance.errors import ConsentCacheError
@@ -236,6 +236,12 @@ def _system_resolve(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
+def _httpx() -> Any:
+    from provenance.extras import require
+
+    return require("httpx", "fetching consent signals for URLs")
+
+
 class Fetcher:
     """Fetches FetchRequests politely and safely, answering from the cache when it can.
 
@@ -254,8 +260,7 @@ class Fetcher:
 
     @property
     def _client(self) -> httpx.Client:
-        import httpx
-
+        httpx = _httpx()
         with self._gates_lock:
             if self._client_instance is None:
                 o = self.options
@@ -292,6 +297,7 @@ class Fetcher:
                 out[r.key] = FetchResult(r.url, error="not in the consent cache (offline: nothing fetched)")
             return out
         logger.info("consent: fetching %d of %d (the rest from the cache)", len(missing), len(unique))
+        self._client  # noqa: B018 - made here, so a missing httpx is one clear error, not one per URL
         with ThreadPoolExecutor(max_workers=min(self.options.workers, len(missing))) as pool:
             for r, result in zip(missing, pool.map(self._fetch_and_store, missing)):
                 out[r.key] = result
@@ -318,8 +324,7 @@ class Fetcher:
     # ------------------------------------------------------------------------------------- one
 
     def _fetch(self, request: FetchRequest) -> FetchResult:
-        import httpx
-
+        httpx = _httpx()
         url = request.url
         private = False
         for hop in range(self.options.max_redirects + 1):
@@ -394,8 +399,7 @@ class Fetcher:
             return gate
 
     def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:  # noqa: ANN001
-        import httpx
-
+        httpx = _httpx()
         # Connect to the checked IP; Host and (for https) SNI and certificate checks use the name.
         default_port = 443 if scheme == "https" else 80
         name = f"[{host}]" if ":" in host else host  # an IPv6 literal
