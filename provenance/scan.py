@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from provenance.consent.files import read_file_consent
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
 from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, read_bytes, sha256_bytes
 from provenance.options import ScanOptions, Thresholds  # noqa: F401 - the scan's public names
@@ -167,6 +168,9 @@ class Scanner:
             record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height,
                                 checks=dict(self.checks))
             record.watermarks = self._evidence(decoded)
+            # do-not-train signals in the file (C2PA/CAWG training-mining, IPTC/PLUS XMP); the C2PA summary is reused
+            record.consent = read_file_consent(decoded.raw, _mime_type(decoded.format),
+                                               c2pa_summary=record.watermarks.c2pa).to_dict()
             memo = ((record.watermarks.metadata or {}).get("provenance") or {}).get("memorization")
             if isinstance(memo, dict):
                 record.extra["memorization"] = memo

@@ -106,6 +106,9 @@ class ScanRecord:
     # which checks ran on this image: {"descriptors": ["sscd", "pdq"], "visible": True, "centre_view": False, ...}
     # (empty when the image could not be read, so nothing ran)
     checks: dict[str, Any] = field(default_factory=dict)
+    # do-not-train signals read from the file (provenance.consent.Consent.to_dict()): {"training": "not_allowed" |
+    # "constrained" | "allowed" | "unknown", "signals": [...]}; None when the image could not be read
+    consent: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. memorization signals from the generator
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +124,7 @@ class ScanRecord:
             "error": self.error,
             "error_code": self.error_code,
             "checks": dict(self.checks),
+            "consent": self.consent,
         }
         if self.extra:
             d["extra"] = self.extra

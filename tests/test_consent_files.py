@@ -229,3 +229,26 @@ def test_cli_consent_file(photo, tmp_path):
     assert rows[0]["consent"]["training"] == "not_allowed"
     assert rows[1]["consent"] == {"training": "unknown", "signals": []}
     assert "not found" in rows[2]["error"]
+
+
+def test_every_scan_record_carries_the_files_consent(photo, coco_dir, tmp_path, signer_pems):  # noqa: F811
+    from provenance.indexer import BuildOptions, build
+    from provenance.scan import ScanOptions, Scanner
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for p in sorted(coco_dir.glob("*.jpg"))[:3]:
+        (corpus / p.name).write_bytes(p.read_bytes())
+    build(str(corpus), tmp_path / "idx", BuildOptions(descriptors=["sscd", "pdq"]))
+    manifest = {"claim_generator_info": [{"name": "t"}], "title": "t.jpg", "assertions": [
+        CREATED, {"label": "c2pa.training-mining", "data": {"entries": {"c2pa.ai_training": {"use": "allowed"}}}}]}  # fmt: skip
+    signed = _sign(_save(photo, "JPEG", xmp=_attr_xmp("DMI-PROHIBITED-SEECONSTRAINT")), "image/jpeg", manifest,
+                   signer_pems)  # fmt: skip
+    scanner = Scanner.open(tmp_path / "idx", ScanOptions(k=3, visible=False, invisible=False))
+    reserved, plain = scanner.scan_many_bytes([("reserved.jpg", signed), ("plain.jpg", _save(photo, "PNG"))])
+    assert reserved.consent["training"] == "constrained"
+    assert sorted((s["source"], s["training"]) for s in reserved.consent["signals"]) == [
+        ("c2pa", "allowed"), ("iptc-plus", "constrained")]  # fmt: skip
+    assert reserved.to_dict()["consent"] == reserved.consent and json.dumps(reserved.to_dict())
+    assert plain.consent == {"training": "unknown", "signals": []}
+    assert scanner.scan_bytes(b"not an image").consent is None

@@ -90,6 +90,25 @@ class WatermarksOut(BaseModel):
     metadata: dict[str, Any] | None = None
 
 
+class ConsentSignalOut(BaseModel):
+    """One do-not-train statement found (provenance.consent.ConsentSignal); source-specific keys ride along."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: str = Field(examples=["iptc-plus"], description="c2pa, cawg, iptc-plus, tdmrep.json, robots.txt, ...")
+    value: str = Field(examples=["DMI-PROHIBITED-AIMLTRAINING"], description="what it said, in its own words")
+    training: Literal["not_allowed", "constrained", "allowed", "unknown"] | None = Field(
+        description="our reading of it; null when it is not about training (listed, not counted)")
+    detail: str | None = None
+    overridden_by: str | None = Field(default=None, description="the higher-precedence signal that replaces it")
+
+
+class ConsentOut(BaseModel):
+    training: Literal["not_allowed", "constrained", "allowed", "unknown"] = Field(
+        description="the most restrictive counted signal: not_allowed > constrained > allowed > unknown")
+    signals: list[ConsentSignalOut] = []
+
+
 class ScanRecordOut(BaseModel):
     """The scan record (provenance.types.ScanRecord.to_dict()), the same as the CLI's JSON output."""
 
@@ -107,6 +126,7 @@ class ScanRecordOut(BaseModel):
     error_code: str | None = Field(default=None, examples=["not_an_image"],
                                    description="the failure kind beside `error` (its HTTP status in /v1/scan)")
     checks: dict[str, Any] = Field(default_factory=dict, description="which checks ran on this image")
+    consent: ConsentOut | None = Field(default=None, description="do-not-train signals read from the file")
     schema_version: str = Field(default=SCAN_SCHEMA_VERSION, description="the version of this record's shape")
     extra: dict[str, Any] | None = None
 
