@@ -41,6 +41,12 @@ IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory (
 WaitOpt = Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for another writer of the index to finish (default: refuse at once).")]
 
 
+def _fetch_options(cache: Path | None, allow_private_addresses: bool):
+    from provenance.consent import FetchOptions
+
+    return FetchOptions(cache_path=cache, allow_private_addresses=allow_private_addresses)
+
+
 def _model_options(sscd_model, clip_model, clip_pretrained, device=None):
     from provenance.models import ModelOptions
 
@@ -70,6 +76,9 @@ def index_build(
     thumbnails: Annotated[bool, typer.Option(help="Store small thumbnails for reports and the web page.")] = True,
     part_size: Annotated[int, typer.Option(min=1, help="Items per part of a folder or dataset (shards: one part each); the unit of resume.")] = 10_000,
     wait: WaitOpt = 0.0,
+    read_url_signals: Annotated[bool, typer.Option("--read-url-signals", help="Also record each URL source's do-not-train signals (TDMRep, X-Robots-Tag, ai.txt, robots.txt), fetched politely and cached; needs [consent]. Signals inside the files are always read.")] = False,
+    consent_cache: Annotated[Optional[Path], typer.Option(help="SQLite cache of fetched signals for --read-url-signals (default: the user cache).")] = None,
+    allow_private_addresses: Annotated[bool, typer.Option("--allow-private-addresses", help="Let --read-url-signals fetch from private and loopback addresses (off: a guard against request forgery).")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search.
@@ -82,7 +91,8 @@ def index_build(
     opts = BuildOptions(descriptors=descriptors.split(","), batch_size=batch_size, limit=limit, append=append,
                         workers=workers, models=_model_options(sscd_model, clip_model, clip_pretrained),
                         memory_budget_bytes=memory_budget_mb << 20, thumbnails=thumbnails, part_size=part_size,
-                        wait=wait)
+                        wait=wait, read_url_signals=read_url_signals,
+                        url_fetch=_fetch_options(consent_cache, allow_private_addresses) if read_url_signals else None)
     src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
     try:
         with Progress(SpinnerColumn(), TextColumn("[bold]indexing"), BarColumn(), TextColumn("{task.fields[done]} embedded"),
@@ -279,10 +289,11 @@ def search(
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    t = Table("rank", "id", "score", "descriptor", "caption", "source")
+    t = Table("rank", "id", "score", "descriptor", "caption", "source", "training")
     for i, r in enumerate(rows, 1):
         t.add_row(str(i), r["id"], f"{r['score']:.3f}" + (f" ({r['distance']} bits)" if r.get("distance") is not None else ""),
-                  r.get("descriptor", "caption"), (r.get("caption") or "")[:70], (r.get("source") or "")[:50])
+                  r.get("descriptor", "caption"), (r.get("caption") or "")[:70], (r.get("source") or "")[:50],
+                  (r.get("consent") or {}).get("training", ""))
     out.print(t)
     if not rows:
         console.print("no results")

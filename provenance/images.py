@@ -305,3 +305,9 @@ def iter_image_paths(inputs: list[str]) -> list[Path]:
         else:
             seen.setdefault(p, None)
     return list(seen)
+
+
+def mime_type(fmt: str | None) -> str | None:
+    """The MIME type of a Pillow format name (DecodedImage.format), for readers that want one (C2PA)."""
+    return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
+            "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")

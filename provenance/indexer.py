@@ -29,7 +29,8 @@ import numpy as np
 from provenance.corpus import CorpusItem, CorpusSource, detect_source, list_shards, read_corpus, read_webdataset
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import DecompressionBombError, IndexFormatError, IndexMismatchError, UnreadableImageError
-from provenance.images import DEFAULT_MAX_PIXELS, decode_image
+from provenance.consent.files import read_file_consent
+from provenance.images import DEFAULT_MAX_PIXELS, decode_image, mime_type
 from provenance.locking import IndexWriteLock
 from provenance.models import ModelOptions, check_same_model, load_descriptor, parse_descriptors
 from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
@@ -56,6 +57,10 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     use_gpu: bool | None = None
     wait: float = 0.0  # seconds to wait for another writer of the same index (0: refuse at once)
+    # also record each URL source's do-not-train signals (TDMRep, X-Robots-Tag, ai.txt, robots.txt) through the
+    # polite, cached fetcher; the signals inside each file are always read
+    read_url_signals: bool = False
+    url_fetch: Any = None  # provenance.consent.FetchOptions for read_url_signals (None: the defaults)
 
 
 @dataclass
@@ -152,7 +157,11 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
 
         # 4. Embed what is new, one part at a time
         run = _Run(index_dir, options, models, specs, build_id, old, staged, progress)
-        run.index_units(corpus)
+        try:
+            run.index_units(corpus)
+        finally:
+            if run.fetcher is not None:
+                run.fetcher.close()
 
         # 5. Commit: the manifest lists the parts (old ones too when appending); unlisted leftovers go
         entries = [part_entry(m) for m in sorted(run.staged, key=lambda m: m["name"])]
@@ -202,6 +211,11 @@ class _Run:
         self.progress = progress
         self.writer: PartWriter | None = None
         self.pending: dict[str, None] = {}  # ids accepted but not yet in a finished part (insertion-ordered)
+        self.fetcher = None
+        if options.read_url_signals:
+            from provenance.consent import Fetcher
+
+            self.fetcher = Fetcher(options.url_fetch)
 
     # 1. Units: one per shard, or the whole folder/dataset cut every part_size items
 
@@ -228,6 +242,8 @@ class _Run:
             skips = [s for s in batch if isinstance(s, _Skip)]
             for s in skips:
                 logger.warning("skipped %s: %s", s.id, s.reason)
+            if self.fetcher is not None:
+                _add_url_consent(ready, self.fetcher)
             vectors = _embed(self.models, ready)
             entries: list[tuple[int | None, _Skip | None]] = [(i, None) for i in range(len(ready))] + [(None, s) for s in skips]
             pos = 0
@@ -320,9 +336,30 @@ def _prepare(item: CorpusItem, models: dict[str, Any], options: BuildOptions) ->
     except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-image build
         return _Skip(item.id, item.source, f"{type(e).__name__}: {e}", "error")
     thumb = _thumbnail(decoded.image) if options.thumbnails else None
+    extra = dict(item.extra or {})
+    consent = read_file_consent(decoded.raw, mime_type(decoded.format))
+    if consent.signals:  # most files carry none: keep their metadata as small as before
+        extra["consent"] = consent.to_dict()
     row = {"id": item.id, "caption": item.caption, "source": item.source, "license": item.license,
-           "width": decoded.width, "height": decoded.height, "sha256": decoded.sha256, "extra": item.extra}
+           "width": decoded.width, "height": decoded.height, "sha256": decoded.sha256, "extra": extra}
     return _Prepared(row, inputs, thumb)
+
+
+def _add_url_consent(ready: list[_Prepared], fetcher: Any) -> None:
+    """Merge each http(s) source's URL signals into the consent its file gave (one batched, cached fetch)."""
+    from provenance.consent import Consent, url_consent
+
+    urls = [p.row["source"] for p in ready if str(p.row.get("source") or "").startswith(("http://", "https://"))]
+    if not urls:
+        return
+    found = url_consent(urls, fetcher)
+    for p in ready:
+        url_signals = found.get(p.row.get("source") or "")
+        if url_signals is None:
+            continue
+        stored = p.row["extra"].get("consent")
+        merged = Consent.from_dict(stored).merged(url_signals) if stored else url_signals
+        p.row["extra"]["consent"] = merged.to_dict()
 
 
 def _thumbnail(image) -> bytes:

@@ -179,7 +179,7 @@ def write_table(records: list[ScanRecord], stream: TextIO, *, title: str = "Prov
         table.add_row(
             Text(r.path),
             Text(r.verdict, style=_VERDICT_STYLE.get(r.verdict, "")),
-            Text(f"{top.id} ({top.descriptor})" if top else "–"),
+            Text(f"{top.id} ({top.descriptor})" + _consent_note(top.consent) if top else "–"),
             _num(top.score if top else None),
             _num(r.scores.get("sscd")),
             _num(r.scores.get("clip")),
@@ -190,6 +190,12 @@ def write_table(records: list[ScanRecord], stream: TextIO, *, title: str = "Prov
     console.print(table)
     counts = verdict_counts(records)
     console.print(f"{len(records)} images: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
+
+
+def _consent_note(consent: dict | None) -> str:
+    """' [training not_allowed]' when the matched item's recorded signals reserve it, else ''."""
+    training = (consent or {}).get("training")
+    return f" [training {training}]" if training in ("not_allowed", "constrained") else ""
 
 
 def _marks_digest(r: ScanRecord) -> str:
@@ -313,10 +319,12 @@ def _record_html(r: ScanRecord, match_thumb: Callable[[str], bytes | None], max_
         for m in r.matches[:max_matches]:
             caption = f'<div class="caption">{e(m.caption)}</div>' if m.caption else ""
             dist = f" · {m.distance} bits" if m.distance is not None else ""
+            note = _consent_note(m.consent).strip(" []")
+            consent = f'<div class="badge flag">{e(note)}</div>' if note else ""
             out.append(
                 f'<figure class="match">{_img_html(match_thumb(m.id), m.id)}<figcaption>'
                 f'<div class="mid">{e(m.id)}</div><div>{e(_num(m.score))} · {e(m.descriptor)}{e(dist)}</div>'
-                f"{caption}</figcaption></figure>"
+                f"{caption}{consent}</figcaption></figure>"
             )
         if len(r.matches) > max_matches:
             out.append(f'<div class="muted more">+{len(r.matches) - max_matches} more matches</div>')

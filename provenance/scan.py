@@ -21,7 +21,7 @@ from PIL import Image
 
 from provenance.consent.files import read_file_consent
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
-from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, read_bytes, sha256_bytes
+from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, mime_type, read_bytes, sha256_bytes
 from provenance.options import ScanOptions, Thresholds  # noqa: F401 - the scan's public names
 from provenance.search import Searcher, best_per_item, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
@@ -169,7 +169,7 @@ class Scanner:
                                 checks=dict(self.checks))
             record.watermarks = self._evidence(decoded)
             # do-not-train signals in the file (C2PA/CAWG training-mining, IPTC/PLUS XMP); the C2PA summary is reused
-            record.consent = read_file_consent(decoded.raw, _mime_type(decoded.format),
+            record.consent = read_file_consent(decoded.raw, mime_type(decoded.format),
                                                c2pa_summary=record.watermarks.c2pa).to_dict()
             memo = ((record.watermarks.metadata or {}).get("provenance") or {}).get("memorization")
             if isinstance(memo, dict):
@@ -194,7 +194,7 @@ class Scanner:
         if o.c2pa:
             from provenance.watermarks.c2pa import read_c2pa
 
-            mime = _mime_type(decoded.format)
+            mime = mime_type(decoded.format)
             ev.c2pa = read_c2pa(decoded.raw, mime)
         if o.metadata:
             from provenance.watermarks.metadata import read_generation_metadata
@@ -249,11 +249,6 @@ class Scanner:
         record.matches = merge_matches(per_desc, self.options.k)
         if same_item is not None:
             record.extra["identical_file"] = same_item
-
-
-def _mime_type(fmt: str | None) -> str | None:
-    return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
-            "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")
 
 
 def _load_visible(o: ScanOptions):

@@ -60,6 +60,7 @@ from provenance.parts import (
     vectors_file,
     verify_part,
 )
+from provenance.consent.types import stored_consent
 from provenance.types import CaptionHit, Match
 
 logger = logging.getLogger(__name__)
@@ -776,7 +777,8 @@ class ProvenanceIndex:
                 batch, b = self.parts[pi].batch_of(r)
                 matches.append(Match(batch.column("id")[b].as_py(), float(S[qi, j]), descriptor,
                                      batch.column("caption")[b].as_py(), batch.column("source")[b].as_py(),
-                                     int(D[qi, j]) if hamming else None))
+                                     int(D[qi, j]) if hamming else None,
+                                     consent=stored_consent(batch.column("extra")[b].as_py())))
             out.append(matches)
         return out
 

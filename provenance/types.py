@@ -27,11 +27,14 @@ class Match:
     caption: str | None = None
     source: str | None = None
     distance: int | None = None  # PDQ Hamming distance in bits, pdq matches only
+    # the corpus item's do-not-train signals as the index recorded them (Consent.to_dict()), when it has any
+    consent: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["distance"] is None:
-            d.pop("distance")
+        for key in ("distance", "consent"):
+            if d[key] is None:
+                d.pop(key)
         return d
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -86,3 +87,19 @@ def combine(signals: Iterable[ConsentSignal]) -> TrainingUse:
         if s.counts and _RANK[s.training] < _RANK[best]:  # type: ignore[index]
             best = s.training  # type: ignore[assignment]
     return best
+
+
+def stored_consent(extra: str | dict[str, Any] | None) -> dict[str, Any] | None:
+    """The consent an index recorded for an item (its `extra["consent"]`, a Consent.to_dict()), or None.
+
+    `extra` is the metadata column as stored (a JSON string) or already parsed. Most items carry no signal,
+    so the string is only parsed when it mentions one."""
+    if isinstance(extra, str):
+        if '"consent"' not in extra:
+            return None
+        try:
+            extra = json.loads(extra)
+        except ValueError:
+            return None
+    value = extra.get("consent") if isinstance(extra, dict) else None
+    return value if isinstance(value, dict) else None
