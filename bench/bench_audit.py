@@ -58,15 +58,30 @@ def _inputs(n: int) -> list[Path]:
 
 
 def _synthetic(i: int) -> ScanRecord:
-    matches = [Match(f"{i % 997:05d}/{j}.jpg", 0.9 - 0.1 * j, "sscd", f"caption of item {j} " * 3, f"shard/{j}.tar")
-               for j in range(5)]
-    md = {"generator": "provenance", "ai_generated": True, "parameters": {}, "text_chunks": {}, "exif": {}, "xmp": {},
-          "provenance": {"prompt": f"a prompt number {i // 4} about a castle at dusk", "seed": i}}
-    return ScanRecord(path=f"outputs/{i:07d}.png", sha256=f"{i:064x}", width=512, height=512,
-                      verdict="replica" if i % 50 == 0 else "novel", matches=matches,
-                      scores={"sscd": 0.9 if i % 50 == 0 else 0.1 + (i % 30) / 100, "clip": None, "pdq_distance": 90},
-                      watermarks=WatermarkEvidence(metadata=md),
-                      extra={"memorization": {"noise_norm": 1.0, "flag": False}})
+    matches = [
+        Match(f"{i % 997:05d}/{j}.jpg", 0.9 - 0.1 * j, "sscd", f"caption of item {j} " * 3, f"shard/{j}.tar")
+        for j in range(5)
+    ]
+    md = {
+        "generator": "provenance",
+        "ai_generated": True,
+        "parameters": {},
+        "text_chunks": {},
+        "exif": {},
+        "xmp": {},
+        "provenance": {"prompt": f"a prompt number {i // 4} about a castle at dusk", "seed": i},
+    }
+    return ScanRecord(
+        path=f"outputs/{i:07d}.png",
+        sha256=f"{i:064x}",
+        width=512,
+        height=512,
+        verdict="replica" if i % 50 == 0 else "novel",
+        matches=matches,
+        scores={"sscd": 0.9 if i % 50 == 0 else 0.1 + (i % 30) / 100, "clip": None, "pdq_distance": 90},
+        watermarks=WatermarkEvidence(metadata=md),
+        extra={"memorization": {"noise_norm": 1.0, "flag": False}},
+    )
 
 
 def memory(n: int) -> dict[str, float]:
@@ -119,7 +134,9 @@ def main() -> None:
             seconds[name] = min(seconds[name], time.perf_counter() - t)
     result = audit_paths(audit_scanner, files)
     base = seconds["scan, audit's options (baseline)"]
-    rows = {k: {"images_per_s": round(len(files) / v, 1), "vs_baseline": round(base / v, 3)} for k, v in seconds.items()}
+    rows = {
+        k: {"images_per_s": round(len(files) / v, 1), "vs_baseline": round(base / v, 3)} for k, v in seconds.items()
+    }
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, load {os.getloadavg()[0]:.1f}",

@@ -67,7 +67,7 @@ TDMREP = json.dumps(
 
 
 class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         p = self.path
         if p == "/robots.txt":
             body, ctype, extra = ROBOTS, "text/plain", {}

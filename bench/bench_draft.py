@@ -45,11 +45,20 @@ def main() -> None:
     from provenance.models import load_descriptor
 
     sscd, pdq = load_descriptor("sscd"), load_descriptor("pdq")
-    lines = ["# JPEG draft decoding", "",
-             (f"{time.strftime('%Y-%m-%d')}, `python bench/bench_draft.py --min-side {args.min_side}`, "
-              f"{platform.machine()}, {os.cpu_count()} cores shared, no GPU. Median of 3 decodes per file."), "",
-             ("| photos | n | mean size | decode full ms | decode draft ms | ratio | SSCD cosine min / median "
-              "| PDQ bits max / median |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# JPEG draft decoding",
+        "",
+        (
+            f"{time.strftime('%Y-%m-%d')}, `python bench/bench_draft.py --min-side {args.min_side}`, "
+            f"{platform.machine()}, {os.cpu_count()} cores shared, no GPU. Median of 3 decodes per file."
+        ),
+        "",
+        (
+            "| photos | n | mean size | decode full ms | decode draft ms | ratio | SSCD cosine min / median "
+            "| PDQ bits max / median |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for label, folder in (("openimages-hires", DATA / "openimages-hires"), ("coco-cc", DATA / "coco-cc")):
         full_t, draft_t, cos, bits, sizes = [], [], [], [], []
         for path in sorted(folder.glob("*.jpg")):
@@ -65,9 +74,11 @@ def main() -> None:
             h = pdq.embed_batch([pdq.preprocess(full.image), pdq.preprocess(small.image)])
             bits.append(int(np.unpackbits(h[0] ^ h[1]).sum()))
         ft, dt = sum(full_t) / len(full_t) * 1000, sum(draft_t) / len(draft_t) * 1000
-        lines.append(f"| {label} | {len(full_t)} | {np.mean(sizes) / 1e6:.1f} MP | {ft:.1f} | {dt:.1f} | "
-                     f"x{dt / ft:.2f} | {min(cos):.4f} / {statistics.median(cos):.4f} | "
-                     f"{max(bits)} / {statistics.median(bits):.0f} |")
+        lines.append(
+            f"| {label} | {len(full_t)} | {np.mean(sizes) / 1e6:.1f} MP | {ft:.1f} | {dt:.1f} | "
+            f"x{dt / ft:.2f} | {min(cos):.4f} / {statistics.median(cos):.4f} | "
+            f"{max(bits)} / {statistics.median(bits):.0f} |"
+        )
     RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 

@@ -32,15 +32,18 @@ DEFAULT_SHARD = REPO.parent / "shared" / "data" / "flickr8k-dev" / "00000.tar"
 def bare_rate(model, inputs: list[np.ndarray], batch_size: int) -> float:
     t = time.perf_counter()
     for i in range(0, len(inputs), batch_size):
-        model.embed_batch(inputs[i:i + batch_size])
+        model.embed_batch(inputs[i : i + batch_size])
     return len(inputs) / (time.perf_counter() - t)
 
 
 def end_to_end_rate(source: str, name: str, limit: int, batch_size: int, models: ModelOptions) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        res = build(source, Path(tmp) / "idx", BuildOptions(descriptors=[name], batch_size=batch_size, limit=limit,
-                                                            models=models))
+        res = build(
+            source,
+            Path(tmp) / "idx",
+            BuildOptions(descriptors=[name], batch_size=batch_size, limit=limit, models=models),
+        )
         dt = time.perf_counter() - t
         assert res.added == limit, (res.added, limit)
     return limit / dt
@@ -76,15 +79,27 @@ def main() -> None:
         for _ in range(args.repeats):
             bare.append(bare_rate(model, inputs, args.batch_size))
             e2e.append(end_to_end_rate(args.shard, name, args.limit, args.batch_size, models))
-        ratios = [e / b for e, b in zip(e2e, bare)]
-        results[name] = {"bare_img_s": statistics.median(bare), "end_to_end_img_s": statistics.median(e2e),
-                         "ratio_median": statistics.median(ratios), "ratios": ratios,
-                         "model": model.spec.model_id}
-        print(f"{name:5s} bare {statistics.median(bare):7.1f} img/s  end-to-end {statistics.median(e2e):7.1f} img/s  "
-              f"ratio {statistics.median(ratios):.2f}  (runs: {', '.join(f'{r:.2f}' for r in ratios)})", flush=True)
+        ratios = [e / b for e, b in zip(e2e, bare, strict=False)]
+        results[name] = {
+            "bare_img_s": statistics.median(bare),
+            "end_to_end_img_s": statistics.median(e2e),
+            "ratio_median": statistics.median(ratios),
+            "ratios": ratios,
+            "model": model.spec.model_id,
+        }
+        print(
+            f"{name:5s} bare {statistics.median(bare):7.1f} img/s  end-to-end {statistics.median(e2e):7.1f} img/s  "
+            f"ratio {statistics.median(ratios):.2f}  (runs: {', '.join(f'{r:.2f}' for r in ratios)})",
+            flush=True,
+        )
     shutil.rmtree(tmpdir, ignore_errors=True)
-    meta = {"images": args.limit, "source": args.shard, "batch_size": args.batch_size,
-            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores", "results": results}
+    meta = {
+        "images": args.limit,
+        "source": args.shard,
+        "batch_size": args.batch_size,
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "results": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=2))
 

@@ -34,7 +34,61 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-WORDS = ["a", "man", "woman", "dog", "cat", "red", "blue", "green", "small", "large", "old", "young", "photo", "of", "on", "in", "with", "the", "near", "beside", "street", "beach", "city", "mountain", "river", "table", "kitchen", "pizza", "bike", "car", "train", "sky", "sunset", "tree", "house", "window", "garden", "boy", "girl", "playing", "sitting", "standing", "running", "holding", "looking", "white", "black", "wooden", "field", "snow", "water", "boat", "plate"]
+WORDS = [
+    "a",
+    "man",
+    "woman",
+    "dog",
+    "cat",
+    "red",
+    "blue",
+    "green",
+    "small",
+    "large",
+    "old",
+    "young",
+    "photo",
+    "of",
+    "on",
+    "in",
+    "with",
+    "the",
+    "near",
+    "beside",
+    "street",
+    "beach",
+    "city",
+    "mountain",
+    "river",
+    "table",
+    "kitchen",
+    "pizza",
+    "bike",
+    "car",
+    "train",
+    "sky",
+    "sunset",
+    "tree",
+    "house",
+    "window",
+    "garden",
+    "boy",
+    "girl",
+    "playing",
+    "sitting",
+    "standing",
+    "running",
+    "holding",
+    "looking",
+    "white",
+    "black",
+    "wooden",
+    "field",
+    "snow",
+    "water",
+    "boat",
+    "plate",
+]
 
 
 def _mem() -> dict[str, int]:
@@ -88,9 +142,19 @@ def generate(index_dir: Path, n: int, part_size: int) -> float:
             m = end - start
             picks = rng.integers(0, len(words), (m, 8))
             captions = [" ".join(w) for w in words[picks].tolist()]
-            rows = [{"id": item_id(i), "caption": c, "source": f"https://example.com/img/{i}.jpg", "license": "cc-by",
-                     "width": 640, "height": 480, "sha256": item_sha(i), "extra": "{}"}
-                    for i, c in zip(range(start, end), captions)]
+            rows = [
+                {
+                    "id": item_id(i),
+                    "caption": c,
+                    "source": f"https://example.com/img/{i}.jpg",
+                    "license": "cc-by",
+                    "width": 640,
+                    "height": 480,
+                    "sha256": item_sha(i),
+                    "extra": "{}",
+                }
+                for i, c in zip(range(start, end), captions, strict=False)
+            ]
             w = PartWriter(index_dir / PARTS, name, {"pdq": 32}, unit="synthetic", build_id="bench")
             w.add(rows, {"pdq": rng.integers(0, 256, (m, 32), dtype=np.uint8)}, [None] * m)
             manifest["parts"].append(part_entry(w.finish(1 << 30, False, specs)))
@@ -134,6 +198,7 @@ def measure(index_dir: Path, n: int, baseline: bool) -> dict:
     i = rng.randrange(n)
     assert idx.row(item_id(i)) == i
     out["id_first_ms"] = (time.perf_counter() - t) * 1e3
+
     def timed(fn, picks) -> float:
         lat = []
         for i in picks:
@@ -165,8 +230,9 @@ def measure(index_dir: Path, n: int, baseline: bool) -> dict:
         # format 1's open: the whole metadata table, three Python lists and a dict of every id
         b0 = _mem()
         t = time.perf_counter()
-        table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p.dir / "metadata.arrow"))).read_all()
-                                  for p in idx.parts])
+        table = pa.concat_tables(
+            [pa.ipc.open_file(pa.memory_map(str(p.dir / "metadata.arrow"))).read_all() for p in idx.parts]
+        )
         ids = table.column("id").to_pylist()
         row_of = {x: j for j, x in enumerate(ids)}
         captions = table.column("caption").to_pylist()
@@ -205,9 +271,14 @@ def main() -> None:
             print(f"writing {n:,} rows to {d}", flush=True)
             gen[n] = generate(d, n, args.part_size)
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        r = subprocess.run([sys.executable, __file__, "--measure", str(d), "--n", str(n)]
-                           + (["--baseline"] if n <= args.baseline_max else []),
-                           capture_output=True, text=True, env=env, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--measure", str(d), "--n", str(n)]
+            + (["--baseline"] if n <= args.baseline_max else []),
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
         res = json.loads(r.stdout.strip().splitlines()[-1])
         res["disk_bytes"] = _du(d)
         res["gen_s"] = gen.get(n)
@@ -217,7 +288,9 @@ def main() -> None:
 
 
 def write_results(args, results: list[dict]) -> None:
-    mib = lambda b: f"{b / 2**20:.1f}"
+    def mib(b: float) -> str:
+        return f"{b / 2**20:.1f}"
+
     lines = [
         "# Opening a part-based index (bench/bench_index_open.py)",
         "",
@@ -232,14 +305,18 @@ def write_results(args, results: list[dict]) -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        base = (f"{r['v1_open_ms']:.0f} ms, {mib(r['v1_open_anon_bytes'])} MiB anon"
-                if "v1_open_ms" in r else "not run (memory)")
+        base = (
+            f"{r['v1_open_ms']:.0f} ms, {mib(r['v1_open_anon_bytes'])} MiB anon"
+            if "v1_open_ms" in r
+            else "not run (memory)"
+        )
         lines.append(
             f"| {r['n']:,} | {r['parts']} | {r['disk_bytes'] / 2**30:.2f} GiB | {r['open_ms']:.2f} ms "
             f"(first {r['open_first_ms']:.2f}) | {mib(r['open_anon_bytes'])} / {mib(r['open_file_bytes'])} MiB | "
             f"{r['id_first_ms']:.2f} / {r['id_ms']:.3f} / {r['id_warm_ms']:.3f} ms | "
             f"{r['sha_first_ms']:.2f} / {r['sha_ms']:.3f} / {r['sha_warm_ms']:.3f} ms | "
-            f"{mib(r['lookups_anon_bytes'])} / {mib(r['lookups_file_bytes'])} MiB | {base} |")
+            f"{mib(r['lookups_anon_bytes'])} / {mib(r['lookups_file_bytes'])} MiB | {base} |"
+        )
     lines += [
         "",
         "Opening reads manifest.json and the tombstones only (the part list, one entry per part, is read on first "

@@ -25,18 +25,18 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # timings are single-threaded
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import io
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from imwatermark import WatermarkDecoder, WatermarkEncoder  # noqa: E402
-from PIL import Image  # noqa: E402
+import cv2
+import numpy as np
+from imwatermark import WatermarkDecoder, WatermarkEncoder
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -138,8 +138,12 @@ def module_at(ref: str):
     import subprocess
     import tempfile
 
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{ref}:provenance/watermarks/invisible.py"],
-                         check=True, capture_output=True, text=True).stdout
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{ref}:provenance/watermarks/invisible.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = Path(tempfile.mkdtemp()) / "invisible_baseline.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("invisible_baseline", path)
@@ -156,18 +160,27 @@ def ablation_section(args) -> str:
     import provenance.watermarks.invisible as inv
 
     sx = next(s for s in SCHEMES if s.name == "sdxl")
-    readers = {"float only (offset 1: the old reading)": (1.0,), "8-bit only (offset 257)": (257.0,),
-               "8-bit, no truncation term (offset 256)": (256.0,), "both (this version)": (1.0, 257.0)}
+    readers = {
+        "float only (offset 1: the old reading)": (1.0,),
+        "8-bit only (offset 257)": (257.0,),
+        "8-bit, no truncation term (offset 256)": (256.0,),
+        "both (this version)": (1.0, 257.0),
+    }
     sources = folder("coco-cc") + flickr_dev()[::25][:100]
-    lines = ["<!-- ablation -->", "## Why SDXL's mark was missed on small images (issue 31)", "",
-             f"Command: `.venv/bin/python bench/bench_invisible.py --only-ablation --sizes {args.sizes}`  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, shared, no GPU.  ",
-             f"{len(sources)} photos (51 COCO, 100 Flickr8k-dev) resized to size x size, SDXL's 48 bits written by "
-             "imwatermark on the float image (diffusers) or on the 8-bit image, saved as PNG; our reading with only "
-             "the sdxl scheme, in the colour domain(s) named; rate at p <= 1e-6 and mean bit accuracy. The plain "
-             "decoder reads U of the 8-bit image (offset 256) with hard bits.", "",
-             "| size | mark written on | plain decoder | " + " | ".join(readers) + " |",
-             "|---|---|---:|" + "---:|" * len(readers)]
+    lines = [
+        "<!-- ablation -->",
+        "## Why SDXL's mark was missed on small images (issue 31)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_invisible.py --only-ablation --sizes {args.sizes}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, shared, no GPU.  ",
+        f"{len(sources)} photos (51 COCO, 100 Flickr8k-dev) resized to size x size, SDXL's 48 bits written by "
+        "imwatermark on the float image (diffusers) or on the 8-bit image, saved as PNG; our reading with only "
+        "the sdxl scheme, in the colour domain(s) named; rate at p <= 1e-6 and mean bit accuracy. The plain "
+        "decoder reads U of the 8-bit image (offset 256) with hard bits.",
+        "",
+        "| size | mark written on | plain decoder | " + " | ".join(readers) + " |",
+        "|---|---|---:|" + "---:|" * len(readers),
+    ]
     saved = inv.SCHEMES
     for size in [int(x) for x in args.sizes.split(",") if x]:
         ims = square(sources, size)
@@ -180,8 +193,10 @@ def ablation_section(args) -> str:
                     r = [inv.detect_invisible_marks(m, include_undetected=True)[0] for m in marked]
                 finally:
                     inv.SCHEMES = saved
-                cells.append(f"{100 * np.mean([x.p_value <= DETECTION_P_VALUE for x in r]):.0f}% "
-                             f"(bits {100 * np.mean([x.bit_accuracy for x in r]):.1f}%)")
+                cells.append(
+                    f"{100 * np.mean([x.p_value <= DETECTION_P_VALUE for x in r]):.0f}% "
+                    f"(bits {100 * np.mean([x.bit_accuracy for x in r]):.1f}%)"
+                )
             lines.append(f"| {size} | {label} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
     lines += ["", "<!-- /ablation -->", ""]
@@ -198,12 +213,15 @@ def cpu_section(args) -> str:
 
     import provenance.watermarks.invisible as current
     from provenance.indexer import BuildOptions, build
-    from provenance.scan import ScanOptions, Scanner
+    from provenance.scan import Scanner, ScanOptions
 
     base = module_at(args.baseline_ref)
     coco_files = sorted((DATA / "coco-cc").glob("*.jpg"))
-    hires_files = [p for p in sorted((DATA / "openimages-hires").glob("*.jpg"))
-                   if Image.open(p).size in ((2048, 1536), (1536, 2048))]
+    hires_files = [
+        p
+        for p in sorted((DATA / "openimages-hires").glob("*.jpg"))
+        if Image.open(p).size in ((2048, 1536), (1536, 2048))
+    ]
     tmp = Path(tempfile.mkdtemp())
     sq_files = []
     for p in coco_files:  # 512x512 PNGs, as a generator writes them
@@ -216,10 +234,14 @@ def cpu_section(args) -> str:
     for name, files in sets.items():
         images = [decode_image(p.read_bytes(), str(p)).image for p in files]
         for im in images:
-            a = {m.scheme: (round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload)
-                 for m in base.detect_invisible_marks(im, include_undetected=True)}
-            b = {m.scheme: (round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload)
-                 for m in current.detect_invisible_marks(im, include_undetected=True)}
+            a = {
+                m.scheme: (round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload)
+                for m in base.detect_invisible_marks(im, include_undetected=True)
+            }
+            b = {
+                m.scheme: (round(m.bit_accuracy, 6), float(f"{m.p_value:.6g}"), m.payload)
+                for m in current.detect_invisible_marks(im, include_undetected=True)
+            }
             n_images += 1
             for scheme in set(a) | set(b):
                 differ[scheme] += a.get(scheme) != b.get(scheme)
@@ -261,19 +283,32 @@ def cpu_section(args) -> str:
     finally:
         current.detect_invisible_marks = real
 
-    lines = ["<!-- cpu -->", "## CPU of reading invisible marks, alone and within a scan", "",
-             f"Command: `.venv/bin/python bench/bench_invisible.py --only-cpu --baseline-ref {args.baseline_ref}`  ",
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, 24 GB, shared "
-             "(other jobs running), no GPU. CPU time, so the load of other jobs matters less than for wall time.", "",
-             f"`detect_invisible_marks` (default options), single thread, median of 3 interleaved passes; baseline = "
-             f"the module at `{args.baseline_ref}`, loaded in the same process. Images whose reading (bit accuracy, "
-             f"p-value to 6 digits, payload) differs from the baseline's, of {n_images}, per scheme: "
-             + ", ".join(f"{s.name} {differ[s.name]}" for s in SCHEMES) + ".", "",
-             "| images | n | baseline ms/image | this version ms/image |", "|---|---:|---:|---:|"]
+    lines = [
+        "<!-- cpu -->",
+        "## CPU of reading invisible marks, alone and within a scan",
+        "",
+        f"Command: `.venv/bin/python bench/bench_invisible.py --only-cpu --baseline-ref {args.baseline_ref}`  ",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2-core x86_64 CPU, 24 GB, shared "
+        "(other jobs running), no GPU. CPU time, so the load of other jobs matters less than for wall time.",
+        "",
+        f"`detect_invisible_marks` (default options), single thread, median of 3 interleaved passes; baseline = "
+        f"the module at `{args.baseline_ref}`, loaded in the same process. Images whose reading (bit accuracy, "
+        f"p-value to 6 digits, payload) differs from the baseline's, of {n_images}, per scheme: "
+        + ", ".join(f"{s.name} {differ[s.name]}" for s in SCHEMES)
+        + ".",
+        "",
+        "| images | n | baseline ms/image | this version ms/image |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {n} | {k} | {b:.2f} | {c:.2f} |" for n, k, b, c in rows]
-    lines += ["", "Within a default scan (`Scanner` with default `ScanOptions`, index built from coco-cc with the "
-              "default descriptors; process CPU time of `scan_paths`, all threads; the invisible reading's thread CPU):",
-              "", "| images | n | scan CPU ms/image | invisible marks ms/image | share |", "|---|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Within a default scan (`Scanner` with default `ScanOptions`, index built from coco-cc with the "
+        "default descriptors; process CPU time of `scan_paths`, all threads; the invisible reading's thread CPU):",
+        "",
+        "| images | n | scan CPU ms/image | invisible marks ms/image | share |",
+        "|---|---:|---:|---:|---:|",
+    ]
     lines += [f"| {n} | {k} | {c:.1f} | {i:.2f} | {100 * i / c:.1f}% |" for n, k, c, i in share]
     lines += ["", "<!-- /cpu -->", ""]
     return "\n".join(lines)
@@ -290,8 +325,10 @@ SIZE_CONDITIONS = ("PNG", "JPEG q90")
 
 def square(images: list[Image.Image], size: int) -> list[Image.Image]:
     """Each image resized to size x size: Lanczos when shrinking (as a pipeline or a site would), bicubic when growing."""
-    return [im.resize((size, size), Image.Resampling.LANCZOS if min(im.size) >= size else Image.Resampling.BICUBIC)
-            for im in images]
+    return [
+        im.resize((size, size), Image.Resampling.LANCZOS if min(im.size) >= size else Image.Resampling.BICUBIC)
+        for im in images
+    ]
 
 
 def per_size(sizes: list[int], real: list[Image.Image], clean_small: list[Image.Image]) -> dict[int, dict]:
@@ -351,12 +388,17 @@ def size_section(args, res: dict[int, dict], n_real: int, n_small: int, elapsed:
                 cells += [f"{100 * ours / n:.1f}%", f"{100 * plain / n:.1f}%"]
             lines.append(f"| {size} | {row} | " + " | ".join(cells) + " |")
     n0 = next(iter(res.values()))["rates"][(next(iter(SIZE_SCHEMES)), "PNG")][2]
-    lines += ["", f"n = {n0} marked photos per size, scheme and condition. Marked images flagged with another "
-              "scheme as well: " + ", ".join(f"{s}: {r['cross']}" for s, r in res.items()) + ".", "",
-              f"Clean photos ({n_small} Flickr8k photos resized from 224 px, dev then non-members, plus the "
-              f"{n_real} real photos unmarked), read as the scan reads them:", "",
-              "| size | clean photos | flagged | min p (" + " / ".join(s.name for s in SCHEMES) + ") |",
-              "|---|---:|---:|---|"]
+    lines += [
+        "",
+        f"n = {n0} marked photos per size, scheme and condition. Marked images flagged with another "
+        "scheme as well: " + ", ".join(f"{s}: {r['cross']}" for s, r in res.items()) + ".",
+        "",
+        f"Clean photos ({n_small} Flickr8k photos resized from 224 px, dev then non-members, plus the "
+        f"{n_real} real photos unmarked), read as the scan reads them:",
+        "",
+        "| size | clean photos | flagged | min p (" + " / ".join(s.name for s in SCHEMES) + ") |",
+        "|---|---:|---:|---|",
+    ]
     for size, r in res.items():
         n, flagged, min_p = r["clean"]
         lines.append(f"| {size} | {n} | {len(flagged)} | " + " / ".join(f"{min_p[s.name]:.2g}" for s in SCHEMES) + " |")
@@ -369,7 +411,7 @@ def write_section(path: Path, section: str, tag: str = "per-size") -> None:
     text = path.read_text() if path.exists() else ""
     start, end = text.find(f"<!-- {tag} -->"), text.find(f"<!-- /{tag} -->")
     if start >= 0 and end > start:
-        text = text[:start] + section + text[end + len(f"<!-- /{tag} -->\n"):]
+        text = text[:start] + section + text[end + len(f"<!-- /{tag} -->\n") :]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -394,8 +436,15 @@ def detection(marked_sources: list[Image.Image], with_stock: bool) -> tuple[dict
                     print(f"  !! image {i} marked {name} ({cond}) also flagged {others}", flush=True)
                 if name == "provenance":
                     p = found.get("provenance")
-                    runid[cond].append("missed" if p is None else "none" if p.payload is None
-                                       else "right" if p.payload == f"{RUN_ID:08x}" else "wrong")
+                    runid[cond].append(
+                        "missed"
+                        if p is None
+                        else "none"
+                        if p.payload is None
+                        else "right"
+                        if p.payload == f"{RUN_ID:08x}"
+                        else "wrong"
+                    )
                 if with_stock and name in ("sd-v1", "sdxl") and cond in ("PNG", "JPEG q90"):
                     stock[(name, cond)].append(stock_detected(im, name))
         if (i + 1) % 25 == 0:
@@ -443,15 +492,23 @@ def main() -> None:
     ap.add_argument("--marked", type=int, default=200, help="Flickr8k-dev photos to mark (plus the 51 COCO photos)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "invisible.md")
     ap.add_argument("--no-stock", action="store_true", help="skip the plain invisible-watermark baseline")
-    ap.add_argument("--clean-limit", type=int, default=None, help="use only this many clean photos per set (quick runs)")
+    ap.add_argument(
+        "--clean-limit", type=int, default=None, help="use only this many clean photos per set (quick runs)"
+    )
     ap.add_argument("--sizes", default="256,384,512,768,1024", help="image sides for the per-size section")
     ap.add_argument("--only-sizes", action="store_true", help="run only the per-size section and rewrite it alone")
     ap.add_argument("--real-limit", type=int, default=None, help="use only this many real photos per size (quick runs)")
-    ap.add_argument("--only-cpu", action="store_true", help="run only the CPU section (baseline vs this version, "
-                    "share of a scan) and rewrite it alone")
+    ap.add_argument(
+        "--only-cpu",
+        action="store_true",
+        help="run only the CPU section (baseline vs this version, share of a scan) and rewrite it alone",
+    )
     ap.add_argument("--baseline-ref", default="main", help="git ref of the invisible.py to time against")
-    ap.add_argument("--scan-index", default="/tmp/provenance-bench-coco-index",
-                    help="index of coco-cc for the scan share (built there when missing)")
+    ap.add_argument(
+        "--scan-index",
+        default="/tmp/provenance-bench-coco-index",
+        help="index of coco-cc for the scan share (built there when missing)",
+    )
     ap.add_argument("--only-ablation", action="store_true", help="run only the SDXL colour-domain ablation (issue 31)")
     args = ap.parse_args()
     t0 = time.time()
@@ -485,12 +542,14 @@ def main() -> None:
 
     # 2. False positives
     clean = (dev + nonmembers)[: args.clean_limit]
-    fp = false_positives({
-        "Flickr8k dev+non-members, 512x512": (up(clean, 512), False),
-        "Flickr8k dev+non-members, native 224x224": (clean, False),
-        "COCO, native": (coco, False),
-        "non-members 1024x1024, try_resized": (up(nonmembers[: args.clean_limit], 1024), True),
-    })
+    fp = false_positives(
+        {
+            "Flickr8k dev+non-members, 512x512": (up(clean, 512), False),
+            "Flickr8k dev+non-members, native 224x224": (clean, False),
+            "COCO, native": (coco, False),
+            "non-members 1024x1024, try_resized": (up(nonmembers[: args.clean_limit], 1024), True),
+        }
+    )
 
     # 3. Speed
     t512 = up(nonmembers[:100], 512)
@@ -558,15 +617,25 @@ def write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, 
     lines += ["", "Our mark's run id (right / detected without run id / wrong / missed):", ""]
     for cond in CONDITIONS:
         r = runid[cond]
-        lines.append(f"- {cond}: {r.count('right')} / {r.count('none')} / {r.count('wrong')} / {r.count('missed')} of {len(r)}")
+        lines.append(
+            f"- {cond}: {r.count('right')} / {r.count('none')} / {r.count('wrong')} / {r.count('missed')} of {len(r)}"
+        )
     if stock:
-        lines += ["", "Plain invisible-watermark decoding (`WatermarkDecoder.decode`, hard bits, same p-value rule, "
-                  "no extra hypotheses) on the same images, for comparison:", ""]
+        lines += [
+            "",
+            "Plain invisible-watermark decoding (`WatermarkDecoder.decode`, hard bits, same p-value rule, "
+            "no extra hypotheses) on the same images, for comparison:",
+            "",
+        ]
         for (name, cond), v in sorted(stock.items()):
             lines.append(f"- {name}, {cond}: {100 * np.mean(v):.1f}% (ours: {100 * np.mean(rates[(name, cond)]):.1f}%)")
-    lines += ["", "### False positives (clean images)", "",
-              "| set | images | flagged | min p (sd-v1 / sd-v2 / sdxl / provenance) | share with p <= 0.01 |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### False positives (clean images)",
+        "",
+        "| set | images | flagged | min p (sd-v1 / sd-v2 / sdxl / provenance) | share with p <= 0.01 |",
+        "|---|---|---|---|---|",
+    ]
     total_n = total_flagged = 0
     for set_name, r in fp.items():
         total_n += r["n"]
@@ -574,18 +643,25 @@ def write_report(args, marked_sources, rates, runid, stock, fp, speed, wall512, 
         mins = " / ".join(f"{r['min_p'][s.name]:.2g}" for s in SCHEMES)
         small = " / ".join(f"{100 * r['p_le_1e-2'][s.name] / r['n']:.2f}%" for s in SCHEMES)
         lines.append(f"| {set_name} | {r['n']} | {len(r['flagged'])} | {mins} | {small} |")
-    lines += ["", f"Overall: {total_flagged} of {total_n} clean images flagged "
-              f"({100 * total_flagged / total_n:.3f}%; target <= 0.1%). "
-              "p-values are Bonferroni-corrected, so the share at p <= 0.01 should be at most ~1%: "
-              "it measures whether clean images behave like random bits.", ""]
+    lines += [
+        "",
+        f"Overall: {total_flagged} of {total_n} clean images flagged "
+        f"({100 * total_flagged / total_n:.3f}%; target <= 0.1%). "
+        "p-values are Bonferroni-corrected, so the share at p <= 0.01 should be at most ~1%: "
+        "it measures whether clean images behave like random bits.",
+        "",
+    ]
     for r in fp.values():
         for i, scheme, p in r["flagged"]:
             lines.append(f"- flagged: image {i}, {scheme}, p={p:.2g}")
     lines += ["### Speed (`detect_invisible_marks`, all four schemes, CPU time per image, median of passes)", ""]
     for k, v in speed.items():
         lines.append(f"- {k}: {v:.1f} ms")
-    lines += [f"- 512x512 wall clock on the shared machine: {wall512:.1f} ms",
-              f"- `embed_provenance_mark` 512x512: {embed_ms:.1f} ms", ""]
+    lines += [
+        f"- 512x512 wall clock on the shared machine: {wall512:.1f} ms",
+        f"- `embed_provenance_mark` 512x512: {embed_ms:.1f} ms",
+        "",
+    ]
     lines += NOTES
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,20 +16,21 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # timings are single-threaded
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_invisible import EMBEDDERS, RUN_ID, flickr_dev, folder, save  # noqa: E402
+
 from provenance.watermarks.invisible import DETECTION_P_VALUE, detect_invisible_marks  # noqa: E402
 
 
@@ -112,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Clean: {n_clean} Flickr8k photos (non-members, then dev photos never marked) upscaled to 512x512 and cropped "
         f"the same way, read with try_cropped: **{flagged} flagged** ({100 * flagged / max(n_clean, 1):.2f}%; target "
-        f"<= 0.1%). Smallest p per scheme: "
-        + ", ".join(f"{k} {v:.2g}" for k, v in min_p.items()) + ".",
+        f"<= 0.1%). Smallest p per scheme: " + ", ".join(f"{k} {v:.2g}" for k, v in min_p.items()) + ".",
         "",
         f"CPU time of `detect_invisible_marks(..., try_cropped=True)` per cropped image (single-threaded): median "
         f"{1000 * float(np.median(cpu)):.0f} ms, 90th percentile {1000 * float(np.percentile(cpu, 90)):.0f} ms "

@@ -19,7 +19,7 @@ from pathlib import Path
 from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
 from provenance.indexer import BuildOptions, build
 from provenance.models import ModelOptions
-from provenance.scan import ScanOptions, Scanner
+from provenance.scan import Scanner, ScanOptions
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "results" / ".cache" / "scan"
@@ -81,11 +81,18 @@ def main() -> None:
     vit.embed(imgs[:8])
     t = time.perf_counter()
     for i in range(0, len(imgs), 16):
-        vit.embed(imgs[i:i + 16])
+        vit.embed(imgs[i : i + 16])
     results["ViT-B-32 image embedding alone (random weights, CPU)"] = len(imgs) / (time.perf_counter() - t)
-    print(f"{'ViT-B-32 image embedding alone':55s} {results['ViT-B-32 image embedding alone (random weights, CPU)']:6.1f} images/s")
-    meta = {"images": len(files), "inputs": args.inputs, "corpus": args.corpus,
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "images_per_s": results}
+    print(
+        f"{'ViT-B-32 image embedding alone':55s} {results['ViT-B-32 image embedding alone (random weights, CPU)']:6.1f} images/s"
+    )
+    meta = {
+        "images": len(files),
+        "inputs": args.inputs,
+        "corpus": args.corpus,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "images_per_s": results,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(meta, indent=2))
 

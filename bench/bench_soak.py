@@ -49,8 +49,12 @@ RESULTS = REPO / "bench" / "results" / "soak.md"
 KEYS = [f"soak-key-{i}" for i in range(8)]
 # Settings of the soak server (PROVENANCE_*): short deadlines so slow clients are let go within the run; one
 # loopback address for every client, so the per-client rate limit is off and each client has its own key.
-SERVER_ENV = {"PROVENANCE_API_KEYS": ",".join(KEYS), "PROVENANCE_CLIENT_RATE_PER_MINUTE": "0",
-              "PROVENANCE_BODY_IDLE_TIMEOUT_S": "5", "PROVENANCE_HEADER_TIMEOUT_S": "5"}
+SERVER_ENV = {
+    "PROVENANCE_API_KEYS": ",".join(KEYS),
+    "PROVENANCE_CLIENT_RATE_PER_MINUTE": "0",
+    "PROVENANCE_BODY_IDLE_TIMEOUT_S": "5",
+    "PROVENANCE_HEADER_TIMEOUT_S": "5",
+}
 
 
 def ensure_index() -> Path:
@@ -70,15 +74,26 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "provenance.cli", "serve", "--index", str(index), "--port",
-                        str(self.port), "--log-level", "warning"]
+        self.command = [
+            sys.executable,
+            "-m",
+            "provenance.cli",
+            "serve",
+            "--index",
+            str(index),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+        ]
         self.rss: list[tuple[float, float]] = []  # (seconds since start, MiB)
         self._stop = threading.Event()
 
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")} | SERVER_ENV
-        self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -125,8 +140,9 @@ class Tally:
                 self.latency.setdefault(kind, []).append(seconds)
 
 
-def scan_client(url: str, key: str, photos: list[tuple[str, bytes]], stop: threading.Event, tally: Tally,
-                phase: list[str]) -> None:
+def scan_client(
+    url: str, key: str, photos: list[tuple[str, bytes]], stop: threading.Event, tally: Tally, phase: list[str]
+) -> None:
     rng = random.Random(key)
     with httpx.Client(base_url=url, headers={"X-API-Key": key}, timeout=120) as http:
         while not stop.is_set():
@@ -143,8 +159,11 @@ def scan_client(url: str, key: str, photos: list[tuple[str, bytes]], stop: threa
                     time.sleep(float(r.headers.get("retry-after", "1")))
                     continue
                 ok = r.status_code == 200 and r.json()["verdict"] != "error"
-                tally.add(f"scan/{phase[0]}", "ok" if ok else f"error {r.status_code}",
-                          time.perf_counter() - started if ok else None)
+                tally.add(
+                    f"scan/{phase[0]}",
+                    "ok" if ok else f"error {r.status_code}",
+                    time.perf_counter() - started if ok else None,
+                )
                 break
 
 
@@ -166,8 +185,12 @@ def bilevel_png(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def bomb_client(url: str, stop: threading.Event, tally: Tally) -> None:
@@ -175,11 +198,22 @@ def bomb_client(url: str, stop: threading.Event, tally: Tally) -> None:
     with httpx.Client(base_url=url, headers={"X-API-Key": KEYS[5]}, timeout=120) as http:
         while not stop.is_set():
             for kind, call in (
-                ("bomb: 1 x 62 MP PNG (under max_pixels)", lambda: http.post("/v1/scan", files={"file": ("b.png", bomb, "image/png")})),
-                ("bomb: batch of 32 x 62 MP", lambda: http.post("/v1/scan/batch", files=[
-                    ("files", (f"b{i}.png", bomb, "image/png")) for i in range(32)])),
-                ("batch of 500 files", lambda: http.post("/v1/scan/batch", files=[
-                    ("files", (f"{i}.jpg", b"x" * 64, "image/jpeg")) for i in range(500)])),
+                (
+                    "bomb: 1 x 62 MP PNG (under max_pixels)",
+                    lambda: http.post("/v1/scan", files={"file": ("b.png", bomb, "image/png")}),
+                ),
+                (
+                    "bomb: batch of 32 x 62 MP",
+                    lambda: http.post(
+                        "/v1/scan/batch", files=[("files", (f"b{i}.png", bomb, "image/png")) for i in range(32)]
+                    ),
+                ),
+                (
+                    "batch of 500 files",
+                    lambda: http.post(
+                        "/v1/scan/batch", files=[("files", (f"{i}.jpg", b"x" * 64, "image/jpeg")) for i in range(500)]
+                    ),
+                ),
             ):
                 started = time.perf_counter()
                 try:
@@ -194,8 +228,10 @@ def bomb_client(url: str, stop: threading.Event, tally: Tally) -> None:
 
 
 def slow_client(port: int, stop: threading.Event, tally: Tally) -> None:
-    head = (f"POST /v1/scan HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS[6]}\r\nContent-Length: 5000000\r\n"
-            "Content-Type: multipart/form-data; boundary=zzz\r\n\r\n--zzz\r\n").encode()
+    head = (
+        f"POST /v1/scan HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEYS[6]}\r\nContent-Length: 5000000\r\n"
+        "Content-Type: multipart/form-data; boundary=zzz\r\n\r\n--zzz\r\n"
+    ).encode()
     while not stop.is_set():
         for kind, payload in (("slow body (stalls)", head), ("slow headers (never end)", b"GET /healthz HTTP/1.1\r\n")):
             started = time.perf_counter()
@@ -230,15 +266,19 @@ def main() -> None:
     half = args.minutes * 60 / 2
     with Server(index) as server:
         rss_before = psutil.Process(server.proc.pid).memory_info().rss / 2**20
-        clients = [threading.Thread(target=scan_client, args=(server.url, KEYS[i % 4], photos, stop, tally, phase))
-                   for i in range(args.clients)]
+        clients = [
+            threading.Thread(target=scan_client, args=(server.url, KEYS[i % 4], photos, stop, tally, phase))
+            for i in range(args.clients)
+        ]
         for t in clients:
             t.start()
         time.sleep(half)
         phase[0] = "abuse"
-        abusers = [threading.Thread(target=batch_client, args=(server.url, photos, abuse_stop, tally)),
-                   threading.Thread(target=bomb_client, args=(server.url, abuse_stop, tally)),
-                   threading.Thread(target=slow_client, args=(server.port, abuse_stop, tally))]
+        abusers = [
+            threading.Thread(target=batch_client, args=(server.url, photos, abuse_stop, tally)),
+            threading.Thread(target=bomb_client, args=(server.url, abuse_stop, tally)),
+            threading.Thread(target=slow_client, args=(server.port, abuse_stop, tally)),
+        ]
         for t in abusers:
             t.start()
         time.sleep(half)
@@ -255,20 +295,28 @@ def main() -> None:
 def write_report(args, tally: Tally, before: float, peak: float, after: float, n_photos: int) -> None:
     clean, abuse = tally.latency.get("scan/clean", []), tally.latency.get("scan/abuse", [])
     well_formed = ("scan/clean", "scan/abuse", "batch of 8")
-    errors = sum(n for (kind, outcome), n in tally.outcomes.items()
-                 if kind in well_formed and outcome.startswith("error"))
+    errors = sum(
+        n for (kind, outcome), n in tally.outcomes.items() if kind in well_formed and outcome.startswith("error")
+    )
     busy = sum(n for (kind, outcome), n in tally.outcomes.items() if outcome.startswith("busy"))
-    setup = (f"{time.strftime('%Y-%m-%d')}, `python bench/bench_soak.py --minutes {args.minutes:g} --clients "
-             f"{args.clients}`, {platform.machine()}, {os.cpu_count()} cores shared with other work, no GPU. The "
-             "server runs the default checks (SSCD + PDQ, visible and invisible watermarks, C2PA, metadata) on an "
-             f"SSCD + PDQ index of the 52 coco-cc photos; clients upload {n_photos} photos (coco-cc and Flickr8k "
-             f"non-members). Half the time the {args.clients} scan clients run alone (clean), half beside batch "
-             "uploads, bombs and slow clients (abuse).")
-    latency = (f"- **Scan latency p99: {pct(clean, 99):.0f} ms clean, {pct(abuse, 99):.0f} ms under abuse "
-               f"(x{pct(abuse, 99) / pct(clean, 99):.2f})**; p50 {pct(clean, 50):.0f} / {pct(abuse, 50):.0f} ms; "
-               f"{len(clean)} + {len(abuse)} scans")
+    setup = (
+        f"{time.strftime('%Y-%m-%d')}, `python bench/bench_soak.py --minutes {args.minutes:g} --clients "
+        f"{args.clients}`, {platform.machine()}, {os.cpu_count()} cores shared with other work, no GPU. The "
+        "server runs the default checks (SSCD + PDQ, visible and invisible watermarks, C2PA, metadata) on an "
+        f"SSCD + PDQ index of the 52 coco-cc photos; clients upload {n_photos} photos (coco-cc and Flickr8k "
+        f"non-members). Half the time the {args.clients} scan clients run alone (clean), half beside batch "
+        "uploads, bombs and slow clients (abuse)."
+    )
+    latency = (
+        f"- **Scan latency p99: {pct(clean, 99):.0f} ms clean, {pct(abuse, 99):.0f} ms under abuse "
+        f"(x{pct(abuse, 99) / pct(clean, 99):.2f})**; p50 {pct(clean, 50):.0f} / {pct(abuse, 50):.0f} ms; "
+        f"{len(clean)} + {len(abuse)} scans"
+    )
     lines = [
-        "# Soak: `provenance serve` under abuse", "", setup, "",
+        "# Soak: `provenance serve` under abuse",
+        "",
+        setup,
+        "",
         f"- **Errors of well-formed requests: {errors}** (busy 503s retried after Retry-After: {busy})",
         latency,
         f"- **Server RSS: {before:.0f} MiB ready, {peak:.0f} MiB peak, {after:.0f} MiB at the end** (sampled every 0.5 s)",

@@ -104,7 +104,9 @@ def find_cublas13() -> str | None:
         cands += glob.glob(os.path.join(p, "nvidia", "cu13", "lib", "libcublas.so.13"))
         cands += glob.glob(os.path.join(p, "nvidia", "cublas", "lib", "libcublas.so.13"))
         cands += glob.glob(os.path.join(p, "torch", "lib", "libcublas.so.13"))
-    cands += glob.glob("/usr/local/cuda*/lib64/libcublas.so.13") + glob.glob("/usr/lib/x86_64-linux-gnu/libcublas.so.13")
+    cands += glob.glob("/usr/local/cuda*/lib64/libcublas.so.13") + glob.glob(
+        "/usr/lib/x86_64-linux-gnu/libcublas.so.13"
+    )
     return os.path.dirname(cands[0]) if cands else None
 
 
@@ -170,7 +172,7 @@ def make_data(n: int, nq: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, n
 
 
 def recall10(ids: np.ndarray, gt: np.ndarray) -> float:
-    return float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(ids, gt)]))
+    return float(np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(ids, gt, strict=False)]))
 
 
 def qps(search, xq: np.ndarray, batch: int, budget_s: float = 10.0) -> float:
@@ -193,7 +195,7 @@ def faiss_gpu_checks(xb, xq, src, res: dict) -> np.ndarray:
     # 0. sanity: a small GPU search must agree with numpy (catches a broken cuBLAS shim early)
     small = faiss.GpuIndexFlatIP(gres, DIM)
     small.add(xb[:4096])
-    D, I = small.search(xq[:64], 5)
+    D, _I = small.search(xq[:64], 5)
     expect = np.sort(xq[:64] @ xb[:4096].T, axis=1)[:, ::-1][:, :5]
     res["sanity_max_abs_err"] = float(np.abs(D - expect).max())
     if not np.allclose(D, expect, atol=1e-3):
@@ -217,8 +219,8 @@ def faiss_gpu_checks(xb, xq, src, res: dict) -> np.ndarray:
     res["gt_search_s"] = time.perf_counter() - t
     res["Flat"] = {
         "build_s": build_s,
-        "qps_batch1": qps(lambda q: flat.search(q, 10), xq, 1),
-        "qps_batch1024": qps(lambda q: flat.search(q, 10), xq, 1024),
+        "qps_batch1": qps(lambda q, flat=flat: flat.search(q, 10), xq, 1),
+        "qps_batch1024": qps(lambda q, flat=flat: flat.search(q, 10), xq, 1024),
         "copy_top1": float((gt[:, 0] == src).mean()),
     }
     # exactness of GPU Flat vs CPU brute force on 100 queries
@@ -237,8 +239,8 @@ def faiss_gpu_checks(xb, xq, src, res: dict) -> np.ndarray:
             out["nprobe"][nprobe] = {
                 "recall10": recall10(ids, gt),
                 "copy_top1": float((ids[:, 0] == src).mean()),
-                "qps_batch1": qps(lambda q: index.search(q, 10), xq, 1, 5.0),
-                "qps_batch1024": qps(lambda q: index.search(q, 10), xq, 1024, 5.0),
+                "qps_batch1": qps(lambda q, index=index: index.search(q, 10), xq, 1, 5.0),
+                "qps_batch1024": qps(lambda q, index=index: index.search(q, 10), xq, 1024, 5.0),
             }
         res[key] = out
         log(f"{key}: {out}")

@@ -33,8 +33,10 @@ def main() -> None:
     size = size[0] if isinstance(size, (tuple, list)) else size
     x = np.random.default_rng(0).standard_normal((args.batch, 3, size, size)).astype(np.float32)
     results = {"model": args.model, "batch": args.batch, "device": torch.cuda.get_device_name(0)}
-    for name, fn in (("image", lambda: d.model.encode_image(torch.from_numpy(x).cuda().half())),
-                     ("text", lambda: d.model.encode_text(d._tokenizer(["a photo of a cat"] * args.batch).cuda()))):
+    for name, fn in (
+        ("image", lambda: d.model.encode_image(torch.from_numpy(x).cuda().half())),
+        ("text", lambda: d.model.encode_text(d._tokenizer(["a photo of a cat"] * args.batch).cuda())),
+    ):
         with torch.inference_mode():
             for _ in range(3):
                 fn()

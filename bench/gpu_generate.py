@@ -76,7 +76,7 @@ def _tokenizer(tmp: Path):
 
     try:
         tiny_random.build_clip_tokenizer_files(tiny_random._openclip_bpe_path(), tmp)
-    except Exception:  # noqa: BLE001 - open_clip absent on the GPU machine: the tokenizer's speed is irrelevant
+    except Exception:
         chars = list(tiny_random._bytes_to_unicode().values())
         vocab = chars + [c + "</w>" for c in chars]
         vocab += [f"<|unused{i}|>" for i in range(49406 - len(vocab))] + ["<|startoftext|>", "<|endoftext|>"]
@@ -92,7 +92,11 @@ def build_pipeline(tiny: bool, device: str, dtype):
 
     from provenance import tiny_random
 
-    unet_cfg, vae_cfg, text_cfg = (tiny_random._TINY_UNET, tiny_random._TINY_VAE, tiny_random._TINY_TEXT) if tiny else (SD15_UNET, SD15_VAE, VIT_L14_TEXT)
+    unet_cfg, vae_cfg, text_cfg = (
+        (tiny_random._TINY_UNET, tiny_random._TINY_VAE, tiny_random._TINY_TEXT)
+        if tiny
+        else (SD15_UNET, SD15_VAE, VIT_L14_TEXT)
+    )
     torch.manual_seed(0)
     # build on the device: random init of 1B parameters on the GPU takes ~1 s, on the CPU ~20 s
     with torch.device(device):
@@ -170,10 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
     _run(pipe, 1, 2, size)  # warm-up: kernels, cuDNN autotuning, allocator
     rows = []
     for b in batches:
-        plain_s = _timed(device, lambda: _run(pipe, b, steps, size), repeats)
+        plain_s = _timed(device, lambda b=b: _run(pipe, b, steps, size), repeats)
         with NoiseNormProbe(pipe.unet, args.noise_norm_steps) as probe:
 
-            def probed():
+            def probed(b=b, probe=probe):
                 probe.start(b)
                 _run(pipe, b, steps, size)
 
@@ -183,7 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = g.GenerationConfig(steps=steps, noise_norm_steps=args.noise_norm_steps)
         with NoiseNormProbe(pipe.unet, args.noise_norm_steps) as probe2:
             size_kw = {"height": size, "width": size}
-            sep_s = _timed(device, lambda: g._separate_noise_norms(lp, probe2, [PROMPTS[0]] * b, list(range(b)), cfg, size_kw), repeats)  # noqa: E501
+            sep_s = _timed(
+                device,
+                lambda lp=lp, probe2=probe2, b=b, cfg=cfg, size_kw=size_kw: g._separate_noise_norms(
+                    lp, probe2, [PROMPTS[0]] * b, list(range(b)), cfg, size_kw
+                ),
+                repeats,
+            )
         rows.append({
             "batch": b,
             "seconds_per_call": round(plain_s, 4),
@@ -204,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             g._load_watermarker()
             wm = True
-        except Exception:  # noqa: BLE001 - the mark's module or its dependencies may be missing there
+        except Exception:
             wm = False
         cfg = g.GenerationConfig(steps=steps, seed=0, height=size, width=size, batch_size=b, watermark=wm,
                                  memorization=True, noise_norm_steps=args.noise_norm_steps)  # fmt: skip
@@ -215,15 +225,24 @@ def main(argv: list[str] | None = None) -> dict:
             _sync(device)
             e2e = {"batch": b, "images": b, "seconds": round(time.perf_counter() - t, 3), "watermark": wm}
             e2e["images_per_s"] = round(b / e2e["seconds"], 3)
-    except Exception as e:  # noqa: BLE001 - report, do not lose the timings above
+    except Exception as e:
         e2e = {"error": f"{type(e).__name__}: {e}"}
 
     results = {
-        "config": {"tiny": tiny, "steps": steps, "size": size, "dtype": str(dtype).removeprefix("torch."),
-                   "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-                   "scheduler": type(pipe.scheduler).__name__, "guidance": 7.5, "params": params,
-                   "build_seconds": round(build_s, 2), "repeats": repeats, "noise_norm_steps": args.noise_norm_steps,
-                   "torch": torch.__version__},  # fmt: skip
+        "config": {
+            "tiny": tiny,
+            "steps": steps,
+            "size": size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "scheduler": type(pipe.scheduler).__name__,
+            "guidance": 7.5,
+            "params": params,
+            "build_seconds": round(build_s, 2),
+            "repeats": repeats,
+            "noise_norm_steps": args.noise_norm_steps,
+            "torch": torch.__version__,
+        },
         "rows": rows,
         "end_to_end": e2e,
     }

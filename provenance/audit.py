@@ -217,8 +217,13 @@ def evaluate_gate(replication: Rate, max_rate: float, on: GateOn = "point") -> G
         return Gate(max_rate, on, None, True, "no readable outputs: the replication rate is unknown")
     what = "replication rate" if on == "point" else f"upper bound of the {replication.confidence:.0%} interval"
     failed = value > max_rate
-    return Gate(max_rate, on, round(value, 6), failed,
-                f"{what} {value:.4f} {'exceeds' if failed else 'is within'} the maximum {max_rate:g}")
+    return Gate(
+        max_rate,
+        on,
+        round(value, 6),
+        failed,
+        f"{what} {value:.4f} {'exceeds' if failed else 'is within'} the maximum {max_rate:g}",
+    )
 
 
 # -- the fold ---------------------------------------------------------------------------------------------
@@ -260,8 +265,13 @@ class _ScoreTally:
     def add(self, record: ScanRecord) -> None:
         self.verdicts[record.verdict] = self.verdicts.get(record.verdict, 0) + 1
         if record.verdict == "error":
-            self.errors.append({"path": record.path, "error": record.error or "unreadable",
-                                "error_code": record.error_code or "scan_failed"})
+            self.errors.append(
+                {
+                    "path": record.path,
+                    "error": record.error or "unreadable",
+                    "error_code": record.error_code or "scan_failed",
+                }
+            )
             return
         s = record.scores.get("sscd")
         if s is not None:
@@ -292,7 +302,8 @@ class AuditOptions:
             raise InvalidOptionsError(f"gate_on must be one of {', '.join(GATE_ON)}, got {self.gate_on!r}")
         if self.max_replication_rate is not None and not 0.0 <= self.max_replication_rate <= 1.0:
             raise InvalidOptionsError(
-                f"max replication rate must be a share in [0, 1], got {self.max_replication_rate}")
+                f"max replication rate must be a share in [0, 1], got {self.max_replication_rate}"
+            )
 
 
 class AuditAccumulator:
@@ -324,8 +335,18 @@ class AuditAccumulator:
         sscd = record.scores.get("sscd")
         score = float(sscd) if sscd is not None else (top.score if top else None)
         if top is not None and score is not None and self.options.top_pairs:
-            pair = Pair(record.path, record.sha256, top.id, round(score, 4), top.descriptor, record.verdict,
-                        top.caption, top.source, prompt, region_of(top))
+            pair = Pair(
+                record.path,
+                record.sha256,
+                top.id,
+                round(score, 4),
+                top.descriptor,
+                record.verdict,
+                top.caption,
+                top.source,
+                prompt,
+                region_of(top),
+            )
             item = (score, -self._seen, pair)  # ties: the earlier output ranks first
             if len(self._heap) < self.options.top_pairs:
                 heapq.heappush(self._heap, item)
@@ -370,15 +391,20 @@ class AuditAccumulator:
                 scores=ref_dist,
                 false_alarms=ref.share(REPLICATING),
                 exact=ref.verdicts.get("exact", 0),
-                outputs_above_reference_p99=Rate.of(int((scores > p99).sum()), len(scores)) if p99 is not None
+                outputs_above_reference_p99=Rate.of(int((scores > p99).sum()), len(scores))
+                if p99 is not None
                 else Rate.of(0, 0),
                 ks_statistic=ks_statistic(scores, ref_scores),
             )
         pairs = [p for _, _, p in sorted(self._heap, key=lambda t: t[:2], reverse=True)]
-        ranked = sorted(self._prompts.values(),
-                        key=lambda s: (-s.replicating, -s.rate, -(s.max_score or 0.0), s.prompt))
-        gate = (evaluate_gate(replication, o.max_replication_rate, o.gate_on)
-                if o.max_replication_rate is not None else None)
+        ranked = sorted(
+            self._prompts.values(), key=lambda s: (-s.replicating, -s.rate, -(s.max_score or 0.0), s.prompt)
+        )
+        gate = (
+            evaluate_gate(replication, o.max_replication_rate, o.gate_on)
+            if o.max_replication_rate is not None
+            else None
+        )
         return AuditResult(
             index=self.index_name,
             thresholds=self.thresholds,
@@ -501,8 +527,13 @@ class AuditResult:
         }
 
 
-def audit_records(records: Iterable[ScanRecord], thresholds: dict[str, Any], options: AuditOptions | None = None,
-                  reference: Iterable[ScanRecord] | None = None, index_name: str = "") -> AuditResult:
+def audit_records(
+    records: Iterable[ScanRecord],
+    thresholds: dict[str, Any],
+    options: AuditOptions | None = None,
+    reference: Iterable[ScanRecord] | None = None,
+    index_name: str = "",
+) -> AuditResult:
     """The audit of already-made scan records (e.g. read back from `scan --format jsonl`)."""
     acc = AuditAccumulator(thresholds, options, index_name)
     for r in records:

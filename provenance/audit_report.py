@@ -19,17 +19,28 @@ QueryThumbnailFn = Callable[[str], bytes | None]  # output path -> a thumbnail o
 MAX_ERRORS_SHOWN = 200  # the page stays readable with thousands of bad inputs; the JSON summary lists them all
 
 
-def write_audit_html(result: AuditResult, path: str | Path, *, thumbnails: ThumbnailFn | None = None,
-                     query_thumbnails: QueryThumbnailFn = make_thumbnail,
-                     title: str = "Replication audit") -> None:
+def write_audit_html(
+    result: AuditResult,
+    path: str | Path,
+    *,
+    thumbnails: ThumbnailFn | None = None,
+    query_thumbnails: QueryThumbnailFn = make_thumbnail,
+    title: str = "Replication audit",
+) -> None:
     """Write `render_audit_html(...)` to `path` (UTF-8)."""
-    Path(path).write_text(render_audit_html(result, thumbnails=thumbnails, query_thumbnails=query_thumbnails,
-                                            title=title), encoding="utf-8")
+    Path(path).write_text(
+        render_audit_html(result, thumbnails=thumbnails, query_thumbnails=query_thumbnails, title=title),
+        encoding="utf-8",
+    )
 
 
-def render_audit_html(result: AuditResult, *, thumbnails: ThumbnailFn | None = None,
-                      query_thumbnails: QueryThumbnailFn = make_thumbnail,
-                      title: str = "Replication audit") -> str:
+def render_audit_html(
+    result: AuditResult,
+    *,
+    thumbnails: ThumbnailFn | None = None,
+    query_thumbnails: QueryThumbnailFn = make_thumbnail,
+    title: str = "Replication audit",
+) -> str:
     """The audit page: rates with intervals, the score histogram against the reference, the top pairs side
     by side (the matched region drawn when the match has one), the replicating captions with their
     memorization signals, and the unreadable inputs. Only the top pairs' images are read (thumbnails)."""
@@ -37,16 +48,20 @@ def render_audit_html(result: AuditResult, *, thumbnails: ThumbnailFn | None = N
     r = result
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">',
         # The page must work offline and load nothing, even if a caption smuggles in a URL.
-        ("<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">"),
+        (
+            '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+            "style-src 'unsafe-inline'\">"
+        ),
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}{_AUDIT_CSS}</style></head><body>",
         f"<header><h1>{e(title)}</h1>",
-        (f'<p class="muted">index {e(r.index)} · {r.outputs} outputs audited'
-        f"{f' · {len(r.errors)} unreadable inputs not counted' if r.errors else ''}"
-        f"{f' · {r.reference.images} reference photos' if r.reference else ' · no reference'} · generated {e(now)}</p>"),
+        (
+            f'<p class="muted">index {e(r.index)} · {r.outputs} outputs audited'
+            f"{f' · {len(r.errors)} unreadable inputs not counted' if r.errors else ''}"
+            f"{f' · {r.reference.images} reference photos' if r.reference else ' · no reference'} · generated {e(now)}</p>"
+        ),
         _gate_html(r),
         _rates_html(r),
         "</header><main>",
@@ -70,16 +85,20 @@ def _pct(v: float | None, digits: int = 1) -> str:
 def _rate_text(rate: Rate) -> str:
     if rate.rate is None:
         return "– (no outputs)"
-    return (f"{_pct(rate.rate)} <span class=\"muted\">({rate.count}/{rate.total}; {rate.confidence:.0%} CI "
-            f"{_pct(rate.low)}–{_pct(rate.high)})</span>")
+    return (
+        f'{_pct(rate.rate)} <span class="muted">({rate.count}/{rate.total}; {rate.confidence:.0%} CI '
+        f"{_pct(rate.low)}–{_pct(rate.high)})</span>"
+    )
 
 
 def _gate_html(r: AuditResult) -> str:
     if r.gate is None:
         return '<p class="gate none">No gate set (<code>--max-replication-rate</code>).</p>'
     g = r.gate
-    return (f'<p class="gate {"fail" if g.failed else "pass"}"><b>{"FAIL" if g.failed else "PASS"}</b> '
-            f"{_esc(g.reason)} (gate on the {'point estimate' if g.on == 'point' else 'upper bound'}).</p>")
+    return (
+        f'<p class="gate {"fail" if g.failed else "pass"}"><b>{"FAIL" if g.failed else "PASS"}</b> '
+        f"{_esc(g.reason)} (gate on the {'point estimate' if g.on == 'point' else 'upper bound'}).</p>"
+    )
 
 
 def _rates_html(r: AuditResult) -> str:
@@ -91,8 +110,9 @@ def _rates_html(r: AuditResult) -> str:
         (f"top-1 SSCD > {PAPER_SSCD:g} (Somepalli et al. 2023's measure)", _rate_text(r.sscd_above_0_5)),
     ]
     if r.reference is not None:
-        rows.append(("Reference false-alarm rate (non-members called replica or exact)",
-                     _rate_text(r.reference.false_alarms)))
+        rows.append(
+            ("Reference false-alarm rate (non-members called replica or exact)", _rate_text(r.reference.false_alarms))
+        )
     cells = "".join(f"<dt>{_esc(k)}</dt><dd>{v}</dd>" for k, v in rows)
     return f'<dl class="rates">{cells}</dl>'
 
@@ -103,8 +123,11 @@ def _rates_html(r: AuditResult) -> str:
 def _distribution_html(r: AuditResult) -> str:
     t = r.thresholds
     lines: list[tuple[float, str, str]] = []
-    for key, label, cls in (("similar_sscd", "similar", "t-similar"), ("replica_sscd", "replica", "t-replica"),
-                            ("exact_sscd", "exact (with PDQ)", "t-exact")):
+    for key, label, cls in (
+        ("similar_sscd", "similar", "t-similar"),
+        ("replica_sscd", "replica", "t-replica"),
+        ("exact_sscd", "exact (with PDQ)", "t-exact"),
+    ):
         if isinstance(t.get(key), (int, float)):
             lines.append((float(t[key]), f"{label} {t[key]:g}", cls))
     lines.append((PAPER_SSCD, f"SSCD {PAPER_SSCD:g} (papers)", "t-paper"))
@@ -116,27 +139,42 @@ def _distribution_html(r: AuditResult) -> str:
     q = r.scores.quantiles
     stats = [f"outputs: median {_num(q['p50'])}, p99 {_num(q['p99'])}, max {_num(q['max'])}"]
     if ref is None:
-        note = ("No reference given (<code>--reference DIR</code>): the distribution is shown without one, and the "
-                "lines are the calibrated verdict thresholds (BENCHMARKS.md, Calibration) and the papers' 0.5.")
+        note = (
+            "No reference given (<code>--reference DIR</code>): the distribution is shown without one, and the "
+            "lines are the calibrated verdict thresholds (BENCHMARKS.md, Calibration) and the papers' 0.5."
+        )
     else:
         rq = ref.scores.quantiles
         stats.append(f"reference: median {_num(rq['p50'])}, p99 {_num(rq['p99'])}, max {_num(rq['max'])}")
-        stats.append(f"outputs above the reference's p99: {_rate_text(ref.outputs_above_reference_p99)} "
-                     "(about 1% if the outputs copy no more than non-members look alike)")
+        stats.append(
+            f"outputs above the reference's p99: {_rate_text(ref.outputs_above_reference_p99)} "
+            "(about 1% if the outputs copy no more than non-members look alike)"
+        )
         if ref.ks_statistic is not None:
             stats.append(f"Kolmogorov–Smirnov D = {ref.ks_statistic:.3f}")
-        note = ("Bars: the outputs' top-1 SSCD scores; line: the reference non-member photos scanned against the "
-                "same index, both as shares of their images.")
+        note = (
+            "Bars: the outputs' top-1 SSCD scores; line: the reference non-member photos scanned against the "
+            "same index, both as shares of their images."
+        )
         if ref.exact:
-            note += (f' <span class="hit">{ref.exact} reference photo(s) are exact matches: they are in the index, '
-                     "so they are not non-members; choose photos the corpus does not hold.</span>")
+            note += (
+                f' <span class="hit">{ref.exact} reference photo(s) are exact matches: they are in the index, '
+                "so they are not non-members; choose photos the corpus does not hold.</span>"
+            )
     items = "".join(f"<li>{s}</li>" for s in stats)
-    return (f'<section class="card"><h2>Top-1 SSCD score distribution</h2>{svg}'
-            f'<p class="muted">{note}</p><ul class="stats">{items}</ul></section>')
+    return (
+        f'<section class="card"><h2>Top-1 SSCD score distribution</h2>{svg}'
+        f'<p class="muted">{note}</p><ul class="stats">{items}</ul></section>'
+    )
 
 
-def distribution_svg(bins: list[int], reference: list[int] | None, lines: list[tuple[float, str, str]],
-                     width: int = 720, height: int = 240) -> str:
+def distribution_svg(
+    bins: list[int],
+    reference: list[int] | None,
+    lines: list[tuple[float, str, str]],
+    width: int = 720,
+    height: int = 240,
+) -> str:
     """Inline SVG: `bins` (SCORE_BINS counts over [0, 1]) as bars and `reference` as a step line, each as
     shares of its own total so sets of different sizes compare; `lines` are (x, label, css class) markers."""
     left, right, top, bottom = 44, 12, 22, 28
@@ -150,16 +188,22 @@ def distribution_svg(bins: list[int], reference: list[int] | None, lines: list[t
     def y(v: float) -> float:
         return top + ph - ph * v / peak
 
-    out = [(f'<svg class="dist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-           f'aria-label="Histogram of top-1 SSCD scores">'),
-           f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="axis"/>',
-           f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{peak:.0%}</text>',
-           f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>']
-    for i, (s, c) in enumerate(zip(shares, bins)):
+    out = [
+        (
+            f'<svg class="dist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+            f'aria-label="Histogram of top-1 SSCD scores">'
+        ),
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" class="axis"/>',
+        f'<text x="{left - 6}" y="{top + 8}" text-anchor="end">{peak:.0%}</text>',
+        f'<text x="{left - 6}" y="{top + ph}" text-anchor="end">0</text>',
+    ]
+    for i, (s, c) in enumerate(zip(shares, bins, strict=False)):
         lo = i / SCORE_BINS
-        out.append(f'<rect class="out" x="{left + i * bw + 0.5:.1f}" y="{y(s):.1f}" width="{bw - 1:.1f}" '
-                   f'height="{top + ph - y(s):.1f}"><title>{lo:.2f}–{lo + 1 / SCORE_BINS:.2f}: {c} outputs</title>'
-                   "</rect>")
+        out.append(
+            f'<rect class="out" x="{left + i * bw + 0.5:.1f}" y="{y(s):.1f}" width="{bw - 1:.1f}" '
+            f'height="{top + ph - y(s):.1f}"><title>{lo:.2f}–{lo + 1 / SCORE_BINS:.2f}: {c} outputs</title>'
+            "</rect>"
+        )
     if reference:
         pts = []
         for i, s in enumerate(ref_shares):
@@ -169,9 +213,11 @@ def distribution_svg(bins: list[int], reference: list[int] | None, lines: list[t
         px = left + min(max(x, 0.0), 1.0) * pw
         # labels right of their line, or left of it near the right edge so they stay inside the plot
         tx, anchor = (px + 3, "start") if x < 0.8 else (px - 3, "end")
-        out.append(f'<line class="mark {cls}" x1="{px:.1f}" y1="{top - 4}" x2="{px:.1f}" y2="{top + ph}"/>'
-                   f'<text class="mark {cls}" x="{tx:.1f}" y="{top + 6 + 11 * (k % 4)}" text-anchor="{anchor}">'
-                   f"{_esc(label)}</text>")
+        out.append(
+            f'<line class="mark {cls}" x1="{px:.1f}" y1="{top - 4}" x2="{px:.1f}" y2="{top + ph}"/>'
+            f'<text class="mark {cls}" x="{tx:.1f}" y="{top + 6 + 11 * (k % 4)}" text-anchor="{anchor}">'
+            f"{_esc(label)}</text>"
+        )
     for tick in (0.0, 0.25, 0.5, 0.75, 1.0):
         out.append(f'<text x="{left + tick * pw:.1f}" y="{height - 8}" text-anchor="middle">{tick:g}</text>')
     if not sum(bins):
@@ -200,10 +246,12 @@ def _pairs_html(pairs: list[Pair], thumbnails: ThumbnailFn | None, query_thumbna
             f'<figure>{q}<figcaption class="path">{e(p.path)}</figcaption></figure>'
             f'<figure>{c}<figcaption class="mid">{e(p.corpus_id)}</figcaption></figure></div>'
             f'<div class="head"><span class="badge v-{e(p.verdict)}">{e(p.verdict)}</span> '
-            f"{e(p.descriptor)} {p.score:.3f} <span class=\"muted\">· {where}</span></div>{prompt}{caption}</article>"
+            f'{e(p.descriptor)} {p.score:.3f} <span class="muted">· {where}</span></div>{prompt}{caption}</article>'
         )
-    return (f'<section class="card"><h2>Top {len(pairs)} pairs by score (output left, corpus item right)</h2>'
-            f'<div class="pairs">{"".join(cards)}</div></section>')
+    return (
+        f'<section class="card"><h2>Top {len(pairs)} pairs by score (output left, corpus item right)</h2>'
+        f'<div class="pairs">{"".join(cards)}</div></section>'
+    )
 
 
 def _framed(data: bytes | None, alt: str, box: list[float] | None) -> str:
@@ -213,8 +261,10 @@ def _framed(data: bytes | None, alt: str, box: list[float] | None) -> str:
         return f'<div class="frame">{img}</div>'
     x0, y0, x1, y1 = box
     # viewBox 0..1 stretched over the image (preserveAspectRatio none): the box lands on the same pixels
-    svg = (f'<svg class="region" viewBox="0 0 1 1" preserveAspectRatio="none"><rect x="{x0:.4f}" y="{y0:.4f}" '
-           f'width="{x1 - x0:.4f}" height="{y1 - y0:.4f}" vector-effect="non-scaling-stroke"/></svg>')
+    svg = (
+        f'<svg class="region" viewBox="0 0 1 1" preserveAspectRatio="none"><rect x="{x0:.4f}" y="{y0:.4f}" '
+        f'width="{x1 - x0:.4f}" height="{y1 - y0:.4f}" vector-effect="non-scaling-stroke"/></svg>'
+    )
     return f'<div class="frame">{img}{svg}</div>'
 
 
@@ -234,9 +284,11 @@ def _safe(fn: Callable[[str], bytes | None] | None, key: str) -> bytes | None:
 def _captions_html(r: AuditResult) -> str:
     e = _esc
     if not r.prompts:
-        return ('<section class="card"><h2>Captions that replicate most</h2><p class="muted">No output carries its '
-                "prompt (our <code>provenance</code> PNG chunk, a sidecar <code>.json</code>, or another tool's "
-                "parameters), so prompts cannot be ranked.</p></section>")
+        return (
+            '<section class="card"><h2>Captions that replicate most</h2><p class="muted">No output carries its '
+            "prompt (our <code>provenance</code> PNG chunk, a sidecar <code>.json</code>, or another tool's "
+            "parameters), so prompts cannot be ranked.</p></section>"
+        )
     rows = []
     for s in r.captions:
         rows.append(
@@ -247,21 +299,28 @@ def _captions_html(r: AuditResult) -> str:
             f"<td>{_memo_html(s)}</td></tr>"
         )
     m = r.memorization
-    summary = (f"{r.prompts} distinct prompts over {r.outputs_with_prompt} outputs; {m['replicating_prompts']} "
-               f"replicate at least once. Memorization signals recorded for {m['prompts_with_signals']} prompts: "
-               f"{m['flagged']} flagged, of which {m['flagged_and_replicating']} replicate.")
-    return (f'<section class="card"><h2>Captions that replicate most</h2><p class="muted">{e(summary)}</p>'
-            '<table class="captions"><thead><tr><th>prompt</th><th>outputs</th><th>replicating</th><th>share</th>'
-            "<th>best SSCD</th><th>best match</th><th>memorization signals</th></tr></thead><tbody>"
-            f"{''.join(rows)}</tbody></table></section>")
+    summary = (
+        f"{r.prompts} distinct prompts over {r.outputs_with_prompt} outputs; {m['replicating_prompts']} "
+        f"replicate at least once. Memorization signals recorded for {m['prompts_with_signals']} prompts: "
+        f"{m['flagged']} flagged, of which {m['flagged_and_replicating']} replicate."
+    )
+    return (
+        f'<section class="card"><h2>Captions that replicate most</h2><p class="muted">{e(summary)}</p>'
+        '<table class="captions"><thead><tr><th>prompt</th><th>outputs</th><th>replicating</th><th>share</th>'
+        "<th>best SSCD</th><th>best match</th><th>memorization signals</th></tr></thead><tbody>"
+        f"{''.join(rows)}</tbody></table></section>"
+    )
 
 
 def _memo_html(s: PromptStat) -> str:
     m = s.memorization
     if not m:
         return '<span class="muted">not recorded</span>'
-    shown: dict[str, Any] = {k: f"{m[k]:.3g}" if isinstance(m[k], float) else m[k]
-                             for k in ("noise_norm", "noise_norm_z", "pairwise_sscd") if m.get(k) is not None}
+    shown: dict[str, Any] = {
+        k: f"{m[k]:.3g}" if isinstance(m[k], float) else m[k]
+        for k in ("noise_norm", "noise_norm_z", "pairwise_sscd")
+        if m.get(k) is not None
+    }
     flag = '<span class="badge flag">flagged</span> ' if m.get("flag") else ""
     why = f' <span class="muted">{_esc(m["flag_reason"])}</span>' if m.get("flag") and m.get("flag_reason") else ""
     return flag + (_kv_html(shown) if shown else '<span class="muted">no values</span>') + why
@@ -278,19 +337,22 @@ def _errors_html(r: AuditResult) -> str:
             items = "".join(f"<li><b>{_esc(x['path'])}</b>: {_esc(x['error'])}</li>" for x in shown)
             if len(errors) > MAX_ERRORS_SHOWN:
                 items += f'<li class="muted">and {len(errors) - MAX_ERRORS_SHOWN} more (all in the JSON summary)</li>'
-            out.append(f'<section class="card"><h2>{_esc(title)}: {len(errors)}</h2><ul class="errs">{items}</ul>'
-                       "</section>")
+            out.append(
+                f'<section class="card"><h2>{_esc(title)}: {len(errors)}</h2><ul class="errs">{items}</ul></section>'
+            )
     return "\n".join(out)
 
 
 def _method_html(r: AuditResult) -> str:
-    return ('<section class="card muted small"><h2>How to read this</h2><p>An output is an input that could be '
-            "read; unreadable inputs are listed above and count in no rate. The replication rate is the share of "
-            "outputs whose verdict is <i>replica</i> or <i>exact</i> at the thresholds shown "
-            f"({_esc(', '.join(f'{k} {v}' for k, v in r.thresholds.items()))}); intervals are 95% Wilson score "
-            "intervals. A reference is a set of photos known not to be in the index, scanned against it: the share "
-            "of them called replica is the false-alarm rate the outputs' rate should be read against. "
-            f"JSON summary schema version {r.schema_version}.</p></section>")
+    return (
+        '<section class="card muted small"><h2>How to read this</h2><p>An output is an input that could be '
+        "read; unreadable inputs are listed above and count in no rate. The replication rate is the share of "
+        "outputs whose verdict is <i>replica</i> or <i>exact</i> at the thresholds shown "
+        f"({_esc(', '.join(f'{k} {v}' for k, v in r.thresholds.items()))}); intervals are 95% Wilson score "
+        "intervals. A reference is a set of photos known not to be in the index, scanned against it: the share "
+        "of them called replica is the false-alarm rate the outputs' rate should be read against. "
+        f"JSON summary schema version {r.schema_version}.</p></section>"
+    )
 
 
 def _num(v: float | None) -> str:

@@ -78,8 +78,9 @@ def sqlite_time_budget(conn: sqlite3.Connection, seconds: float, started: float 
         yield
     except sqlite3.OperationalError:
         if stopped:
-            raise QueryTimeoutError(f"the caption query ran past its time budget of {seconds:g} s and was "
-                                    "stopped: use fewer or rarer words") from None
+            raise QueryTimeoutError(
+                f"the caption query ran past its time budget of {seconds:g} s and was stopped: use fewer or rarer words"
+            ) from None
         raise
     finally:
         conn.set_progress_handler(None, 0)

@@ -38,27 +38,63 @@ def _fail(e: Exception | str, code: int = EXIT_USAGE) -> None:
 
 
 @with_scan_options(unset_default=True)
-def audit_command(
+def audit_command(  # noqa: C901 - a typer command: its options are checked one by one before the run
     index: Annotated[Path, typer.Option("--index", "-i", help="Index directory of the training corpus.")],
-    images: Annotated[Optional[list[str]], typer.Argument(help="Generated images: files, folders (recursive) or globs.")] = None,
+    images: Annotated[
+        Optional[list[str]], typer.Argument(help="Generated images: files, folders (recursive) or globs.")
+    ] = None,
     reference: Annotated[Optional[list[str]], typer.Option("--reference", help=_REFERENCE_HELP)] = None,
-    max_replication_rate: Annotated[Optional[float], typer.Option("--max-replication-rate", help="CI gate: exit 1 when the replication rate (replica or exact share of readable outputs) exceeds this share, e.g. 0.01.")] = None,
-    gate_on: Annotated[str, typer.Option("--gate-on", help="point: gate on the rate itself; upper: on the upper bound of its 95% Wilson interval (stricter on few outputs).")] = "point",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the self-contained HTML report here.")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the JSON summary here ('-' for stdout).")] = None,
+    max_replication_rate: Annotated[
+        Optional[float],
+        typer.Option(
+            "--max-replication-rate",
+            help="CI gate: exit 1 when the replication rate (replica or exact share of readable outputs) exceeds this share, e.g. 0.01.",
+        ),
+    ] = None,
+    gate_on: Annotated[
+        str,
+        typer.Option(
+            "--gate-on",
+            help="point: gate on the rate itself; upper: on the upper bound of its 95% Wilson interval (stricter on few outputs).",
+        ),
+    ] = "point",
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write the self-contained HTML report here.")
+    ] = None,
+    json_out: Annotated[
+        Optional[Path], typer.Option("--json", help="Write the JSON summary here ('-' for stdout).")
+    ] = None,
     top_pairs: Annotated[int, typer.Option(min=0, help="Pairs shown side by side in the report.")] = 12,
     top_captions: Annotated[int, typer.Option(min=0, help="Prompts listed, most replicating first.")] = 20,
-    thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
-    from_captions: Annotated[Optional[int], typer.Option("--from-captions", min=1, help="First generate from N captions of the index (generate --from-captions), then audit those outputs too.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="With --from-captions: hub id, local diffusers folder or tiny-random.")] = "",
-    num_images: Annotated[int, typer.Option("--num-images", min=1, help="With --from-captions: images per caption (>= 4 adds pairwise SSCD).")] = 1,
+    thresholds: Annotated[
+        Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")
+    ] = None,
+    from_captions: Annotated[
+        Optional[int],
+        typer.Option(
+            "--from-captions",
+            min=1,
+            help="First generate from N captions of the index (generate --from-captions), then audit those outputs too.",
+        ),
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="With --from-captions: hub id, local diffusers folder or tiny-random.")
+    ] = "",
+    num_images: Annotated[
+        int,
+        typer.Option("--num-images", min=1, help="With --from-captions: images per caption (>= 4 adds pairwise SSCD)."),
+    ] = 1,
     steps: Annotated[int, typer.Option(min=1, help="With --from-captions: denoising steps.")] = 25,
     guidance: Annotated[float, typer.Option(min=0.0, help="With --from-captions: guidance scale.")] = 7.5,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="With --from-captions: caption sample and image seeds.")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(min=0, help="With --from-captions: caption sample and image seeds.")
+    ] = None,
     height: Annotated[Optional[int], typer.Option(min=8, help="With --from-captions: multiple of 8.")] = None,
     width: Annotated[Optional[int], typer.Option(min=8, help="With --from-captions: multiple of 8.")] = None,
     device: Annotated[Optional[str], typer.Option(help="With --from-captions: auto, cpu, cuda, mps.")] = None,
-    gen_out: Annotated[Path, typer.Option("--gen-out", help="With --from-captions: where the generated images go.")] = Path("out/audit-generated"),
+    gen_out: Annotated[
+        Path, typer.Option("--gen-out", help="With --from-captions: where the generated images go.")
+    ] = Path("out/audit-generated"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
     scan_options: dict | None = None,  # the ScanOptions flags given (provenance.cli_options), e.g. --thorough
 ) -> None:
@@ -71,14 +107,20 @@ def audit_command(
     from provenance.images import iter_image_paths
     from provenance.scan import Scanner, ScanOptions, load_thresholds
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     # 1. Check inputs, before any model loads
     if gate_on not in GATE_ON:
         _fail(typer.BadParameter(f"--gate-on must be one of {', '.join(GATE_ON)}, not {gate_on!r}"))
     if max_replication_rate is not None and not 0.0 <= max_replication_rate <= 1.0:
-        _fail(typer.BadParameter(f"--max-replication-rate is a share in [0, 1] (e.g. 0.01 for 1%), "
-                                 f"not {max_replication_rate}"))
+        _fail(
+            typer.BadParameter(
+                f"--max-replication-rate is a share in [0, 1] (e.g. 0.01 for 1%), not {max_replication_rate}"
+            )
+        )
     if from_captions is None and model:
         _fail(typer.BadParameter("--model only applies with --from-captions N"))
     if from_captions is not None and not model:
@@ -98,8 +140,9 @@ def audit_command(
         # found out now, not after an hour of scanning
         if path is not None and str(path) != "-" and not (path.parent.is_dir() and not path.is_dir()):
             _fail(typer.BadParameter(f"{flag}: cannot write {path} (its folder does not exist, or it is a folder)"))
-    options = AuditOptions(top_pairs=top_pairs, top_captions=top_captions,
-                           max_replication_rate=max_replication_rate, gate_on=gate_on)  # type: ignore[arg-type]
+    options = AuditOptions(
+        top_pairs=top_pairs, top_captions=top_captions, max_replication_rate=max_replication_rate, gate_on=gate_on
+    )  # type: ignore[arg-type]
     given = {k: v for k, v in (scan_options or {}).items() if v is not None}
     try:
         scan_opts = ScanOptions.build(**{**AUDIT_SCAN_DEFAULTS, **given}, thresholds=load_thresholds(thresholds))
@@ -112,13 +155,21 @@ def audit_command(
 
     # 2. Generate from the index's captions first, when asked
     if from_captions is not None:
-        files = files + _generate(index, from_captions, model, num_images, steps, guidance, seed, height, width,
-                                  device, gen_out)
+        files = files + _generate(
+            index, from_captions, model, num_images, steps, guidance, seed, height, width, device, gen_out
+        )
 
     # 3. Scan and audit, streaming
     try:
-        with Progress(SpinnerColumn(), TextColumn("[bold]auditing"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]auditing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("audit", total=len(files) + len(ref_files))
             result = audit_paths(scanner, files, ref_files, options, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:
@@ -145,13 +196,32 @@ def audit_command(
         raise typer.Exit(EXIT_GATE)
 
 
-def _generate(index: Path, n: int, model: str, num_images: int, steps: int, guidance: float, seed: int | None,
-              height: int | None, width: int | None, device: str | None, gen_out: Path) -> list[Path]:
+def _generate(
+    index: Path,
+    n: int,
+    model: str,
+    num_images: int,
+    steps: int,
+    guidance: float,
+    seed: int | None,
+    height: int | None,
+    width: int | None,
+    device: str | None,
+    gen_out: Path,
+) -> list[Path]:
     """`generate --from-captions INDEX --n N` with provenance recorded; the written PNGs."""
     from provenance import generator as g
 
-    config = g.GenerationConfig(model=model, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                                height=height, width=width, device=device)
+    config = g.GenerationConfig(
+        model=model,
+        num_images=num_images,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        height=height,
+        width=width,
+        device=device,
+    )
     written: list[Path] = []
     try:
         config.check()
@@ -159,8 +229,15 @@ def _generate(index: Path, n: int, model: str, num_images: int, steps: int, guid
         folder = g.check_output_dir(gen_out)
         with console.status(f"loading {model}..."):
             pipeline = g.load_pipeline(model, device)
-        with Progress(SpinnerColumn(), TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("generate", total=len(prompts) * num_images)
 
             def on_image(image: g.GeneratedImage, done: int, total: int) -> None:
@@ -191,11 +268,14 @@ def _print_summary(result) -> None:
     if result.reference is not None:
         t.add_row("reference false alarms", fmt(result.reference.false_alarms))
     console.print(t)
-    console.print(f"{result.outputs} outputs audited"
-                  + (f", {len(result.errors)} unreadable input(s) listed and not counted" if result.errors else ""))
+    console.print(
+        f"{result.outputs} outputs audited"
+        + (f", {len(result.errors)} unreadable input(s) listed and not counted" if result.errors else "")
+    )
     if result.reference is not None and result.reference.exact:
-        console.print(f"[yellow]{result.reference.exact} reference photo(s) are in the index (exact): "
-                      "they are not non-members[/]")
+        console.print(
+            f"[yellow]{result.reference.exact} reference photo(s) are in the index (exact): they are not non-members[/]"
+        )
     if result.gate is not None:
         colour = "red" if result.gate.failed else "green"
         console.print(f"[{colour}]gate {'FAILED' if result.gate.failed else 'passed'}:[/] {result.gate.reason}")

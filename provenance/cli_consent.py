@@ -34,13 +34,27 @@ def _fail(message: str) -> None:
 @consent_app.command("check")
 def check(
     urls: Annotated[Optional[list[str]], typer.Argument(help="http(s) URLs of images or pages.")] = None,
-    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="A file of URLs, one per line (# comments and blank lines skipped).")] = None,
+    file: Annotated[
+        Optional[Path],
+        typer.Option("--file", "-f", help="A file of URLs, one per line (# comments and blank lines skipped)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON: a list of {url, consent}.")] = False,
-    cache: Annotated[Optional[Path], typer.Option(help="SQLite cache of fetched files (default: ~/.cache/provenance/consent.sqlite).")] = None,
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(help="SQLite cache of fetched files (default: ~/.cache/provenance/consent.sqlite)."),
+    ] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
-    ttl_hours: Annotated[float, typer.Option(min=0.001, help="How long a fetched file stays fresh in the cache.")] = 24.0,
+    ttl_hours: Annotated[
+        float, typer.Option(min=0.001, help="How long a fetched file stays fresh in the cache.")
+    ] = 24.0,
     offline: Annotated[bool, typer.Option(help="Answer from the cache only; fetch nothing.")] = False,
-    allow_private_addresses: Annotated[bool, typer.Option("--allow-private-addresses", help="Also fetch from private, loopback and link-local addresses (off: an SSRF guard).")] = False,
+    allow_private_addresses: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-addresses",
+            help="Also fetch from private, loopback and link-local addresses (off: an SSRF guard).",
+        ),
+    ] = False,
     per_host: Annotated[int, typer.Option(min=1, help="Concurrent requests to one host.")] = 2,
     rate: Annotated[float, typer.Option(min=0.0, help="Requests per second to one host (0 = no limit).")] = 2.0,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds allowed to connect and read each response.")] = 10.0,
@@ -88,7 +102,9 @@ def check(
 @consent_app.command("file")
 def file_command(
     paths: Annotated[list[Path], typer.Argument(help="Image files.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON: a list of {path, consent} or {path, error}.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print JSON: a list of {path, consent} or {path, error}.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Read the C2PA/CAWG training-mining assertions and IPTC/PLUS data-mining XMP of image files."""

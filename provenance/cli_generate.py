@@ -27,23 +27,46 @@ def _fail(e: Exception) -> None:
 
 def generate_command(
     prompts: Annotated[Optional[list[str]], typer.Argument(help="Prompts, one per argument (quote each).")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, or tiny-random (offline test model).")] = "",
-    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file", help="One prompt per line; blank lines skipped.")] = None,
-    from_captions: Annotated[Optional[Path], typer.Option("--from-captions", help="Index directory: use N of its captions as prompts.")] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Hub id, local diffusers folder, or tiny-random (offline test model).")
+    ] = "",
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="One prompt per line; blank lines skipped.")
+    ] = None,
+    from_captions: Annotated[
+        Optional[Path], typer.Option("--from-captions", help="Index directory: use N of its captions as prompts.")
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="With --from-captions: how many captions.")] = 10,
-    num_images: Annotated[int, typer.Option("--num-images", min=1, help="Images per prompt (>= 4 adds pairwise SSCD).")] = 1,
+    num_images: Annotated[
+        int, typer.Option("--num-images", min=1, help="Images per prompt (>= 4 adds pairwise SSCD).")
+    ] = 1,
     steps: Annotated[int, typer.Option(min=1)] = 25,
     guidance: Annotated[float, typer.Option(min=0.0, help="Classifier-free guidance scale.")] = 7.5,
-    seed: Annotated[Optional[int], typer.Option(min=0, help="Image j of each prompt uses seed + j (default: random, recorded).")] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(min=0, help="Image j of each prompt uses seed + j (default: random, recorded).")
+    ] = None,
     height: Annotated[Optional[int], typer.Option(min=8, help="Multiple of 8 (default: the model's).")] = None,
     width: Annotated[Optional[int], typer.Option(min=8, help="Multiple of 8 (default: the model's).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="euler, euler-a, dpm++, ddim, unipc, lcm, ... or a diffusers class name.")] = None,
+    scheduler: Annotated[
+        Optional[str], typer.Option(help="euler, euler-a, dpm++, ddim, unipc, lcm, ... or a diffusers class name.")
+    ] = None,
     negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")] = Path("out/generated"),
-    scan_index: Annotated[Optional[Path], typer.Option("--scan-index", help="Scan the outputs against this index; writes scan.html and scan.jsonl.")] = None,
-    watermark: Annotated[bool, typer.Option("--watermark/--no-watermark", help="Embed the invisible provenance mark.")] = True,
-    memorization: Annotated[bool, typer.Option("--memorization/--no-memorization", help="Compute memorization signals.")] = True,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Images per pipeline call (default: 4 on CUDA, else 1).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created if missing).")] = Path(
+        "out/generated"
+    ),
+    scan_index: Annotated[
+        Optional[Path],
+        typer.Option("--scan-index", help="Scan the outputs against this index; writes scan.html and scan.jsonl."),
+    ] = None,
+    watermark: Annotated[
+        bool, typer.Option("--watermark/--no-watermark", help="Embed the invisible provenance mark.")
+    ] = True,
+    memorization: Annotated[
+        bool, typer.Option("--memorization/--no-memorization", help="Compute memorization signals.")
+    ] = True,
+    batch_size: Annotated[
+        Optional[int], typer.Option(min=1, help="Images per pipeline call (default: 4 on CUDA, else 1).")
+    ] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
@@ -51,8 +74,11 @@ def generate_command(
     mark) and memorization signals; optionally scan them against an index."""
     from provenance import generator as g
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     if not model:
         _fail(typer.BadParameter("--model is required (a hub id, a local diffusers folder, or tiny-random)"))
     config = g.GenerationConfig(
@@ -77,8 +103,15 @@ def generate_command(
         with console.status(f"loading {model}..."):
             pipeline = g.load_pipeline(model, device)
         total = len(all_prompts) * num_images
-        with Progress(SpinnerColumn(), TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
             task = bar.add_task("generate", total=total)
 
             def on_image(image: g.GeneratedImage, done: int, total: int) -> None:
@@ -102,8 +135,10 @@ def generate_command(
         verdicts: dict[str, int] = {}
         for r in records:
             verdicts[r.verdict] = verdicts.get(r.verdict, 0) + 1
-        console.print(f"scan: {', '.join(f'{v} {k}' for k, v in verdicts.items())}; "
-                      f"report in {folder / 'scan.html'} and {folder / 'scan.jsonl'}")
+        console.print(
+            f"scan: {', '.join(f'{v} {k}' for k, v in verdicts.items())}; "
+            f"report in {folder / 'scan.html'} and {folder / 'scan.jsonl'}"
+        )
 
 
 def _print_summary(images: list, folder: Path) -> None:
@@ -125,8 +160,10 @@ def _print_summary(images: list, folder: Path) -> None:
     run = f"{images[0].run_id:08x}" if images else "-"
     console.print(f"[green]wrote[/] {len(images)} image(s) with provenance (run {run}) to {folder}")
     if any(im.memorization is not None and im.memorization.flag for im in images):
-        console.print("[yellow]flagged prompts may reproduce training images; the reasons are in each image's "
-                      "metadata (memorization.flag_reason)[/]")
+        console.print(
+            "[yellow]flagged prompts may reproduce training images; the reasons are in each image's "
+            "metadata (memorization.flag_reason)[/]"
+        )
 
 
 def _flag_cell(m) -> str:

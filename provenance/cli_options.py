@@ -42,9 +42,15 @@ def scan_option_parameters(unset_default: bool = False) -> list[inspect.Paramete
             elif isinstance(m, annotated_types.Le):
                 kwargs["max"] = m.le
         default = None if unset_default else f.default
-        kind = Optional[base] if default is None else base  # noqa: UP045 - typer reads Optional
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                        annotation=Annotated[kind, typer.Option(decl or _flag(name), **kwargs)]))
+        kind = Optional[base] if default is None else base
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=default,
+                annotation=Annotated[kind, typer.Option(decl or _flag(name), **kwargs)],
+            )
+        )
     return params
 
 
@@ -55,8 +61,11 @@ def with_scan_options(unset_default: bool = False) -> Callable[[Callable[..., An
 
     def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(func, include_extras=True)
-        own = [p.replace(annotation=hints.get(p.name, p.annotation))
-               for p in inspect.signature(func).parameters.values() if p.name != "scan_options"]
+        own = [
+            p.replace(annotation=hints.get(p.name, p.annotation))
+            for p in inspect.signature(func).parameters.values()
+            if p.name != "scan_options"
+        ]
         # a parameter of the command's own wins over a scan option of the same name (serve's --workers are processes)
         taken = {p.name for p in own}
         extra = [p for p in scan_option_parameters(unset_default) if p.name not in taken]

@@ -23,8 +23,14 @@ def add_tiled_watermark(image: Image.Image, text: str, opacity: float = 0.4, ang
     font = ImageFont.load_default(size=max(12, min(base.size) // 12))
     x0, y0, x1, y1 = font.getbbox(text)
     tile = Image.new("RGBA", (x1 - x0 + 8, y1 - y0 + 8), (0, 0, 0, 0))
-    ImageDraw.Draw(tile).text((4 - x0, 4 - y0), text, font=font, fill=(255, 255, 255, round(255 * opacity)),
-                              stroke_width=1, stroke_fill=(40, 40, 40, round(255 * opacity)))
+    ImageDraw.Draw(tile).text(
+        (4 - x0, 4 - y0),
+        text,
+        font=font,
+        fill=(255, 255, 255, round(255 * opacity)),
+        stroke_width=1,
+        stroke_fill=(40, 40, 40, round(255 * opacity)),
+    )
     tile = tile.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True)
     layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
     for j, y in enumerate(range(-tile.height // 2, base.height, tile.height)):
@@ -59,7 +65,9 @@ def make_demo_inputs(out_dir: Path) -> list[Path]:
     novel = Image.new("RGB", (512, 512), (30, 60, 90))
     draw = ImageDraw.Draw(novel)
     for i in range(12):
-        draw.ellipse((20 + 35 * i, 40 + 20 * i, 120 + 30 * i, 140 + 25 * i), outline=(250 - 15 * i, 120, 40 + 15 * i), width=6)
+        draw.ellipse(
+            (20 + 35 * i, 40 + 20 * i, 120 + 30 * i, 140 + 25 * i), outline=(250 - 15 * i, 120, 40 + 15 * i), width=6
+        )
     novel = novel.filter(ImageFilter.GaussianBlur(1))
     paths.append(out_dir / "novel-generated.png")
     embed_provenance_mark(novel, run_id=0xC0FFEE).save(paths[-1])

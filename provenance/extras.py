@@ -32,4 +32,6 @@ def require(module: str, feature: str) -> ModuleType:
     except ImportError as e:
         extra = EXTRA_OF.get(module.split(".")[0])
         hint = f"pip install 'provenance[{extra}]'" if extra else f"pip install {module.split('.')[0]}"
-        raise MissingExtraError(f"{feature} needs {module.split('.')[0]}, which is not installed ({e}); {hint}") from None
+        raise MissingExtraError(
+            f"{feature} needs {module.split('.')[0]}, which is not installed ({e}); {hint}"
+        ) from None

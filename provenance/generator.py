@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
@@ -83,7 +83,6 @@ SCHEDULER_ALIASES = {
 }
 
 
-
 # -- configuration and results ---------------------------------------------------------------------------
 
 
@@ -136,7 +135,7 @@ class LoadedPipeline:
     pipe: Any  # diffusers.DiffusionPipeline
     model: str  # "tiny-random", the hub id, or the resolved local folder
     device: str
-    dtype: "torch.dtype"
+    dtype: torch.dtype
     model_info: dict[str, Any]  # model, model_revision, weights_sha256, pipeline, model_note...
     tiny_random: bool = False
 
@@ -191,7 +190,7 @@ class PreparedPrompt:
 # -- devices, cache, tokenizer ---------------------------------------------------------------------------
 
 
-def resolve_device(device: str | None = None) -> tuple[str, "torch.dtype"]:
+def resolve_device(device: str | None = None) -> tuple[str, torch.dtype]:
     """(device, dtype): CUDA with float16, Apple MPS with float16, else CPU with float32."""
     import torch
 
@@ -300,7 +299,7 @@ def _check_hub_model(model: str) -> bool:
         ) from None
     except RepositoryNotFoundError:
         raise GenerationError(f"no model {model!r} on the Hugging Face hub (check the spelling)") from None
-    except Exception as e:  # noqa: BLE001 - network errors come in many types; the download may still work
+    except Exception as e:
         logger.warning("could not query the hub about %s (%s); trying to load it anyway", model, e)
     return False
 
@@ -351,13 +350,13 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
-def _from_pretrained(source: str, dtype: "torch.dtype", local_files_only: bool) -> Any:
+def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) -> Any:
     from diffusers import DiffusionPipeline
 
     kwargs = {_dtype_kwarg(): dtype, "local_files_only": local_files_only}
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except Exception as e:  # noqa: BLE001 - missing files, corrupt weights, foreign folders: name the model
+    except Exception as e:
         raise GenerationError(f"cannot load model {source!r}: {e}") from None
     if not _is_text_to_image(pipe):
         # e.g. a folder saved from an img2img or inpainting pipeline: the same components serve text-to-image
@@ -365,7 +364,7 @@ def _from_pretrained(source: str, dtype: "torch.dtype", local_files_only: bool) 
 
         try:
             pipe = AutoPipelineForText2Image.from_pipe(pipe)
-        except Exception as e:  # noqa: BLE001 - AutoPipeline raises ValueError for classes it cannot map
+        except Exception as e:
             raise GenerationError(
                 f"model {source!r} loads as {type(pipe).__name__}, which is not a text-to-image pipeline ({e})"
             ) from None
@@ -379,7 +378,7 @@ def _is_text_to_image(pipe: Any) -> bool:
     return "prompt" in inspect.signature(pipe.__call__).parameters
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: "torch.dtype | None" = None) -> LoadedPipeline:
+def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | None = None) -> LoadedPipeline:
     """Load `model` ("tiny-random", a local diffusers folder, or a hub id) onto `device`.
 
     Raises GenerationError before loading anything heavy when the model cannot be found: a missing
@@ -442,7 +441,7 @@ def resolve_scheduler_class(name: str) -> type:
         )
     try:
         return getattr(schedulers, real)
-    except Exception as e:  # noqa: BLE001 - optional dependencies (torchsde...) fail on attribute access
+    except Exception as e:
         raise GenerationError(f"scheduler {real} cannot be loaded: {e}") from None
 
 
@@ -627,7 +626,7 @@ def _default_embedder() -> Embedder | None:
 # -- generation ------------------------------------------------------------------------------------------
 
 
-def _cpu_generators(seeds: Sequence[int]) -> list["torch.Generator"]:
+def _cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     import torch
 
     # CPU generators: the initial noise is the same on CUDA, MPS and CPU for the same seed
@@ -690,7 +689,7 @@ def _base_metadata(
     return meta
 
 
-def generate(
+def generate(  # noqa: C901 - one run read as numbered steps, as a diffusers __call__ is
     config: GenerationConfig,
     prompts: Sequence[str],
     out_dir: str | os.PathLike,
@@ -778,7 +777,7 @@ def generate(
                 norms, steps_measured = probe.norms(), probe.steps_captured
                 probe.start(0)  # stop capturing until the next batch
             nsfw = getattr(output, "nsfw_content_detected", None)
-            for k, ((p, j), image) in enumerate(zip(batch, output.images)):
+            for k, ((p, j), image) in enumerate(zip(batch, output.images, strict=False)):
                 meta = dict(base)
                 if watermark is not None:
                     image, meta["watermark"] = _mark(watermark, image, run_id)
@@ -794,7 +793,7 @@ def generate(
                     image_index=j,
                     width=image.width,
                     height=image.height,
-                    created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    created=datetime.now(UTC).isoformat(timespec="seconds"),
                     generation_seconds=round(seconds, 4),
                 )
                 if pp.truncated:
@@ -874,7 +873,7 @@ def _finish_prompt(
     if embedder is not None:
         try:
             signals.pairwise_sscd = prompt_pairwise_sscd(images, embedder)
-        except Exception as e:  # noqa: BLE001 - a failing descriptor must not lose the run's images
+        except Exception as e:
             logger.warning("pairwise SSCD failed: %s", e)
     for image in written:
         image.metadata["memorization"] = signals.to_dict()
@@ -891,7 +890,7 @@ def open_scanner(index_dir: str | os.PathLike, options: Any | None = None) -> An
     return Scanner.open(index_dir, options)
 
 
-def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | os.PathLike) -> list["ScanRecord"]:
+def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | os.PathLike) -> list[ScanRecord]:
     """Scan the generated images against the scanner's index; write scan.html and scan.jsonl in `out_dir`.
 
     Each record's `extra` carries the image's generation facts and memorization signals.
@@ -944,11 +943,11 @@ def read_png_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 __all__ = [
-    "GenerationConfig",
+    "TINY_RANDOM",
     "GeneratedImage",
+    "GenerationConfig",
     "LoadedPipeline",
     "PreparedPrompt",
-    "TINY_RANDOM",
     "build_tiny_random_pipeline",
     "captions_as_prompts",
     "check_output_dir",

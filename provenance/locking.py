@@ -65,25 +65,41 @@ class IndexWriteLock:
                     os.close(fd)
                     raise IndexLockedError(
                         f"cannot lock {self.path} ({e.strerror}): this filesystem does not support file locks; "
-                        "run one writer at a time by other means") from None
+                        "run one writer at a time by other means"
+                    ) from None
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     h = self.holder()
-                    who = (f"pid {h.get('pid')} on {h.get('host')} ({h.get('action')}, since {h.get('since')})"
-                           if h else "another process")
+                    who = (
+                        f"pid {h.get('pid')} on {h.get('host')} ({h.get('action')}, since {h.get('since')})"
+                        if h
+                        else "another process"
+                    )
                     hint = f"it waited {self.wait:g} s; " if self.wait else ""
                     raise IndexLockedError(
                         f"the index at {self.path.parent} is being written by {who}; {hint}only one writer at a "
-                        "time: wait for it to finish, or pass --wait SECONDS to wait for the lock") from None
+                        "time: wait for it to finish, or pass --wait SECONDS to wait for the lock"
+                    ) from None
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
         previous = self.holder()
         if previous.get("pid") and previous.get("state") == "held":
-            logger.warning("taking over the lock of %s left by pid %s on %s (%s since %s): that writer is gone",
-                           self.path.parent, previous.get("pid"), previous.get("host"), previous.get("action"),
-                           previous.get("since"))
-        info = {"state": "held", "pid": os.getpid(), "host": socket.gethostname(), "action": self.action,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)[:500]}
+            logger.warning(
+                "taking over the lock of %s left by pid %s on %s (%s since %s): that writer is gone",
+                self.path.parent,
+                previous.get("pid"),
+                previous.get("host"),
+                previous.get("action"),
+                previous.get("since"),
+            )
+        info = {
+            "state": "held",
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "action": self.action,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
         self._fd = fd

@@ -113,7 +113,7 @@ class NoiseNormProbe:
     def close(self) -> None:
         self._handle.remove()
 
-    def __enter__(self) -> "NoiseNormProbe":
+    def __enter__(self) -> NoiseNormProbe:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -33,8 +33,10 @@ class ModelOptions:
         if name == "sscd":
             return {"path": self.sscd_model}
         if name == "clip":
-            return {"model_name": self.clip_model or DEFAULT_CLIP_MODEL,
-                    "pretrained": self.clip_pretrained or DEFAULT_CLIP_PRETRAINED}
+            return {
+                "model_name": self.clip_model or DEFAULT_CLIP_MODEL,
+                "pretrained": self.clip_pretrained or DEFAULT_CLIP_PRETRAINED,
+            }
         return {}
 
 

@@ -84,14 +84,16 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=False))
 
 
 def _openclip_bpe_path() -> Path:
     # find_spec locates the file without importing open_clip (whose import costs seconds)
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise GenerationError("the tiny-random tokenizer needs open_clip_torch's BPE vocabulary; pip install open_clip_torch")
+        raise GenerationError(
+            "the tiny-random tokenizer needs open_clip_torch's BPE vocabulary; pip install open_clip_torch"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
         raise GenerationError(f"open_clip's BPE vocabulary is missing at {path}; reinstall open_clip_torch")
@@ -106,7 +108,8 @@ def build_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.Pa
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    with gzip.open(bpe_path) as f:
+        lines = f.read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_chars = list(_bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]

@@ -30,8 +30,11 @@ N_PHOTOS = 6
 def corpus(coco_dir, tmp_path_factory) -> Path:
     """6 COCO photos with their captions, one in a sub-folder."""
     root = tmp_path_factory.mktemp("abuse-corpus")
-    rows = {json.loads(line)["file_name"]: json.loads(line)
-            for line in (coco_dir / "metadata.jsonl").read_text().splitlines() if line.strip()}
+    rows = {
+        json.loads(line)["file_name"]: json.loads(line)
+        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     (root / "sub").mkdir()
     with open(root / "metadata.jsonl", "w") as meta:
         for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]):
@@ -85,17 +88,27 @@ def _bilevel_png(w: int, h: int, text: dict[str, str] | None = None) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
-            + b"".join(chunk(b"tEXt", k.encode() + b"\0" + v.encode()) for k, v in (text or {}).items())
-            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+        + b"".join(chunk(b"tEXt", k.encode() + b"\0" + v.encode()) for k, v in (text or {}).items())
+        + chunk(b"IDAT", raw)
+        + chunk(b"IEND", b"")
+    )
 
 
 def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "zzz") -> list[bytes]:
     """One body piece per part (field, filename, data), then the closing boundary."""
-    pieces = [(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
-               f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
-              for field, name, data in parts]
-    return pieces + [f"--{boundary}--\r\n".encode()]
+    pieces = [
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+        for field, name, data in parts
+    ]
+    return [*pieces, f"--{boundary}--\r\n".encode()]
 
 
 def _asgi_post(app, path: str, pieces: list[bytes], boundary: str = "zzz") -> tuple[int, dict, int]:
@@ -111,11 +124,21 @@ def _asgi_post(app, path: str, pieces: list[bytes], boundary: str = "zzz") -> tu
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
-                         (b"host", b"test")],
-             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -136,8 +159,9 @@ class _Server:
         config = ServerConfig(index_dir=index_dir, **{**LIGHT, **settings})
         protocol = type("Proto", (HeaderTimeoutH11Protocol,), {"timeout_s": config.header_timeout_s})
         self.app = create_app(config)
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=0, http=protocol,
-                                                    log_level="warning", lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=0, http=protocol, log_level="warning", lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 60
@@ -173,8 +197,10 @@ def _read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
 
 
 def _post_head(path: str, length: int, boundary: str = "zzz") -> bytes:
-    return (f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n").encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
 
 
 @pytest.fixture(scope="module")
@@ -264,8 +290,9 @@ def test_batch_pixel_budget_counts_image_headers_as_they_arrive(index_dir, photo
         # the issue's bomb: 7900 x 7900 1-bit PNGs of a few kB each, 62.4 MP apiece once decoded
         bomb = _bilevel_png(7900, 7900)
         assert len(bomb) < 20_000
-        status, body, consumed = _asgi_post(c.app, "/v1/scan/batch",
-                                            _multipart([("files", f"b{i}.png", bomb) for i in range(32)]))
+        status, body, consumed = _asgi_post(
+            c.app, "/v1/scan/batch", _multipart([("files", f"b{i}.png", bomb) for i in range(32)])
+        )
         assert status == 413 and body["error"]["code"] == "too_many_pixels", body
         assert "200,000,000 pixels" in body["error"]["message"]
         assert consumed == 4 and decodes == []  # refused at the 4th header: nothing was decoded
@@ -291,8 +318,9 @@ def test_batch_is_scanned_a_few_files_at_a_time_from_spooled_uploads(client, pho
         return await scan(items, options)
 
     monkeypatch.setattr(state, "scan", counting_scan)
-    files = [("files", (f"{i}-{n.replace('/', '_')}", d, "image/jpeg"))
-             for i in range(2) for n, d in photos.items()]  # 12 files
+    files = [
+        ("files", (f"{i}-{n.replace('/', '_')}", d, "image/jpeg")) for i in range(2) for n, d in photos.items()
+    ]  # 12 files
     records = client.post("/v1/scan/batch", files=files).json()
     assert [r["path"] for r in records] == [f[1][0] for f in files]
     assert max(seen) <= BATCH_GROUP < len(files) and sum(seen) == len(files)
@@ -310,8 +338,11 @@ def test_scans_in_progress_are_bounded_with_503_and_retry_after(index_dir, photo
             time.sleep(0.01)
         import httpx
 
-        r = httpx.post(f"http://127.0.0.1:{server.port}/v1/scan",
-                       files={"file": ("a.jpg", next(iter(photos.values())), "image/jpeg")}, timeout=10)
+        r = httpx.post(
+            f"http://127.0.0.1:{server.port}/v1/scan",
+            files={"file": ("a.jpg", next(iter(photos.values())), "image/jpeg")},
+            timeout=10,
+        )
         assert _error(r, 503, "busy") and r.headers["retry-after"] == "7"
         assert httpx.get(f"http://127.0.0.1:{server.port}/v1/index", timeout=10).status_code == 200  # not a scan
         held.close()
@@ -416,23 +447,29 @@ def test_an_old_index_with_absolute_sources_answers_without_them(client, corpus,
 
     from provenance.api.privacy import PathRedactor
 
-    r = PathRedactor(Path("/srv/idx"), {"source": {"location": "/data/corpus"}, "builds": [{"source": {
-        "location": "/data/more"}}]})
+    r = PathRedactor(
+        Path("/srv/idx"), {"source": {"location": "/data/corpus"}, "builds": [{"source": {"location": "/data/more"}}]}
+    )
     assert r.source("/data/corpus/a/b.jpg") == "a/b.jpg" and r.source("/data/more/c.jpg") == "c.jpg"
     assert r.source("/elsewhere/x/y.jpg") == "y.jpg" and r.source("C:\\corpus\\z.jpg") == "z.jpg"
     assert r.source("https://example.com/a/b.jpg") == "https://example.com/a/b.jpg"
     assert r.source("00001.tar:key") == "00001.tar:key"
-    assert r.text("no item 'x' in the index at /srv/idx; see https://a.b/c") == \
-        "no item 'x' in the index at idx; see https://a.b/c"
-    assert r.text("cannot read /home/me/corpus/a.jpg: use caption search (/v1/search/caption)") == \
-        "cannot read a.jpg: use caption search (/v1/search/caption)"
+    assert (
+        r.text("no item 'x' in the index at /srv/idx; see https://a.b/c")
+        == "no item 'x' in the index at idx; see https://a.b/c"
+    )
+    assert (
+        r.text("cannot read /home/me/corpus/a.jpg: use caption search (/v1/search/caption)")
+        == "cannot read a.jpg: use caption search (/v1/search/caption)"
+    )
 
 
 def test_404_and_health_never_echo_the_index_folder(client, index_dir, tmp_path):
     msg = _error(client.get("/v1/items/no-such-item"), 404, "item_not_found")
     assert str(index_dir) not in msg and str(index_dir.parent) not in msg and "no-such-item" in msg
-    missing = TestClient(create_app(ServerConfig(index_dir=tmp_path / "secret-place" / "idx",
-                                                 load_in_background=False)))
+    missing = TestClient(
+        create_app(ServerConfig(index_dir=tmp_path / "secret-place" / "idx", load_in_background=False))
+    )
     with missing:
         body = missing.get("/healthz").json()
         assert body["status"] == "error" and str(tmp_path) not in body["error"]
@@ -460,8 +497,9 @@ def test_logs_never_carry_api_keys(index_dir):
     try:
         c = _client(index_dir, api_keys="sekrit-key-123")
         try:
-            logging.getLogger("uvicorn.access").warning('%s - "%s %s"', "1.2.3.4", "GET",
-                                                        "/v1/index?api_key=sekrit-key-123")
+            logging.getLogger("uvicorn.access").warning(
+                '%s - "%s %s"', "1.2.3.4", "GET", "/v1/index?api_key=sekrit-key-123"
+            )
             logging.getLogger("provenance.api.test").warning("headers: Authorization: Bearer sekrit-key-123")
             logging.getLogger("provenance.api.test").warning("given %s", "sekrit-key-123")
         finally:
@@ -478,15 +516,22 @@ def test_logs_never_carry_api_keys(index_dir):
 
 def test_head_and_options_wherever_get_works(client, corpus):
     item_id = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.jpg"))[1]
-    for path in ("/", "/healthz", "/v1/index", f"/v1/items/{item_id}", f"/v1/items/{item_id}/thumbnail",
-                 "/static/app.css"):
+    for path in (
+        "/",
+        "/healthz",
+        "/v1/index",
+        f"/v1/items/{item_id}",
+        f"/v1/items/{item_id}/thumbnail",
+        "/static/app.css",
+    ):
         get, head = client.get(path), client.head(path)
         assert head.status_code == get.status_code == 200, path
         assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
         assert head.headers.get("content-length") == str(len(get.content)), path
         options = client.options(path)
-        assert options.status_code == 204 and {"GET", "HEAD", "OPTIONS"} <= set(
-            options.headers["allow"].split(", ")), path
+        assert options.status_code == 204 and {"GET", "HEAD", "OPTIONS"} <= set(options.headers["allow"].split(", ")), (
+            path
+        )
     assert client.options("/v1/scan").headers["allow"] == "OPTIONS, POST"
     assert client.head("/v1/scan").status_code == 405
     assert client.options("/no/such/path").status_code == 404
@@ -511,8 +556,11 @@ def test_pixel_limit_is_ours_and_can_exceed_pillows(index_dir):
         bomb = _bilevel_png(9500, 9500)  # 90.25 MP
         msg = _error(c.post("/v1/scan", files={"file": ("b.png", bomb, "image/png")}), 413, "too_many_pixels")
         assert "90,000,000" in msg and "89478485" not in msg and "89,478,485" not in msg
-        msg = _error(c.post("/v1/scan", files={"file": ("b.png", _bilevel_png(14000, 14000), "image/png")}),
-                     413, "too_many_pixels")  # past twice Pillow's limit too
+        msg = _error(
+            c.post("/v1/scan", files={"file": ("b.png", _bilevel_png(14000, 14000), "image/png")}),
+            413,
+            "too_many_pixels",
+        )  # past twice Pillow's limit too
         assert "90,000,000" in msg and "196,000,000 pixels" in msg
     finally:
         c.__exit__(None, None, None)

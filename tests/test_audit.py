@@ -63,8 +63,14 @@ def outputs(indexed, nonmember_dir, tmp_path_factory) -> Path:
     """20 outputs: 6 edited copies of indexed photos (JPEG q70, or PNG with a prompt chunk) and 14 non-members.
     Two replicas and one non-member carry the prompt "a kitchen" (PNG chunk or sidecar), with memorization signals."""
     d = tmp_path_factory.mktemp("outputs")
-    memo = {"noise_norm": 1.2, "noise_norm_steps": 3, "pairwise_sscd": 0.62, "noise_norm_z": 4.1, "flag": True,
-            "flag_reason": "pairwise SSCD 0.62 > 0.5"}
+    memo = {
+        "noise_norm": 1.2,
+        "noise_norm_steps": 3,
+        "pairwise_sscd": 0.62,
+        "noise_norm_z": 4.1,
+        "flag": True,
+        "flag_reason": "pairwise SSCD 0.62 > 0.5",
+    }
     for k, src in enumerate(indexed[:REPLICAS]):
         im = _edit(Image.open(src).convert("RGB"), k)
         if k == 0:  # our generator's PNG chunk
@@ -75,7 +81,7 @@ def outputs(indexed, nonmember_dir, tmp_path_factory) -> Path:
             im.save(d / f"rep{k}.jpg", quality=70)
         if k == 1:  # a JPEG output: the prompt is in its sidecar
             (d / f"rep{k}.json").write_text(json.dumps({"prompt": "a kitchen", "seed": 2, "memorization": memo}))
-    nonmembers = sorted(nonmember_dir.glob("*.jpg"))[:20 - REPLICAS]
+    nonmembers = sorted(nonmember_dir.glob("*.jpg"))[: 20 - REPLICAS]
     for k, src in enumerate(nonmembers):
         (d / f"non{k:02d}.jpg").write_bytes(src.read_bytes())
     (d / "non00.json").write_text(json.dumps({"prompt": "a kitchen", "seed": 3}))
@@ -161,16 +167,37 @@ def test_captions_rank_by_replication_with_memorization_beside(result):
     top = result.captions[0]
     assert (top.prompt, top.images, top.replicating) == ("a kitchen", 3, 2)
     assert top.memorization is not None and top.memorization["flag"] is True
-    assert result.memorization == {"prompts_with_signals": 1, "flagged": 1, "replicating_prompts": 1,
-                                   "flagged_and_replicating": 1}
+    assert result.memorization == {
+        "prompts_with_signals": 1,
+        "flagged": 1,
+        "replicating_prompts": 1,
+        "flagged_and_replicating": 1,
+    }
 
 
 def test_json_summary_has_the_fields(result):
     d = json.loads(json.dumps(result.to_dict()))
     assert d["schema_version"] == AUDIT_SCHEMA_VERSION
-    assert set(d) >= {"index", "thresholds", "checks", "inputs", "outputs", "errors", "verdicts", "replication", "replica",
-                      "exact", "similar", "sscd_above_0_5", "scores", "reference", "top_pairs", "captions",
-                      "memorization", "gate"}
+    assert set(d) >= {
+        "index",
+        "thresholds",
+        "checks",
+        "inputs",
+        "outputs",
+        "errors",
+        "verdicts",
+        "replication",
+        "replica",
+        "exact",
+        "similar",
+        "sscd_above_0_5",
+        "scores",
+        "reference",
+        "top_pairs",
+        "captions",
+        "memorization",
+        "gate",
+    }
     assert set(d["replication"]) == {"count", "total", "rate", "low", "high", "confidence"}
     assert d["thresholds"]["replica_sscd"] == 0.45 and len(d["scores"]["bins"]) == 50
     assert d["checks"]["descriptors"] == ["sscd", "pdq"] and d["checks"]["visible"] is False
@@ -197,8 +224,14 @@ def test_region_is_drawn_on_both_images_when_the_match_has_one(index_dir, indexe
 
     box = {"query": [0.1, 0.2, 0.6, 0.9], "corpus": [0.0, 0.0, 0.5, 0.5]}
     m = RegionMatch(indexed[0].name, 0.8, "sscd", region=box)
-    rec = ScanRecord(path=str(indexed[0]), sha256="0" * 64, verdict="replica", matches=[m],
-                     scores={"sscd": 0.8, "clip": None, "pdq_distance": None}, watermarks=WatermarkEvidence())
+    rec = ScanRecord(
+        path=str(indexed[0]),
+        sha256="0" * 64,
+        verdict="replica",
+        matches=[m],
+        scores={"sscd": 0.8, "clip": None, "pdq_distance": None},
+        watermarks=WatermarkEvidence(),
+    )
     res = audit_records([rec], {"replica_sscd": 0.45})
     assert res.top_pairs[0].region == box and region_of(Match("x", 0.5, "sscd")) is None
     page = render_audit_html(res, thumbnails=ProvenanceIndex.open(index_dir).thumbnail)
@@ -232,10 +265,14 @@ def test_cli_gate_exit_codes_point_and_upper(index_dir, outputs, tmp_path):
 
 def test_cli_usage_errors_and_unreadable_only(index_dir, outputs, tmp_path):
     base = ["audit", str(outputs), "--index", str(index_dir)]
-    for extra in (["--gate-on", "median"], ["--max-replication-rate", "5"], ["--model", "tiny-random"],
-                  ["--reference", str(tmp_path / "nothing-here")],
-                  ["--invisible-crops"],  # a way of reading invisible marks, which the audit leaves off
-                  ["--json", str(tmp_path / "no-such-dir" / "a.json")]):
+    for extra in (
+        ["--gate-on", "median"],
+        ["--max-replication-rate", "5"],
+        ["--model", "tiny-random"],
+        ["--reference", str(tmp_path / "nothing-here")],
+        ["--invisible-crops"],  # a way of reading invisible marks, which the audit leaves off
+        ["--json", str(tmp_path / "no-such-dir" / "a.json")],
+    ):
         r = runner.invoke(app, [*base, *extra])
         assert r.exit_code == EXIT_USAGE, (extra, r.output)
     assert runner.invoke(app, ["audit", "--index", str(index_dir)]).exit_code == EXIT_USAGE
@@ -251,9 +288,30 @@ def test_cli_from_captions_generates_then_audits_with_prompts(index_dir, tmp_pat
     pytest.importorskip("diffusers")
     monkeypatch.setenv("PROVENANCE_CACHE_DIR", str(tmp_path / "cache"))  # the tiny tokenizer is built there
     summary = tmp_path / "audit.json"
-    r = runner.invoke(app, ["audit", "--index", str(index_dir), "--from-captions", "2", "--model", "tiny-random",
-                            "--steps", "2", "--seed", "3", "--device", "cpu", "--gen-out", str(tmp_path / "gen"),
-                            "--json", str(summary), "--max-replication-rate", "0.5"])
+    r = runner.invoke(
+        app,
+        [
+            "audit",
+            "--index",
+            str(index_dir),
+            "--from-captions",
+            "2",
+            "--model",
+            "tiny-random",
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--gen-out",
+            str(tmp_path / "gen"),
+            "--json",
+            str(summary),
+            "--max-replication-rate",
+            "0.5",
+        ],
+    )
     assert r.exit_code == EXIT_CLEAN, r.output  # the tiny model outputs noise: nothing replicates
     d = json.loads(summary.read_text())
     assert d["outputs"] == 2 and d["replication"]["count"] == 0 and len(list((tmp_path / "gen").glob("*.png"))) == 2
@@ -265,10 +323,14 @@ def test_cli_from_captions_generates_then_audits_with_prompts(index_dir, tmp_pat
 def test_prompts_and_captions_are_escaped():
     evil = '<img src="https://evil.example/x.png" onerror="alert(1)">'
     md = {"provenance": {"prompt": evil, "memorization": None}}
-    rec = ScanRecord(path="out/<b>.png", sha256="0" * 64, verdict="replica",
-                     matches=[Match("item<1>", 0.7, "sscd", caption=evil)],
-                     scores={"sscd": 0.7, "clip": None, "pdq_distance": None},
-                     watermarks=WatermarkEvidence(metadata=md))
+    rec = ScanRecord(
+        path="out/<b>.png",
+        sha256="0" * 64,
+        verdict="replica",
+        matches=[Match("item<1>", 0.7, "sscd", caption=evil)],
+        scores={"sscd": 0.7, "clip": None, "pdq_distance": None},
+        watermarks=WatermarkEvidence(metadata=md),
+    )
     page = render_audit_html(audit_records([rec], {"replica_sscd": 0.45}), query_thumbnails=lambda p: None)
-    assert "<img src=\"https://" not in page and "&lt;img src=&quot;https://evil" in page
+    assert '<img src="https://' not in page and "&lt;img src=&quot;https://evil" in page
     assert "item&lt;1&gt;" in page and "out/&lt;b&gt;.png" in page

@@ -20,8 +20,15 @@ from provenance.indexer import BuildOptions, build
 pytestmark = pytest.mark.browser
 
 CHROMIUM = os.environ.get("PROVENANCE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "bench" / "results" / "web-page.png"
 N_PHOTOS = 6
@@ -38,8 +45,11 @@ def sync_playwright():
 @pytest.fixture(scope="module")
 def corpus(coco_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("browser-corpus")
-    rows = {json.loads(line)["file_name"]: line for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
-            if line.strip()}
+    rows = {
+        json.loads(line)["file_name"]: line
+        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     photos = sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]
     for p in photos:
         shutil.copy(p, root / p.name)
@@ -59,8 +69,15 @@ def server(corpus, tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(index_dir=index_dir)), host="127.0.0.1",
-                                           port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ServerConfig(index_dir=index_dir)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -125,7 +142,9 @@ def test_upload_finds_the_photo_as_top_match(page, corpus):
     expect(page.locator("#results-summary")).to_contain_text("Exact copy")
     expect(page.locator("#evidence-list")).to_contain_text("C2PA")
     # the visible-watermark row is highlighted by the record's own flag (the detector's gate), not by p >= 0.5
-    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator("xpath=following-sibling::dd[1]")
+    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator(
+        "xpath=following-sibling::dd[1]"
+    )
     expect(visible).to_contain_text("% likely")
     assert (visible.get_attribute("class") == "yes") == ("(flagged)" in visible.inner_text())
     assert "thorough" not in visible.inner_text()  # the 288 px head, the server's default
@@ -145,7 +164,9 @@ def test_thorough_box_scans_with_the_512_px_head(page, corpus):
     expect(box).not_to_be_checked()
     box.check()
     page.set_input_files("#file-input", str(sorted(corpus.glob("*.jpg"))[1]))
-    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator("xpath=following-sibling::dd[1]")
+    visible = page.locator("#evidence-list dt", has_text=re.compile("^Visible watermark$")).locator(
+        "xpath=following-sibling::dd[1]"
+    )
     expect(visible).to_contain_text("thorough check", timeout=60_000)
 
 
@@ -176,7 +197,8 @@ def test_crops_box_reads_our_mark_in_a_cropped_generation(page, corpus, tmp_path
     cropped = tmp_path / "cropped.jpg"
     embed_provenance_mark(generated, 0x5EED1234).crop((9, 14, 480, 430)).save(cropped, quality=85)
     invisible = page.locator("#evidence-list dt", has_text=re.compile("^Invisible watermarks$")).locator(
-        "xpath=following-sibling::dd[1]")
+        "xpath=following-sibling::dd[1]"
+    )
     page.set_input_files("#file-input", str(cropped))
     expect(invisible).to_have_text("none found", timeout=60_000)  # the crop moved the mark's block grid
     box = page.get_by_label(re.compile("Look for invisible marks in crops"))
@@ -227,13 +249,16 @@ def test_drop_zone_is_keyboard_reachable_and_accepts_drops(page, corpus):
     assert page.evaluate("document.activeElement.id") == "drop-zone"
     photo = sorted(corpus.glob("*.jpg"))[4]
     b64 = base64.b64encode(photo.read_bytes()).decode()
-    page.evaluate("""([b64, name]) => {
+    page.evaluate(
+        """([b64, name]) => {
         const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
         const dt = new DataTransfer();
         dt.items.add(new File([bytes], name, { type: "image/jpeg" }));
         document.getElementById("drop-zone").dispatchEvent(
             new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true }));
-    }""", [b64, photo.name])
+    }""",
+        [b64, photo.name],
+    )
     expect(page.locator("#grid li").first).to_have_attribute("data-id", photo.name, timeout=30_000)
 
 
@@ -282,5 +307,6 @@ def test_thorough_check_box_reads_our_mark_in_a_crop(page, corpus, tmp_path):
     box.check()
     page.set_input_files("#file-input", str(cropped))
     invisible = page.locator("#evidence-list dt", has_text=re.compile("^Invisible watermarks$")).locator(
-        "xpath=following-sibling::dd[1]")
+        "xpath=following-sibling::dd[1]"
+    )
     expect(invisible).to_contain_text("7e57ab1e", timeout=60_000)

@@ -40,7 +40,7 @@ def signer_pems() -> tuple[bytes, bytes]:
     Generated per run rather than shipped, so it never expires. c2pa-rs rejects self-signed signing
     certs and wants digitalSignature usage plus a C2PA-acceptable EKU (emailProtection is one).
     """
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (

@@ -29,8 +29,9 @@ def test_background_similarity_is_mean_of_chosen_neighbours() -> None:
     xq, xbg = _unit(rng.normal(size=(5, 16))), _unit(rng.normal(size=(40, 16)))
     sims = np.sort(xq @ xbg.T, axis=1)[:, ::-1]
     np.testing.assert_allclose(background_similarity(xq, xbg), sims[:, :3].mean(1), rtol=1e-5)
-    np.testing.assert_allclose(background_similarity(xq, xbg, ScoreNormalization(1.0, 2, 5)),
-                               sims[:, 2:6].mean(1), rtol=1e-5)
+    np.testing.assert_allclose(
+        background_similarity(xq, xbg, ScoreNormalization(1.0, 2, 5)), sims[:, 2:6].mean(1), rtol=1e-5
+    )
 
 
 def test_normalisation_lowers_queries_that_look_like_everything() -> None:
@@ -101,7 +102,6 @@ def test_calibration_harness_chooses_similar_clip_for_the_given_clip_model(tmp_p
 
     from provenance.descriptors.clip import TINY_CLIP_MODEL, make_tiny_checkpoint
     from provenance.scan import Thresholds, load_thresholds
-
     from training import calibrate
 
     nonmembers = tmp_path / "nonmembers"
@@ -111,10 +111,30 @@ def test_calibration_harness_chooses_similar_clip_for_the_given_clip_model(tmp_p
     ckpt = make_tiny_checkpoint(tmp_path / "tiny-clip.pt")
     out = tmp_path / "out"
     out.mkdir()
-    rc = calibrate.main(["--corpus", str(Path(__file__).resolve().parents[1] / "provenance" / "sample" / "coco-cc"), "--nonmembers", str(nonmembers),
-                         "--positives", "32", "--negatives", "24", "--untouched-positives", "4", "--views", "",
-                         "--cache", str(tmp_path / "cache"), "--out", str(out),
-                         "--clip-model", TINY_CLIP_MODEL, "--clip-pretrained", str(ckpt)])
+    rc = calibrate.main(
+        [
+            "--corpus",
+            str(Path(__file__).resolve().parents[1] / "provenance" / "sample" / "coco-cc"),
+            "--nonmembers",
+            str(nonmembers),
+            "--positives",
+            "32",
+            "--negatives",
+            "24",
+            "--untouched-positives",
+            "4",
+            "--views",
+            "",
+            "--cache",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+            "--clip-model",
+            TINY_CLIP_MODEL,
+            "--clip-pretrained",
+            str(ckpt),
+        ]
+    )
     assert rc == 0
     chosen = load_thresholds(out / "thresholds.json")
     assert chosen.similar_clip != Thresholds().similar_clip and -1.0 <= chosen.similar_clip <= 1.0

@@ -206,7 +206,7 @@ def test_combine_order_and_round_trip():
     sig = [ConsentSignal("a", "x", "allowed"), ConsentSignal("b", "y", "constrained"),
            ConsentSignal("c", "z", None, "crawl rule"), ConsentSignal("d", "w", "not_allowed", overridden_by="a")]  # fmt: skip
     assert combine(sig) == "constrained"
-    assert combine(sig + [ConsentSignal("e", "v", "not_allowed")]) == "not_allowed"
+    assert combine([*sig, ConsentSignal("e", "v", "not_allowed")]) == "not_allowed"
     assert combine([]) == "unknown"
     c = Consent.of(sig)
     again = Consent.from_dict(json.loads(json.dumps(c.to_dict())))
@@ -233,7 +233,7 @@ def test_cli_consent_file(photo, tmp_path):
 
 def test_every_scan_record_carries_the_files_consent(photo, coco_dir, tmp_path, signer_pems):  # noqa: F811
     from provenance.indexer import BuildOptions, build
-    from provenance.scan import ScanOptions, Scanner
+    from provenance.scan import Scanner, ScanOptions
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

@@ -18,12 +18,12 @@ from provenance.scan import Scanner
 from provenance.store import ProvenanceIndex
 
 PROHIBITED = (
-    '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'
-    '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
-    '<rdf:Description rdf:about="" xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/" '
-    'plus:DataMining="http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING"/>'
-    '</rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
-).encode()
+    b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>'
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description rdf:about="" xmlns:plus="http://ns.useplus.org/ldf/xmp/1.0/" '
+    b'plus:DataMining="http://ns.useplus.org/ldf/vocab/DMI-PROHIBITED-AIMLTRAINING"/>'
+    b'</rdf:RDF></x:xmpmeta><?xpacket end="w"?>'
+)
 
 
 def _jpeg(path, xmp: bytes | None = None) -> bytes:
@@ -72,12 +72,14 @@ class _Site(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Site
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.server.requests.append(self.path)
         headers = {"Content-Type": "image/jpeg"}
         if self.path == "/reserved.jpg":
             headers["X-Robots-Tag"] = "noai, noimageai"
-        status, body = (404, b"") if self.path in ("/robots.txt", "/ai.txt", "/.well-known/tdmrep.json") else (200, b"x")
+        status, body = (
+            (404, b"") if self.path in ("/robots.txt", "/ai.txt", "/.well-known/tdmrep.json") else (200, b"x")
+        )
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
@@ -99,8 +101,11 @@ def test_read_url_signals_records_each_source_urls_reservation(photos, tmp_path)
             for i, p in enumerate(photos[:3]):
                 key = f"{i:05d}"
                 url = f"{origin}/{'reserved' if i == 0 else f'open{i}'}.jpg"
-                for name, data in ((f"{key}.jpg", _jpeg(p)), (f"{key}.txt", b"a photo"),
-                                   (f"{key}.json", json.dumps({"key": key, "url": url, "caption": "a photo"}).encode())):
+                for name, data in (
+                    (f"{key}.jpg", _jpeg(p)),
+                    (f"{key}.txt", b"a photo"),
+                    (f"{key}.json", json.dumps({"key": key, "url": url, "caption": "a photo"}).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))

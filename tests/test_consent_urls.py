@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -43,7 +44,7 @@ _SITE_FILES = {"/robots.txt", "/ai.txt", "/.well-known/tdmrep.json"}
 class _Handler(BaseHTTPRequestHandler):
     server: _Site
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         s = self.server
         with s.lock:
             s.log.append((time.monotonic(), self.path))
@@ -61,10 +62,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            try:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client stopped at its size cap
                 self.wfile.write(body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the client stopped reading at its size cap
         finally:
             with s.lock:
                 s.in_flight -= 1

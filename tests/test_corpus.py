@@ -29,8 +29,9 @@ def test_folder_ids_are_relative_paths_and_stable(coco_dir, tmp_path):
     (root / "a" / "b").mkdir(parents=True)
     for p in sorted(coco_dir.glob("*.jpg"))[:2]:
         shutil.copy(p, root / "a" / "b" / p.name)
-    (root / "metadata.csv").write_text("file_name,caption,artist\n"
-                                       f"a/b/{sorted(coco_dir.glob('*.jpg'))[0].name},hello world,Jane Doe\n")
+    (root / "metadata.csv").write_text(
+        f"file_name,caption,artist\na/b/{sorted(coco_dir.glob('*.jpg'))[0].name},hello world,Jane Doe\n"
+    )
     (root / "a" / "missing-listed.jpg").write_text("")  # zero bytes: passed on, the indexer skips it
     ids1 = [i.id for i in read_corpus(detect_source(str(root)))]
     ids2 = [i.id for i in read_corpus(detect_source(str(root)))]
@@ -78,7 +79,11 @@ def test_hf_dataset_saved_to_disk(coco_dir, tmp_path):
 
     files = sorted(coco_dir.glob("*.jpg"))[:4]
     ds = datasets.Dataset.from_dict(
-        {"image": [str(f) for f in files], "text": [f"caption {i}" for i in range(4)], "uid": [f"u{i}" for i in range(4)]}
+        {
+            "image": [str(f) for f in files],
+            "text": [f"caption {i}" for i in range(4)],
+            "uid": [f"u{i}" for i in range(4)],
+        }
     ).cast_column("image", datasets.Image())
     ds.save_to_disk(tmp_path / "ds")
     items = list(read_corpus(detect_source(str(tmp_path / "ds"), id_column="uid")))

@@ -114,7 +114,7 @@ def test_sscd_graph_cut_after_a_tap_gives_the_same_maps(sscd, photos):
     _, full = sscd.embed_batch_with_taps(x)
     cut = sscd.tap_maps(x, ("stride16",))
     assert [set(c) for c in cut] == [{"stride16"}] * 3
-    for a, b in zip(full, cut):
+    for a, b in zip(full, cut, strict=False):
         np.testing.assert_array_equal(a["stride16"], b["stride16"])
     assert cut[0]["stride16"].shape[1:] == tuple(-(-d // 16) for d in x[0].shape[:2])
     with pytest.raises(ModelLoadError, match="maps"):
@@ -125,7 +125,7 @@ def test_sscd_edited_copy_scores_far_above_other_photos(sscd, photos):
     im = photos[0]
     w, h = im.size
     edited = _jpeg(ImageEnhance.Color(im.crop((w // 6, h // 6, w - w // 6, h - h // 6))).enhance(0.5), 50)
-    e = sscd.embed([edited] + photos)
+    e = sscd.embed([edited, *photos])
     sims = e[1:] @ e[0]
     assert sims[0] > 0.6, sims  # the edited photo's own original
     assert sims[0] > sims[1:].max() + 0.3, sims  # well above every other photo

@@ -406,7 +406,7 @@ def test_scan_outputs_writes_reports_with_memorization(tiny, tmp_path, pdq_index
     assert [r.path for r in records] == [str(im.path) for im in images]
     assert (tmp_path / "scan.html").stat().st_size > 0
     rows = [json.loads(line) for line in (tmp_path / "scan.jsonl").read_text("utf-8").splitlines()]
-    for row, im in zip(rows, images):
+    for row, im in zip(rows, images, strict=False):
         assert row["extra"]["memorization"] == im.memorization.to_dict()
         assert row["extra"]["generation"] == {"prompt": im.prompt, "seed": im.seed, "run_id": im.run_id,
                                               "model": "tiny-random"}  # fmt: skip

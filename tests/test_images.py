@@ -36,7 +36,7 @@ def test_cmyk_16bit_palette_alpha_grey_decode_to_rgb(photo):
         "cmyk": _encode(small.convert("CMYK"), "JPEG"),
         "palette": _encode(small.convert("P"), "PNG"),
         "grey": _encode(small.convert("L"), "PNG"),
-        "16bit": _encode(Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257)), "PNG"),
+        "16bit": _encode(Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257), "PNG"),
     }
     rgba = small.convert("RGBA")
     rgba.putalpha(0)  # fully transparent: composited on white
@@ -58,10 +58,13 @@ def test_exif_rotation_is_applied(photo):
     assert d.image.size == (40, 80)
 
 
-@pytest.mark.parametrize("data,message", [
-    (b"", "empty file"),
-    (b"this is a text file, not an image\n", "not an image"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty file"),
+        (b"this is a text file, not an image\n", "not an image"),
+    ],
+)
 def test_bad_bytes_raise_named_errors(data, message):
     with pytest.raises(UnreadableImageError, match=message):
         decode_image(data, "bad.jpg")

@@ -69,7 +69,7 @@ def test_manifest_counts_and_skips(built):
 def test_every_corpus_photo_is_its_own_top_match(built, coco_dir):
     s = Searcher.open(built)
     photos = sorted(coco_dir.glob("*.jpg"))
-    for p in photos[:: 5]:
+    for p in photos[::5]:
         res = s.search_image(load_image(p).image, k=3)
         assert res["sscd"][0].id == p.name and res["sscd"][0].score > 0.99
         assert res["pdq"][0].id == p.name and res["pdq"][0].distance == 0
@@ -305,8 +305,13 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
     def write(rows_x: np.ndarray) -> ProvenanceIndex:
         rows = [{"id": f"r{i}", "caption": None} for i in range(len(rows_x))]
         contents = IndexContents(rows, {"sscd": rows_x}, {"sscd": spec}, {}, [None] * len(rows_x), [])
-        write_index(tmp_path / "idx", contents, {"source": {"kind": "test", "location": "synthetic"}},
-                    memory_budget_bytes=4 << 20, use_gpu=False)
+        write_index(
+            tmp_path / "idx",
+            contents,
+            {"source": {"kind": "test", "location": "synthetic"}},
+            memory_budget_bytes=4 << 20,
+            use_gpu=False,
+        )
         return ProvenanceIndex.open(tmp_path / "idx")
 
     idx = write(x[:2600])
@@ -318,7 +323,7 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     matches = idx.search_vectors("sscd", q, k=10)
     assert [m[0].id for m in matches] == ["r5", "r1234", "r2599"]
-    exact_d, exact_i = ann_eval.exact_search(q, x[:2600], 10)
+    _exact_d, exact_i = ann_eval.exact_search(q, x[:2600], 10)
     for qi, ms in enumerate(matches):
         rows_ = [idx.row(m.id) for m in ms]
         # the scores are the exact cosines of the stored float16 rows, best first

@@ -23,10 +23,19 @@ A1111 = (
 COMFY_PROMPT = {
     "3": {
         "class_type": "KSampler",
-        "inputs": {"seed": 42, "steps": 20, "cfg": 8.0, "sampler_name": "euler", "scheduler": "normal",
-                   "denoise": 1.0, "model": ["10", 0], "positive": ["6", 0], "negative": ["7", 0],
-                   "latent_image": ["5", 0]},
-    },  # fmt: skip
+        "inputs": {
+            "seed": 42,
+            "steps": 20,
+            "cfg": 8.0,
+            "sampler_name": "euler",
+            "scheduler": "normal",
+            "denoise": 1.0,
+            "model": ["10", 0],
+            "positive": ["6", 0],
+            "negative": ["7", 0],
+            "latent_image": ["5", 0],
+        },
+    },
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
     "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1}},
     "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a dog on a skateboard", "clip": ["4", 1]}},

@@ -17,8 +17,22 @@ from provenance.errors import MissingExtraError
 
 REPO = Path(__file__).resolve().parents[1]
 # what the extras install (and the reference encoders only tests use): none may load for an SSCD + PDQ scan
-EXTRA_MODULES = ("diffusers", "transformers", "huggingface_hub", "datasets", "fastapi", "uvicorn", "starlette",
-                 "pydantic_settings", "open_clip", "timm", "cv2", "imwatermark", "provenance.api", "httpx")
+EXTRA_MODULES = (
+    "diffusers",
+    "transformers",
+    "huggingface_hub",
+    "datasets",
+    "fastapi",
+    "uvicorn",
+    "starlette",
+    "pydantic_settings",
+    "open_clip",
+    "timm",
+    "cv2",
+    "imwatermark",
+    "provenance.api",
+    "httpx",
+)
 
 # Runs a command of the CLI with every extra's module made unimportable (None in sys.modules: `import x` raises
 # ImportError), then prints which of them were imported anyway.
@@ -48,12 +62,14 @@ def test_index_search_and_scan_run_without_any_extra(tmp_path, coco_dir):
     for p in photos:
         shutil.copy(p, corpus / p.name)
     index = tmp_path / "index"
-    built = _run_without_extras(["index", "build", str(corpus), "--index", str(index), "--descriptors", "sscd,pdq"],
-                                tmp_path)
+    built = _run_without_extras(
+        ["index", "build", str(corpus), "--index", str(index), "--descriptors", "sscd,pdq"], tmp_path
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     report = tmp_path / "scan.json"
-    scanned = _run_without_extras(["scan", str(photos[0]), "--index", str(index), "--format", "json", "--output",
-                                   str(report)], tmp_path)
+    scanned = _run_without_extras(
+        ["scan", str(photos[0]), "--index", str(index), "--format", "json", "--output", str(report)], tmp_path
+    )
     assert scanned.returncode == 0, scanned.stderr[-2000:]
     assert "LOADED=[]" in scanned.stdout
     record = json.loads(report.read_text())
@@ -87,19 +103,33 @@ def test_pyproject_keeps_heavy_parts_in_extras_and_pins_in_constraints():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     base = [d.split(";")[0].replace(" ", "") for d in project["dependencies"]]
     names = {d.split(">")[0].split("=")[0].split("<")[0].lower() for d in base}
-    assert not names & {"diffusers", "transformers", "datasets", "fastapi", "uvicorn", "open_clip_torch",
-                        "invisible-watermark", "opencv-python", "python-multipart", "timm"}
+    assert not names & {
+        "diffusers",
+        "transformers",
+        "datasets",
+        "fastapi",
+        "uvicorn",
+        "open_clip_torch",
+        "invisible-watermark",
+        "opencv-python",
+        "python-multipart",
+        "timm",
+    }
     all_requirements = base + [d for reqs in project["optional-dependencies"].values() for d in reqs]
     assert not [d for d in all_requirements if "==" in d], "exact pins belong in constraints.txt"
     extras = project["optional-dependencies"]
     assert {"clip", "generate", "serve", "hf", "test"} <= set(extras)
-    assert any(d.startswith("provenance[") and all(e in d for e in ("clip", "generate", "serve", "hf"))
-               for d in extras["test"])
+    assert any(
+        d.startswith("provenance[") and all(e in d for e in ("clip", "generate", "serve", "hf")) for d in extras["test"]
+    )
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert any(e.startswith("training") for e in find["exclude"])
 
 
 def test_the_runtime_library_does_not_import_training_code():
-    offenders = [str(p.relative_to(REPO)) for p in (REPO / "provenance").rglob("*.py")
-                 if "import training" in p.read_text() or "from training" in p.read_text()]
+    offenders = [
+        str(p.relative_to(REPO))
+        for p in (REPO / "provenance").rglob("*.py")
+        if "import training" in p.read_text() or "from training" in p.read_text()
+    ]
     assert offenders == []

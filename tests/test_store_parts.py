@@ -43,8 +43,11 @@ def _env() -> dict[str, str]:
 
 
 def _file_hashes(index_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(index_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((index_dir / "parts").rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(index_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((index_dir / "parts").rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +88,17 @@ def test_parts_layout_and_global_rows(parts_index, coco_dir):
 
 def test_killed_build_keeps_complete_parts_and_the_rerun_does_only_the_rest(coco_dir, tmp_path, monkeypatch):
     idx_dir = tmp_path / "idx"
-    script = ("from provenance.indexer import BuildOptions, build; "
-              f"build({str(coco_dir)!r}, {str(idx_dir)!r}, BuildOptions(descriptors=['sscd','pdq'], batch_size=8, "
-              f"part_size={PART}))")
+    script = (
+        "from provenance.indexer import BuildOptions, build; "
+        f"build({str(coco_dir)!r}, {str(idx_dir)!r}, BuildOptions(descriptors=['sscd','pdq'], batch_size=8, "
+        f"part_size={PART}))"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env())
     deadline = time.time() + 120
-    complete = lambda: [d for d in (idx_dir / "parts").glob("0*") if (d / "part.json").exists()]
+
+    def complete():
+        return [d for d in (idx_dir / "parts").glob("0*") if (d / "part.json").exists()]
+
     while time.time() < deadline and len(complete()) < 2 and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -103,7 +111,9 @@ def test_killed_build_keeps_complete_parts_and_the_rerun_does_only_the_rest(coco
 
     embedded = []
     real_embed = indexer._embed
-    monkeypatch.setattr(indexer, "_embed", lambda models, ready: (embedded.append(len(ready)), real_embed(models, ready))[1])
+    monkeypatch.setattr(
+        indexer, "_embed", lambda models, ready: (embedded.append(len(ready)), real_embed(models, ready))[1]
+    )
     res = build(str(coco_dir), idx_dir, BuildOptions(descriptors=["sscd", "pdq"], batch_size=8, part_size=PART))
     assert res.resumed == PART * len(kept) and res.added == 51
     assert sum(embedded) == 51 - res.resumed  # only the rest was decoded and embedded
@@ -120,8 +130,11 @@ def test_append_leaves_every_old_part_file_byte_identical(coco_dir, tmp_path):
     build(str(_folder(tmp_path, "a", photos[:20])), idx_dir, BuildOptions(descriptors=["sscd", "pdq"], part_size=8))
     old = _file_hashes(idx_dir)
     old_ids = ProvenanceIndex.open(idx_dir).ids
-    res = build(str(_folder(tmp_path, "b", photos[18:30])), idx_dir,
-                BuildOptions(descriptors=["sscd", "pdq"], part_size=8, append=True))
+    res = build(
+        str(_folder(tmp_path, "b", photos[18:30])),
+        idx_dir,
+        BuildOptions(descriptors=["sscd", "pdq"], part_size=8, append=True),
+    )
     assert res.added == 10 and res.reused == 20 and res.parts == 2
     new = _file_hashes(idx_dir)
     assert {k: new[k] for k in old} == old  # every old part file is still there, byte for byte
@@ -140,9 +153,14 @@ def _synthetic(n: int, seed: int = 0) -> IndexContents:
     x = rng.standard_normal((n, 64)).astype(np.float32)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     pdq = rng.integers(0, 256, (n, 32), dtype=np.uint8)
-    specs = {"sscd": DescriptorSpec("sscd", "test", "", 64, "cosine"), "pdq": DescriptorSpec("pdq", "pdq", None, 256, "hamming")}
-    rows = [{"id": f"item-{i:05d}", "caption": f"synthetic caption {i}", "sha256": hashlib.sha256(b"%d" % i).hexdigest()}
-            for i in range(n)]
+    specs = {
+        "sscd": DescriptorSpec("sscd", "test", "", 64, "cosine"),
+        "pdq": DescriptorSpec("pdq", "pdq", None, 256, "hamming"),
+    }
+    rows = [
+        {"id": f"item-{i:05d}", "caption": f"synthetic caption {i}", "sha256": hashlib.sha256(b"%d" % i).hexdigest()}
+        for i in range(n)
+    ]
     return IndexContents(rows, {"sscd": x, "pdq": pdq}, specs, {}, [None] * n, [])
 
 
@@ -161,7 +179,7 @@ def test_search_over_parts_equals_one_flat_search(tmp_path):
         assert [m.id for m in got_many[qi]] == [c.rows[i]["id"] for i in gt[qi]]
         assert [(m.id, m.score) for m in got_many[qi]] == [(m.id, m.score) for m in got_one[qi]]
     q = c.vectors["pdq"][[3, 500, 999]]
-    for a, b in zip(many.search_vectors("pdq", q, 5), one.search_vectors("pdq", q, 5)):
+    for a, b in zip(many.search_vectors("pdq", q, 5), one.search_vectors("pdq", q, 5), strict=False):
         assert [(m.id, m.distance) for m in a] == [(m.id, m.distance) for m in b]
         assert a[0].distance == 0
     assert [m[0].id for m in many.search_vectors("pdq", q, 1)] == ["item-00003", "item-00500", "item-00999"]
@@ -180,6 +198,7 @@ def test_opening_reads_no_metadata_and_no_part_file(tmp_path, monkeypatch):
         def wrapper(*a, **k):
             calls[name] = calls.get(name, 0) + 1
             return real(*a, **k)
+
         monkeypatch.setattr(owner, name, wrapper)
 
     counting(ipc, "open_file")
@@ -250,8 +269,20 @@ def test_removed_item_is_404_in_the_api(index_copy, coco_dir):
 
 
 def _append_cmd(source: Path, index: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "provenance.cli", "index", "build", str(source), "--index", str(index),
-            "--append", "--part-size", "8", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "provenance.cli",
+        "index",
+        "build",
+        str(source),
+        "--index",
+        str(index),
+        "--append",
+        "--part-size",
+        "8",
+        *extra,
+    ]
 
 
 def test_two_concurrent_appends_both_land_or_the_second_is_refused(coco_dir, tmp_path):
@@ -260,20 +291,33 @@ def test_two_concurrent_appends_both_land_or_the_second_is_refused(coco_dir, tmp
     build(str(_folder(tmp_path, "base", photos[:4])), idx_dir, BuildOptions(descriptors=["sscd", "pdq"]))
     a, b = _folder(tmp_path, "a", photos[10:16]), _folder(tmp_path, "b", photos[20:26])
     # 1. with --wait: the second waits for the lock, and both land
-    procs = [subprocess.Popen(_append_cmd(src, idx_dir, "--wait", "300"), cwd=REPO, env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for src in (a, b)]
+    procs = [
+        subprocess.Popen(
+            _append_cmd(src, idx_dir, "--wait", "300"),
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for src in (a, b)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     ids = set(ProvenanceIndex.open(idx_dir).ids)
     assert ids == {p.name for p in photos[:4] + photos[10:16] + photos[20:26]}
     # 2. without --wait: whatever the timing, each run lands or says it was refused, and nothing is lost
     c, d = _folder(tmp_path, "c", photos[30:36]), _folder(tmp_path, "d", photos[40:46])
-    procs = [subprocess.Popen(_append_cmd(src, idx_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for src in (c, d)]
+    procs = [
+        subprocess.Popen(
+            _append_cmd(src, idx_dir), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for src in (c, d)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     ids = set(ProvenanceIndex.open(idx_dir).ids)
     landed = set()
-    for (out, err), p, src in zip(outs, procs, (c, d)):
+    for (_out, err), p, src in zip(outs, procs, (c, d), strict=False):
         if p.returncode == 0:
             landed |= {f.name for f in src.iterdir()}
         else:
@@ -291,9 +335,19 @@ def test_a_held_lock_refuses_a_writer_and_a_killed_holders_lock_is_taken_over(tm
         with pytest.raises(IndexLockedError, match="waited 0.3 s"):
             IndexWriteLock(idx_dir, wait=0.3).acquire()
         assert time.monotonic() - t0 >= 0.3
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from provenance.locking import IndexWriteLock; "
-                               f"IndexWriteLock({str(idx_dir)!r}, action='build').acquire(); print('held', flush=True); "
-                               "time.sleep(600)"], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from provenance.locking import IndexWriteLock; "
+            f"IndexWriteLock({str(idx_dir)!r}, action='build').acquire(); print('held', flush=True); "
+            "time.sleep(600)",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(IndexLockedError, match=f"pid {holder.pid}"):
         IndexWriteLock(idx_dir).acquire()
@@ -319,20 +373,39 @@ def _write_format1(index_dir: Path, c: IndexContents) -> None:
         pos += len(t)
     (index_dir / "thumbnails.bin").write_bytes(thumbs)
     cols = {k: [r.get(k) for r in c.rows] for k in ("id", "caption", "source", "license", "sha256")}
-    table = pa.table({**{k: pa.array(v, pa.string()) for k, v in cols.items()},
-                      "width": pa.array([64] * len(c.rows), pa.int32()), "height": pa.array([48] * len(c.rows), pa.int32()),
-                      "extra": pa.array(["{}"] * len(c.rows)), "thumb_offset": pa.array([o for o, _ in offsets], pa.int64()),
-                      "thumb_size": pa.array([s for _, s in offsets], pa.int32())})
+    table = pa.table(
+        {
+            **{k: pa.array(v, pa.string()) for k, v in cols.items()},
+            "width": pa.array([64] * len(c.rows), pa.int32()),
+            "height": pa.array([48] * len(c.rows), pa.int32()),
+            "extra": pa.array(["{}"] * len(c.rows)),
+            "thumb_offset": pa.array([o for o, _ in offsets], pa.int64()),
+            "thumb_size": pa.array([s for _, s in offsets], pa.int32()),
+        }
+    )
     pq.write_table(table, index_dir / "metadata.parquet")
     np.save(index_dir / "sscd.f16.npy", c.vectors["sscd"])
     np.save(index_dir / "pdq.u8.npy", c.vectors["pdq"])
-    (index_dir / "skipped.jsonl").write_text(json.dumps({"id": "bad.jpg", "source": None, "reason": "empty file",
-                                                         "reason_kind": "unreadable"}) + "\n")
-    descriptors = {n: {**s.to_dict(), "vectors": parts_mod.vectors_file(n), "faiss": f"{n}.faiss"} for n, s in c.specs.items()}
-    (index_dir / "manifest.json").write_text(json.dumps({
-        "format_version": 1, "tool_version": "0.1.0", "name": index_dir.name, "built_at": "2026-01-01T00:00:00Z",
-        "descriptors": descriptors, "counts": {"indexed": len(c.rows), "skipped": 1, "skipped_by_reason": {"unreadable": 1}},
-        "source": {"kind": "folder", "location": "/x", "options": {}}, "builds": []}))
+    (index_dir / "skipped.jsonl").write_text(
+        json.dumps({"id": "bad.jpg", "source": None, "reason": "empty file", "reason_kind": "unreadable"}) + "\n"
+    )
+    descriptors = {
+        n: {**s.to_dict(), "vectors": parts_mod.vectors_file(n), "faiss": f"{n}.faiss"} for n, s in c.specs.items()
+    }
+    (index_dir / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format_version": 1,
+                "tool_version": "0.1.0",
+                "name": index_dir.name,
+                "built_at": "2026-01-01T00:00:00Z",
+                "descriptors": descriptors,
+                "counts": {"indexed": len(c.rows), "skipped": 1, "skipped_by_reason": {"unreadable": 1}},
+                "source": {"kind": "folder", "location": "/x", "options": {}},
+                "builds": [],
+            }
+        )
+    )
 
 
 def test_format1_index_is_refused_with_the_upgrade_command_and_upgrade_keeps_everything(tmp_path):
@@ -360,7 +433,7 @@ def test_caption_ranking_over_parts_is_bm25_with_corpus_statistics(coco_dir, tmp
 
     rows = [json.loads(line) for line in (coco_dir / "metadata.jsonl").read_text().splitlines() if line.strip()]
     c = _synthetic(len(rows))
-    for r, meta in zip(c.rows, rows):
+    for r, meta in zip(c.rows, rows, strict=False):
         r["caption"] = meta.get("caption") or meta.get("text")
         r["extra"] = {"captions": meta.get("captions") or []}
     write_index(tmp_path / "one", c, {}, use_gpu=False)
@@ -369,9 +442,13 @@ def test_caption_ranking_over_parts_is_bm25_with_corpus_statistics(coco_dir, tmp
     assert len(many.parts) > 5
     con = sqlite3.connect(one.parts[0].dir / "captions.sqlite")
     for q in ("pizza", "table", "man kitchen", "skateb*", '"on a table"', "a"):
-        fts = [(c.rows[r]["id"], -s) for r, s in con.execute(
-            "SELECT rowid, bm25(captions) FROM captions WHERE captions MATCH ? ORDER BY bm25(captions), rowid LIMIT 10",
-            (" ".join(t.fts for t in __import__("provenance.store", fromlist=["_fts_terms"])._fts_terms(q)),))]
+        fts = [
+            (c.rows[r]["id"], -s)
+            for r, s in con.execute(
+                "SELECT rowid, bm25(captions) FROM captions WHERE captions MATCH ? ORDER BY bm25(captions), rowid LIMIT 10",
+                (" ".join(t.fts for t in __import__("provenance.store", fromlist=["_fts_terms"])._fts_terms(q)),),
+            )
+        ]
         a, b = one.search_caption(q, 10), many.search_caption(q, 10)
         assert [(h.id, round(h.score, 9)) for h in a] == [(i, round(s, 9)) for i, s in fts], q  # FTS5's own bm25
         assert [(h.id, round(h.score, 9)) for h in b] == [(h.id, round(h.score, 9)) for h in a], q  # parts agree
@@ -389,8 +466,19 @@ def test_verify_names_a_truncated_file_and_search_refuses_it(index_copy, coco_di
     assert "thumbnails.bin: sha256 differs" in _out(r)
     with pytest.raises(IndexFormatError, match="sscd.f16.npy"):
         Searcher.open(index_copy).search_image(load_image(sorted(coco_dir.glob("*.jpg"))[0]).image, k=3)
-    r = runner.invoke(app, ["scan", str(sorted(coco_dir.glob("*.jpg"))[0]), "--index", str(index_copy),
-                            "--no-visible", "--no-invisible", "--format", "jsonl"])
+    r = runner.invoke(
+        app,
+        [
+            "scan",
+            str(sorted(coco_dir.glob("*.jpg"))[0]),
+            "--index",
+            str(index_copy),
+            "--no-visible",
+            "--no-invisible",
+            "--format",
+            "jsonl",
+        ],
+    )
     assert r.exit_code == 4 and "sscd.f16.npy" in _out(r) and "index verify" in _out(r), r.output
 
 
@@ -470,8 +558,20 @@ def test_scan_names_a_fifo_and_a_huge_file_without_hanging_or_reading_them(parts
     from provenance.errors import FileUnreadableError
     from provenance.images import read_bytes
 
-    cmd = [sys.executable, "-m", "provenance.cli", "scan", str(tmp_path / "fifo.jpg"), str(tmp_path / "big.png"),
-           "--index", str(parts_index), "--format", "jsonl", "--no-visible", "--no-invisible"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "provenance.cli",
+        "scan",
+        str(tmp_path / "fifo.jpg"),
+        str(tmp_path / "big.png"),
+        "--index",
+        str(parts_index),
+        "--format",
+        "jsonl",
+        "--no-visible",
+        "--no-invisible",
+    ]
     r = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120, check=False)
     recs = {json.loads(line)["path"]: json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")}
     assert r.returncode == 3, r.stderr

@@ -65,7 +65,7 @@ def test_test_set_is_drawn_at_native_resolution_with_the_mark_where_it_changed_p
             assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height
     # reproducible: the same seed draws the same marks
     again = list(exp.draw_set("test", [name], seed=3))
-    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(examples, again))
+    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(examples, again, strict=False))
 
 
 def test_statistics():
@@ -96,8 +96,9 @@ def test_lite0_module_matches_its_imagenet_weights(coco_dir):
 def test_text_detector_boxes_drawn_text_in_image_pixels(coco_dir, heldout_fonts):
     _need_models()
     photo = Image.open(coco_dir / "000000062554.jpg").convert("RGB")
-    layer = overlays.opaque_text_layer(photo.size, np.random.default_rng(0), heldout_fonts,
-                                       overlays.HELDOUT_TEXT_STRINGS, style="subtitle")
+    layer = overlays.opaque_text_layer(
+        photo.size, np.random.default_rng(0), heldout_fonts, overlays.HELDOUT_TEXT_STRINGS, style="subtitle"
+    )
     marked = overlays.composite_layer(photo, layer)
     x = vt.text_inputs(marked)
     assert x.ocr.shape[0] % 32 == 0 and x.ocr.shape[1] % 32 == 0 and min(x.ocr.shape[:2]) == vt.OCR_SHORT_SIDE

@@ -150,7 +150,9 @@ def test_thorough_mix_is_the_shipped_head_and_one_tuned_from_it_at_512_px(thorou
     assert set(files) == {"visible_watermark_512.pt", "visible_watermark.pt"}
     at_512, at_288 = (thorough.heads[files.index(f)] for f in ("visible_watermark_512.pt", "visible_watermark.pt"))
     assert at_288 is detector.heads[0]  # the shipped 288 px head itself, loaded once per process
-    assert all(h is at_512 for h, f in zip(thorough.heads, files) if f == "visible_watermark_512.pt")  # one model
+    assert all(
+        h is at_512 for h, f in zip(thorough.heads, files, strict=False) if f == "visible_watermark_512.pt"
+    )  # one model
     assert thorough.input_sizes == [288, 512] and detector.input_sizes == [288]
     assert not at_512.reads_sscd_pass and at_288.reads_sscd_pass
     assert all(w > 0 for w in thorough.logit_weights) and 0 < thorough.config.flag_threshold < 1
@@ -171,7 +173,9 @@ def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
         x = [np.ascontiguousarray(xi[:, ::-1]) for xi in x] if mirrored else x
         return head.logits_from_taps(head.backbone.tap_maps(x, head.model.config.taps)).astype(np.float64)
 
-    z = sum(w * logits(h, m) for h, w, m in zip(thorough.heads, thorough.logit_weights, thorough.mirrored))
+    z = sum(
+        w * logits(h, m) for h, w, m in zip(thorough.heads, thorough.logit_weights, thorough.mirrored, strict=False)
+    )
     assert np.allclose(p, 1 / (1 + np.exp(-z)), atol=1e-4)
     # as a scan gives it: the 288 px maps from the scan's own SSCD pass, only the 512 px input preprocessed
     x = [thorough.preprocess(im) for im in images]
@@ -179,7 +183,7 @@ def test_thorough_mix_is_the_weighted_logits_of_its_heads(thorough, photos):
     shared = thorough.sharing_scan_pass(thorough.backbone)
     assert shared.needs_scan_taps and not thorough.needs_scan_taps
     beside = [shared.preprocess(im) for im in images]
-    assert all(list(b) == [512] and np.array_equal(b[512], xi[512]) for b, xi in zip(beside, x))
+    assert all(list(b) == [512] and np.array_equal(b[512], xi[512]) for b, xi in zip(beside, x, strict=False))
     scan_taps = thorough.backbone.embed_batch_with_taps([xi[288] for xi in x])[1]
     assert np.array_equal(shared.probabilities(beside, scan_taps), p)
     with pytest.raises(ValueError, match="scan_taps"):
@@ -193,8 +197,15 @@ def test_a_mirrored_view_reads_the_image_flipped_left_to_right(tmp_path, detecto
     from provenance.watermarks.visible import DEFAULT_WEIGHTS, load_detector
 
     path = tmp_path / "mirror.json"
-    path.write_text(json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5, "heads": [
-        {"weights": str(DEFAULT_WEIGHTS), "logit_weight": 1.0, "mirrored": True}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "format": "provenance-visible-watermark-mix",
+                "flag_threshold": 0.5,
+                "heads": [{"weights": str(DEFAULT_WEIGHTS), "logit_weight": 1.0, "mirrored": True}],
+            }
+        )
+    )
     mirror = load_detector(path)
     images = photos[:4]
     x = [detector.preprocess(im) for im in images]
@@ -223,12 +234,23 @@ def test_a_bad_mix_file_names_its_problem(tmp_path):
     cases = {
         "not json {": "cannot read",
         json.dumps({"heads": []}): "not a visible-watermark mix",
-        json.dumps({"format": "provenance-visible-watermark-mix", "heads": [{"weights": "x.pt"}],
-                    "flag_threshold": 0.5}): "logit_weight",
-        json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5,
-                    "heads": [{"weights": str(DEFAULT_WEIGHTS), "logit_weight": -1}]}): "positive logit weights",
-        json.dumps({"format": "provenance-visible-watermark-mix", "flag_threshold": 0.5,
-                    "heads": [{"weights": "missing.pt", "logit_weight": 1}]}): "missing.pt",
+        json.dumps(
+            {"format": "provenance-visible-watermark-mix", "heads": [{"weights": "x.pt"}], "flag_threshold": 0.5}
+        ): "logit_weight",
+        json.dumps(
+            {
+                "format": "provenance-visible-watermark-mix",
+                "flag_threshold": 0.5,
+                "heads": [{"weights": str(DEFAULT_WEIGHTS), "logit_weight": -1}],
+            }
+        ): "positive logit weights",
+        json.dumps(
+            {
+                "format": "provenance-visible-watermark-mix",
+                "flag_threshold": 0.5,
+                "heads": [{"weights": "missing.pt", "logit_weight": 1}],
+            }
+        ): "missing.pt",
     }
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"mix{i}.json"
@@ -247,8 +269,11 @@ def test_thorough_mix_scores_small_marks_above_the_same_photos_clean(thorough, p
         canvas = photo.resize((640, 640), Image.Resampling.BICUBIC)
         style = ("corner", "logo")[i % 2]
         clean.append(canvas)
-        marked.append(overlays.add_stock_watermark(canvas, rng, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS,
-                                                   style=style, opacity=0.6))
+        marked.append(
+            overlays.add_stock_watermark(
+                canvas, rng, heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, style=style, opacity=0.6
+            )
+        )
     p_clean, p_marked = thorough.probability(clean), thorough.probability(marked)
     assert p_marked.mean() > p_clean.mean() + 0.2
     assert (p_marked > p_clean).sum() >= 8
@@ -371,7 +396,9 @@ def test_head_on_sscd_features_loads_and_matches_the_training_module(tiny_head_p
     head.load_state_dict(ckpt["state_dict"])
     _, taps = det.backbone.embed_batch_with_taps(xs)
     with torch.no_grad():
-        expected = [torch.sigmoid(head.eval()({"stride16": torch.from_numpy(t["stride16"][None])})).item() for t in taps]
+        expected = [
+            torch.sigmoid(head.eval()({"stride16": torch.from_numpy(t["stride16"][None])})).item() for t in taps
+        ]
     assert np.allclose(p, expected, atol=1e-5)
     shared = det.sharing_scan_pass(det.backbone)  # as a scan with this SSCD model runs it: the scan's maps
     assert shared.needs_scan_taps and shared.preprocess(photos[0]) == {}
@@ -405,8 +432,9 @@ def train_head():
     return train_visible_watermark_head
 
 
-def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, flickr_shards_dir, fonts, photos,
-                                                                     train_head):
+def test_head_training_command_runs_end_to_end_and_reuses_its_cache(
+    tmp_path, flickr_shards_dir, fonts, photos, train_head
+):
     # training/train_visible_watermark_head.py at toy size: examples -> cached SSCD maps -> head -> a checkpoint that
     # the detector loads through the shipped path; the photo under pair 0 is listed as carrying a real mark
     names = train_head.photo_names(flickr_shards_dir, train_head.TRAIN_SHARDS)
@@ -414,9 +442,32 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     audit = tmp_path / "marks.json"
     audit.write_text(json.dumps({"photos": [{"name": marked, "mark": "a photographer's signature"}]}))
     out, cache = tmp_path / "head.pt", tmp_path / "cache"
-    args = ["--out", str(out), "--cache", str(cache), "--data", str(flickr_shards_dir.parent), "--pairs", "6",
-            "--chunk", "3", "--epochs", "1", "--batch-pairs", "2", "--width", "8", "--threads", "1",
-            "--depth", "2", "--flag-threshold", "0.8", "--exclude-photos", str(audit)]
+    args = [
+        "--out",
+        str(out),
+        "--cache",
+        str(cache),
+        "--data",
+        str(flickr_shards_dir.parent),
+        "--pairs",
+        "6",
+        "--chunk",
+        "3",
+        "--epochs",
+        "1",
+        "--batch-pairs",
+        "2",
+        "--width",
+        "8",
+        "--threads",
+        "1",
+        "--depth",
+        "2",
+        "--flag-threshold",
+        "0.8",
+        "--exclude-photos",
+        str(audit),
+    ]
     assert train_head.main(args) == 0
     maps = np.load(cache / "stride16_1.npy")
     assert maps.shape == (6, 1024, 18, 18) and maps.dtype == np.uint8 and maps.max() > 0
@@ -434,16 +485,45 @@ def test_head_training_command_runs_end_to_end_and_reuses_its_cache(tmp_path, fl
     assert (cache / "stride16_0.npy").stat().st_mtime_ns == before
 
 
-def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, flickr_shards_dir, photos,
-                                                                     train_head):
+def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, flickr_shards_dir, photos, train_head):
     # --init fine-tunes a trained head; --input-size makes its examples, and the detector's inputs, at that short
     # side (the shipped 512 px head is made this way, from the 288 px one)
     base, tuned, cache = tmp_path / "base.pt", tmp_path / "tuned.pt", tmp_path / "cache"
-    common = ["--data", str(flickr_shards_dir.parent), "--pairs", "4", "--chunk", "4", "--epochs", "1",
-              "--batch-pairs", "2", "--threads", "1", "--exclude-photos", ""]
+    common = [
+        "--data",
+        str(flickr_shards_dir.parent),
+        "--pairs",
+        "4",
+        "--chunk",
+        "4",
+        "--epochs",
+        "1",
+        "--batch-pairs",
+        "2",
+        "--threads",
+        "1",
+        "--exclude-photos",
+        "",
+    ]
     assert train_head.main(["--out", str(base), "--cache", str(tmp_path / "c288"), "--width", "8", *common]) == 0
-    assert train_head.main(["--out", str(tuned), "--cache", str(cache), "--input-size", "96", "--init", str(base),
-                            "--lr", "1e-3", *common]) == 0
+    assert (
+        train_head.main(
+            [
+                "--out",
+                str(tuned),
+                "--cache",
+                str(cache),
+                "--input-size",
+                "96",
+                "--init",
+                str(base),
+                "--lr",
+                "1e-3",
+                *common,
+            ]
+        )
+        == 0
+    )
     assert np.load(cache / "stride16_0.npy").shape == (8, 1024, 6, 6)  # 96 px / stride 16
     card = json.loads(tuned.with_suffix(".json").read_text())["training"]
     det_base, det = VisibleWatermarkDetector.load(str(base)), VisibleWatermarkDetector.load(str(tuned))
@@ -457,7 +537,9 @@ def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, fl
     x = det.preprocess(photos[0])[96]
     assert x.dtype == np.uint8 and min(x.shape[:2]) == 96
     # its p is the head on the maps of SSCD run at 96 px
-    logit = det.heads[0].model({"stride16": torch.from_numpy(det.backbone.tap_maps([x], ("stride16",))[0]["stride16"][None])})
+    logit = det.heads[0].model(
+        {"stride16": torch.from_numpy(det.backbone.tap_maps([x], ("stride16",))[0]["stride16"][None])}
+    )
     np.testing.assert_allclose(det.probability([photos[0]]), torch.sigmoid(logit).detach().numpy(), atol=1e-5)
     assert not np.allclose(det.probability(photos[:2]), det_base.probability(photos[:2]))
     # the gate the evaluation chooses is written into the checkpoint afterwards, without training again
@@ -468,8 +550,26 @@ def test_head_fine_tuned_at_another_input_size_is_read_at_that_size(tmp_path, fl
     np.testing.assert_array_equal(regated.probability(photos[:2]), det.probability(photos[:2]))
     # a further stage on photos at their own size: its card carries the whole chain back to the first head
     staged = tmp_path / "staged.pt"
-    assert train_head.main(["--out", str(staged), "--cache", str(tmp_path / "c-native"), "--input-size", "96",
-                            "--init", str(tuned), "--native-share", "1", "--seed", "1", *common]) == 0
+    assert (
+        train_head.main(
+            [
+                "--out",
+                str(staged),
+                "--cache",
+                str(tmp_path / "c-native"),
+                "--input-size",
+                "96",
+                "--init",
+                str(tuned),
+                "--native-share",
+                "1",
+                "--seed",
+                "1",
+                *common,
+            ]
+        )
+        == 0
+    )
     card = json.loads(staged.with_suffix(".json").read_text())["training"]
     assert card["data"]["native_share"] == 1 and card["init"]["file"] == "tuned.pt"
     assert card["init"]["init"]["file"] == "base.pt" and "--native-share" not in card["init"]["training_command"]
@@ -482,8 +582,11 @@ def test_native_pairs_are_drawn_on_the_photo_at_its_own_size(photos, fonts, trai
     square = train_head.native_square(photo, np.random.default_rng(0))
     assert square.size == (min(photo.size),) * 2
     box = np.asarray(square)
-    crops = [np.asarray(photo.crop((x, y, x + box.shape[1], y + box.shape[0])))
-             for x in range(photo.size[0] - box.shape[1] + 1) for y in range(photo.size[1] - box.shape[0] + 1)]
+    crops = [
+        np.asarray(photo.crop((x, y, x + box.shape[1], y + box.shape[0])))
+        for x in range(photo.size[0] - box.shape[1] + 1)
+        for y in range(photo.size[1] - box.shape[0] + 1)
+    ]
     assert any(np.array_equal(box, c) or np.array_equal(box[:, ::-1], c) for c in crops)  # pixels untouched
     buf = io.BytesIO()
     photo.save(buf, "JPEG", quality=95)
@@ -517,11 +620,12 @@ def eval_visible():
     return eval_visible_watermark
 
 
-def test_the_real_mark_audit_names_photos_that_exist(eval_visible, train_head, flickr_shards_dir, nonmember_dir,
-                                                     coco_dir):
+def test_the_real_mark_audit_names_photos_that_exist(
+    eval_visible, train_head, flickr_shards_dir, nonmember_dir, coco_dir
+):
     # a misspelt name would silently leave a marked photo among the negatives
     marked = eval_visible.load_real_marks()
-    known = set(train_head.photo_names(flickr_shards_dir, train_head.TRAIN_SHARDS + ("00004",)))
+    known = set(train_head.photo_names(flickr_shards_dir, (*train_head.TRAIN_SHARDS, "00004")))
     known |= {f"nonmember/{p.name}" for p in nonmember_dir.glob("*.jpg")}
     known |= {f"coco/{p.name}" for p in coco_dir.glob("*.jpg")}
     assert len(marked) > 50 and set(marked) <= known
@@ -532,9 +636,17 @@ def test_eval_scores_photos_with_real_marks_as_positives_not_negatives(eval_visi
     def ex(kind, photo):
         return (None, kind, {"photo": photo})
 
-    examples = [ex("watermark", "a"), ex("text", "a"), ex("clean", "a"),      # a photo that already has a mark
-                ex("watermark", "b"), ex("text", "b"), ex("clean", "b"),
-                ex("clean", "c"), ex("clean", "c"), ex("text", "c")]         # c: two variants of one clean photo
+    examples = [
+        ex("watermark", "a"),
+        ex("text", "a"),
+        ex("clean", "a"),  # a photo that already has a mark
+        ex("watermark", "b"),
+        ex("text", "b"),
+        ex("clean", "b"),
+        ex("clean", "c"),
+        ex("clean", "c"),
+        ex("text", "c"),
+    ]  # c: two variants of one clean photo
     p = np.array([0.9, 0.8, 0.7, 0.95, 0.2, 0.1, 0.6, 0.6, 0.3])
     kept_p, kept = eval_visible.without_photos(p, examples, {"a": {}})
     assert [f["photo"] for _, _, f in kept] == ["b"] * 3 + ["c"] * 3 and kept_p.tolist() == p[3:].tolist()
@@ -577,32 +689,64 @@ def test_pixel_cnn_trainer_packs_for_a_gpu_and_trains_two_architectures(tmp_path
     audit.write_text(json.dumps({"photos": [{"name": names[5], "mark": "a signature"}]}))
     pack = tmp_path / "pack"
     common = ["--shards", "00000", "--exclude-photos", str(audit)]
-    assert trainer.main(["--pack", str(pack), "--data", str(flickr_shards_dir), "--fonts", str(font_root), *common]) == 0
+    assert (
+        trainer.main(["--pack", str(pack), "--data", str(flickr_shards_dir), "--fonts", str(font_root), *common]) == 0
+    )
     packed_photos, _, packed_names = trainer.read_shards(pack / "flickr8k-dev", ("00000",))
     assert len(packed_names) == len(names) - 1 and names[5] not in packed_names
     assert sum(len(b) for b in packed_photos) < (flickr_shards_dir / "00000.tar").stat().st_size  # re-encoded
 
     photos, captions, _ = trainer.read_shards(flickr_shards_dir, ("00000",))
-    strings = overlays.TextStrings(phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions),
-                                   words=overlays.TRAIN_TEXT_STRINGS.words)
+    strings = overlays.TextStrings(
+        phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions), words=overlays.TRAIN_TEXT_STRINGS.words
+    )
 
     def examples(font_dir):
         train_fonts, _ = overlays.split_fonts(overlays.find_fonts(font_dir))
-        ds = trainer.SyntheticPairs(photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, strings, 128, 0, 100,
-                                    0.001, "mixed")
+        ds = trainer.SyntheticPairs(
+            photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, strings, 128, 0, 100, 0.001, "mixed"
+        )
         return [ds[i][0].numpy() for i in range(12)]
 
-    for full, subset in zip(examples(font_root), examples(pack / "fonts")):
+    for full, subset in zip(examples(font_root), examples(pack / "fonts"), strict=False):
         np.testing.assert_array_equal(full, subset)
 
     out, alt = tmp_path / "cnn.pt", tmp_path / "cnn_wide.pt"
-    assert trainer.main(["--data", str(pack / "flickr8k-dev"), "--fonts", str(pack / "fonts"), *common,
-                         "--steps", "2", "--batch-size", "4", "--workers", "0", "--input-size", "64", "--stem", "8",
-                         "--widths", "16", "--also-arch", f"8:16,32={alt}", "--out", str(out),
-                         "--generator", "mixed"]) == 0
+    assert (
+        trainer.main(
+            [
+                "--data",
+                str(pack / "flickr8k-dev"),
+                "--fonts",
+                str(pack / "fonts"),
+                *common,
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--workers",
+                "0",
+                "--input-size",
+                "64",
+                "--stem",
+                "8",
+                "--widths",
+                "16",
+                "--also-arch",
+                f"8:16,32={alt}",
+                "--out",
+                str(out),
+                "--generator",
+                "mixed",
+            ]
+        )
+        == 0
+    )
     for path, widths in ((out, [16]), (alt, [16, 32])):
         card = json.loads(path.with_suffix(".json").read_text())["training"]
-        assert card["architecture"]["widths"] == widths and card["steps"] == 2 and len(card["loss_every_100_steps"]) == 1
+        assert (
+            card["architecture"]["widths"] == widths and card["steps"] == 2 and len(card["loss_every_100_steps"]) == 1
+        )
         head = VisibleHead.load(str(path))
         assert head.config.input_size == 64 and head.backbone is None
         z = head.logits([head.preprocess(Image.fromarray(x)) for x in examples(pack / "fonts")[0]])

@@ -37,7 +37,7 @@ def exact_search(xq: np.ndarray, xb: np.ndarray, k: int, chunk: int = 65_536) ->
 
 def recall_at_k(ids: np.ndarray, gt_ids: np.ndarray, k: int) -> float:
     """Mean fraction of the true top-k found in the returned top-k (ties count by id)."""
-    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) for a, b in zip(ids, gt_ids)]
+    hits = [len(set(a[:k].tolist()) & set(b[:k].tolist()) - {-1}) for a, b in zip(ids, gt_ids, strict=False)]
     return float(np.mean(hits) / k) if hits else 0.0
 
 

@@ -39,8 +39,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training.edits import FAMILY_NAMES, apply_edit  # noqa: E402
-
+from provenance.corpus import detect_source, read_corpus  # noqa: E402
+from provenance.images import decode_image  # noqa: E402
+from provenance.models import ModelOptions  # noqa: E402
+from provenance.scan import Thresholds, centre_crop, decide_verdict  # noqa: E402
+from provenance.search import Searcher  # noqa: E402
 from training.calibration import (  # noqa: E402
     ScoreNormalization,
     background_similarity,
@@ -50,11 +53,7 @@ from training.calibration import (  # noqa: E402
     threshold_at_fpr,
     topk,
 )
-from provenance.corpus import detect_source, read_corpus  # noqa: E402
-from provenance.images import decode_image  # noqa: E402
-from provenance.models import ModelOptions  # noqa: E402
-from provenance.scan import Thresholds, centre_crop, decide_verdict  # noqa: E402
-from provenance.search import Searcher  # noqa: E402
+from training.edits import FAMILY_NAMES, apply_edit  # noqa: E402
 
 logger = logging.getLogger("calibrate")
 
@@ -118,8 +117,9 @@ def ensure_index(corpus: Path, cache: Path, clip: ModelOptions | None = None) ->
 # ------------------------------------------------------------------------------------------ plan
 
 
-def plan_queries(member_ids: list[str], nonmembers: list[str], n_pos: int, n_neg: int, n_untouched_pos: int,
-                 seed: int) -> list[Query]:
+def plan_queries(
+    member_ids: list[str], nonmembers: list[str], n_pos: int, n_neg: int, n_untouched_pos: int, seed: int
+) -> list[Query]:
     """Positives: n_pos distinct members, families round-robin; a few untouched members; negatives: n_neg
     edits of the non-members (each photo about n_neg/len(nonmembers) times, different families) plus
     every non-member untouched. Non-members are split into two folds (halves) for background sets."""
@@ -179,8 +179,9 @@ class QueryImages:
 
     def __init__(self, corpus: Path, nonmember_dir: Path, needed_members: set[str]):
         self.nonmember_dir = nonmember_dir
-        self.member_bytes = {it.id: it.data for it in read_corpus(detect_source(str(corpus)))
-                             if it.id in needed_members and it.data}
+        self.member_bytes = {
+            it.id: it.data for it in read_corpus(detect_source(str(corpus))) if it.id in needed_members and it.data
+        }
 
     def original_bytes(self, q: Query) -> bytes:
         if q.role == "member":
@@ -196,9 +197,15 @@ class QueryImages:
         return decode_image(edited.to_bytes(), f"{q.source}:{q.family}").image
 
 
-def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher, views: list[str],
-                  qdir: Path, clip=None, batch: int = 32
-                  ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict[str, float]]:
+def embed_queries(
+    queries: list[Query],
+    images: QueryImages,
+    searcher: Searcher,
+    views: list[str],
+    qdir: Path,
+    clip=None,
+    batch: int = 32,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None, dict[str, float]]:
     """SSCD vectors per view ("base" + `views`), PDQ hashes of the base view and, with a `clip` descriptor, its
     vectors of the base view (one view, as the scanner embeds them); cached in `qdir` (CLIP per model). Each query
     image is made once for whatever is missing."""
@@ -219,24 +226,24 @@ def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher,
         spent: Counter = Counter()
         started = time.perf_counter()
         for i in range(0, len(queries), batch):
-            chunk = queries[i:i + batch]
+            chunk = queries[i : i + batch]
             t0 = time.perf_counter()
             ims = [images.image(q) for q in chunk]
             spent["edit+decode"] += time.perf_counter() - t0
-            for q, im in zip(chunk, ims):
+            for q, im in zip(chunk, ims, strict=False):
                 q.size = im.size
             for v in missing:
                 t0 = time.perf_counter()
                 # every query gets every view, untouched ones too: a scanner with a view applies it to every image,
                 # and an untouched non-member's centre may match another photo better than the whole does
-                out[v][i:i + len(chunk)] = sscd.embed(ims if v == "base" else [VIEWS[v](im) for im in ims])
+                out[v][i : i + len(chunk)] = sscd.embed(ims if v == "base" else [VIEWS[v](im) for im in ims])
                 spent[f"sscd_{v}"] += time.perf_counter() - t0
             if "base" in missing:
                 t0 = time.perf_counter()
-                hashes[i:i + len(chunk)] = pdq.embed(ims)
+                hashes[i : i + len(chunk)] = pdq.embed(ims)
                 spent["pdq"] += time.perf_counter() - t0
             if clip_out is not None:
-                clip_out[i:i + len(chunk)] = clip.embed(ims)
+                clip_out[i : i + len(chunk)] = clip.embed(ims)
             done = i + len(chunk)
             if done % (batch * 8) == 0 or done == len(queries):
                 el = time.perf_counter() - started
@@ -253,7 +260,7 @@ def embed_queries(queries: list[Query], images: QueryImages, searcher: Searcher,
             np.save(clip_path, clip_out)
         timing_path.write_text(json.dumps(timing, indent=1), encoding="utf-8")
     meta = json.loads(meta_path.read_text())
-    for q, m in zip(queries, meta):
+    for q, m in zip(queries, meta, strict=False):
         q.params, q.size = m["params"], tuple(m["size"])
     vectors = {v: np.load(qdir / f"sscd_{v}.npy") for v in wanted}
     clip_vectors = np.load(clip_path) if clip_path is not None else None
@@ -274,9 +281,17 @@ class Scored:
     key: bool = False  # shown in the per-family comparison
 
 
-def score_method(vectors: dict[str, np.ndarray], views: list[str], xb: np.ndarray, xbg_by_fold: list[np.ndarray],
-                 fold: np.ndarray, norm: ScoreNormalization | None = None, centred: bool = False,
-                 margin: ScoreNormalization | None = None, name: str = "") -> Scored:
+def score_method(
+    vectors: dict[str, np.ndarray],
+    views: list[str],
+    xb: np.ndarray,
+    xbg_by_fold: list[np.ndarray],
+    fold: np.ndarray,
+    norm: ScoreNormalization | None = None,
+    centred: bool = False,
+    margin: ScoreNormalization | None = None,
+    name: str = "",
+) -> Scored:
     """Max over `views` of each view's top-1 score, optionally centred / normalised with the query's
     background fold (the half of the non-members it is not drawn from) / less its corpus neighbours' mean."""
     n = len(fold)
@@ -328,8 +343,16 @@ def evaluate(s: Scored, correct: np.ndarray, split: Split) -> dict[str, Any]:
     tpr, fpr = rates(s.score[split.pos], correct[split.pos], s.score[split.neg], thr)
     _, fpr_u = rates(s.score[split.pos], correct[split.pos], s.score[split.neg_untouched], thr)
     tpr_e, _ = rates(s.score[split.pos], correct[split.pos], s.score[split.neg], thr_edited)
-    return {"method": s.name, "threshold": thr, "tpr": tpr, "fpr": fpr, "fpr_untouched": fpr_u,
-            "threshold_edited": thr_edited, "tpr_edited": tpr_e, "n_views": s.n_views}
+    return {
+        "method": s.name,
+        "threshold": thr,
+        "tpr": tpr,
+        "fpr": fpr,
+        "fpr_untouched": fpr_u,
+        "threshold_edited": thr_edited,
+        "tpr_edited": tpr_e,
+        "n_views": s.n_views,
+    }
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -357,7 +380,7 @@ class Run:
     timing: dict[str, float]
     seconds_embed: float
     started: float
-    clip: "ClipCalibration | None" = None
+    clip: ClipCalibration | None = None
 
 
 @dataclass
@@ -379,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--negatives", type=int, default=1000)
     ap.add_argument("--untouched-positives", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--views", default="hflip,centre60",
-                    help=f"extra query views to evaluate, from {','.join(VIEWS)}; '' for none "
-                         "(each costs one more SSCD embedding per query on the first run)")
+    ap.add_argument(
+        "--views",
+        default="hflip,centre60",
+        help=f"extra query views to evaluate, from {','.join(VIEWS)}; '' for none "
+        "(each costs one more SSCD embedding per query on the first run)",
+    )
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--clip-model", help="also calibrate similar_clip with this OpenCLIP model (e.g. ViT-B-32)")
@@ -396,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.clip_pretrained and not args.clip_model:
         ap.error("--clip-pretrained needs --clip-model")
-    clip_options = (ModelOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained)
-                    if args.clip_model else None)
+    clip_options = (
+        ModelOptions(clip_model=args.clip_model, clip_pretrained=args.clip_pretrained) if args.clip_model else None
+    )
 
     # 1. Index
     index_dir = ensure_index(args.corpus, args.cache, clip_options)
@@ -413,17 +440,26 @@ def main(argv: list[str] | None = None) -> int:
     key = plan_key(queries, index.specs["sscd"].checksum)
     images = QueryImages(args.corpus, args.nonmembers, {q.source for q in queries if q.role == "member"})
     t_embed = time.perf_counter()
-    vectors, hashes, clip_vectors, timing = embed_queries(queries, images, searcher, views, args.cache / f"queries-{key}",
-                                                          searcher.model("clip") if clip_options else None)
+    vectors, hashes, clip_vectors, timing = embed_queries(
+        queries,
+        images,
+        searcher,
+        views,
+        args.cache / f"queries-{key}",
+        searcher.model("clip") if clip_options else None,
+    )
     t_embed = time.perf_counter() - t_embed
 
     role = np.array([q.role for q in queries])
     family = np.array([q.family for q in queries])
     fold = np.array([q.fold for q in queries])
     src_row = np.array([row_of.get(q.source, -1) for q in queries])
-    split = Split(pos=(role == "member") & (family != UNTOUCHED), neg=(role == "nonmember") & (family != UNTOUCHED),
-                  pos_untouched=(role == "member") & (family == UNTOUCHED),
-                  neg_untouched=(role == "nonmember") & (family == UNTOUCHED))
+    split = Split(
+        pos=(role == "member") & (family != UNTOUCHED),
+        neg=(role == "nonmember") & (family != UNTOUCHED),
+        pos_untouched=(role == "member") & (family == UNTOUCHED),
+        neg_untouched=(role == "nonmember") & (family == UNTOUCHED),
+    )
     # Background per fold: that fold's untouched non-member photos; queries of fold f use fold 1-f.
     xbg_by_fold = [vectors["base"][split.neg_untouched & (fold == f)] for f in (0, 1)]
 
@@ -441,50 +477,105 @@ def main(argv: list[str] | None = None) -> int:
     methods = compare_methods(vectors, views, xb, xbg_by_fold, fold, base)
     results = [evaluate(m, m.row == src_row, split) for m in methods]
     margin = ScoreNormalization(1.0, 1, 3)
-    margin_thr = pick_threshold(next(m for m in methods if m.name.endswith(f"margin {margin}")).score, split,
-                                REPLICA_FPR)[0]
+    margin_thr = pick_threshold(
+        next(m for m in methods if m.name.endswith(f"margin {margin}")).score, split, REPLICA_FPR
+    )[0]
     dup_tpr = {}
     for copies in (1, 3):
         ms, mr = margin_with_duplicates(vectors["base"], xb, src_row, copies, margin)
         dup_tpr[copies] = rates(ms[split.pos], mr[split.pos] == src_row[split.pos], ms[split.neg], margin_thr)[0]
     for r in results:
-        logger.info("%-55s thr %.3f TPR %.3f FPR %.4f / %.4f", r["method"], r["threshold"], r["tpr"], r["fpr"],
-                    r["fpr_untouched"])
+        logger.info(
+            "%-55s thr %.3f TPR %.3f FPR %.4f / %.4f",
+            r["method"],
+            r["threshold"],
+            r["tpr"],
+            r["fpr"],
+            r["fpr_untouched"],
+        )
 
     # 4. Thresholds for the scanner as it is today (raw SSCD top-1, one view).
     replica, *replica_parts = pick_threshold(base.score, split, REPLICA_FPR)
     similar, *similar_parts = pick_threshold(base.score, split, SIMILAR_FPR)
     exact_sscd, exact_bits, picks = choose_exact(base.score, pdq_dist, pdq_row, src_row, family, split)
-    picks.update(replica_parts=replica_parts, similar_parts=similar_parts, margin_dup_tpr=dup_tpr,
-                 margin_thr=margin_thr)
+    picks.update(
+        replica_parts=replica_parts, similar_parts=similar_parts, margin_dup_tpr=dup_tpr, margin_thr=margin_thr
+    )
     clip = None
     if clip_vectors is not None:
         # the CLIP similar band, chosen like SSCD's: <= 5% of edited and of untouched non-members reach it
         clip_score, clip_rows = topk(clip_vectors, np.asarray(index.vectors("clip"), dtype=np.float32), 1)
         clip_thr, *clip_parts = pick_threshold(clip_score[:, 0], split, SIMILAR_FPR)
-        clip = ClipCalibration(index.specs["clip"].model_id, clip_score[:, 0], clip_rows[:, 0] == src_row,
-                               float(clip_thr), tuple(clip_parts))
-    chosen = Thresholds(exact_pdq_bits=exact_bits, exact_sscd=exact_sscd, replica_sscd=replica,
-                        similar_sscd=min(similar, replica),
-                        similar_clip=clip.threshold if clip else Thresholds().similar_clip)
+        clip = ClipCalibration(
+            index.specs["clip"].model_id,
+            clip_score[:, 0],
+            clip_rows[:, 0] == src_row,
+            float(clip_thr),
+            tuple(clip_parts),
+        )
+    chosen = Thresholds(
+        exact_pdq_bits=exact_bits,
+        exact_sscd=exact_sscd,
+        replica_sscd=replica,
+        similar_sscd=min(similar, replica),
+        similar_clip=clip.threshold if clip else Thresholds().similar_clip,
+    )
     (args.out / "thresholds.json").write_text(json.dumps(chosen.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     # 5. Verdicts with those thresholds, through the scanner's own decide_verdict, and the report.
-    verdicts = np.array([
-        decide_verdict({"sscd": float(base.score[i]), "pdq_distance": int(pdq_dist[i]),
-                        "clip": float(clip.score[i]) if clip else None}, chosen,
-                       same_bytes=q.role == "member" and q.family == UNTOUCHED)
-        for i, q in enumerate(queries)])
-    run = Run(args, views, queries, ids, family, split, src_row, base, base.row == src_row, pdq_dist, verdicts,
-              chosen, picks, methods, results, timing, t_embed, started, clip)
+    verdicts = np.array(
+        [
+            decide_verdict(
+                {
+                    "sscd": float(base.score[i]),
+                    "pdq_distance": int(pdq_dist[i]),
+                    "clip": float(clip.score[i]) if clip else None,
+                },
+                chosen,
+                same_bytes=q.role == "member" and q.family == UNTOUCHED,
+            )
+            for i, q in enumerate(queries)
+        ]
+    )
+    run = Run(
+        args,
+        views,
+        queries,
+        ids,
+        family,
+        split,
+        src_row,
+        base,
+        base.row == src_row,
+        pdq_dist,
+        verdicts,
+        chosen,
+        picks,
+        methods,
+        results,
+        timing,
+        t_embed,
+        started,
+        clip,
+    )
     (args.out / "calibration.md").write_text(render_report(run), encoding="utf-8")
-    logger.info("wrote %s and %s in %.0f s", args.out / "thresholds.json", args.out / "calibration.md",
-                time.perf_counter() - started)
+    logger.info(
+        "wrote %s and %s in %.0f s",
+        args.out / "thresholds.json",
+        args.out / "calibration.md",
+        time.perf_counter() - started,
+    )
     return 0
 
 
-def compare_methods(vectors: dict[str, np.ndarray], views: list[str], xb: np.ndarray,
-                    xbg_by_fold: list[np.ndarray], fold: np.ndarray, base: Scored) -> list[Scored]:
+def compare_methods(
+    vectors: dict[str, np.ndarray],
+    views: list[str],
+    xb: np.ndarray,
+    xbg_by_fold: list[np.ndarray],
+    fold: np.ndarray,
+    base: Scored,
+) -> list[Scored]:
     """The raw scanner score and the candidate improvements, each scored on the same queries."""
     norm = ScoreNormalization()
     margin = ScoreNormalization(1.0, 1, 3)
@@ -512,8 +603,9 @@ def compare_methods(vectors: dict[str, np.ndarray], views: list[str], xb: np.nda
     return methods
 
 
-def margin_with_duplicates(xq: np.ndarray, xb: np.ndarray, src_row: np.ndarray, copies: int,
-                           margin: ScoreNormalization) -> tuple[np.ndarray, np.ndarray]:
+def margin_with_duplicates(
+    xq: np.ndarray, xb: np.ndarray, src_row: np.ndarray, copies: int, margin: ScoreNormalization
+) -> tuple[np.ndarray, np.ndarray]:
     """Corpus-neighbour margin of each query if its source photo were in the corpus `copies` more times
     (training sets such as LAION hold many duplicates, and duplicated images are the ones models memorise).
     Returns (margin score, top-1 row); rows without a source (non-members) are unaffected."""
@@ -522,13 +614,14 @@ def margin_with_duplicates(xq: np.ndarray, xb: np.ndarray, src_row: np.ndarray, 
     out = corpus_margin(sk, margin)
     for i in np.flatnonzero(src_row >= 0):
         # The duplicates score exactly what the source scores; merge them into the sorted top-k.
-        merged = np.sort(np.concatenate([sk[i], np.full(copies, src_score[i])]))[::-1][:margin.last + 1]
+        merged = np.sort(np.concatenate([sk[i], np.full(copies, src_score[i])]))[::-1][: margin.last + 1]
         out[i] = corpus_margin(merged[None, :], margin)[0]
     return out, rk[:, 0]
 
 
-def choose_exact(sscd: np.ndarray, pdq_dist: np.ndarray, pdq_row: np.ndarray, src_row: np.ndarray,
-                 family: np.ndarray, split: Split) -> tuple[float, int, dict[str, Any]]:
+def choose_exact(
+    sscd: np.ndarray, pdq_dist: np.ndarray, pdq_row: np.ndarray, src_row: np.ndarray, family: np.ndarray, split: Split
+) -> tuple[float, int, dict[str, Any]]:
     """exact = PDQ within `bits` AND SSCD >= `exact_sscd`. Both are set to just cover every re-encoded member
     (the same picture re-saved as JPEG q75-95), and must stay far from every non-member (edited or not):
     bits at most half the closest non-member's PDQ distance, SSCD at least 0.1 above the highest non-member."""
@@ -541,9 +634,13 @@ def choose_exact(sscd: np.ndarray, pdq_dist: np.ndarray, pdq_row: np.ndarray, sr
     bits = int(min(int(pdq_dist[reenc].max()), neg_min_pdq // 2))
     exact_sscd = float(np.floor((float(sscd[reenc].min()) - 0.01) * 100) / 100)
     exact_sscd = max(exact_sscd, float(np.ceil((neg_max_sscd + 0.1) * 100) / 100))
-    info = {"neg_min_pdq": neg_min_pdq, "neg_max_sscd": neg_max_sscd,
-            "reencode_max_pdq": int(pdq_dist[reenc].max()), "reencode_min_sscd": float(sscd[reenc].min()),
-            "reencode_pdq_right_row": float((pdq_row[reenc] == src_row[reenc]).mean())}
+    info = {
+        "neg_min_pdq": neg_min_pdq,
+        "neg_max_sscd": neg_max_sscd,
+        "reencode_max_pdq": int(pdq_dist[reenc].max()),
+        "reencode_min_sscd": float(sscd[reenc].min()),
+        "reencode_pdq_right_row": float((pdq_row[reenc] == src_row[reenc]).mean()),
+    }
     return exact_sscd, bits, info
 
 
@@ -557,12 +654,15 @@ def clip_report(r: Run) -> str:
     _, fpru = rates(c.score[sp.pos], c.correct[sp.pos], c.score[sp.neg_untouched], t.similar_clip)
     sscd_novel = sp.pos & (r.base.score < t.similar_sscd)
     caught = sscd_novel & (c.score >= t.similar_clip) & c.correct
-    lines = [f"### CLIP similar band ({c.model_id})\n",
-             f"At similar_clip = {t.similar_clip:.4f}: {tpr:.3f} of edited members reach it with their own photo "
-             f"as CLIP's top-1; {fpr:.3f} of edited and {fpru:.3f} of untouched non-members reach it. Of the "
-             f"{int(sscd_novel.sum())} edited members below SSCD's similar band, CLIP puts {int(caught.sum())} in "
-             "its similar band with the right id.\n",
-             "| family | n | CLIP TPR (right id) | median CLIP top-1 |", "|---|---|---|---|"]
+    lines = [
+        f"### CLIP similar band ({c.model_id})\n",
+        f"At similar_clip = {t.similar_clip:.4f}: {tpr:.3f} of edited members reach it with their own photo "
+        f"as CLIP's top-1; {fpr:.3f} of edited and {fpru:.3f} of untouched non-members reach it. Of the "
+        f"{int(sscd_novel.sum())} edited members below SSCD's similar band, CLIP puts {int(caught.sum())} in "
+        "its similar band with the right id.\n",
+        "| family | n | CLIP TPR (right id) | median CLIP top-1 |",
+        "|---|---|---|---|",
+    ]
     for fam in sorted(set(r.family[sp.pos])):
         m = sp.pos & (r.family == fam)
         hit = float(((c.score >= t.similar_clip) & c.correct)[m].mean())
@@ -572,8 +672,9 @@ def clip_report(r: Run) -> str:
 
 def describe_params(p: dict[str, Any]) -> str:
     if "steps" in p:
-        return " + ".join(s["family"] + "(" + describe_params({k: v for k, v in s.items() if k != "family"}) + ")"
-                          for s in p["steps"])
+        return " + ".join(
+            s["family"] + "(" + describe_params({k: v for k, v in s.items() if k != "family"}) + ")" for s in p["steps"]
+        )
     keep = {k: v for k, v in p.items() if k not in ("box", "size", "canvas", "dark", "kinds")}
     return ", ".join(f"{k}={v}" for k, v in keep.items())
 
@@ -585,43 +686,60 @@ def render_report(r: Run) -> str:
     add = L.append
     view_arg = ",".join(r.views) or "''"
     add("## Calibration of the verdict thresholds (training/calibrate.py)\n")
-    add(f"```\n.venv/bin/python training/calibrate.py --positives {r.args.positives} --negatives {r.args.negatives} "
-        f"--seed {r.args.seed} --views {view_arg}\n```\n")
-    add(f"Machine: 2-core x86_64 CPU, shared (other engineers' jobs running, load average 6-11). Corpus: "
+    add(
+        f"```\n.venv/bin/python training/calibrate.py --positives {r.args.positives} --negatives {r.args.negatives} "
+        f"--seed {r.args.seed} --views {view_arg}\n```\n"
+    )
+    add(
+        f"Machine: 2-core x86_64 CPU, shared (other engineers' jobs running, load average 6-11). Corpus: "
         f"flickr8k-dev, {len(r.ids)} photos (224x224) indexed with SSCD (int8 ONNX, short side 288) + PDQ. "
         f"Queries: {n_pos} edited members (positives; distinct photos, about {n_pos // len(FAMILY_NAMES)} per "
         f"family), {int(sp.pos_untouched.sum())} untouched members, {n_neg} edited non-members (negatives: 2 "
         f"edits of each of the 500 flickr8k-nonmember photos, different families) and {n_negu} untouched "
         "non-members. Each edited copy is saved as JPEG (q92 unless the family sets the quality) and decoded "
         "with `decode_image`, as the scanner reads files. A positive counts only when its top-1 SSCD match is "
-        "its own source photo (`wrong id` otherwise). Counts per family are in the per-family table.\n")
+        "its own source photo (`wrong id` otherwise). Counts per family are in the per-family table.\n"
+    )
 
     # -- chosen values
     rp, sp_ = r.picks["replica_parts"], r.picks["similar_parts"]
     add("### Chosen thresholds (bench/results/thresholds.json)\n")
     add("| field | value | how |")
     add("|---|---|---|")
-    add(f"| replica_sscd | {t.replica_sscd:.2f} | lowest SSCD with FPR <= 1% on the edited non-members ({rp[0]:.2f}) "
-        f"AND on the untouched ones ({rp[1]:.2f}); the larger wins |")
-    add(f"| similar_sscd | {t.similar_sscd:.2f} | the same at FPR <= 5% ({sp_[0]:.2f} edited, "
-        f"{sp_[1]:.2f} untouched) |")
-    add(f"| exact_pdq_bits | {t.exact_pdq_bits} | the largest PDQ distance of a re-encoded member (JPEG q75-95), "
-        f"capped at half the closest non-member ({r.picks['neg_min_pdq']} bits) |")
-    add(f"| exact_sscd | {t.exact_sscd:.2f} | just under the lowest SSCD of a re-encoded member "
-        f"({r.picks['reencode_min_sscd']:.3f}); the highest non-member is {r.picks['neg_max_sscd']:.3f} |")
+    add(
+        f"| replica_sscd | {t.replica_sscd:.2f} | lowest SSCD with FPR <= 1% on the edited non-members ({rp[0]:.2f}) "
+        f"AND on the untouched ones ({rp[1]:.2f}); the larger wins |"
+    )
+    add(
+        f"| similar_sscd | {t.similar_sscd:.2f} | the same at FPR <= 5% ({sp_[0]:.2f} edited, {sp_[1]:.2f} untouched) |"
+    )
+    add(
+        f"| exact_pdq_bits | {t.exact_pdq_bits} | the largest PDQ distance of a re-encoded member (JPEG q75-95), "
+        f"capped at half the closest non-member ({r.picks['neg_min_pdq']} bits) |"
+    )
+    add(
+        f"| exact_sscd | {t.exact_sscd:.2f} | just under the lowest SSCD of a re-encoded member "
+        f"({r.picks['reencode_min_sscd']:.3f}); the highest non-member is {r.picks['neg_max_sscd']:.3f} |"
+    )
     if r.clip is None:
-        add(f"| similar_clip | {t.similar_clip} | not calibrated: no CLIP weights on this machine; default kept "
-            "(`--clip-model` calibrates it) |\n")
+        add(
+            f"| similar_clip | {t.similar_clip} | not calibrated: no CLIP weights on this machine; default kept "
+            "(`--clip-model` calibrates it) |\n"
+        )
     else:
         cp = r.clip.parts
-        add(f"| similar_clip | {t.similar_clip:.4f} | CLIP ({r.clip.model_id}) top-1 at FPR <= 5% ({cp[0]:.4f} "
-            f"edited, {cp[1]:.4f} untouched); the larger wins. For this CLIP model only |\n")
+        add(
+            f"| similar_clip | {t.similar_clip:.4f} | CLIP ({r.clip.model_id}) top-1 at FPR <= 5% ({cp[0]:.4f} "
+            f"edited, {cp[1]:.4f} untouched); the larger wins. For this CLIP model only |\n"
+        )
     tpr, fpr = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg], t.replica_sscd)
     _, fpru = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg_untouched], t.replica_sscd)
     met = tpr >= 0.97 and fpr <= 0.01 and fpru <= 0.01
-    add(f"**At replica_sscd = {t.replica_sscd:.2f}: TPR {tpr:.3f} over {n_pos} edited members; FPR {fpr:.3f} over "
+    add(
+        f"**At replica_sscd = {t.replica_sscd:.2f}: TPR {tpr:.3f} over {n_pos} edited members; FPR {fpr:.3f} over "
         f"{n_neg} edited non-members and {fpru:.3f} over {n_negu} untouched ones** (target TPR >= 0.97 at "
-        f"FPR <= 1%: {'met' if met else 'NOT met'}).\n")
+        f"FPR <= 1%: {'met' if met else 'NOT met'}).\n"
+    )
 
     add(recommendation(r))
     if r.clip is not None:
@@ -639,25 +757,33 @@ def render_report(r: Run) -> str:
     qn = np.quantile(base.score[sp.neg], [0.5, 0.95, 0.99, 1.0])
     qu = np.quantile(base.score[sp.neg_untouched], [0.5, 0.95, 0.99, 1.0])
     qp = np.quantile(base.score[sp.pos & r.correct], [0.01, 0.05, 0.5])
-    add(f"Top-1 SSCD of edited non-members: median {qn[0]:.3f}, p95 {qn[1]:.3f}, p99 {qn[2]:.3f}, max {qn[3]:.3f}; "
+    add(
+        f"Top-1 SSCD of edited non-members: median {qn[0]:.3f}, p95 {qn[1]:.3f}, p99 {qn[2]:.3f}, max {qn[3]:.3f}; "
         f"untouched non-members: median {qu[0]:.3f}, p95 {qu[1]:.3f}, p99 {qu[2]:.3f}, max {qu[3]:.3f}; edited "
-        f"members (right id): p1 {qp[0]:.3f}, p5 {qp[1]:.3f}, median {qp[2]:.3f}.\n")
+        f"members (right id): p1 {qp[0]:.3f}, p5 {qp[1]:.3f}, median {qp[2]:.3f}.\n"
+    )
     a50 = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg | sp.neg_untouched], 0.5)
     a75 = rates(base.score[sp.pos], r.correct[sp.pos], base.score[sp.neg | sp.neg_untouched], 0.75)
-    add(f"Anchors: at Somepalli et al.'s 0.5 (replication) this model and preprocessing give TPR {a50[0]:.3f} at "
+    add(
+        f"Anchors: at Somepalli et al.'s 0.5 (replication) this model and preprocessing give TPR {a50[0]:.3f} at "
         f"FPR {a50[1]:.3f} over all {n_neg + n_negu} non-members; at the SSCD paper's 0.75 (a copy at about 90% "
         f"precision on DISC2021) TPR {a75[0]:.3f} at FPR {a75[1]:.3f}: far too strict for edited copies here. "
         "The 1%-FPR point sits below 0.5 because unrelated photos rarely exceed 0.3 against this corpus; it "
         "will rise with a larger corpus (more chances for a close unrelated photo), so re-run this harness on "
-        "the real index (`--corpus`) before trusting these numbers there.\n")
+        "the real index (`--corpus`) before trusting these numbers there.\n"
+    )
 
     # -- per family
     add("### Per edit family at the chosen thresholds (raw SSCD, one view)\n")
-    add("Positives: `TPR` = exact, or replica with the right id; `exact` = PDQ/SSCD exact rule met (or identical "
+    add(
+        "Positives: `TPR` = exact, or replica with the right id; `exact` = PDQ/SSCD exact rule met (or identical "
         "bytes); `similar` = right id in the similar band; `wrong id` = top-1 is another photo and >= similar; "
-        "`missed` = below similar. Negatives: `FPR` = share >= replica (any id); `sim.` = share in the similar band.\n")
-    add("| family | pos n | TPR | exact | similar | wrong id | missed | median SSCD | median PDQ bits | neg n | FPR "
-        "| sim. |")
+        "`missed` = below similar. Negatives: `FPR` = share >= replica (any id); `sim.` = share in the similar band.\n"
+    )
+    add(
+        "| family | pos n | TPR | exact | similar | wrong id | missed | median SSCD | median PDQ bits | neg n | FPR "
+        "| sim. |"
+    )
     add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for f in [*FAMILY_NAMES, UNTOUCHED]:
         p = (fam == f) & (sp.pos | sp.pos_untouched)
@@ -670,47 +796,64 @@ def render_report(r: Run) -> str:
         fp = ng & (base.score >= t.replica_sscd)
         nsim = ng & (base.score >= t.similar_sscd) & (base.score < t.replica_sscd)
         a, b = int(p.sum()), int(ng.sum())
-        add(f"| {f} | {a} | {hit.sum() / a:.3f} | {int(ex.sum())} | {int(sim.sum())} | {int(wrong.sum())} | "
+        add(
+            f"| {f} | {a} | {hit.sum() / a:.3f} | {int(ex.sum())} | {int(sim.sum())} | {int(wrong.sum())} | "
             f"{int(missed.sum())} | {np.median(base.score[p]):.3f} | {np.median(r.pdq_dist[p]):.0f} | {b} | "
-            f"{fp.sum() / b:.3f} | {nsim.sum() / b:.3f} |")
+            f"{fp.sum() / b:.3f} | {nsim.sum() / b:.3f} |"
+        )
     add("")
 
     # -- exact
     neg_all = sp.neg | sp.neg_untouched
     add("### Exact\n")
-    add(f"Re-encoded members (JPEG q75-95): PDQ <= {r.picks['reencode_max_pdq']} bits, SSCD >= "
+    add(
+        f"Re-encoded members (JPEG q75-95): PDQ <= {r.picks['reencode_max_pdq']} bits, SSCD >= "
         f"{r.picks['reencode_min_sscd']:.3f}, PDQ top-1 is the source for {r.picks['reencode_pdq_right_row']:.0%}. "
         f"The closest non-member is {r.picks['neg_min_pdq']} bits away (random 256-bit hashes differ by about 128; "
         f"the nearest of 2,500 by about 90-100), so PDQ alone already separates them; exact_sscd guards against "
         f"flat or blank images whose hashes collide. Non-members called exact: "
-        f"{int((neg_all & (r.verdicts == 'exact')).sum())} of {int(neg_all.sum())}.")
+        f"{int((neg_all & (r.verdicts == 'exact')).sum())} of {int(neg_all.sum())}."
+    )
     ex_by_fam = Counter(fam[(r.verdicts == "exact") & sp.pos])
-    add("Edited members called exact besides re-encodes (PDQ ignores colour, and low-frequency edits keep the hash): "
-        + (", ".join(f"{k} {v}" for k, v in ex_by_fam.most_common() if k != "reencode") or "none") + ".\n")
+    add(
+        "Edited members called exact besides re-encodes (PDQ ignores colour, and low-frequency edits keep the hash): "
+        + (", ".join(f"{k} {v}" for k, v in ex_by_fam.most_common() if k != "reencode") or "none")
+        + ".\n"
+    )
 
     # -- improvements
-    add("### Improvements (same queries; each method's threshold re-chosen the same way: FPR <= 1% on edited "
-        "AND on untouched non-members)\n")
-    add("Score normalisation (SSCD paper eq. 8: s - beta * mean similarity to the query's [first..last] nearest "
+    add(
+        "### Improvements (same queries; each method's threshold re-chosen the same way: FPR <= 1% on edited "
+        "AND on untouched non-members)\n"
+    )
+    add(
+        "Score normalisation (SSCD paper eq. 8: s - beta * mean similarity to the query's [first..last] nearest "
         "background images) and centring use a background of 250 untouched non-member photos: each half of the "
         "non-members is the background for queries drawn from the other half (members alternate), so no "
         "negative is normalised against itself or its own edits. `corpus-neighbour margin` uses the query's own "
         "2nd..4th corpus neighbours as the background (no extra data; the scanner already fetches the top 10). "
         "Multi-view = max over the views' top-1 scores (every query, untouched ones too, gets every view). `edited-only` "
-        "columns: the threshold and TPR if only the edited non-members set it (the brief's definition).\n")
-    add("| method | threshold | TPR | FPR edited | FPR untouched | edited-only thr | TPR at it "
-        "| SSCD embeddings per query |")
+        "columns: the threshold and TPR if only the edited non-members set it (the brief's definition).\n"
+    )
+    add(
+        "| method | threshold | TPR | FPR edited | FPR untouched | edited-only thr | TPR at it "
+        "| SSCD embeddings per query |"
+    )
     add("|---|---|---|---|---|---|---|---|")
     for x in r.results:
-        add(f"| {x['method']} | {x['threshold']:.2f} | {x['tpr']:.3f} | {x['fpr']:.3f} | {x['fpr_untouched']:.3f} | "
-            f"{x['threshold_edited']:.2f} | {x['tpr_edited']:.3f} | {x['n_views']} |")
+        add(
+            f"| {x['method']} | {x['threshold']:.2f} | {x['tpr']:.3f} | {x['fpr']:.3f} | {x['fpr_untouched']:.3f} | "
+            f"{x['threshold_edited']:.2f} | {x['tpr_edited']:.3f} | {x['n_views']} |"
+        )
     add("")
     d = r.picks["margin_dup_tpr"]
-    add(f"The corpus-neighbour margin's gain comes with a failure mode: if the source photo were in the corpus "
+    add(
+        f"The corpus-neighbour margin's gain comes with a failure mode: if the source photo were in the corpus "
         f"twice (simulated: its vector duplicated), the margin method's TPR at its threshold "
         f"({r.picks['margin_thr']:.2f}) would fall to {d[1]:.3f}; with 3 extra copies to {d[3]:.3f}. Web-scale "
         "training sets hold many duplicates, and duplicated images are the ones generators memorise, so this "
-        "method must not be used as is.\n")
+        "method must not be used as is.\n"
+    )
     key = [m for m in r.methods if m.key]
     add("TPR per family (right id) for the main methods, each at its own threshold:\n")
     add("| family | " + " | ".join(m.name for m in key) + " |")
@@ -720,21 +863,29 @@ def render_report(r: Run) -> str:
     add("")
     per_img = r.timing.get("sscd_base_s_per_img")
     if per_img:
-        add(f"Throughput on this loaded machine (SSCD embedding only, batches of 32): {1 / per_img:.1f} img/s for "
-            "the base view" + "".join(f"; {v} view {1 / r.timing[f'sscd_{v}_s_per_img']:.1f} img/s" for v in r.views
-                                      if f"sscd_{v}_s_per_img" in r.timing)
+        add(
+            f"Throughput on this loaded machine (SSCD embedding only, batches of 32): {1 / per_img:.1f} img/s for "
+            "the base view"
+            + "".join(
+                f"; {v} view {1 / r.timing[f'sscd_{v}_s_per_img']:.1f} img/s"
+                for v in r.views
+                if f"sscd_{v}_s_per_img" in r.timing
+            )
             + f". A query with k views costs k SSCD embeddings, so scanning throughput drops to about 1/k "
-              f"(edit + decode {r.timing.get('edit_decode_s_per_img', 0) * 1000:.0f} ms/img and PDQ "
-              f"{r.timing.get('pdq_s_per_img', 0) * 1000:.0f} ms/img are small next to SSCD's "
-              f"{per_img * 1000:.0f} ms/img here). Score normalisation and centring cost one 512 x background "
-              "matrix product per query (microseconds).\n")
+            f"(edit + decode {r.timing.get('edit_decode_s_per_img', 0) * 1000:.0f} ms/img and PDQ "
+            f"{r.timing.get('pdq_s_per_img', 0) * 1000:.0f} ms/img are small next to SSCD's "
+            f"{per_img * 1000:.0f} ms/img here). Score normalisation and centring cost one 512 x background "
+            "matrix product per query (microseconds).\n"
+        )
 
     # -- misses
     add("### Misses (edited members not exact and not found as replica with the right id; raw SSCD)\n")
-    add("Seen on the images (seed 0): meme-style captions covering most of the frame, desktop-window screenshots "
+    add(
+        "Seen on the images (seed 0): meme-style captions covering most of the frame, desktop-window screenshots "
         "where the photo fills under a quarter of the canvas, and chains of two or three strong edits "
         "(perspective + blur + crop, JPEG q8-25 + text). All but a few still land in the `similar` band with "
-        "the right id.\n")
+        "the right id.\n"
+    )
     miss = sp.pos & ~(r.correct & (base.score >= t.replica_sscd)) & (r.verdicts != "exact")
     by_fam: dict[str, list[int]] = defaultdict(list)
     for i in np.flatnonzero(miss):
@@ -745,23 +896,31 @@ def render_report(r: Run) -> str:
         for i in sorted(items, key=lambda i: base.score[i])[:6]:
             q = r.queries[i]
             who = "right id" if r.correct[i] else f"wrong id {r.ids[base.row[i]]}"
-            add(f"  - SSCD {base.score[i]:.3f} ({who}, verdict {r.verdicts[i]}), {q.size[0]}x{q.size[1]}: "
-                f"{describe_params(q.params)}")
+            add(
+                f"  - SSCD {base.score[i]:.3f} ({who}, verdict {r.verdicts[i]}), {q.size[0]}x{q.size[1]}: "
+                f"{describe_params(q.params)}"
+            )
     add("")
     add("### Highest-scoring non-members (raw SSCD)\n")
     top = np.flatnonzero(neg_all)
     top = top[np.argsort(-base.score[top])][:8]
     for i in top:
         q = r.queries[i]
-        add(f"- {base.score[i]:.3f}: {q.source} ({q.family}{': ' + describe_params(q.params) if q.params else ''}) "
-            f"-> corpus {r.ids[base.row[i]]}")
-    add("\nOn inspection (seed 0) these are not copies but other shots of the same scene: 745880539 and corpus "
+        add(
+            f"- {base.score[i]:.3f}: {q.source} ({q.family}{': ' + describe_params(q.params) if q.params else ''}) "
+            f"-> corpus {r.ids[base.row[i]]}"
+        )
+    add(
+        "\nOn inspection (seed 0) these are not copies but other shots of the same scene: 745880539 and corpus "
         "000010357 (Flickr 746787916) are a burst of the same dog leaving the same agility tunnel; the 0.48-0.49 "
         "pairs are other moments of the same karate bout, rodeo, football game and street dance. Flickr8k holds "
-        "several photos per photographer and event, so these hard negatives set the 1% point.\n")
-    add(f"Run time: {time.perf_counter() - r.started:.0f} s in all, of which embedding {r.seconds_embed:.0f} s "
+        "several photos per photographer and event, so these hard negatives set the 1% point.\n"
+    )
+    add(
+        f"Run time: {time.perf_counter() - r.started:.0f} s in all, of which embedding {r.seconds_embed:.0f} s "
         "(index and query embeddings are cached under bench/results/.cache/; a first run here took about 8.5 min "
-        "to index, 10 min to embed the base queries and about 7 min per extra view).\n")
+        "to index, 10 min to embed the base queries and about 7 min per extra view).\n"
+    )
     return "\n".join(L)
 
 
@@ -769,11 +928,13 @@ def recommendation(r: Run) -> str:
     """The advice for the scanner, with this run's numbers (methods missing from the run are left out)."""
     by = {x["method"]: x for x in r.results}
     raw = by["raw SSCD (scanner today)"]
-    lines = ["### Recommendation for the scanner\n",
-             f"1. Ship thresholds.json (raw SSCD top-1, one view): TPR {raw['tpr']:.3f} at FPR {raw['fpr']:.3f} "
-             f"(edited) / {raw['fpr_untouched']:.3f} (untouched). No view or normalisation is needed to meet the "
-             "target on this data; differences below are a handful of queries out of 1,000, so treat anything "
-             "under about 0.005 as noise."]
+    lines = [
+        "### Recommendation for the scanner\n",
+        f"1. Ship thresholds.json (raw SSCD top-1, one view): TPR {raw['tpr']:.3f} at FPR {raw['fpr']:.3f} "
+        f"(edited) / {raw['fpr_untouched']:.3f} (untouched). No view or normalisation is needed to meet the "
+        "target on this data; differences below are a handful of queries out of 1,000, so treat anything "
+        "under about 0.005 as noise.",
+    ]
     centre_view = by.get("multi-view (+centre60)")
     if centre_view:
         # `scan --centre-view` keeps the one-view replica threshold: its rates there are what users get
@@ -788,7 +949,8 @@ def recommendation(r: Run) -> str:
             f"{centre_view['threshold']:.2f} (TPR {centre_view['tpr']:.3f}). It recovers small photos inside "
             "screenshots and some combined edits (per-family table). It doubles SSCD work (throughput halves), "
             "so not by default. A horizontal-flip view adds nothing (flipped copies already score high), and "
-            "rotation views were not needed: the rotate90 family is found by one view.")
+            "rotation views were not needed: the rotate90 family is found by one view."
+        )
     norm = by.get("score norm 1.00[0,2]")
     if norm:
         lines.append(
@@ -796,14 +958,18 @@ def recommendation(r: Run) -> str:
             f"FPR {norm['fpr']:.3f} / {norm['fpr_untouched']:.3f}; with the centre view "
             f"{by.get('multi-view (+centre60) + score norm 1.00[0,2]', norm)['tpr']:.3f}. A real but small gain; "
             "it needs background vectors shipped with the index (non-member photos of the corpus's kind) and a "
-            "threshold on the adjusted scale. Worth adding when calibration on the real corpus shows a gap.")
-    lines.append("4. Do not adopt the corpus-neighbour margin despite its numbers: it fails on duplicated "
-                 "corpus images (below). Centring alone changes nothing here.\n")
+            "threshold on the adjusted scale. Worth adding when calibration on the real corpus shows a gap."
+        )
+    lines.append(
+        "4. Do not adopt the corpus-neighbour margin despite its numbers: it fails on duplicated "
+        "corpus images (below). Centring alone changes nothing here.\n"
+    )
     return "\n".join(lines)
 
 
-def per_family_methods(methods: list[Scored], src_row: np.ndarray, family: np.ndarray, split: Split
-                       ) -> dict[str, list[str]]:
+def per_family_methods(
+    methods: list[Scored], src_row: np.ndarray, family: np.ndarray, split: Split
+) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     thrs = [pick_threshold(m.score, split, REPLICA_FPR)[0] for m in methods]
 
@@ -813,11 +979,12 @@ def per_family_methods(methods: list[Scored], src_row: np.ndarray, family: np.nd
     for f in FAMILY_NAMES:
         p = split.pos & (family == f)
         if p.any():
-            out[f] = [f"{tpr(m, thr, p):.2f}" for m, thr in zip(methods, thrs)]
-    out["**all: TPR**"] = [f"{tpr(m, thr, split.pos):.3f}" for m, thr in zip(methods, thrs)]
+            out[f] = [f"{tpr(m, thr, p):.2f}" for m, thr in zip(methods, thrs, strict=False)]
+    out["**all: TPR**"] = [f"{tpr(m, thr, split.pos):.3f}" for m, thr in zip(methods, thrs, strict=False)]
     out["**FPR edited / untouched**"] = [
         f"{(m.score[split.neg] >= thr).mean():.3f} / {(m.score[split.neg_untouched] >= thr).mean():.3f}"
-        for m, thr in zip(methods, thrs)]
+        for m, thr in zip(methods, thrs, strict=False)
+    ]
     return out
 
 

@@ -36,13 +36,16 @@ class ScoreNormalization:
 
 def _check_matrix(name: str, x: np.ndarray) -> np.ndarray:
     if not isinstance(x, np.ndarray) or x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be a 2-d float matrix (n, d), got "
-                        f"{type(x).__name__}{getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}")
+        raise TypeError(
+            f"{name} must be a 2-d float matrix (n, d), got "
+            f"{type(x).__name__}{getattr(x, 'shape', '')} {getattr(x, 'dtype', '')}"
+        )
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def background_similarity(xq: np.ndarray, xbg: np.ndarray, norm: ScoreNormalization = ScoreNormalization(),
-                          batch: int = 1024) -> np.ndarray:
+def background_similarity(
+    xq: np.ndarray, xbg: np.ndarray, norm: ScoreNormalization = ScoreNormalization(), batch: int = 1024
+) -> np.ndarray:
     """(n,) float32: each query's mean similarity to its `norm.first..norm.last` nearest background vectors."""
     xq = _check_matrix("xq", xq)
     xbg = _check_matrix("xbg", xbg)
@@ -52,16 +55,17 @@ def background_similarity(xq: np.ndarray, xbg: np.ndarray, norm: ScoreNormalizat
         raise ValueError(f"the background has {len(xbg)} vectors; normalisation {norm} needs at least {norm.last + 1}")
     out = np.empty(len(xq), dtype=np.float32)
     for i in range(0, len(xq), batch):
-        sims = xq[i:i + batch] @ xbg.T  # (b, n_background)
+        sims = xq[i : i + batch] @ xbg.T  # (b, n_background)
         # Top last+1 similarities, sorted descending; argpartition keeps this O(n_background).
-        top = -np.partition(-sims, norm.last, axis=1)[:, :norm.last + 1]
+        top = -np.partition(-sims, norm.last, axis=1)[:, : norm.last + 1]
         top = -np.sort(-top, axis=1)
-        out[i:i + batch] = top[:, norm.first:norm.last + 1].mean(axis=1)
+        out[i : i + batch] = top[:, norm.first : norm.last + 1].mean(axis=1)
     return out
 
 
-def normalize_scores(xq: np.ndarray, scores: np.ndarray, xbg: np.ndarray,
-                     norm: ScoreNormalization = ScoreNormalization()) -> np.ndarray:
+def normalize_scores(
+    xq: np.ndarray, scores: np.ndarray, xbg: np.ndarray, norm: ScoreNormalization = ScoreNormalization()
+) -> np.ndarray:
     """Adjusted scores, same shape as `scores` ((n,) top-1 or (n, k) top-k of each query):
     `scores - norm.beta * background_similarity(xq, xbg)`. The ranking of one query's matches is unchanged;
     what changes is which queries clear a global threshold."""
@@ -94,7 +98,7 @@ def corpus_margin(scores: np.ndarray, norm: ScoreNormalization = ScoreNormalizat
         raise ValueError(f"scores must be (n, k) with k > {norm.last}, got shape {scores.shape}")
     if norm.first < 1:
         raise ValueError("corpus_margin needs first >= 1: neighbour 0 is the candidate match itself")
-    return scores[:, 0] - norm.beta * scores[:, norm.first:norm.last + 1].mean(axis=1)
+    return scores[:, 0] - norm.beta * scores[:, norm.first : norm.last + 1].mean(axis=1)
 
 
 def topk(xq: np.ndarray, xb: np.ndarray, k: int = 1, batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -105,12 +109,12 @@ def topk(xq: np.ndarray, xb: np.ndarray, k: int = 1, batch: int = 1024) -> tuple
     scores = np.empty((len(xq), k), dtype=np.float32)
     rows = np.empty((len(xq), k), dtype=np.int64)
     for i in range(0, len(xq), batch):
-        sims = xq[i:i + batch] @ xb.T  # (b, n_corpus)
+        sims = xq[i : i + batch] @ xb.T  # (b, n_corpus)
         part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         part_scores = np.take_along_axis(sims, part, axis=1)
         order = np.argsort(-part_scores, axis=1)
-        rows[i:i + batch] = np.take_along_axis(part, order, axis=1)
-        scores[i:i + batch] = np.take_along_axis(part_scores, order, axis=1)
+        rows[i : i + batch] = np.take_along_axis(part, order, axis=1)
+        scores[i : i + batch] = np.take_along_axis(part_scores, order, axis=1)
     return scores, rows
 
 
@@ -137,8 +141,9 @@ def threshold_at_fpr(negative_scores: np.ndarray, max_fpr: float, decimals: int 
     return t
 
 
-def rates(pos_scores: np.ndarray, pos_correct: np.ndarray, neg_scores: np.ndarray, threshold: float
-          ) -> tuple[float, float]:
+def rates(
+    pos_scores: np.ndarray, pos_correct: np.ndarray, neg_scores: np.ndarray, threshold: float
+) -> tuple[float, float]:
     """(TPR, FPR) at `threshold`; a positive counts only when its top match is the right item (`pos_correct`)."""
     pos_scores = np.asarray(pos_scores)
     hit = (pos_scores >= threshold) & np.asarray(pos_correct, dtype=bool)

@@ -50,8 +50,9 @@ class EditedImage:
 # ------------------------------------------------------------------------------------ geometry
 
 
-def crop(image: Image.Image, rng: np.random.Generator, area: tuple[float, float] = (0.5, 0.85)
-         ) -> tuple[Image.Image, dict[str, Any]]:
+def crop(
+    image: Image.Image, rng: np.random.Generator, area: tuple[float, float] = (0.5, 0.85)
+) -> tuple[Image.Image, dict[str, Any]]:
     """A random crop keeping `area` of the pixels, aspect ratio within 3:4..4:3 of the original's."""
     w, h = image.size
     a = float(rng.uniform(*area))
@@ -126,8 +127,12 @@ def perspective(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Ima
     w, h = image.size
     m = float(rng.uniform(0.08, 0.2))
     shift = rng.uniform(0, m, size=(4, 2)) * [w, h]
-    quad = [(shift[0, 0], shift[0, 1]), (shift[1, 0], h - shift[1, 1]),
-            (w - shift[2, 0], h - shift[2, 1]), (w - shift[3, 0], shift[3, 1])]
+    quad = [
+        (shift[0, 0], shift[0, 1]),
+        (shift[1, 0], h - shift[1, 1]),
+        (w - shift[2, 0], h - shift[2, 1]),
+        (w - shift[3, 0], shift[3, 1]),
+    ]
     coeffs = _perspective_coeffs(quad, [(0, 0), (0, h), (w, h), (w, 0)])
     fill = (0, 0, 0) if rng.random() < 0.5 else (255, 255, 255)
     out = image.transform((w, h), Image.Transform.PERSPECTIVE, coeffs, Image.Resampling.BICUBIC, fillcolor=fill)
@@ -137,7 +142,7 @@ def perspective(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Ima
 def _perspective_coeffs(out_pts: list[tuple[float, float]], in_pts: list[tuple[float, float]]) -> list[float]:
     """PIL's PERSPECTIVE coefficients (a..h) that map each output point to its input point (8 equations)."""
     rows = []
-    for (x, y), (u, v) in zip(out_pts, in_pts):
+    for (x, y), (u, v) in zip(out_pts, in_pts, strict=False):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
     a = np.array(rows, dtype=np.float64)
@@ -228,8 +233,14 @@ def text_overlay(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Im
     out = image.copy()
     draw = ImageDraw.Draw(out)
     w, h = out.size
-    draw.text((w * 0.05, h * 0.8), "when you finally get the weekend off", fill=(255, 255, 255),
-              font=_font(rng, h // 10), stroke_width=2, stroke_fill=(0, 0, 0))
+    draw.text(
+        (w * 0.05, h * 0.8),
+        "when you finally get the weekend off",
+        fill=(255, 255, 255),
+        font=_font(rng, h // 10),
+        stroke_width=2,
+        stroke_fill=(0, 0, 0),
+    )
     return out, {"kind": "caption"}
 
 
@@ -274,16 +285,20 @@ def emoji_overlay(image: Image.Image, rng: np.random.Generator) -> tuple[Image.I
 def _shape_tile(rng: np.random.Generator, size: int) -> Image.Image:
     tile = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     d = ImageDraw.Draw(tile)
-    colour = tuple(int(c) for c in rng.integers(0, 256, size=3)) + (255,)
+    colour = (*tuple(int(c) for c in rng.integers(0, 256, size=3)), 255)
     kind = int(rng.integers(3))
     if kind == 0:
         d.ellipse((0, 0, size - 1, size - 1), fill=colour)
     elif kind == 1:
         d.rectangle((0, size // 4, size - 1, 3 * size // 4), fill=colour)
     else:
-        pts = [(size / 2 + size / 2 * math.cos(math.pi / 2 + i * math.pi / 5) * (1 if i % 2 == 0 else 0.45),
-                size / 2 - size / 2 * math.sin(math.pi / 2 + i * math.pi / 5) * (1 if i % 2 == 0 else 0.45))
-               for i in range(10)]
+        pts = [
+            (
+                size / 2 + size / 2 * math.cos(math.pi / 2 + i * math.pi / 5) * (1 if i % 2 == 0 else 0.45),
+                size / 2 - size / 2 * math.sin(math.pi / 2 + i * math.pi / 5) * (1 if i % 2 == 0 else 0.45),
+            )
+            for i in range(10)
+        ]
         d.polygon(pts, fill=colour)
     return tile
 
@@ -317,8 +332,12 @@ def screenshot(image: Image.Image, rng: np.random.Generator) -> tuple[Image.Imag
     if kind == "phone":
         bar = int(ch * 0.035)
         d.rectangle((0, 0, cw, bar), fill=(0, 0, 0) if not dark else (40, 40, 40))
-        d.text((8, 2), f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}", fill=(255, 255, 255),
-               font=_font(rng, bar * 0.7))
+        d.text(
+            (8, 2),
+            f"{int(rng.integers(0, 24)):02d}:{int(rng.integers(0, 60)):02d}",
+            fill=(255, 255, 255),
+            font=_font(rng, bar * 0.7),
+        )
         d.rectangle((cw - 40, bar // 4, cw - 12, 3 * bar // 4), outline=(255, 255, 255))
         nav = int(ch * 0.06)
         d.rectangle((0, bar, cw, bar + nav), fill=bg)

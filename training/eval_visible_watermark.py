@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import sys
@@ -73,12 +74,21 @@ def heldout_photos() -> list[tuple[str, Image.Image, str]]:
     """(name, photo, caption) of the 1,000 held-out Flickr8k photos."""
     from provenance.corpus import read_webdataset
 
-    out = [(f"00004/{it.id}.jpg", Image.open(io.BytesIO(it.data)).convert("RGB"), (it.caption or "").strip())
-           for it in read_webdataset(str(DATA / "flickr8k-dev" / "00004.tar")) if it.data]
+    out = [
+        (f"00004/{it.id}.jpg", Image.open(io.BytesIO(it.data)).convert("RGB"), (it.caption or "").strip())
+        for it in read_webdataset(str(DATA / "flickr8k-dev" / "00004.tar"))
+        if it.data
+    ]
     nonmember = DATA / "flickr8k-nonmember"
     for line in (nonmember / "metadata.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out.append((f"nonmember/{row['file_name']}", Image.open(nonmember / row["file_name"]).convert("RGB"), row.get("caption", "")))
+        out.append(
+            (
+                f"nonmember/{row['file_name']}",
+                Image.open(nonmember / row["file_name"]).convert("RGB"),
+                row.get("caption", ""),
+            )
+        )
     return out
 
 
@@ -87,7 +97,9 @@ def coco_photos() -> list[tuple[str, Image.Image, str]]:
     out = []
     for line in (coco / "metadata.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out.append((f"coco/{row['file_name']}", Image.open(coco / row["file_name"]).convert("RGB"), row.get("caption", "")))
+        out.append(
+            (f"coco/{row['file_name']}", Image.open(coco / row["file_name"]).convert("RGB"), row.get("caption", ""))
+        )
     return out
 
 
@@ -102,7 +114,7 @@ def load_real_marks(path: Path = REAL_MARKS) -> dict[str, dict]:
 def without_photos(p: np.ndarray, examples: list, drop) -> tuple[np.ndarray, list]:
     """The scores and examples whose photo is not in drop."""
     keep = np.array([f["photo"] not in drop for _, _, f in examples], dtype=bool)
-    return p[keep], [e for e, k in zip(examples, keep) if k]
+    return p[keep], [e for e, k in zip(examples, keep, strict=False) if k]
 
 
 def real_mark_summary(p: np.ndarray, examples: list, marked: dict, threshold: float) -> dict:
@@ -111,7 +123,7 @@ def real_mark_summary(p: np.ndarray, examples: list, marked: dict, threshold: fl
     pos: dict[str, float] = {}
     clean: dict[str, float] = {}
     text = []
-    for q, (_, kind, f) in zip(p, examples):
+    for q, (_, kind, f) in zip(p, examples, strict=False):
         if kind == "clean":  # COCO's 4 variants of a clean photo are the same image: count it once
             (pos if f["photo"] in marked else clean).setdefault(f["photo"], float(q))
         elif kind == "text" and f["photo"] not in marked:
@@ -152,8 +164,11 @@ def heldout_streams(photos, heldout_fonts, seed: int) -> dict:
         words=overlays.HELDOUT_TEXT_STRINGS.words,
     )
     args_h = (heldout_fonts, overlays.HELDOUT_WATERMARK_STRINGS, text_strings, seed)
-    return {"native": iter_examples(photos, *args_h, native=True), "canvas": iter_examples(photos, *args_h),
-            "coco": iter_examples(coco_photos(), *args_h, native=True, variants=4)}
+    return {
+        "native": iter_examples(photos, *args_h, native=True),
+        "canvas": iter_examples(photos, *args_h),
+        "coco": iter_examples(coco_photos(), *args_h, native=True, variants=4),
+    }
 
 
 def seen_examples(photos, train_fonts, seed: int):
@@ -166,8 +181,11 @@ def seen_examples(photos, train_fonts, seed: int):
 
 def suggest_gate(flagged_at: dict) -> float | None:
     """The lowest gate that flags <= MAX_FALSE_FLAG_RATE of clean and of opaque-text photos (on the seen draw)."""
-    ok = [float(g) for g, v in flagged_at.items()
-          if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE]
+    ok = [
+        float(g)
+        for g, v in flagged_at.items()
+        if v["clean"] <= MAX_FALSE_FLAG_RATE and v["text"] <= MAX_FALSE_FLAG_RATE
+    ]
     return min(ok) if ok else None
 
 
@@ -190,7 +208,7 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
     kinds = np.array([k for _, k, _ in examples])
     pos, clean, text = p[kinds == "watermark"], p[kinds == "clean"], p[kinds == "text"]
     res = {
-        "n": {"watermark": int(len(pos)), "text": int(len(text)), "clean": int(len(clean))},
+        "n": {"watermark": len(pos), "text": len(text), "clean": len(clean)},
         "auc": round(auc(pos, np.concatenate([clean, text])), 4),
         "auc_vs_clean": round(auc(pos, clean), 4),
         "auc_vs_text": round(auc(pos, text), 4),
@@ -200,12 +218,15 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
     }
     # what a gate at each probability would flag: for choosing the checkpoint's flag threshold (on the "seen" draw)
     res["flagged_at"] = {
-        f"{g:.2f}": {"recall": round(float((pos >= g).mean()), 3), "text": round(float((text >= g).mean()), 3),
-                     "clean": round(float((clean >= g).mean()), 3)}
+        f"{g:.2f}": {
+            "recall": round(float((pos >= g).mean()), 3),
+            "text": round(float((text >= g).mean()), 3),
+            "clean": round(float((clean >= g).mean()), 3),
+        }
         for g in GATES
     }
     by_style, by_text_style, by_opacity = defaultdict(list), defaultdict(list), defaultdict(list)
-    for q, (_, kind, facts) in zip(p, examples):
+    for q, (_, kind, facts) in zip(p, examples, strict=False):
         if kind == "watermark":
             by_style[facts["style"]].append(q)
             lo = min(0.5, np.floor(facts["opacity"] * 10) / 10)
@@ -215,13 +236,22 @@ def summarise(p: np.ndarray, examples, threshold: float) -> dict:
     vis = np.array([f.get("visibility", np.nan) for _, _, f in examples])
     negatives = p[kinds != "watermark"]
     res["auc_by_visibility"] = {}
-    for lo, hi in zip(VISIBILITY_BINS, VISIBILITY_BINS[1:]):
+    for lo, hi in itertools.pairwise(VISIBILITY_BINS):
         sel = (kinds == "watermark") & (vis >= lo) & (vis < hi)
         if sel.any():
-            res["auc_by_visibility"][f"{lo}-{min(hi, 1.0)}"] = {"n": int(sel.sum()), "auc": round(auc(p[sel], negatives), 4)}
-    res["recall_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_style.items())}
-    res["recall_by_opacity"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_opacity.items())}
-    res["text_flag_rate_by_style"] = {k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_text_style.items())}
+            res["auc_by_visibility"][f"{lo}-{min(hi, 1.0)}"] = {
+                "n": int(sel.sum()),
+                "auc": round(auc(p[sel], negatives), 4),
+            }
+    res["recall_by_style"] = {
+        k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_style.items())
+    }
+    res["recall_by_opacity"] = {
+        k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_opacity.items())
+    }
+    res["text_flag_rate_by_style"] = {
+        k: round(float(np.mean(np.array(v) >= threshold)), 3) for k, v in sorted(by_text_style.items())
+    }
     sides = np.array([f["canvas_side"] for _, _, f in examples])
     if len(set(sides.tolist())) > 1:
         res["auc_by_canvas_side"] = {
@@ -261,7 +291,8 @@ def timing(det: VisibleWatermarkDetector, batch_size: int = 32, repeats: int = 5
         if len(det.heads) == 1:
             out["sscd_ms_per_image"] = round(_best_ms(det.backbone.embed_batch, sscd_in, repeats) / batch_size, 2)
             out["sscd_with_maps_ms_per_image"] = round(
-                _best_ms(det.backbone.embed_batch_with_taps, sscd_in, repeats) / batch_size, 2)
+                _best_ms(det.backbone.embed_batch_with_taps, sscd_in, repeats) / batch_size, 2
+            )
     old = torch.get_num_threads()
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -286,21 +317,34 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
     tr = training
     thr = args.threshold
     lines = [
-        "## Visible-watermark detector (provenance/watermarks/visible.py)" if not thorough else
-        f"## Visible-watermark detector at {' + '.join(map(str, sorted(results['input_sizes'], reverse=True)))} px "
+        "## Visible-watermark detector (provenance/watermarks/visible.py)"
+        if not thorough
+        else f"## Visible-watermark detector at {' + '.join(map(str, sorted(results['input_sizes'], reverse=True)))} px "
         "(`scan --visible-thorough`)",
         "",
         f"Evaluation: `.venv/bin/python training/eval_visible_watermark.py{' --seen' if args.seen else ''}"
-        + "".join(f" {flag} {_shown(value)}" for flag, value, default in
-                  (("--weights", args.weights, DEFAULT_WEIGHTS), ("--out", args.out, DEFAULT_OUT))
-                  if Path(value).resolve() != default.resolve()) + "`  ",
-        *([f"Input sizes (short side): {', '.join(map(str, results['input_sizes']))} px. {mix} "
-           f"(`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "] if mix else []),
+        + "".join(
+            f" {flag} {_shown(value)}"
+            for flag, value, default in (("--weights", args.weights, DEFAULT_WEIGHTS), ("--out", args.out, DEFAULT_OUT))
+            if Path(value).resolve() != default.resolve()
+        )
+        + "`  ",
+        *(
+            [
+                f"Input sizes (short side): {', '.join(map(str, results['input_sizes']))} px. {mix} "
+                f"(`{_shown(args.weights)}`, `provenance scan --visible-thorough`)  "
+            ]
+            if mix
+            else []
+        ),
         f"Training{' (512 px head, last stage)' if mix else ''}: "
         f"`.venv/bin/python {tr.get('training_command', 'training/train_visible_watermark_head.py')}`: "
         f"{tr.get('pairs', '?')} pairs ({2 * tr.get('pairs', 0)} examples"
-        + (f"; {tr['pairs_trained']} trained on, those drawn on photos with a real mark left out"
-           if tr.get("pairs_trained", tr.get("pairs")) != tr.get("pairs") else "")
+        + (
+            f"; {tr['pairs_trained']} trained on, those drawn on photos with a real mark left out"
+            if tr.get("pairs_trained", tr.get("pairs")) != tr.get("pairs")
+            else ""
+        )
         + f"), {tr.get('epochs', '?')} epochs; "
         f"{tr.get('parameters', '?')} parameters on frozen SSCD maps ({', '.join(tr.get('backbone', {}).get('taps', []))}); "
         f"examples {tr.get('examples_wall_s', '?')} s{' (made before the run, read from the cache)' if tr.get('examples_note') else ''} "
@@ -347,11 +391,19 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
         f"- Recall by watermark style (held-out, all; at {thr}): {h['recall_by_style']}",
         "- Flagged at other gates (held-out, all; recall / opaque text / clean): "
         + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in h["flagged_at"].items()),
-        *(["- The same on the separate draw that chooses the gate (training fonts+strings, held-out photos, another "
-           "seed): " + "; ".join(f"{g}: {v['recall']} / {v['text']} / {v['clean']}"
-                                 for g, v in results["seen"]["flagged_at"].items())
-           + f". Lowest gate flagging <= {MAX_FALSE_FLAG_RATE:.0%} of clean and of opaque-text photos there: "
-           f"{results['suggested_flag_threshold']}; the checkpoint flags at {thr}."] if "seen" in results else []),
+        *(
+            [
+                "- The same on the separate draw that chooses the gate (training fonts+strings, held-out photos, another "
+                "seed): "
+                + "; ".join(
+                    f"{g}: {v['recall']} / {v['text']} / {v['clean']}" for g, v in results["seen"]["flagged_at"].items()
+                )
+                + f". Lowest gate flagging <= {MAX_FALSE_FLAG_RATE:.0%} of clean and of opaque-text photos there: "
+                f"{results['suggested_flag_threshold']}; the checkpoint flags at {thr}."
+            ]
+            if "seen" in results
+            else []
+        ),
         f"- Recall by opacity (at {thr}): {h['recall_by_opacity']}",
         "- AUC by how much of the image the mark visibly changed (overlays.mark_visibility; n, AUC against all "
         "negatives): " + "; ".join(f"{k}: {v['n']}, {v['auc']}" for k, v in h["auc_by_visibility"].items()),
@@ -362,14 +414,18 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
         f"ms/image with 2 threads (batch {t['batch_size']}, BatchNorm folded); preprocess (runs in the scanner's decode "
         f"threads) {t['preprocess_ms_224px']} ms for a 224 px image, {t['preprocess_ms_640px']} ms at 640 px, "
         f"{t['preprocess_ms_1600px']} ms at 1600 px, {t['preprocess_ms_4000px']} ms at 4000 px (best of 5)."
-        + (" The model is the head alone: it reads the maps of the scan's own SSCD pass "
-           f"({t['sscd_ms_per_image']} ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with "
-           "them copied out; the preprocess is SSCD's, shared too)." if "sscd_ms_per_image" in t else
-           " The model is the mix's own SSCD passes (one per input size and view, cut after the stride-16 map) "
-           "plus its heads, a 288 px head reading the scan's own pass: the cost `--visible-thorough` adds to a scan."
-           if mix else
-           " The model is its own SSCD pass at this size, cut after the stride-16 map, plus the head." if thorough
-           else ""),
+        + (
+            " The model is the head alone: it reads the maps of the scan's own SSCD pass "
+            f"({t['sscd_ms_per_image']} ms/image without the maps, {t['sscd_with_maps_ms_per_image']} ms/image with "
+            "them copied out; the preprocess is SSCD's, shared too)."
+            if "sscd_ms_per_image" in t
+            else " The model is the mix's own SSCD passes (one per input size and view, cut after the stride-16 map) "
+            "plus its heads, a 288 px head reading the scan's own pass: the cost `--visible-thorough` adds to a scan."
+            if mix
+            else " The model is its own SSCD pass at this size, cut after the stride-16 map, plus the head."
+            if thorough
+            else ""
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -378,8 +434,12 @@ def render_markdown(args, results: dict, card: dict, training: dict, mix: str = 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
-    ap.add_argument("--threshold", type=float, default=None,
-                    help="gate for the recall / flagged columns (default: the detector's own flag threshold)")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="gate for the recall / flagged columns (default: the detector's own flag threshold)",
+    )
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--limit", type=int, default=0, help="use only the first N held-out photos (quick checks)")
     ap.add_argument("--seen", action="store_true", help="also score training fonts/strings on held-out photos")
@@ -417,8 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     p_coco, coco = score(det, streams["coco"])
     results["coco"] = summarise(*without_photos(p_coco, coco, marked), args.threshold)
     logger.info("coco native: %s", json.dumps(results["coco"]))
-    results["real_marks"] = real_mark_summary(np.concatenate([p_native, p_coco]), native + coco, marked,
-                                              args.threshold)
+    results["real_marks"] = real_mark_summary(np.concatenate([p_native, p_coco]), native + coco, marked, args.threshold)
     logger.info("photos with real marks: %s", json.dumps(results["real_marks"]))
     if args.seen:
         native_seen, canvas_seen = seen_examples(photos, train_fonts, args.seed)
@@ -427,8 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         results["seen"] = summarise(*without_photos(np.concatenate([p1, p2]), ex1 + ex2, marked), args.threshold)
         logger.info("seen: %s", json.dumps(results["seen"]))
         results["suggested_flag_threshold"] = suggest_gate(results["seen"]["flagged_at"])
-        logger.info("suggested flag threshold: %s (the checkpoint's: %s)", results["suggested_flag_threshold"],
-                    det.config.flag_threshold)
+        logger.info(
+            "suggested flag threshold: %s (the checkpoint's: %s)",
+            results["suggested_flag_threshold"],
+            det.config.flag_threshold,
+        )
     results["timing"] = timing(det)
     logger.info("timing: %s", json.dumps(results["timing"]))
     results["weights_checksum"] = det.config.checksum
@@ -458,10 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     training, mix = card.get("training") or {}, ""
     if len(det.heads) > 1:  # a mix's card is the mix file itself; the training is the first head's
         training = det.heads[0].config.extra
-        mix = "p = sigmoid(" + " + ".join(
-            f"{e['logit_weight']:g} x logit of `{e['weights']}` at {h.config.input_size} px"
-            + (" on the mirrored image" if e.get("mirrored") else "")
-            for h, e in zip(det.heads, det.config.extra["heads"])) + ")"
+        mix = (
+            "p = sigmoid("
+            + " + ".join(
+                f"{e['logit_weight']:g} x logit of `{e['weights']}` at {h.config.input_size} px"
+                + (" on the mirrored image" if e.get("mirrored") else "")
+                for h, e in zip(det.heads, det.config.extra["heads"], strict=False)
+            )
+            + ")"
+        )
     out.write_text(render_markdown(args, results, card, training, mix) + ("\n" + notes if notes else ""))
     logger.info("wrote %s and %s", card_path, args.out)
     return 0

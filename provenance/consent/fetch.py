@@ -299,7 +299,7 @@ class Fetcher:
         logger.info("consent: fetching %d of %d (the rest from the cache)", len(missing), len(unique))
         self._client  # noqa: B018 - made here, so a missing httpx is one clear error, not one per URL
         with ThreadPoolExecutor(max_workers=min(self.options.workers, len(missing))) as pool:
-            for r, result in zip(missing, pool.map(self._fetch_and_store, missing)):
+            for r, result in zip(missing, pool.map(self._fetch_and_store, missing), strict=False):
                 out[r.key] = result
         return out
 
@@ -312,7 +312,7 @@ class Fetcher:
         except RefusedURLError as e:
             # Not cached: whether a URL is refused depends on this run's options, not on the site.
             return FetchResult(request.url, error=f"refused: {e}")
-        except Exception as e:  # noqa: BLE001 - one odd URL or response must not stop the batch
+        except Exception as e:
             logger.exception("consent: fetching %s failed", request.url[:200])
             return FetchResult(request.url, error=f"{type(e).__name__}: {e}")
         if self.cache is not None:
@@ -398,7 +398,7 @@ class Fetcher:
                 gate = self._gates[host] = _HostGate(self.options.max_per_host, self.options.per_host_rate)
             return gate
 
-    def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:  # noqa: ANN001
+    def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:
         httpx = _httpx()
         # Connect to the checked IP; Host and (for https) SNI and certificate checks use the name.
         default_port = 443 if scheme == "https" else 80

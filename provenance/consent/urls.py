@@ -299,7 +299,7 @@ def _robots_rule_signals(site: SiteRules, decisions: list[Rule | None], star: Ru
     extra: dict[str, Any] = {"truncated": True} if site.truncated.get("robots.txt") else {}
     disallowed: dict[str, str] = {}
     allowed: list[str] = []
-    for agent, rule in zip(site.robots_named, decisions):
+    for agent, rule in zip(site.robots_named, decisions, strict=False):
         if rule is not None and not rule.allow:
             disallowed[agent] = f"Disallow: {rule.pattern}"
         else:
@@ -348,6 +348,6 @@ def _html_meta(page: FetchResult) -> dict[str, str]:
     try:
         reader.feed(page.body.decode("utf-8", errors="replace"))
         reader.close()
-    except Exception as e:  # noqa: BLE001 - html.parser is lenient, but a page is whatever a server sends
+    except Exception as e:
         logger.info("html meta of %s not parsed: %s", page.url, e)
     return reader.found
