@@ -136,12 +136,53 @@ def bench_script(tree: Path, script: str, args: list[str]) -> dict[str, float]:
             for kind in ("bare", "end_to_end")}
 
 
+# A child run in each tree (PYTHONPATH = the tree): CPU ms per image (time.process_time: every thread of the
+# process), which a busy machine inflates far less than wall-clock rates. argv: index dir, photo dir, count, out.
+_CPU_CHILD = """
+import json, shutil, sys, tempfile, time
+from pathlib import Path
+from provenance.indexer import BuildOptions, build
+from provenance.scan import ScanOptions, Scanner
+index, photos, n, out = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+files = sorted(photos.glob("*.jpg"))[:n]
+configs = {
+    "sscd+pdq only": dict(visible=False, invisible=False, c2pa=False, metadata=False),
+    "full (default checks)": {},
+    "full, --centre-view": dict(centre_view=True),
+    "full, --invisible-crops": dict(invisible_crops=True),
+}
+res = {}
+for name, kw in configs.items():
+    s = Scanner.open(index, ScanOptions(use_clip=False, **kw))
+    s.scan_paths(files[:8])  # warm-up
+    t = time.process_time()
+    assert all(r.verdict != "error" for r in s.scan_paths(files))
+    res["scan CPU ms/image: " + name] = (time.process_time() - t) / len(files) * 1000
+tmp = Path(tempfile.mkdtemp())
+t = time.process_time()
+build(str(photos), tmp / "idx", BuildOptions(descriptors=["sscd", "pdq"], limit=n))
+res["index build CPU ms/image (sscd+pdq)"] = (time.process_time() - t) / n * 1000
+shutil.rmtree(tmp)
+out.write_text(json.dumps(res))
+"""
+
+
+def cpu_child(tree: Path, index: Path, photo_dir: Path, n: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        subprocess.run([sys.executable, "-c", _CPU_CHILD, str(index), str(photo_dir), str(n), str(out)], cwd=tree,
+                       env=tree_env(tree), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="checkout of the baseline commit (A)")
     ap.add_argument("--new", type=Path, default=REPO, help="checkout to compare (B; default: this tree)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--parts", nargs="+", default=["serve", "scan", "embed"])
+    ap.add_argument("--parts", nargs="+", default=["serve", "cpu", "scan", "embed"],
+                    help="serve: API CPU/scan, p99, same outputs; cpu: in-process scan and index-build CPU per image; "
+                         "scan, embed: each tree's bench_scan.py / bench_embed.py (wall clock)")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--scans", type=int, default=160, help="measured scans per server run")
     ap.add_argument("--hires", type=int, default=10, help="openimages-hires photos among the uploads")
@@ -155,8 +196,14 @@ def main() -> None:
         raise SystemExit(f"found {len(items)} photos, expected {51 + args.hires}: set PROVENANCE_SHARED_DATA")
     rows: list[str] = []
     load0 = os.getloadavg()
+    indexes = {k: ensure_index(t, k) for k, t in trees.items()} if {"serve", "cpu"} & set(args.parts) else {}
+    for rnd in range(args.rounds if "cpu" in args.parts else 0):
+        got = {k: cpu_child(t, indexes[k], DATA / "flickr8k-nonmember", args.scan_images) for k, t in trees.items()}
+        for name in got["A"]:
+            rows.append(f"| {name} (round {rnd}) | {got['A'][name]:.1f} | {got['B'][name]:.1f} | "
+                        f"{got['B'][name] / got['A'][name]:.3f} |")
+            print(rows[-1], flush=True)
     if "serve" in args.parts:
-        indexes = {k: ensure_index(t, k) for k, t in trees.items()}
         records: dict[str, dict[str, dict]] = {"A": {}, "B": {}}
         for rnd in range(args.rounds):
             got = {}
