@@ -85,6 +85,7 @@ class Server:
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
         env["PYTHONPATH"] = str(self.tree)
+        env["PROVENANCE_CLIENT_RATE_PER_MINUTE"] = "0"  # a load test is one client sending as fast as it can
         self.proc = subprocess.Popen(self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
