@@ -71,7 +71,8 @@ def ensure_indexes() -> tuple[Path, Path]:
 class Server:
     """`provenance serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, index: Path, *extra: str):
+    def __init__(self, index: Path, *extra: str, tree: Path = REPO):
+        self.tree = tree  # the checkout whose `provenance` serves (bench_ab.py runs two side by side)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -83,7 +84,9 @@ class Server:
 
     def __enter__(self) -> "Server":
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
-        self.proc = subprocess.Popen(self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env["PYTHONPATH"] = str(self.tree)
+        env["PROVENANCE_CLIENT_RATE_PER_MINUTE"] = "0"  # a load test is one client sending as fast as it can
+        self.proc = subprocess.Popen(self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

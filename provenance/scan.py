@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,10 +215,13 @@ class Scanner:
                     vectors[n], taps = self._models[n].embed_batch_with_taps(batch)
                 else:
                     vectors[n] = self._models[n].embed_batch(batch)
-            results = self.searcher.search_vectors(vectors, self.options.k)
+            with _faiss_threads(1 if len(ok) == 1 else None):
+                results = self.searcher.search_vectors(vectors, self.options.k)
             if self._centre_view:
                 centre = self._models["sscd"].embed_batch([w.inputs["sscd_centre"] for w in ok])
-                for w, full, part in zip(ok, results, self.searcher.search_vectors({"sscd": centre}, self.options.k)):
+                with _faiss_threads(1 if len(ok) == 1 else None):
+                    views = self.searcher.search_vectors({"sscd": centre}, self.options.k)
+                for w, full, part in zip(ok, results, views):
                     full["sscd"] = best_per_item([full["sscd"], part["sscd"]], self.options.k)
                     if full["sscd"] and any(full["sscd"][0] is m for m in part["sscd"]):
                         w.record.extra["sscd_view"] = "centre"  # the top match came from the centre view
@@ -249,6 +253,27 @@ class Scanner:
         record.matches = merge_matches(per_desc, self.options.k)
         if same_item is not None:
             record.extra["identical_file"] = same_item
+
+
+@contextmanager
+def _faiss_threads(n: int | None) -> Iterator[None]:
+    """FAISS searches of the calling thread on `n` OpenMP threads (None: unchanged) inside the block.
+
+    For one-image batches (every scan of the API server): a one-query search gains nothing from OpenMP, yet the
+    binary (PDQ) search still wakes the other OpenMP threads, which then spin-wait; that cost several times the
+    search itself in CPU, and milliseconds of wall time on a busy machine (BENCHMARKS.md, "API server"). OpenMP's
+    thread count is a per-thread setting, so concurrent scans and searches on other threads are not affected."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def _load_visible(o: ScanOptions):

@@ -217,6 +217,18 @@ def test_scan_bytes_matches_scan_paths(scanner, photos):
     assert a.verdict == b.verdict == "exact" and a.matches[0].id == b.matches[0].id
 
 
+def test_one_image_scans_search_on_one_openmp_thread_with_the_batch_results(scanner, photos):
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    batch = scanner.scan_paths(photos[:4])  # one batch of 4: FAISS on the caller's OpenMP threads
+    for path, rec in zip(photos[:4], batch, strict=True):
+        (one,) = scanner.scan_many_bytes([(str(path), path.read_bytes())])  # the server's one-upload batch
+        assert one.verdict == rec.verdict and one.scores == rec.scores
+        assert [(m.id, m.descriptor, m.score) for m in one.matches] == [(m.id, m.descriptor, m.score) for m in rec.matches]
+    assert faiss.omp_get_max_threads() == before  # the thread's setting is handed back
+
+
 def test_visible_watermark_reads_the_descriptor_pass_and_agrees_with_its_own(scanner, photos, coco_dir, tmp_path):
     # The shipped visible-watermark head reads SSCD's intermediate maps. With an SSCD index the scanner takes
     # them from the descriptor's forward pass; without one the detector runs SSCD itself; both give one number.
