@@ -125,8 +125,13 @@ class Scanner:
         return cls(Searcher.open(index_dir, options.models), options)
 
     def _corpus_thumbnail(self, item_id: str) -> Image.Image | None:
+        """The pixels verification compares with: the index's stored thumbnail (None when it has none)."""
         data = self.index.thumbnail(item_id)
-        return decode_image(data, item_id).image if data else None
+        try:
+            return decode_image(data, item_id).image if data else None
+        except UnreadableImageError as e:  # a damaged thumbnails.bin: this item goes unverified, the scan goes on
+            logger.warning("thumbnail of corpus item %s is unreadable: %s", item_id, e)
+            return None
 
     # ------------------------------------------------------------------------------ public API
 
@@ -255,7 +260,11 @@ class Scanner:
             for w, per_desc in zip(ok, results):
                 self._fill(w.record, per_desc)
                 if self._region_search:
-                    self._verify(w, per_desc)
+                    try:
+                        self._verify(w, per_desc)
+                    except Exception as e:  # noqa: BLE001 - the SSCD verdict stands; one odd image must not stop
+                        logger.exception("verification of %s failed", w.name)
+                        w.record.extra["verification_error"] = f"{type(e).__name__}: {e}"
         return [w.record for w in work]
 
     def _search_regions(self, ok: list[_Work]) -> None:

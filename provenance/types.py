@@ -14,6 +14,7 @@ Verdict = Literal["exact", "replica", "similar", "novel", "error"]
 VERDICT_ORDER: tuple[Verdict, ...] = ("exact", "replica", "similar", "novel", "error")
 # The version of the scan record's JSON shape (JSON/JSONL reports, the API): bumped when a key changes meaning;
 # /2 added `error_code` and `checks`, and wrapped the JSON report's records as {"schema_version", "records"}.
+# Optional keys added since, without a bump: a match's `region` (scan --thorough's verified copies).
 SCAN_SCHEMA_VERSION = "provenance.scan/2"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from provenance.errors import ProvenanceError
+from provenance.errors import ModelLoadError
 from provenance.types import Match
 
 logger = logging.getLogger(__name__)
@@ -96,8 +96,9 @@ class Verification:
 def _cv2():
     try:
         import cv2
-    except ImportError as e:  # an optional dependency: only `scan --thorough` needs it
-        raise ProvenanceError("geometric verification needs OpenCV: pip install opencv-python-headless") from e
+    except ImportError as e:  # a base dependency, imported only by the region search (scan --thorough)
+        raise ModelLoadError(f"the region search (scan --thorough) needs OpenCV, which does not import ({e}); "
+                             "pip install opencv-python-headless") from None
     return cv2
 
 
@@ -168,6 +169,7 @@ class Verifier:
 
     def __init__(self, corpus_image: Callable[[str], Image.Image | None], options: VerifyOptions | None = None,
                  cache_items: int = 512):
+        _cv2()  # fail when the scanner is built, not on the first image
         self.options = options or VerifyOptions()
         self._corpus_image = corpus_image
         self._cache: OrderedDict[str, Features | None] = OrderedDict()

@@ -38,7 +38,7 @@ def corpus(flickr_shards_dir, tmp_path_factory) -> tuple[Path, dict[str, Image.I
 
 @pytest.fixture(scope="module")
 def thorough(corpus) -> Scanner:
-    return Scanner.open(corpus[0], ScanOptions(**QUIET, centre_view=True, region_search=True))
+    return Scanner.open(corpus[0], ScanOptions(**QUIET, thorough=True))
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,4 @@ def test_a_corpus_photo_itself_stays_exact(corpus, thorough):
     target = list(photos)[3]
     rec = thorough.scan_paths([folder / target])[0]
     assert rec.verdict == "exact" and rec.matches[0].id == target
+    assert rec.checks["region_search"] and rec.checks["centre_view"]  # what --thorough turned on

@@ -275,7 +275,7 @@ def mode_options(mode: str):
     if mode == "centre":
         return ScanOptions(**base, centre_view=True)
     if mode == "thorough":
-        return ScanOptions(**base, centre_view=True, region_search=True)
+        return ScanOptions(**base, thorough=True)
     raise ValueError(f"unknown mode {mode!r}")
 
 
