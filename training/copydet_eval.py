@@ -369,6 +369,66 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def normalisation_check(index, queries: list[Query], background: np.ndarray, max_fpr: float = 0.01
+                        ) -> dict[str, dict[str, Any]]:
+    """Does SSCD score normalisation help on these families? For raw top-1 SSCD of the whole image, the corpus
+    margin (top-1 minus the mean of neighbours 2-4, no extra data) and background normalisation (minus the mean
+    similarity to the 3 nearest of `background`, non-members used nowhere else): the threshold at <= max_fpr
+    on the hard and random negatives, and per family the share found with the right id at that threshold."""
+    from provenance.descriptors.sscd import SSCDDescriptor
+    from training.calibration import corpus_margin, normalize_scores, threshold_at_fpr
+
+    model = SSCDDescriptor.load()
+    xq = np.concatenate([model.embed([decode_image(q.to_bytes(), q.name).image for q in queries[i:i + 32]])
+                         for i in range(0, len(queries), 32)])
+    found = index.search_vectors("sscd", xq, 10)  # per query, best first
+    scores = np.array([[m.score for m in ms] + [0.0] * (10 - len(ms)) for ms in found], dtype=np.float32)
+    right = np.array([bool(ms) and ms[0].id == q.target for q, ms in zip(queries, found)])
+    neg = np.array([q.family == "negative" for q in queries])
+    methods = {"raw": scores[:, 0], "corpus margin 1.0[1,3]": corpus_margin(scores),
+               "background 1.0[0,2]": normalize_scores(xq, scores[:, 0], background)}
+    out = {}
+    for name, sc in methods.items():
+        t = threshold_at_fpr(sc[neg], max_fpr)
+        out[name] = {"threshold": t, "false_alarms": int((sc[neg] >= t).sum()), "negatives": int(neg.sum())} | {
+            f: round(float(((sc >= t) & right)[[q.family == f for q in queries]].mean()), 3) for f in FAMILIES}
+    return out
+
+
+def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
+    """What the corpus side of verification needs, on real-resolution photos (openimages-hires, most 2048 px):
+    the share of copies (heavy crop, inset, triple) verified against the item's thumbnail at 160 px (what the
+    index stores), at 320 px, and against the source shrunk to 640 px (reading the source when reachable)."""
+    from provenance.verify import extract, verify
+
+    photos = [Photo(it.id, decode_image(it.data, it.id).image) for it in read_image_folder(str(DATA / "openimages-hires"))
+              if it.data is not None]
+    fillers = load_nonmembers()
+    rng = np.random.default_rng(seed)
+    sides = (160, 320, 640)
+    out: dict[str, dict[str, float]] = {}
+    for family in ("heavy_crop", "inset", "triple"):
+        hits = {s: 0 for s in sides}
+        for i in range(per_family):
+            photo = photos[i % len(photos)]
+            others = [fillers[int(j)] for j in rng.choice(len(fillers), 9, replace=False)]
+            q = MAKERS[family](photo, others, rng)
+            qf = extract(decode_image(q.to_bytes(), q.name).image, 448)
+            for side in sides:
+                thumb = photo.image.copy()
+                thumb.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)  # as the indexer does
+                thumb = Image.open(io.BytesIO(_jpeg(thumb, 80))).convert("RGB")
+                hits[side] += verify(qf, extract(thumb, side)).verified
+        out[family] = {f"{s} px": round(hits[s] / per_family, 3) for s in sides}
+    return out
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--index", type=Path, default=Path("/tmp/copydet/index"))
@@ -383,6 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=Path("/tmp/copydet"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--thumbnails", type=int, default=0, metavar="N",
+                    help="also verify N copies per family of real-resolution photos against 160/320/640 px thumbnails")
+    ap.add_argument("--normalisation", action="store_true",
+                    help="also compare SSCD score normalisations (corpus margin, non-member background)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -406,7 +470,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d queries (%d negatives); %d duplicate pairs left out", len(queries), len(negatives), len(dupes))
 
     results: dict[str, Any] = {}
-    for mode in args.modes.split(","):
+    norm = None
+    if args.normalisation:
+        used = {q.name.removeprefix("neg-hard-").removeprefix("neg-random-") for q in negatives}
+        background = pool_x[[p.id not in used for p in pool]]
+        norm = normalisation_check(index, queries, background)
+        logger.info("normalisation: %s", norm)
+    thumbs = None
+    if args.thumbnails:
+        thumbs = thumbnail_check(args.thumbnails, args.seed)
+        logger.info("thumbnails: %s", thumbs)
+    for mode in [m for m in args.modes.split(",") if m]:
         records, cpu_ms = scan_mode(args.index, mode, queries)
         results[mode] = dict(cpu_ms=cpu_ms, summary=summarise(queries, records),
                              records=[dict(name=q.name, family=q.family, target=q.target, verdict=r["verdict"],
@@ -424,10 +498,24 @@ def main(argv: list[str] | None = None) -> int:
     text = render(results, meta)
     if dupes:
         text += f"\nLeft out as the same photo twice (SSCD >= {args.duplicate_at}): {len(dupes)} pairs.\n"
+    if thumbs:
+        text += ("\nVerification against the corpus side at three sizes, on openimages-hires photos (most 2048 px; "
+                 f"{args.thumbnails} copies per family; share verified):\n\n| family | "
+                 + " | ".join(next(iter(thumbs.values()))) + " |\n|---|" + "---|" * 3 + "\n")
+        for family, r in thumbs.items():
+            text += f"| {family} | " + " | ".join(f"{v:.2f}" for v in r.values()) + " |\n"
+    if norm:
+        text += ("\nSSCD score normalisation (whole image only; threshold at <= 1% false alarms on these negatives; "
+                 "share of each family found with the right id):\n\n| method | threshold | false alarms | "
+                 + " | ".join(FAMILIES) + " |\n|---|---|---|" + "---|" * len(FAMILIES) + "\n")
+        for name, r in norm.items():
+            text += (f"| {name} | {r['threshold']:.2f} | {r['false_alarms']}/{r['negatives']} | "
+                     + " | ".join(f"{r[f]:.2f}" for f in FAMILIES) + " |\n")
     if args.out:
         args.out.write_text(text, encoding="utf-8")
     if args.json:
-        args.json.write_text(json.dumps(dict(meta=meta, dupes=dupes, results=results), indent=1), encoding="utf-8")
+        args.json.write_text(json.dumps(dict(meta=meta, dupes=dupes, normalisation=norm, results=results), indent=1),
+                             encoding="utf-8")
     print(text)  # noqa: T201 - a command-line tool's output
     return 0
 
