@@ -65,7 +65,7 @@ def make_inputs(folder: Path, n: int, seed: int = 3) -> None:
 
 def run(tree: Path, options: dict, index: Path, inputs: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)], env=env,
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)], env=env, check=False,
                          capture_output=True, text=True, cwd=tree)
     if out.returncode:
         raise SystemExit(f"{tree}: {out.stderr[-2000:]}")

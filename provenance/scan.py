@@ -78,6 +78,7 @@ class _Work:
     image: Image.Image | None = None  # kept for verification (region search only)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # the region views' boxes
     region_matches: list[Match] = field(default_factory=list)  # best per corpus item over the region views
+    whole_scores: list[float] = field(default_factory=list)  # the whole image's SSCD scores, best first
 
 
 class Scanner:
@@ -241,6 +242,9 @@ class Scanner:
                 else:
                     vectors[n] = self._models[n].embed_batch(batch)
             results = self.searcher.search_vectors(vectors, self.options.k)
+            if self._region_search:  # the whole image's own SSCD neighbours, before other views join them
+                for w, full in zip(ok, results):
+                    w.whole_scores = [m.score for m in full.get("sscd", [])]
             if self._centre_view:
                 centre = self._models["sscd"].embed_batch([w.inputs["sscd_centre"] for w in ok])
                 for w, full, part in zip(ok, results, self.searcher.search_vectors({"sscd": centre}, self.options.k)):
@@ -282,14 +286,14 @@ class Scanner:
     def _verify(self, w: _Work, per_desc: dict[str, list[Match]]) -> None:
         """Geometric verification of the best candidates over all views: confirms a copy (at least replica, with
         the matched region) or calls a replica without a copy's consistent transform similar."""
-        from provenance.verify import decide_with_verification
+        from provenance.verify import corpus_margin, decide_with_verification
 
         rec = w.record
         sscd = per_desc.get("sscd") or []
         candidates = best_per_item([sscd, w.region_matches], self.options.k)
         checks = self._verifier.check(w.image, candidates)
         verdict, match = decide_with_verification(rec.verdict, checks, sscd[0].id if sscd else None,
-                                                  self._verifier.options)
+                                                  self._verifier.options, corpus_margin(w.whole_scores))
         if verdict != rec.verdict:
             rec.extra["verdict_before_verification"] = rec.verdict
             rec.verdict = verdict

@@ -54,6 +54,9 @@ class VerifyOptions:
     # `frame_residual` (the scene agrees roughly, as a next frame's does, but not as a copy's)
     demote_below: int = 8
     frame_residual: float = 0.0035
+    # SSCD score normalisation by the corpus's own neighbours (corpus_margin): a whole image whose top match
+    # stands this far above its next three is a replica too, unless verification says look-alike; None = off
+    replica_margin: float | None = None
     # chosen on training/copydet_eval.py's families and hard negatives: BENCHMARKS.md, "Copy detection"
 
     def __post_init__(self) -> None:
@@ -207,14 +210,25 @@ class Verifier:
         return out
 
 
+def corpus_margin(scores: list[float]) -> float | None:
+    """The top SSCD score minus the mean of the next three (best first), or None with fewer than four: the
+    normalisation of Pizzi et al. 2022 with the corpus as its own background (training/calibration.py)."""
+    if len(scores) < 4:
+        return None
+    return float(scores[0] - np.mean(scores[1:4]))
+
+
 def decide_with_verification(verdict: str, checks: list[tuple[Match, Verification]], top_id: str | None,
-                             options: VerifyOptions | None = None) -> tuple[str, Match | None]:
+                             options: VerifyOptions | None = None, margin: float | None = None
+                             ) -> tuple[str, Match | None]:
     """The verdict after verification, and the verified match (with its region) to report first, if any.
 
     - a verified candidate makes the verdict at least `replica`: one consistent transform over the matched area
       is the copy-detection evidence SSCD's whole-image score stands in for;
     - a `replica` whose top SSCD candidate (`top_id`) shares no consistent transform with the query (see
-      VerifyOptions.demote_below and frame_residual) is a look-alike: `similar`.
+      VerifyOptions.demote_below and frame_residual) is a look-alike: `similar`;
+    - with VerifyOptions.replica_margin set, a whole image whose corpus `margin` reaches it is a `replica`
+      unless its top candidate is such a look-alike.
     `exact` is never changed (identical bytes or PDQ + SSCD agree)."""
     o = options or VerifyOptions()
     if verdict == "exact":
@@ -223,9 +237,12 @@ def decide_with_verification(verdict: str, checks: list[tuple[Match, Verificatio
         if v.verified and v.query_box and v.corpus_box:
             region = {"query": list(v.query_box), "corpus": list(v.corpus_box)}
             return ("replica" if verdict in ("replica", "similar", "novel") else verdict), replace(m, region=region)
-    if verdict == "replica":
-        top = next((v for m, v in checks if m.id == top_id), None)
-        if top is not None and (top.inliers < o.demote_below
-                                or (top.inliers >= o.min_inliers and top.residual > o.frame_residual)):
-            return "similar", None
+    top = next((v for m, v in checks if m.id == top_id), None)
+    look_alike = top is not None and (top.inliers < o.demote_below
+                                      or (top.inliers >= o.min_inliers and top.residual > o.frame_residual))
+    if verdict == "replica" and look_alike:
+        return "similar", None
+    if (verdict in ("similar", "novel") and not look_alike and o.replica_margin is not None and margin is not None
+            and margin >= o.replica_margin):
+        return "replica", None
     return verdict, None

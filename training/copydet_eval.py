@@ -387,7 +387,9 @@ def normalisation_check(index, queries: list[Query], background: np.ndarray, max
     neg = np.array([q.family == "negative" for q in queries])
     methods = {"raw": scores[:, 0], "corpus margin 1.0[1,3]": corpus_margin(scores),
                "background 1.0[0,2]": normalize_scores(xq, scores[:, 0], background)}
-    out = {}
+    out: dict[str, dict[str, Any]] = {"per_query": {q.name: {n: round(float(sc[i]), 4) for n, sc in methods.items()}
+                                                    | {"top": found[i][0].id if found[i] else None}
+                                                    for i, q in enumerate(queries)}}
     for name, sc in methods.items():
         t = threshold_at_fpr(sc[neg], max_fpr)
         out[name] = {"threshold": t, "false_alarms": int((sc[neg] >= t).sum()), "negatives": int(neg.sum())} | {
@@ -509,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                  "share of each family found with the right id):\n\n| method | threshold | false alarms | "
                  + " | ".join(FAMILIES) + " |\n|---|---|---|" + "---|" * len(FAMILIES) + "\n")
         for name, r in norm.items():
+            if name == "per_query":
+                continue
             text += (f"| {name} | {r['threshold']:.2f} | {r['false_alarms']}/{r['negatives']} | "
                      + " | ".join(f"{r[f]:.2f}" for f in FAMILIES) + " |\n")
     if args.out:
