@@ -56,7 +56,7 @@ class VerifyOptions:
     frame_residual: float = 0.0035
     # SSCD score normalisation by the corpus's own neighbours (corpus_margin): a whole image whose top match
     # stands this far above its next three is a replica too, unless verification says look-alike; None = off
-    replica_margin: float | None = None
+    replica_margin: float | None = 0.25
     # chosen on training/copydet_eval.py's families and hard negatives: BENCHMARKS.md, "Copy detection"
 
     def __post_init__(self) -> None:

@@ -48,3 +48,16 @@ def test_verification_decides_the_verdict():
     frame = Verification(56, 37, False, None, None, 0.9, 0.004)
     assert decide_with_verification("replica", [(copy, frame)], "a", VerifyOptions()) == ("similar", None)
     assert decide_with_verification("exact", [(copy, frame)], "a") == ("exact", None)
+
+
+def test_the_corpus_margin_promotes_unless_verification_says_look_alike():
+    from provenance.verify import corpus_margin
+
+    assert corpus_margin([0.5, 0.2, 0.2, 0.2, 0.1]) == pytest.approx(0.3)
+    assert corpus_margin([0.5, 0.2]) is None  # a corpus too small to have a margin
+    m = Match("a", 0.38, "sscd")
+    assert decide_with_verification("similar", [], "a", margin=0.3) == ("replica", None)
+    assert decide_with_verification("similar", [], "a", margin=0.1) == ("similar", None)
+    assert decide_with_verification("similar", [], "a", VerifyOptions(replica_margin=None), 0.3) == ("similar", None)
+    look_alike = Verification(20, 4, False)
+    assert decide_with_verification("similar", [(m, look_alike)], "a", margin=0.3) == ("similar", None)
