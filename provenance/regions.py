@@ -7,7 +7,7 @@ whose four sides they cover. `propose_regions` adds a few fixed overlapping crop
 so that a copy without visible edges still gets a closer view, and caps the count (each region costs one SSCD
 view). Boxes are relative (x0, y0, x1, y1) in 0..1, the shape scan records carry.
 
-Pure numpy over a small greyscale copy of the image; figures in BENCHMARKS.md ("Copy detection: regions").
+Pure numpy over a small greyscale copy of the image; figures in BENCHMARKS.md ("Copy detection: partial copies").
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ few matches agree on one transform. Verification also says where the copy is: th
 the query and in the corpus image, relative (x0, y0, x1, y1) in 0..1.
 
 OpenCV (SIFT, RANSAC); pure functions over PIL images and numpy arrays. Figures in BENCHMARKS.md
-("Copy detection: verification").
+("Copy detection: partial copies").
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class VerifyOptions:
     # SSCD score normalisation by the corpus's own neighbours (corpus_margin): a whole image whose top match
     # stands this far above its next three is a replica too, unless verification says look-alike; None = off
     replica_margin: float | None = 0.25
-    # chosen on training/copydet_eval.py's families and hard negatives: BENCHMARKS.md, "Copy detection"
+    # chosen on training/copydet_eval.py's families and hard negatives: BENCHMARKS.md, "Copy detection: partial
+    # copies"
 
     def __post_init__(self) -> None:
         if not 0 < self.ratio < 1:
