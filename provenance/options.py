@@ -52,8 +52,9 @@ class ScanOptions(BaseModel):
     # 1. The one switch a user understands
     thorough: bool = Field(False, title="Thorough check", description=(
         "Turn on the slower checks that do better on real inputs: the centre view (a photo shown small inside a "
-        "screenshot or frame) and the invisible-mark crop search (a mark in an image cut from a larger one). Takes "
-        "longer; see BENCHMARKS.md."), json_schema_extra=_meta(request=True))
+        "screenshot or frame), the region search (a photo pasted into another, a contact-sheet tile, a heavy crop; "
+        "next frames of a scene told from copies) and the invisible-mark crop search (a mark in an image cut from "
+        "a larger one). Takes longer; see BENCHMARKS.md."), json_schema_extra=_meta(request=True))
     # 2. Copy detection
     k: int = Field(10, ge=1, le=100, description="Corpus matches kept per image.", json_schema_extra=_meta(cli="-k"))
     use_clip: bool | None = Field(None, description="Also search OpenCLIP (default: when the index has it).",
@@ -61,6 +62,12 @@ class ScanOptions(BaseModel):
     centre_view: bool = Field(False, title="Look inside screenshots", description=(
         "Also match the centre of each image with SSCD, keeping the better score: finds photos shown small inside "
         "screenshots, frames or padding. A second SSCD pass per image."),
+        json_schema_extra=_meta(check=True, request=True, thorough=True))
+    region_search: bool = Field(False, title="Look for partial copies", description=(
+        "Also match regions of each image with SSCD (rectangles found in it, a contact sheet's cells, corner crops) "
+        "and verify the best candidates with local features against the index's thumbnails: finds a photo pasted "
+        "into another, a tile of a contact sheet or a heavy crop, reports where the copy is, and calls a next "
+        "frame of the same scene similar rather than replica. A few small SSCD passes and SIFT per image."),
         json_schema_extra=_meta(check=True, request=True, thorough=True))
     # 3. Provenance marks
     visible: bool = Field(True, description="Look for visible (stock-photo style) watermarks.",

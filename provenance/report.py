@@ -303,9 +303,11 @@ def _record_html(r: ScanRecord, match_thumb: Callable[[str], bytes | None], max_
     )
     if r.extra.get("sscd_view") == "centre":
         scores += " (sscd from the image's centre)"
+    # the matched region of a verified copy (scan --thorough) is drawn on the query and on its corpus item
+    region = next((m.region for m in r.matches if m.region), None)
     out = [
         f'<article class="{classes}">',
-        f'<div class="query">{_img_html(make_thumbnail(r.path), r.path)}',
+        f'<div class="query">{_framed(make_thumbnail(r.path), r.path, (region or {}).get("query"))}',
         f'<div class="path">{e(r.path)}</div><div class="muted">{" · ".join(facts)}</div></div>',
         '<div class="body"><div class="head">',
         f'<span class="badge v-{e(r.verdict)}">{e(r.verdict)}</span>',
@@ -322,7 +324,7 @@ def _record_html(r: ScanRecord, match_thumb: Callable[[str], bytes | None], max_
             note = _consent_note(m.consent).strip(" []")
             consent = f'<div class="badge flag">{e(note)}</div>' if note else ""
             out.append(
-                f'<figure class="match">{_img_html(match_thumb(m.id), m.id)}<figcaption>'
+                f'<figure class="match">{_framed(match_thumb(m.id), m.id, (m.region or {}).get("corpus"))}<figcaption>'
                 f'<div class="mid">{e(m.id)}</div><div>{e(_num(m.score))} · {e(m.descriptor)}{e(dist)}</div>'
                 f"{caption}{consent}</figcaption></figure>"
             )
@@ -404,6 +406,19 @@ def _img_html(data: bytes | None, alt: str) -> str:
     return f'<img src="data:{_mime(data)};base64,{base64.b64encode(data).decode("ascii")}" alt="{_esc(alt)}">'
 
 
+def _framed(data: bytes | None, alt: str, box: list[float] | None) -> str:
+    """The image with a relative box [x0, y0, x1, y1] (0..1) drawn over it, as an SVG in the same frame."""
+    img = _img_html(data, alt)
+    if not data or not box:
+        return img
+    x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in box)
+    # viewBox 0..1 stretched over the image (preserveAspectRatio none): the box lands on the same pixels
+    svg = (f'<svg class="region" viewBox="0 0 1 1" preserveAspectRatio="none"><rect x="{x0:.4f}" y="{y0:.4f}" '
+           f'width="{max(0.0, x1 - x0):.4f}" height="{max(0.0, y1 - y0):.4f}" vector-effect="non-scaling-stroke"/>'
+           '</svg>')
+    return f'<div class="frame">{img}{svg}</div>'
+
+
 def _mime(data: bytes) -> str:
     # Thumbnails are JPEG by contract; sniff anyway so a PNG/WebP one still displays.
     if data.startswith(b"\x89PNG"):
@@ -475,6 +490,9 @@ display:flex;align-items:center;justify-content:center;color:var(--muted)}
 .body{flex:1;min-width:0}.head{display:flex;gap:10px;align-items:center;flex-wrap:wrap}
 .scores{color:var(--muted)}
 .matches{display:flex;gap:12px;flex-wrap:wrap;margin:10px 0}
+.frame{position:relative;display:inline-block;line-height:0}
+.region{position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none}
+.region rect{fill:rgba(220,38,38,.12);stroke:#dc2626;stroke-width:2}
 .match{margin:0;width:140px}.match img,.match .ph{width:140px;height:auto;max-height:140px;object-fit:cover}
 .match .ph{height:105px}.match figcaption{font-size:12px;overflow-wrap:anywhere}
 .mid{font-weight:600;word-break:break-all}

@@ -76,6 +76,10 @@ class _Work:
     name: str
     record: ScanRecord
     inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    image: Image.Image | None = None  # kept for verification (region search only)
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # the region views' boxes
+    region_matches: list[Match] = field(default_factory=list)  # best per corpus item over the region views
+    whole_scores: list[float] = field(default_factory=list)  # the whole image's SSCD scores, best first
 
 
 class Scanner:
@@ -105,15 +109,31 @@ class Scanner:
         requested = o.requested_checks()
         self._centre_view = requested["centre_view"] and "sscd" in self._models  # a view of SSCD's: none without it
         self._invisible_crops = requested["invisible_crops"]
+        self._region_search = requested["region_search"] and "sscd" in self._models
+        self._verifier = None
+        if self._region_search:
+            from provenance.verify import Verifier
+
+            self._verifier = Verifier(self._corpus_thumbnail)
         # what every record of this scanner says ran: what was asked for, less what could not run here
         self.checks: dict[str, Any] = {"descriptors": list(self.descriptors), **requested,
-                                       "visible": self._visible is not None, "centre_view": self._centre_view}
+                                       "visible": self._visible is not None, "centre_view": self._centre_view,
+                                       "region_search": self._region_search}
         self.checks["visible_thorough"] = self.checks["visible"] and requested["visible_thorough"]
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, options: ScanOptions | None = None) -> "Scanner":
         options = options or ScanOptions()
         return cls(Searcher.open(index_dir, options.models), options)
+
+    def _corpus_thumbnail(self, item_id: str) -> Image.Image | None:
+        """The pixels verification compares with: the index's stored thumbnail (None when it has none)."""
+        data = self.index.thumbnail(item_id)
+        try:
+            return decode_image(data, item_id).image if data else None
+        except UnreadableImageError as e:  # a damaged thumbnails.bin: this item goes unverified, the scan goes on
+            logger.warning("thumbnail of corpus item %s is unreadable: %s", item_id, e)
+            return None
 
     # ------------------------------------------------------------------------------ public API
 
@@ -180,10 +200,17 @@ class Scanner:
                 inputs["sscd_centre"] = self._models["sscd"].preprocess(centre_crop(decoded.image))
             if self._visible is not None:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
+            work = _Work(name, record, inputs)
+            if self._region_search:
+                from provenance.regions import RegionOptions, propose_regions, region_views
+
+                ro = RegionOptions()
+                work.image, work.boxes = decoded.image, propose_regions(decoded.image, ro)
+                inputs["sscd_regions"] = region_views(decoded.image, work.boxes, ro.view_side)
         except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
             logger.exception("scan of %s failed", name)
             return _Work(name, ScanRecord.failed(name, e, decoded.sha256))
-        return _Work(name, record, inputs)
+        return work
 
     def _evidence(self, decoded: DecodedImage) -> WatermarkEvidence:
         o = self.options
@@ -217,6 +244,9 @@ class Scanner:
                     vectors[n] = self._models[n].embed_batch(batch)
             with _faiss_threads(1 if len(ok) == 1 else None):
                 results = self.searcher.search_vectors(vectors, self.options.k)
+            if self._region_search:  # the whole image's own SSCD neighbours, before other views join them
+                for w, full in zip(ok, results, strict=True):
+                    w.whole_scores = [m.score for m in full.get("sscd", [])]
             if self._centre_view:
                 centre = self._models["sscd"].embed_batch([w.inputs["sscd_centre"] for w in ok])
                 with _faiss_threads(1 if len(ok) == 1 else None):
@@ -225,6 +255,8 @@ class Scanner:
                     full["sscd"] = best_per_item([full["sscd"], part["sscd"]], self.options.k)
                     if full["sscd"] and any(full["sscd"][0] is m for m in part["sscd"]):
                         w.record.extra["sscd_view"] = "centre"  # the top match came from the centre view
+            if self._region_search:
+                self._search_regions(ok)
             if self._visible is not None:
                 probs = self._visible.probabilities([w.inputs["visible"] for w in ok], taps)
                 threshold = self._visible.config.flag_threshold
@@ -235,7 +267,45 @@ class Scanner:
                                                    "input_sizes": sizes}
             for w, per_desc in zip(ok, results):
                 self._fill(w.record, per_desc)
+                if self._region_search:
+                    try:
+                        self._verify(w, per_desc)
+                    except Exception as e:  # noqa: BLE001 - the SSCD verdict stands; one odd image must not stop
+                        logger.exception("verification of %s failed", w.name)
+                        w.record.extra["verification_error"] = f"{type(e).__name__}: {e}"
         return [w.record for w in work]
+
+    def _search_regions(self, ok: list[_Work]) -> None:
+        """Every image's region views in one SSCD call and one search; each corpus item's best region match."""
+        views = [v for w in ok for v in w.inputs["sscd_regions"]]
+        if not views:
+            return
+        found = self.searcher.search_vectors({"sscd": self._models["sscd"].embed_batch(views)}, self.options.k)
+        i = 0
+        for w in ok:
+            per_view = found[i:i + len(w.boxes)]
+            i += len(w.boxes)
+            w.region_matches = best_per_item([r["sscd"] for r in per_view], self.options.k)
+
+    def _verify(self, w: _Work, per_desc: dict[str, list[Match]]) -> None:
+        """Geometric verification of the best candidates over all views: confirms a copy (at least replica, with
+        the matched region) or calls a replica without a copy's consistent transform similar."""
+        from provenance.verify import corpus_margin, decide_with_verification
+
+        rec = w.record
+        sscd = per_desc.get("sscd") or []
+        candidates = best_per_item([sscd, w.region_matches], self.options.k)
+        checks = self._verifier.check(w.image, candidates)
+        verdict, match = decide_with_verification(rec.verdict, checks, sscd[0].id if sscd else None,
+                                                  self._verifier.options, corpus_margin(w.whole_scores))
+        if verdict != rec.verdict:
+            rec.extra["verdict_before_verification"] = rec.verdict
+            rec.verdict = verdict
+        if match is not None:
+            rec.matches = [match] + [m for m in rec.matches if m.id != match.id][:self.options.k - 1]
+        if checks:
+            rec.extra["verification"] = [{"id": m.id, **v.to_dict()} for m, v in checks]
+        w.image = None  # the pixels are not needed any more
 
     def _fill(self, record: ScanRecord, per_desc: dict[str, list[Match]]) -> None:
         t = self.options.thresholds

@@ -14,6 +14,7 @@ Verdict = Literal["exact", "replica", "similar", "novel", "error"]
 VERDICT_ORDER: tuple[Verdict, ...] = ("exact", "replica", "similar", "novel", "error")
 # The version of the scan record's JSON shape (JSON/JSONL reports, the API): bumped when a key changes meaning;
 # /2 added `error_code` and `checks`, and wrapped the JSON report's records as {"schema_version", "records"}.
+# Optional keys added since, without a bump: a match's `region` (scan --thorough's verified copies).
 SCAN_SCHEMA_VERSION = "provenance.scan/2"
 
 
@@ -29,10 +30,13 @@ class Match:
     distance: int | None = None  # PDQ Hamming distance in bits, pdq matches only
     # the corpus item's do-not-train signals as the index recorded them (Consent.to_dict()), when it has any
     consent: dict[str, Any] | None = None
+    # where the copy is, when geometric verification found it (scan --thorough): {"query": [x0, y0, x1, y1],
+    # "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image
+    region: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("distance", "consent"):
+        for key in ("distance", "consent", "region"):
             if d[key] is None:
                 d.pop(key)
         return d

@@ -191,7 +191,7 @@ def test_scan_corpus_photo_finds_itself(client, photos):
     # the record says which checks ran: the server's defaults, with the index's descriptors
     assert rec["checks"] == {"descriptors": ["sscd", "pdq", "clip"], "visible": True, "visible_thorough": False,
                              "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
-                             "centre_view": False}
+                             "centre_view": False, "region_search": False}
     assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     visible = rec["watermarks"]["visible"]  # the shipped weights are installed, so the check ran
     assert set(visible) == {"probability", "flagged", "threshold", "input_sizes"}

@@ -225,6 +225,7 @@ def test_scan_invisible_crops_finds_our_mark_in_a_cropped_generation(index_dir, 
     assert rec["watermarks"]["invisible"] == [mark]
     assert rec["checks"]["invisible_crops"] and rec["checks"]["centre_view"] and not rec["checks"]["visible"]
     assert not rec["checks"]["visible_thorough"]  # the thorough visible mix is not part of --thorough
+    assert rec["checks"]["region_search"]  # copies in parts of the image (provenance.regions, provenance.verify)
 
 
 def test_scan_flags_come_from_the_options_type():

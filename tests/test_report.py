@@ -185,3 +185,17 @@ def test_make_thumbnail(photos, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
     assert make_thumbnail(bad) is None and make_thumbnail(tmp_path / "nope.png") is None
+
+
+def test_html_draws_the_matched_region_on_both_images(photos, thumbnails):
+    region = {"query": [0.5, 0.25, 0.9, 0.75], "corpus": [0.0, 0.0, 1.0, 1.0]}
+    rec = ScanRecord(path=str(photos[2]), sha256="d" * 64, width=500, height=375, verdict="replica",
+                     matches=[Match(photos[3].name, 0.31, "sscd", region=region), Match(photos[4].name, 0.2, "sscd")],
+                     scores={"sscd": 0.31, "clip": None, "pdq_distance": None})
+    page = render_html([rec], thumbnails=thumbnails)
+    rects = re.findall(r'<svg class="region"[^>]*><rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"',
+                       page)
+    # one box on the query thumbnail, one on the matched corpus item's; none on the other match
+    assert rects == [("0.5000", "0.2500", "0.4000", "0.5000"), ("0.0000", "0.0000", "1.0000", "1.0000")]
+    assert json.loads(json.dumps(rec.to_dict()))["matches"][0]["region"] == region
+    assert "region" not in rec.to_dict()["matches"][1]

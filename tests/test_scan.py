@@ -147,6 +147,7 @@ def test_options_check_their_rules_once_with_a_clear_message():
     assert o.requested_checks()["centre_view"] is False
     thorough = o.with_overrides(thorough=True).requested_checks()
     assert thorough["centre_view"] and thorough["invisible_crops"] and not thorough["visible_thorough"]
+    assert thorough["region_search"] and not o.requested_checks()["region_search"]
     no_invisible = ScanOptions(thorough=True, invisible=False).requested_checks()
     assert no_invisible["centre_view"] and not no_invisible["invisible_crops"]
     assert o.with_overrides(centre_view=None) is o  # None keeps the value
@@ -158,7 +159,7 @@ def test_record_keys_are_the_contract(scanner, photos):
                       "error_code", "checks"}
     assert d["checks"] == {"descriptors": ["sscd", "pdq"], "visible": True, "visible_thorough": False,
                            "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
-                           "centre_view": False}
+                           "centre_view": False, "region_search": False}
     assert set(d["scores"]) == {"sscd", "clip", "pdq_distance"}
     assert set(d["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     assert set(d["matches"][0]) >= {"id", "score", "descriptor", "caption", "source"}

@@ -64,6 +64,9 @@ class MatchOut(BaseModel):
     caption: str | None = None
     source: str | None = None
     distance: int | None = Field(default=None, description="PDQ Hamming distance in bits (pdq matches only)")
+    region: dict[str, list[float]] | None = Field(
+        default=None, description="where the copy is, when geometric verification found it (thorough scans): "
+        '{"query": [x0, y0, x1, y1], "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image')
     verdict: str | None = Field(default=None, description="only with ?match_verdicts=true: this match's own verdict")
 
 

@@ -198,6 +198,9 @@ function renderScan(record, file) {
   } else {
     preview.hidden = true;
   }
+  // a verified copy's region (thorough scans): a box on the upload and on the matched training image
+  const region = (record.matches.find((m) => m.region) || {}).region;
+  drawRegion(preview, region && !preview.hidden ? region.query : null);
   setBadge($("upload-verdict"), verdict);
   const facts = [record.path, `${record.width}\u00d7${record.height}`];
   if (record.sha256) facts.push("sha256 " + record.sha256.slice(0, 16) + "\u2026");
@@ -209,7 +212,38 @@ function renderScan(record, file) {
   $("grid-heading").hidden = false;
   renderGrid(record.matches.map((m, i) => ({
     id: m.id, caption: m.caption, scoreLabel: scoreLabel(m), verdict: m.verdict, top: i === 0 && verdict !== "novel",
+    region: m.region ? m.region.corpus : null,
   })));
+}
+
+function drawRegion(img, box) {
+  // box [x0, y0, x1, y1], relative 0..1, drawn over what the img shows (its object-fit is contain)
+  let frame = img.parentElement;
+  if (!frame.classList.contains("region-frame")) {
+    frame = document.createElement("span");
+    frame.className = "region-frame";
+    img.replaceWith(frame);
+    frame.append(img);
+  }
+  frame.querySelectorAll(".region-box").forEach((el) => el.remove());
+  if (!box) return;
+  const mark = document.createElement("span");
+  mark.className = "region-box";
+  mark.title = "where the copy is";
+  frame.append(mark);
+  const place = () => {
+    const W = img.clientWidth, H = img.clientHeight, w = img.naturalWidth, h = img.naturalHeight;
+    if (!w || !h || !W || !H) return;
+    const s = Math.min(W / w, H / h), dw = w * s, dh = h * s;
+    const x = img.offsetLeft + (W - dw) / 2, y = img.offsetTop + (H - dh) / 2;
+    Object.assign(mark.style, {
+      left: `${x + box[0] * dw}px`, top: `${y + box[1] * dh}px`,
+      width: `${(box[2] - box[0]) * dw}px`, height: `${(box[3] - box[1]) * dh}px`,
+    });
+  };
+  img.addEventListener("load", place);
+  new ResizeObserver(place).observe(img);
+  place();
 }
 
 function renderEvidence(record) {
@@ -328,7 +362,7 @@ function renderGrid(cards) {
   for (const card of cards) grid.append(renderCard(card));
 }
 
-function renderCard({ id, caption, scoreLabel: label, verdict, top }) {
+function renderCard({ id, caption, scoreLabel: label, verdict, top, region }) {
   const li = document.createElement("li");
   li.className = "card" + (top ? " top-match" : "");
   li.dataset.id = id;
@@ -370,6 +404,10 @@ function renderCard({ id, caption, scoreLabel: label, verdict, top }) {
   idLine.append(link);
   body.append(cap, score, idLine);
   li.append(img, body);
+  if (region) {
+    img.classList.add("has-region");  // shown whole (contain), so the box lands on the right pixels
+    drawRegion(img, region);
+  }
   return li;
 }
 

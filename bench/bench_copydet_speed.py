@@ -1,0 +1,104 @@
+"""Scan speed of the default path against an older checkout, and of --thorough's copy detection, in one run.
+
+    git worktree add --detach /tmp/copydet/base 14a615b
+    PYTHONPATH=. nice -n 10 python bench/bench_copydet_speed.py --base /tmp/copydet/base --index /tmp/copydet/index
+
+Each (checkout, configuration) scans the same files in its own process (PYTHONPATH = that checkout), after a
+warm-up, in alternating rounds so that a change in the machine's load falls on both; it reports images/s (wall)
+and CPU ms per image (process time: every thread counted). Inputs: flickr8k-nonmember photos and, as many,
+copies of corpus photos from training/copydet_eval.py's six families.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# run inside each checkout: options given as JSON, fields the checkout does not know are dropped (an older
+# ScanOptions has no region_search; a newer one may have thorough)
+_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+from provenance.scan import ScanOptions, Scanner
+kw, index, files = json.loads(sys.argv[1]), sys.argv[2], sorted(Path(sys.argv[3]).glob("*.jpg"))
+fields = getattr(ScanOptions, "model_fields", None) or ScanOptions.__dataclass_fields__
+unknown = [k for k in kw if k not in fields]
+scanner = Scanner.open(index, ScanOptions(**{k: v for k, v in kw.items() if k in fields}))
+scanner.scan_paths(files[:16])
+t, c = time.perf_counter(), time.process_time()
+records = scanner.scan_paths(files)
+wall, cpu = time.perf_counter() - t, time.process_time() - c
+assert not [r for r in records if r.verdict == "error"]
+print(json.dumps({"images_per_s": len(files) / wall, "cpu_ms": cpu * 1000 / len(files), "unknown": unknown}))
+"""
+
+QUIET = {"visible": False, "invisible": False, "c2pa": False, "metadata": False}
+CONFIGS = {
+    "default scan": {},
+    "copy detection only (sscd+pdq)": QUIET,
+    "copy detection, centre view (before this issue's --thorough)": {**QUIET, "centre_view": True},
+    "copy detection, centre view + region search": {**QUIET, "centre_view": True, "region_search": True},
+    "thorough scan (all checks)": {"thorough": True, "centre_view": True, "invisible_crops": True,
+                                   "region_search": True},
+}
+
+
+def make_inputs(folder: Path, n: int, seed: int = 3) -> None:
+    """n non-member photos and n copies (the six families, round robin) as JPEG files in `folder`."""
+    sys.path.insert(0, str(REPO))
+    from training.copydet_eval import load_dev, load_nonmembers, make_queries
+
+    folder.mkdir(parents=True, exist_ok=True)
+    nonmembers = load_nonmembers()
+    for p in nonmembers[-n:]:
+        p.image.save(folder / f"nonmember-{p.id.split(':')[-1]}.jpg", quality=90)
+    queries = make_queries(load_dev(1500), nonmembers[:-n], max(1, n // 6 + 1), seed)
+    for q in queries[:: max(1, len(queries) // n)][:n]:
+        (folder / f"copy-{q.name}.jpg").write_bytes(q.to_bytes())
+
+
+def run(tree: Path, options: dict, index: Path, inputs: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)], env=env, check=False,
+                         capture_output=True, text=True, cwd=tree)
+    if out.returncode:
+        raise SystemExit(f"{tree}: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base", type=Path, required=True, help="the older checkout (e.g. a worktree at 14a615b)")
+    ap.add_argument("--index", type=Path, default=Path("/tmp/copydet/index"))
+    ap.add_argument("--inputs", type=Path, default=Path("/tmp/copydet/speed-inputs"))
+    ap.add_argument("--images", type=int, default=60, help="non-members, and as many copies")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if not any(args.inputs.glob("*.jpg")):
+        make_inputs(args.inputs, args.images)
+    runs = [("base", args.base, "default scan"), ("this", REPO, "default scan")]
+    runs += [("this", REPO, name) for name in CONFIGS if name != "default scan"]
+    results: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for label, tree, name in runs:
+            r = run(tree, CONFIGS[name], args.index, args.inputs)
+            results.setdefault(f"{label}: {name}", []).append(r)
+            print(f"{label}: {name:62s} {r['images_per_s']:6.2f} images/s {r['cpu_ms']:7.1f} CPU ms/image"
+                  + (f" (unknown options dropped: {r['unknown']})" if r["unknown"] else ""), flush=True)
+    best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in results.items()}
+    ratio = best["this: default scan"]["images_per_s"] / best["base: default scan"]["images_per_s"]
+    print(f"default scan, this / base (best of {args.rounds} rounds each): {ratio:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": results, "default_ratio": ratio}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
