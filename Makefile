@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # one stamp per install set: `make demo` installs the base package, `make test` the test extra (every extra)
 STAMP_ID := $(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: install install-base demo test system-deps bench clean
+.PHONY: install install-base demo test lint system-deps bench clean
 
 define pip_install
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ demo: install-base
 
 test: install system-deps
 	$(PY) -m pytest -q
+
+# ruff (lint and format check) and mypy, configured in pyproject.toml; CI runs this before the tests
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: install
 	$(PY) bench/bench_embed.py
