@@ -36,7 +36,8 @@ from provenance.models import ModelOptions, check_same_model, load_descriptor, p
 from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
 from provenance.store import (DEFAULT_PART_SIZE, MANIFEST, PARTS, ProvenanceIndex, _remove_v1_files, commit_manifest,
                               new_manifest, next_part_seq, part_entry, part_name, read_manifest, remove_unlisted_lookups, remove_unlisted_parts,
-                              unlisted_parts, vector_dims, write_merged_lookup, write_tombstones)
+                              unlisted_parts, vector_dims, write_merged_lookup, write_tombstones,
+                              remove_unlisted_anns, write_merged_ann)
 
 logger = logging.getLogger(__name__)
 
@@ -179,9 +180,11 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
         manifest["next_part"] = run.next_seq
         if old is None:  # a build merges its parts' lookups; an append leaves them (compact merges them)
             write_merged_lookup(index_dir, manifest)
+        write_merged_ann(index_dir, manifest, append=old is not None)  # an append adds its parts' lists, no k-means
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
         remove_unlisted_lookups(index_dir, manifest)
+        remove_unlisted_anns(index_dir, manifest)
         if old is None:
             _remove_v1_files(index_dir)
     return BuildResult(index_dir, manifest, run.added, resumed, len(old) if old is not None else 0, run.skipped,

@@ -8,6 +8,10 @@ Layout (format 2):
   tombstones.jsonl     removed items (id, part, row, time), honoured by every search; `compact` drops them
   lookup-<gen>/        every part's sorted id and sha256 hashes merged (one binary search per lookup), written by
                        builds and `compact`; parts appended since are searched one by one
+  ann-<gen>/           for indexes of MERGED_ANN_MIN_ROWS rows or more in several parts: one IVF index per descriptor
+                       over the parts it covers, its lists merged in one memory-mapped file (`provenance.merged_ann`);
+                       written by builds and `compact`, extended (no retraining) by appends; parts it does not cover
+                       are searched one by one
   .lock                the writer lock (`provenance.locking`): build, append, remove, compact, upgrade
   parts/<name>/        one part per input shard or chunk of items (`provenance.parts` describes its files)
 
@@ -150,6 +154,8 @@ def load_part_list(index_dir: Path, manifest: dict[str, Any]) -> None:
     manifest["parts"] = listing["parts"]
     if manifest.get("lookup") is not None:
         manifest["lookup"]["covers"] = listing.get("lookup_covers", [])
+    if manifest.get("ann") is not None:
+        manifest["ann"]["covers"] = listing.get("ann_covers", [])
 
 
 PART_LIST_PREFIX = "parts-"
@@ -177,7 +183,9 @@ def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
                if p.name[len(PART_LIST_PREFIX):-5].isdigit()]
     gen = max([int((manifest.get("parts_list") or {}).get("gen", -1)), *on_disk]) + 1
     lookup = manifest.get("lookup")
-    listing = json.dumps({"parts": parts, "lookup_covers": (lookup or {}).get("covers", [])}, default=str)
+    merged = manifest.get("ann")
+    listing = json.dumps({"parts": parts, "lookup_covers": (lookup or {}).get("covers", []),
+                          "ann_covers": (merged or {}).get("covers", [])}, default=str)
     name = f"{PART_LIST_PREFIX}{gen:06d}.json"
     atomic_write_text(index_dir / name, listing)
     data = listing.encode("utf-8")
@@ -185,6 +193,8 @@ def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
     head = {k: v for k, v in manifest.items() if k != "parts"}
     if lookup is not None:
         head["lookup"] = {k: v for k, v in lookup.items() if k != "covers"}
+    if merged is not None:
+        head["ann"] = {k: v for k, v in merged.items() if k != "covers"}
     atomic_write_text(index_dir / MANIFEST, json.dumps(head, indent=1, default=str))
     fsync_dir(index_dir)
     for g in on_disk:
@@ -283,6 +293,90 @@ def remove_unlisted_lookups(index_dir: Path, manifest: dict[str, Any]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------- merged ANN
+
+ANN_PREFIX = "ann-"
+# Below this many rows the parts' own indexes are searched (each exact or nearly so, and few); at or above it, and
+# with more than one part, a merged IVF index is written (provenance.merged_ann). Tests lower it.
+MERGED_ANN_MIN_ROWS = 200_000
+MERGED_ANN_NPROBE: int | None = None  # None: merged_ann's rule (nlist / 64, at least 16); tests set it to nlist
+
+
+def _ann_dirs(index_dir: Path) -> list[int]:
+    return [int(d.name[len(ANN_PREFIX):]) for d in index_dir.glob(f"{ANN_PREFIX}*") if d.name[len(ANN_PREFIX):].isdigit()]
+
+
+def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool = False) -> None:
+    """Write `ann-<gen>/`: per descriptor a merged IVF index over every listed part (manifest["ann"] names it).
+
+    append=True (an append's commit): when a merged index exists, its template is reused (no k-means) and only
+    the parts it does not cover are encoded, then merged with its lists into a new file; the covered rows must
+    not have grown past RETRAIN_GROWTH times the trained ones, else it is rebuilt. Without a merged index an
+    append leaves it absent (the new parts are searched one by one until the next build or compact).
+    Indexes under MERGED_ANN_MIN_ROWS rows or of one part get none (and lose an old one).
+    """
+    from provenance import merged_ann as ma
+
+    old = manifest.get("ann")
+    live = [e for e in manifest["parts"] if e["n"]]
+    rows = sum(int(e["n"]) for e in live)
+    if rows < MERGED_ANN_MIN_ROWS or len(live) < 2:
+        manifest.pop("ann", None)
+        return
+    if append and old is None:
+        return
+    listed = {int(e["name"][:6]) for e in live}
+    old_covers = set(int(s) for s in (old or {}).get("covers", []))
+    incremental = (old is not None and append and old_covers <= listed
+                   and rows <= ma.RETRAIN_GROWTH * int(old.get("trained_rows", 0)))
+    gen = max([int((old or {}).get("gen", -1)), *_ann_dirs(index_dir)]) + 1
+    d = index_dir / f"{ANN_PREFIX}{gen:06d}"
+    tmp = index_dir / f"{TMP_PREFIX}{d.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    specs = specs_of(manifest)
+    dims = vector_dims(specs)
+    plans: dict[str, Any] = {}
+    todo = [e for e in live if not incremental or int(e["name"][:6]) not in old_covers]
+    for name, dim in dims.items():
+        metric = "hamming" if name == "pdq" else "ip"
+        vec = vectors_file(name)
+        template = tmp / f"template.{name}.faiss"
+        if incremental:
+            plan = ma.MergedPlan.from_dict(old["descriptors"][name])
+            os.link(index_dir / old["dir"] / template.name, template)  # the trained quantizer, unchanged
+            sources = [index_dir / old["dir"] / f"{name}.faiss"]
+        else:
+            plan = ma.plan_merged(rows, dim * 8 if metric == "hamming" else dim, metric, MERGED_ANN_NPROBE)
+            arrays = [np.load(index_dir / PARTS / e["name"] / vec, mmap_mode="r") for e in live]
+            ma.train_template(arrays, plan, template)
+            del arrays
+            sources = []
+        for e in todo:  # one independent task per part (Ray can run these: issue 25)
+            out = tmp / f"codes.{e['name']}.{name}.faiss"
+            ma.add_part_codes(template, index_dir / PARTS / e["name"] / vec, int(e["name"][:6]), out, metric)
+            sources.append(out)
+        ma.merge_lists(template, sources, tmp / f"{name}.faiss", tmp / f"{name}.ivfdata", metric)
+        ma.remove_files([s for s in sources if s.parent == tmp])
+        plans[name] = plan.to_dict()
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        files[f.name] = {"size": f.stat().st_size}  # sizes only: hashing GBs of lists at every commit costs minutes
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    os.rename(tmp, d)
+    fsync_dir(index_dir)
+    manifest["ann"] = {"dir": d.name, "gen": gen, "covers": sorted(listed), "descriptors": plans, "files": files,
+                       "trained_rows": int(old["trained_rows"]) if incremental else rows}
+
+
+def remove_unlisted_anns(index_dir: Path, manifest: dict[str, Any]) -> None:
+    keep = (manifest.get("ann") or {}).get("dir")
+    for d in [*index_dir.glob(f"{ANN_PREFIX}*"), *index_dir.glob(f"{TMP_PREFIX}{ANN_PREFIX}*")]:
+        if d.is_dir() and d.name != keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------- tombstones
 
 
@@ -361,9 +455,11 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
             manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, contents.specs)))
         write_tombstones(index_dir, manifest, [])
         write_merged_lookup(index_dir, manifest)
+        write_merged_ann(index_dir, manifest)
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
         remove_unlisted_lookups(index_dir, manifest)
+        remove_unlisted_anns(index_dir, manifest)
         _remove_v1_files(index_dir)
     return manifest
 
@@ -412,6 +508,7 @@ class _Layout:
     unmerged: list[int]  # parts the merged lookup does not cover (appended since)
     unmerged_set: set[int]
     caption_tokens: int  # over every part (BM25's average caption length)
+    ann_covered: list[int] = field(default_factory=list)  # parts the merged ANN covers (their vectors are in it)
 
     @classmethod
     def of(cls, index_dir: Path, manifest: dict[str, Any], tombstones: list[dict[str, Any]]) -> _Layout:
@@ -425,10 +522,12 @@ class _Layout:
         lk = manifest.get("lookup") or {}
         covered = {int(s) for s in lk.get("covers", [])}
         unmerged = [i for i, e in enumerate(entries) if int(e["name"][:6]) not in covered]
+        ann_covers = {int(s) for s in (manifest.get("ann") or {}).get("covers", [])}
         return cls(_LazyParts(index_dir / PARTS, entries), starts,
                    {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()},
                    {int(e["name"][:6]): i for i, e in enumerate(entries)}, unmerged, set(unmerged),
-                   sum(int(e.get("caption_tokens", 0)) for e in entries))
+                   sum(int(e.get("caption_tokens", 0)) for e in entries),
+                   [i for i, e in enumerate(entries) if int(e["name"][:6]) in ann_covers])
 
 
 class ProvenanceIndex:
@@ -447,6 +546,7 @@ class ProvenanceIndex:
         self._lookup_files = lk.get("files") or {}
         self._merged: dict[str, np.ndarray] = {}
         self._layout: _Layout | None = None
+        self._anns: dict[str, Any] = {}  # descriptor -> (merged index, MergedPlan), loaded on first search
 
     @classmethod
     def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> ProvenanceIndex:
@@ -749,8 +849,16 @@ class ProvenanceIndex:
             return [[] for _ in range(nq)]
         hamming = name == "pdq"
         scores, dists, grows = [], [], []
+        covered: set[int] = set()
+        merged = self._merged_ann(name)
+        if merged is not None:  # one search of the merged lists for the parts it covers
+            covered = set(self._lay.ann_covered)
+            S, D, G = self._search_merged(name, merged, xq, k)
+            scores.append(S)
+            dists.append(D)
+            grows.append(G)
         for pi, part in enumerate(self.parts):
-            if not len(part):
+            if not len(part) or pi in covered:
                 continue
             removed = self._removed.get(pi)
             extra = 0 if removed is None else len(removed)
@@ -781,6 +889,57 @@ class ProvenanceIndex:
                                      consent=stored_consent(batch.column("extra")[b].as_py())))
             out.append(matches)
         return out
+
+    def _merged_ann(self, name: str) -> tuple[Any, Any] | None:
+        """(index, MergedPlan) of the merged ANN for `name`, loaded (lists memory-mapped) on first use; None without."""
+        meta = self._manifest.get("ann")
+        if not meta or name not in meta.get("descriptors", {}):
+            return None
+        got = self._anns.get(name)
+        if got is None:
+            from provenance import merged_ann as ma
+
+            plan = ma.MergedPlan.from_dict(meta["descriptors"][name])
+            d = self.dir / meta["dir"]
+            for f in (f"{name}.faiss", f"{name}.ivfdata"):
+                rec = (meta.get("files") or {}).get(f)
+                size = (d / f).stat().st_size if (d / f).is_file() else None
+                if rec is None or size != rec["size"]:
+                    raise IndexFormatError(f"{meta['dir']}/{f}: missing or not the size the manifest records "
+                                           f"({size} != {rec and rec['size']}); run `provenance index compact` to rebuild it")
+            try:
+                index = ma.load_merged(d / f"{name}.faiss", plan)
+            except RuntimeError as e:
+                raise IndexFormatError(f"{meta['dir']}/{name}.faiss: unreadable merged index ({str(e).splitlines()[0]})") from None
+            got = self._anns.setdefault(name, (index, plan))
+        return got
+
+    def _search_merged(self, name: str, merged: tuple[Any, Any], xq: np.ndarray, k: int
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, hamming distances, global rows), each (nq, k), of the merged ANN's top k live rows."""
+        from provenance import merged_ann as ma
+
+        index, plan = merged
+        lay = self._lay
+        entries = self._manifest["parts"]
+        removed = [ma.make_id(int(entries[pi]["name"][:6]), rs) for pi, rs in lay.removed.items()]
+        removed_ids = np.concatenate(removed) if removed else None
+
+        def read_rows(ids: np.ndarray) -> np.ndarray:  # (len(ids), d) float16 rows of merged ids, by pread
+            seq, row = ma.split_id(ids)
+            out = np.empty((len(ids), plan.dim), np.float16)
+            for s in np.unique(seq):
+                sel = seq == s
+                out[sel] = self.parts[lay.part_of_seq[int(s)]].row_reader(name).read_rows(row[sel])
+            return out
+
+        xq = np.asarray(xq)
+        S, D, I = ma.search_merged(index, plan, xq if name == "pdq" else np.asarray(xq, np.float32), k, removed_ids,
+                                   read_rows)
+        seq, row = ma.split_id(np.maximum(I, 0))
+        starts = np.array([lay.starts[lay.part_of_seq.get(int(s), 0)] for s in seq.ravel()], np.int64).reshape(I.shape)
+        G = np.where(I < 0, -1, starts + row)
+        return S, (D if name == "pdq" else np.zeros_like(G)), G
 
     def search_caption(self, query: str, k: int = 10, limits: CaptionLimits | None = None) -> list[CaptionHit]:
         """Full-text search of captions: words are ANDed, quotes keep phrases, `word*` is a prefix.
@@ -990,9 +1149,11 @@ def compact(index_dir: str | os.PathLike, wait: float = 0.0, memory_budget_bytes
             dropped += len(removed)
         write_tombstones(index_dir, manifest, [])
         write_merged_lookup(index_dir, manifest)  # also merges the lookups of parts appended since the build
+        write_merged_ann(index_dir, manifest)  # rewritten parts have new ids: retrain and re-encode
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
         remove_unlisted_lookups(index_dir, manifest)
+        remove_unlisted_anns(index_dir, manifest)
     return {"parts_rewritten": rewritten, "rows_dropped": dropped, "items": manifest["counts"]["indexed"]}
 
 
@@ -1061,9 +1222,12 @@ def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DE
             manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, specs)))
         write_tombstones(index_dir, manifest, [])
         write_merged_lookup(index_dir, manifest)
+        write_merged_ann(index_dir, manifest)
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
         remove_unlisted_lookups(index_dir, manifest)
+        remove_unlisted_anns(index_dir, manifest)
+        remove_unlisted_anns(index_dir, manifest)
         _remove_v1_files(index_dir)
     return manifest
 
