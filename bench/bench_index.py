@@ -272,6 +272,10 @@ def sweep(plan) -> list[dict]:
         alts = [{"efSearch": e} for e in (32, 64, 256)]
     elif plan.kind == "ivf_flat":
         alts = [{"nprobe": max(1, p["nprobe"] * f)} for f in (0.5, 2, 4)]
+    elif plan.kind == "ivf_sq":
+        nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
+        alts = [{"nprobe": max(1, nl // 128)}, {"nprobe": max(1, nl // 32)}, {"nprobe": max(1, nl // 16)},
+                {"nprobe": max(1, nl // 64), "rerank_k": 16}]
     elif plan.kind == "ivf_pq" and plan.refine:  # PQ top rerank_k -> SQ8 top exact_k -> exact float16
         nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
         alts = [
@@ -330,7 +334,11 @@ def _query_child(args: argparse.Namespace) -> None:
         wall[i] = time.perf_counter() - t
         ids[i] = got.ids[0]
     mi = proc.memory_info()
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    kib = lambda key: int(status.get(key, "0 kB").split()[0]) / 1024  # noqa: E731
     out = {
+        "rss_anon_mb": kib("RssAnon"),  # what the issue calls resident: Python, numpy, faiss, in-RAM index parts
+        "rss_file_mb": kib("RssFile"),  # mapped file pages touched (page cache, reclaimable)
         "load_s": load_s,
         "p50_ms": float(np.percentile(wall, 50) * 1e3),
         "p99_ms": float(np.percentile(wall, 99) * 1e3),
@@ -376,8 +384,47 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
         np.savez(gt_path, D=gt_d, I=gt)
     plan = ann.plan_index(n, DIM, memory_budget_bytes=args.budget, kind=args.kind)
     logger.info("n=%d: %s", n, plan.reason)
-    idx_path = CACHE / f"index_{n}.faiss"
-    build_path = CACHE / f"build_{n}.json"
+    q_path = CACHE / f"queries_{n}.npy"
+    np.save(q_path, xq)
+    rows = []
+    cands = [(plan, "plan_index", sweep(plan))] + (baselines(n, args.budget) if args.baselines else [])
+    for p, role, settings in cands:
+        rows += _measure(n, p, role, settings, corpus, real, qs, gt, gt_d, q_path, gen_s, args)
+    return rows
+
+
+def baselines(n: int, budget: int) -> list:
+    """Plain FAISS plans that fit the same memory budget, each with its nprobe / efSearch swept: the comparison
+    every run shows beside plan_index's choice (scores: FAISS's own, no re-rank)."""
+    from provenance import ann
+
+    nl = ann._nlist(n)
+    out = []
+    if n < 1000 or nl < 16:
+        return out
+    sq8 = ann.AnnPlan("ivf_flat", f"IVF{nl},SQ8", "ip", {"nprobe": max(1, nl // 64)}, "baseline", dim=DIM)
+    out.append((sq8, "baseline", [{"nprobe": max(1, nl // f)} for f in (256, 128, 64, 32)]))
+    pq = ann.AnnPlan("ivf_pq", f"IVF{nl},PQ{DIM // 8}", "ip", {"nprobe": max(1, nl // 64)}, "baseline", dim=DIM)
+    out.append((pq, "baseline", [{"nprobe": max(1, nl // f)} for f in (64, 16)]))
+    if n <= 200_000:  # HNSW builds take minutes per 100k rows on 2 cores
+        h = ann.AnnPlan("hnsw", "HNSW32,Flat", "ip", {"efSearch": 64, "efConstruction": 40}, "baseline", dim=DIM)
+        out.append((h, "baseline", [{"efSearch": e, "efConstruction": 40} for e in (32, 64, 128)]))
+    return [(p, r, [s for i, s in enumerate(ss) if s not in ss[:i]]) for p, r, ss in out]
+
+
+def _slug(factory: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", factory).strip("_")
+
+
+def _measure(n, plan, role, settings, corpus, real, qs, gt, gt_d, q_path, gen_s, args) -> list[dict]:
+    import faiss
+
+    from provenance import ann
+    from training import ann_eval
+
+    xq, src, qkind = qs["xq"], qs["src"], qs["kind"]
+    idx_path = CACHE / f"index_{n}_{_slug(plan.factory)}.faiss"
+    build_path = CACHE / f"build_{n}_{_slug(plan.factory)}.json"
     reuse = args.reuse_index and idx_path.exists() and build_path.exists()
     if reuse and json.loads(build_path.read_text())["factory"] == plan.factory:
         build_s, build_cpu_s = json.loads(build_path.read_text())["times"]
@@ -395,15 +442,13 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
         del index
     index_mb = idx_path.stat().st_size / 2**20
 
-    q_path = CACHE / f"queries_{n}.npy"
-    np.save(q_path, xq)
     is_copy = src >= 0
     head = qkind != KIND_HELD_OUT  # the headline query set: copies + novel, as in earlier runs
     standard = (qkind == KIND_HELD_OUT) | (qkind == KIND_REAL_COPY)
     n_real = int(qs["n_real_copies"])
     kind_recall = lambda ids, kd: ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")  # noqa: E731
     rows = []
-    for params in sweep(plan):
+    for params in settings:
         p = plan.with_params(**params)
         plan_path = CACHE / f"plan_{n}.json"
         plan_path.write_text(json.dumps(p.to_dict()))
@@ -418,7 +463,8 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
         ids = np.load(ids_path)
         res.update(
             n=n,
-            default=params == plan.params,
+            role=role,
+            default=role == "plan_index" and params == plan.params,
             params={k: v for k, v in p.params.items() if k != "efConstruction"},
             factory=p.factory,
             kind=p.kind,
@@ -476,19 +522,37 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
         "",
         "| n | index | search params | build s (CPU s) | index MiB | p50 / p99 ms | CPU p50 / p99 ms "
         "| recall@10 (real copies / synth copies / novel) | standard recall@10 (held-out) | similar recall "
-        "| copy top-1 (exact) | RSS MiB (file-backed / anon) |",
+        "| copy top-1 (exact) | RSS anon / file MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        mark = " **default**" if r["default"] else ""
+        mark = " **default**" if r["default"] else (" baseline" if r.get("role") == "baseline" else "")
+        anon = f"{r['rss_anon_mb']:.0f} / {r['rss_file_mb']:.0f}" if "rss_anon_mb" in r else (
+            f"{r['rss_mb'] - r['rss_file_backed_mb']:.0f} / {r['rss_file_backed_mb']:.0f}")
         lines.append(
             f"| {r['n']:,} | {r['factory']} | `{json.dumps(r['params'])}`{mark} | {r['build_s']:.0f} "
             f"({r['build_cpu_s']:.0f}) | {r['index_mb']:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
             f"{r['cpu_p50_ms']:.2f} / {r['cpu_p99_ms']:.2f} | {r['recall10']:.3f} ({r['recall10_real_copies']:.3f} / "
             f"{r['recall10_synth_copies']:.3f} / {r['recall10_novel']:.3f}) | {r['recall10_standard']:.3f} "
             f"({r['recall10_held_out']:.3f}) | {r['similar_recall']:.3f} | {r['top1_copy']:.3f} "
-            f"({r['top1_copy_exact']:.3f}) | {r['rss_mb']:.0f} ({r['rss_file_backed_mb']:.0f} / {r['rss_mb'] - r['rss_file_backed_mb']:.0f}) |"
+            f"({r['top1_copy_exact']:.3f}) | {anon} |"
         )
+    lines += ["", "Comparison with the plain FAISS baselines (same run, same queries, same budget): for each size, "
+              "plan_index's default against the cheapest baseline setting (CPU p50) whose recall@10 is at least "
+              "as high, else the baseline setting with the highest recall@10."]
+    for n in sorted({r["n"] for r in rows}):
+        ours = [r for r in rows if r["n"] == n and r["default"]]
+        base = [r for r in rows if r["n"] == n and r.get("role") == "baseline"]
+        if not ours or not base:
+            continue
+        o = ours[0]
+        ge = [b for b in base if b["recall10"] >= o["recall10"]]
+        b = min(ge, key=lambda r: r["cpu_p50_ms"]) if ge else max(base, key=lambda r: r["recall10"])
+        win = o["recall10"] >= b["recall10"] and o["cpu_p50_ms"] <= b["cpu_p50_ms"]
+        lines.append(
+            f"- n={n:,}: ours {o['factory']} {json.dumps(o['params'])}: recall@10 {o['recall10']:.3f}, CPU p50 "
+            f"{o['cpu_p50_ms']:.2f} ms vs baseline {b['factory']} {json.dumps(b['params'])}: {b['recall10']:.3f}, "
+            f"{b['cpu_p50_ms']:.2f} ms: **{'ours wins on both' if win else 'ours does NOT win on both'}**")
     lines += ["", "Plans chosen by `plan_index`:"]
     lines += [f"- n={r['n']:,}: {r['reason']}" for r in rows if r["default"]]
     for r in rows:
@@ -559,6 +623,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="faiss threads for the single-query runs")
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                    help="also build and measure plain FAISS plans (IVF-SQ8, IVF-PQ, HNSW) beside plan_index's")
     ap.add_argument("--reuse-index", action="store_true", help="measure the index saved by the last run again")
     ap.add_argument("--render", action="store_true", help="only re-write the Markdown from the last run's rows.json")
     # the query subprocess

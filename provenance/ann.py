@@ -26,7 +26,7 @@ from provenance.errors import IndexMismatchError
 
 logger = logging.getLogger(__name__)
 
-FLOAT_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_pq")
+FLOAT_KINDS = ("flat", "hnsw", "ivf_flat", "ivf_sq", "ivf_pq")
 BINARY_KINDS = ("binary_flat", "binary_ivf", "binary_hnsw")
 KINDS = FLOAT_KINDS + BINARY_KINDS
 METRICS = ("ip", "hamming")
@@ -67,6 +67,14 @@ COARSE_SQ = "SQ8"
 # (SQ8 with per-dimension min/max ranked best: "optim", "quantiles" and uniform ranges did worse.)
 REFINE_SQ = "SQ8"
 EXACT_K = 16
+# --- IVF-SQ8 with an HNSW coarse quantizer and an exact re-rank ("ivf_sq"). The coarse step walks an HNSW
+# graph over the centroids (tens of microseconds) instead of scanning all of them; the SQ8 codes stay in the
+# memory-mapped index file (file-backed pages, not anonymous memory); the best SQ_RERANK_K of the SQ8 scores
+# get exact cosines from the float16 embeddings (pread). SQ8 mis-orders only near-ties, so a short re-rank
+# restores the exact order, and its recall is that of the probed lists. OnDiskInvertedLists can hold these
+# codes (not fast-scan PQ: faiss #2407), so the merged index over parts (provenance.merged_ann) is the same plan.
+COARSE_HNSW_M = 32
+SQ_RERANK_K = 32
 REFINE_BUDGET_SHARE = 0.75  # index + SQ8 copy must leave a quarter of the budget to the process
 _SQ_TYPES = {"SQ8": "QT_8bit", "SQfp16": "QT_fp16"}
 _COARSE_RE = re.compile(r"^IVF(\d+)\((SQ8|SQfp16)\),")  # "IVF4096(SQ8),..." = SQ-stored centroids
@@ -189,6 +197,8 @@ def _est_memory(
         return 4 * n * (dim + 2 * m)
     if kind == "ivf_flat":  # codes + 8-byte ids + centroids
         return n * (dim * 4 + 8) + nlist * dim * 4
+    if kind == "ivf_sq":  # SQ8 codes + ids (memory-mapped) + float32 centroids in an HNSW graph
+        return n * (dim + 8) + nlist * (dim * 4 + 8 * COARSE_HNSW_M)
     if kind == "ivf_pq":  # 4-bit codes + ids + SQ8 centroids (+ fast-scan block padding, ~32 rows/list)
         code = (pq_m or _pq_m(dim)) // 2
         return (n + 32 * nlist) * (code + 8) + nlist * dim + (n * dim if refine else 0)
@@ -212,6 +222,9 @@ def _default_params(kind: str, n: int, nlist: int, refine: bool = False) -> dict
     if kind == "ivf_flat":
         # probing 1/16 of the lists put nearly every copy first; half of that missed more of them
         return {"nprobe": min(nlist, max(8, nlist // 16))}
+    if kind == "ivf_sq":
+        # as ivf_pq's probing; the HNSW walk over the centroids must visit at least nprobe of them
+        return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": SQ_RERANK_K, "efSearch": 128}
     if kind == "ivf_pq":
         # 1/64 of the lists with the PQ top 100 re-ranked: fewer probes or a shallower re-rank lost
         # recall, more probes gained little for their cost. With the SQ8 refine, the same recall
@@ -290,7 +303,7 @@ def plan_index(
             why = f"{shape} {over}: compressed IVF-PQ,"
 
     # 3. Parameters of that kind
-    nlist = _nlist(n) if kind in ("ivf_flat", "ivf_pq", "binary_ivf") else 0
+    nlist = _nlist(n) if kind in ("ivf_flat", "ivf_sq", "ivf_pq", "binary_ivf") else 0
     m_pq = _pq_m(dim, n, nlist, memory_budget_bytes) if kind == "ivf_pq" else 0
     refine = kind == "ivf_pq" and _refine_fits(n, dim, nlist, m_pq, memory_budget_bytes)
     if kind == "flat":
@@ -299,6 +312,13 @@ def plan_index(
         factory = f"HNSW{HNSW_M},Flat"
     elif kind == "ivf_flat":
         factory = f"IVF{nlist},Flat"
+    elif kind == "ivf_sq":
+        factory = f"IVF{nlist}_HNSW{COARSE_HNSW_M},SQ8"
+        why += (
+            f" {factory}: {nlist} lists ~ 4*sqrt(n) found by an HNSW walk over the centroids; SQ8 codes ({dim} B/vector) "
+            "memory-mapped from the index file; the best "
+            f"{SQ_RERANK_K} given exact cosines from the float16 embeddings, read row by row from the file"
+        )
     elif kind == "ivf_pq":
         factory = f"IVF{nlist}({COARSE_SQ}),PQ{m_pq}x4fs"
         why += (
@@ -650,7 +670,7 @@ def save_index(index: Any, path: str | os.PathLike) -> None:
 def _mmap_flags(plan: AnnPlan) -> int:
     # IVF inverted lists are memory-mapped by IO_FLAG_MMAP (read as read-only OnDiskInvertedLists);
     # flat codes (Flat, HNSW storage, binary) by IO_FLAG_MMAP_IFC ("in-place from file", faiss >= 1.11).
-    if plan.kind in ("ivf_flat", "ivf_pq", "binary_ivf"):
+    if plan.kind in ("ivf_flat", "ivf_sq", "ivf_pq", "binary_ivf"):
         return faiss.IO_FLAG_MMAP
     return getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP)
 
@@ -698,8 +718,12 @@ def load_index(
 
 def _apply_search_params(index: Any, plan: AnnPlan) -> None:
     params = plan.params
-    if plan.kind in ("ivf_flat", "ivf_pq"):
-        faiss.extract_index_ivf(index).nprobe = int(params.get("nprobe", 1))
+    if plan.kind in ("ivf_flat", "ivf_sq", "ivf_pq"):
+        ivf = faiss.extract_index_ivf(index)
+        ivf.nprobe = int(params.get("nprobe", 1))
+        q = faiss.downcast_index(ivf.quantizer)
+        if isinstance(q, faiss.IndexHNSW):
+            q.hnsw.efSearch = max(int(params.get("efSearch", 64)), ivf.nprobe)
         if isinstance(index, faiss.IndexRefine) and plan.rerank_k:
             # PQ candidates per result of index.search; `search` passes it per call as well
             index.k_factor = max(1.0, plan.rerank_k / max(1, plan.exact_k))

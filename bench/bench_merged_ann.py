@@ -1,0 +1,215 @@
+"""The merged on-disk ANN over parts (provenance.merged_ann): full build vs an append of ~10% more rows, both
+from pre-computed float16 vectors, then 1,000 single queries against the merged lists (1 thread).
+
+Data: the synthetic SSCD-like corpus of bench/bench_index.py (`corpus_<n>.f16`, made there), cut into parts of
+--part-size rows written as the part files the indexer writes (`<part>/sscd.npy`, float16). The first
+(1 - append share) of the parts are the "build"; the rest are appended to it (no k-means: the template is
+reused, the new parts' codes are encoded and merged with the old lists into a new file).
+
+Queries: bench_index's headline set (real edited copies, synthetic copies, novel COCO photos) plus its held-out
+rows; recall@10 against an exact search over the same float16 rows. Latency: CPU thread time per query, in a
+fresh process that opens the merged index (lists memory-mapped) and re-ranks from the parts' files by pread.
+Memory: RssAnon and RssFile from /proc/self/status after the queries (page cache warm: the files were just
+written; nothing is dropped, the machine being shared).
+
+    python bench/bench_merged_ann.py --n 1000000 --part-size 10000 --append-share 0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+logger = logging.getLogger("bench_merged_ann")
+RESULTS = REPO / "bench" / "results" / "index.md"
+
+
+def _cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def _mem() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("RssAnon", "RssFile"):
+            out[k] = int(v.split()[0]) / 1024
+    return out
+
+
+def write_parts(corpus: np.ndarray, root: Path, part_size: int) -> list[Path]:
+    paths = []
+    for i, start in enumerate(range(0, len(corpus), part_size)):
+        p = root / f"{i + 1:06d}-items" / "sscd.npy"
+        paths.append(p)
+        if p.exists():
+            continue
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.save(p.with_suffix(".tmp.npy"), np.asarray(corpus[start:start + part_size]))
+        os.replace(p.with_suffix(".tmp.npy"), p)
+    return paths
+
+
+def build(paths: list[Path], out: Path, nprobe: int | None) -> dict:
+    from provenance import merged_ann as ma
+
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = [np.load(p, mmap_mode="r") for p in paths]
+    n = sum(len(a) for a in arrays)
+    plan = ma.plan_merged(n, arrays[0].shape[1], "ip", nprobe)
+    t, c = time.perf_counter(), _cpu()
+    ma.train_template(arrays, plan, out / "template.faiss")
+    train_s = time.perf_counter() - t
+    codes = []
+    for seq, p in enumerate(paths, 1):
+        codes.append(out / f"codes.{seq}.faiss")
+        ma.add_part_codes(out / "template.faiss", p, seq, codes[-1])
+    add_s = time.perf_counter() - t - train_s
+    ma.merge_lists(out / "template.faiss", codes, out / "merged.faiss", out / "merged.ivfdata")
+    ma.remove_files(codes)
+    total = time.perf_counter() - t
+    return {"n": n, "plan": plan.to_dict(), "train_s": train_s, "add_s": add_s, "merge_s": total - train_s - add_s,
+            "build_s": total, "build_cpu_s": _cpu() - c}
+
+
+def append(paths: list[Path], first_seq: int, out: Path, new: Path) -> dict:
+    from provenance import merged_ann as ma
+
+    new.mkdir(parents=True, exist_ok=True)
+    t, c = time.perf_counter(), _cpu()
+    codes = []
+    for seq, p in enumerate(paths, first_seq):
+        codes.append(new / f"codes.{seq}.faiss")
+        ma.add_part_codes(out / "template.faiss", p, seq, codes[-1])
+    add_s = time.perf_counter() - t
+    os.link(out / "template.faiss", new / "template.faiss")
+    ma.merge_lists(new / "template.faiss", [out / "merged.faiss", *codes], new / "merged.faiss", new / "merged.ivfdata")
+    ma.remove_files(codes)
+    total = time.perf_counter() - t
+    return {"n_added": sum(len(np.load(p, mmap_mode="r")) for p in paths), "add_s": add_s, "merge_s": total - add_s,
+            "append_s": total, "append_cpu_s": _cpu() - c}
+
+
+def query_child(args) -> None:
+    import faiss
+
+    from provenance import merged_ann as ma
+    from provenance.parts import RowReader
+
+    faiss.omp_set_num_threads(1)
+    mem0 = _mem()
+    plan = ma.MergedPlan.from_dict(json.loads(Path(args.plan).read_text()))
+    if args.nprobe:
+        plan = ma.MergedPlan(**{**plan.to_dict(), "nprobe": args.nprobe})
+    t = time.perf_counter()
+    index = ma.load_merged(Path(args.index), plan)
+    readers = {seq: RowReader.from_npy(p) for seq, p in enumerate(json.loads(Path(args.parts).read_text()), 1)}
+    open_s = time.perf_counter() - t
+
+    def read_rows(ids: np.ndarray) -> np.ndarray:
+        seq, row = ma.split_id(ids)
+        out = np.empty((len(ids), plan.dim), np.float16)
+        for s in np.unique(seq):
+            sel = seq == s
+            out[sel] = readers[int(s)].read_rows(row[sel])
+        return out
+
+    xq = np.load(args.queries)
+    for i in range(20):
+        ma.search_merged(index, plan, xq[i:i + 1], 10, None, read_rows)
+    cpu, wall, ids = np.empty(len(xq)), np.empty(len(xq)), np.empty((len(xq), 10), np.int64)
+    for i in range(len(xq)):
+        t, c = time.perf_counter(), time.thread_time()
+        _, _, got = ma.search_merged(index, plan, xq[i:i + 1], 10, None, read_rows)
+        cpu[i], wall[i] = time.thread_time() - c, time.perf_counter() - t
+        seq, row = ma.split_id(got[0])
+        ids[i] = np.where(got[0] < 0, -1, (seq - 1) * args.part_size + row)
+    np.save(args.out_ids, ids)
+    Path(args.out).write_text(json.dumps({
+        "open_s": open_s, "cpu_p50_ms": float(np.percentile(cpu, 50) * 1e3),
+        "cpu_p99_ms": float(np.percentile(cpu, 99) * 1e3), "p50_ms": float(np.percentile(wall, 50) * 1e3),
+        "p99_ms": float(np.percentile(wall, 99) * 1e3), "rss_anon_mb": _mem()["RssAnon"],
+        "rss_file_mb": _mem()["RssFile"], "rss_anon_start_mb": mem0["RssAnon"]}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--part-size", type=int, default=10_000)
+    ap.add_argument("--append-share", type=float, default=0.1, help="appended rows / built rows")
+    ap.add_argument("--dir", default="/tmp/bench-merged-ann")
+    ap.add_argument("--nprobe", type=int, nargs="*", default=[0], help="0: the plan's default")
+    ap.add_argument("--threads", type=int, default=2, help="faiss threads for the build")
+    ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+    for a in ("--index", "--plan", "--parts", "--queries", "--out", "--out-ids"):
+        ap.add_argument(a)
+    args = ap.parse_args()
+    if args._child:
+        return query_child(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import faiss
+
+    import bench_index as bi
+    from training import ann_eval
+
+    faiss.omp_set_num_threads(args.threads)
+    real = bi.real_embeddings()
+    corpus = bi.synthesise(real["corpus"], args.n)
+    root = Path(args.dir)
+    paths = write_parts(corpus, root / "parts", args.part_size)
+    n_build_parts = round(len(paths) / (1 + args.append_share))
+    base, extra = paths[:n_build_parts], paths[n_build_parts:]
+    b = build(base, root / "ann-000000", None)
+    logger.info("build: %s", b)
+    a = append(extra, n_build_parts + 1, root / "ann-000000", root / "ann-000001")
+    logger.info("append: %s", a)
+    n_all = b["n"] + a["n_added"]
+    # queries and exact ground truth over every row (build + append)
+    qs = bi.make_queries(real, corpus[:n_all], args.queries if hasattr(args, "queries") else 349, 1000)
+    xq, qkind = qs["xq"], qs["kind"]
+    gt_path = root / f"gt_{n_all}_{len(xq)}.npz"
+    if gt_path.exists():
+        gt = np.load(gt_path)["I"]
+    else:
+        gt = ann_eval.exact_search(xq, corpus[:n_all], 10)[1]
+        np.savez(gt_path, I=gt)
+    np.save(root / "queries.npy", xq)
+    (root / "plan.json").write_text(json.dumps(b["plan"]))
+    (root / "parts.json").write_text(json.dumps([str(p) for p in paths]))
+    rows = []
+    for nprobe in args.nprobe:
+        cmd = [sys.executable, __file__, "--_child", "--index", str(root / "ann-000001" / "merged.faiss"),
+               "--plan", str(root / "plan.json"), "--parts", str(root / "parts.json"), "--queries",
+               str(root / "queries.npy"), "--out", str(root / "res.json"), "--out-ids", str(root / "ids.npy"),
+               "--part-size", str(args.part_size), "--nprobe", str(nprobe)]
+        subprocess.run(cmd, check=True)
+        res = json.loads((root / "res.json").read_text())
+        ids = np.load(root / "ids.npy")
+        head = qkind != bi.KIND_HELD_OUT
+        res.update(nprobe=nprobe or b["plan"]["nprobe"], recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
+                   recall10_held_out=ann_eval.recall_at_k(ids[~head], gt[~head], 10))
+        logger.info("query: %s", res)
+        rows.append(res)
+    out = {"n": args.n, "part_size": args.part_size, "build": b, "append": a, "queries": rows,
+           "disk_mb": {f.name: f.stat().st_size / 2**20 for f in (root / "ann-000001").iterdir()},
+           "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "cmd": "python bench/bench_merged_ann.py " + " ".join(sys.argv[1:])}
+    (root / f"result_{args.n}.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
