@@ -46,9 +46,12 @@ from provenance import ann
 
 logger = logging.getLogger(__name__)
 
-HNSW_COARSE_M = 32  # the coarse quantizer is an HNSW graph over the centroids: no full scan of them per query
-CODES = "SQ8"  # d bytes a vector; OnDiskInvertedLists cannot hold fast-scan PQ (faiss #2407)
-RERANK_K = 64  # SQ8 candidates given exact float16 cosines (SQ8 mis-orders near-ties only)
+# The same plan as ann's "ivf_sq" (the per-part plan for large parts): an HNSW graph over the centroids as coarse
+# quantizer (no full scan of them per query), SQ8 codes (d bytes a vector; OnDiskInvertedLists cannot hold
+# fast-scan PQ, faiss #2407), the SQ8 top RERANK_K given exact float16 cosines (SQ8 mis-orders near-ties only).
+HNSW_COARSE_M = ann.COARSE_HNSW_M
+CODES = "SQ8"
+RERANK_K = ann.SQ_RERANK_K
 NPROBE_SHARE = 64  # probe nlist / NPROBE_SHARE lists (at least MIN_NPROBE): as ann's IVF plans
 MIN_NPROBE = 16
 RETRAIN_GROWTH = 4.0  # an append retrains when the covered rows grew past this many times the trained ones
@@ -66,7 +69,7 @@ class MergedPlan:
     nlist: int
     nprobe: int
     rerank_k: int  # 0: no re-rank (hamming: the codes are the hashes)
-    efsearch: int = 64  # HNSW coarse quantizer's efSearch (float plans)
+    efsearch: int = 128  # HNSW coarse quantizer's efSearch (float plans; at least nprobe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
