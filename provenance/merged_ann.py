@@ -154,10 +154,11 @@ def add_part_codes(template_path: str | os.PathLike, vectors: np.ndarray | str |
     `seq << 32 | row`; write it to out_path. Independent of every other part: a Ray task can run it."""
     x = np.load(vectors, mmap_mode="r") if isinstance(vectors, (str, os.PathLike)) else vectors
     index = _read(Path(template_path), metric)
-    for start in range(0, len(x), ann.ADD_CHUNK):
-        chunk = x[start:start + ann.ADD_CHUNK]
-        chunk = np.ascontiguousarray(chunk) if metric == "hamming" else np.ascontiguousarray(chunk, dtype=np.float32)
-        index.add_with_ids(chunk, make_id(seq, np.arange(start, start + len(chunk))))
+    with ann.exact_coarse(index):  # rows go to their nearest centroid's list (not an HNSW walk's guess)
+        for start in range(0, len(x), ann.ADD_CHUNK):
+            chunk = x[start:start + ann.ADD_CHUNK]
+            chunk = np.ascontiguousarray(chunk) if metric == "hamming" else np.ascontiguousarray(chunk, dtype=np.float32)
+            index.add_with_ids(chunk, make_id(seq, np.arange(start, start + len(chunk))))
     _write(index, Path(out_path))
     return int(index.ntotal)
 

@@ -166,7 +166,11 @@ def test_append_after_load_without_mmap(tmp_path, xb):
 def test_plan_index_choices():
     small = plan_index(10_000, 512)
     assert small.kind == "flat" and small.est_memory_bytes == 10_000 * 512 * 4
-    big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
+    # 1M x 512: IVF with an HNSW coarse quantizer, SQ8 codes (496 MiB, memory-mapped) and an exact re-rank
+    sq = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
+    assert sq.kind == "ivf_sq" and sq.factory == "IVF4096_HNSW32,SQ8" and sq.rerank_k == ann.SQ_RERANK_K
+    assert sq.params["nprobe"] == 64 and sq.est_memory_bytes < 1 << 29 and "exact cosines" in sq.reason
+    big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30, kind="ivf_pq")
     assert big.kind == "ivf_pq" and big.rerank_k > 0 and big.params["nprobe"] >= 1
     assert big.est_memory_bytes < 1 << 30
     assert "1.9 GiB" in big.reason and "budget" in big.reason
@@ -189,7 +193,7 @@ def test_plan_index_choices():
     assert plan_index(10_000, 256, metric="hamming").kind == "binary_flat"
     assert plan_index(5_000_000, 256, metric="hamming").kind == "binary_ivf"
     # every automatic plan builds an index that the factory accepts
-    for p in (small, big, mid):
+    for p in (small, sq, big, mid):
         assert ann._new_index(p).d == 512
 
 
