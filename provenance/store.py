@@ -818,7 +818,9 @@ class ProvenanceIndex:
     def preload(self, descriptors: list[str] | None = None) -> None:
         """Open every part now: markers (with their file-size checks), FAISS indexes and caption databases, so
         that a server is not ready until its index is usable and a broken file fails the load, naming the file.
-        O(parts): for servers, not for the CLI's open."""
+        O(parts): for servers, not for the CLI's open. The merged ANN, where there is one, is loaded too."""
+        for name in descriptors or list(self.specs):
+            self._merged_ann(name)
         for part in self.parts:
             if not len(part):
                 part.marker  # noqa: B018 - checks the part's files even when it holds only skips
