@@ -52,9 +52,8 @@ logger = logging.getLogger("bench_index")
 # ----------------------------------------------------------------------------- real embeddings
 def _flickr_images():
     """Yield (key, PIL image) for the 2,500 dev photos then the 500 non-member photos."""
-    from provenance.images import decode_image, load_image
-
     from provenance.corpus import read_webdataset
+    from provenance.images import decode_image, load_image
 
     for it in read_webdataset(str(DATA / "flickr8k-dev")):
         if it.data:
@@ -365,7 +364,6 @@ def _similar_recall(ids: np.ndarray, gt_ids: np.ndarray, gt_d: np.ndarray) -> fl
 
 
 def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
-    import faiss
 
     from provenance import ann
     from training import ann_eval

@@ -58,7 +58,7 @@ def write_parts(corpus: np.ndarray, root: Path, part_size: int) -> list[Path]:
         if p.exists():
             continue
         p.parent.mkdir(parents=True, exist_ok=True)
-        np.save(p.with_suffix(".tmp.npy"), np.asarray(corpus[start:start + part_size]))
+        np.save(p.with_suffix(".tmp.npy"), np.asarray(corpus[start : start + part_size]))
         os.replace(p.with_suffix(".tmp.npy"), p)
     return paths
 
@@ -81,8 +81,15 @@ def build(paths: list[Path], out: Path, nprobe: int | None) -> dict:
     ma.merge_lists(out / "template.faiss", codes, out / "merged.faiss", out / "merged.ivfdata")
     ma.remove_files(codes)
     total = time.perf_counter() - t
-    return {"n": n, "plan": plan.to_dict(), "train_s": train_s, "add_s": add_s, "merge_s": total - train_s - add_s,
-            "build_s": total, "build_cpu_s": _cpu() - c}
+    return {
+        "n": n,
+        "plan": plan.to_dict(),
+        "train_s": train_s,
+        "add_s": add_s,
+        "merge_s": total - train_s - add_s,
+        "build_s": total,
+        "build_cpu_s": _cpu() - c,
+    }
 
 
 def append(paths: list[Path], first_seq: int, out: Path, new: Path) -> dict:
@@ -99,8 +106,13 @@ def append(paths: list[Path], first_seq: int, out: Path, new: Path) -> dict:
     ma.merge_lists(new / "template.faiss", [out / "merged.faiss", *codes], new / "merged.faiss", new / "merged.ivfdata")
     ma.remove_files(codes)
     total = time.perf_counter() - t
-    return {"n_added": sum(len(np.load(p, mmap_mode="r")) for p in paths), "add_s": add_s, "merge_s": total - add_s,
-            "append_s": total, "append_cpu_s": _cpu() - c}
+    return {
+        "n_added": sum(len(np.load(p, mmap_mode="r")) for p in paths),
+        "add_s": add_s,
+        "merge_s": total - add_s,
+        "append_s": total,
+        "append_cpu_s": _cpu() - c,
+    }
 
 
 def query_child(args) -> None:
@@ -129,20 +141,29 @@ def query_child(args) -> None:
 
     xq = np.load(args.queries)
     for i in range(20):
-        ma.search_merged(index, plan, xq[i:i + 1], 10, None, read_rows)
+        ma.search_merged(index, plan, xq[i : i + 1], 10, None, read_rows)
     cpu, wall, ids = np.empty(len(xq)), np.empty(len(xq)), np.empty((len(xq), 10), np.int64)
     for i in range(len(xq)):
         t, c = time.perf_counter(), time.thread_time()
-        _, _, got = ma.search_merged(index, plan, xq[i:i + 1], 10, None, read_rows)
+        _, _, got = ma.search_merged(index, plan, xq[i : i + 1], 10, None, read_rows)
         cpu[i], wall[i] = time.thread_time() - c, time.perf_counter() - t
         seq, row = ma.split_id(got[0])
         ids[i] = np.where(got[0] < 0, -1, (seq - 1) * args.part_size + row)
     np.save(args.out_ids, ids)
-    Path(args.out).write_text(json.dumps({
-        "open_s": open_s, "cpu_p50_ms": float(np.percentile(cpu, 50) * 1e3),
-        "cpu_p99_ms": float(np.percentile(cpu, 99) * 1e3), "p50_ms": float(np.percentile(wall, 50) * 1e3),
-        "p99_ms": float(np.percentile(wall, 99) * 1e3), "rss_anon_mb": _mem()["RssAnon"],
-        "rss_file_mb": _mem()["RssFile"], "rss_anon_start_mb": mem0["RssAnon"]}))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "open_s": open_s,
+                "cpu_p50_ms": float(np.percentile(cpu, 50) * 1e3),
+                "cpu_p99_ms": float(np.percentile(cpu, 99) * 1e3),
+                "p50_ms": float(np.percentile(wall, 50) * 1e3),
+                "p99_ms": float(np.percentile(wall, 99) * 1e3),
+                "rss_anon_mb": _mem()["RssAnon"],
+                "rss_file_mb": _mem()["RssFile"],
+                "rss_anon_start_mb": mem0["RssAnon"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -161,9 +182,9 @@ def main() -> None:
     if args._child:
         return query_child(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import bench_index as bi
     import faiss
 
-    import bench_index as bi
     from training import ann_eval
 
     faiss.omp_set_num_threads(args.threads)
@@ -197,22 +218,49 @@ def main() -> None:
     (root / "parts.json").write_text(json.dumps([str(p) for p in paths]))
     rows = []
     for nprobe in args.nprobe:
-        cmd = [sys.executable, __file__, "--_child", "--index", str(root / "ann-000001" / "merged.faiss"),
-               "--plan", str(root / "plan.json"), "--parts", str(root / "parts.json"), "--queries",
-               str(root / "queries.npy"), "--out", str(root / "res.json"), "--out-ids", str(root / "ids.npy"),
-               "--part-size", str(args.part_size), "--nprobe", str(nprobe)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_child",
+            "--index",
+            str(root / "ann-000001" / "merged.faiss"),
+            "--plan",
+            str(root / "plan.json"),
+            "--parts",
+            str(root / "parts.json"),
+            "--queries",
+            str(root / "queries.npy"),
+            "--out",
+            str(root / "res.json"),
+            "--out-ids",
+            str(root / "ids.npy"),
+            "--part-size",
+            str(args.part_size),
+            "--nprobe",
+            str(nprobe),
+        ]
         subprocess.run(cmd, check=True)
         res = json.loads((root / "res.json").read_text())
         ids = np.load(root / "ids.npy")
         head = qkind != bi.KIND_HELD_OUT
-        res.update(nprobe=nprobe or b["plan"]["nprobe"], recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
-                   recall10_held_out=ann_eval.recall_at_k(ids[~head], gt[~head], 10))
+        res.update(
+            nprobe=nprobe or b["plan"]["nprobe"],
+            recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
+            recall10_held_out=ann_eval.recall_at_k(ids[~head], gt[~head], 10),
+        )
         logger.info("query: %s", res)
         rows.append(res)
-    out = {"n": args.n, "part_size": args.part_size, "build": b, "append": a, "queries": rows,
-           "disk_mb": {f.name: f.stat().st_size / 2**20 for f in (root / "ann-000001").iterdir()},
-           "load": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "cmd": "python bench/bench_merged_ann.py " + " ".join(sys.argv[1:])}
+    out = {
+        "n": args.n,
+        "part_size": args.part_size,
+        "build": b,
+        "append": a,
+        "queries": rows,
+        "disk_mb": {f.name: f.stat().st_size / 2**20 for f in (root / "ann-000001").iterdir()},
+        "load": os.getloadavg()[0],
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cmd": "python bench/bench_merged_ann.py " + " ".join(sys.argv[1:]),
+    }
     (root / f"result_{args.n}.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 

@@ -117,7 +117,7 @@ class AnnPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AnnPlan":
+    def from_dict(cls, d: dict[str, Any]) -> AnnPlan:
         missing = {"kind", "factory", "metric"} - set(d)
         if missing:
             raise ValueError(f"AnnPlan dict lacks {sorted(missing)}: {d!r}")
@@ -133,7 +133,7 @@ class AnnPlan:
         _check_plan(plan)
         return plan
 
-    def with_params(self, **params: Any) -> "AnnPlan":
+    def with_params(self, **params: Any) -> AnnPlan:
         """A copy with some search parameters changed (e.g. after tuning)."""
         return replace(self, params={**self.params, **params})
 

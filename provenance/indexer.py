@@ -26,18 +26,35 @@ from typing import Any
 
 import numpy as np
 
+from provenance.consent.files import read_file_consent
 from provenance.corpus import CorpusItem, CorpusSource, detect_source, list_shards, read_corpus, read_webdataset
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import DecompressionBombError, IndexFormatError, IndexMismatchError, UnreadableImageError
-from provenance.consent.files import read_file_consent
 from provenance.images import DEFAULT_MAX_PIXELS, decode_image, mime_type
 from provenance.locking import IndexWriteLock
 from provenance.models import ModelOptions, check_same_model, load_descriptor, parse_descriptors
 from provenance.parts import TMP_PREFIX, PartReader, PartWriter, id_hash, read_marker
-from provenance.store import (DEFAULT_PART_SIZE, MANIFEST, PARTS, ProvenanceIndex, _remove_v1_files, commit_manifest,
-                              new_manifest, next_part_seq, part_entry, part_name, read_manifest, remove_unlisted_lookups, remove_unlisted_parts,
-                              unlisted_parts, vector_dims, write_merged_lookup, write_tombstones,
-                              remove_unlisted_anns, write_merged_ann)
+from provenance.store import (
+    DEFAULT_PART_SIZE,
+    MANIFEST,
+    PARTS,
+    ProvenanceIndex,
+    _remove_v1_files,
+    commit_manifest,
+    new_manifest,
+    next_part_seq,
+    part_entry,
+    part_name,
+    read_manifest,
+    remove_unlisted_anns,
+    remove_unlisted_lookups,
+    remove_unlisted_parts,
+    unlisted_parts,
+    vector_dims,
+    write_merged_ann,
+    write_merged_lookup,
+    write_tombstones,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +353,7 @@ def _prepare(item: CorpusItem, models: dict[str, Any], options: BuildOptions) ->
         return _Skip(item.id, item.source, str(e), "decompression_bomb")
     except UnreadableImageError as e:
         return _Skip(item.id, item.source, str(e), "unreadable")
-    except Exception as e:  # noqa: BLE001 - one bad image must not stop a million-image build
+    except Exception as e:
         return _Skip(item.id, item.source, f"{type(e).__name__}: {e}", "error")
     thumb = _thumbnail(decoded.image) if options.thumbnails else None
     extra = dict(item.extra or {})

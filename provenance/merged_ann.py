@@ -35,9 +35,10 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -75,7 +76,7 @@ class MergedPlan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MergedPlan":
+    def from_dict(cls, d: dict[str, Any]) -> MergedPlan:
         return cls(**{k: d[k] for k in ("factory", "metric", "dim", "nlist", "nprobe", "rerank_k", "efsearch")})
 
 
@@ -121,8 +122,8 @@ def sample_across_parts(parts: list[np.ndarray], n_sample: int, seed: int = SAMP
     total = int(sizes.sum())
     rng = np.random.default_rng(seed)
     out = []
-    for p, n in zip(parts, sizes):
-        take = min(int(n), int(math.ceil(n_sample * n / max(total, 1))))
+    for p, n in zip(parts, sizes, strict=True):
+        take = min(int(n), math.ceil(n_sample * int(n) / max(total, 1)))
         if take:
             rows = np.sort(rng.choice(int(n), take, replace=False))
             out.append(np.asarray(p[rows]))
@@ -148,24 +149,32 @@ def train_template(parts: list[np.ndarray], plan: MergedPlan, path: Path) -> Non
 
 
 # ------------------------------------------------------------------------------- 2. add (per part)
-def add_part_codes(template_path: str | os.PathLike, vectors: np.ndarray | str | os.PathLike, seq: int,
-                   out_path: str | os.PathLike, metric: str = "ip") -> int:
+def add_part_codes(
+    template_path: str | os.PathLike,
+    vectors: np.ndarray | str | os.PathLike,
+    seq: int,
+    out_path: str | os.PathLike,
+    metric: str = "ip",
+) -> int:
     """Encode one part's vectors (an array, or the path of its .npy) into a copy of the trained template, ids
     `seq << 32 | row`; write it to out_path. Independent of every other part: a Ray task can run it."""
     x = np.load(vectors, mmap_mode="r") if isinstance(vectors, (str, os.PathLike)) else vectors
     index = _read(Path(template_path), metric)
     with ann.exact_coarse(index):  # rows go to their nearest centroid's list (not an HNSW walk's guess)
         for start in range(0, len(x), ann.ADD_CHUNK):
-            chunk = x[start:start + ann.ADD_CHUNK]
-            chunk = np.ascontiguousarray(chunk) if metric == "hamming" else np.ascontiguousarray(chunk, dtype=np.float32)
+            chunk = x[start : start + ann.ADD_CHUNK]
+            chunk = (
+                np.ascontiguousarray(chunk) if metric == "hamming" else np.ascontiguousarray(chunk, dtype=np.float32)
+            )
             index.add_with_ids(chunk, make_id(seq, np.arange(start, start + len(chunk))))
     _write(index, Path(out_path))
     return int(index.ntotal)
 
 
 # ------------------------------------------------------------------------------- 3. merge (on disk)
-def merge_lists(template_path: Path, sources: list[Path], index_path: Path, ivfdata_path: Path,
-                metric: str = "ip") -> int:
+def merge_lists(
+    template_path: Path, sources: list[Path], index_path: Path, ivfdata_path: Path, metric: str = "ip"
+) -> int:
     """Concatenate the inverted lists of `sources` (per-part code files, or an earlier merged index) list by list
     into one OnDiskInvertedLists file; write the index that points at it (read back with IO_FLAG_ONDISK_SAME_DIR,
     so the folder can move). Sources are memory-mapped: memory stays flat while the file grows."""
@@ -207,8 +216,14 @@ def load_merged(index_path: Path, plan: MergedPlan) -> Any:
 
 
 # ------------------------------------------------------------------------------- 4. search
-def search_merged(index: Any, plan: MergedPlan, xq: np.ndarray, k: int, removed_ids: np.ndarray | None,
-                  read_rows: Callable[[np.ndarray], np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def search_merged(
+    index: Any,
+    plan: MergedPlan,
+    xq: np.ndarray,
+    k: int,
+    removed_ids: np.ndarray | None,
+    read_rows: Callable[[np.ndarray], np.ndarray] | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores (nq, k) float32, hamming distances (nq, k) int32 or zeros, merged ids (nq, k) int64, -1 padded).
 
     removed_ids: merged ids never to return (tombstones), excluded inside FAISS. read_rows(ids) -> (len, d) float
@@ -221,47 +236,47 @@ def search_merged(index: Any, plan: MergedPlan, xq: np.ndarray, k: int, removed_
     if plan.metric == "hamming":
         # IndexBinaryIVF takes no IDSelector (faiss 1.15): ask for as many more as there are removed rows, drop them
         extra = 0 if removed_ids is None else len(removed_ids)
-        D, I = index.search(np.ascontiguousarray(xq), min(k + extra, max(1, index.ntotal)))
-        I = I.astype(np.int64)
+        dist, lab = index.search(np.ascontiguousarray(xq), min(k + extra, max(1, index.ntotal)))
+        lab = lab.astype(np.int64)
         if extra:
-            I = np.where(np.isin(I, removed_ids), -1, I)
-            order = np.argsort(I < 0, axis=1, kind="stable")  # live results first, in their order
-            I, D = np.take_along_axis(I, order, 1), np.take_along_axis(D, order, 1)
-        I, D = I[:, :k], D[:, :k]
-        if I.shape[1] < k:
-            I = np.pad(I, ((0, 0), (0, k - I.shape[1])), constant_values=-1)
-            D = np.pad(D, ((0, 0), (0, k - D.shape[1])))
-        pad = I < 0
-        return (np.where(pad, -np.inf, 1.0 - D / float(plan.dim)).astype(np.float32),
-                np.where(pad, ann.PAD_DISTANCE, D).astype(np.int32), I)
+            lab = np.where(np.isin(lab, removed_ids), -1, lab)
+            order = np.argsort(lab < 0, axis=1, kind="stable")  # live results first, in their order
+            lab, dist = np.take_along_axis(lab, order, 1), np.take_along_axis(dist, order, 1)
+        lab, dist = lab[:, :k], dist[:, :k]
+        if lab.shape[1] < k:
+            lab = np.pad(lab, ((0, 0), (0, k - lab.shape[1])), constant_values=-1)
+            dist = np.pad(dist, ((0, 0), (0, k - dist.shape[1])))
+        pad = lab < 0
+        return (
+            np.where(pad, -np.inf, 1.0 - dist / float(plan.dim)).astype(np.float32),
+            np.where(pad, ann.PAD_DISTANCE, dist).astype(np.int32),
+            lab,
+        )
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     kk = max(k, plan.rerank_k)
     params = faiss.SearchParametersIVF(nprobe=ivf.nprobe, sel=sel) if sel is not None else None
-    D, I = index.search(xq, kk, params=params) if params else index.search(xq, kk)
-    I = I.astype(np.int64)
+    dist, lab = index.search(xq, kk, params=params) if params else index.search(xq, kk)
+    lab = lab.astype(np.int64)
     if read_rows is None or not plan.rerank_k:
         order = slice(0, k)
-        S = np.where(I[:, order] < 0, -np.inf, D[:, order]).astype(np.float32)
-        return S, np.zeros_like(I[:, order], np.int32), I[:, order]
-    S = np.full((len(xq), k), -np.inf, np.float32)
+        sc = np.where(lab[:, order] < 0, -np.inf, dist[:, order]).astype(np.float32)
+        return sc, np.zeros_like(lab[:, order], np.int32), lab[:, order]
+    sc = np.full((len(xq), k), -np.inf, np.float32)
     ids = np.full((len(xq), k), -1, np.int64)
     for qi in range(len(xq)):
-        got = I[qi][I[qi] >= 0]
+        got = lab[qi][lab[qi] >= 0]
         if not len(got):
             continue
         s = np.asarray(read_rows(got), np.float32) @ xq[qi]
         o = np.lexsort((got, -s))[:k]  # exact cosine, then id: ties ordered as a flat search orders them
-        S[qi, :len(o)], ids[qi, :len(o)] = np.clip(s[o], -1.0, 1.0), got[o]
-    return S, np.zeros((len(xq), k), np.int32), ids
+        sc[qi, : len(o)], ids[qi, : len(o)] = np.clip(s[o], -1.0, 1.0), got[o]
+    return sc, np.zeros((len(xq), k), np.int32), ids
 
 
 # ------------------------------------------------------------------------------- files of a merged index
 def remove_files(paths: list[Path]) -> None:
     for p in paths:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+        p.unlink(missing_ok=True)
 
 
 def rmtree(path: Path) -> None:

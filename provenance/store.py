@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from provenance.captions import CaptionLimits, CaptionTerm, caption_terms, sqlite_time_budget
+from provenance.consent.types import stored_consent
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import (
     DescriptorUnavailableError,
@@ -64,7 +65,6 @@ from provenance.parts import (
     vectors_file,
     verify_part,
 )
-from provenance.consent.types import stored_consent
 from provenance.types import CaptionHit, Match
 
 logger = logging.getLogger(__name__)
@@ -936,11 +936,11 @@ class ProvenanceIndex:
             return out
 
         xq = np.asarray(xq)
-        S, D, I = ma.search_merged(index, plan, xq if name == "pdq" else np.asarray(xq, np.float32), k, removed_ids,
-                                   read_rows)
-        seq, row = ma.split_id(np.maximum(I, 0))
-        starts = np.array([lay.starts[lay.part_of_seq.get(int(s), 0)] for s in seq.ravel()], np.int64).reshape(I.shape)
-        G = np.where(I < 0, -1, starts + row)
+        S, D, ids = ma.search_merged(index, plan, xq if name == "pdq" else np.asarray(xq, np.float32), k, removed_ids,
+                                     read_rows)
+        seq, row = ma.split_id(np.maximum(ids, 0))
+        starts = np.array([lay.starts[lay.part_of_seq.get(int(s), 0)] for s in seq.ravel()], np.int64).reshape(ids.shape)
+        G = np.where(ids < 0, -1, starts + row)
         return S, (D if name == "pdq" else np.zeros_like(G)), G
 
     def search_caption(self, query: str, k: int = 10, limits: CaptionLimits | None = None) -> list[CaptionHit]:

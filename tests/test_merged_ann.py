@@ -4,7 +4,6 @@ removed items never returned, per-part codes encoded independently."""
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +26,14 @@ def _contents(n: int, seed: int = 0) -> IndexContents:
     x = centres[rng.integers(0, 40, n)] + 0.7 * rng.standard_normal((n, DIM)).astype(np.float32)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     pdq = rng.integers(0, 256, (n, 32), dtype=np.uint8)
-    specs = {"sscd": DescriptorSpec("sscd", "test", "", DIM, "cosine"),
-             "pdq": DescriptorSpec("pdq", "pdq", None, 256, "hamming")}
-    rows = [{"id": f"item-{i:05d}", "caption": f"caption {i}", "sha256": hashlib.sha256(b"%d" % i).hexdigest()}
-            for i in range(n)]
+    specs = {
+        "sscd": DescriptorSpec("sscd", "test", "", DIM, "cosine"),
+        "pdq": DescriptorSpec("pdq", "pdq", None, 256, "hamming"),
+    }
+    rows = [
+        {"id": f"item-{i:05d}", "caption": f"caption {i}", "sha256": hashlib.sha256(b"%d" % i).hexdigest()}
+        for i in range(n)
+    ]
     return IndexContents(rows, {"sscd": x, "pdq": pdq}, specs, {}, [None] * n, [])
 
 
@@ -49,7 +52,7 @@ def _flat(x: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray
 
 def _same_up_to_ties(got: list, ids: np.ndarray, scores: np.ndarray, rows: list[dict]) -> None:
     assert len(got) == len(ids)
-    for m, i, s in zip(got, ids, scores):
+    for m, i, s in zip(got, ids, scores, strict=True):
         assert m.score == pytest.approx(float(s), abs=1e-5)
         if m.id != rows[i]["id"]:  # only a tie may swap two items
             assert abs(m.score - float(s)) < 1e-5
@@ -63,8 +66,14 @@ def test_merged_ann_equals_flat_search_and_is_used(tmp_path, exhaustive):
     assert len(idx.parts) == 8 and idx._lay.ann_covered == list(range(8))
     assert set(meta["descriptors"]) == {"sscd", "pdq"} and meta["descriptors"]["sscd"]["factory"].endswith(",SQ8")
     d = tmp_path / "many" / meta["dir"]
-    assert {p.name for p in d.iterdir()} == {"template.sscd.faiss", "sscd.faiss", "sscd.ivfdata",
-                                             "template.pdq.faiss", "pdq.faiss", "pdq.ivfdata"}
+    assert {p.name for p in d.iterdir()} == {
+        "template.sscd.faiss",
+        "sscd.faiss",
+        "sscd.ivfdata",
+        "template.pdq.faiss",
+        "pdq.faiss",
+        "pdq.ivfdata",
+    }
 
     def no_part_search(*a, **k):  # every part is covered: the merged lists answer alone
         raise AssertionError("a covered part was searched on its own")
@@ -92,7 +101,9 @@ def test_default_probe_share_finds_copies(tmp_path, monkeypatch):
     plan = ma.MergedPlan.from_dict(idx.manifest["ann"]["descriptors"]["sscd"])
     assert plan.nprobe < plan.nlist
     rows = np.arange(0, 4000, 97)
-    xq = c.vectors["sscd"][rows].astype(np.float32) + 0.05 * np.random.default_rng(0).standard_normal((len(rows), DIM)).astype(np.float32)
+    xq = c.vectors["sscd"][rows].astype(np.float32) + 0.05 * np.random.default_rng(0).standard_normal(
+        (len(rows), DIM)
+    ).astype(np.float32)
     xq /= np.linalg.norm(xq, axis=1, keepdims=True)
     got = idx.search_vectors("sscd", xq, 1)
     assert [g[0].id for g in got] == [c.rows[r]["id"] for r in rows]
@@ -122,8 +133,12 @@ def test_per_part_codes_merge_to_the_same_lists_in_any_grouping(tmp_path):
     """add_part_codes is a function of one part (a Ray task): merging 3 parts at once, or 2 then the 3rd (an
     append), gives the same search results."""
     rng = np.random.default_rng(2)
-    parts = [(lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))(
-        rng.standard_normal((800, DIM)).astype(np.float32)) for _ in range(3)]
+    parts = [
+        (lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16))(
+            rng.standard_normal((800, DIM)).astype(np.float32)
+        )
+        for _ in range(3)
+    ]
     plan = ma.plan_merged(2400, DIM, "ip", nprobe=8)
     ma.train_template(parts, plan, tmp_path / "t.faiss")
     for i, p in enumerate(parts):
@@ -132,7 +147,9 @@ def test_per_part_codes_merge_to_the_same_lists_in_any_grouping(tmp_path):
     codes = [tmp_path / f"c{i}.faiss" for i in range(3)]
     assert ma.merge_lists(tmp_path / "t.faiss", codes, tmp_path / "all.faiss", tmp_path / "all.ivfdata") == 2400
     ma.merge_lists(tmp_path / "t.faiss", codes[:2], tmp_path / "ab.faiss", tmp_path / "ab.ivfdata")
-    ma.merge_lists(tmp_path / "t.faiss", [tmp_path / "ab.faiss", codes[2]], tmp_path / "abc.faiss", tmp_path / "abc.ivfdata")
+    ma.merge_lists(
+        tmp_path / "t.faiss", [tmp_path / "ab.faiss", codes[2]], tmp_path / "abc.faiss", tmp_path / "abc.ivfdata"
+    )
     xq = np.concatenate(parts)[::97].astype(np.float32)
     allx = np.concatenate(parts)
     read = lambda ids: allx[(ma.split_id(ids)[0] - 1) * 800 + ma.split_id(ids)[1]]  # noqa: E731
