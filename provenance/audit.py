@@ -547,7 +547,7 @@ def audit_records(
 # -- the edge: files through a scanner --------------------------------------------------------------------
 
 
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The generator's sidecar next to an image (`x.png` -> `x.json`), or None when absent or not ours."""
     side = Path(path).with_suffix(".json")
     try:
@@ -576,8 +576,8 @@ def _with_sidecar(record: ScanRecord) -> ScanRecord:
 
 def audit_paths(
     scanner: Any,
-    paths: Sequence[str | os.PathLike],
-    reference: Sequence[str | os.PathLike] = (),
+    paths: Sequence[str | os.PathLike[str]],
+    reference: Sequence[str | os.PathLike[str]] = (),
     options: AuditOptions | None = None,
     progress: Callable[[ScanRecord], None] | None = None,
 ) -> AuditResult:

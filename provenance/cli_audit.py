@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
 
 import typer
 from rich.console import Console
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from provenance.cli_options import with_scan_options
 from provenance.errors import ProvenanceError
+
+if TYPE_CHECKING:
+    from provenance.audit import AuditResult, GateOn, Rate
 
 console = Console(stderr=True)
 # the main CLI's codes: 0 gate passed (or none set), 1 gate failed, 2 usage error, 3 nothing could be read
@@ -96,7 +99,7 @@ def audit_command(  # noqa: C901 - a typer command: its options are checked one 
         Path, typer.Option("--gen-out", help="With --from-captions: where the generated images go.")
     ] = Path("out/audit-generated"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
-    scan_options: dict | None = None,  # the ScanOptions flags given (provenance.cli_options), e.g. --thorough
+    scan_options: dict[str, Any] | None = None,  # the ScanOptions flags given (provenance.cli_options), e.g. --thorough
 ) -> None:
     """Audit a model release for replication: the share of its outputs that copy a training image (95% Wilson
     interval), their score distribution against non-member photos, the top pairs, the captions that replicate
@@ -105,7 +108,8 @@ def audit_command(  # noqa: C901 - a typer command: its options are checked one 
     scan's (e.g. --thorough); watermark checks are off unless turned on, since the audit is about copies."""
     from provenance.audit import GATE_ON, AuditOptions, audit_paths
     from provenance.images import iter_image_paths
-    from provenance.scan import Scanner, ScanOptions, load_thresholds
+    from provenance.options import ScanOptions
+    from provenance.scan import Scanner, load_thresholds
 
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -141,8 +145,11 @@ def audit_command(  # noqa: C901 - a typer command: its options are checked one 
         if path is not None and str(path) != "-" and not (path.parent.is_dir() and not path.is_dir()):
             _fail(typer.BadParameter(f"{flag}: cannot write {path} (its folder does not exist, or it is a folder)"))
     options = AuditOptions(
-        top_pairs=top_pairs, top_captions=top_captions, max_replication_rate=max_replication_rate, gate_on=gate_on
-    )  # type: ignore[arg-type]
+        top_pairs=top_pairs,
+        top_captions=top_captions,
+        max_replication_rate=max_replication_rate,
+        gate_on=cast("GateOn", gate_on),  # checked against GATE_ON above
+    )
     given = {k: v for k, v in (scan_options or {}).items() if v is not None}
     try:
         scan_opts = ScanOptions.build(**{**AUDIT_SCAN_DEFAULTS, **given}, thresholds=load_thresholds(thresholds))
@@ -254,8 +261,8 @@ def _generate(
     return [im.path for im in images]
 
 
-def _print_summary(result) -> None:
-    def fmt(rate) -> str:
+def _print_summary(result: AuditResult) -> None:
+    def fmt(rate: Rate) -> str:
         if rate.rate is None:
             return "-"
         return f"{rate.rate:.2%}  [{rate.low:.2%}, {rate.high:.2%}]  ({rate.count}/{rate.total})"

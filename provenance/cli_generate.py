@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -13,6 +13,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from provenance.errors import ProvenanceError
+
+if TYPE_CHECKING:
+    from provenance.generator import GeneratedImage
+    from provenance.memorization import MemorizationSignals
 
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
@@ -141,8 +145,8 @@ def generate_command(
         )
 
 
-def _print_summary(images: list, folder: Path) -> None:
-    seen: dict[int, object] = {}
+def _print_summary(images: list[GeneratedImage], folder: Path) -> None:
+    seen: dict[int, GeneratedImage] = {}
     for im in images:
         seen.setdefault(im.prompt_index, im)
     t = Table("#", "prompt", "images", "noise norm", "z", "pairwise SSCD", "memorization flag")
@@ -166,7 +170,7 @@ def _print_summary(images: list, folder: Path) -> None:
         )
 
 
-def _flag_cell(m) -> str:
+def _flag_cell(m: MemorizationSignals | None) -> str:
     if m is None or not m.flag:
         return "no"
     why = [w for w, on in (("pairwise SSCD", m.pairwise_sscd is not None and "pairwise" in (m.flag_reason or "")),

@@ -55,13 +55,27 @@ class CorpusSource:
         return {"kind": self.kind, "location": self.location, "options": dict(self.options)}
 
 
-def detect_source(location: str, *, image_column: str | None = None, caption_column: str | None = None,
-                  id_column: str | None = None, split: str | None = None) -> CorpusSource:
+def detect_source(
+    location: str,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    id_column: str | None = None,
+    split: str | None = None,
+) -> CorpusSource:
     """Decide how to read `location`: a folder of images, tar shards (folder or glob), or a HF dataset."""
-    hf_options = {k: v for k, v in {"image_column": image_column, "caption_column": caption_column,
-                                    "id_column": id_column, "split": split}.items() if v}
+    hf_options = {
+        k: v
+        for k, v in {
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "id_column": id_column,
+            "split": split,
+        }.items()
+        if v
+    }
     if location.startswith("hf://"):
-        return CorpusSource("hf", location[len("hf://"):], hf_options)
+        return CorpusSource("hf", location[len("hf://") :], hf_options)
     if any(ch in location for ch in "*?[") or location.endswith(".tar"):
         return CorpusSource("webdataset", location)
     p = Path(location)
@@ -175,19 +189,30 @@ def read_image_folder(location: str) -> Iterator[CorpusItem]:
     for missing in sorted(set(metadata) - listed):
         # A metadata row whose image is absent is a skip the user should see, not a silent drop.
         caption, license_, extra = _split_row(metadata[missing])
-        yield CorpusItem(missing, None, caption, missing, license_, extra,
-                         error="listed in metadata but the file is missing", error_kind="missing")
+        yield CorpusItem(
+            missing,
+            None,
+            caption,
+            missing,
+            license_,
+            extra,
+            error="listed in metadata but the file is missing",
+            error_kind="missing",
+        )
     if not files and not metadata and not skipped:
         raise CorpusError(f"{location}: no image files found")
     for f in files:
         rel = f.relative_to(root).as_posix()
         caption, license_, extra = _split_row(metadata.get(rel, {}))
+        data: bytes | None
+        err: str | None
+        err_kind: str | None
         try:
-            data, err, kind = read_bytes(f), None, None
+            data, err, err_kind = read_bytes(f), None, None
         except FileUnreadableError as e:
-            data, err, kind = None, str(e), getattr(e, "reason_kind", "unreadable")
+            data, err, err_kind = None, str(e), getattr(e, "reason_kind", "unreadable")
         # the source is relative to the corpus folder (in the manifest): a server never shows its own paths
-        yield CorpusItem(rel, data, caption, rel, license_, extra, error=err, error_kind=kind)
+        yield CorpusItem(rel, data, caption, rel, license_, extra, error=err, error_kind=err_kind)
 
 
 # ---------------------------------------------------------------------------------- webdataset
@@ -213,7 +238,7 @@ def _parquet_rows(shard: Path) -> dict[str, dict[str, Any]]:
         import pyarrow.parquet as pq
 
         return {str(r["key"]): r for r in pq.read_table(pq_path).to_pylist() if "key" in r}
-    except Exception as e:  # noqa: BLE001 - a broken sidecar loses extra columns, not the shard
+    except Exception as e:
         logger.warning("%s: cannot read parquet sidecar (%s); using tar metadata only", pq_path, e)
         return {}
 
@@ -223,7 +248,7 @@ def read_webdataset(location: str) -> Iterator[CorpusItem]:
     for shard in list_shards(location):
         sidecar = _parquet_rows(shard)
         try:
-            tar = tarfile.open(shard)
+            tar = tarfile.open(shard)  # noqa: SIM115 - closed by `with tar:` below, once the open is known to work
         except (tarfile.TarError, OSError) as e:
             logger.error("%s: cannot open shard (%s); skipping it", shard, e)
             yield CorpusItem(f"{shard.name}", None, source=str(shard), error=f"cannot open shard ({e})")
@@ -249,7 +274,7 @@ def read_webdataset(location: str) -> Iterator[CorpusItem]:
                 yield _wds_item(shard, group_key, group, sidecar)
 
 
-def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str, dict]) -> CorpusItem:
+def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str, dict[str, Any]]) -> CorpusItem:
     meta: dict[str, Any] = dict(sidecar.get(key, {}))
     if "json" in group:
         try:
@@ -272,8 +297,13 @@ def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str,
 # ------------------------------------------------------------------------------- HF datasets
 
 
-def read_hf_dataset(location: str, image_column: str | None = None, caption_column: str | None = None,
-                    id_column: str | None = None, split: str | None = None) -> Iterator[CorpusItem]:
+def read_hf_dataset(  # noqa: C901 - one branch per way a dataset can be given; splitting it hides the order
+    location: str,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    id_column: str | None = None,
+    split: str | None = None,
+) -> Iterator[CorpusItem]:
     """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder."""
     datasets = require("datasets", "a Hugging Face dataset corpus")
 
@@ -287,7 +317,7 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
             ds = datasets.load_dataset(location, split=split or "train")
     except FileNotFoundError as e:
         raise CorpusError(f"{location}: dataset not found ({e})") from None
-    except Exception as e:  # noqa: BLE001 - datasets raises many types (ConnectionError, DatasetNotFoundError...)
+    except Exception as e:
         raise CorpusError(f"{location}: cannot load dataset ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
         name = split or ("train" if "train" in ds else next(iter(ds)))
@@ -296,12 +326,15 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
         ds, split = ds[name], name
     split = split or "train"
     columns = ds.column_names
-    image_column = image_column or next(
-        (c for c in columns if isinstance(ds.features[c], datasets.Image)), None
-    ) or ("image" if "image" in columns else None)
+    image_column = (
+        image_column
+        or next((c for c in columns if isinstance(ds.features[c], datasets.Image)), None)
+        or ("image" if "image" in columns else None)
+    )
     if image_column not in columns:
-        raise CorpusError(f"{location}: no image column {image_column!r}; columns are {columns} "
-                          "(choose one with --image-column)")
+        raise CorpusError(
+            f"{location}: no image column {image_column!r}; columns are {columns} (choose one with --image-column)"
+        )
     caption_column = caption_column or next((c for c in CAPTION_KEYS if c in columns), None)
     if caption_column is not None and caption_column not in columns:
         raise CorpusError(f"{location}: no caption column {caption_column!r}; columns are {columns}")
@@ -321,8 +354,11 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
         item_id = str(row[id_column]) if id_column else f"{split}/{i}"
         value = row[image_column]
         data, err, kind, source = None, None, None, f"{location}[{split}][{i}]"
-        path = value.get("path") if isinstance(value, dict) and value.get("bytes") is None else (
-            value if isinstance(value, str) else None)
+        path = (
+            value.get("path")
+            if isinstance(value, dict) and value.get("bytes") is None
+            else (value if isinstance(value, str) else None)
+        )
         if isinstance(value, dict) and value.get("bytes") is not None:
             data = value["bytes"]
         elif isinstance(value, (bytes, bytearray)):
@@ -337,11 +373,18 @@ def read_hf_dataset(location: str, image_column: str | None = None, caption_colu
         if data is None and err is None:
             err = "empty image cell"
         caption = row.get(caption_column) if caption_column else None
-        extra = {k: v for k, v in row.items()
-                 if k not in (image_column, caption_column, id_column) and _jsonable(v)}
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column, id_column) and _jsonable(v)}
         license_ = extra.pop("license", None)
-        yield CorpusItem(item_id, data, str(caption) if caption is not None else None, source,
-                         str(license_) if license_ else None, extra, error=err, error_kind=kind)
+        yield CorpusItem(
+            item_id,
+            data,
+            str(caption) if caption is not None else None,
+            source,
+            str(license_) if license_ else None,
+            extra,
+            error=err,
+            error_kind=kind,
+        )
 
 
 def _jsonable(v: Any) -> bool:
@@ -350,4 +393,3 @@ def _jsonable(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
-

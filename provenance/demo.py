@@ -22,7 +22,7 @@ def add_tiled_watermark(image: Image.Image, text: str, opacity: float = 0.4, ang
     base = image.convert("RGBA")
     font = ImageFont.load_default(size=max(12, min(base.size) // 12))
     x0, y0, x1, y1 = font.getbbox(text)
-    tile = Image.new("RGBA", (x1 - x0 + 8, y1 - y0 + 8), (0, 0, 0, 0))
+    tile = Image.new("RGBA", (int(x1 - x0 + 8), int(y1 - y0 + 8)), (0, 0, 0, 0))
     ImageDraw.Draw(tile).text(
         (4 - x0, 4 - y0),
         text,

@@ -261,7 +261,9 @@ def _hub_revision(repo_id: str) -> str | None:
 def _check_hub_model(model: str) -> bool:
     """Validate a hub id before any download; returns whether it must be loaded from the cache only."""
     from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    # re-exported by huggingface_hub.utils' __init__ without an __all__ entry mypy reads
+    from huggingface_hub.utils import HFValidationError, validate_repo_id  # type: ignore[attr-defined]
 
     try:
         validate_repo_id(model)
@@ -355,7 +357,8 @@ def _from_pretrained(source: str, dtype: torch.dtype, local_files_only: bool) ->
 
     kwargs = {_dtype_kwarg(): dtype, "local_files_only": local_files_only}
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        # diffusers' from_pretrained is untyped (its hub-args decorator)
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)  # type: ignore[no-untyped-call]
     except Exception as e:
         raise GenerationError(f"cannot load model {source!r}: {e}") from None
     if not _is_text_to_image(pipe):
@@ -427,7 +430,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: torch.dtype | No
     return LoadedPipeline(pipe=pipe, model=name, device=device, dtype=dtype, model_info=info, tiny_random=tiny)
 
 
-def resolve_scheduler_class(name: str) -> type:
+def resolve_scheduler_class(name: str) -> type[Any]:
     """The diffusers scheduler class for an alias ("euler-a") or a class name ("EulerDiscreteScheduler")."""
     import diffusers.schedulers as schedulers
 
@@ -440,7 +443,8 @@ def resolve_scheduler_class(name: str) -> type:
             "or a diffusers scheduler class name (e.g. EulerDiscreteScheduler)"
         )
     try:
-        return getattr(schedulers, real)
+        scheduler: type[Any] = getattr(schedulers, real)
+        return scheduler
     except Exception as e:
         raise GenerationError(f"scheduler {real} cannot be loaded: {e}") from None
 
@@ -453,7 +457,7 @@ def set_scheduler(pipe: Any, name: str) -> None:
 # -- prompts and outputs ---------------------------------------------------------------------------------
 
 
-def read_prompts_file(path: str | os.PathLike) -> list[str]:
+def read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
     """One prompt per line, UTF-8; blank lines are skipped."""
     p = Path(path)
     try:
@@ -471,7 +475,7 @@ def prepare_prompt(prompt: str, tokenizer: Any | None) -> PreparedPrompt:
     """Cut `prompt` to the tokenizer's context (77 tokens for CLIP), warning, so the metadata records
     exactly the text the model saw."""
     max_len = getattr(tokenizer, "model_max_length", None) if tokenizer is not None else None
-    if not max_len or max_len > 100_000:  # transformers' "no limit" sentinel is ~1e30
+    if tokenizer is None or not max_len or max_len > 100_000:  # transformers' "no limit" sentinel is ~1e30
         return PreparedPrompt(prompt, prompt, False, None)
     enc = tokenizer(prompt, add_special_tokens=False, truncation=False, return_offsets_mapping=True, verbose=False)
     n_special = tokenizer.num_special_tokens_to_add()
@@ -488,7 +492,7 @@ def prepare_prompt(prompt: str, tokenizer: Any | None) -> PreparedPrompt:
     return PreparedPrompt(text, prompt, True, n_tokens)
 
 
-def check_output_dir(out_dir: str | os.PathLike) -> Path:
+def check_output_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Create `out_dir` if needed and prove it writable, or raise GenerationError (before any generation)."""
     out = Path(out_dir).expanduser()
     try:
@@ -620,7 +624,8 @@ def _default_embedder() -> Embedder | None:
     except (ImportError, ProvenanceError) as e:
         logger.warning("SSCD unavailable (%s): pairwise_sscd will not be computed", e)
         return None
-    return descriptor.embed
+    embed: Embedder = descriptor.embed
+    return embed
 
 
 # -- generation ------------------------------------------------------------------------------------------
@@ -635,7 +640,7 @@ def _cpu_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 def _separate_noise_norms(
     lp: LoadedPipeline, probe: NoiseNormProbe, prompts: list[str], seeds: list[int], config: GenerationConfig,
-    size: dict[str, int],
+    size: dict[str, int | None],
 ) -> np.ndarray | None:  # fmt: skip
     """Noise norms from a short extra run with an empty negative prompt and guidance on, stopped after
     `noise_norm_steps` steps: for runs whose own CFG batch is absent (guidance <= 1) or conditioned on a
@@ -643,7 +648,7 @@ def _separate_noise_norms(
     pipe = lp.pipe
     can_stop = hasattr(type(pipe), "interrupt")
 
-    def stop(p: Any, i: int, t: Any, kwargs: dict) -> dict:
+    def stop(p: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         if can_stop and i + 1 >= config.noise_norm_steps:
             p._interrupt = True  # diffusers' loop skips the remaining steps
         return {}
@@ -692,7 +697,7 @@ def _base_metadata(
 def generate(  # noqa: C901 - one run read as numbered steps, as a diffusers __call__ is
     config: GenerationConfig,
     prompts: Sequence[str],
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     *,
     pipeline: LoadedPipeline | None = None,
     embedder: Embedder | None = None,
@@ -883,14 +888,14 @@ def _finish_prompt(
 # -- scanning the outputs --------------------------------------------------------------------------------
 
 
-def open_scanner(index_dir: str | os.PathLike, options: Any | None = None) -> Any:
+def open_scanner(index_dir: str | os.PathLike[str], options: Any | None = None) -> Any:
     """`provenance.scan.Scanner.open(index_dir, options)`, opened before generating so a bad index fails first."""
     from provenance.scan import Scanner
 
     return Scanner.open(index_dir, options)
 
 
-def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | os.PathLike) -> list[ScanRecord]:
+def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | os.PathLike[str]) -> list[ScanRecord]:
     """Scan the generated images against the scanner's index; write scan.html and scan.jsonl in `out_dir`.
 
     Each record's `extra` carries the image's generation facts and memorization signals.
@@ -898,11 +903,11 @@ def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | 
     from provenance.report import write_report
 
     out = Path(out_dir)
-    records = scanner.scan_paths([im.path for im in images])
+    records: list[ScanRecord] = scanner.scan_paths([im.path for im in images])
     by_path: dict[str, GeneratedImage] = {}
-    for im in images:
-        by_path[str(im.path)] = im
-        by_path[str(im.path.resolve())] = im
+    for generated in images:
+        by_path[str(generated.path)] = generated
+        by_path[str(generated.path.resolve())] = generated
     for record in records:
         im = by_path.get(record.path) or by_path.get(str(Path(record.path).resolve()))
         if im is None:
@@ -920,7 +925,7 @@ def scan_outputs(scanner: Any, images: Sequence[GeneratedImage], out_dir: str | 
     return records
 
 
-def captions_as_prompts(index_dir: str | os.PathLike, n: int, seed: int = 0) -> list[str]:
+def captions_as_prompts(index_dir: str | os.PathLike[str], n: int, seed: int = 0) -> list[str]:
     """`n` captions sampled from an indexed corpus, to use as prompts (memorization probing)."""
     from provenance.store import ProvenanceIndex
 
@@ -934,7 +939,7 @@ def captions_as_prompts(index_dir: str | os.PathLike, n: int, seed: int = 0) -> 
     return captions
 
 
-def read_png_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+def read_png_provenance(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The `provenance` JSON chunk of a PNG this module wrote, or None."""
     with Image.open(path) as im:
         text = getattr(im, "text", {}) or {}

@@ -38,7 +38,7 @@ class IndexWriteLock:
     wait: seconds to wait for another writer to finish (0 = refuse at once with IndexLockedError).
     """
 
-    def __init__(self, index_dir: str | os.PathLike, wait: float = 0.0, action: str = "write"):
+    def __init__(self, index_dir: str | os.PathLike[str], wait: float = 0.0, action: str = "write"):
         self.path = Path(index_dir) / LOCK_FILE
         self.wait = float(wait)
         self.action = action
@@ -47,7 +47,8 @@ class IndexWriteLock:
     def holder(self) -> dict[str, Any]:
         """What the lock file says about its last holder ({} when empty or unreadable)."""
         try:
-            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            held: dict[str, Any] = json.loads(self.path.read_text(encoding="utf-8") or "{}")
+            return held
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
 
@@ -122,5 +123,5 @@ class IndexWriteLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -142,7 +142,8 @@ def robust_z_scores(values: Sequence[float]) -> np.ndarray:
         scale = float(v.std())
     if scale <= 1e-12:
         return np.zeros_like(v)
-    return (v - med) / scale
+    z: np.ndarray = (v - med) / scale
+    return z
 
 
 def flag_prompts(signals: Sequence[MemorizationSignals]) -> None:

@@ -96,7 +96,7 @@ def _line_mask(g: np.ndarray, o: RegionOptions) -> np.ndarray:
     # one row per edge: the widening above makes each line three rows thick; keep the row with the longest run
     length = runs.sum(axis=1)
     padded = np.pad(length, 2)
-    local_max = np.all([length >= padded[2 + k:len(padded) - 2 + k] for k in (-2, -1, 1, 2)], axis=0)
+    local_max = np.all([length >= padded[2 + k : len(padded) - 2 + k] for k in (-2, -1, 1, 2)], axis=0)
     # ties (a flat top) keep the first row only
     first = np.concatenate(([True], length[1:] != length[:-1]))
     keep = local_max & first & (length > 0)
@@ -129,8 +129,9 @@ def find_lines(image: Image.Image, options: RegionOptions | None = None) -> Line
     return Lines(g.shape[0], g.shape[1], _line_mask(g, o), _line_mask(g.T, o))
 
 
-def find_rectangles(image: Image.Image, options: RegionOptions | None = None, lines: Lines | None = None
-                    ) -> list[tuple[Box, float]]:
+def find_rectangles(
+    image: Image.Image, options: RegionOptions | None = None, lines: Lines | None = None
+) -> list[tuple[Box, float]]:
     """Axis-aligned boxes whose sides lie on long straight edges: [(box, cover)], best first, overlaps removed.
 
     cover is the mean over the four sides of the share on detected lines (a side on the border: BORDER_CREDIT)."""
@@ -153,16 +154,21 @@ def find_rectangles(image: Image.Image, options: RegionOptions | None = None, li
     ok = (bw >= o.min_side * w) & (bh >= o.min_side * h) & (bw * bh <= o.max_area * w * h)
     # each side's covered share; a side on the image border bounds the box but says nothing of a paste: BORDER
     sides = []
-    for cov, length, border in ((top[i0, a0, a1], bw, i0 == 0), (top[i1, a0, a1], bw, i1 == ny - 1),
-                                (side[a0, i0, i1], bh, a0 == 0), (side[a1, i0, i1], bh, a1 == nx - 1)):
+    for cov, length, border in (
+        (top[i0, a0, a1], bw, i0 == 0),
+        (top[i1, a0, a1], bw, i1 == ny - 1),
+        (side[a0, i0, i1], bh, a0 == 0),
+        (side[a1, i0, i1], bh, a1 == nx - 1),
+    ):
         sides.append(np.where(border, BORDER_CREDIT, cov / np.maximum(length, 1)))
     sides_arr = np.stack(sides)  # (4, ny, ny, nx, nx)
     cover = np.where(ok & (sides_arr.min(axis=0) >= o.min_cover), sides_arr.mean(axis=0), 0.0).ravel()
     keep = np.flatnonzero(cover > 0)
     # most evidence first: the length of line under the box's sides, image borders not counted (a pasted photo
     # has four long, covered sides; a texture's boxes are small; a box on the borders has little of its own)
-    inner = np.stack([(i0 > 0) & (i0 < ny - 1), (i1 > 0) & (i1 < ny - 1), (a0 > 0) & (a0 < nx - 1),
-                      (a1 > 0) & (a1 < nx - 1)])
+    inner = np.stack(
+        [(i0 > 0) & (i0 < ny - 1), (i1 > 0) & (i1 < ny - 1), (a0 > 0) & (a0 < nx - 1), (a1 > 0) & (a1 < nx - 1)]
+    )
     lengths = np.stack([bw, bw, bh, bh])
     # a side's line length counts for it, its uncovered length against it (a box that overshoots the paste
     # along a longer line of the background loses to the paste's own box)
@@ -171,7 +177,8 @@ def find_rectangles(image: Image.Image, options: RegionOptions | None = None, li
     out: list[tuple[Box, float]] = []
     for flat in keep:
         a, b, c, d = np.unravel_index(flat, ok.shape)
-        box = tuple(round(float(v), 4) for v in (xs[c] / w, ys[a] / h, xs[d] / w, ys[b] / h))
+        x0, y0, x1, y1 = (round(float(v), 4) for v in (xs[c] / w, ys[a] / h, xs[d] / w, ys[b] / h))
+        box = (x0, y0, x1, y1)
         if all(_iou(box, kept) < 0.5 for kept, _ in out):
             out.append((box, round(float(cover[flat]), 3)))
     return out
@@ -190,8 +197,9 @@ def find_grid(image: Image.Image, options: RegionOptions | None = None, lines: L
         for n in (2, 3, 4):
             band = max(2, round(GRID_BAND * n_px))
             # each inner cut i/n: its best line within the band (a gap between tiles has two edges: take the max)
-            cuts = [share[max(0, round(i * n_px / n) - band):round(i * n_px / n) + band + 1].max()
-                    for i in range(1, n)]
+            cuts = [
+                share[max(0, round(i * n_px / n) - band) : round(i * n_px / n) + band + 1].max() for i in range(1, n)
+            ]
             score = float(np.mean(cuts))
             if score >= GRID_MIN_LINE and score > best + 0.05:
                 best_n, best = n, score
@@ -199,8 +207,11 @@ def find_grid(image: Image.Image, options: RegionOptions | None = None, lines: L
     rows, cols = counts
     if rows == 1 and cols == 1:
         return []
-    return [(round(c / cols, 4), round(r / rows, 4), round((c + 1) / cols, 4), round((r + 1) / rows, 4))
-            for r in range(rows) for c in range(cols)]
+    return [
+        (round(c / cols, 4), round(r / rows, 4), round((c + 1) / cols, 4), round((r + 1) / rows, 4))
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
 def propose_regions(image: Image.Image, options: RegionOptions | None = None) -> list[Box]:
@@ -210,7 +221,7 @@ def propose_regions(image: Image.Image, options: RegionOptions | None = None) ->
     lines = find_lines(image, o)
     cells = find_grid(image, o, lines)
     if len(cells) > 2:  # a sheet of 2 cells is as likely a photo with one straight line across (a horizon)
-        return cells[:o.max_cells]
+        return cells[: o.max_cells]
     boxes = cells
     for box, _ in find_rectangles(image, o, lines):
         if len(boxes) >= o.max_regions:
@@ -237,8 +248,10 @@ def crop_box(image: Image.Image, box: Box) -> Image.Image:
 def region_views(image: Image.Image, boxes: list[Box], side: int) -> list[np.ndarray]:
     """Each region as a (side, side, 3) uint8 square, SSCD's input layout: one shape, so one model call for all."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
-    return [np.asarray(crop_box(rgb, b).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0),
-                       dtype=np.uint8) for b in boxes]
+    return [
+        np.asarray(crop_box(rgb, b).resize((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+        for b in boxes
+    ]
 
 
 def _iou(a: Box, b: Box) -> float:

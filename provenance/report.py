@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any
 
 from provenance.errors import ProvenanceError
 from provenance.images import load_image
@@ -39,7 +39,7 @@ ThumbnailFn = Callable[[str], bytes | None]
 def write_report(
     records: list[ScanRecord],
     fmt: str,
-    out: str | Path | TextIO | None = None,
+    out: str | Path | IO[str] | None = None,
     *,
     thumbnails: ThumbnailFn | None = None,
     title: str = "Provenance scan report",
@@ -58,11 +58,16 @@ def write_report(
         # top of the JSON report beside its records
         if fmt == "jsonl":
             for r in records:
-                stream.write(json.dumps({"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()}, ensure_ascii=False)
-                             + "\n")
+                stream.write(
+                    json.dumps({"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()}, ensure_ascii=False) + "\n"
+                )
         elif fmt == "json":
-            json.dump({"schema_version": SCAN_SCHEMA_VERSION, "records": [r.to_dict() for r in records]}, stream,
-                      ensure_ascii=False, indent=2)
+            json.dump(
+                {"schema_version": SCAN_SCHEMA_VERSION, "records": [r.to_dict() for r in records]},
+                stream,
+                ensure_ascii=False,
+                indent=2,
+            )
             stream.write("\n")
         elif fmt == "csv":
             write_csv(records, stream)
@@ -73,7 +78,7 @@ def write_report(
 
 
 @contextlib.contextmanager
-def _open_out(out: str | Path | TextIO | None) -> Iterator[TextIO]:
+def _open_out(out: str | Path | IO[str] | None) -> Iterator[IO[str]]:
     if out is None:
         yield sys.stdout
     elif isinstance(out, (str, Path)):
@@ -128,7 +133,7 @@ def csv_row(r: ScanRecord) -> dict[str, Any]:
     }
 
 
-def write_csv(records: list[ScanRecord], stream: TextIO) -> None:
+def write_csv(records: list[ScanRecord], stream: IO[str]) -> None:
     writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     for r in records:
@@ -158,7 +163,7 @@ def _is_number(s: str) -> bool:
 _VERDICT_STYLE = {"exact": "bold red", "replica": "red", "similar": "yellow", "novel": "green", "error": "dim"}
 
 
-def write_table(records: list[ScanRecord], stream: TextIO, *, title: str = "Provenance scan report") -> None:
+def write_table(records: list[ScanRecord], stream: IO[str], *, title: str = "Provenance scan report") -> None:
     """A rich table, one row per image, then the counts per verdict."""
     from rich.console import Console
     from rich.table import Table
@@ -192,7 +197,7 @@ def write_table(records: list[ScanRecord], stream: TextIO, *, title: str = "Prov
     console.print(f"{len(records)} images: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
 
 
-def _consent_note(consent: dict | None) -> str:
+def _consent_note(consent: dict[str, Any] | None) -> str:
     """' [training not_allowed]' when the matched item's recorded signals reserve it, else ''."""
     training = (consent or {}).get("training")
     return f" [training {training}]" if training in ("not_allowed", "constrained") else ""
@@ -263,16 +268,16 @@ def render_html(
 
     counts = verdict_counts(records)
     flagged = sum(1 for r in records if (_memorization(r) or {}).get("flag"))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     e = _esc
     parts = [
-        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">',
         # The page must work offline and load nothing, even if some text smuggles in a URL.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         "style-src 'unsafe-inline'\">",
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{e(title)}</h1><p class=\"muted\">{len(records)} images · generated {e(now)}</p>",
+        f'<header><h1>{e(title)}</h1><p class="muted">{len(records)} images · generated {e(now)}</p>',
         '<div class="counts">',
         *(f'<span class="badge v-{v}">{e(v)} <b>{n}</b></span>' for v, n in counts.items()),
         (f'<span class="badge flag">memorization flagged <b>{flagged}</b></span>' if flagged else ""),
@@ -396,7 +401,7 @@ def _kv_html(d: dict[str, Any], limit: int = 300) -> str:
         text = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
         if len(text) > limit:
             text = text[:limit] + "…"
-        items.append(f"<span class=\"kv\"><i>{_esc(k)}</i> {_esc(text)}</span>")
+        items.append(f'<span class="kv"><i>{_esc(k)}</i> {_esc(text)}</span>')
     return " ".join(items)
 
 
@@ -413,9 +418,11 @@ def _framed(data: bytes | None, alt: str, box: list[float] | None) -> str:
         return img
     x0, y0, x1, y1 = (min(1.0, max(0.0, float(v))) for v in box)
     # viewBox 0..1 stretched over the image (preserveAspectRatio none): the box lands on the same pixels
-    svg = (f'<svg class="region" viewBox="0 0 1 1" preserveAspectRatio="none"><rect x="{x0:.4f}" y="{y0:.4f}" '
-           f'width="{max(0.0, x1 - x0):.4f}" height="{max(0.0, y1 - y0):.4f}" vector-effect="non-scaling-stroke"/>'
-           '</svg>')
+    svg = (
+        f'<svg class="region" viewBox="0 0 1 1" preserveAspectRatio="none"><rect x="{x0:.4f}" y="{y0:.4f}" '
+        f'width="{max(0.0, x1 - x0):.4f}" height="{max(0.0, y1 - y0):.4f}" vector-effect="non-scaling-stroke"/>'
+        "</svg>"
+    )
     return f'<div class="frame">{img}{svg}</div>'
 
 

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -23,10 +23,14 @@ from PIL import Image
 from provenance.consent.files import read_file_consent
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
 from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, mime_type, read_bytes, sha256_bytes
-from provenance.options import ScanOptions, Thresholds  # noqa: F401 - the scan's public names
+from provenance.options import ScanOptions, Thresholds
 from provenance.search import Searcher, best_per_item, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
+
+if TYPE_CHECKING:
+    from provenance.verify import Verifier
+    from provenance.watermarks.visible import VisibleWatermarkDetector
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,8 @@ def decide_verdict(scores: dict[str, float | int | None], t: Thresholds, same_by
 def match_verdict(m: Match, t: Thresholds, same_bytes: bool = False) -> Verdict:
     """One match's own verdict, from its descriptor's score alone (the page's badge beside each match)."""
     scores: dict[str, float | int | None] = (
-        {"pdq_distance": m.distance} if m.descriptor == "pdq" else {m.descriptor: m.score})
+        {"pdq_distance": m.distance} if m.descriptor == "pdq" else {m.descriptor: m.score}
+    )
     return decide_verdict(scores, t, same_bytes=same_bytes)
 
 
@@ -75,7 +80,7 @@ class _Work:
 
     name: str
     record: ScanRecord
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)  # per model: an array, or a dict/list of them
     image: Image.Image | None = None  # kept for verification (region search only)
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # the region views' boxes
     region_matches: list[Match] = field(default_factory=list)  # best per corpus item over the region views
@@ -90,11 +95,11 @@ class Scanner:
         self.index: ProvenanceIndex = searcher.index
         self.options = options or ScanOptions()
         o = self.options
-        self.descriptors = [n for n in ("sscd", "pdq") if n in self.index.specs]
+        self.descriptors: list[str] = [n for n in ("sscd", "pdq") if n in self.index.specs]
         if (o.use_clip is None and "clip" in self.index.specs) or o.use_clip:
             self.descriptors.append("clip")
         self._models = {n: searcher.model(n) for n in self.descriptors}
-        self._visible = None
+        self._visible: VisibleWatermarkDetector | None = None
         if o.visible:
             try:
                 self._visible = _load_visible(o)
@@ -110,19 +115,23 @@ class Scanner:
         self._centre_view = requested["centre_view"] and "sscd" in self._models  # a view of SSCD's: none without it
         self._invisible_crops = requested["invisible_crops"]
         self._region_search = requested["region_search"] and "sscd" in self._models
-        self._verifier = None
+        self._verifier: Verifier | None = None
         if self._region_search:
             from provenance.verify import Verifier
 
             self._verifier = Verifier(self._corpus_thumbnail)
         # what every record of this scanner says ran: what was asked for, less what could not run here
-        self.checks: dict[str, Any] = {"descriptors": list(self.descriptors), **requested,
-                                       "visible": self._visible is not None, "centre_view": self._centre_view,
-                                       "region_search": self._region_search}
+        self.checks: dict[str, Any] = {
+            "descriptors": list(self.descriptors),
+            **requested,
+            "visible": self._visible is not None,
+            "centre_view": self._centre_view,
+            "region_search": self._region_search,
+        }
         self.checks["visible_thorough"] = self.checks["visible"] and requested["visible_thorough"]
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, options: ScanOptions | None = None) -> "Scanner":
+    def open(cls, index_dir: str | os.PathLike[str], options: ScanOptions | None = None) -> Scanner:
         options = options or ScanOptions()
         return cls(Searcher.open(index_dir, options.models), options)
 
@@ -137,8 +146,9 @@ class Scanner:
 
     # ------------------------------------------------------------------------------ public API
 
-    def scan_paths(self, paths: Iterable[str | os.PathLike], progress: Callable[[ScanRecord], None] | None = None
-                   ) -> list[ScanRecord]:
+    def scan_paths(
+        self, paths: Iterable[str | os.PathLike[str]], progress: Callable[[ScanRecord], None] | None = None
+    ) -> list[ScanRecord]:
         return list(self.iter_scan(((str(p), None) for p in paths), progress))
 
     def scan_bytes(self, data: bytes, name: str = "upload") -> ScanRecord:
@@ -149,14 +159,16 @@ class Scanner:
             return self._finish_batch([self._prepare(*items[0])])
         return list(self.iter_scan(items))
 
-    def iter_scan(self, items: Iterable[tuple[str, bytes | None]],
-                  progress: Callable[[ScanRecord], None] | None = None) -> Iterator[ScanRecord]:
+    def iter_scan(
+        self, items: Iterable[tuple[str, bytes | None]], progress: Callable[[ScanRecord], None] | None = None
+    ) -> Iterator[ScanRecord]:
         """Scan (name, bytes-or-None) pairs in input order; None bytes means read the file `name`."""
         o = self.options
         it = iter(items)
         with ThreadPoolExecutor(max_workers=max(1, o.workers), thread_name_prefix="scan-decode") as pool:
-            def submit() -> list[Future]:
-                futures = []
+
+            def submit() -> list[Future[_Work]]:
+                futures: list[Future[_Work]] = []
                 for name, data in it:
                     futures.append(pool.submit(self._prepare, name, data))
                     if len(futures) >= o.batch_size:
@@ -186,16 +198,18 @@ class Scanner:
         except UnreadableImageError as e:
             return _Work(name, ScanRecord.failed(name, e, sha256_bytes(raw) if raw else None))
         try:
-            record = ScanRecord(path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height,
-                                checks=dict(self.checks))
+            record = ScanRecord(
+                path=name, sha256=decoded.sha256, width=decoded.width, height=decoded.height, checks=dict(self.checks)
+            )
             record.watermarks = self._evidence(decoded)
             # do-not-train signals in the file (C2PA/CAWG training-mining, IPTC/PLUS XMP); the C2PA summary is reused
-            record.consent = read_file_consent(decoded.raw, mime_type(decoded.format),
-                                               c2pa_summary=record.watermarks.c2pa).to_dict()
+            record.consent = read_file_consent(
+                decoded.raw, mime_type(decoded.format), c2pa_summary=record.watermarks.c2pa
+            ).to_dict()
             memo = ((record.watermarks.metadata or {}).get("provenance") or {}).get("memorization")
             if isinstance(memo, dict):
                 record.extra["memorization"] = memo
-            inputs = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
+            inputs: dict[str, Any] = {n: m.preprocess(decoded.image) for n, m in self._models.items()}
             if self._centre_view:
                 inputs["sscd_centre"] = self._models["sscd"].preprocess(centre_crop(decoded.image))
             if self._visible is not None:
@@ -207,7 +221,7 @@ class Scanner:
                 ro = RegionOptions()
                 work.image, work.boxes = decoded.image, propose_regions(decoded.image, ro)
                 inputs["sscd_regions"] = region_views(decoded.image, work.boxes, ro.view_side)
-        except Exception as e:  # noqa: BLE001 - one odd image must not stop the batch
+        except Exception as e:
             logger.exception("scan of %s failed", name)
             return _Work(name, ScanRecord.failed(name, e, decoded.sha256))
         return work
@@ -235,7 +249,8 @@ class Scanner:
     def _finish_batch(self, work: list[_Work]) -> list[ScanRecord]:
         ok = [w for w in work if w.record.verdict != "error"]
         if ok:
-            vectors, taps = {}, None
+            vectors: dict[str, np.ndarray] = {}
+            taps = None
             for n in self.descriptors:
                 batch = [w.inputs[n] for w in ok]
                 if n == "sscd" and self._visible is not None and self._visible.needs_scan_taps:
@@ -251,7 +266,7 @@ class Scanner:
                 centre = self._models["sscd"].embed_batch([w.inputs["sscd_centre"] for w in ok])
                 with _faiss_threads(1 if len(ok) == 1 else None):
                     views = self.searcher.search_vectors({"sscd": centre}, self.options.k)
-                for w, full, part in zip(ok, results, views):
+                for w, full, part in zip(ok, results, views, strict=True):
                     full["sscd"] = best_per_item([full["sscd"], part["sscd"]], self.options.k)
                     if full["sscd"] and any(full["sscd"][0] is m for m in part["sscd"]):
                         w.record.extra["sscd_view"] = "centre"  # the top match came from the centre view
@@ -260,17 +275,21 @@ class Scanner:
             if self._visible is not None:
                 probs = self._visible.probabilities([w.inputs["visible"] for w in ok], taps)
                 threshold = self._visible.config.flag_threshold
-                sizes = self._visible.input_sizes
-                for w, p in zip(ok, probs):
+                sizes: Any = self._visible.input_sizes  # a list in WatermarkEvidence.visible (typed float | bool)
+                for w, p in zip(ok, probs, strict=True):
                     p = round(float(p), 4)
-                    w.record.watermarks.visible = {"probability": p, "flagged": p >= threshold, "threshold": threshold,
-                                                   "input_sizes": sizes}
-            for w, per_desc in zip(ok, results):
+                    w.record.watermarks.visible = {
+                        "probability": p,
+                        "flagged": p >= threshold,
+                        "threshold": threshold,
+                        "input_sizes": sizes,
+                    }
+            for w, per_desc in zip(ok, results, strict=True):
                 self._fill(w.record, per_desc)
                 if self._region_search:
                     try:
                         self._verify(w, per_desc)
-                    except Exception as e:  # noqa: BLE001 - the SSCD verdict stands; one odd image must not stop
+                    except Exception as e:
                         logger.exception("verification of %s failed", w.name)
                         w.record.extra["verification_error"] = f"{type(e).__name__}: {e}"
         return [w.record for w in work]
@@ -283,7 +302,7 @@ class Scanner:
         found = self.searcher.search_vectors({"sscd": self._models["sscd"].embed_batch(views)}, self.options.k)
         i = 0
         for w in ok:
-            per_view = found[i:i + len(w.boxes)]
+            per_view = found[i : i + len(w.boxes)]
             i += len(w.boxes)
             w.region_matches = best_per_item([r["sscd"] for r in per_view], self.options.k)
 
@@ -292,17 +311,19 @@ class Scanner:
         the matched region) or calls a replica without a copy's consistent transform similar."""
         from provenance.verify import corpus_margin, decide_with_verification
 
+        assert self._verifier is not None and w.image is not None  # region search on: _prepare kept the pixels
         rec = w.record
         sscd = per_desc.get("sscd") or []
         candidates = best_per_item([sscd, w.region_matches], self.options.k)
         checks = self._verifier.check(w.image, candidates)
-        verdict, match = decide_with_verification(rec.verdict, checks, sscd[0].id if sscd else None,
-                                                  self._verifier.options, corpus_margin(w.whole_scores))
+        verdict, match = decide_with_verification(
+            rec.verdict, checks, sscd[0].id if sscd else None, self._verifier.options, corpus_margin(w.whole_scores)
+        )
         if verdict != rec.verdict:
             rec.extra["verdict_before_verification"] = rec.verdict
             rec.verdict = verdict
         if match is not None:
-            rec.matches = [match] + [m for m in rec.matches if m.id != match.id][:self.options.k - 1]
+            rec.matches = [match, *[m for m in rec.matches if m.id != match.id][: self.options.k - 1]]
         if checks:
             rec.extra["verification"] = [{"id": m.id, **v.to_dict()} for m, v in checks]
         w.image = None  # the pixels are not needed any more
@@ -346,7 +367,7 @@ def _faiss_threads(n: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def _load_visible(o: ScanOptions):
+def _load_visible(o: ScanOptions) -> VisibleWatermarkDetector:
     from provenance.watermarks.visible import THOROUGH_WEIGHTS, VisibleWatermarkDetector
 
     if o.visible_thorough:
@@ -366,13 +387,16 @@ def fail_on_met(records: list[ScanRecord], conditions: list[str]) -> bool:
                 return True
             if cond == "watermark":
                 wm = rec.watermarks
-                if wm.invisible or (wm.visible and wm.visible.get("flagged")) \
-                        or (wm.c2pa and wm.c2pa.get("ai_generated")):
+                if (
+                    wm.invisible
+                    or (wm.visible and wm.visible.get("flagged"))
+                    or (wm.c2pa and wm.c2pa.get("ai_generated"))
+                ):
                     return True
     return False
 
 
-def load_thresholds(path: str | os.PathLike | None) -> Thresholds:
+def load_thresholds(path: str | os.PathLike[str] | None) -> Thresholds:
     if path is None:
         return Thresholds()
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -28,14 +29,16 @@ class Searcher:
         self._models: dict[str, Any] = {}
 
     @classmethod
-    def open(cls, index_dir, models: ModelOptions | None = None, use_gpu: bool | None = None) -> "Searcher":
+    def open(
+        cls, index_dir: str | os.PathLike[str], models: ModelOptions | None = None, use_gpu: bool | None = None
+    ) -> Searcher:
         return cls(ProvenanceIndex.open(index_dir, use_gpu=use_gpu), models)
 
     @property
     def image_descriptors(self) -> list[str]:
         return [n for n in IMAGE_DESCRIPTORS if n in self.index.specs]
 
-    def model(self, name: str):
+    def model(self, name: str) -> Any:
         """The descriptor model for `name`: as the manifest recorded it, or as the caller's options say
         (then refused with IndexMismatchError unless it is the same model)."""
         if name not in self._models:
@@ -67,7 +70,9 @@ class Searcher:
         n_queries = len(next(iter(vectors.values()))) if vectors else 0
         return [{n: per_name[n][i] for n in per_name} for i in range(n_queries)]
 
-    def search_image(self, image: Image.Image, k: int = 10, descriptors: list[str] | None = None) -> dict[str, list[Match]]:
+    def search_image(
+        self, image: Image.Image, k: int = 10, descriptors: list[str] | None = None
+    ) -> dict[str, list[Match]]:
         return self.search_vectors(self.embed_images([image], descriptors), k)[0]
 
     def search_text(self, text: str, k: int = 10) -> list[Match]:

@@ -27,7 +27,7 @@ TINY_RANDOM_MARKER = "provenance_tiny_random.json"  # written next to model_inde
 # The tiny pipeline keeps SD 1.x's layout (VAE downsampling 8x, 4 latent channels, CLIP text encoder with
 # a 77-token context and the real 49408-token vocabulary) with widths small enough that a 64x64 image
 # runs in a fraction of a second on one CPU core.
-_TINY_UNET = dict(
+_TINY_UNET: dict[str, Any] = dict(
     sample_size=8,  # 8x8 latents -> 64x64 images by default
     in_channels=4,
     out_channels=4,
@@ -39,7 +39,7 @@ _TINY_UNET = dict(
     attention_head_dim=8,
     norm_num_groups=16,
 )
-_TINY_VAE = dict(
+_TINY_VAE: dict[str, Any] = dict(
     sample_size=64,
     in_channels=3,
     out_channels=3,
@@ -50,7 +50,7 @@ _TINY_VAE = dict(
     layers_per_block=1,
     norm_num_groups=8,
 )
-_TINY_TEXT = dict(
+_TINY_TEXT: dict[str, Any] = dict(
     vocab_size=49408,
     hidden_size=32,
     intermediate_size=64,
@@ -63,7 +63,7 @@ _TINY_TEXT = dict(
     pad_token_id=49407,
 )
 # runwayml/stable-diffusion-v1-5's scheduler/scheduler_config.json
-_SD15_SCHEDULER = dict(
+_SD15_SCHEDULER: dict[str, Any] = dict(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -100,7 +100,7 @@ def _openclip_bpe_path() -> Path:
     return path
 
 
-def build_clip_tokenizer_files(bpe_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def build_clip_tokenizer_files(bpe_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
     """Write CLIP's vocab.json + merges.txt from a bpe_simple_vocab_16e6.txt.gz, as CLIP's tokenizer builds them.
 
     The vocabulary is the 256 byte characters, the same with '</w>', one entry per merge (the first
@@ -152,15 +152,16 @@ def build_tiny_random_pipeline(seed: int = 0, cache: Path | None = None) -> Any:
     # fork_rng: the seeded init must not disturb the caller's global RNG stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**_TINY_UNET)
-        vae = AutoencoderKL(**_TINY_VAE)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT))
-    pipe = StableDiffusionPipeline(
+        # diffusers' constructors are untyped (@register_to_config), and mypy does not see their nn.Module base
+        unet: Any = UNet2DConditionModel(**_TINY_UNET)  # type: ignore[no-untyped-call]
+        vae: Any = AutoencoderKL(**_TINY_VAE)  # type: ignore[no-untyped-call]
+        text_encoder: Any = CLIPTextModel(CLIPTextConfig(**_TINY_TEXT))
+    pipe = StableDiffusionPipeline(  # type: ignore[no-untyped-call]
         vae=vae.eval(),
         text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
         unet=unet.eval(),
-        scheduler=PNDMScheduler(**_SD15_SCHEDULER),
+        scheduler=PNDMScheduler(**_SD15_SCHEDULER),  # type: ignore[no-untyped-call]
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -168,7 +169,7 @@ def build_tiny_random_pipeline(seed: int = 0, cache: Path | None = None) -> Any:
     return pipe
 
 
-def save_tiny_random_pipeline(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+def save_tiny_random_pipeline(out_dir: str | os.PathLike[str], seed: int = 0) -> Path:
     """Save the tiny random pipeline as a diffusers folder, loadable with `--model DIR` like a real one."""
     out = Path(out_dir)
     pipe = build_tiny_random_pipeline(seed)

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from provenance.errors import ModelLoadError
-from provenance.types import Match
+from provenance.types import Match, Verdict
 
 logger = logging.getLogger(__name__)
 
@@ -93,16 +93,23 @@ class Verification:
         return self.inliers / self.matches if self.matches else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"matches": self.matches, "inliers": self.inliers, "local_ratio": self.local_ratio,
-                "residual": self.residual, "verified": self.verified}
+        return {
+            "matches": self.matches,
+            "inliers": self.inliers,
+            "local_ratio": self.local_ratio,
+            "residual": self.residual,
+            "verified": self.verified,
+        }
 
 
-def _cv2():
+def _cv2() -> Any:
     try:
         import cv2
     except ImportError as e:  # a base dependency, imported only by the region search (scan --thorough)
-        raise ModelLoadError(f"the region search (scan --thorough) needs OpenCV, which does not import ({e}); "
-                             "pip install opencv-python-headless") from None
+        raise ModelLoadError(
+            f"the region search (scan --thorough) needs OpenCV, which does not import ({e}); "
+            "pip install opencv-python-headless"
+        ) from None
     return cv2
 
 
@@ -113,8 +120,11 @@ def extract(image: Image.Image, max_side: int, options: VerifyOptions | None = N
     grey = image if image.mode == "L" else image.convert("L")
     scale = max_side / max(grey.size)
     if scale < 1:
-        grey = grey.resize((max(16, round(grey.width * scale)), max(16, round(grey.height * scale))),
-                           Image.Resampling.BILINEAR, reducing_gap=2.0)
+        grey = grey.resize(
+            (max(16, round(grey.width * scale)), max(16, round(grey.height * scale))),
+            Image.Resampling.BILINEAR,
+            reducing_gap=2.0,
+        )
     sift = cv2.SIFT_create(nfeatures=o.max_features)
     kps, desc = sift.detectAndCompute(np.asarray(grey, dtype=np.uint8), None)
     pts = np.array([k.pt for k in kps], dtype=np.float32).reshape(-1, 2)
@@ -136,8 +146,9 @@ def verify(query: Features, corpus: Features, options: VerifyOptions | None = No
     qi, ci = np.array(pairs).T
     src, dst = query.points[qi], corpus.points[ci]
     threshold = o.ransac_px * max(corpus.size)
-    m, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold,
-                                   maxIters=2000, confidence=0.99)
+    m, mask = cv2.estimateAffine2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=threshold, maxIters=2000, confidence=0.99
+    )
     if mask is None or m is None:
         return Verification(len(pairs), 0, False)
     inl = mask.ravel().astype(bool)
@@ -171,8 +182,12 @@ class Verifier:
 
     `corpus_image(id)` gives a corpus item's pixels (the index's thumbnail) or None when it has none."""
 
-    def __init__(self, corpus_image: Callable[[str], Image.Image | None], options: VerifyOptions | None = None,
-                 cache_items: int = 512):
+    def __init__(
+        self,
+        corpus_image: Callable[[str], Image.Image | None],
+        options: VerifyOptions | None = None,
+        cache_items: int = 512,
+    ):
         _cv2()  # fail when the scanner is built, not on the first image
         self.options = options or VerifyOptions()
         self._corpus_image = corpus_image
@@ -197,7 +212,7 @@ class Verifier:
         """Each candidate worth verifying (see VerifyOptions) with its verification, in the given order, up to the
         first verified one."""
         o = self.options
-        todo = [m for m in candidates if m.score >= o.min_score][:o.candidates]
+        todo = [m for m in candidates if m.score >= o.min_score][: o.candidates]
         if not todo:
             return []
         query = extract(image, o.query_side, o)
@@ -219,9 +234,13 @@ def corpus_margin(scores: list[float]) -> float | None:
     return float(scores[0] - np.mean(scores[1:4]))
 
 
-def decide_with_verification(verdict: str, checks: list[tuple[Match, Verification]], top_id: str | None,
-                             options: VerifyOptions | None = None, margin: float | None = None
-                             ) -> tuple[str, Match | None]:
+def decide_with_verification(
+    verdict: Verdict,
+    checks: list[tuple[Match, Verification]],
+    top_id: str | None,
+    options: VerifyOptions | None = None,
+    margin: float | None = None,
+) -> tuple[Verdict, Match | None]:
     """The verdict after verification, and the verified match (with its region) to report first, if any.
 
     - a verified candidate makes the verdict at least `replica`: one consistent transform over the matched area
@@ -239,11 +258,17 @@ def decide_with_verification(verdict: str, checks: list[tuple[Match, Verificatio
             region = {"query": list(v.query_box), "corpus": list(v.corpus_box)}
             return ("replica" if verdict in ("replica", "similar", "novel") else verdict), replace(m, region=region)
     top = next((v for m, v in checks if m.id == top_id), None)
-    look_alike = top is not None and (top.inliers < o.demote_below
-                                      or (top.inliers >= o.min_inliers and top.residual > o.frame_residual))
+    look_alike = top is not None and (
+        top.inliers < o.demote_below or (top.inliers >= o.min_inliers and top.residual > o.frame_residual)
+    )
     if verdict == "replica" and look_alike:
         return "similar", None
-    if (verdict in ("similar", "novel") and not look_alike and o.replica_margin is not None and margin is not None
-            and margin >= o.replica_margin):
+    if (
+        verdict in ("similar", "novel")
+        and not look_alike
+        and o.replica_margin is not None
+        and margin is not None
+        and margin >= o.replica_margin
+    ):
         return "replica", None
     return verdict, None

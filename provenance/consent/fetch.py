@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import SplitResult, quote, urljoin, urlsplit
 
 from provenance.errors import ConsentCacheError
 
@@ -140,7 +140,7 @@ def address_refusal(ip: str) -> str | None:
 class ConsentCache:
     """SQLite cache of FetchResults by request key, each with an expiry time. Thread-safe (one lock)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._written = False
@@ -398,7 +398,7 @@ class Fetcher:
                 gate = self._gates[host] = _HostGate(self.options.max_per_host, self.options.per_host_rate)
             return gate
 
-    def _send(self, scheme: str, host: str, port: int, ip: str, parts) -> httpx.Response:
+    def _send(self, scheme: str, host: str, port: int, ip: str, parts: SplitResult) -> httpx.Response:
         httpx = _httpx()
         # Connect to the checked IP; Host and (for https) SNI and certificate checks use the name.
         default_port = 443 if scheme == "https" else 80

@@ -97,7 +97,7 @@ class SiteRules:
     problems: list[ConsentSignal] = field(default_factory=list)  # unreadable files: the same for every path
     # The signal(s) each decision gives, made once: most URLs of a site fall under the same few rules.
     # Shared between answers, so treat signals as read-only (they are frozen; leave `extra` alone too).
-    memo: dict[tuple, Any] = field(default_factory=dict)
+    memo: dict[tuple[Any, ...], Any] = field(default_factory=dict)
 
     @classmethod
     def from_results(cls, files: dict[str, FetchResult], agents: tuple[str, ...]) -> SiteRules:
@@ -230,7 +230,7 @@ def compile_tdmrep(rules: list[dict[str, Any]]) -> list[TdmRule]:
     return out
 
 
-def tdmrep_file_signal(rules: list[TdmRule], path: str, memo: dict | None = None) -> ConsentSignal | None:
+def tdmrep_file_signal(rules: list[TdmRule], path: str, memo: dict[Any, Any] | None = None) -> ConsentSignal | None:
     """The /.well-known/tdmrep.json rule for `path`: the matching rule with the most specific (longest) location."""
     best: TdmRule | None = None
     for r in rules:
@@ -243,7 +243,8 @@ def tdmrep_file_signal(rules: list[TdmRule], path: str, memo: dict | None = None
     key = ("tdmrep.json", id(best))
     if key not in memo:
         memo[key] = _tdmrep_rule_signal(best[2])
-    return memo[key]
+    signal: ConsentSignal | None = memo[key]
+    return signal
 
 
 def _tdmrep_rule_signal(rule: dict[str, Any]) -> ConsentSignal | None:
@@ -273,7 +274,8 @@ def _ai_txt_signal(site: SiteRules, path: str) -> ConsentSignal:
     key = ("ai.txt", id(rule))
     if key not in site.memo:
         site.memo[key] = _ai_txt_rule_signal(rule, site.truncated.get("ai.txt", False))
-    return site.memo[key]
+    signal: ConsentSignal = site.memo[key]
+    return signal
 
 
 def _ai_txt_rule_signal(rule: Rule | None, truncated: bool) -> ConsentSignal:
@@ -292,7 +294,8 @@ def robots_signals(site: SiteRules, path: str) -> list[ConsentSignal]:
     key = ("robots.txt", id(star), *map(id, decisions))
     if key not in site.memo:
         site.memo[key] = _robots_rule_signals(site, decisions, star)
-    return site.memo[key]
+    signals: list[ConsentSignal] = site.memo[key]
+    return signals
 
 
 def _robots_rule_signals(site: SiteRules, decisions: list[Rule | None], star: Rule | None) -> list[ConsentSignal]:
