@@ -748,7 +748,7 @@ def search(
     k: int,
     plan: AnnPlan,
     *,
-    rerank_vectors: np.ndarray | None = None,
+    rerank_vectors: Any = None,  # an (n, d) array or a row reader (see below)
 ) -> Neighbors:
     """The k most similar corpus rows of each query, as "higher = more similar" scores.
 

@@ -152,7 +152,7 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
         build_key = {"source": corpus.to_dict(), "specs": {n: s.to_dict() for n, s in specs.items()},
                      "append": options.append, "limit": options.limit, "part_size": options.part_size,
                      "thumbnails": options.thumbnails,
-                     "base": [p["name"] for p in old_manifest["parts"]] if old is not None else None}
+                     "base": [p["name"] for p in old_manifest["parts"]] if old_manifest is not None else None}
         build_id = hashlib.sha256(json.dumps(build_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         parts_dir = index_dir / PARTS
         parts_dir.mkdir(exist_ok=True)
@@ -289,6 +289,7 @@ class _Run:
 
     def _finish_part(self) -> None:
         w, self.writer = self.writer, None
+        assert w is not None  # called with a part open
         marker = w.finish(self.options.memory_budget_bytes, self.options.use_gpu, self.specs)
         self.staged.append(marker)
         reader = PartReader(self.parts_dir / marker["name"], marker["n"])

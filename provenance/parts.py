@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -161,7 +162,7 @@ class PartWriter:
         self._db.execute(f"CREATE VIRTUAL TABLE captions USING fts5(caption, tokenize='{FTS_TOKENIZE}', prefix='2 3')")
 
     def add(self, rows: list[dict[str, Any]], vectors: dict[str, np.ndarray], thumbnails: list[bytes | None],
-            skipped: list[dict[str, Any]] = ()) -> None:
+            skipped: Sequence[dict[str, Any]] = ()) -> None:
         """Append items: rows (id, caption, source, license, width, height, sha256, extra), their vectors
         ((len(rows), d) float16 / (len(rows), 32) uint8 per descriptor) and thumbnails; plus skipped records."""
         self.skipped.extend(skipped)
@@ -217,6 +218,7 @@ class PartWriter:
             "thumb_offset": [r["thumb_offset"] for r in rows],
             "thumb_size": [r["thumb_size"] for r in rows],
         }
+        assert self._meta is not None  # opened above on the first batch
         self._meta.write_batch(pa.record_batch([pa.array(cols[f.name], f.type) for f in schema], schema=schema))
 
     def abort(self) -> None:
@@ -556,7 +558,7 @@ class PartReader:
         batch, j = self.batch_of(row)
         return {name: batch.column(name)[j].as_py() for name in batch.schema.names}
 
-    def iter_batches(self):
+    def iter_batches(self) -> Iterator[tuple[int, Any]]:
         """(first row, RecordBatch) over the whole part, in row order (compact, upgrade, ids)."""
         reader = self._metadata()
         start = 0

@@ -37,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -118,7 +119,7 @@ def read_manifest(index_dir: Path, with_parts: bool = True) -> dict[str, Any]:
         raise IndexNotFoundError(
             f"no index at {index_dir} (no {MANIFEST}); build one with `provenance index build SOURCE --index {index_dir}`")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise IndexFormatError(f"{path}: unreadable manifest ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -226,7 +227,7 @@ def specs_of(manifest: dict[str, Any]) -> dict[str, DescriptorSpec]:
     return {n: DescriptorSpec.from_dict(d) for n, d in manifest["descriptors"].items()}
 
 
-def remove_unlisted_parts(index_dir: Path, manifest: dict[str, Any], keep: set[str] = frozenset()) -> None:
+def remove_unlisted_parts(index_dir: Path, manifest: dict[str, Any], keep: frozenset[str] = frozenset()) -> None:
     """Delete part folders the manifest does not list (replaced, compacted, interrupted): writers only."""
     listed = {p["name"] for p in manifest["parts"]} | set(keep)
     parts_dir = index_dir / PARTS
@@ -317,7 +318,7 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
     """
     from provenance import merged_ann as ma
 
-    old = manifest.get("ann")
+    old: dict[str, Any] | None = manifest.get("ann")
     live = [e for e in manifest["parts"] if e["n"]]
     rows = sum(int(e["n"]) for e in live)
     if rows < MERGED_ANN_MIN_ROWS or len(live) < 2:
@@ -343,6 +344,7 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
         vec = vectors_file(name)
         template = tmp / f"template.{name}.faiss"
         if incremental:
+            assert old is not None  # incremental implies an old merged index
             plan = ma.MergedPlan.from_dict(old["descriptors"][name])
             os.link(index_dir / old["dir"] / template.name, template)  # the trained quantizer, unchanged
             sources = [index_dir / old["dir"] / f"{name}.faiss"]
@@ -367,7 +369,7 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
     os.rename(tmp, d)
     fsync_dir(index_dir)
     manifest["ann"] = {"dir": d.name, "gen": gen, "covers": sorted(listed), "descriptors": plans, "files": files,
-                       "trained_rows": int(old["trained_rows"]) if incremental else rows}
+                       "trained_rows": int(old["trained_rows"]) if old is not None and incremental else rows}
 
 
 def remove_unlisted_anns(index_dir: Path, manifest: dict[str, Any]) -> None:
@@ -493,7 +495,7 @@ class _LazyParts:
             r = self._readers[i] = PartReader(self._dir / e["name"], int(e["n"]))
         return r
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[PartReader]:
         return (self[i] for i in range(len(self)))
 
 
@@ -549,7 +551,7 @@ class ProvenanceIndex:
         self._anns: dict[str, Any] = {}  # descriptor -> (merged index, MergedPlan), loaded on first search
 
     @classmethod
-    def open(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None) -> ProvenanceIndex:
+    def open(cls, index_dir: str | os.PathLike[str], use_gpu: bool | None = None) -> ProvenanceIndex:
         """Read manifest.json and the tombstones: nothing that grows with the corpus (see module docstring)."""
         index_dir = Path(index_dir)
         return cls(index_dir, read_manifest(index_dir, with_parts=False), use_gpu=use_gpu)
@@ -649,7 +651,9 @@ class ProvenanceIndex:
         lo = int(np.searchsorted(hashes, np.uint64(h), "left"))
         hi = int(np.searchsorted(hashes, np.uint64(h), "right"))
         out = []
-        for loc in np.asarray(self._merged_array(f"{kind}.loc.npy")[lo:hi]).tolist():
+        locs = self._merged_array(f"{kind}.loc.npy")
+        assert locs is not None  # written beside the hashes
+        for loc in np.asarray(locs[lo:hi]).tolist():
             pi = self._part_of_seq.get(loc >> 32)
             if pi is not None and pi not in self._unmerged_set:
                 out.append((pi, loc & 0xFFFFFFFF))
@@ -774,7 +778,8 @@ class ProvenanceIndex:
             raise DescriptorUnavailableError(f"the index at {self.dir} has no {name!r} descriptor")
         parts = [(pi, p) for pi, p in enumerate(self.parts) if len(p)]
         if len(parts) == 1 and not self._removed:
-            return parts[0][1].vectors(name)
+            only: np.ndarray = parts[0][1].vectors(name)
+            return only
         xs = [p.vectors(name)[self._live_mask(pi, 0, len(p))] for pi, p in parts]
         dim = vector_dims({name: self.specs[name]})[name]
         return np.concatenate(xs) if xs else np.zeros((0, dim), np.uint8 if name == "pdq" else np.float16)
@@ -802,7 +807,7 @@ class ProvenanceIndex:
     def describe(self) -> dict[str, Any]:
         """The manifest plus, per descriptor, the FAISS plan of its largest part and how many parts use each
         plan (reads every part's marker: `index info`, not search)."""
-        m = json.loads(json.dumps(self.manifest))
+        m: dict[str, Any] = json.loads(json.dumps(self.manifest))
         big = max(range(len(self.parts)), key=lambda i: len(self.parts[i]), default=None)
         for name, d in m["descriptors"].items():
             counts: dict[str, int] = {}
@@ -865,6 +870,7 @@ class ProvenanceIndex:
             removed = self._removed.get(pi)
             extra = 0 if removed is None else len(removed)
             nb = part.search(name, xq, k + extra, self._use_gpu)
+            assert nb is not None  # a part with rows answers
             ids = nb.ids.copy()
             if removed is not None:
                 ids[np.isin(ids, removed)] = -1
@@ -897,7 +903,7 @@ class ProvenanceIndex:
         meta = self._manifest.get("ann")
         if not meta or name not in meta.get("descriptors", {}):
             return None
-        got = self._anns.get(name)
+        got: tuple[Any, Any] | None = self._anns.get(name)
         if got is None:
             from provenance import merged_ann as ma
 
@@ -1067,7 +1073,7 @@ class RemoveResult:
     already_removed: list[str] = field(default_factory=list)
 
 
-def remove_items(index_dir: str | os.PathLike, ids: list[str], wait: float = 0.0) -> RemoveResult:
+def remove_items(index_dir: str | os.PathLike[str], ids: list[str], wait: float = 0.0) -> RemoveResult:
     """Tombstone `ids` (takedowns, opt-outs): every search, lookup and scan stops returning them at once."""
     index_dir = Path(index_dir)
     res = RemoveResult()
@@ -1105,7 +1111,7 @@ def _copy_rows(src: PartReader, writer: PartWriter, names: list[str], keep: np.n
             if not len(sel):
                 continue
             rows = batch.take(sel).to_pylist()
-            thumbs = []
+            thumbs: list[bytes | None] = []
             for r in rows:
                 off, size = r.pop("thumb_offset"), r.pop("thumb_size")
                 if off < 0:
@@ -1117,7 +1123,7 @@ def _copy_rows(src: PartReader, writer: PartWriter, names: list[str], keep: np.n
             writer.add(rows, vectors, thumbs)
 
 
-def compact(index_dir: str | os.PathLike, wait: float = 0.0, memory_budget_bytes: int = 1 << 30,
+def compact(index_dir: str | os.PathLike[str], wait: float = 0.0, memory_budget_bytes: int = 1 << 30,
             use_gpu: bool | None = None) -> dict[str, Any]:
     """Rewrite every part that has removed rows without them, and clear those tombstones. Returns counts.
 
@@ -1159,7 +1165,7 @@ def compact(index_dir: str | os.PathLike, wait: float = 0.0, memory_budget_bytes
     return {"parts_rewritten": rewritten, "rows_dropped": dropped, "items": manifest["counts"]["indexed"]}
 
 
-def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DEFAULT_PART_SIZE,
+def upgrade(index_dir: str | os.PathLike[str], wait: float = 0.0, part_size: int = DEFAULT_PART_SIZE,
             memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None) -> dict[str, Any]:
     """Convert a format-1 index in place into format 2 (parts of `part_size` rows), keeping every vector,
     caption and thumbnail (nothing is re-embedded). The format-1 files are deleted once the new manifest lands."""
@@ -1168,7 +1174,7 @@ def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DE
     index_dir = Path(index_dir)
     with IndexWriteLock(index_dir, wait=wait, action="upgrade"):
         try:
-            old = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
+            old: dict[str, Any] = json.loads((index_dir / MANIFEST).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise IndexNotFoundError(f"no index at {index_dir} (no {MANIFEST})") from None
         if old.get("format_version") == FORMAT_VERSION:
@@ -1177,7 +1183,7 @@ def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DE
             raise IndexFormatError(f"{index_dir}: format {old.get('format_version')} cannot be upgraded; rebuild it")
         specs = specs_of(old)
         load_args = {n: d["load"] for n, d in old["descriptors"].items() if d.get("load")}
-        extra = {k: old[k] for k in ("source", "builds") if k in old}
+        extra: dict[str, Any] = {k: old[k] for k in ("source", "builds") if k in old}
         manifest = new_manifest(index_dir, specs, load_args, extra)
         manifest["built_at"] = old.get("built_at", manifest["built_at"])
         manifest["upgraded_from"] = {"format_version": 1, "tool_version": old.get("tool_version"), "at": _now()}
@@ -1234,7 +1240,7 @@ def upgrade(index_dir: str | os.PathLike, wait: float = 0.0, part_size: int = DE
     return manifest
 
 
-def verify(index_dir: str | os.PathLike, checksums: bool = True) -> list[VerifyProblem]:
+def verify(index_dir: str | os.PathLike[str], checksums: bool = True) -> list[VerifyProblem]:
     """Every file of the index against the manifest and the part markers: [] when all is well."""
     index_dir = Path(index_dir)
     try:
