@@ -15,6 +15,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -44,7 +45,7 @@ class DecodedImage:
     height: int
     format: str | None
     raw: bytes  # the original file bytes (watermark and metadata readers need them)
-    info: dict  # PIL's info of the original (PNG text chunks, EXIF, ...)
+    info: dict[str | tuple[int, int], Any]  # PIL's info of the original (PNG text chunks, EXIF, ...)
     # what could not be read although the image could, e.g. a PNG text chunk over Pillow's size limit (the
     # metadata reader reports these in the record)
     warnings: tuple[str, ...] = ()
@@ -59,7 +60,7 @@ def sha256_bytes(data: bytes) -> str:
 DEFAULT_MAX_FILE_BYTES = 256 << 20
 
 
-def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, str] | None:
+def file_problem(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, str] | None:
     """(reason_kind, reason) why `path` cannot be read as an image file, or None when it is a readable regular
     file of at most max_bytes. Kinds: missing, dangling_link, symlink_loop, permission, special_file,
     directory, too_large."""
@@ -89,11 +90,11 @@ def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTE
 
 def _unreadable(kind: str, message: str) -> FileUnreadableError:
     e = FileUnreadableError(message)
-    e.reason_kind = kind  # type: ignore[attr-defined] - the skip reason a corpus reader reports
+    e.reason_kind = kind  # the skip reason a corpus reader reports
     return e
 
 
-def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular image file. Special files (a FIFO would block forever), files over max_bytes,
     dangling links, loops and unreadable files raise FileUnreadableError with the true reason."""
     p = Path(path)
@@ -177,7 +178,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
 
 
 def _open(data: bytes, name: str, max_pixels: int, min_side: int | None = None
-          ) -> tuple[Image.Image, str | None, dict]:
+          ) -> tuple[Image.Image, str | None, dict[str | tuple[int, int], Any]]:
     """The loaded image, its format and info; DecompressionBombError above max_pixels, before decoding."""
     with warnings.catch_warnings():
         # Pillow warns between its limit and twice it: our own check below decides, with our numbers
@@ -257,7 +258,7 @@ def _text_size(kind: bytes, body: bytes, limit: int) -> int:
         return 0  # Pillow reports a broken chunk itself
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     return decode_image(read_bytes(path), str(path), max_pixels)
 
 

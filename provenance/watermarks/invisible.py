@@ -189,7 +189,7 @@ def binomial_p_value(agree: int, n: int) -> float:
         raise ValueError(f"need 0 <= agree <= n, got agree={agree}, n={n}")
     if n == 0:
         return 1.0
-    return sum(math.comb(n, i) for i in range(agree, n + 1)) / 2**n
+    return sum(math.comb(n, i) for i in range(agree, n + 1)) / (1 << n)  # 1 << n: 2**n as an int
 
 
 def provenance_payload_bits(run_id: int) -> np.ndarray:
@@ -274,7 +274,7 @@ def detect_invisible_marks(
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
-    crops: dict | None = None  # _crop_search's results, made once when a scheme needs them
+    crops: dict[str, tuple[tuple[int, float], np.ndarray, int]] | None = None  # _crop_search's results, made once when a scheme needs them
     for scheme in SCHEMES:
         best: tuple[tuple[int, float], str, np.ndarray] | None = None  # ((agreeing bits, clarity), hypothesis, sums)
         fixed = np.asarray(scheme.fixed_bits, dtype=bool)
@@ -378,7 +378,7 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                         soft_cache[key] = _block_soft(blocks[scheme.channel], offset, scheme.step)
                 softs = [soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]]
                 for soft in softs:
-                    sums = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
+                    sums: np.ndarray = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
                     sums = sums.reshape(len(widths), length)  # (widths, position)
                     # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
                     # phase, each position's fixed bit as +-1 (0 for payload bits), so one product scores all phases
@@ -462,7 +462,7 @@ def _ll(plane: np.ndarray) -> np.ndarray:
     # pairs of rows first: contiguous halves, then the strided columns. 8-bit input is summed straight
     # into uint16 (sums of four 8-bit values stay exact) without first widening the whole plane.
     rows = np.add(p[0::2], p[1::2], dtype=np.uint16) if p.dtype == np.uint8 else p[0::2] + p[1::2]
-    out = (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32)
+    out: np.ndarray = (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32)
     out *= np.float32(0.5)
     return out
 
@@ -507,8 +507,13 @@ def _undo_fancy_upsampling(ll: np.ndarray) -> np.ndarray:
     half = len(_INV_FANCY) // 2
     p = np.pad(ll, half, mode="edge")
     h, w = ll.shape
-    rows = sum(np.float32(t) * p[:, i : i + w] for i, t in enumerate(_INV_FANCY))  # (h + 2 half, w)
-    return sum(np.float32(t) * rows[i : i + h] for i, t in enumerate(_INV_FANCY))
+    rows: np.ndarray = np.float32(_INV_FANCY[0]) * p[:, :w]  # (h + 2 half, w)
+    for i, t in enumerate(_INV_FANCY[1:], 1):
+        rows = rows + np.float32(t) * p[:, i : i + w]
+    out: np.ndarray = np.float32(_INV_FANCY[0]) * rows[:h]  # (h, w)
+    for i, t in enumerate(_INV_FANCY[1:], 1):
+        out = out + np.float32(t) * rows[i : i + h]
+    return out
 
 
 def _block_soft(coeffs: np.ndarray, offset: float, step: float) -> tuple[np.ndarray, np.ndarray]:

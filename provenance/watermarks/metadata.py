@@ -180,7 +180,7 @@ def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"node_count": len(nodes)}
     loras: list[str] = []
 
-    def literal(node: dict, key: str) -> Any:
+    def literal(node: dict[str, Any], key: str) -> Any:
         inputs = node.get("inputs")
         v = inputs.get(key) if isinstance(inputs, dict) else None
         return None if isinstance(v, (list, dict)) else v  # lists are links to other nodes
@@ -321,7 +321,7 @@ def _invokeai(data: dict[str, Any]) -> dict[str, Any]:
 # -- reading the raw fields -----------------------------------------------------------------------
 
 
-def _text_chunks(info: dict[str, Any]) -> dict[str, str]:
+def _text_chunks(info: dict[str | tuple[int, int], Any]) -> dict[str, str]:
     """The relevant PNG tEXt/iTXt/zTXt chunks: PIL puts them in info as str values."""
     out: dict[str, str] = {}
     for key, value in info.items():

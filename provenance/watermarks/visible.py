@@ -13,7 +13,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,11 @@ from torch import nn
 from provenance.descriptors.base import group_by_shape
 from provenance.descriptors.sscd import SSCD_SHORT_SIDE, resize_short_side
 from provenance.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from provenance.descriptors.sscd import SSCDDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +70,7 @@ class WatermarkNetConfig:
     stem_patch: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WatermarkNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "WatermarkNetConfig":
         return cls(
             stem=int(d["stem"]),
             widths=tuple(int(w) for w in d["widths"]),
@@ -89,9 +94,9 @@ class DetectorConfig:
     model_id: str = "provenance-visible-watermark"
     checksum: str = ""  # sha256 (first 16 hex) of the weights file
     flag_threshold: float = DEFAULT_FLAG_THRESHOLD  # p(watermark) at which a scan flags the image
-    extra: dict = field(default_factory=dict)  # the checkpoint's training card, where there is one
+    extra: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training card, where there is one
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -142,7 +147,8 @@ class WatermarkNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)  # (n, c, s/32, s/32)
         pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)  # (n, 2c)
-        return self.head(self.dropout(pooled)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(pooled)).squeeze(1)  # (n,)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -156,7 +162,7 @@ class TapHeadConfig:
     depth: int = 1  # 3x3 convs per tap after the projection (each widens the context a location sees by 32 px)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TapHeadConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "TapHeadConfig":
         return cls(width=int(d["width"]), taps=tuple(d["taps"]), channels=tuple(int(c) for c in d["channels"]),
                    dropout=float(d.get("dropout", 0.3)), depth=int(d.get("depth", 1)))
 
@@ -198,7 +204,8 @@ class TapHead(nn.Module):
         w = min(f.shape[3] for f in feats)
         f = torch.cat([f[:, :, :h, :w] for f in feats], dim=1)  # odd sizes can differ by one row at stride 16
         pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        return self.head(self.dropout(pooled)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(pooled)).squeeze(1)  # (n,)
+        return logits
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
@@ -250,7 +257,8 @@ class VisibleHead:
     _cache: dict[tuple[str, str, float], "VisibleHead"] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None):
+    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu",
+                 backbone: SSCDDescriptor | None = None):
         self.model = model.eval().to(device)
         self.config = config
         self.device = device
@@ -288,7 +296,7 @@ class VisibleHead:
         if ckpt.get("kind") == "sscd-taps":
             return cls._load_tap_head(path, ckpt, device)
         try:
-            model = WatermarkNet(WatermarkNetConfig.from_dict(ckpt["arch"]))
+            model: nn.Module = WatermarkNet(WatermarkNetConfig.from_dict(ckpt["arch"]))
             model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
             d = ckpt["preprocess"]
             config = DetectorConfig(
@@ -309,11 +317,12 @@ class VisibleHead:
         return cls(model, config, device)
 
     @classmethod
-    def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleHead":
+    def _load_tap_head(cls, path: Path, ckpt: dict[str, Any], device: str) -> "VisibleHead":
         from provenance.models import load_descriptor
 
         head = tap_head_from_checkpoint(ckpt, path)
-        wanted = ckpt.get("backbone") if isinstance(ckpt.get("backbone"), dict) else {}
+        recorded = ckpt.get("backbone")
+        wanted: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
         # the same SSCD object the scanner queries with, so one forward pass serves both (models.load_descriptor
         # loads each model once per process)
         backbone = load_descriptor("sscd", {"path": None})
@@ -388,8 +397,8 @@ class VisibleHead:
         if self.backbone is not None:
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(resize_short_side(rgb, self.config.input_size), dtype=np.uint8)
-        rgb = np.asarray(resize_for_model(image, self.config.input_size))
-        return normalise(rgb, self.config.mean, self.config.std)
+        pixels = np.asarray(resize_for_model(image, self.config.input_size))
+        return normalise(pixels, self.config.mean, self.config.std)
 
     @torch.inference_mode()
     def logits(self, batch: list[np.ndarray]) -> np.ndarray:
@@ -404,8 +413,8 @@ class VisibleHead:
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
                 shape = getattr(x, "shape", type(x).__name__)
                 raise ValueError(f"batch[{i}] has shape {shape}; expected (3, {s}, {s}) from preprocess()")
-        x = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
-        out = self.model(x.contiguous(memory_format=torch.channels_last)).float()
+        xt = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
+        out: torch.Tensor = self.model(xt.contiguous(memory_format=torch.channels_last)).float()
         if self.config.output == "logit":
             return out.reshape(-1).cpu().numpy()
         pos = self.config.positive_index
@@ -418,7 +427,7 @@ class VisibleHead:
         if self.backbone is None:
             raise TypeError("this model reads pixels, not SSCD features: use logits")
         out = np.empty(len(taps), dtype=np.float32)
-        names = self.model.config.taps
+        names = cast(TapHead, self.model).config.taps  # a model with a backbone is a TapHead
         # one image's maps all follow from its input size, so its first map's shape groups it
         for idx in group_by_shape([t[names[0]] for t in taps]).values():
             x = {n: torch.from_numpy(np.stack([taps[i][n] for i in idx])).to(self.device) for n in names}
@@ -514,7 +523,8 @@ class VisibleWatermarkDetector:
             if w not in loaded:
                 loaded[w] = VisibleHead.load(str(p.parent / w), device)
         heads = [loaded[w] for w, _, _ in entries]
-        if any(h.backbone is None for h in heads) or len({h.backbone.spec.checksum for h in heads}) != 1:
+        checksums = {h.backbone.spec.checksum if h.backbone is not None else None for h in heads}
+        if None in checksums or len(checksums) != 1:
             raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
         # identified by what it computes (its heads' checksums and weights, its gate), not by the file's bytes: the
         # evaluation writes its results into the same file
@@ -532,7 +542,7 @@ class VisibleWatermarkDetector:
         logger.info("loaded visible-watermark mix %s (%s): %s", p, config.checksum, entries)
         return cls(heads, [w for _, w, _ in entries], config, [m for _, _, m in entries])
 
-    def sharing_scan_pass(self, sscd) -> "VisibleWatermarkDetector":
+    def sharing_scan_pass(self, sscd: SSCDDescriptor | None) -> "VisibleWatermarkDetector":
         """This detector, reading the maps of a scan's own SSCD pass (`sscd`, the index's SSCDDescriptor or None)
         for its 288 px unmirrored view where that pass computes the same maps (same SSCD model); else itself."""
         same_sscd = (self.backbone is not None and sscd is not None and sscd.has_feature_taps
@@ -587,7 +597,7 @@ class VisibleWatermarkDetector:
                 raise ValueError(f"each image needs its {size} px input, from preprocess()") from None
 
         maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
-        if self._scan_view:
+        if self._scan_view and scan_taps is not None:  # not None: checked above
             maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
         for size, mirrored in sorted(set(v for h, v in zip(self.heads, views) if h.backbone is not None)):
             if (size, mirrored) in maps_by_view:
@@ -601,7 +611,9 @@ class VisibleWatermarkDetector:
             if mirrored:
                 images = [mirror_input(x) for x in images]
             taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
-                                 for t in h.model.config.taps}))
+                                 for t in cast(TapHead, h.model).config.taps}))  # heads with a backbone
+            if self.backbone is None:  # heads[0]'s; a mix's heads all read one SSCD model (checked at load)
+                raise ValueError("a head reads SSCD maps, but this detector's first head has no SSCD model")
             # only the maps are wanted: SSCD cut after them
             maps_by_view[(size, mirrored)] = self.backbone.tap_maps(images, taps)
         for head, w, view in zip(self.heads, self.logit_weights, views):
@@ -626,7 +638,7 @@ def load_detector(path: str | Path | None = None) -> VisibleWatermarkDetector:
     return VisibleWatermarkDetector.load(path)
 
 
-def tap_head_from_checkpoint(ckpt: dict, path: Path) -> TapHead:
+def tap_head_from_checkpoint(ckpt: dict[str, Any], path: Path) -> TapHead:
     """The TapHead a checkpoint dict ("kind": "sscd-taps") holds, as trained (BatchNorm not folded: the detector
     folds it for inference; the head trainer's --init fine-tunes it)."""
     try:
@@ -649,7 +661,11 @@ def laion_classifier_head() -> nn.Sequential:
     )
 
 
-def _load_once(cache: dict, lock: threading.Lock, path: Path, device: str, load):
+_T = TypeVar("_T")
+
+
+def _load_once(cache: dict[tuple[str, str, float], _T], lock: threading.Lock, path: Path, device: str,
+               load: Callable[[Path, str], _T]) -> _T:
     """load(path, device), once per process for each version of the file (its path, device and mtime)."""
     key = (str(path.resolve()), device, path.stat().st_mtime)
     with lock:
@@ -658,7 +674,7 @@ def _load_once(cache: dict, lock: threading.Lock, path: Path, device: str, load)
         return cache[key]
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path) -> Any:  # the checkpoint's contents, whatever they are: callers check
     try:
         # weights_only: a checkpoint is data; never run code from a downloaded pickle
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -666,7 +682,7 @@ def _torch_load(path: Path):
         raise ModelLoadError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _card_flag_threshold(path: Path, ckpt: dict) -> float:
+def _card_flag_threshold(path: Path, ckpt: dict[str, Any]) -> float:
     """The flag threshold the checkpoint's card chose on data, else DEFAULT_FLAG_THRESHOLD."""
     card = ckpt.get("card") or {}
     value = card.get("flag_threshold", DEFAULT_FLAG_THRESHOLD) if isinstance(card, dict) else DEFAULT_FLAG_THRESHOLD
