@@ -30,7 +30,8 @@ def serve_command(
     scan_workers: Annotated[Optional[int], typer.Option(min=1, help="Scan threads (default 2).")] = None,
     torch_threads: Annotated[Optional[int], typer.Option(min=0, help="torch threads per model call (default 1; 0 = torch's default, all cores).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-    scan_options: dict[str, Any] | None = None,  # the ScanOptions flags given (provenance.cli_options); the rest from PROVENANCE_SCAN__*
+    # the ScanOptions flags given (provenance.cli_options); the rest from PROVENANCE_SCAN__*
+    scan_options: dict[str, Any] | None = None,
 ) -> None:
     """Serve the API (/v1, docs at /docs) and the "Have I Been Trained"-style page at /.
 
@@ -66,8 +67,9 @@ def serve_command(
     from provenance.api.protocol import HeaderTimeoutH11Protocol
 
     HeaderTimeoutH11Protocol.timeout_s = config.header_timeout_s
-    server_options: dict[str, Any] = {"host": host, "port": port, "log_level": log_level, "timeout_graceful_shutdown": 10,
-                      "http": HeaderTimeoutH11Protocol, "limit_concurrency": config.max_connections}
+    server_options: dict[str, Any] = {"host": host, "port": port, "log_level": log_level,
+                                      "timeout_graceful_shutdown": 10,
+                                      "http": HeaderTimeoutH11Protocol, "limit_concurrency": config.max_connections}
     if workers > 1:
         # Worker processes import the app themselves: hand them the config through the environment.
         os.environ.update(config.to_env())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import errno
 import logging
 import os
 import re
@@ -168,7 +168,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         # in place: the decoded image is ours, and without an Orientation tag this saves a full copy
         ImageOps.exif_transpose(im, in_place=True)
         im = _to_rgb(im)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
+    except Exception as e:  # any decoder failure is this file's problem, not ours
         raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
     width, height = im.size
     if full is not None:  # the upright size of the file: swapped where the drafted image was turned
@@ -214,7 +214,7 @@ def _raise_pillow_limit(max_pixels: int) -> None:
     current = Image.MAX_IMAGE_PIXELS
     if current is not None and current < max_pixels:
         with _pillow_limit_lock:
-            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
                 Image.MAX_IMAGE_PIXELS = max_pixels
 
 

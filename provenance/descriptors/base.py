@@ -23,10 +23,10 @@ class DescriptorSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DescriptorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> DescriptorSpec:
         return cls(**{k: d[k] for k in ("name", "model_id", "checksum", "dim", "metric")})
 
-    def same_model(self, other: "DescriptorSpec") -> bool:
+    def same_model(self, other: DescriptorSpec) -> bool:
         return (self.name, self.model_id, self.checksum, self.dim) == (
             other.name,
             other.model_id,

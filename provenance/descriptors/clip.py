@@ -56,7 +56,7 @@ class CLIPDescriptor:
     @classmethod
     def load(cls, model_name: str = DEFAULT_CLIP_MODEL,
              pretrained: str | os.PathLike[str] | None = DEFAULT_CLIP_PRETRAINED,
-             device: str | None = None) -> "CLIPDescriptor":
+             device: str | None = None) -> CLIPDescriptor:
         import torch
 
         open_clip = require("open_clip", "the clip descriptor")
@@ -75,7 +75,7 @@ class CLIPDescriptor:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained_str, device=device
             )
-        except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/HF errors
+        except Exception as e:  # open_clip raises RuntimeError/ValueError/HF errors
             hint = " (offline? hub weights cannot be fetched; pass a local checkpoint path)" if not is_path else ""
             raise ModelLoadError(f"cannot load OpenCLIP {model_name} / {pretrained_str}: {e}{hint}") from None
         model.eval()

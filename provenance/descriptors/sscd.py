@@ -66,13 +66,14 @@ class SSCDDescriptor:
         self.spec = spec
         self.backend = backend  # "onnx" | "torchscript"
         self._path: Path | None = None  # the ONNX file, for prepare_concurrent_calls
-        self._serial: Any = None  # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
+        # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
+        self._serial: Any = None
         self._cut: dict[tuple[str, ...], Any] = {}  # sessions of the graph cut at some taps (see tap_maps)
         self._running = 0  # model calls in flight
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, *, threads: int | None = None) -> "SSCDDescriptor":
+    def load(cls, path: str | os.PathLike[str] | None = None, *, threads: int | None = None) -> SSCDDescriptor:
         model_path = Path(path) if path else default_onnx_path()
         if not model_path.is_file():
             raise ModelLoadError(f"SSCD model not found: {model_path}")
@@ -87,8 +88,9 @@ class SSCDDescriptor:
         import torch
 
         try:
-            module = torch.jit.load(str(model_path), map_location="cpu").eval()  # type: ignore[no-untyped-call]  # torch stub: load is unannotated
-        except Exception as e:  # noqa: BLE001
+            # torch.jit.load is unannotated in torch's own stubs
+            module = torch.jit.load(str(model_path), map_location="cpu").eval()  # type: ignore[no-untyped-call]
+        except Exception as e:
             raise ModelLoadError(f"cannot load SSCD TorchScript model {model_path}: {e}") from None
         spec = DescriptorSpec("sscd", f"sscd/{model_path.name}", checksum, SSCD_DIM, "cosine")
         return cls(module, spec, "torchscript")
@@ -124,7 +126,7 @@ class SSCDDescriptor:
             emb, *maps = self._run(np.stack([batch[i] for i in idx]), tuple(FEATURE_TAPS.values()))
             out[idx] = emb
             for j, i in enumerate(idx):
-                taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps)}
+                taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps, strict=False)}
         return l2_normalize(out), taps
 
     def tap_maps(self, batch: list[np.ndarray], taps: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
@@ -149,7 +151,7 @@ class SSCDDescriptor:
         for idx in group_by_shape(batch).values():
             maps = session.run(None, {session.get_inputs()[0].name: np.stack([batch[i] for i in idx])})
             for j, i in enumerate(idx):
-                out[i] = {name: m[j] for name, m in zip(taps, maps)}
+                out[i] = {name: m[j] for name, m in zip(taps, maps, strict=False)}
         return out
 
     def prepare_concurrent_calls(self) -> None:
@@ -207,7 +209,7 @@ def _onnx_session(model_path: Path, threads: int | None, providers: list[str], c
     try:
         model = _cut_at(model_path, cut_at) if cut_at else _with_feature_taps(model_path)
         return ort.InferenceSession(model, opts, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+    except Exception as e:  # onnxruntime raises its own untyped errors
         raise ModelLoadError(f"cannot load SSCD ONNX model {model_path}: {e}") from None
 
 

@@ -250,7 +250,7 @@ def embed_provenance_mark(image: Image.Image, run_id: int) -> Image.Image:
     return Image.fromarray(out, "RGB")
 
 
-def detect_invisible_marks(
+def detect_invisible_marks(  # noqa: C901 - one pass per scheme, its steps in order
     image: Image.Image, *, include_undetected: bool = False, try_resized: bool = False, try_cropped: bool = False
 ) -> list[InvisibleMark]:
     """Decode every scheme in `SCHEMES` from `image`: those detected at p <= 1e-6, or all with `include_undetected`.
@@ -274,7 +274,8 @@ def detect_invisible_marks(
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
-    crops: dict[str, tuple[tuple[int, float], np.ndarray, int]] | None = None  # _crop_search's results, made once when a scheme needs them
+    # _crop_search's results, made once when a scheme needs them
+    crops: dict[str, tuple[tuple[int, float], np.ndarray, int]] | None = None
     for scheme in SCHEMES:
         best: tuple[tuple[int, float], str, np.ndarray] | None = None  # ((agreeing bits, clarity), hypothesis, sums)
         fixed = np.asarray(scheme.fixed_bits, dtype=bool)
@@ -293,7 +294,7 @@ def detect_invisible_marks(
                 key = (h.name, scheme.channel, offset, scheme.step)
                 if key not in soft_cache:  # sd-v1, sd-v2 and sdxl's 8-bit reading share block values
                     soft_cache[key] = _block_soft(coeffs, offset, scheme.step)
-                for readout, soft in zip(_READOUTS, soft_cache[key]):
+                for readout, soft in zip(_READOUTS, soft_cache[key], strict=False):
                     sums = np.bincount(bit_index, weights=soft, minlength=scheme.length)  # (length,)
                     agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
                     # Ties (e.g. all fixed bits right under two read-outs) go to the read-out whose fixed
@@ -362,7 +363,7 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
             n = blocks["Y"].shape[1]
             rows, cols = np.divmod(np.arange(n), per_row)
             rows += y0 // 8 + first // per_row  # block rows counted from the top of the image cut at (ox, oy)
-            widths = np.array([per_row] + sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row}))
+            widths = np.array([per_row, *sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row})])
             soft_cache: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
             for scheme in SCHEMES:
                 length = scheme.length
@@ -378,7 +379,8 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                         soft_cache[key] = _block_soft(blocks[scheme.channel], offset, scheme.step)
                 softs = [soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]]
                 for soft in softs:
-                    sums: np.ndarray = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
+                    sums: np.ndarray = np.bincount(position, weights=np.tile(soft, len(widths)),
+                                                   minlength=len(widths) * length)
                     sums = sums.reshape(len(widths), length)  # (widths, position)
                     # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
                     # phase, each position's fixed bit as +-1 (0 for payload bits), so one product scores all phases
@@ -387,7 +389,7 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                     order = np.lexsort((clarity.ravel(), np.rint(agree).ravel()))
                     wi, phase = divmod(int(order[-1]), length)
                     tests[scheme.name] += agree.size
-                    score = (int(round(agree[wi, phase])), float(clarity[wi, phase]))
+                    score = (int(round(agree[wi, phase])), float(clarity[wi, phase]))  # noqa: RUF046 - numpy scalar
                     if scheme.name not in best or score > best[scheme.name][0]:
                         best[scheme.name] = (score, sums[wi, phase_index[phase]])
     return {name: (score, sums, tests[name]) for name, (score, sums) in best.items()}

@@ -170,7 +170,7 @@ def _settings_pairs(line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:  # noqa: C901 - one case per node kind
     """Summarise a ComfyUI API-format graph ({node_id: {"class_type", "inputs"}}) into settings.
 
     Takes the first sampler node (by id) and follows its positive/negative links to the text
@@ -233,7 +233,7 @@ def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
 # -- recognising generators ---------------------------------------------------------------------
 
 
-def _recognise(
+def _recognise(  # noqa: C901 - one case per generator's format, tried in order
     text: dict[str, str], exif: dict[str, str], comment: str | None
 ) -> tuple[str | None, dict[str, Any], dict[str, Any] | None]:
     """(generator, parameters, our own provenance dict) from the relevant fields, most specific first."""
@@ -351,7 +351,7 @@ def _exif_fields(raw: Any) -> dict[str, str]:
         if user:
             out["UserComment"] = user
         return out
-    except Exception as e:  # noqa: BLE001 - a broken EXIF block is the file's problem; skip it
+    except Exception as e:  # a broken EXIF block is the file's problem; skip it
         logger.debug("unreadable EXIF block: %s", e)
         return {}
 

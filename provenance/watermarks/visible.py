@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ class WatermarkNetConfig:
     stem_patch: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WatermarkNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> WatermarkNetConfig:
         return cls(
             stem=int(d["stem"]),
             widths=tuple(int(w) for w in d["widths"]),
@@ -162,7 +163,7 @@ class TapHeadConfig:
     depth: int = 1  # 3x3 convs per tap after the projection (each widens the context a location sees by 32 px)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TapHeadConfig":
+    def from_dict(cls, d: dict[str, Any]) -> TapHeadConfig:
         return cls(width=int(d["width"]), taps=tuple(d["taps"]), channels=tuple(int(c) for c in d["channels"]),
                    dropout=float(d.get("dropout", 0.3)), depth=int(d.get("depth", 1)))
 
@@ -182,9 +183,9 @@ class TapHead(nn.Module):
         self.branches = nn.ModuleList(
             nn.Sequential(_conv_bn(c, w, 1, 1), _conv_bn(w, w, 2 if tap == "stride8" else 1, 3),
                           *(_conv_bn(w, w, 1, 3) for _ in range(config.depth - 1)))
-            for tap, c in zip(config.taps, config.channels)
+            for tap, c in zip(config.taps, config.channels, strict=False)
         )
-        for tap, c in zip(config.taps, config.channels):
+        for tap, c in zip(config.taps, config.channels, strict=False):
             self.register_buffer(f"inv_scale_{tap}", torch.ones(c))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(2 * w * len(config.taps), 1)
@@ -197,7 +198,7 @@ class TapHead(nn.Module):
     def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """{tap: (n, c, h, w) uint8 or float} -> (n,) logits."""
         feats = []
-        for tap, branch in zip(self.config.taps, self.branches):
+        for tap, branch in zip(self.config.taps, self.branches, strict=False):
             x = maps[tap].float() * getattr(self, f"inv_scale_{tap}").view(1, -1, 1, 1)
             feats.append(branch(x))
         h = min(f.shape[2] for f in feats)
@@ -212,7 +213,7 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every Conv2d+BatchNorm2d pair into the conv (inference only): faster on CPU, same outputs."""
     for module in model.modules():
         children = list(module.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+        for (name_a, a), (name_b, b) in pairwise(children):
             if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                 fused = torch.nn.utils.fusion.fuse_conv_bn_eval(a.eval(), b.eval())
                 setattr(module, name_a, fused)
@@ -254,7 +255,7 @@ class VisibleHead:
     version 1) or LAION's EfficientNet-B3 detector. Gives logits; VisibleWatermarkDetector weighs one or more of
     them into p(watermark)."""
 
-    _cache: dict[tuple[str, str, float], "VisibleHead"] = {}
+    _cache: ClassVar[dict[tuple[str, str, float], VisibleHead]] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu",
@@ -272,7 +273,7 @@ class VisibleHead:
 
 
     @classmethod
-    def load(cls, path: str | None = None, device: str = "cpu") -> "VisibleHead":
+    def load(cls, path: str | None = None, device: str = "cpu") -> VisibleHead:
         """Load a provenance checkpoint (None = the shipped weights); each file is loaded once per process."""
         p = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not p.is_file():
@@ -283,7 +284,7 @@ class VisibleHead:
         return _load_once(cls._cache, cls._cache_lock, p, device, cls._load_uncached)
 
     @classmethod
-    def _load_uncached(cls, path: Path, device: str) -> "VisibleHead":
+    def _load_uncached(cls, path: Path, device: str) -> VisibleHead:
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ModelLoadError(
@@ -317,7 +318,7 @@ class VisibleHead:
         return cls(model, config, device)
 
     @classmethod
-    def _load_tap_head(cls, path: Path, ckpt: dict[str, Any], device: str) -> "VisibleHead":
+    def _load_tap_head(cls, path: Path, ckpt: dict[str, Any], device: str) -> VisibleHead:
         from provenance.models import load_descriptor
 
         head = tap_head_from_checkpoint(ckpt, path)
@@ -350,7 +351,7 @@ class VisibleHead:
         return cls(fuse_batchnorm(head.eval()), config, device, backbone=backbone)
 
     @classmethod
-    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleHead":
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> VisibleHead:
         """LAION-5B's watermark detector (timm EfficientNet-B3 with a 1536-625-256-2 head) from a local .pt.
 
         LAION trained with labels 'watermark' = 0 and 'clear' = 1, so p(watermark) is softmax index 0;
@@ -450,8 +451,8 @@ class VisibleWatermarkDetector:
     `sharing_scan_pass`) instead of running SSCD at 288 px again.
     """
 
-    _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
-    _single: dict[int, "VisibleWatermarkDetector"] = {}
+    _cache: ClassVar[dict[tuple[str, str, float], VisibleWatermarkDetector]] = {}
+    _single: ClassVar[dict[int, VisibleWatermarkDetector]] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, heads: list[VisibleHead], logit_weights: list[float], config: DetectorConfig,
@@ -474,12 +475,12 @@ class VisibleWatermarkDetector:
     # 1. Loading
 
     @classmethod
-    def of(cls, head: VisibleHead) -> "VisibleWatermarkDetector":
+    def of(cls, head: VisibleHead) -> VisibleWatermarkDetector:
         """One model as a detector: a mix of one, with the model's own config (checksum, flag threshold, card)."""
         return cls([head], [1.0], head.config)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def load(cls, path: str | Path | None = None, device: str = "cpu") -> VisibleWatermarkDetector:
         """A provenance checkpoint (.pt; None = the shipped 288 px head) or a mix of them (MIX_FORMAT JSON); each
         file is loaded once per process."""
         if path is not None and Path(path).suffix.lower() == ".json":
@@ -492,12 +493,12 @@ class VisibleWatermarkDetector:
             return cls._single.setdefault(id(head), cls.of(head))
 
     @classmethod
-    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> VisibleWatermarkDetector:
         """LAION-5B's watermark detector from a local .pt (VisibleHead.from_laion_checkpoint), as a detector."""
         return cls.of(VisibleHead.from_laion_checkpoint(path, device))
 
     @classmethod
-    def _load_mix(cls, p: Path, device: str) -> "VisibleWatermarkDetector":
+    def _load_mix(cls, p: Path, device: str) -> VisibleWatermarkDetector:
         import hashlib
         import json
 
@@ -528,7 +529,8 @@ class VisibleWatermarkDetector:
             raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
         # identified by what it computes (its heads' checksums and weights, its gate), not by the file's bytes: the
         # evaluation writes its results into the same file
-        ident = json.dumps([[h.config.checksum, w] + ([True] if m else []) for h, (_, w, m) in zip(heads, entries)]
+        ident = json.dumps([[h.config.checksum, w] + ([True] if m else [])
+                            for h, (_, w, m) in zip(heads, entries, strict=False)]
                            + [threshold])
         config = DetectorConfig(
             input_size=max(h.config.input_size for h in heads),
@@ -542,12 +544,13 @@ class VisibleWatermarkDetector:
         logger.info("loaded visible-watermark mix %s (%s): %s", p, config.checksum, entries)
         return cls(heads, [w for _, w, _ in entries], config, [m for _, _, m in entries])
 
-    def sharing_scan_pass(self, sscd: SSCDDescriptor | None) -> "VisibleWatermarkDetector":
+    def sharing_scan_pass(self, sscd: SSCDDescriptor | None) -> VisibleWatermarkDetector:
         """This detector, reading the maps of a scan's own SSCD pass (`sscd`, the index's SSCDDescriptor or None)
         for its 288 px unmirrored view where that pass computes the same maps (same SSCD model); else itself."""
         same_sscd = (self.backbone is not None and sscd is not None and sscd.has_feature_taps
                      and sscd.spec.checksum == self.backbone.spec.checksum)
-        if not same_sscd or not any(h.reads_sscd_pass and not m for h, m in zip(self.heads, self.mirrored)):
+        if not same_sscd or not any(h.reads_sscd_pass and not m
+                                    for h, m in zip(self.heads, self.mirrored, strict=False)):
             return self
         return VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored, scan_view=True)
 
@@ -570,7 +573,7 @@ class VisibleWatermarkDetector:
     def preprocess(self, image: Image.Image) -> dict[int, np.ndarray]:
         """{input size: the views' input at that size} for one image (without the input of a view that reads the
         scan's SSCD maps). Thread-safe."""
-        heads = [h for h, m in zip(self.heads, self.mirrored) if not self._from_scan(h, m)]
+        heads = [h for h, m in zip(self.heads, self.mirrored, strict=False) if not self._from_scan(h, m)]
         return {size: next(h for h in heads if h.config.input_size == size).preprocess(image)
                 for size in sorted({h.config.input_size for h in heads})}
 
@@ -588,7 +591,7 @@ class VisibleWatermarkDetector:
         z = np.zeros(len(inputs), dtype=np.float32)
         if len(inputs) == 0:
             return z
-        views = list(zip((h.config.input_size for h in self.heads), self.mirrored))
+        views = list(zip((h.config.input_size for h in self.heads), self.mirrored, strict=False))
 
         def at(size: int) -> list[np.ndarray]:
             try:
@@ -599,7 +602,7 @@ class VisibleWatermarkDetector:
         maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
         if self._scan_view and scan_taps is not None:  # not None: checked above
             maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
-        for size, mirrored in sorted(set(v for h, v in zip(self.heads, views) if h.backbone is not None)):
+        for size, mirrored in sorted(set(v for h, v in zip(self.heads, views, strict=False) if h.backbone is not None)):
             if (size, mirrored) in maps_by_view:
                 continue
             images = at(size)
@@ -610,13 +613,13 @@ class VisibleWatermarkDetector:
                                      "from preprocess()")
             if mirrored:
                 images = [mirror_input(x) for x in images]
-            taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
+            taps = tuple(sorted({t for h, v in zip(self.heads, views, strict=False) if v == (size, mirrored)
                                  for t in cast(TapHead, h.model).config.taps}))  # heads with a backbone
             if self.backbone is None:  # heads[0]'s; a mix's heads all read one SSCD model (checked at load)
                 raise ValueError("a head reads SSCD maps, but this detector's first head has no SSCD model")
             # only the maps are wanted: SSCD cut after them
             maps_by_view[(size, mirrored)] = self.backbone.tap_maps(images, taps)
-        for head, w, view in zip(self.heads, self.logit_weights, views):
+        for head, w, view in zip(self.heads, self.logit_weights, views, strict=False):
             logits = head.logits(at(view[0])) if head.backbone is None else head.logits_from_taps(maps_by_view[view])
             z += w * logits
         return torch.sigmoid(torch.from_numpy(z)).numpy()
@@ -661,11 +664,8 @@ def laion_classifier_head() -> nn.Sequential:
     )
 
 
-_T = TypeVar("_T")
-
-
-def _load_once(cache: dict[tuple[str, str, float], _T], lock: threading.Lock, path: Path, device: str,
-               load: Callable[[Path, str], _T]) -> _T:
+def _load_once[T](cache: dict[tuple[str, str, float], T], lock: threading.Lock, path: Path, device: str,
+                  load: Callable[[Path, str], T]) -> T:
     """load(path, device), once per process for each version of the file (its path, device and mtime)."""
     key = (str(path.resolve()), device, path.stat().st_mtime)
     with lock:
@@ -678,7 +678,7 @@ def _torch_load(path: Path) -> Any:  # the checkpoint's contents, whatever they 
     try:
         # weights_only: a checkpoint is data; never run code from a downloaded pickle
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
         raise ModelLoadError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
