@@ -44,8 +44,14 @@ def _register_local_configs() -> None:
 class CLIPDescriptor:
     """Image embeddings (the `clip` index) and text embeddings (queries, and the `clip_text` caption index)."""
 
-    def __init__(self, model: Any, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Any,
-                 spec: DescriptorSpec, device: str):
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Any,
+        spec: DescriptorSpec,
+        device: str,
+    ):
         # model: an open_clip CLIP module; tokenizer: open_clip's, texts -> (n, context) int64 tensor
         self.model = model
         self._preprocess = preprocess
@@ -54,9 +60,12 @@ class CLIPDescriptor:
         self.device = device
 
     @classmethod
-    def load(cls, model_name: str = DEFAULT_CLIP_MODEL,
-             pretrained: str | os.PathLike[str] | None = DEFAULT_CLIP_PRETRAINED,
-             device: str | None = None) -> CLIPDescriptor:
+    def load(
+        cls,
+        model_name: str = DEFAULT_CLIP_MODEL,
+        pretrained: str | os.PathLike[str] | None = DEFAULT_CLIP_PRETRAINED,
+        device: str | None = None,
+    ) -> CLIPDescriptor:
         import torch
 
         open_clip = require("open_clip", "the clip descriptor")
@@ -66,8 +75,11 @@ class CLIPDescriptor:
         if model_name not in open_clip.list_models():
             raise ModelLoadError(f"unknown OpenCLIP model {model_name!r}; see open_clip.list_models()")
         pretrained_str = str(pretrained) if pretrained else None
-        checkpoint = pretrained_str if pretrained_str is not None and (
-            os.sep in pretrained_str or Path(pretrained_str).exists()) else None  # a local file, not a hub tag
+        checkpoint = (
+            pretrained_str
+            if pretrained_str is not None and (os.sep in pretrained_str or Path(pretrained_str).exists())
+            else None
+        )  # a local file, not a hub tag
         is_path = checkpoint is not None
         if checkpoint is not None and not Path(checkpoint).is_file():
             raise ModelLoadError(f"OpenCLIP checkpoint not found: {pretrained_str}")
@@ -83,8 +95,11 @@ class CLIPDescriptor:
             tag, checksum = Path(checkpoint).name, file_checksum(checkpoint)
         else:
             tag, checksum = (pretrained_str or "random-init"), f"hub:{pretrained_str}"
-        dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        dim = (
+            int(model.text_projection.shape[1])
+            if getattr(model, "text_projection", None) is not None
             else int(model.visual.output_dim)
+        )
         spec = DescriptorSpec("clip", f"{model_name}/{tag}", checksum, dim, "cosine")
         return cls(model, preprocess, open_clip.get_tokenizer(model_name), spec, device)
 

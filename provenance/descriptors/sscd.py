@@ -144,8 +144,9 @@ class SSCDDescriptor:
                     raise ModelLoadError(f"SSCD model {self.spec.model_id}: no ONNX file to cut the maps from")
                 opts = self._model.get_session_options()
                 threads = opts.intra_op_num_threads or None
-                session = _onnx_session(self._path, threads, self._model.get_providers(),
-                                        cut_at=tuple(FEATURE_TAPS[t] for t in taps))
+                session = _onnx_session(
+                    self._path, threads, self._model.get_providers(), cut_at=tuple(FEATURE_TAPS[t] for t in taps)
+                )
                 self._cut[taps] = session
         out: list[dict[str, np.ndarray]] = [{} for _ in batch]
         for idx in group_by_shape(batch).values():
@@ -193,8 +194,9 @@ class SSCDDescriptor:
             return [self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()]
 
 
-def _onnx_session(model_path: Path, threads: int | None, providers: list[str], cut_at: tuple[str, ...] = ()
-                  ) -> Any:  # an onnxruntime.InferenceSession
+def _onnx_session(
+    model_path: Path, threads: int | None, providers: list[str], cut_at: tuple[str, ...] = ()
+) -> Any:  # an onnxruntime.InferenceSession
     """An ORT session of the model with FEATURE_TAPS as extra outputs, or (cut_at) of only what computes those
     tensors, which become its outputs."""
     import onnxruntime as ort

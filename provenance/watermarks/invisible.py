@@ -87,8 +87,19 @@ MAX_BLOCKS = 8192
 # Sizes diffusion pipelines write (SD 1.x/2.x squares and portraits, SDXL buckets): an image larger
 # than one of these with the same aspect ratio may be an upscaled generation.
 GENERATOR_SIZES: tuple[tuple[int, int], ...] = (
-    (512, 512), (768, 768), (1024, 1024), (512, 768), (768, 512),
-    (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536),
+    (512, 512),
+    (768, 768),
+    (1024, 1024),
+    (512, 768),
+    (768, 512),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
 )
 
 # OpenCV's BT.601 YUV (COLOR_BGR2YUV) rows, in RGB order: U = 0.492 (B - Y). Both rows are what the
@@ -177,8 +188,14 @@ SCHEMES: tuple[MarkScheme, ...] = (
     # SDXL's bits are written both ways: diffusers and Stability's generative-models encode the float
     # image; tools that mark a saved 8-bit image (the CompVis-script way) encode uint8. Both are tried
     # (see the module docstring).
-    MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U",
-               (_FLOAT_OFFSET, _U8_OFFSET), 36.0),
+    MarkScheme(
+        "sdxl",
+        tuple(int(c) for c in "101100111110110010010000011110111011000110011110"),
+        48,
+        "U",
+        (_FLOAT_OFFSET, _U8_OFFSET),
+        36.0,
+    ),
     MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", (0.0,), PROVENANCE_STEP, _read_provenance_run_id),
 )
 
@@ -270,7 +287,9 @@ def detect_invisible_marks(  # noqa: C901 - one pass per scheme, its steps in or
     if image.mode != "RGB":
         image = image.convert("RGB")
     hypotheses = _hypotheses(image, try_resized)
-    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}  # x len(offsets) per scheme
+    tried = {
+        c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")
+    }  # x len(offsets) per scheme
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
@@ -370,17 +389,22 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                 if n < length:
                     continue
                 # every width at once: block j's bit (up to the unknown phase) under width w, in bins w * length + bit
-                position = ((rows[None, :] * widths[:, None] + cols[None, :]) % length
-                            + length * np.arange(len(widths))[:, None]).ravel()
+                position = (
+                    (rows[None, :] * widths[:, None] + cols[None, :]) % length
+                    + length * np.arange(len(widths))[:, None]
+                ).ravel()
                 phase_index, signs, mask = _phase_tables(scheme)
                 for offset in scheme.offsets:
                     key = (scheme.channel, offset, scheme.step)
                     if key not in soft_cache:
                         soft_cache[key] = _block_soft(blocks[scheme.channel], offset, scheme.step)
-                softs = [soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]]
+                softs = [
+                    soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]
+                ]
                 for soft in softs:
-                    sums: np.ndarray = np.bincount(position, weights=np.tile(soft, len(widths)),
-                                                   minlength=len(widths) * length)
+                    sums: np.ndarray = np.bincount(
+                        position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length
+                    )
                     sums = sums.reshape(len(widths), length)  # (widths, position)
                     # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
                     # phase, each position's fixed bit as +-1 (0 for payload bits), so one product scores all phases

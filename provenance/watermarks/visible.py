@@ -164,8 +164,13 @@ class TapHeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TapHeadConfig:
-        return cls(width=int(d["width"]), taps=tuple(d["taps"]), channels=tuple(int(c) for c in d["channels"]),
-                   dropout=float(d.get("dropout", 0.3)), depth=int(d.get("depth", 1)))
+        return cls(
+            width=int(d["width"]),
+            taps=tuple(d["taps"]),
+            channels=tuple(int(c) for c in d["channels"]),
+            dropout=float(d.get("dropout", 0.3)),
+            depth=int(d.get("depth", 1)),
+        )
 
 
 class TapHead(nn.Module):
@@ -181,8 +186,11 @@ class TapHead(nn.Module):
         self.config = config
         w = config.width
         self.branches = nn.ModuleList(
-            nn.Sequential(_conv_bn(c, w, 1, 1), _conv_bn(w, w, 2 if tap == "stride8" else 1, 3),
-                          *(_conv_bn(w, w, 1, 3) for _ in range(config.depth - 1)))
+            nn.Sequential(
+                _conv_bn(c, w, 1, 1),
+                _conv_bn(w, w, 2 if tap == "stride8" else 1, 3),
+                *(_conv_bn(w, w, 1, 3) for _ in range(config.depth - 1)),
+            )
             for tap, c in zip(config.taps, config.channels, strict=False)
         )
         for tap, c in zip(config.taps, config.channels, strict=False):
@@ -258,8 +266,9 @@ class VisibleHead:
     _cache: ClassVar[dict[tuple[str, str, float], VisibleHead]] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu",
-                 backbone: SSCDDescriptor | None = None):
+    def __init__(
+        self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone: SSCDDescriptor | None = None
+    ):
         self.model = model.eval().to(device)
         self.config = config
         self.device = device
@@ -270,7 +279,6 @@ class VisibleHead:
     def reads_sscd_pass(self) -> bool:
         """True for a head on the maps SSCD makes at its own input size, which a scan's SSCD pass computes anyway."""
         return self.backbone is not None and self.config.input_size == SSCD_SHORT_SIDE
-
 
     @classmethod
     def load(cls, path: str | None = None, device: str = "cpu") -> VisibleHead:
@@ -292,8 +300,10 @@ class VisibleHead:
                 "for LAION's detector use VisibleWatermarkDetector.from_laion_checkpoint"
             )
         if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
-            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is not one this code reads "
-                                 f"(1-{CHECKPOINT_VERSION}); a newer one needs a newer provenance")
+            raise ModelLoadError(
+                f"{path}: checkpoint version {ckpt.get('version')} is not one this code reads "
+                f"(1-{CHECKPOINT_VERSION}); a newer one needs a newer provenance"
+            )
         if ckpt.get("kind") == "sscd-taps":
             return cls._load_tap_head(path, ckpt, device)
         try:
@@ -419,7 +429,7 @@ class VisibleHead:
         if self.config.output == "logit":
             return out.reshape(-1).cpu().numpy()
         pos = self.config.positive_index
-        others = torch.cat([out[:, :pos], out[:, pos + 1:]], dim=1)  # (n, classes - 1)
+        others = torch.cat([out[:, :pos], out[:, pos + 1 :]], dim=1)  # (n, classes - 1)
         return (out[:, pos] - torch.logsumexp(others, dim=1)).cpu().numpy()
 
     @torch.inference_mode()
@@ -455,8 +465,15 @@ class VisibleWatermarkDetector:
     _single: ClassVar[dict[int, VisibleWatermarkDetector]] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, heads: list[VisibleHead], logit_weights: list[float], config: DetectorConfig,
-                 mirrored: list[bool] | None = None, *, scan_view: bool = False):
+    def __init__(
+        self,
+        heads: list[VisibleHead],
+        logit_weights: list[float],
+        config: DetectorConfig,
+        mirrored: list[bool] | None = None,
+        *,
+        scan_view: bool = False,
+    ):
         mirrored = [False] * len(heads) if mirrored is None else [bool(m) for m in mirrored]
         if not heads or not len(heads) == len(logit_weights) == len(mirrored):
             raise ValueError("a mix needs one logit weight (and mirror flag) per head, and at least one head")
@@ -512,11 +529,13 @@ class VisibleWatermarkDetector:
             entries = [(str(h["weights"]), float(h["logit_weight"]), h.get("mirrored", False)) for h in spec["heads"]]
             threshold = float(spec["flag_threshold"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ModelLoadError(f"{p}: a mix needs heads [{{weights, logit_weight[, mirrored]}}] and flag_threshold "
-                                 f"({e})") from None
+            raise ModelLoadError(
+                f"{p}: a mix needs heads [{{weights, logit_weight[, mirrored]}}] and flag_threshold ({e})"
+            ) from None
         if not entries or not all(w > 0 for _, w, _ in entries) or not 0.0 < threshold < 1.0:
-            raise ModelLoadError(f"{p}: a mix needs at least one head, positive logit weights and a flag_threshold "
-                                 "in (0, 1)")
+            raise ModelLoadError(
+                f"{p}: a mix needs at least one head, positive logit weights and a flag_threshold in (0, 1)"
+            )
         if not all(isinstance(m, bool) for _, _, m in entries):
             raise ModelLoadError(f"{p}: a head's 'mirrored' must be true or false")
         loaded: dict[str, VisibleHead] = {}  # one model per file, however many views read it
@@ -529,9 +548,10 @@ class VisibleWatermarkDetector:
             raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
         # identified by what it computes (its heads' checksums and weights, its gate), not by the file's bytes: the
         # evaluation writes its results into the same file
-        ident = json.dumps([[h.config.checksum, w] + ([True] if m else [])
-                            for h, (_, w, m) in zip(heads, entries, strict=False)]
-                           + [threshold])
+        ident = json.dumps(
+            [[h.config.checksum, w] + ([True] if m else []) for h, (_, w, m) in zip(heads, entries, strict=False)]
+            + [threshold]
+        )
         config = DetectorConfig(
             input_size=max(h.config.input_size for h in heads),
             mean=(0.0, 0.0, 0.0),
@@ -547,10 +567,15 @@ class VisibleWatermarkDetector:
     def sharing_scan_pass(self, sscd: SSCDDescriptor | None) -> VisibleWatermarkDetector:
         """This detector, reading the maps of a scan's own SSCD pass (`sscd`, the index's SSCDDescriptor or None)
         for its 288 px unmirrored view where that pass computes the same maps (same SSCD model); else itself."""
-        same_sscd = (self.backbone is not None and sscd is not None and sscd.has_feature_taps
-                     and sscd.spec.checksum == self.backbone.spec.checksum)
-        if not same_sscd or not any(h.reads_sscd_pass and not m
-                                    for h, m in zip(self.heads, self.mirrored, strict=False)):
+        same_sscd = (
+            self.backbone is not None
+            and sscd is not None
+            and sscd.has_feature_taps
+            and sscd.spec.checksum == self.backbone.spec.checksum
+        )
+        if not same_sscd or not any(
+            h.reads_sscd_pass and not m for h, m in zip(self.heads, self.mirrored, strict=False)
+        ):
             return self
         return VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored, scan_view=True)
 
@@ -574,14 +599,17 @@ class VisibleWatermarkDetector:
         """{input size: the views' input at that size} for one image (without the input of a view that reads the
         scan's SSCD maps). Thread-safe."""
         heads = [h for h, m in zip(self.heads, self.mirrored, strict=False) if not self._from_scan(h, m)]
-        return {size: next(h for h in heads if h.config.input_size == size).preprocess(image)
-                for size in sorted({h.config.input_size for h in heads})}
+        return {
+            size: next(h for h in heads if h.config.input_size == size).preprocess(image)
+            for size in sorted({h.config.input_size for h in heads})
+        }
 
     # 3. Model
 
     @torch.inference_mode()
-    def probabilities(self, inputs: list[dict[int, np.ndarray]],
-                      scan_taps: list[dict[str, np.ndarray]] | None = None) -> np.ndarray:
+    def probabilities(
+        self, inputs: list[dict[int, np.ndarray]], scan_taps: list[dict[str, np.ndarray]] | None = None
+    ) -> np.ndarray:
         """Preprocessed images (and, when needs_scan_taps, the scan's SSCD maps of the same images) ->
         p(watermark), (n,) float32 in [0, 1]."""
         if self._scan_view and scan_taps is None:
@@ -609,12 +637,21 @@ class VisibleWatermarkDetector:
             for i, x in enumerate(images):
                 if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
                     shape = getattr(x, "shape", type(x).__name__)
-                    raise ValueError(f"image {i}: {size} px input has shape {shape}; expected (h, w, 3) uint8 "
-                                     "from preprocess()")
+                    raise ValueError(
+                        f"image {i}: {size} px input has shape {shape}; expected (h, w, 3) uint8 from preprocess()"
+                    )
             if mirrored:
                 images = [mirror_input(x) for x in images]
-            taps = tuple(sorted({t for h, v in zip(self.heads, views, strict=False) if v == (size, mirrored)
-                                 for t in cast(TapHead, h.model).config.taps}))  # heads with a backbone
+            taps = tuple(
+                sorted(
+                    {
+                        t
+                        for h, v in zip(self.heads, views, strict=False)
+                        if v == (size, mirrored)
+                        for t in cast(TapHead, h.model).config.taps
+                    }
+                )
+            )  # heads with a backbone
             if self.backbone is None:  # heads[0]'s; a mix's heads all read one SSCD model (checked at load)
                 raise ValueError("a head reads SSCD maps, but this detector's first head has no SSCD model")
             # only the maps are wanted: SSCD cut after them
@@ -626,8 +663,11 @@ class VisibleWatermarkDetector:
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         """p(watermark) per PIL image, (n,) float32, running every view itself (no scan pass to share)."""
-        alone = self if not self._scan_view else VisibleWatermarkDetector(
-            self.heads, self.logit_weights, self.config, self.mirrored)
+        alone = (
+            self
+            if not self._scan_view
+            else VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored)
+        )
         return alone.probabilities([alone.preprocess(im) for im in images])
 
 
@@ -664,8 +704,13 @@ def laion_classifier_head() -> nn.Sequential:
     )
 
 
-def _load_once[T](cache: dict[tuple[str, str, float], T], lock: threading.Lock, path: Path, device: str,
-                  load: Callable[[Path, str], T]) -> T:
+def _load_once[T](
+    cache: dict[tuple[str, str, float], T],
+    lock: threading.Lock,
+    path: Path,
+    device: str,
+    load: Callable[[Path, str], T],
+) -> T:
     """load(path, device), once per process for each version of the file (its path, device and mtime)."""
     key = (str(path.resolve()), device, path.stat().st_mtime)
     with lock:
