@@ -19,6 +19,7 @@ class FileUnreadableError(UnreadableImageError):
     """A path that cannot be read at all (missing, a directory, no permission): the bytes never arrived."""
 
     code = "unreadable"
+    reason_kind: str  # set by provenance.images where it knows why (the skip reason a corpus reader reports)
 
 
 class UploadTooLargeError(UnreadableImageError):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import errno
 import logging
 import os
 import re
@@ -15,6 +15,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -44,7 +45,7 @@ class DecodedImage:
     height: int
     format: str | None
     raw: bytes  # the original file bytes (watermark and metadata readers need them)
-    info: dict  # PIL's info of the original (PNG text chunks, EXIF, ...)
+    info: dict[str | tuple[int, int], Any]  # PIL's info of the original (PNG text chunks, EXIF, ...)
     # what could not be read although the image could, e.g. a PNG text chunk over Pillow's size limit (the
     # metadata reader reports these in the record)
     warnings: tuple[str, ...] = ()
@@ -59,7 +60,7 @@ def sha256_bytes(data: bytes) -> str:
 DEFAULT_MAX_FILE_BYTES = 256 << 20
 
 
-def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, str] | None:
+def file_problem(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> tuple[str, str] | None:
     """(reason_kind, reason) why `path` cannot be read as an image file, or None when it is a readable regular
     file of at most max_bytes. Kinds: missing, dangling_link, symlink_loop, permission, special_file,
     directory, too_large."""
@@ -79,8 +80,15 @@ def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTE
     if stat.S_ISDIR(st.st_mode):
         return "directory", f"{p}: is a directory, not an image file"
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a socket"
+            if stat.S_ISSOCK(st.st_mode)
+            else "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "not a regular file"
+        )
         return "special_file", f"{p}: {kind}, not an image file"
     if st.st_size > max_bytes:
         return "too_large", f"{p}: {st.st_size:,} bytes, over the {max_bytes:,}-byte limit for an image file"
@@ -89,11 +97,11 @@ def file_problem(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTE
 
 def _unreadable(kind: str, message: str) -> FileUnreadableError:
     e = FileUnreadableError(message)
-    e.reason_kind = kind  # type: ignore[attr-defined] - the skip reason a corpus reader reports
+    e.reason_kind = kind  # the skip reason a corpus reader reports
     return e
 
 
-def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+def read_bytes(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular image file. Special files (a FIFO would block forever), files over max_bytes,
     dangling links, loops and unreadable files raise FileUnreadableError with the true reason."""
     p = Path(path)
@@ -110,8 +118,9 @@ def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            raise FileUnreadableError(f"{p}: changed while being opened (not a regular file of at most "
-                                      f"{max_bytes:,} bytes)")
+            raise FileUnreadableError(
+                f"{p}: changed while being opened (not a regular file of at most {max_bytes:,} bytes)"
+            )
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     except OSError as e:
@@ -123,8 +132,9 @@ def read_bytes(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_FILE_BYTES)
     return data
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS,
-                 min_side: int | None = None) -> DecodedImage:
+def decode_image(
+    data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> DecodedImage:
     """Decode `data` into an upright RGB image.
 
     Handles CMYK, 16-bit, palette, alpha (composited on white, as a viewer shows it), greyscale and
@@ -148,16 +158,19 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             if not (data[:8] == _PNG_SIGNATURE and _PNG_TEXT_ERROR.search(str(e))):
                 raise
             # the pixels are fine; only the metadata is too big for Pillow: decode without the text chunks
-            notes.append(f"a PNG text chunk inflates past Pillow's limit of {_max_text_chunk():,} bytes "
-                         f"(PngImagePlugin.MAX_TEXT_CHUNK) and was not read ({e})")
+            notes.append(
+                f"a PNG text chunk inflates past Pillow's limit of {_max_text_chunk():,} bytes "
+                f"(PngImagePlugin.MAX_TEXT_CHUNK) and was not read ({e})"
+            )
             im, fmt, info = _open(_without_png_text(data), name, max_pixels, min_side)
     except DecompressionBombError:
         raise
     except Image.DecompressionBombError as e:  # above twice Pillow's limit, before we saw the size
         m = re.search(r"\((\d+) pixels\)", str(e))
         pixels = f"{int(m.group(1)):,} pixels" if m else "the image"
-        raise DecompressionBombError(f"{name}: {pixels} exceeds the limit of {max_pixels:,} "
-                                     "(possible decompression bomb)") from None
+        raise DecompressionBombError(
+            f"{name}: {pixels} exceeds the limit of {max_pixels:,} (possible decompression bomb)"
+        ) from None
     except UnidentifiedImageError:
         raise UnreadableImageError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as e:
@@ -167,7 +180,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
         # in place: the decoded image is ours, and without an Orientation tag this saves a full copy
         ImageOps.exif_transpose(im, in_place=True)
         im = _to_rgb(im)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not ours
+    except Exception as e:  # any decoder failure is this file's problem, not ours
         raise UnreadableImageError(f"{name}: cannot convert image to RGB ({e})") from None
     width, height = im.size
     if full is not None:  # the upright size of the file: swapped where the drafted image was turned
@@ -176,8 +189,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
     return DecodedImage(im, sha256_bytes(data), width, height, fmt, data, info, tuple(notes))
 
 
-def _open(data: bytes, name: str, max_pixels: int, min_side: int | None = None
-          ) -> tuple[Image.Image, str | None, dict]:
+def _open(
+    data: bytes, name: str, max_pixels: int, min_side: int | None = None
+) -> tuple[Image.Image, str | None, dict[str | tuple[int, int], Any]]:
     """The loaded image, its format and info; DecompressionBombError above max_pixels, before decoding."""
     with warnings.catch_warnings():
         # Pillow warns between its limit and twice it: our own check below decides, with our numbers
@@ -213,7 +227,7 @@ def _raise_pillow_limit(max_pixels: int) -> None:
     current = Image.MAX_IMAGE_PIXELS
     if current is not None and current < max_pixels:
         with _pillow_limit_lock:
-            if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_pixels:
+            if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
                 Image.MAX_IMAGE_PIXELS = max_pixels
 
 
@@ -231,10 +245,12 @@ def _without_png_text(data: bytes) -> bytes:
     out = [data[:8]]
     pos = 8
     while pos + 8 <= len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
         end = pos + 12 + length
-        if data[pos + 4:pos + 8] not in _PNG_TEXT_CHUNKS or _text_size(data[pos + 4:pos + 8],
-                                                                       data[pos + 8:pos + 8 + length], limit) <= limit:
+        if (
+            data[pos + 4 : pos + 8] not in _PNG_TEXT_CHUNKS
+            or _text_size(data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length], limit) <= limit
+        ):
             out.append(data[pos:end])
         pos = end
     return b"".join(out)
@@ -257,7 +273,7 @@ def _text_size(kind: bytes, body: bytes, limit: int) -> int:
         return 0  # Pillow reports a broken chunk itself
 
 
-def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
     return decode_image(read_bytes(path), str(path), max_pixels)
 
 
@@ -309,5 +325,13 @@ def iter_image_paths(inputs: list[str]) -> list[Path]:
 
 def mime_type(fmt: str | None) -> str | None:
     """The MIME type of a Pillow format name (DecodedImage.format), for readers that want one (C2PA)."""
-    return {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "TIFF": "image/tiff",
-            "GIF": "image/gif", "AVIF": "image/avif", "HEIF": "image/heif", "BMP": "image/bmp"}.get(fmt or "")
+    return {
+        "JPEG": "image/jpeg",
+        "PNG": "image/png",
+        "WEBP": "image/webp",
+        "TIFF": "image/tiff",
+        "GIF": "image/gif",
+        "AVIF": "image/avif",
+        "HEIF": "image/heif",
+        "BMP": "image/bmp",
+    }.get(fmt or "")

@@ -5,15 +5,20 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import IndexMismatchError, ProvenanceError
 
+if TYPE_CHECKING:
+    from provenance.descriptors.clip import CLIPDescriptor
+    from provenance.descriptors.pdq import PDQDescriptor
+    from provenance.descriptors.sscd import SSCDDescriptor
+
 logger = logging.getLogger(__name__)
 
 KNOWN_DESCRIPTORS = ("sscd", "clip", "pdq")
-_cache: dict[tuple, Any] = {}
+_cache: dict[tuple[str, tuple[tuple[str, str], ...], str | None], Any] = {}
 _lock = threading.Lock()
 
 
@@ -48,13 +53,16 @@ def parse_descriptors(value: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_descriptor(name: str, load_args: dict[str, Any] | None = None, device: str | None = None):
-    """The descriptor model for `name`, loaded at most once per process for the same arguments."""
+def load_descriptor(name: str, load_args: dict[str, Any] | None = None, device: str | None = None) -> Any:
+    """The descriptor model for `name`, loaded at most once per process for the same arguments.
+
+    Any: callers use the methods of the one they asked for (an SSCDDescriptor's tap_maps, ...)."""
     load_args = load_args or {}
     key = (name, tuple(sorted((k, str(v)) for k, v in load_args.items())), device)
     with _lock:
         if key in _cache:
             return _cache[key]
+        model: SSCDDescriptor | PDQDescriptor | CLIPDescriptor
         if name == "sscd":
             from provenance.descriptors.sscd import SSCDDescriptor
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
@@ -19,14 +19,14 @@ class DescriptorSpec:
     dim: int  # vector length; for pdq, bits
     metric: str  # "cosine" (L2-normalised float vectors, inner product) or "hamming" (binary)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DescriptorSpec":
+    def from_dict(cls, d: dict[str, Any]) -> DescriptorSpec:
         return cls(**{k: d[k] for k in ("name", "model_id", "checksum", "dim", "metric")})
 
-    def same_model(self, other: "DescriptorSpec") -> bool:
+    def same_model(self, other: DescriptorSpec) -> bool:
         return (self.name, self.model_id, self.checksum, self.dim) == (
             other.name,
             other.model_id,
@@ -58,7 +58,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Row-normalise; zero rows stay zero instead of becoming NaN."""
     x = np.asarray(x, dtype=np.float32)
     n = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(n, 1e-12)
+    out: np.ndarray = x / np.maximum(n, 1e-12)
+    return out
 
 
 def group_by_shape(arrays: list[np.ndarray]) -> dict[tuple[int, ...], list[int]]:

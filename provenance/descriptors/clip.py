@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -17,6 +19,9 @@ from PIL import Image
 from provenance.descriptors.base import DescriptorSpec, file_checksum, l2_normalize
 from provenance.errors import ModelLoadError
 from provenance.extras import require
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +44,15 @@ def _register_local_configs() -> None:
 class CLIPDescriptor:
     """Image embeddings (the `clip` index) and text embeddings (queries, and the `clip_text` caption index)."""
 
-    def __init__(self, model, preprocess, tokenizer, spec: DescriptorSpec, device: str):
+    def __init__(
+        self,
+        model: Any,
+        preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Any,
+        spec: DescriptorSpec,
+        device: str,
+    ):
+        # model: an open_clip CLIP module; tokenizer: open_clip's, texts -> (n, context) int64 tensor
         self.model = model
         self._preprocess = preprocess
         self._tokenizer = tokenizer
@@ -47,8 +60,12 @@ class CLIPDescriptor:
         self.device = device
 
     @classmethod
-    def load(cls, model_name: str = DEFAULT_CLIP_MODEL, pretrained: str | os.PathLike | None = DEFAULT_CLIP_PRETRAINED,
-             device: str | None = None) -> "CLIPDescriptor":
+    def load(
+        cls,
+        model_name: str = DEFAULT_CLIP_MODEL,
+        pretrained: str | os.PathLike[str] | None = DEFAULT_CLIP_PRETRAINED,
+        device: str | None = None,
+    ) -> CLIPDescriptor:
         import torch
 
         open_clip = require("open_clip", "the clip descriptor")
@@ -58,29 +75,38 @@ class CLIPDescriptor:
         if model_name not in open_clip.list_models():
             raise ModelLoadError(f"unknown OpenCLIP model {model_name!r}; see open_clip.list_models()")
         pretrained_str = str(pretrained) if pretrained else None
-        is_path = pretrained_str is not None and (os.sep in pretrained_str or Path(pretrained_str).exists())
-        if is_path and not Path(pretrained_str).is_file():
+        checkpoint = (
+            pretrained_str
+            if pretrained_str is not None and (os.sep in pretrained_str or Path(pretrained_str).exists())
+            else None
+        )  # a local file, not a hub tag
+        is_path = checkpoint is not None
+        if checkpoint is not None and not Path(checkpoint).is_file():
             raise ModelLoadError(f"OpenCLIP checkpoint not found: {pretrained_str}")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name, pretrained=pretrained_str, device=device
             )
-        except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/ValueError/HF errors
+        except Exception as e:  # open_clip raises RuntimeError/ValueError/HF errors
             hint = " (offline? hub weights cannot be fetched; pass a local checkpoint path)" if not is_path else ""
             raise ModelLoadError(f"cannot load OpenCLIP {model_name} / {pretrained_str}: {e}{hint}") from None
         model.eval()
-        if is_path:
-            tag, checksum = Path(pretrained_str).name, file_checksum(pretrained_str)
+        if checkpoint is not None:
+            tag, checksum = Path(checkpoint).name, file_checksum(checkpoint)
         else:
             tag, checksum = (pretrained_str or "random-init"), f"hub:{pretrained_str}"
-        dim = int(model.text_projection.shape[1]) if getattr(model, "text_projection", None) is not None \
+        dim = (
+            int(model.text_projection.shape[1])
+            if getattr(model, "text_projection", None) is not None
             else int(model.visual.output_dim)
+        )
         spec = DescriptorSpec("clip", f"{model_name}/{tag}", checksum, dim, "cosine")
         return cls(model, preprocess, open_clip.get_tokenizer(model_name), spec, device)
 
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(3, S, S) float32, normalised as the model was trained."""
-        return self._preprocess(image.convert("RGB")).numpy()
+        x: np.ndarray = self._preprocess(image.convert("RGB")).numpy()
+        return x
 
     def embed_batch(self, batch: list[np.ndarray]) -> np.ndarray:
         import torch
@@ -103,7 +129,7 @@ class CLIPDescriptor:
         return l2_normalize(feats.float().cpu().numpy())
 
 
-def make_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+def make_tiny_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Path:
     """Save a randomly initialised `provenance-tiny` OpenCLIP model as a checkpoint (tests, offline demo)."""
     import torch
 

@@ -21,7 +21,7 @@ class PDQDescriptor:
     spec = DescriptorSpec("pdq", "pdq/pdqhash-128px", "", PDQ_BITS, "hamming")
 
     @classmethod
-    def load(cls) -> "PDQDescriptor":
+    def load(cls) -> PDQDescriptor:
         import pdqhash  # noqa: F401 - fail at load time, not on the first image
 
         return cls()

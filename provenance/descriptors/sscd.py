@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -59,18 +60,20 @@ def resize_short_side(image: Image.Image, short: int = SSCD_SHORT_SIDE) -> Image
 class SSCDDescriptor:
     """SSCD embeddings; load once per process with `SSCDDescriptor.load()`."""
 
-    def __init__(self, session_or_module, spec: DescriptorSpec, backend: str):
+    def __init__(self, session_or_module: Any, spec: DescriptorSpec, backend: str):
+        # an onnxruntime.InferenceSession (backend "onnx") or a torch.jit.ScriptModule ("torchscript")
         self._model = session_or_module
         self.spec = spec
         self.backend = backend  # "onnx" | "torchscript"
         self._path: Path | None = None  # the ONNX file, for prepare_concurrent_calls
-        self._serial = None  # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
-        self._cut: dict[tuple[str, ...], object] = {}  # sessions of the graph cut at some taps (see tap_maps)
+        # a one-thread ONNX session for calls that overlap another (see prepare_concurrent_calls)
+        self._serial: Any = None
+        self._cut: dict[tuple[str, ...], Any] = {}  # sessions of the graph cut at some taps (see tap_maps)
         self._running = 0  # model calls in flight
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, *, threads: int | None = None) -> "SSCDDescriptor":
+    def load(cls, path: str | os.PathLike[str] | None = None, *, threads: int | None = None) -> SSCDDescriptor:
         model_path = Path(path) if path else default_onnx_path()
         if not model_path.is_file():
             raise ModelLoadError(f"SSCD model not found: {model_path}")
@@ -85,8 +88,9 @@ class SSCDDescriptor:
         import torch
 
         try:
-            module = torch.jit.load(str(model_path), map_location="cpu").eval()
-        except Exception as e:  # noqa: BLE001
+            # torch.jit.load is unannotated in torch's own stubs
+            module = torch.jit.load(str(model_path), map_location="cpu").eval()  # type: ignore[no-untyped-call]
+        except Exception as e:
             raise ModelLoadError(f"cannot load SSCD TorchScript model {model_path}: {e}") from None
         spec = DescriptorSpec("sscd", f"sscd/{model_path.name}", checksum, SSCD_DIM, "cosine")
         return cls(module, spec, "torchscript")
@@ -122,7 +126,7 @@ class SSCDDescriptor:
             emb, *maps = self._run(np.stack([batch[i] for i in idx]), tuple(FEATURE_TAPS.values()))
             out[idx] = emb
             for j, i in enumerate(idx):
-                taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps)}
+                taps[i] = {name: m[j] for name, m in zip(FEATURE_TAPS, maps, strict=False)}
         return l2_normalize(out), taps
 
     def tap_maps(self, batch: list[np.ndarray], taps: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
@@ -136,16 +140,19 @@ class SSCDDescriptor:
         with self._lock:
             session = self._cut.get(taps)
             if session is None:
+                if self._path is None:  # only load() knows the file; a session handed to __init__ has none
+                    raise ModelLoadError(f"SSCD model {self.spec.model_id}: no ONNX file to cut the maps from")
                 opts = self._model.get_session_options()
                 threads = opts.intra_op_num_threads or None
-                session = _onnx_session(self._path, threads, self._model.get_providers(),
-                                        cut_at=tuple(FEATURE_TAPS[t] for t in taps))
+                session = _onnx_session(
+                    self._path, threads, self._model.get_providers(), cut_at=tuple(FEATURE_TAPS[t] for t in taps)
+                )
                 self._cut[taps] = session
         out: list[dict[str, np.ndarray]] = [{} for _ in batch]
         for idx in group_by_shape(batch).values():
             maps = session.run(None, {session.get_inputs()[0].name: np.stack([batch[i] for i in idx])})
             for j, i in enumerate(idx):
-                out[i] = {name: m[j] for name, m in zip(taps, maps)}
+                out[i] = {name: m[j] for name, m in zip(taps, maps, strict=False)}
         return out
 
     def prepare_concurrent_calls(self) -> None:
@@ -175,7 +182,8 @@ class SSCDDescriptor:
             try:
                 # the graph's first output is the embedding; taps are named so they are copied out only when asked for
                 outputs = [session.get_outputs()[0].name, *taps]
-                return session.run(outputs, {session.get_inputs()[0].name: x})
+                result: list[np.ndarray] = session.run(outputs, {session.get_inputs()[0].name: x})
+                return result
             finally:
                 with self._lock:
                     self._running -= 1
@@ -186,7 +194,9 @@ class SSCDDescriptor:
             return [self._model(torch.from_numpy(xf).permute(0, 3, 1, 2).contiguous()).numpy()]
 
 
-def _onnx_session(model_path: Path, threads: int | None, providers: list[str], cut_at: tuple[str, ...] = ()):
+def _onnx_session(
+    model_path: Path, threads: int | None, providers: list[str], cut_at: tuple[str, ...] = ()
+) -> Any:  # an onnxruntime.InferenceSession
     """An ORT session of the model with FEATURE_TAPS as extra outputs, or (cut_at) of only what computes those
     tensors, which become its outputs."""
     import onnxruntime as ort
@@ -201,7 +211,7 @@ def _onnx_session(model_path: Path, threads: int | None, providers: list[str], c
     try:
         model = _cut_at(model_path, cut_at) if cut_at else _with_feature_taps(model_path)
         return ort.InferenceSession(model, opts, providers=providers)
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+    except Exception as e:  # onnxruntime raises its own untyped errors
         raise ModelLoadError(f"cannot load SSCD ONNX model {model_path}: {e}") from None
 
 
@@ -216,7 +226,8 @@ def _with_feature_taps(model_path: Path) -> bytes | str:
         return str(model_path)
     for name in FEATURE_TAPS.values():
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UINT8, None))
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def _cut_at(model_path: Path, outputs: tuple[str, ...]) -> bytes:
@@ -240,7 +251,8 @@ def _cut_at(model_path: Path, outputs: tuple[str, ...]) -> bytes:
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(initializers)
     model.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UINT8, None) for o in outputs)
-    return model.SerializeToString()
+    data: bytes = model.SerializeToString()
+    return data
 
 
 def _onnx_providers() -> list[str]:

@@ -105,6 +105,7 @@ def summarize_manifest_store(store: dict[str, Any]) -> dict[str, Any]:
         gen_info = [gen_info]
 
     status = store.get("validation_status") or []
+    shown_types = ai_types or source_types
     return {
         "claim_generator": active.get("claim_generator") or _generator_name(gen_info),
         "claim_generator_info": gen_info,
@@ -115,7 +116,7 @@ def summarize_manifest_store(store: dict[str, Any]) -> dict[str, Any]:
         "signature_time": sig.get("time"),
         "signature_alg": sig.get("alg"),
         "ai_generated": bool(ai_types),
-        "digital_source_type": (ai_types or source_types or [None])[0],
+        "digital_source_type": shown_types[0] if shown_types else None,
         "digital_source_types": source_types,
         "training_mining": training,
         "training_mining_constraints": _training_constraints(training_from) if training else {},

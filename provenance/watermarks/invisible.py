@@ -87,8 +87,19 @@ MAX_BLOCKS = 8192
 # Sizes diffusion pipelines write (SD 1.x/2.x squares and portraits, SDXL buckets): an image larger
 # than one of these with the same aspect ratio may be an upscaled generation.
 GENERATOR_SIZES: tuple[tuple[int, int], ...] = (
-    (512, 512), (768, 768), (1024, 1024), (512, 768), (768, 512),
-    (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344), (1536, 640), (640, 1536),
+    (512, 512),
+    (768, 768),
+    (1024, 1024),
+    (512, 768),
+    (768, 512),
+    (1152, 896),
+    (896, 1152),
+    (1216, 832),
+    (832, 1216),
+    (1344, 768),
+    (768, 1344),
+    (1536, 640),
+    (640, 1536),
 )
 
 # OpenCV's BT.601 YUV (COLOR_BGR2YUV) rows, in RGB order: U = 0.492 (B - Y). Both rows are what the
@@ -177,8 +188,14 @@ SCHEMES: tuple[MarkScheme, ...] = (
     # SDXL's bits are written both ways: diffusers and Stability's generative-models encode the float
     # image; tools that mark a saved 8-bit image (the CompVis-script way) encode uint8. Both are tried
     # (see the module docstring).
-    MarkScheme("sdxl", tuple(int(c) for c in "101100111110110010010000011110111011000110011110"), 48, "U",
-               (_FLOAT_OFFSET, _U8_OFFSET), 36.0),
+    MarkScheme(
+        "sdxl",
+        tuple(int(c) for c in "101100111110110010010000011110111011000110011110"),
+        48,
+        "U",
+        (_FLOAT_OFFSET, _U8_OFFSET),
+        36.0,
+    ),
     MarkScheme("provenance", _bytes_bits(PROVENANCE_MAGIC), 112, "Y", (0.0,), PROVENANCE_STEP, _read_provenance_run_id),
 )
 
@@ -189,7 +206,7 @@ def binomial_p_value(agree: int, n: int) -> float:
         raise ValueError(f"need 0 <= agree <= n, got agree={agree}, n={n}")
     if n == 0:
         return 1.0
-    return sum(math.comb(n, i) for i in range(agree, n + 1)) / 2**n
+    return sum(math.comb(n, i) for i in range(agree, n + 1)) / (1 << n)  # 1 << n: 2**n as an int
 
 
 def provenance_payload_bits(run_id: int) -> np.ndarray:
@@ -250,7 +267,7 @@ def embed_provenance_mark(image: Image.Image, run_id: int) -> Image.Image:
     return Image.fromarray(out, "RGB")
 
 
-def detect_invisible_marks(
+def detect_invisible_marks(  # noqa: C901 - one pass per scheme, its steps in order
     image: Image.Image, *, include_undetected: bool = False, try_resized: bool = False, try_cropped: bool = False
 ) -> list[InvisibleMark]:
     """Decode every scheme in `SCHEMES` from `image`: those detected at p <= 1e-6, or all with `include_undetected`.
@@ -270,11 +287,14 @@ def detect_invisible_marks(
     if image.mode != "RGB":
         image = image.convert("RGB")
     hypotheses = _hypotheses(image, try_resized)
-    tried = {c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")}  # x len(offsets) per scheme
+    tried = {
+        c: len(_READOUTS) * sum(1 for h in hypotheses if c in h.blocks) for c in ("Y", "U")
+    }  # x len(offsets) per scheme
     soft_cache: dict[tuple[str, str, float, float], tuple[np.ndarray, np.ndarray]] = {}
     index_cache: dict[tuple[int, int, int], np.ndarray] = {}
     marks: list[InvisibleMark] = []
-    crops: dict | None = None  # _crop_search's results, made once when a scheme needs them
+    # _crop_search's results, made once when a scheme needs them
+    crops: dict[str, tuple[tuple[int, float], np.ndarray, int]] | None = None
     for scheme in SCHEMES:
         best: tuple[tuple[int, float], str, np.ndarray] | None = None  # ((agreeing bits, clarity), hypothesis, sums)
         fixed = np.asarray(scheme.fixed_bits, dtype=bool)
@@ -293,7 +313,7 @@ def detect_invisible_marks(
                 key = (h.name, scheme.channel, offset, scheme.step)
                 if key not in soft_cache:  # sd-v1, sd-v2 and sdxl's 8-bit reading share block values
                     soft_cache[key] = _block_soft(coeffs, offset, scheme.step)
-                for readout, soft in zip(_READOUTS, soft_cache[key]):
+                for readout, soft in zip(_READOUTS, soft_cache[key], strict=False):
                     sums = np.bincount(bit_index, weights=soft, minlength=scheme.length)  # (length,)
                     agree = int(np.count_nonzero((sums[: scheme.n_fixed] > 0) == fixed))
                     # Ties (e.g. all fixed bits right under two read-outs) go to the read-out whose fixed
@@ -362,23 +382,29 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
             n = blocks["Y"].shape[1]
             rows, cols = np.divmod(np.arange(n), per_row)
             rows += y0 // 8 + first // per_row  # block rows counted from the top of the image cut at (ox, oy)
-            widths = np.array([per_row] + sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row}))
+            widths = np.array([per_row, *sorted({gw // 8 for gw, _ in GENERATOR_SIZES if gw // 8 > per_row})])
             soft_cache: dict[tuple[str, float, float], tuple[np.ndarray, np.ndarray]] = {}
             for scheme in SCHEMES:
                 length = scheme.length
                 if n < length:
                     continue
                 # every width at once: block j's bit (up to the unknown phase) under width w, in bins w * length + bit
-                position = ((rows[None, :] * widths[:, None] + cols[None, :]) % length
-                            + length * np.arange(len(widths))[:, None]).ravel()
+                position = (
+                    (rows[None, :] * widths[:, None] + cols[None, :]) % length
+                    + length * np.arange(len(widths))[:, None]
+                ).ravel()
                 phase_index, signs, mask = _phase_tables(scheme)
                 for offset in scheme.offsets:
                     key = (scheme.channel, offset, scheme.step)
                     if key not in soft_cache:
                         soft_cache[key] = _block_soft(blocks[scheme.channel], offset, scheme.step)
-                softs = [soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]]
+                softs = [
+                    soft for offset in scheme.offsets for soft in soft_cache[(scheme.channel, offset, scheme.step)]
+                ]
                 for soft in softs:
-                    sums = np.bincount(position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length)
+                    sums: np.ndarray = np.bincount(
+                        position, weights=np.tile(soft, len(widths)), minlength=len(widths) * length
+                    )
                     sums = sums.reshape(len(widths), length)  # (widths, position)
                     # under phase p, payload bit b sits at position (b - p) % length: the correlators hold, per
                     # phase, each position's fixed bit as +-1 (0 for payload bits), so one product scores all phases
@@ -387,7 +413,7 @@ def _crop_search(image: Image.Image) -> dict[str, tuple[tuple[int, float], np.nd
                     order = np.lexsort((clarity.ravel(), np.rint(agree).ravel()))
                     wi, phase = divmod(int(order[-1]), length)
                     tests[scheme.name] += agree.size
-                    score = (int(round(agree[wi, phase])), float(clarity[wi, phase]))
+                    score = (int(round(agree[wi, phase])), float(clarity[wi, phase]))  # noqa: RUF046 - numpy scalar
                     if scheme.name not in best or score > best[scheme.name][0]:
                         best[scheme.name] = (score, sums[wi, phase_index[phase]])
     return {name: (score, sums, tests[name]) for name, (score, sums) in best.items()}
@@ -462,7 +488,7 @@ def _ll(plane: np.ndarray) -> np.ndarray:
     # pairs of rows first: contiguous halves, then the strided columns. 8-bit input is summed straight
     # into uint16 (sums of four 8-bit values stay exact) without first widening the whole plane.
     rows = np.add(p[0::2], p[1::2], dtype=np.uint16) if p.dtype == np.uint8 else p[0::2] + p[1::2]
-    out = (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32)
+    out: np.ndarray = (rows[:, 0::2] + rows[:, 1::2]).astype(np.float32)
     out *= np.float32(0.5)
     return out
 
@@ -507,8 +533,13 @@ def _undo_fancy_upsampling(ll: np.ndarray) -> np.ndarray:
     half = len(_INV_FANCY) // 2
     p = np.pad(ll, half, mode="edge")
     h, w = ll.shape
-    rows = sum(np.float32(t) * p[:, i : i + w] for i, t in enumerate(_INV_FANCY))  # (h + 2 half, w)
-    return sum(np.float32(t) * rows[i : i + h] for i, t in enumerate(_INV_FANCY))
+    rows: np.ndarray = np.float32(_INV_FANCY[0]) * p[:, :w]  # (h + 2 half, w)
+    for i, t in enumerate(_INV_FANCY[1:], 1):
+        rows = rows + np.float32(t) * p[:, i : i + w]
+    out: np.ndarray = np.float32(_INV_FANCY[0]) * rows[:h]  # (h, w)
+    for i, t in enumerate(_INV_FANCY[1:], 1):
+        out = out + np.float32(t) * rows[i : i + h]
+    return out
 
 
 def _block_soft(coeffs: np.ndarray, offset: float, step: float) -> tuple[np.ndarray, np.ndarray]:

@@ -170,7 +170,7 @@ def _settings_pairs(line: str) -> list[tuple[str, str]]:
     return pairs
 
 
-def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
+def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:  # noqa: C901 - one case per node kind
     """Summarise a ComfyUI API-format graph ({node_id: {"class_type", "inputs"}}) into settings.
 
     Takes the first sampler node (by id) and follows its positive/negative links to the text
@@ -180,7 +180,7 @@ def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"node_count": len(nodes)}
     loras: list[str] = []
 
-    def literal(node: dict, key: str) -> Any:
+    def literal(node: dict[str, Any], key: str) -> Any:
         inputs = node.get("inputs")
         v = inputs.get(key) if isinstance(inputs, dict) else None
         return None if isinstance(v, (list, dict)) else v  # lists are links to other nodes
@@ -233,7 +233,7 @@ def parse_comfyui_prompt(prompt: dict[str, Any]) -> dict[str, Any]:
 # -- recognising generators ---------------------------------------------------------------------
 
 
-def _recognise(
+def _recognise(  # noqa: C901 - one case per generator's format, tried in order
     text: dict[str, str], exif: dict[str, str], comment: str | None
 ) -> tuple[str | None, dict[str, Any], dict[str, Any] | None]:
     """(generator, parameters, our own provenance dict) from the relevant fields, most specific first."""
@@ -321,7 +321,7 @@ def _invokeai(data: dict[str, Any]) -> dict[str, Any]:
 # -- reading the raw fields -----------------------------------------------------------------------
 
 
-def _text_chunks(info: dict[str, Any]) -> dict[str, str]:
+def _text_chunks(info: dict[str | tuple[int, int], Any]) -> dict[str, str]:
     """The relevant PNG tEXt/iTXt/zTXt chunks: PIL puts them in info as str values."""
     out: dict[str, str] = {}
     for key, value in info.items():
@@ -351,7 +351,7 @@ def _exif_fields(raw: Any) -> dict[str, str]:
         if user:
             out["UserComment"] = user
         return out
-    except Exception as e:  # noqa: BLE001 - a broken EXIF block is the file's problem; skip it
+    except Exception as e:  # a broken EXIF block is the file's problem; skip it
         logger.debug("unreadable EXIF block: %s", e)
         return {}
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ from torch import nn
 from provenance.descriptors.base import group_by_shape
 from provenance.descriptors.sscd import SSCD_SHORT_SIDE, resize_short_side
 from provenance.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from provenance.descriptors.sscd import SSCDDescriptor
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +71,7 @@ class WatermarkNetConfig:
     stem_patch: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict) -> "WatermarkNetConfig":
+    def from_dict(cls, d: dict[str, Any]) -> WatermarkNetConfig:
         return cls(
             stem=int(d["stem"]),
             widths=tuple(int(w) for w in d["widths"]),
@@ -89,9 +95,9 @@ class DetectorConfig:
     model_id: str = "provenance-visible-watermark"
     checksum: str = ""  # sha256 (first 16 hex) of the weights file
     flag_threshold: float = DEFAULT_FLAG_THRESHOLD  # p(watermark) at which a scan flags the image
-    extra: dict = field(default_factory=dict)  # the checkpoint's training card, where there is one
+    extra: dict[str, Any] = field(default_factory=dict)  # the checkpoint's training card, where there is one
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -142,7 +148,8 @@ class WatermarkNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)  # (n, c, s/32, s/32)
         pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)  # (n, 2c)
-        return self.head(self.dropout(pooled)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(pooled)).squeeze(1)  # (n,)
+        return logits
 
 
 @dataclass(frozen=True)
@@ -156,9 +163,14 @@ class TapHeadConfig:
     depth: int = 1  # 3x3 convs per tap after the projection (each widens the context a location sees by 32 px)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TapHeadConfig":
-        return cls(width=int(d["width"]), taps=tuple(d["taps"]), channels=tuple(int(c) for c in d["channels"]),
-                   dropout=float(d.get("dropout", 0.3)), depth=int(d.get("depth", 1)))
+    def from_dict(cls, d: dict[str, Any]) -> TapHeadConfig:
+        return cls(
+            width=int(d["width"]),
+            taps=tuple(d["taps"]),
+            channels=tuple(int(c) for c in d["channels"]),
+            dropout=float(d.get("dropout", 0.3)),
+            depth=int(d.get("depth", 1)),
+        )
 
 
 class TapHead(nn.Module):
@@ -174,11 +186,14 @@ class TapHead(nn.Module):
         self.config = config
         w = config.width
         self.branches = nn.ModuleList(
-            nn.Sequential(_conv_bn(c, w, 1, 1), _conv_bn(w, w, 2 if tap == "stride8" else 1, 3),
-                          *(_conv_bn(w, w, 1, 3) for _ in range(config.depth - 1)))
-            for tap, c in zip(config.taps, config.channels)
+            nn.Sequential(
+                _conv_bn(c, w, 1, 1),
+                _conv_bn(w, w, 2 if tap == "stride8" else 1, 3),
+                *(_conv_bn(w, w, 1, 3) for _ in range(config.depth - 1)),
+            )
+            for tap, c in zip(config.taps, config.channels, strict=False)
         )
-        for tap, c in zip(config.taps, config.channels):
+        for tap, c in zip(config.taps, config.channels, strict=False):
             self.register_buffer(f"inv_scale_{tap}", torch.ones(c))
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(2 * w * len(config.taps), 1)
@@ -191,21 +206,22 @@ class TapHead(nn.Module):
     def forward(self, maps: dict[str, torch.Tensor]) -> torch.Tensor:
         """{tap: (n, c, h, w) uint8 or float} -> (n,) logits."""
         feats = []
-        for tap, branch in zip(self.config.taps, self.branches):
+        for tap, branch in zip(self.config.taps, self.branches, strict=False):
             x = maps[tap].float() * getattr(self, f"inv_scale_{tap}").view(1, -1, 1, 1)
             feats.append(branch(x))
         h = min(f.shape[2] for f in feats)
         w = min(f.shape[3] for f in feats)
         f = torch.cat([f[:, :, :h, :w] for f in feats], dim=1)  # odd sizes can differ by one row at stride 16
         pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        return self.head(self.dropout(pooled)).squeeze(1)
+        logits: torch.Tensor = self.head(self.dropout(pooled)).squeeze(1)  # (n,)
+        return logits
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every Conv2d+BatchNorm2d pair into the conv (inference only): faster on CPU, same outputs."""
     for module in model.modules():
         children = list(module.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+        for (name_a, a), (name_b, b) in pairwise(children):
             if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                 fused = torch.nn.utils.fusion.fuse_conv_bn_eval(a.eval(), b.eval())
                 setattr(module, name_a, fused)
@@ -247,10 +263,12 @@ class VisibleHead:
     version 1) or LAION's EfficientNet-B3 detector. Gives logits; VisibleWatermarkDetector weighs one or more of
     them into p(watermark)."""
 
-    _cache: dict[tuple[str, str, float], "VisibleHead"] = {}
+    _cache: ClassVar[dict[tuple[str, str, float], VisibleHead]] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone=None):
+    def __init__(
+        self, model: nn.Module, config: DetectorConfig, device: str = "cpu", backbone: SSCDDescriptor | None = None
+    ):
         self.model = model.eval().to(device)
         self.config = config
         self.device = device
@@ -262,9 +280,8 @@ class VisibleHead:
         """True for a head on the maps SSCD makes at its own input size, which a scan's SSCD pass computes anyway."""
         return self.backbone is not None and self.config.input_size == SSCD_SHORT_SIDE
 
-
     @classmethod
-    def load(cls, path: str | None = None, device: str = "cpu") -> "VisibleHead":
+    def load(cls, path: str | None = None, device: str = "cpu") -> VisibleHead:
         """Load a provenance checkpoint (None = the shipped weights); each file is loaded once per process."""
         p = Path(path) if path is not None else DEFAULT_WEIGHTS
         if not p.is_file():
@@ -275,7 +292,7 @@ class VisibleHead:
         return _load_once(cls._cache, cls._cache_lock, p, device, cls._load_uncached)
 
     @classmethod
-    def _load_uncached(cls, path: Path, device: str) -> "VisibleHead":
+    def _load_uncached(cls, path: Path, device: str) -> VisibleHead:
         ckpt = _torch_load(path)
         if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
             raise ModelLoadError(
@@ -283,12 +300,14 @@ class VisibleHead:
                 "for LAION's detector use VisibleWatermarkDetector.from_laion_checkpoint"
             )
         if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
-            raise ModelLoadError(f"{path}: checkpoint version {ckpt.get('version')} is not one this code reads "
-                                 f"(1-{CHECKPOINT_VERSION}); a newer one needs a newer provenance")
+            raise ModelLoadError(
+                f"{path}: checkpoint version {ckpt.get('version')} is not one this code reads "
+                f"(1-{CHECKPOINT_VERSION}); a newer one needs a newer provenance"
+            )
         if ckpt.get("kind") == "sscd-taps":
             return cls._load_tap_head(path, ckpt, device)
         try:
-            model = WatermarkNet(WatermarkNetConfig.from_dict(ckpt["arch"]))
+            model: nn.Module = WatermarkNet(WatermarkNetConfig.from_dict(ckpt["arch"]))
             model.load_state_dict({k: v.float() for k, v in ckpt["state_dict"].items()})
             d = ckpt["preprocess"]
             config = DetectorConfig(
@@ -309,11 +328,12 @@ class VisibleHead:
         return cls(model, config, device)
 
     @classmethod
-    def _load_tap_head(cls, path: Path, ckpt: dict, device: str) -> "VisibleHead":
+    def _load_tap_head(cls, path: Path, ckpt: dict[str, Any], device: str) -> VisibleHead:
         from provenance.models import load_descriptor
 
         head = tap_head_from_checkpoint(ckpt, path)
-        wanted = ckpt.get("backbone") if isinstance(ckpt.get("backbone"), dict) else {}
+        recorded = ckpt.get("backbone")
+        wanted: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
         # the same SSCD object the scanner queries with, so one forward pass serves both (models.load_descriptor
         # loads each model once per process)
         backbone = load_descriptor("sscd", {"path": None})
@@ -341,7 +361,7 @@ class VisibleHead:
         return cls(fuse_batchnorm(head.eval()), config, device, backbone=backbone)
 
     @classmethod
-    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleHead":
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> VisibleHead:
         """LAION-5B's watermark detector (timm EfficientNet-B3 with a 1536-625-256-2 head) from a local .pt.
 
         LAION trained with labels 'watermark' = 0 and 'clear' = 1, so p(watermark) is softmax index 0;
@@ -388,8 +408,8 @@ class VisibleHead:
         if self.backbone is not None:
             rgb = image if image.mode == "RGB" else image.convert("RGB")
             return np.asarray(resize_short_side(rgb, self.config.input_size), dtype=np.uint8)
-        rgb = np.asarray(resize_for_model(image, self.config.input_size))
-        return normalise(rgb, self.config.mean, self.config.std)
+        pixels = np.asarray(resize_for_model(image, self.config.input_size))
+        return normalise(pixels, self.config.mean, self.config.std)
 
     @torch.inference_mode()
     def logits(self, batch: list[np.ndarray]) -> np.ndarray:
@@ -404,12 +424,12 @@ class VisibleHead:
             if not isinstance(x, np.ndarray) or x.shape != (3, s, s):
                 shape = getattr(x, "shape", type(x).__name__)
                 raise ValueError(f"batch[{i}] has shape {shape}; expected (3, {s}, {s}) from preprocess()")
-        x = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
-        out = self.model(x.contiguous(memory_format=torch.channels_last)).float()
+        xt = torch.from_numpy(np.stack(batch).astype(np.float32, copy=False)).to(self.device)
+        out: torch.Tensor = self.model(xt.contiguous(memory_format=torch.channels_last)).float()
         if self.config.output == "logit":
             return out.reshape(-1).cpu().numpy()
         pos = self.config.positive_index
-        others = torch.cat([out[:, :pos], out[:, pos + 1:]], dim=1)  # (n, classes - 1)
+        others = torch.cat([out[:, :pos], out[:, pos + 1 :]], dim=1)  # (n, classes - 1)
         return (out[:, pos] - torch.logsumexp(others, dim=1)).cpu().numpy()
 
     @torch.inference_mode()
@@ -418,7 +438,7 @@ class VisibleHead:
         if self.backbone is None:
             raise TypeError("this model reads pixels, not SSCD features: use logits")
         out = np.empty(len(taps), dtype=np.float32)
-        names = self.model.config.taps
+        names = cast(TapHead, self.model).config.taps  # a model with a backbone is a TapHead
         # one image's maps all follow from its input size, so its first map's shape groups it
         for idx in group_by_shape([t[names[0]] for t in taps]).values():
             x = {n: torch.from_numpy(np.stack([taps[i][n] for i in idx])).to(self.device) for n in names}
@@ -441,12 +461,19 @@ class VisibleWatermarkDetector:
     `sharing_scan_pass`) instead of running SSCD at 288 px again.
     """
 
-    _cache: dict[tuple[str, str, float], "VisibleWatermarkDetector"] = {}
-    _single: dict[int, "VisibleWatermarkDetector"] = {}
+    _cache: ClassVar[dict[tuple[str, str, float], VisibleWatermarkDetector]] = {}
+    _single: ClassVar[dict[int, VisibleWatermarkDetector]] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, heads: list[VisibleHead], logit_weights: list[float], config: DetectorConfig,
-                 mirrored: list[bool] | None = None, *, scan_view: bool = False):
+    def __init__(
+        self,
+        heads: list[VisibleHead],
+        logit_weights: list[float],
+        config: DetectorConfig,
+        mirrored: list[bool] | None = None,
+        *,
+        scan_view: bool = False,
+    ):
         mirrored = [False] * len(heads) if mirrored is None else [bool(m) for m in mirrored]
         if not heads or not len(heads) == len(logit_weights) == len(mirrored):
             raise ValueError("a mix needs one logit weight (and mirror flag) per head, and at least one head")
@@ -465,12 +492,12 @@ class VisibleWatermarkDetector:
     # 1. Loading
 
     @classmethod
-    def of(cls, head: VisibleHead) -> "VisibleWatermarkDetector":
+    def of(cls, head: VisibleHead) -> VisibleWatermarkDetector:
         """One model as a detector: a mix of one, with the model's own config (checksum, flag threshold, card)."""
         return cls([head], [1.0], head.config)
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def load(cls, path: str | Path | None = None, device: str = "cpu") -> VisibleWatermarkDetector:
         """A provenance checkpoint (.pt; None = the shipped 288 px head) or a mix of them (MIX_FORMAT JSON); each
         file is loaded once per process."""
         if path is not None and Path(path).suffix.lower() == ".json":
@@ -483,12 +510,12 @@ class VisibleWatermarkDetector:
             return cls._single.setdefault(id(head), cls.of(head))
 
     @classmethod
-    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> "VisibleWatermarkDetector":
+    def from_laion_checkpoint(cls, path: str, device: str = "cpu") -> VisibleWatermarkDetector:
         """LAION-5B's watermark detector from a local .pt (VisibleHead.from_laion_checkpoint), as a detector."""
         return cls.of(VisibleHead.from_laion_checkpoint(path, device))
 
     @classmethod
-    def _load_mix(cls, p: Path, device: str) -> "VisibleWatermarkDetector":
+    def _load_mix(cls, p: Path, device: str) -> VisibleWatermarkDetector:
         import hashlib
         import json
 
@@ -502,11 +529,13 @@ class VisibleWatermarkDetector:
             entries = [(str(h["weights"]), float(h["logit_weight"]), h.get("mirrored", False)) for h in spec["heads"]]
             threshold = float(spec["flag_threshold"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ModelLoadError(f"{p}: a mix needs heads [{{weights, logit_weight[, mirrored]}}] and flag_threshold "
-                                 f"({e})") from None
+            raise ModelLoadError(
+                f"{p}: a mix needs heads [{{weights, logit_weight[, mirrored]}}] and flag_threshold ({e})"
+            ) from None
         if not entries or not all(w > 0 for _, w, _ in entries) or not 0.0 < threshold < 1.0:
-            raise ModelLoadError(f"{p}: a mix needs at least one head, positive logit weights and a flag_threshold "
-                                 "in (0, 1)")
+            raise ModelLoadError(
+                f"{p}: a mix needs at least one head, positive logit weights and a flag_threshold in (0, 1)"
+            )
         if not all(isinstance(m, bool) for _, _, m in entries):
             raise ModelLoadError(f"{p}: a head's 'mirrored' must be true or false")
         loaded: dict[str, VisibleHead] = {}  # one model per file, however many views read it
@@ -514,12 +543,15 @@ class VisibleWatermarkDetector:
             if w not in loaded:
                 loaded[w] = VisibleHead.load(str(p.parent / w), device)
         heads = [loaded[w] for w, _, _ in entries]
-        if any(h.backbone is None for h in heads) or len({h.backbone.spec.checksum for h in heads}) != 1:
+        checksums = {h.backbone.spec.checksum if h.backbone is not None else None for h in heads}
+        if None in checksums or len(checksums) != 1:
             raise ModelLoadError(f"{p}: every head of a mix must read the maps of one SSCD model")
         # identified by what it computes (its heads' checksums and weights, its gate), not by the file's bytes: the
         # evaluation writes its results into the same file
-        ident = json.dumps([[h.config.checksum, w] + ([True] if m else []) for h, (_, w, m) in zip(heads, entries)]
-                           + [threshold])
+        ident = json.dumps(
+            [[h.config.checksum, w] + ([True] if m else []) for h, (_, w, m) in zip(heads, entries, strict=False)]
+            + [threshold]
+        )
         config = DetectorConfig(
             input_size=max(h.config.input_size for h in heads),
             mean=(0.0, 0.0, 0.0),
@@ -532,12 +564,18 @@ class VisibleWatermarkDetector:
         logger.info("loaded visible-watermark mix %s (%s): %s", p, config.checksum, entries)
         return cls(heads, [w for _, w, _ in entries], config, [m for _, _, m in entries])
 
-    def sharing_scan_pass(self, sscd) -> "VisibleWatermarkDetector":
+    def sharing_scan_pass(self, sscd: SSCDDescriptor | None) -> VisibleWatermarkDetector:
         """This detector, reading the maps of a scan's own SSCD pass (`sscd`, the index's SSCDDescriptor or None)
         for its 288 px unmirrored view where that pass computes the same maps (same SSCD model); else itself."""
-        same_sscd = (self.backbone is not None and sscd is not None and sscd.has_feature_taps
-                     and sscd.spec.checksum == self.backbone.spec.checksum)
-        if not same_sscd or not any(h.reads_sscd_pass and not m for h, m in zip(self.heads, self.mirrored)):
+        same_sscd = (
+            self.backbone is not None
+            and sscd is not None
+            and sscd.has_feature_taps
+            and sscd.spec.checksum == self.backbone.spec.checksum
+        )
+        if not same_sscd or not any(
+            h.reads_sscd_pass and not m for h, m in zip(self.heads, self.mirrored, strict=False)
+        ):
             return self
         return VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored, scan_view=True)
 
@@ -560,15 +598,18 @@ class VisibleWatermarkDetector:
     def preprocess(self, image: Image.Image) -> dict[int, np.ndarray]:
         """{input size: the views' input at that size} for one image (without the input of a view that reads the
         scan's SSCD maps). Thread-safe."""
-        heads = [h for h, m in zip(self.heads, self.mirrored) if not self._from_scan(h, m)]
-        return {size: next(h for h in heads if h.config.input_size == size).preprocess(image)
-                for size in sorted({h.config.input_size for h in heads})}
+        heads = [h for h, m in zip(self.heads, self.mirrored, strict=False) if not self._from_scan(h, m)]
+        return {
+            size: next(h for h in heads if h.config.input_size == size).preprocess(image)
+            for size in sorted({h.config.input_size for h in heads})
+        }
 
     # 3. Model
 
     @torch.inference_mode()
-    def probabilities(self, inputs: list[dict[int, np.ndarray]],
-                      scan_taps: list[dict[str, np.ndarray]] | None = None) -> np.ndarray:
+    def probabilities(
+        self, inputs: list[dict[int, np.ndarray]], scan_taps: list[dict[str, np.ndarray]] | None = None
+    ) -> np.ndarray:
         """Preprocessed images (and, when needs_scan_taps, the scan's SSCD maps of the same images) ->
         p(watermark), (n,) float32 in [0, 1]."""
         if self._scan_view and scan_taps is None:
@@ -578,7 +619,7 @@ class VisibleWatermarkDetector:
         z = np.zeros(len(inputs), dtype=np.float32)
         if len(inputs) == 0:
             return z
-        views = list(zip((h.config.input_size for h in self.heads), self.mirrored))
+        views = list(zip((h.config.input_size for h in self.heads), self.mirrored, strict=False))
 
         def at(size: int) -> list[np.ndarray]:
             try:
@@ -587,32 +628,46 @@ class VisibleWatermarkDetector:
                 raise ValueError(f"each image needs its {size} px input, from preprocess()") from None
 
         maps_by_view: dict[tuple[int, bool], list[dict[str, np.ndarray]]] = {}
-        if self._scan_view:
+        if self._scan_view and scan_taps is not None:  # not None: checked above
             maps_by_view[(SSCD_SHORT_SIDE, False)] = scan_taps
-        for size, mirrored in sorted(set(v for h, v in zip(self.heads, views) if h.backbone is not None)):
+        for size, mirrored in sorted(set(v for h, v in zip(self.heads, views, strict=False) if h.backbone is not None)):
             if (size, mirrored) in maps_by_view:
                 continue
             images = at(size)
             for i, x in enumerate(images):
                 if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 3 or x.shape[2] != 3:
                     shape = getattr(x, "shape", type(x).__name__)
-                    raise ValueError(f"image {i}: {size} px input has shape {shape}; expected (h, w, 3) uint8 "
-                                     "from preprocess()")
+                    raise ValueError(
+                        f"image {i}: {size} px input has shape {shape}; expected (h, w, 3) uint8 from preprocess()"
+                    )
             if mirrored:
                 images = [mirror_input(x) for x in images]
-            taps = tuple(sorted({t for h, v in zip(self.heads, views) if v == (size, mirrored)
-                                 for t in h.model.config.taps}))
+            taps = tuple(
+                sorted(
+                    {
+                        t
+                        for h, v in zip(self.heads, views, strict=False)
+                        if v == (size, mirrored)
+                        for t in cast(TapHead, h.model).config.taps
+                    }
+                )
+            )  # heads with a backbone
+            if self.backbone is None:  # heads[0]'s; a mix's heads all read one SSCD model (checked at load)
+                raise ValueError("a head reads SSCD maps, but this detector's first head has no SSCD model")
             # only the maps are wanted: SSCD cut after them
             maps_by_view[(size, mirrored)] = self.backbone.tap_maps(images, taps)
-        for head, w, view in zip(self.heads, self.logit_weights, views):
+        for head, w, view in zip(self.heads, self.logit_weights, views, strict=False):
             logits = head.logits(at(view[0])) if head.backbone is None else head.logits_from_taps(maps_by_view[view])
             z += w * logits
         return torch.sigmoid(torch.from_numpy(z)).numpy()
 
     def probability(self, images: list[Image.Image]) -> np.ndarray:
         """p(watermark) per PIL image, (n,) float32, running every view itself (no scan pass to share)."""
-        alone = self if not self._scan_view else VisibleWatermarkDetector(
-            self.heads, self.logit_weights, self.config, self.mirrored)
+        alone = (
+            self
+            if not self._scan_view
+            else VisibleWatermarkDetector(self.heads, self.logit_weights, self.config, self.mirrored)
+        )
         return alone.probabilities([alone.preprocess(im) for im in images])
 
 
@@ -626,7 +681,7 @@ def load_detector(path: str | Path | None = None) -> VisibleWatermarkDetector:
     return VisibleWatermarkDetector.load(path)
 
 
-def tap_head_from_checkpoint(ckpt: dict, path: Path) -> TapHead:
+def tap_head_from_checkpoint(ckpt: dict[str, Any], path: Path) -> TapHead:
     """The TapHead a checkpoint dict ("kind": "sscd-taps") holds, as trained (BatchNorm not folded: the detector
     folds it for inference; the head trainer's --init fine-tunes it)."""
     try:
@@ -649,7 +704,13 @@ def laion_classifier_head() -> nn.Sequential:
     )
 
 
-def _load_once(cache: dict, lock: threading.Lock, path: Path, device: str, load):
+def _load_once[T](
+    cache: dict[tuple[str, str, float], T],
+    lock: threading.Lock,
+    path: Path,
+    device: str,
+    load: Callable[[Path, str], T],
+) -> T:
     """load(path, device), once per process for each version of the file (its path, device and mtime)."""
     key = (str(path.resolve()), device, path.stat().st_mtime)
     with lock:
@@ -658,15 +719,15 @@ def _load_once(cache: dict, lock: threading.Lock, path: Path, device: str, load)
         return cache[key]
 
 
-def _torch_load(path: Path):
+def _torch_load(path: Path) -> Any:  # the checkpoint's contents, whatever they are: callers check
     try:
         # weights_only: a checkpoint is data; never run code from a downloaded pickle
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError...)
         raise ModelLoadError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _card_flag_threshold(path: Path, ckpt: dict) -> float:
+def _card_flag_threshold(path: Path, ckpt: dict[str, Any]) -> float:
     """The flag threshold the checkpoint's card chose on data, else DEFAULT_FLAG_THRESHOLD."""
     card = ckpt.get("card") or {}
     value = card.get("flag_threshold", DEFAULT_FLAG_THRESHOLD) if isinstance(card, dict) else DEFAULT_FLAG_THRESHOLD
