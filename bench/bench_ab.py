@@ -54,13 +54,29 @@ def tree_env(tree: Path) -> dict[str, str]:
 
 def ensure_index(tree: Path, label: str) -> Path:
     """The sample corpus indexed (SSCD + PDQ) by `tree`'s own code, once per commit."""
-    commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     out = CACHE / f"index-{label}-{commit}"
     if not (out / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "provenance.cli", "index", "build", "provenance/sample/coco-cc",
-                        "--index", str(out), "--descriptors", "sscd,pdq"], cwd=tree, env=tree_env(tree),
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "provenance.cli",
+                "index",
+                "build",
+                "provenance/sample/coco-cc",
+                "--index",
+                str(out),
+                "--descriptors",
+                "sscd,pdq",
+            ],
+            cwd=tree,
+            env=tree_env(tree),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return out
 
 
@@ -78,7 +94,9 @@ def essentials(record: dict) -> dict:
         "sha256": record.get("sha256"),
         "scores": record.get("scores") or {},
         "matches": [(m["id"], m["descriptor"], m["score"], m.get("distance")) for m in record.get("matches") or []],
-        "invisible": [(m["scheme"], m["bit_accuracy"], m["p_value"], m.get("payload")) for m in wm.get("invisible") or []],
+        "invisible": [
+            (m["scheme"], m["bit_accuracy"], m["p_value"], m.get("payload")) for m in wm.get("invisible") or []
+        ],
         "visible": (visible.get("probability"), visible.get("flagged")),
         "c2pa": wm.get("c2pa"),
         "metadata": wm.get("metadata"),
@@ -127,13 +145,19 @@ def serve_once(tree: Path, index: Path, items, clients: int, scans: int, records
 def bench_script(tree: Path, script: str, args: list[str]) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        subprocess.run([sys.executable, f"bench/{script}", *args, "--json", str(out)], cwd=tree,
-                       env=tree_env(tree), check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, f"bench/{script}", *args, "--json", str(out)],
+            cwd=tree,
+            env=tree_env(tree),
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         data = json.loads(out.read_text())
     if script == "bench_scan.py":
         return {k: v for k, v in data["images_per_s"].items() if "ViT" not in k}
-    return {f"{name} {kind}": v[f"{kind}_img_s"] for name, v in data["results"].items()
-            for kind in ("bare", "end_to_end")}
+    return {
+        f"{name} {kind}": v[f"{kind}_img_s"] for name, v in data["results"].items() for kind in ("bare", "end_to_end")
+    }
 
 
 # A child run in each tree (PYTHONPATH = the tree): CPU ms per image (time.process_time: every thread of the
@@ -170,8 +194,14 @@ out.write_text(json.dumps(res))
 def cpu_child(tree: Path, index: Path, photo_dir: Path, n: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
-        subprocess.run([sys.executable, "-c", _CPU_CHILD, str(index), str(photo_dir), str(n), str(out)], cwd=tree,
-                       env=tree_env(tree), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-c", _CPU_CHILD, str(index), str(photo_dir), str(n), str(out)],
+            cwd=tree,
+            env=tree_env(tree),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         return json.loads(out.read_text())
 
 
@@ -180,9 +210,13 @@ def main() -> None:
     ap.add_argument("--base", type=Path, required=True, help="checkout of the baseline commit (A)")
     ap.add_argument("--new", type=Path, default=REPO, help="checkout to compare (B; default: this tree)")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--parts", nargs="+", default=["serve", "cpu", "scan", "embed"],
-                    help="serve: API CPU/scan, p99, same outputs; cpu: in-process scan and index-build CPU per image; "
-                         "scan, embed: each tree's bench_scan.py / bench_embed.py (wall clock)")
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["serve", "cpu", "scan", "embed"],
+        help="serve: API CPU/scan, p99, same outputs; cpu: in-process scan and index-build CPU per image; "
+        "scan, embed: each tree's bench_scan.py / bench_embed.py (wall clock)",
+    )
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--scans", type=int, default=160, help="measured scans per server run")
     ap.add_argument("--hires", type=int, default=10, help="openimages-hires photos among the uploads")
@@ -200,8 +234,10 @@ def main() -> None:
     for rnd in range(args.rounds if "cpu" in args.parts else 0):
         got = {k: cpu_child(t, indexes[k], DATA / "flickr8k-nonmember", args.scan_images) for k, t in trees.items()}
         for name in got["A"]:
-            rows.append(f"| {name} (round {rnd}) | {got['A'][name]:.1f} | {got['B'][name]:.1f} | "
-                        f"{got['B'][name] / got['A'][name]:.3f} |")
+            rows.append(
+                f"| {name} (round {rnd}) | {got['A'][name]:.1f} | {got['B'][name]:.1f} | "
+                f"{got['B'][name] / got['A'][name]:.3f} |"
+            )
             print(rows[-1], flush=True)
     if "serve" in args.parts:
         records: dict[str, dict[str, dict]] = {"A": {}, "B": {}}
@@ -211,18 +247,31 @@ def main() -> None:
                 got[k] = serve_once(tree, indexes[k], items, args.clients, args.scans, records[k] if rnd == 0 else None)
                 print(f"serve round {rnd} {k}: {got[k]}", flush=True)
             if rnd == 0:
-                diffs = [f"{name}{d}" for name in records["A"]
-                         for d in differences(essentials(records["A"][name]), essentials(records["B"][name]))]
+                diffs = [
+                    f"{name}{d}"
+                    for name in records["A"]
+                    for d in differences(essentials(records["A"][name]), essentials(records["B"][name]))
+                ]
                 print(f"outputs: {len(records['A'])} photos compared, {len(diffs)} differences", flush=True)
                 for d in diffs[:20]:
                     print("  ", d)
                 rows.append(f"| outputs, {len(records['A'])} photos | {len(diffs)} differences | | |")
             for m in ("cpu_ms", "p50", "p99", "rps"):
-                rows.append(f"| serve {m} (round {rnd}) | {got['A'][m]:.1f} | {got['B'][m]:.1f} | "
-                            f"{got['B'][m] / got['A'][m]:.3f} |")
+                rows.append(
+                    f"| serve {m} (round {rnd}) | {got['A'][m]:.1f} | {got['B'][m]:.1f} | "
+                    f"{got['B'][m] / got['A'][m]:.3f} |"
+                )
     scan_args = ["--images", str(args.scan_images), "--inputs", str(DATA / "flickr8k-nonmember")]
-    embed_args = ["--limit", str(args.embed_limit), "--repeats", "1", "--descriptors", "sscd,pdq",
-                  "--shard", str(DATA / "flickr8k-dev" / "00000.tar")]
+    embed_args = [
+        "--limit",
+        str(args.embed_limit),
+        "--repeats",
+        "1",
+        "--descriptors",
+        "sscd,pdq",
+        "--shard",
+        str(DATA / "flickr8k-dev" / "00000.tar"),
+    ]
     for part, script, sargs in (("scan", "bench_scan.py", scan_args), ("embed", "bench_embed.py", embed_args)):
         if part not in args.parts:
             continue
@@ -230,12 +279,16 @@ def main() -> None:
             got = {k: bench_script(t, script, sargs) for k, t in trees.items()}
             for name in got["A"]:
                 if name in got["B"]:
-                    rows.append(f"| {part}: {name} (round {rnd}) | {got['A'][name]:.1f} | {got['B'][name]:.1f} | "
-                                f"{got['B'][name] / got['A'][name]:.3f} |")
+                    rows.append(
+                        f"| {part}: {name} (round {rnd}) | {got['A'][name]:.1f} | {got['B'][name]:.1f} | "
+                        f"{got['B'][name] / got['A'][name]:.3f} |"
+                    )
                     print(rows[-1], flush=True)
     load1 = os.getloadavg()
-    head = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; A = {trees['A']}, B = {trees['B']}; "
-            f"load average {load0[0]:.1f} before, {load1[0]:.1f} after")
+    head = (
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; A = {trees['A']}, B = {trees['B']}; "
+        f"load average {load0[0]:.1f} before, {load1[0]:.1f} after"
+    )
     text = "\n".join([head, "", "| measure | A | B | B/A |", "|---|---:|---:|---:|", *rows, ""])
     print(text)
     if args.out:

@@ -77,16 +77,29 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [sys.executable, "-m", "provenance.cli", "serve", "--index", str(index),
-                        "--port", str(self.port), "--log-level", "warning", *extra]
+        self.command = [
+            sys.executable,
+            "-m",
+            "provenance.cli",
+            "serve",
+            "--index",
+            str(index),
+            "--port",
+            str(self.port),
+            "--log-level",
+            "warning",
+            *extra,
+        ]
         self.proc: subprocess.Popen | None = None
         self.health: dict = {}
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
         env["PYTHONPATH"] = str(self.tree)
         env["PROVENANCE_CLIENT_RATE_PER_MINUTE"] = "0"  # a load test is one client sending as fast as it can
-        self.proc = subprocess.Popen(self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -146,8 +159,9 @@ class LoadResult:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-async def run_load(url: str, endpoint: str, make_request, clients: int, n_requests: int, warmup: int = 0,
-                   on_progress=None) -> LoadResult:
+async def run_load(
+    url: str, endpoint: str, make_request, clients: int, n_requests: int, warmup: int = 0, on_progress=None
+) -> LoadResult:
     """`clients` closed-loop workers share `n_requests` requests; warm-up requests are not counted."""
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
@@ -184,18 +198,21 @@ def scan_request(photos: list[tuple[str, bytes]]):
     async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
         name, data = photos[i % len(photos)]
         return await client.post("/v1/scan", files={"file": (name, data, "image/jpeg")})
+
     return make
 
 
 def caption_request(words: list[str]):
     async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
         return await client.get("/v1/search/caption", params={"q": words[i % len(words)], "k": 10})
+
     return make
 
 
 def text_request(captions: list[str]):
     async def make(client: httpx.AsyncClient, i: int) -> httpx.Response:
         return await client.post("/v1/search/text", json={"text": captions[i % len(captions)], "k": 10})
+
     return make
 
 
@@ -212,6 +229,7 @@ def mixed_request(photos, words, ids):
         if kind == 3:
             return await client.get(f"/v1/items/{item}")
         return await client.get(f"/v1/items/{item}/thumbnail")
+
     return make
 
 
@@ -229,10 +247,18 @@ def measured(srv: Server, load) -> LoadResult:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--configs", nargs="+", default=["1x2", "1x1", "1x4", "8x2", "0"],
-                    help="BxW = --scan-batch B --scan-workers W, or 0 (no batcher); the first is the default")
-    ap.add_argument("--scan-requests", type=int, default=0,
-                    help="scans per level (default: max(200, 8 x clients); p99 of fewer is little more than the max)")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=["1x2", "1x1", "1x4", "8x2", "0"],
+        help="BxW = --scan-batch B --scan-workers W, or 0 (no batcher); the first is the default",
+    )
+    ap.add_argument(
+        "--scan-requests",
+        type=int,
+        default=0,
+        help="scans per level (default: max(200, 8 x clients); p99 of fewer is little more than the max)",
+    )
     ap.add_argument("--search-requests", type=int, default=400)
     ap.add_argument("--memory-requests", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -271,16 +297,24 @@ def main() -> None:
             for c in args.levels if default else [c for c in args.levels if c >= 4]:
                 r = measured(srv, run_load(srv.url, "/v1/scan", scan_request(photos), c, n_scans(c), warmup=3))
                 scan_results[config].append(r)
-                print(f"scan {config} clients={c}: {r.rps:.2f} req/s p50 {r.pct(50):.0f} ms "
-                      f"p99 {r.pct(99):.0f} ms errors {r.errors} cpu {r.cpu_ms_per_request:.0f} ms/req", flush=True)
+                print(
+                    f"scan {config} clients={c}: {r.rps:.2f} req/s p50 {r.pct(50):.0f} ms "
+                    f"p99 {r.pct(99):.0f} ms errors {r.errors} cpu {r.cpu_ms_per_request:.0f} ms/req",
+                    flush=True,
+                )
             if not default:
                 continue
             for c in args.levels if args.search_requests else []:
-                r = measured(srv, run_load(srv.url, "/v1/search/caption", caption_request(words), c,
-                                           args.search_requests, warmup=5))
+                r = measured(
+                    srv,
+                    run_load(srv.url, "/v1/search/caption", caption_request(words), c, args.search_requests, warmup=5),
+                )
                 search_results.append(r)
-                print(f"caption clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
-                      f"errors {r.errors}", flush=True)
+                print(
+                    f"caption clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
+                    f"errors {r.errors}",
+                    flush=True,
+                )
             if not args.memory_requests:
                 continue
             # Memory over many mixed requests, sampled every 200.
@@ -290,17 +324,27 @@ def main() -> None:
                 if done % 200 == 0:
                     memory.append((done, srv.rss_mb()))
 
-            mem_load = measured(srv, run_load(srv.url, "mixed", mixed_request(photos, words, ids), 4,
-                                              args.memory_requests, on_progress=sample))
+            mem_load = measured(
+                srv,
+                run_load(
+                    srv.url, "mixed", mixed_request(photos, words, ids), 4, args.memory_requests, on_progress=sample
+                ),
+            )
             search_results.append(mem_load)
             print(f"memory: {memory} errors {mem_load.errors}", flush=True)
     with Server(clip_index) as srv:
         for c in args.levels if args.search_requests else []:
-            r = measured(srv, run_load(srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c,
-                                       args.search_requests, warmup=5))
+            r = measured(
+                srv,
+                run_load(
+                    srv.url, "/v1/search/text (tiny CLIP)", text_request(captions), c, args.search_requests, warmup=5
+                ),
+            )
             search_results.append(r)
-            print(f"text clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms "
-                  f"errors {r.errors}", flush=True)
+            print(
+                f"text clients={c}: {r.rps:.1f} req/s p50 {r.pct(50):.1f} ms p99 {r.pct(99):.1f} ms errors {r.errors}",
+                flush=True,
+            )
 
     stages = None
     if not args.no_stages:
@@ -341,7 +385,9 @@ def stage_profile(index: Path, passes: int = 3) -> dict[str, float]:
         for data in photos:
             d = timed("decode (+ sha256, EXIF rotation)", decode_image, data, "x")
             timed("invisible marks (4 schemes)", detect_invisible_marks, d.image)
-            timed("C2PA + generation metadata", lambda: (read_c2pa(d.raw, "image/jpeg"), read_generation_metadata(d)))
+            timed(
+                "C2PA + generation metadata", lambda d=d: (read_c2pa(d.raw, "image/jpeg"), read_generation_metadata(d))
+            )
             xs = timed("SSCD resize (short side 288)", sscd.preprocess, d.image)
             xp = timed("PDQ resize (128 px)", pdq.preprocess, d.image)
             h = timed("PDQ hash", pdq.embed_batch, [xp])
@@ -387,40 +433,62 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
     ]
     for config, results in scan_results.items():
         for r in results:
-            lines.append(f"| {config} | {r.clients} | {r.requests} | {r.rps:.2f} | {r.pct(50):.0f} | {r.pct(99):.0f} "
-                         f"| {r.errors} | {r.cpu_ms_per_request:.0f} |")
-    lines += ["", "(BxW: W scan threads, each taking up to B queued scans as one Scanner batch (`--scan-batch B "
-                  "--scan-workers W`); 0: no batcher, each request scans in its own worker thread, unbounded.)", ""]
+            lines.append(
+                f"| {config} | {r.clients} | {r.requests} | {r.rps:.2f} | {r.pct(50):.0f} | {r.pct(99):.0f} "
+                f"| {r.errors} | {r.cpu_ms_per_request:.0f} |"
+            )
+    lines += [
+        "",
+        "(BxW: W scan threads, each taking up to B queued scans as one Scanner batch (`--scan-batch B "
+        "--scan-workers W`); 0: no batcher, each request scans in its own worker thread, unbounded.)",
+        "",
+    ]
     d = {r.clients: r for r in scan_results[default]}
     verdicts = []
     if 4 in d:
         p99 = d[4].pct(99)
-        verdicts.append(f"p99 at 4 clients {p99:.0f} ms vs target <= {TARGET_P99_MS:.0f} ms: "
-                        f"**{'met' if p99 <= TARGET_P99_MS else 'MISSED'}**")
+        verdicts.append(
+            f"p99 at 4 clients {p99:.0f} ms vs target <= {TARGET_P99_MS:.0f} ms: "
+            f"**{'met' if p99 <= TARGET_P99_MS else 'MISSED'}**"
+        )
     if 4 in d and 16 in d:
         ok = d[16].rps >= 0.95 * d[4].rps
-        verdicts.append(f"throughput 16 vs 4 clients {d[16].rps:.2f} vs {d[4].rps:.2f} req/s: "
-                        f"**{'no collapse' if ok else 'COLLAPSE'}**")
+        verdicts.append(
+            f"throughput 16 vs 4 clients {d[16].rps:.2f} vs {d[4].rps:.2f} req/s: "
+            f"**{'no collapse' if ok else 'COLLAPSE'}**"
+        )
     errors = sum(r.errors for rs in scan_results.values() for r in rs) + sum(r.errors for r in search_results)
     verdicts.append(f"errors over all runs: **{errors}**")
     lines += ["Targets (default config " + default + "): " + "; ".join(verdicts) + ".", ""]
-    lines += ["### Search and mixed traffic", "",
-              "| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [
+        "### Search and mixed traffic",
+        "",
+        "| endpoint | clients | requests | req/s | p50 ms | p99 ms | errors | server CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in search_results:
-        lines.append(f"| {r.endpoint} | {r.clients} | {r.requests} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} "
-                     f"| {r.errors} | {r.cpu_ms_per_request:.1f} |")
-    samples = [e for r in search_results for e in r.error_samples] + \
-              [e for rs in scan_results.values() for r in rs for e in r.error_samples]
+        lines.append(
+            f"| {r.endpoint} | {r.clients} | {r.requests} | {r.rps:.1f} | {r.pct(50):.1f} | {r.pct(99):.1f} "
+            f"| {r.errors} | {r.cpu_ms_per_request:.1f} |"
+        )
+    samples = [e for r in search_results for e in r.error_samples] + [
+        e for rs in scan_results.values() for r in rs for e in r.error_samples
+    ]
     if samples:
         lines += ["", "Error samples: " + "; ".join(f"`{s}`" for s in samples[:5])]
     if stages:
         whole = stages.pop("whole Scanner.scan_bytes", None)
-        lines += ["", "### Where a scan's CPU goes", "",
-                  "Each stage of Scanner's work on the same 51 photos, in a child process on one thread (the SSCD "
-                  "model on its one-thread session, as when both scan workers are busy); CPU ms per photo, median "
-                  "of 3 passes. The rest of the server's CPU per request is HTTP, multipart parsing and JSON.", "",
-                  "| stage | CPU ms |", "|---|---:|"]
+        lines += [
+            "",
+            "### Where a scan's CPU goes",
+            "",
+            "Each stage of Scanner's work on the same 51 photos, in a child process on one thread (the SSCD "
+            "model on its one-thread session, as when both scan workers are busy); CPU ms per photo, median "
+            "of 3 passes. The rest of the server's CPU per request is HTTP, multipart parsing and JSON.",
+            "",
+            "| stage | CPU ms |",
+            "|---|---:|",
+        ]
         lines += [f"| {stage} | {ms:.1f} |" for stage, ms in stages.items()]
         lines += [f"| sum of the stages | {sum(stages.values()):.1f} |"]
         if whole is not None:
@@ -428,11 +496,14 @@ def write_report(args, checks, scan_results, search_results, memory, load_before
     if memory:
         start = next((m for n, m in memory if n >= 200), memory[0][1])
         end = memory[-1][1]
-        lines += ["", f"### Memory over {args.memory_requests} mixed requests (1 in 5 a scan), 4 clients", "",
-                  "RSS of the server (MB) after N requests: "
-                  + ", ".join(f"{n}: {m:.0f}" for n, m in memory) + ".",
-                  f"From request 200 to the end: {end - start:+.0f} MB ({(end - start) / start * 100:+.1f}%): "
-                  f"**{'flat' if abs(end - start) <= max(20.0, 0.05 * start) else 'GROWING'}**."]
+        lines += [
+            "",
+            f"### Memory over {args.memory_requests} mixed requests (1 in 5 a scan), 4 clients",
+            "",
+            "RSS of the server (MB) after N requests: " + ", ".join(f"{n}: {m:.0f}" for n, m in memory) + ".",
+            f"From request 200 to the end: {end - start:+.0f} MB ({(end - start) / start * 100:+.1f}%): "
+            f"**{'flat' if abs(end - start) <= max(20.0, 0.05 * start) else 'GROWING'}**.",
+        ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")

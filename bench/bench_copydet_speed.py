@@ -44,8 +44,12 @@ CONFIGS = {
     "copy detection only (sscd+pdq)": QUIET,
     "copy detection, centre view (before this issue's --thorough)": {**QUIET, "centre_view": True},
     "copy detection, centre view + region search": {**QUIET, "centre_view": True, "region_search": True},
-    "thorough scan (all checks)": {"thorough": True, "centre_view": True, "invisible_crops": True,
-                                   "region_search": True},
+    "thorough scan (all checks)": {
+        "thorough": True,
+        "centre_view": True,
+        "invisible_crops": True,
+        "region_search": True,
+    },
 }
 
 
@@ -65,8 +69,14 @@ def make_inputs(folder: Path, n: int, seed: int = 3) -> None:
 
 def run(tree: Path, options: dict, index: Path, inputs: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)], env=env, check=False,
-                         capture_output=True, text=True, cwd=tree)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tree,
+    )
     if out.returncode:
         raise SystemExit(f"{tree}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -90,8 +100,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, tree, name in runs:
             r = run(tree, CONFIGS[name], args.index, args.inputs)
             results.setdefault(f"{label}: {name}", []).append(r)
-            print(f"{label}: {name:62s} {r['images_per_s']:6.2f} images/s {r['cpu_ms']:7.1f} CPU ms/image"
-                  + (f" (unknown options dropped: {r['unknown']})" if r["unknown"] else ""), flush=True)
+            print(
+                f"{label}: {name:62s} {r['images_per_s']:6.2f} images/s {r['cpu_ms']:7.1f} CPU ms/image"
+                + (f" (unknown options dropped: {r['unknown']})" if r["unknown"] else ""),
+                flush=True,
+            )
     best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in results.items()}
     ratio = best["this: default scan"]["images_per_s"] / best["base: default scan"]["images_per_s"]
     print(f"default scan, this / base (best of {args.rounds} rounds each): {ratio:.2f}x")

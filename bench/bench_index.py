@@ -214,8 +214,9 @@ def held_out_rows(real: np.ndarray, m: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_queries(real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies: int,
-                 n_held_out: int = 0) -> dict[str, np.ndarray]:
+def make_queries(
+    real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies: int, n_held_out: int = 0
+) -> dict[str, np.ndarray]:
     """Copy queries (real edits + synthetic rows with real edit residuals), novel and held-out queries."""
     n = corpus.shape[0]
     rng = np.random.default_rng(7)
@@ -229,11 +230,15 @@ def make_queries(real: dict[str, np.ndarray], corpus: np.ndarray, n_synth_copies
         src.append(rows)
     copies = np.concatenate(q).astype(np.float32)
     held = held_out_rows(real["corpus"], n_held_out) if n > N_REAL and n_held_out else np.zeros((0, DIM), np.float32)
-    kinds = [np.full(len(real["edits"]), KIND_REAL_COPY), np.full(len(copies) - len(real["edits"]), KIND_SYNTH_COPY),
-             np.full(len(real["novel"]), KIND_NOVEL), np.full(len(held), KIND_HELD_OUT)]
+    kinds = [
+        np.full(len(real["edits"]), KIND_REAL_COPY),
+        np.full(len(copies) - len(real["edits"]), KIND_SYNTH_COPY),
+        np.full(len(real["novel"]), KIND_NOVEL),
+        np.full(len(held), KIND_HELD_OUT),
+    ]
     return {
         "xq": np.concatenate([copies, real["novel"], held]).astype(np.float32),
-        "src": np.concatenate(src + [np.full(len(real["novel"]) + len(held), -1)]).astype(np.int64),
+        "src": np.concatenate([*src, np.full(len(real["novel"]) + len(held), -1)]).astype(np.int64),
         "kind": np.concatenate(kinds).astype(np.int64),
         "n_real_copies": np.int64(len(real["edits"])),
     }
@@ -246,7 +251,10 @@ def real_stats(real: dict[str, np.ndarray]) -> dict[str, float]:
     np.fill_diagonal(sims, -1)
     nn = sims.max(axis=1)
     edit_cos = np.einsum("ij,ij->i", real["edits"], x[real["edit_src"]])
-    pct = lambda a: {f"p{p}": round(float(np.percentile(a, p)), 3) for p in (10, 50, 90)}
+
+    def pct(a: np.ndarray) -> dict[str, float]:
+        return {f"p{p}": round(float(np.percentile(a, p)), 3) for p in (10, 50, 90)}
+
     return {"real_nn_cos": pct(nn), "real_edit_cos": pct(edit_cos)}
 
 
@@ -273,8 +281,12 @@ def sweep(plan) -> list[dict]:
         alts = [{"nprobe": max(1, p["nprobe"] * f)} for f in (0.5, 2, 4)]
     elif plan.kind == "ivf_sq":
         nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
-        alts = [{"nprobe": max(1, nl // 128)}, {"nprobe": max(1, nl // 32)}, {"nprobe": max(1, nl // 16)},
-                {"nprobe": max(1, nl // 64), "rerank_k": 16}]
+        alts = [
+            {"nprobe": max(1, nl // 128)},
+            {"nprobe": max(1, nl // 32)},
+            {"nprobe": max(1, nl // 16)},
+            {"nprobe": max(1, nl // 64), "rerank_k": 16},
+        ]
     elif plan.kind == "ivf_pq" and plan.refine:  # PQ top rerank_k -> SQ8 top exact_k -> exact float16
         nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
         alts = [
@@ -356,7 +368,7 @@ def _query_child(args: argparse.Namespace) -> None:
 def _similar_recall(ids: np.ndarray, gt_ids: np.ndarray, gt_d: np.ndarray) -> float:
     """Share of the exact top-10 neighbours with cosine >= SIMILAR_COS that the index returned."""
     found = total = 0
-    for a, b, d in zip(ids, gt_ids, gt_d):
+    for a, b, d in zip(ids, gt_ids, gt_d, strict=False):
         want = set(b[d >= SIMILAR_COS].tolist())
         found += len(want & set(a.tolist()))
         total += len(want)
@@ -372,7 +384,7 @@ def run_size(n: int, real: dict, args: argparse.Namespace) -> list[dict]:
     corpus = synthesise(real["corpus"], n)
     gen_s = time.perf_counter() - t
     qs = make_queries(real, corpus, args.queries - len(real["edits"]) - len(real["novel"]), args.held_out)
-    xq, src, qkind = qs["xq"], qs["src"], qs["kind"]
+    xq = qs["xq"]
     gt_path = CACHE / f"gt_{n}_{len(xq)}.npz"
     if gt_path.exists():
         z = np.load(gt_path)
@@ -444,7 +456,10 @@ def _measure(n, plan, role, settings, corpus, real, qs, gt, gt_d, q_path, gen_s,
     head = qkind != KIND_HELD_OUT  # the headline query set: copies + novel, as in earlier runs
     standard = (qkind == KIND_HELD_OUT) | (qkind == KIND_REAL_COPY)
     n_real = int(qs["n_real_copies"])
-    kind_recall = lambda ids, kd: ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")  # noqa: E731
+
+    def kind_recall(ids: np.ndarray, kd: str) -> float:
+        return ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10) if (qkind == kd).any() else float("nan")
+
     rows = []
     for params in settings:
         p = plan.with_params(**params)
@@ -501,7 +516,7 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
         "",
         f"Command: `{cmd}`  ",
         "Machine: 2-core x86_64 CPU (Intel Xeon @ 2.5 GHz, AVX-512), shared: load average "
-        f"{min(loads):.1f}-{max(loads):.1f} during the run, so wall-clock times are inflated; \"CPU ms\" "
+        f'{min(loads):.1f}-{max(loads):.1f} during the run, so wall-clock times are inflated; "CPU ms" '
         "is the thread time of each query (what it costs on an idle core). "
         f"faiss-cpu {faiss.__version__}; single queries one at a time with faiss.omp_set_num_threads({args.threads}); "
         f"builds with {args.build_threads} threads. Memory budget {args.budget / 2**30:.1f} GiB.",
@@ -512,9 +527,9 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
         f"real edited copy vs its source: {stats['real_edit_cos']}.",
         "Queries (none in the corpus): 600 real edited copies (SSCD of edited Flickr8k photos), "
         f"{args.queries - 651} synthetic copies (a synthetic row + the SSCD residual of a real edit), 51 real COCO photos "
-        "that are in no corpus (\"novel\"): these 1,000 are the headline recall@10 query set, as in earlier runs. "
+        'that are in no corpus ("novel"): these 1,000 are the headline recall@10 query set, as in earlier runs. '
         f"Besides them, {args.held_out:,} held-out synthetic rows (drawn as the corpus rows are, not added: the usual ANN "
-        "protocol); \"standard\" recall@10 = held-out rows + real copies. recall@10: against brute force over the "
+        'protocol); "standard" recall@10 = held-out rows + real copies. recall@10: against brute force over the '
         f"same float16 rows; similar recall: of the exact top-10 neighbours with cosine >= {SIMILAR_COS}; copy top-1: "
         "source row ranked first (brute force reaches the value in brackets). Latencies and RSS: over all queries.",
         "",
@@ -525,8 +540,11 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
     ]
     for r in rows:
         mark = " **default**" if r["default"] else (" baseline" if r.get("role") == "baseline" else "")
-        anon = f"{r['rss_anon_mb']:.0f} / {r['rss_file_mb']:.0f}" if "rss_anon_mb" in r else (
-            f"{r['rss_mb'] - r['rss_file_backed_mb']:.0f} / {r['rss_file_backed_mb']:.0f}")
+        anon = (
+            f"{r['rss_anon_mb']:.0f} / {r['rss_file_mb']:.0f}"
+            if "rss_anon_mb" in r
+            else (f"{r['rss_mb'] - r['rss_file_backed_mb']:.0f} / {r['rss_file_backed_mb']:.0f}")
+        )
         lines.append(
             f"| {r['n']:,} | {r['factory']} | `{json.dumps(r['params'])}`{mark} | {r['build_s']:.0f} "
             f"({r['build_cpu_s']:.0f}) | {r['index_mb']:.0f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
@@ -535,9 +553,12 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
             f"({r['recall10_held_out']:.3f}) | {r['similar_recall']:.3f} | {r['top1_copy']:.3f} "
             f"({r['top1_copy_exact']:.3f}) | {anon} |"
         )
-    lines += ["", "Comparison with the plain FAISS baselines (same run, same queries, same budget): for each size, "
-              "plan_index's default against the cheapest baseline setting (CPU p50) whose recall@10 is at least "
-              "as high, else the baseline setting with the highest recall@10."]
+    lines += [
+        "",
+        "Comparison with the plain FAISS baselines (same run, same queries, same budget): for each size, "
+        "plan_index's default against the cheapest baseline setting (CPU p50) whose recall@10 is at least "
+        "as high, else the baseline setting with the highest recall@10.",
+    ]
     for n in sorted({r["n"] for r in rows}):
         ours = [r for r in rows if r["n"] == n and r["default"]]
         base = [r for r in rows if r["n"] == n and r.get("role") == "baseline"]
@@ -550,7 +571,8 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
         lines.append(
             f"- n={n:,}: ours {o['factory']} {json.dumps(o['params'])}: recall@10 {o['recall10']:.3f}, CPU p50 "
             f"{o['cpu_p50_ms']:.2f} ms vs baseline {b['factory']} {json.dumps(b['params'])}: {b['recall10']:.3f}, "
-            f"{b['cpu_p50_ms']:.2f} ms: **{'ours wins on both' if win else 'ours does NOT win on both'}**")
+            f"{b['cpu_p50_ms']:.2f} ms: **{'ours wins on both' if win else 'ours does NOT win on both'}**"
+        )
     lines += ["", "Plans chosen by `plan_index`:"]
     lines += [f"- n={r['n']:,}: {r['reason']}" for r in rows if r["default"]]
     for r in rows:
@@ -569,8 +591,11 @@ def write_markdown(rows: list[dict], stats: dict, args: argparse.Namespace, cmd:
                 f"{r['rss_mb'] - r['rss_file_backed_mb']:.0f} MiB anonymous).",
             ]
     if "--reuse-index" in cmd:
-        lines += ["", "With --reuse-index, an index whose factory string did not change since the last run is "
-                  "re-used and its build time is that run's; an index with a new plan is built (and timed) in this run."]
+        lines += [
+            "",
+            "With --reuse-index, an index whose factory string did not change since the last run is "
+            "re-used and its build time is that run's; an index with a new plan is built (and timed) in this run.",
+        ]
     lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
@@ -610,7 +635,6 @@ NOTES = """Reading the numbers:
   1.8-12 ms p50 in different runs); the CPU time per query is the stable number."""
 
 
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -621,8 +645,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="faiss threads for the single-query runs")
     ap.add_argument("--build-threads", type=int, default=2)
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
-                    help="also build and measure plain FAISS plans (IVF-SQ8, IVF-PQ, HNSW) beside plan_index's")
+    ap.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also build and measure plain FAISS plans (IVF-SQ8, IVF-PQ, HNSW) beside plan_index's",
+    )
     ap.add_argument("--reuse-index", action="store_true", help="measure the index saved by the last run again")
     ap.add_argument("--render", action="store_true", help="only re-write the Markdown from the last run's rows.json")
     # the query subprocess

@@ -104,7 +104,7 @@ class AnnPlan:
 
     @property
     def refine(self) -> str:
-        """"SQ8" when the index re-scores its PQ candidates with an in-memory SQ8 copy, else ""."""
+        """ "SQ8" when the index re-scores its PQ candidates with an in-memory SQ8 copy, else ""."""
         m = _REFINE_RE.search(self.factory)
         return m.group(1) if m else ""
 
@@ -163,7 +163,7 @@ def _nlist(n: int) -> int:
     2*sqrt(n) was too coarse: it cuts groups of similar photos across many lists, so the exact
     top-10 falls outside the probed lists far more often (BENCHMARKS.md, index)."""
     nl = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(n))))
-    cap = 2 ** int(math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID))))
+    cap = 2 ** math.floor(math.log2(max(1, n // MIN_POINTS_PER_CENTROID)))
     return int(max(1, min(nl, cap)))
 
 
@@ -236,7 +236,7 @@ def _default_params(kind: str, n: int, nlist: int, refine: bool = False) -> dict
     return {}
 
 
-def plan_index(
+def plan_index(  # noqa: C901 - one decision table, read top to bottom with its reasons
     n: int,
     dim: int,
     metric: str = "ip",
@@ -410,9 +410,7 @@ def _check_normalised(x: np.ndarray, name: str) -> None:
     bad = ~((np.abs(norms - 1.0) < 1e-2) | (norms < 1e-6)) | ~np.isfinite(norms)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"{name} rows must be L2-normalised for inner-product search: row {i} has norm {norms[i]:.4g}"
-        )
+        raise ValueError(f"{name} rows must be L2-normalised for inner-product search: row {i} has norm {norms[i]:.4g}")
 
 
 # ----------------------------------------------------------------------------- GPU helpers
@@ -424,7 +422,7 @@ def _faiss_gpus() -> int:
 
 
 def _torch_device(import_torch: bool) -> str | None:
-    """"cuda" when torch sees a GPU. Only imports torch when asked: it takes seconds."""
+    """ "cuda" when torch sees a GPU. Only imports torch when asked: it takes seconds."""
     if not import_torch and "torch" not in sys.modules:
         return None
     try:
@@ -606,7 +604,9 @@ def exact_coarse(index: Any):
     """While adding: a flat quantizer of the (decoded) centroids in place of an SQ-stored or HNSW one, so that
     the assignment of many vectors runs as one BLAS product (an SQ quantizer scores them one by one)."""
     ivf = None if _is_binary(index) else _ivf_or_none(index)
-    if ivf is None or not isinstance(faiss.downcast_index(ivf.quantizer), (faiss.IndexScalarQuantizer, faiss.IndexHNSW)):
+    if ivf is None or not isinstance(
+        faiss.downcast_index(ivf.quantizer), (faiss.IndexScalarQuantizer, faiss.IndexHNSW)
+    ):
         yield
         return
     # (an HNSW quantizer's walk, at its default efSearch, put rows in the wrong lists often enough to cost
@@ -711,13 +711,13 @@ def load_index(
         try:
             index = read(str(p))
         except RuntimeError as e:
-            raise ValueError(f"{p}: not a readable faiss index for plan {plan.kind} ({str(e).splitlines()[0]})") from None
+            raise ValueError(
+                f"{p}: not a readable faiss index for plan {plan.kind} ({str(e).splitlines()[0]})"
+            ) from None
     if plan.dim and index.d != plan.dim:
         raise IndexDimensionError(f"{p}: index dim {index.d} does not match the plan's dim {plan.dim}")
     if bool(plan.refine) != isinstance(index, faiss.IndexRefine):
-        raise IndexMismatchError(
-            f"{p}: a {type(index).__name__} but the plan says {plan.factory}; rebuild the index"
-        )
+        raise IndexMismatchError(f"{p}: a {type(index).__name__} but the plan says {plan.factory}; rebuild the index")
     if _resolve_gpu(use_gpu) and _faiss_gpus() > 0 and plan.kind in ("flat", "ivf_flat"):
         index = faiss.index_cpu_to_gpu(_gpu_resources(), 0, index)
     _apply_search_params(index, plan)

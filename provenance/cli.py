@@ -16,8 +16,11 @@ from rich.table import Column, Table
 from provenance.cli_options import with_scan_options
 from provenance.errors import ProvenanceError
 
-app = typer.Typer(help="Training-data provenance checker: find training images an image copies, and its provenance marks.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Training-data provenance checker: find training images an image copies, and its provenance marks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 index_app = typer.Typer(help="Build and inspect indexes of image-caption corpora.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 console = Console(stderr=True)
@@ -27,8 +30,11 @@ EXIT_CLEAN, EXIT_FAIL_ON, EXIT_USAGE, EXIT_UNREADABLE = 0, 1, 2, 3
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
 
 
 def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
@@ -38,7 +44,12 @@ def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
 
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")]
 IndexDir = Annotated[Path, typer.Option("--index", "-i", help="Index directory (e.g. indexes/coco).")]
-WaitOpt = Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for another writer of the index to finish (default: refuse at once).")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait", min=0, help="Seconds to wait for another writer of the index to finish (default: refuse at once)."
+    ),
+]
 
 
 def _fetch_options(cache: Path | None, allow_private_addresses: bool):
@@ -58,27 +69,58 @@ def _model_options(sscd_model, clip_model, clip_pretrained, device=None):
 
 @index_app.command("build")
 def index_build(
-    source: Annotated[str, typer.Argument(help="Image folder, .tar shards (folder or glob), or HF dataset (name, hf://name or saved dir).")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Image folder, .tar shards (folder or glob), or HF dataset (name, hf://name or saved dir)."
+        ),
+    ],
     index: IndexDir,
     descriptors: Annotated[str, typer.Option(help="Comma-separated: sscd,pdq,clip.")] = "sscd,pdq",
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Index at most N items.")] = None,
-    append: Annotated[bool, typer.Option(help="Add new items to an existing index without re-embedding old ones.")] = False,
+    append: Annotated[
+        bool, typer.Option(help="Add new items to an existing index without re-embedding old ones.")
+    ] = False,
     workers: Annotated[int, typer.Option(min=1, help="Decode threads.")] = 2,
     image_column: Annotated[Optional[str], typer.Option(help="HF dataset: image column.")] = None,
     caption_column: Annotated[Optional[str], typer.Option(help="HF dataset: caption column.")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="HF dataset: column of stable item ids.")] = None,
     split: Annotated[Optional[str], typer.Option(help="HF dataset split.")] = None,
-    sscd_model: Annotated[Optional[str], typer.Option(help="sscd_disc_*.torchscript.pt or .onnx (default: bundled int8 ONNX).")] = None,
+    sscd_model: Annotated[
+        Optional[str], typer.Option(help="sscd_disc_*.torchscript.pt or .onnx (default: bundled int8 ONNX).")
+    ] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="OpenCLIP architecture (default ViT-B-32).")] = None,
-    clip_pretrained: Annotated[Optional[str], typer.Option(help="OpenCLIP hub tag or local checkpoint (default laion2b_s34b_b79k).")] = None,
-    memory_budget_mb: Annotated[int, typer.Option(help="RAM budget for each FAISS index; picks the index type.")] = 1024,
+    clip_pretrained: Annotated[
+        Optional[str], typer.Option(help="OpenCLIP hub tag or local checkpoint (default laion2b_s34b_b79k).")
+    ] = None,
+    memory_budget_mb: Annotated[
+        int, typer.Option(help="RAM budget for each FAISS index; picks the index type.")
+    ] = 1024,
     thumbnails: Annotated[bool, typer.Option(help="Store small thumbnails for reports and the web page.")] = True,
-    part_size: Annotated[int, typer.Option(min=1, help="Items per part of a folder or dataset (shards: one part each); the unit of resume.")] = 10_000,
+    part_size: Annotated[
+        int,
+        typer.Option(min=1, help="Items per part of a folder or dataset (shards: one part each); the unit of resume."),
+    ] = 10_000,
     wait: WaitOpt = 0.0,
-    read_url_signals: Annotated[bool, typer.Option("--read-url-signals", help="Also record each URL source's do-not-train signals (TDMRep, X-Robots-Tag, ai.txt, robots.txt), fetched politely and cached; needs [consent]. Signals inside the files are always read.")] = False,
-    consent_cache: Annotated[Optional[Path], typer.Option(help="SQLite cache of fetched signals for --read-url-signals (default: the user cache).")] = None,
-    allow_private_addresses: Annotated[bool, typer.Option("--allow-private-addresses", help="Let --read-url-signals fetch from private and loopback addresses (off: a guard against request forgery).")] = False,
+    read_url_signals: Annotated[
+        bool,
+        typer.Option(
+            "--read-url-signals",
+            help="Also record each URL source's do-not-train signals (TDMRep, X-Robots-Tag, ai.txt, robots.txt), fetched politely and cached; needs [consent]. Signals inside the files are always read.",
+        ),
+    ] = False,
+    consent_cache: Annotated[
+        Optional[Path],
+        typer.Option(help="SQLite cache of fetched signals for --read-url-signals (default: the user cache)."),
+    ] = None,
+    allow_private_addresses: Annotated[
+        bool,
+        typer.Option(
+            "--allow-private-addresses",
+            help="Let --read-url-signals fetch from private and loopback addresses (off: a guard against request forgery).",
+        ),
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
     """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search.
@@ -88,32 +130,57 @@ def index_build(
     from provenance.indexer import BuildOptions, build
 
     _setup_logging(verbose)
-    opts = BuildOptions(descriptors=descriptors.split(","), batch_size=batch_size, limit=limit, append=append,
-                        workers=workers, models=_model_options(sscd_model, clip_model, clip_pretrained),
-                        memory_budget_bytes=memory_budget_mb << 20, thumbnails=thumbnails, part_size=part_size,
-                        wait=wait, read_url_signals=read_url_signals,
-                        url_fetch=_fetch_options(consent_cache, allow_private_addresses) if read_url_signals else None)
+    opts = BuildOptions(
+        descriptors=descriptors.split(","),
+        batch_size=batch_size,
+        limit=limit,
+        append=append,
+        workers=workers,
+        models=_model_options(sscd_model, clip_model, clip_pretrained),
+        memory_budget_bytes=memory_budget_mb << 20,
+        thumbnails=thumbnails,
+        part_size=part_size,
+        wait=wait,
+        read_url_signals=read_url_signals,
+        url_fetch=_fetch_options(consent_cache, allow_private_addresses) if read_url_signals else None,
+    )
     src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
     try:
-        with Progress(SpinnerColumn(), TextColumn("[bold]indexing"), BarColumn(), TextColumn("{task.fields[done]} embedded"),
-                      TextColumn("[yellow]{task.fields[skipped]} skipped"), TimeElapsedColumn(), console=console,
-                      transient=False) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]indexing"),
+            BarColumn(),
+            TextColumn("{task.fields[done]} embedded"),
+            TextColumn("[yellow]{task.fields[skipped]} skipped"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
             task = bar.add_task("index", total=limit, done=0, skipped=0)
-            result = build(source, index, opts, progress=lambda d, s: bar.update(task, completed=d + s, done=d, skipped=s),
-                           source_options=src_opts)
+            result = build(
+                source,
+                index,
+                opts,
+                progress=lambda d, s: bar.update(task, completed=d + s, done=d, skipped=s),
+                source_options=src_opts,
+            )
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
     counts = result.manifest["counts"]
-    console.print(f"[green]built[/] {index}: {counts['indexed']} items indexed ({result.added} new"
-                  f"{f', {result.resumed} resumed' if result.resumed else ''}{f', {result.reused} kept' if result.reused else ''}), "
-                  f"{result.skipped} skipped this run, {result.parts} new parts, {result.seconds:.1f}s")
+    console.print(
+        f"[green]built[/] {index}: {counts['indexed']} items indexed ({result.added} new"
+        f"{f', {result.resumed} resumed' if result.resumed else ''}{f', {result.reused} kept' if result.reused else ''}), "
+        f"{result.skipped} skipped this run, {result.parts} new parts, {result.seconds:.1f}s"
+    )
     for reason, n in counts["skipped_by_reason"].items():
         console.print(f"  skipped ({reason}): {n}")
 
 
 @index_app.command("info")
-def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
-               as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False) -> None:
+def index_info(
+    index_dir: Annotated[Path, typer.Argument(help="Index directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
     """Show what an index holds: counts, descriptors, models, and which FAISS index was chosen and why."""
     from provenance.store import ProvenanceIndex
 
@@ -126,23 +193,27 @@ def index_info(index_dir: Annotated[Path, typer.Argument(help="Index directory."
         out.print_json(json.dumps(m, default=str))
         return
     c = m["counts"]
-    out.print(f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})")
+    out.print(
+        f"[bold]{index_dir}[/]  built {m['built_at']} by provenance {m['tool_version']}  (format {m['format_version']})"
+    )
     source = m.get("source") or {}
     out.print(f"source: {source.get('kind', '-')} {source.get('location', '')}")
     removed = f", {c['removed']} removed (index compact drops them)" if c.get("removed") else ""
     by_reason = f" {c['skipped_by_reason']}" if c["skipped_by_reason"] else ""
-    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped{by_reason}{removed}; "
-              f"{len(m['parts'])} parts")
+    out.print(f"items: {c['indexed']} indexed, {c['skipped']} skipped{by_reason}{removed}; {len(m['parts'])} parts")
     # the factory string ("IVF4096(SQ8),PQ256x4fs,Refine(SQ8)") has no spaces: fold it, not "…"
-    t = Table("descriptor", "model", "dim", "metric", Column("FAISS index", overflow="fold"),
-              Column("why", overflow="fold"))
+    t = Table(
+        "descriptor", "model", "dim", "metric", Column("FAISS index", overflow="fold"), Column("why", overflow="fold")
+    )
     for name, d in m["descriptors"].items():
         plan = d.get("ann") or {}
         others = {f: n for f, n in (d.get("ann_parts") or {}).items() if f != plan.get("factory")}
         why = plan.get("reason", "empty index") + (
-            f" (largest part; other parts: {', '.join(f'{f} x{n}' for f, n in others.items())})" if others else "")
-        t.add_row(name, f"{d['model_id']} ({d['checksum'] or '-'})", str(d["dim"]), d["metric"],
-                  plan.get("factory", "-"), why)
+            f" (largest part; other parts: {', '.join(f'{f} x{n}' for f, n in others.items())})" if others else ""
+        )
+        t.add_row(
+            name, f"{d['model_id']} ({d['checksum'] or '-'})", str(d["dim"]), d["metric"], plan.get("factory", "-"), why
+        )
     out.print(t)
 
 
@@ -159,7 +230,9 @@ def _index_error_code(e: Exception) -> int:
 def index_remove(
     index: IndexDir,
     ids: Annotated[Optional[list[str]], typer.Option("--id", help="Item id to remove (repeatable).")] = None,
-    ids_file: Annotated[Optional[Path], typer.Option("--ids-file", help="File of item ids, one per line ('-': stdin).")] = None,
+    ids_file: Annotated[
+        Optional[Path], typer.Option("--ids-file", help="File of item ids, one per line ('-': stdin).")
+    ] = None,
     wait: WaitOpt = 0.0,
     verbose: Verbose = False,
 ) -> None:
@@ -182,8 +255,10 @@ def index_remove(
         res = remove_items(index, wanted, wait=wait)
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
-    console.print(f"[green]removed[/] {len(res.removed)} item(s) from {index}"
-                  + (f"; {len(res.already_removed)} already removed" if res.already_removed else ""))
+    console.print(
+        f"[green]removed[/] {len(res.removed)} item(s) from {index}"
+        + (f"; {len(res.already_removed)} already removed" if res.already_removed else "")
+    )
     if res.not_found:
         shown = ", ".join(res.not_found[:10]) + (" ..." if len(res.not_found) > 10 else "")
         console.print(f"[yellow]{len(res.not_found)} id(s) not in the index:[/] {shown}")
@@ -207,8 +282,10 @@ def index_compact(
         res = compact(index, wait=wait, memory_budget_bytes=memory_budget_mb << 20)
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
-    console.print(f"[green]compacted[/] {index}: {res['parts_rewritten']} part(s) rewritten, "
-                  f"{res['rows_dropped']} removed row(s) dropped, {res['items']} items")
+    console.print(
+        f"[green]compacted[/] {index}: {res['parts_rewritten']} part(s) rewritten, "
+        f"{res['rows_dropped']} removed row(s) dropped, {res['items']} items"
+    )
 
 
 @index_app.command("verify")
@@ -223,12 +300,16 @@ def index_verify(
 
     problems = verify(index_dir, checksums=not quick)
     if not problems:
-        console.print(f"[green]ok[/] {index_dir}: every file has its recorded size" + ("" if quick else " and checksum"))
+        console.print(
+            f"[green]ok[/] {index_dir}: every file has its recorded size" + ("" if quick else " and checksum")
+        )
         return
     for p in problems:
         console.print(f"[bold red]broken:[/] {p.path}: {p.problem}")
-    console.print(f"{len(problems)} problem(s): rebuild the index (`provenance index build SOURCE --index {index_dir}`); "
-                  "a build with the same source rewrites only what is missing once the broken parts are deleted")
+    console.print(
+        f"{len(problems)} problem(s): rebuild the index (`provenance index build SOURCE --index {index_dir}`); "
+        "a build with the same source rewrites only what is missing once the broken parts are deleted"
+    )
     raise typer.Exit(EXIT_BROKEN_INDEX)
 
 
@@ -247,8 +328,10 @@ def index_upgrade(
         m = upgrade(index_dir, wait=wait, part_size=part_size)
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
-    console.print(f"[green]upgraded[/] {index_dir}: format {m['format_version']}, {m['counts']['indexed']} items "
-                  f"in {len(m['parts'])} part(s)")
+    console.print(
+        f"[green]upgraded[/] {index_dir}: format {m['format_version']}, {m['counts']['indexed']} items "
+        f"in {len(m['parts'])} part(s)"
+    )
 
 
 # ------------------------------------------------------------------------------------ search
@@ -258,15 +341,19 @@ def index_upgrade(
 def search(
     index: IndexDir,
     image: Annotated[Optional[Path], typer.Option("--image", help="Find corpus images like this image.")] = None,
-    text: Annotated[Optional[str], typer.Option("--text", help="Find corpus images matching this text (OpenCLIP).")] = None,
-    caption: Annotated[Optional[str], typer.Option("--caption", help="Full-text search of captions, e.g. an artist's name.")] = None,
+    text: Annotated[
+        Optional[str], typer.Option("--text", help="Find corpus images matching this text (OpenCLIP).")
+    ] = None,
+    caption: Annotated[
+        Optional[str], typer.Option("--caption", help="Full-text search of captions, e.g. an artist's name.")
+    ] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     verbose: Verbose = False,
 ) -> None:
     """Search an index by image, by text, or by caption words. Scores: higher = more similar."""
-    from provenance.images import load_image
     from provenance.descriptors.pdq import PDQ_MATCH_THRESHOLD
+    from provenance.images import load_image
     from provenance.search import Searcher, drop_far_pdq
 
     _setup_logging(verbose)
@@ -283,7 +370,7 @@ def search(
         elif text is not None:
             rows = [m.to_dict() for m in searcher.search_text(text, k)]
         else:
-            rows = [h.to_dict() for h in searcher.search_caption(caption, k)]
+            rows = [h.to_dict() for h in searcher.search_caption(caption or "", k)]
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
     if as_json:
@@ -291,14 +378,22 @@ def search(
         return
     t = Table("rank", "id", "score", "descriptor", "caption", "source", "training")
     for i, r in enumerate(rows, 1):
-        t.add_row(str(i), r["id"], f"{r['score']:.3f}" + (f" ({r['distance']} bits)" if r.get("distance") is not None else ""),
-                  r.get("descriptor", "caption"), (r.get("caption") or "")[:70], (r.get("source") or "")[:50],
-                  (r.get("consent") or {}).get("training", ""))
+        t.add_row(
+            str(i),
+            r["id"],
+            f"{r['score']:.3f}" + (f" ({r['distance']} bits)" if r.get("distance") is not None else ""),
+            r.get("descriptor", "caption"),
+            (r.get("caption") or "")[:70],
+            (r.get("source") or "")[:50],
+            (r.get("consent") or {}).get("training", ""),
+        )
     out.print(t)
     if not rows:
         console.print("no results")
     if hidden:
-        console.print(f"{hidden} PDQ neighbour(s) beyond {PDQ_MATCH_THRESHOLD} bits not shown: at that distance a hash match is noise")
+        console.print(
+            f"{hidden} PDQ neighbour(s) beyond {PDQ_MATCH_THRESHOLD} bits not shown: at that distance a hash match is noise"
+        )
 
 
 # -------------------------------------------------------------------------------------- scan
@@ -310,16 +405,24 @@ def scan(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or globs.")],
     index: IndexDir,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | jsonl | json | csv | html")] = "table",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the report here (default: stdout).")] = None,
-    fail_on: Annotated[Optional[list[str]], typer.Option("--fail-on", help="exact | replica | similar | watermark (repeatable); exit 1 if met.")] = None,
-    thresholds: Annotated[Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")] = None,
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write the report here (default: stdout).")
+    ] = None,
+    fail_on: Annotated[
+        Optional[list[str]],
+        typer.Option("--fail-on", help="exact | replica | similar | watermark (repeatable); exit 1 if met."),
+    ] = None,
+    thresholds: Annotated[
+        Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")
+    ] = None,
     verbose: Verbose = False,
     scan_options: dict | None = None,  # the ScanOptions flags (provenance.cli_options), e.g. --thorough
 ) -> None:
     """Scan images for replicas of corpus images and for watermark/provenance evidence."""
     from provenance.images import iter_image_paths
+    from provenance.options import ScanOptions
     from provenance.report import write_report
-    from provenance.scan import ScanOptions, Scanner, fail_on_met, load_thresholds
+    from provenance.scan import Scanner, fail_on_met, load_thresholds
 
     _setup_logging(verbose)
     formats = ("table", "jsonl", "json", "csv", "html")
@@ -340,8 +443,15 @@ def scan(
         _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
     try:
         scanner = Scanner.open(index, opts)
-        with Progress(SpinnerColumn(), TextColumn("[bold]scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
+        with Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]scanning"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
             task = bar.add_task("scan", total=len(files))
             records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:

@@ -114,8 +114,13 @@ class _Skip:
 ProgressFn = Callable[[int, int], None]  # (items embedded so far, items skipped so far)
 
 
-def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: BuildOptions | None = None,
-          progress: ProgressFn | None = None, source_options: dict[str, Any] | None = None) -> BuildResult:
+def build(  # noqa: C901 - the build's numbered steps, as a diffusers __call__ reads
+    source: str | CorpusSource,
+    index_dir: str | os.PathLike,
+    options: BuildOptions | None = None,
+    progress: ProgressFn | None = None,
+    source_options: dict[str, Any] | None = None,
+) -> BuildResult:
     """Index `source` into `index_dir` (see module docstring); returns counts and the manifest."""
     started = time.perf_counter()
     options = options or BuildOptions()
@@ -149,10 +154,15 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
             _check_append_compatible(old, specs)
 
         # 3. Complete parts of an interrupted run with the same settings are adopted, others deleted
-        build_key = {"source": corpus.to_dict(), "specs": {n: s.to_dict() for n, s in specs.items()},
-                     "append": options.append, "limit": options.limit, "part_size": options.part_size,
-                     "thumbnails": options.thumbnails,
-                     "base": [p["name"] for p in old_manifest["parts"]] if old_manifest is not None else None}
+        build_key = {
+            "source": corpus.to_dict(),
+            "specs": {n: s.to_dict() for n, s in specs.items()},
+            "append": options.append,
+            "limit": options.limit,
+            "part_size": options.part_size,
+            "thumbnails": options.thumbnails,
+            "base": [p["name"] for p in old_manifest["parts"]] if old_manifest is not None else None,
+        }
         build_id = hashlib.sha256(json.dumps(build_key, sort_keys=True, default=str).encode()).hexdigest()[:16]
         parts_dir = index_dir / PARTS
         parts_dir.mkdir(exist_ok=True)
@@ -183,12 +193,18 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
 
         # 5. Commit: the manifest lists the parts (old ones too when appending); unlisted leftovers go
         entries = [part_entry(m) for m in sorted(run.staged, key=lambda m: m["name"])]
-        this_build = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "source": corpus.to_dict(),
-                      "added": run.added, "skipped": run.skipped, "append": options.append, "parts": len(entries)}
+        this_build = {
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": corpus.to_dict(),
+            "added": run.added,
+            "skipped": run.skipped,
+            "append": options.append,
+            "parts": len(entries),
+        }
         if old is not None:
             manifest = json.loads(json.dumps(old_manifest))
             manifest["parts"] += entries
-            manifest["builds"] = manifest.get("builds", []) + [this_build]
+            manifest["builds"] = [*manifest.get("builds", []), this_build]
         else:
             manifest = new_manifest(index_dir, specs, load_args, {"builds": [this_build]})
             manifest["parts"] = entries
@@ -204,16 +220,32 @@ def build(source: str | CorpusSource, index_dir: str | os.PathLike, options: Bui
         remove_unlisted_anns(index_dir, manifest)
         if old is None:
             _remove_v1_files(index_dir)
-    return BuildResult(index_dir, manifest, run.added, resumed, len(old) if old is not None else 0, run.skipped,
-                       time.perf_counter() - started, len(entries))
+    return BuildResult(
+        index_dir,
+        manifest,
+        run.added,
+        resumed,
+        len(old) if old is not None else 0,
+        run.skipped,
+        time.perf_counter() - started,
+        len(entries),
+    )
 
 
 class _Run:
     """One build's state: what is already indexed, the part being written, the counters."""
 
-    def __init__(self, index_dir: Path, options: BuildOptions, models: dict[str, Any],
-                 specs: dict[str, DescriptorSpec], build_id: str, old: ProvenanceIndex | None,
-                 staged: list[dict[str, Any]], progress: ProgressFn | None):
+    def __init__(
+        self,
+        index_dir: Path,
+        options: BuildOptions,
+        models: dict[str, Any],
+        specs: dict[str, DescriptorSpec],
+        build_id: str,
+        old: ProvenanceIndex | None,
+        staged: list[dict[str, Any]],
+        progress: ProgressFn | None,
+    ):
         self.parts_dir = index_dir / PARTS
         self.options, self.models, self.specs, self.build_id = options, models, specs, build_id
         self.dims = vector_dims(specs)
@@ -265,19 +297,30 @@ class _Run:
             if self.fetcher is not None:
                 _add_url_consent(ready, self.fetcher)
             vectors = _embed(self.models, ready)
-            entries: list[tuple[int | None, _Skip | None]] = [(i, None) for i in range(len(ready))] + [(None, s) for s in skips]
+            entries: list[tuple[int | None, _Skip | None]] = [(i, None) for i in range(len(ready))] + [
+                (None, s) for s in skips
+            ]
             pos = 0
             while pos < len(entries):
                 if self.writer is None:
-                    self.writer = PartWriter(self.parts_dir, part_name(self.next_seq, unit), self.dims,
-                                             unit=unit or "items", build_id=self.build_id)
+                    self.writer = PartWriter(
+                        self.parts_dir,
+                        part_name(self.next_seq, unit),
+                        self.dims,
+                        unit=unit or "items",
+                        build_id=self.build_id,
+                    )
                     self.next_seq += 1
                 room = len(entries) if unit is not None else self.options.part_size - self.writer.count
-                take = entries[pos:pos + max(1, room)]
+                take = entries[pos : pos + max(1, room)]
                 pos += len(take)
                 idx = [i for i, _ in take if i is not None]
-                self.writer.add([ready[i].row for i in idx], {n: x[idx] for n, x in vectors.items()},
-                                [ready[i].thumbnail for i in idx], [s.to_dict() for _, s in take if s is not None])
+                self.writer.add(
+                    [ready[i].row for i in idx],
+                    {n: x[idx] for n, x in vectors.items()},
+                    [ready[i].thumbnail for i in idx],
+                    [s.to_dict() for _, s in take if s is not None],
+                )
                 if unit is None and self.writer.count >= self.options.part_size:
                     self._finish_part()
             self.added += len(ready)
@@ -319,7 +362,7 @@ class _Run:
         if self.old is not None:
             taken |= self.old.contains_ids(ids)
         out = []
-        for it, t in zip(items, taken):
+        for it, t in zip(items, taken, strict=False):
             if t or it.id in self.skipped_ids:
                 continue
             if it.id in self.pending:
@@ -361,8 +404,16 @@ def _prepare(item: CorpusItem, models: dict[str, Any], options: BuildOptions) ->
     consent = read_file_consent(decoded.raw, mime_type(decoded.format))
     if consent.signals:  # most files carry none: keep their metadata as small as before
         extra["consent"] = consent.to_dict()
-    row = {"id": item.id, "caption": item.caption, "source": item.source, "license": item.license,
-           "width": decoded.width, "height": decoded.height, "sha256": decoded.sha256, "extra": extra}
+    row = {
+        "id": item.id,
+        "caption": item.caption,
+        "source": item.source,
+        "license": item.license,
+        "width": decoded.width,
+        "height": decoded.height,
+        "sha256": decoded.sha256,
+        "extra": extra,
+    }
     return _Prepared(row, inputs, thumb)
 
 
@@ -393,10 +444,15 @@ def _thumbnail(image) -> bytes:
     return buf.getvalue()
 
 
-def _prepared_batches(items: Iterator[CorpusItem], models: dict[str, Any], options: BuildOptions,
-                      fresh: Callable[[list[CorpusItem]], list[CorpusItem]]) -> Iterator[list[_Prepared | _Skip]]:
+def _prepared_batches(
+    items: Iterator[CorpusItem],
+    models: dict[str, Any],
+    options: BuildOptions,
+    fresh: Callable[[list[CorpusItem]], list[CorpusItem]],
+) -> Iterator[list[_Prepared | _Skip]]:
     """Batches of prepared items; the next batch is decoded while the caller embeds the current one.
     `fresh` drops, from each group of items read, those already indexed (one vectorised probe per group)."""
+
     def new_items() -> Iterator[CorpusItem]:
         group: list[CorpusItem] = []
         for it in items:
@@ -408,6 +464,7 @@ def _prepared_batches(items: Iterator[CorpusItem], models: dict[str, Any], optio
 
     source = new_items()
     with ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="decode") as pool:
+
         def submit_batch() -> list[Future]:
             futures = []
             for it in source:

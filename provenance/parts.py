@@ -23,6 +23,7 @@ kept by the index (`provenance.store`), and `compact` writes new parts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,9 +32,9 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -63,8 +64,10 @@ def vectors_file(name: str) -> str:
 
 def id_hash(ids: list[str]) -> np.ndarray:
     """(len(ids),) uint64: the first 8 bytes of blake2b of each id (collisions are resolved by reading the id)."""
-    return np.array([int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little")
-                     for i in ids], dtype=np.uint64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode("utf-8"), digest_size=8).digest(), "little") for i in ids],
+        dtype=np.uint64,
+    )
 
 
 def sha_hash(shas: list[str | None]) -> np.ndarray:
@@ -72,20 +75,28 @@ def sha_hash(shas: list[str | None]) -> np.ndarray:
     out = np.zeros(len(shas), dtype=np.uint64)
     for i, s in enumerate(shas):
         if s:
-            try:
+            with contextlib.suppress(ValueError):
                 out[i] = int(s[:16], 16)
-            except ValueError:
-                pass
     return out
 
 
 def _schema():
     import pyarrow as pa
 
-    return pa.schema([("id", pa.string()), ("caption", pa.string()), ("source", pa.string()),
-                      ("license", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                      ("sha256", pa.string()), ("extra", pa.string()), ("thumb_offset", pa.int64()),
-                      ("thumb_size", pa.int32())])
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("caption", pa.string()),
+            ("source", pa.string()),
+            ("license", pa.string()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("sha256", pa.string()),
+            ("extra", pa.string()),
+            ("thumb_offset", pa.int64()),
+            ("thumb_size", pa.int32()),
+        ]
+    )
 
 
 def searchable_text(row: dict[str, Any]) -> str:
@@ -136,8 +147,15 @@ class PartWriter:
     vector_dims: descriptor name -> dim (pdq: 32 bytes); the part stores exactly these vector files.
     """
 
-    def __init__(self, parts_dir: Path, name: str, vector_dims: dict[str, int], *, unit: str | None = None,
-                 build_id: str | None = None):
+    def __init__(
+        self,
+        parts_dir: Path,
+        name: str,
+        vector_dims: dict[str, int],
+        *,
+        unit: str | None = None,
+        build_id: str | None = None,
+    ):
         self.parts_dir = Path(parts_dir)
         self.name = name
         self.unit = unit
@@ -152,8 +170,9 @@ class PartWriter:
         self._rows: list[dict[str, Any]] = []  # at most one metadata batch, waiting to be written
         self._id_hashes: list[np.ndarray] = []  # (n,) uint64 in pieces: 8 bytes per item, not the ids
         self._sha_hashes: list[np.ndarray] = []
-        self._vec = {n: open(self.tmp / f"{n}.raw", "wb") for n in self.dims}
-        self._thumbs = open(self.tmp / THUMBNAILS, "wb")
+        # kept open while the part is written, closed by finish() or abort()
+        self._vec = {n: open(self.tmp / f"{n}.raw", "wb") for n in self.dims}  # noqa: SIM115
+        self._thumbs = open(self.tmp / THUMBNAILS, "wb")  # noqa: SIM115
         self._thumb_pos = 0
         self._meta = None  # pyarrow RecordBatchFileWriter, opened on the first batch
         self._meta_sink = None
@@ -161,8 +180,13 @@ class PartWriter:
         # unicode61 with diacritics removed, so "Dali" finds "Dalí"; prefix indexes speed up "name*".
         self._db.execute(f"CREATE VIRTUAL TABLE captions USING fts5(caption, tokenize='{FTS_TOKENIZE}', prefix='2 3')")
 
-    def add(self, rows: list[dict[str, Any]], vectors: dict[str, np.ndarray], thumbnails: list[bytes | None],
-            skipped: Sequence[dict[str, Any]] = ()) -> None:
+    def add(
+        self,
+        rows: list[dict[str, Any]],
+        vectors: dict[str, np.ndarray],
+        thumbnails: list[bytes | None],
+        skipped: Sequence[dict[str, Any]] = (),
+    ) -> None:
         """Append items: rows (id, caption, source, license, width, height, sha256, extra), their vectors
         ((len(rows), d) float16 / (len(rows), 32) uint8 per descriptor) and thumbnails; plus skipped records."""
         self.skipped.extend(skipped)
@@ -174,9 +198,11 @@ class PartWriter:
                 raise IndexFormatError(f"{name}: {0 if x is None else len(x)} vectors for {len(rows)} items")
             dtype = np.uint8 if name == "pdq" else np.float16
             self._vec[name].write(np.ascontiguousarray(x, dtype=dtype).tobytes())
-        self._db.executemany("INSERT INTO captions(rowid, caption) VALUES (?, ?)",
-                             ((self.n + i, searchable_text(r)) for i, r in enumerate(rows)))
-        for r, t in zip(rows, thumbnails):
+        self._db.executemany(
+            "INSERT INTO captions(rowid, caption) VALUES (?, ?)",
+            ((self.n + i, searchable_text(r)) for i, r in enumerate(rows)),
+        )
+        for r, t in zip(rows, thumbnails, strict=False):
             r = dict(r)
             if t:
                 self._thumbs.write(t)
@@ -213,8 +239,10 @@ class PartWriter:
             "width": [r.get("width") for r in rows],
             "height": [r.get("height") for r in rows],
             "sha256": [r.get("sha256") for r in rows],
-            "extra": [r["extra"] if isinstance(r.get("extra"), str) else json.dumps(r.get("extra") or {}, default=str)
-                      for r in rows],
+            "extra": [
+                r["extra"] if isinstance(r.get("extra"), str) else json.dumps(r.get("extra") or {}, default=str)
+                for r in rows
+            ],
             "thumb_offset": [r["thumb_offset"] for r in rows],
             "thumb_size": [r["thumb_size"] for r in rows],
         }
@@ -225,20 +253,22 @@ class PartWriter:
         for f in self._vec.values():
             f.close()
         self._thumbs.close()
-        try:
+        with contextlib.suppress(sqlite3.Error):
             self._db.close()
-        except sqlite3.Error:
-            pass
         if self._meta is not None:
             try:
                 self._meta.close()
                 self._meta_sink.close()
-            except Exception:  # noqa: BLE001 - aborting anyway
+            except Exception:
                 pass
         shutil.rmtree(self.tmp, ignore_errors=True)
 
-    def finish(self, memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None,
-               specs: dict[str, DescriptorSpec] | None = None) -> dict[str, Any]:
+    def finish(
+        self,
+        memory_budget_bytes: int = 1 << 30,
+        use_gpu: bool | None = None,
+        specs: dict[str, DescriptorSpec] | None = None,
+    ) -> dict[str, Any]:
         """Write the remaining files, the FAISS indexes and the marker; rename into place; return the marker."""
         try:
             return self._finish(memory_budget_bytes, use_gpu, specs or {})
@@ -246,7 +276,9 @@ class PartWriter:
             self.abort()
             raise
 
-    def _finish(self, memory_budget_bytes: int, use_gpu: bool | None, specs: dict[str, DescriptorSpec]) -> dict[str, Any]:
+    def _finish(
+        self, memory_budget_bytes: int, use_gpu: bool | None, specs: dict[str, DescriptorSpec]
+    ) -> dict[str, Any]:
         import pyarrow as pa
         from pyarrow import ipc
 
@@ -271,7 +303,10 @@ class PartWriter:
         with open(tmp / SKIPPED, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(s, default=str) + "\n" for s in self.skipped)
         # 4. Lookups: sorted hashes and their rows (np.searchsorted on the memory-mapped files)
-        for (hash_file, row_file), pieces in (((IDS_HASH, IDS_ROW), self._id_hashes), ((SHA_HASH, SHA_ROW), self._sha_hashes)):
+        for (hash_file, row_file), pieces in (
+            ((IDS_HASH, IDS_ROW), self._id_hashes),
+            ((SHA_HASH, SHA_ROW), self._sha_hashes),
+        ):
             h = np.concatenate(pieces) if pieces else np.zeros(0, np.uint64)
             order = np.argsort(h, kind="stable")
             np.save(tmp / hash_file, h[order])
@@ -286,15 +321,17 @@ class PartWriter:
                 raise IndexFormatError(f"{name}: {raw.stat().st_size} bytes of vectors for {n} x {dim} {dtype}")
             with open(npy, "wb") as f:
                 np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, dim)})
+                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (n, dim)}
+                )
                 with open(raw, "rb") as r:
                     shutil.copyfileobj(r, f, 1 << 20)
             raw.unlink()
             entry: dict[str, Any] = {"vectors": vectors_file(name), "dim": dim}
             if n:
                 metric = "hamming" if name == "pdq" else "ip"
-                plan = ann.plan_index(n, dim * 8 if name == "pdq" else dim, metric=metric,
-                                      memory_budget_bytes=memory_budget_bytes)
+                plan = ann.plan_index(
+                    n, dim * 8 if name == "pdq" else dim, metric=metric, memory_budget_bytes=memory_budget_bytes
+                )
                 index = ann.build_index(np.load(npy, mmap_mode="r"), plan, use_gpu=use_gpu)
                 ann.save_index(index, tmp / f"{name}.faiss")
                 entry.update({"faiss": f"{name}.faiss", "ann": plan.to_dict()})
@@ -312,11 +349,18 @@ class PartWriter:
         for s in self.skipped:
             by_reason[s.get("reason_kind", "error")] = by_reason.get(s.get("reason_kind", "error"), 0) + 1
         marker = {
-            "format": PART_FORMAT, "name": self.name, "n": n, "unit": self.unit, "build": self.build_id,
-            "skipped": len(self.skipped), "skipped_by_reason": by_reason,
+            "format": PART_FORMAT,
+            "name": self.name,
+            "n": n,
+            "unit": self.unit,
+            "build": self.build_id,
+            "skipped": len(self.skipped),
+            "skipped_by_reason": by_reason,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "metadata_batch": METADATA_BATCH, "caption_tokens": tokens,
-            "descriptors": descriptors, "files": files,
+            "metadata_batch": METADATA_BATCH,
+            "caption_tokens": tokens,
+            "descriptors": descriptors,
+            "files": files,
         }
         atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
         fsync_dir(tmp)
@@ -399,10 +443,8 @@ class RowReader:
             self._fd = -1
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
 
 
 def read_marker(part_dir: Path) -> dict[str, Any]:
@@ -476,7 +518,8 @@ class PartReader:
                     if bad:
                         raise IndexFormatError(
                             f"{bad[0].path.replace(str(self.dir), self.label)}: {bad[0].problem}; the index is broken: "
-                            "run `provenance index verify` on it, and rebuild it")
+                            "run `provenance index verify` on it, and rebuild it"
+                        )
                     self._marker = marker
         return self._marker
 
@@ -499,6 +542,7 @@ class PartReader:
                 return np.load(self.dir / fname, mmap_mode="r")
             except (OSError, ValueError) as e:
                 raise IndexFormatError(f"{self.label}/{fname}: unreadable ({e})") from None
+
         return self._get(f"npy:{fname}", load)
 
     # -- lookups
@@ -542,6 +586,7 @@ class PartReader:
                 return ipc.open_file(pa.memory_map(str(self.dir / METADATA), "r"))
             except (OSError, pa.ArrowInvalid) as e:
                 raise IndexFormatError(f"{self.label}/{METADATA}: unreadable metadata ({e})") from None
+
         return self._get("metadata", open_)
 
     def batch_of(self, row: int):
@@ -592,18 +637,24 @@ class PartReader:
         return self._npy(self.marker["descriptors"][name]["vectors"])
 
     def row_reader(self, name: str) -> RowReader:
-        return self._get(f"rows:{name}", lambda: RowReader.from_npy(self.dir / self.marker["descriptors"][name]["vectors"]))
+        return self._get(
+            f"rows:{name}", lambda: RowReader.from_npy(self.dir / self.marker["descriptors"][name]["vectors"])
+        )
 
     def faiss_index(self, name: str, use_gpu: bool | None = None):
         """(index, plan) of this part's FAISS index for `name`, loaded (memory-mapped) on first use."""
+
         def load():
             entry = self.marker["descriptors"][name]
             plan = ann.AnnPlan.from_dict(entry["ann"])
             try:
                 index = ann.load_index(self.dir / entry["faiss"], plan, use_gpu=use_gpu)
             except (ValueError, FileNotFoundError) as e:
-                raise IndexFormatError(f"{self.label}/{entry['faiss']}: {str(e).replace(str(self.dir), self.label)}") from None
+                raise IndexFormatError(
+                    f"{self.label}/{entry['faiss']}: {str(e).replace(str(self.dir), self.label)}"
+                ) from None
             return index, plan
+
         return self._get(f"faiss:{name}", load)
 
     def search(self, name: str, xq: np.ndarray, k: int, use_gpu: bool | None = None) -> ann.Neighbors | None:

@@ -25,6 +25,7 @@ Opening reads manifest.json and the tombstones only, so it costs the same at 10M
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,9 +36,9 @@ import shutil
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -117,7 +118,8 @@ def read_manifest(index_dir: Path, with_parts: bool = True) -> dict[str, Any]:
     path = index_dir / MANIFEST
     if not path.exists():
         raise IndexNotFoundError(
-            f"no index at {index_dir} (no {MANIFEST}); build one with `provenance index build SOURCE --index {index_dir}`")
+            f"no index at {index_dir} (no {MANIFEST}); build one with `provenance index build SOURCE --index {index_dir}`"
+        )
     try:
         manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -127,7 +129,8 @@ def read_manifest(index_dir: Path, with_parts: bool = True) -> dict[str, Any]:
         raise IndexFormatError(
             f"{index_dir} is a format-1 index (one set of files, before parts); convert it in place, keeping every "
             f"vector, with `provenance index upgrade {index_dir}`, or rebuild it with "
-            f"`provenance index build SOURCE --index {index_dir}`")
+            f"`provenance index build SOURCE --index {index_dir}`"
+        )
     if version != FORMAT_VERSION:
         raise IndexFormatError(f"{index_dir}: index format {version} but this tool reads {FORMAT_VERSION}; rebuild it")
     if with_parts:
@@ -147,10 +150,13 @@ def load_part_list(index_dir: Path, manifest: dict[str, Any]) -> None:
     except OSError as e:
         raise IndexFormatError(
             f"{index_dir.name}/{ref.get('file')}: the manifest's part list is unreadable ({e.strerror or e}); if the "
-            "index was rewritten since it was opened (compact, build), open it again") from None
+            "index was rewritten since it was opened (compact, build), open it again"
+        ) from None
     if len(data) != ref.get("size") or file_sha256_bytes(data) != ref.get("sha256"):
-        raise IndexFormatError(f"{index_dir.name}/{ref.get('file')}: does not match the manifest's size and sha256; "
-                               "run `provenance index verify` on the index")
+        raise IndexFormatError(
+            f"{index_dir.name}/{ref.get('file')}: does not match the manifest's size and sha256; "
+            "run `provenance index verify` on the index"
+        )
     listing = json.loads(data)
     manifest["parts"] = listing["parts"]
     if manifest.get("lookup") is not None:
@@ -176,17 +182,31 @@ def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
         for r, c in (p.get("skipped_by_reason") or {}).items():
             by_reason[r] = by_reason.get(r, 0) + c
     rows = sum(p["n"] for p in parts)
-    manifest["counts"] = {"indexed": rows - removed, "rows": rows, "removed": removed,
-                          "skipped": sum(p.get("skipped", 0) for p in parts), "skipped_by_reason": by_reason,
-                          "parts": len(parts)}
+    manifest["counts"] = {
+        "indexed": rows - removed,
+        "rows": rows,
+        "removed": removed,
+        "skipped": sum(p.get("skipped", 0) for p in parts),
+        "skipped_by_reason": by_reason,
+        "parts": len(parts),
+    }
     manifest["updated_at"] = _now()
-    on_disk = [int(p.name[len(PART_LIST_PREFIX):-5]) for p in index_dir.glob(f"{PART_LIST_PREFIX}*.json")
-               if p.name[len(PART_LIST_PREFIX):-5].isdigit()]
+    on_disk = [
+        int(p.name[len(PART_LIST_PREFIX) : -5])
+        for p in index_dir.glob(f"{PART_LIST_PREFIX}*.json")
+        if p.name[len(PART_LIST_PREFIX) : -5].isdigit()
+    ]
     gen = max([int((manifest.get("parts_list") or {}).get("gen", -1)), *on_disk]) + 1
     lookup = manifest.get("lookup")
     merged = manifest.get("ann")
-    listing = json.dumps({"parts": parts, "lookup_covers": (lookup or {}).get("covers", []),
-                          "ann_covers": (merged or {}).get("covers", [])}, default=str)
+    listing = json.dumps(
+        {
+            "parts": parts,
+            "lookup_covers": (lookup or {}).get("covers", []),
+            "ann_covers": (merged or {}).get("covers", []),
+        },
+        default=str,
+    )
     name = f"{PART_LIST_PREFIX}{gen:06d}.json"
     atomic_write_text(index_dir / name, listing)
     data = listing.encode("utf-8")
@@ -203,24 +223,38 @@ def commit_manifest(index_dir: Path, manifest: dict[str, Any]) -> None:
             (index_dir / f"{PART_LIST_PREFIX}{g:06d}.json").unlink(missing_ok=True)
 
 
-def new_manifest(index_dir: Path, specs: dict[str, DescriptorSpec], load_args: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def new_manifest(
+    index_dir: Path, specs: dict[str, DescriptorSpec], load_args: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     descriptors = {}
     for name, spec in specs.items():
         entry: dict[str, Any] = {**spec.to_dict(), "vectors": vectors_file(name)}
         if load_args.get(name):
             entry["load"] = load_args[name]
         descriptors[name] = entry
-    return {"format_version": FORMAT_VERSION, "tool_version": _tool_version(), "name": index_dir.name,
-            "built_at": _now(), "descriptors": descriptors, "parts": [], "next_part": 0,
-            "tombstones": {"file": TOMBSTONES, "count": 0}, **(extra or {})}
+    return {
+        "format_version": FORMAT_VERSION,
+        "tool_version": _tool_version(),
+        "name": index_dir.name,
+        "built_at": _now(),
+        "descriptors": descriptors,
+        "parts": [],
+        "next_part": 0,
+        "tombstones": {"file": TOMBSTONES, "count": 0},
+        **(extra or {}),
+    }
 
 
 def part_entry(marker: dict[str, Any]) -> dict[str, Any]:
     """What the manifest keeps of a part: enough to place its rows and count, without opening it."""
-    return {"name": marker["name"], "n": marker["n"], "skipped": marker["skipped"],
-            "skipped_by_reason": marker.get("skipped_by_reason") or {}, "unit": marker.get("unit"),
-            "caption_tokens": marker.get("caption_tokens", 0)}
+    return {
+        "name": marker["name"],
+        "n": marker["n"],
+        "skipped": marker["skipped"],
+        "skipped_by_reason": marker.get("skipped_by_reason") or {},
+        "unit": marker.get("unit"),
+        "caption_tokens": marker.get("caption_tokens", 0),
+    }
 
 
 def specs_of(manifest: dict[str, Any]) -> dict[str, DescriptorSpec]:
@@ -251,8 +285,11 @@ def write_merged_lookup(index_dir: Path, manifest: dict[str, Any]) -> None:
     Files: {ids,sha}.u64.npy (n,) uint64 sorted hashes; {ids,sha}.loc.npy (n,) uint64 part number << 32 | row.
     Building it holds 16 bytes per item in memory (160 MB at 10M) for the sort.
     """
-    on_disk = [int(d.name[len(LOOKUP_PREFIX):]) for d in index_dir.glob(f"{LOOKUP_PREFIX}*")
-               if d.name[len(LOOKUP_PREFIX):].isdigit()]
+    on_disk = [
+        int(d.name[len(LOOKUP_PREFIX) :])
+        for d in index_dir.glob(f"{LOOKUP_PREFIX}*")
+        if d.name[len(LOOKUP_PREFIX) :].isdigit()
+    ]
     gen = max([int((manifest.get("lookup") or {}).get("gen", -1)), *on_disk]) + 1  # never a live one's name
     d = index_dir / f"{LOOKUP_PREFIX}{gen:06d}"
     tmp = index_dir / f"{TMP_PREFIX}{d.name}-{os.getpid()}"
@@ -304,7 +341,9 @@ MERGED_ANN_NPROBE: int | None = None  # None: merged_ann's rule (nlist / 64, at 
 
 
 def _ann_dirs(index_dir: Path) -> list[int]:
-    return [int(d.name[len(ANN_PREFIX):]) for d in index_dir.glob(f"{ANN_PREFIX}*") if d.name[len(ANN_PREFIX):].isdigit()]
+    return [
+        int(d.name[len(ANN_PREFIX) :]) for d in index_dir.glob(f"{ANN_PREFIX}*") if d.name[len(ANN_PREFIX) :].isdigit()
+    ]
 
 
 def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool = False) -> None:
@@ -328,8 +367,12 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
         return
     listed = {int(e["name"][:6]) for e in live}
     old_covers = set(int(s) for s in (old or {}).get("covers", []))
-    incremental = (old is not None and append and old_covers <= listed
-                   and rows <= ma.RETRAIN_GROWTH * int(old.get("trained_rows", 0)))
+    incremental = (
+        old is not None
+        and append
+        and old_covers <= listed
+        and rows <= ma.RETRAIN_GROWTH * int(old.get("trained_rows", 0))
+    )
     gen = max([int((old or {}).get("gen", -1)), *_ann_dirs(index_dir)]) + 1
     d = index_dir / f"{ANN_PREFIX}{gen:06d}"
     tmp = index_dir / f"{TMP_PREFIX}{d.name}-{os.getpid()}"
@@ -368,8 +411,14 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
             os.fsync(fh.fileno())
     os.rename(tmp, d)
     fsync_dir(index_dir)
-    manifest["ann"] = {"dir": d.name, "gen": gen, "covers": sorted(listed), "descriptors": plans, "files": files,
-                       "trained_rows": int(old["trained_rows"]) if old is not None and incremental else rows}
+    manifest["ann"] = {
+        "dir": d.name,
+        "gen": gen,
+        "covers": sorted(listed),
+        "descriptors": plans,
+        "files": files,
+        "trained_rows": int(old["trained_rows"]) if old is not None and incremental else rows,
+    }
 
 
 def remove_unlisted_anns(index_dir: Path, manifest: dict[str, Any]) -> None:
@@ -390,11 +439,15 @@ def read_tombstones(index_dir: Path, manifest: dict[str, Any]) -> list[dict[str,
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise IndexFormatError(f"{path}: the manifest lists {meta['count']} removed items but the file is "
-                               f"unreadable ({e.strerror or e}); run `provenance index verify {index_dir}`") from None
+        raise IndexFormatError(
+            f"{path}: the manifest lists {meta['count']} removed items but the file is "
+            f"unreadable ({e.strerror or e}); run `provenance index verify {index_dir}`"
+        ) from None
     if meta.get("size") is not None and (len(data) != meta["size"] or file_sha256_bytes(data) != meta.get("sha256")):
-        raise IndexFormatError(f"{path}: does not match the manifest's size and sha256 (corrupted); "
-                               f"run `provenance index verify {index_dir}`")
+        raise IndexFormatError(
+            f"{path}: does not match the manifest's size and sha256 (corrupted); "
+            f"run `provenance index verify {index_dir}`"
+        )
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
@@ -411,8 +464,12 @@ def write_tombstones(index_dir: Path, manifest: dict[str, Any], records: list[di
     elif (index_dir / TOMBSTONES).exists():
         (index_dir / TOMBSTONES).unlink()
     data = text.encode("utf-8")
-    manifest["tombstones"] = {"file": TOMBSTONES, "count": len(records), "size": len(data),
-                              "sha256": file_sha256_bytes(data)}
+    manifest["tombstones"] = {
+        "file": TOMBSTONES,
+        "count": len(records),
+        "size": len(data),
+        "sha256": file_sha256_bytes(data),
+    }
 
 
 # ------------------------------------------------------------------------------- writing a whole index
@@ -430,9 +487,14 @@ class IndexContents:
     skipped: list[dict[str, Any]]
 
 
-def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[str, Any],
-                memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None,
-                part_size: int | None = None) -> dict[str, Any]:
+def write_index(
+    index_dir: Path,
+    contents: IndexContents,
+    manifest_extra: dict[str, Any],
+    memory_budget_bytes: int = 1 << 30,
+    use_gpu: bool | None = None,
+    part_size: int | None = None,
+) -> dict[str, Any]:
     """Write `contents` as a new index at `index_dir` (replacing any), in parts of `part_size` rows (default: one)."""
     index_dir = Path(index_dir)
     n = len(contents.rows)
@@ -449,8 +511,12 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
             w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], None), dims)
             manifest["next_part"] += 1
             try:
-                w.add(contents.rows[start:end], {k: v[start:end] for k, v in contents.vectors.items()},
-                      contents.thumbnails[start:end], contents.skipped if start == 0 else [])
+                w.add(
+                    contents.rows[start:end],
+                    {k: v[start:end] for k, v in contents.vectors.items()},
+                    contents.thumbnails[start:end],
+                    contents.skipped if start == 0 else [],
+                )
             except BaseException:
                 w.abort()
                 raise
@@ -468,10 +534,8 @@ def write_index(index_dir: Path, contents: IndexContents, manifest_extra: dict[s
 
 def _remove_v1_files(index_dir: Path) -> None:
     for f in list(_V1_FILES) + [p.name for p in index_dir.glob("*.npy")] + [p.name for p in index_dir.glob("*.faiss")]:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             (index_dir / f).unlink()
-        except FileNotFoundError:
-            pass
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -525,11 +589,16 @@ class _Layout:
         covered = {int(s) for s in lk.get("covers", [])}
         unmerged = [i for i, e in enumerate(entries) if int(e["name"][:6]) not in covered]
         ann_covers = {int(s) for s in (manifest.get("ann") or {}).get("covers", [])}
-        return cls(_LazyParts(index_dir / PARTS, entries), starts,
-                   {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()},
-                   {int(e["name"][:6]): i for i, e in enumerate(entries)}, unmerged, set(unmerged),
-                   sum(int(e.get("caption_tokens", 0)) for e in entries),
-                   [i for i, e in enumerate(entries) if int(e["name"][:6]) in ann_covers])
+        return cls(
+            _LazyParts(index_dir / PARTS, entries),
+            starts,
+            {pi: np.array(sorted(rs), dtype=np.int64) for pi, rs in removed.items()},
+            {int(e["name"][:6]): i for i, e in enumerate(entries)},
+            unmerged,
+            set(unmerged),
+            sum(int(e.get("caption_tokens", 0)) for e in entries),
+            [i for i, e in enumerate(entries) if int(e["name"][:6]) in ann_covers],
+        )
 
 
 class ProvenanceIndex:
@@ -639,8 +708,10 @@ class ProvenanceIndex:
                     raise IndexFormatError(f"{path}: {size} bytes, the manifest says {rec['size']}")
                 arr = self._merged[fname] = np.load(path, mmap_mode="r")
             except (OSError, ValueError) as e:
-                raise IndexFormatError(f"{path}: unreadable merged lookup ({e}); run `provenance index compact "
-                                       f"--index {self.dir}` to rewrite it") from None
+                raise IndexFormatError(
+                    f"{path}: unreadable merged lookup ({e}); run `provenance index compact "
+                    f"--index {self.dir}` to rewrite it"
+                ) from None
         return arr
 
     def _merged_candidates(self, kind: str, h: int) -> list[tuple[int, int]]:
@@ -666,8 +737,11 @@ class ProvenanceIndex:
     def _locations_of_id(self, item_id: str) -> list[tuple[int, int]]:
         from provenance.parts import id_hash
 
-        found = [(pi, r) for pi, r in self._merged_candidates("ids", int(id_hash([item_id])[0]))
-                 if self.parts[pi].column_value(r, "id") == item_id]
+        found = [
+            (pi, r)
+            for pi, r in self._merged_candidates("ids", int(id_hash([item_id])[0]))
+            if self.parts[pi].column_value(r, "id") == item_id
+        ]
         for pi in reversed(self._probe_order()):
             if len(self.parts[pi]):
                 found += [(pi, r) for r in self.parts[pi].rows_of_id(item_id)]
@@ -700,8 +774,10 @@ class ProvenanceIndex:
         if merged is not None and len(merged):
             pos = np.minimum(np.searchsorted(merged, hashes), len(merged) - 1)
             for j in np.flatnonzero(np.asarray(merged[pos]) == hashes):
-                hit[j] = any(self.parts[pi].column_value(r, "id") == ids[j]
-                             for pi, r in self._merged_candidates("ids", int(hashes[j])))
+                hit[j] = any(
+                    self.parts[pi].column_value(r, "id") == ids[j]
+                    for pi, r in self._merged_candidates("ids", int(hashes[j]))
+                )
         for pi in self._probe_order():
             part = self.parts[pi]
             if len(part):
@@ -717,8 +793,9 @@ class ProvenanceIndex:
         h = int(sha_hash([sha])[0])
         if not h:
             return []
-        out = [(pi, r) for pi, r in self._merged_candidates("sha", h)
-               if self.parts[pi].column_value(r, "sha256") == sha]
+        out = [
+            (pi, r) for pi, r in self._merged_candidates("sha", h) if self.parts[pi].column_value(r, "sha256") == sha
+        ]
         for pi in self._probe_order():
             if len(self.parts[pi]):
                 out += [(pi, r) for r in self.parts[pi].rows_of_sha256(sha)]
@@ -759,7 +836,7 @@ class ProvenanceIndex:
                 ids = batch.column("id").to_pylist()
                 if pi in self._removed:
                     keep = self._live_mask(pi, start, len(ids))
-                    ids = [i for i, k in zip(ids, keep) if k]
+                    ids = [i for i, k in zip(ids, keep, strict=False) if k]
                 out += ids
         return out
 
@@ -842,7 +919,8 @@ class ProvenanceIndex:
         if name not in self.specs:
             raise DescriptorUnavailableError(
                 f"the index at {self.dir} has no {name!r} descriptor (it has {', '.join(self.specs)}); "
-                f"rebuild with --descriptors including {name.split('_')[0]}")
+                f"rebuild with --descriptors including {name.split('_')[0]}"
+            )
 
     def search_vectors(self, name: str, xq: np.ndarray, k: int = 10) -> list[list[Match]]:
         """Nearest live corpus items for each query vector, best first, as Matches of descriptor `name`.
@@ -876,8 +954,11 @@ class ProvenanceIndex:
                 ids[np.isin(ids, removed)] = -1
             s = np.where(ids < 0, -np.inf, nb.scores)
             scores.append(s)
-            dists.append(np.where(ids < 0, np.iinfo(np.int32).max, nb.distances) if hamming and nb.distances is not None
-                         else np.zeros_like(ids))
+            dists.append(
+                np.where(ids < 0, np.iinfo(np.int32).max, nb.distances)
+                if hamming and nb.distances is not None
+                else np.zeros_like(ids)
+            )
             grows.append(np.where(ids < 0, -1, ids + self._starts[pi]))
         S, D, G = np.concatenate(scores, 1), np.concatenate(dists, 1), np.concatenate(grows, 1)
         descriptor = "clip" if name == "clip_text" else name
@@ -891,10 +972,17 @@ class ProvenanceIndex:
                     break
                 pi, r = self.locate(g)
                 batch, b = self.parts[pi].batch_of(r)
-                matches.append(Match(batch.column("id")[b].as_py(), float(S[qi, j]), descriptor,
-                                     batch.column("caption")[b].as_py(), batch.column("source")[b].as_py(),
-                                     int(D[qi, j]) if hamming else None,
-                                     consent=stored_consent(batch.column("extra")[b].as_py())))
+                matches.append(
+                    Match(
+                        batch.column("id")[b].as_py(),
+                        float(S[qi, j]),
+                        descriptor,
+                        batch.column("caption")[b].as_py(),
+                        batch.column("source")[b].as_py(),
+                        int(D[qi, j]) if hamming else None,
+                        consent=stored_consent(batch.column("extra")[b].as_py()),
+                    )
+                )
             out.append(matches)
         return out
 
@@ -913,17 +1001,22 @@ class ProvenanceIndex:
                 rec = (meta.get("files") or {}).get(f)
                 size = (d / f).stat().st_size if (d / f).is_file() else None
                 if rec is None or size != rec["size"]:
-                    raise IndexFormatError(f"{meta['dir']}/{f}: missing or not the size the manifest records "
-                                           f"({size} != {rec and rec['size']}); run `provenance index compact` to rebuild it")
+                    raise IndexFormatError(
+                        f"{meta['dir']}/{f}: missing or not the size the manifest records "
+                        f"({size} != {rec and rec['size']}); run `provenance index compact` to rebuild it"
+                    )
             try:
                 index = ma.load_merged(d / f"{name}.faiss", plan)
             except RuntimeError as e:
-                raise IndexFormatError(f"{meta['dir']}/{name}.faiss: unreadable merged index ({str(e).splitlines()[0]})") from None
+                raise IndexFormatError(
+                    f"{meta['dir']}/{name}.faiss: unreadable merged index ({str(e).splitlines()[0]})"
+                ) from None
             got = self._anns.setdefault(name, (index, plan))
         return got
 
-    def _search_merged(self, name: str, merged: tuple[Any, Any], xq: np.ndarray, k: int
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _search_merged(
+        self, name: str, merged: tuple[Any, Any], xq: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores, hamming distances, global rows), each (nq, k), of the merged ANN's top k live rows."""
         from provenance import merged_ann as ma
 
@@ -942,10 +1035,13 @@ class ProvenanceIndex:
             return out
 
         xq = np.asarray(xq)
-        S, D, ids = ma.search_merged(index, plan, xq if name == "pdq" else np.asarray(xq, np.float32), k, removed_ids,
-                                     read_rows)
+        S, D, ids = ma.search_merged(
+            index, plan, xq if name == "pdq" else np.asarray(xq, np.float32), k, removed_ids, read_rows
+        )
         seq, row = ma.split_id(np.maximum(ids, 0))
-        starts = np.array([lay.starts[lay.part_of_seq.get(int(s), 0)] for s in seq.ravel()], np.int64).reshape(ids.shape)
+        starts = np.array([lay.starts[lay.part_of_seq.get(int(s), 0)] for s in seq.ravel()], np.int64).reshape(
+            ids.shape
+        )
         G = np.where(ids < 0, -1, starts + row)
         return S, (D if name == "pdq" else np.zeros_like(G)), G
 
@@ -980,12 +1076,18 @@ class ProvenanceIndex:
                 with sqlite_time_budget(con, limits.time_budget_s, started):
                     hits = con.execute(
                         "SELECT rowid, caption, snippet(captions, 0, '[', ']', '…', 12) FROM captions WHERE captions MATCH ? "
-                        "ORDER BY bm25(captions) LIMIT ?", (fts_query, limit)).fetchall()
+                        "ORDER BY bm25(captions) LIMIT ?",
+                        (fts_query, limit),
+                    ).fetchall()
                     for j, t in enumerate(terms):  # document frequencies over every part, matched or not
-                        df[j] += con.execute("SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)).fetchone()[0]
+                        df[j] += con.execute(
+                            "SELECT count(*) FROM captions WHERE captions MATCH ?", (t.fts,)
+                        ).fetchone()[0]
             except sqlite3.Error as e:
-                raise IndexFormatError(f"{part.label}/captions.sqlite: unreadable caption database ({e}); "
-                                       "run `provenance index verify` on the index") from None
+                raise IndexFormatError(
+                    f"{part.label}/captions.sqlite: unreadable caption database ({e}); "
+                    "run `provenance index verify` on the index"
+                ) from None
             cand += [(pi, int(r), text, snip) for r, text, snip in hits if not self.is_removed(pi, int(r))]
         if not cand:
             return []
@@ -997,8 +1099,15 @@ class ProvenanceIndex:
         for i in order:
             pi, r, _, snip = cand[i]
             batch, b = self.parts[pi].batch_of(r)
-            out.append(CaptionHit(batch.column("id")[b].as_py(), float(scores[i]), batch.column("caption")[b].as_py(),
-                                  batch.column("source")[b].as_py(), snip))
+            out.append(
+                CaptionHit(
+                    batch.column("id")[b].as_py(),
+                    float(scores[i]),
+                    batch.column("caption")[b].as_py(),
+                    batch.column("source")[b].as_py(),
+                    snip,
+                )
+            )
         return out
 
 
@@ -1107,7 +1216,7 @@ def _copy_rows(src: PartReader, writer: PartWriter, names: list[str], keep: np.n
     with open(thumbs_path, "rb") as tf:
         for start, batch in src.iter_batches():
             n = batch.num_rows
-            sel = np.arange(n) if keep is None else np.flatnonzero(keep[start:start + n])
+            sel = np.arange(n) if keep is None else np.flatnonzero(keep[start : start + n])
             if not len(sel):
                 continue
             rows = batch.take(sel).to_pylist()
@@ -1119,12 +1228,16 @@ def _copy_rows(src: PartReader, writer: PartWriter, names: list[str], keep: np.n
                 else:
                     tf.seek(off)
                     thumbs.append(tf.read(size))
-            vectors = {nm: np.asarray(src.vectors(nm)[start:start + n])[sel] for nm in names}
+            vectors = {nm: np.asarray(src.vectors(nm)[start : start + n])[sel] for nm in names}
             writer.add(rows, vectors, thumbs)
 
 
-def compact(index_dir: str | os.PathLike[str], wait: float = 0.0, memory_budget_bytes: int = 1 << 30,
-            use_gpu: bool | None = None) -> dict[str, Any]:
+def compact(
+    index_dir: str | os.PathLike[str],
+    wait: float = 0.0,
+    memory_budget_bytes: int = 1 << 30,
+    use_gpu: bool | None = None,
+) -> dict[str, Any]:
     """Rewrite every part that has removed rows without them, and clear those tombstones. Returns counts.
 
     Parts without removals stay as they are. Global row numbers change; item ids do not. A process that
@@ -1143,8 +1256,13 @@ def compact(index_dir: str | os.PathLike[str], wait: float = 0.0, memory_budget_
             keep = np.ones(len(part), bool)
             keep[removed] = False
             entry = manifest["parts"][pi]
-            w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], entry.get("unit")), dims,
-                           unit=entry.get("unit"), build_id=part.marker.get("build"))
+            w = PartWriter(
+                index_dir / PARTS,
+                part_name(manifest["next_part"], entry.get("unit")),
+                dims,
+                unit=entry.get("unit"),
+                build_id=part.marker.get("build"),
+            )
             manifest["next_part"] += 1
             try:
                 _copy_rows(part, w, list(dims), keep)
@@ -1165,8 +1283,13 @@ def compact(index_dir: str | os.PathLike[str], wait: float = 0.0, memory_budget_
     return {"parts_rewritten": rewritten, "rows_dropped": dropped, "items": manifest["counts"]["indexed"]}
 
 
-def upgrade(index_dir: str | os.PathLike[str], wait: float = 0.0, part_size: int = DEFAULT_PART_SIZE,
-            memory_budget_bytes: int = 1 << 30, use_gpu: bool | None = None) -> dict[str, Any]:
+def upgrade(
+    index_dir: str | os.PathLike[str],
+    wait: float = 0.0,
+    part_size: int = DEFAULT_PART_SIZE,
+    memory_budget_bytes: int = 1 << 30,
+    use_gpu: bool | None = None,
+) -> dict[str, Any]:
     """Convert a format-1 index in place into format 2 (parts of `part_size` rows), keeping every vector,
     caption and thumbnail (nothing is re-embedded). The format-1 files are deleted once the new manifest lands."""
     import pyarrow.parquet as pq
@@ -1189,8 +1312,15 @@ def upgrade(index_dir: str | os.PathLike[str], wait: float = 0.0, part_size: int
         manifest["upgraded_from"] = {"format_version": 1, "tool_version": old.get("tool_version"), "at": _now()}
         dims = vector_dims(specs)
         vecs = {n: np.load(index_dir / vectors_file(n), mmap_mode="r") for n in specs}
-        skipped = [json.loads(line) for line in (index_dir / "skipped.jsonl").read_text(encoding="utf-8").splitlines()
-                   if line.strip()] if (index_dir / "skipped.jsonl").exists() else []
+        skipped = (
+            [
+                json.loads(line)
+                for line in (index_dir / "skipped.jsonl").read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
+            if (index_dir / "skipped.jsonl").exists()
+            else []
+        )
         pf = pq.ParquetFile(index_dir / "metadata.parquet")
         writer: PartWriter | None = None
         start = 0
@@ -1205,13 +1335,17 @@ def upgrade(index_dir: str | os.PathLike[str], wait: float = 0.0, part_size: int
                 pos = 0
                 while pos < len(rows):
                     if writer is None:
-                        writer = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], "upgraded"), dims,
-                                            unit="upgraded")
+                        writer = PartWriter(
+                            index_dir / PARTS, part_name(manifest["next_part"], "upgraded"), dims, unit="upgraded"
+                        )
                         manifest["next_part"] += 1
                     take = min(len(rows) - pos, part_size - writer.n)
                     sl = slice(start + pos, start + pos + take)
-                    writer.add(rows[pos:pos + take], {n: np.asarray(v[sl]) for n, v in vecs.items()},
-                               thumbs[pos:pos + take])
+                    writer.add(
+                        rows[pos : pos + take],
+                        {n: np.asarray(v[sl]) for n, v in vecs.items()},
+                        thumbs[pos : pos + take],
+                    )
                     pos += take
                     if writer.n >= part_size:
                         manifest["parts"].append(part_entry(writer.finish(memory_budget_bytes, use_gpu, specs)))
@@ -1224,7 +1358,9 @@ def upgrade(index_dir: str | os.PathLike[str], wait: float = 0.0, part_size: int
             writer.skipped.extend(skipped)
             manifest["parts"].append(part_entry(writer.finish(memory_budget_bytes, use_gpu, specs)))
         elif skipped:  # the skips ride on an extra empty part so that the counts survive
-            w = PartWriter(index_dir / PARTS, part_name(manifest["next_part"], "upgraded-skipped"), dims, unit="upgraded")
+            w = PartWriter(
+                index_dir / PARTS, part_name(manifest["next_part"], "upgraded-skipped"), dims, unit="upgraded"
+            )
             manifest["next_part"] += 1
             w.skipped.extend(skipped)
             manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, specs)))

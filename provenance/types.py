@@ -138,8 +138,9 @@ class ScanRecord:
         return d
 
     @classmethod
-    def failed(cls, path: str, error: str | BaseException, sha256: str | None = None,
-               code: str | None = None) -> "ScanRecord":
+    def failed(
+        cls, path: str, error: str | BaseException, sha256: str | None = None, code: str | None = None
+    ) -> ScanRecord:
         """The record of an image that could not be scanned; an exception gives its message and its class's
         `code` (ProvenanceError subclasses), anything else is "scan_failed"."""
         if isinstance(error, BaseException):

@@ -23,8 +23,9 @@ def dev_photos(shards, keys: set[str]) -> dict[str, Image.Image]:
     return out
 
 
-def inset(photo: Image.Image, background: Image.Image, width: float, at: tuple[float, float]
-          ) -> tuple[Image.Image, tuple[float, float, float, float]]:
+def inset(
+    photo: Image.Image, background: Image.Image, width: float, at: tuple[float, float]
+) -> tuple[Image.Image, tuple[float, float, float, float]]:
     """The photo at `width` of a 640x480 copy of the background, its top-left corner at relative `at`."""
     canvas = background.resize((640, 480))
     w = round(640 * width)
@@ -37,7 +38,7 @@ def inset(photo: Image.Image, background: Image.Image, width: float, at: tuple[f
 def contact_sheet(photos: list[Image.Image], n: int, tile: int = 200, gap: int = 6) -> Image.Image:
     side = n * tile + (n + 1) * gap
     sheet = Image.new("RGB", (side, side), (255, 255, 255))
-    for i, p in enumerate(photos[:n * n]):
+    for i, p in enumerate(photos[: n * n]):
         sheet.paste(p.resize((tile, tile)), (gap + (i % n) * (tile + gap), gap + (i // n) * (tile + gap)))
     return sheet
 

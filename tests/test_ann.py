@@ -315,7 +315,7 @@ def test_ivf_pq_sq8_refine_same_top_k_as_exact_and_exact_scores(tmp_path, xb, xq
     got = search(index, xq, 10, plan, rerank_vectors=reader)
     # exact top-10 over the float16 rows, as the benchmark's ground truth
     ex_d, ex_i = ann_eval.exact_search(xq, xb16, 10)
-    same = [set(a) == set(b) for a, b in zip(got.ids.tolist(), ex_i.tolist())]
+    same = [set(a) == set(b) for a, b in zip(got.ids.tolist(), ex_i.tolist(), strict=False)]
     assert np.mean(same) >= 0.95  # the rest differ by near-ties only:
     np.testing.assert_allclose(np.sort(got.scores, axis=1), np.sort(ex_d, axis=1), atol=2e-3)
     # returned scores are the float16 cosines, best first (tolerance: float32 dot products)
@@ -330,7 +330,9 @@ def test_ivf_pq_sq8_refine_same_top_k_as_exact_and_exact_scores(tmp_path, xb, xq
     # k above exact_k: faiss keeps k candidates (with k_factor scaled down), still exact scores
     wide = search(index, xq[:5], 40, plan, rerank_vectors=xb16)
     assert wide.ids.shape == (5, 40) and (wide.ids >= 0).all()
-    np.testing.assert_allclose(wide.scores, np.einsum("qd,qkd->qk", xq[:5], xb16.astype(np.float32)[wide.ids]), atol=1e-5)
+    np.testing.assert_allclose(
+        wide.scores, np.einsum("qd,qkd->qk", xq[:5], xb16.astype(np.float32)[wide.ids]), atol=1e-5
+    )
     reader.close()
 
 

@@ -32,8 +32,11 @@ NESTED = "sub/dir"  # two photos live here, so their ids contain "/"
 def corpus(coco_dir, tmp_path_factory) -> Path:
     """10 COCO photos with their captions, two of them in a nested folder."""
     root = tmp_path_factory.mktemp("api-corpus")
-    rows = {json.loads(line)["file_name"]: json.loads(line)
-            for line in (coco_dir / "metadata.jsonl").read_text().splitlines() if line.strip()}
+    rows = {
+        json.loads(line)["file_name"]: json.loads(line)
+        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     (root / NESTED).mkdir(parents=True)
     with open(root / "metadata.jsonl", "w") as meta:
         for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]):
@@ -189,9 +192,17 @@ def test_scan_corpus_photo_finds_itself(client, photos):
     assert set(rec) == expected and "verdict" not in rec["matches"][0]
     assert rec["schema_version"] == SCAN_SCHEMA_VERSION and rec["error_code"] is None
     # the record says which checks ran: the server's defaults, with the index's descriptors
-    assert rec["checks"] == {"descriptors": ["sscd", "pdq", "clip"], "visible": True, "visible_thorough": False,
-                             "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
-                             "centre_view": False, "region_search": False}
+    assert rec["checks"] == {
+        "descriptors": ["sscd", "pdq", "clip"],
+        "visible": True,
+        "visible_thorough": False,
+        "invisible": True,
+        "invisible_crops": False,
+        "c2pa": True,
+        "metadata": True,
+        "centre_view": False,
+        "region_search": False,
+    }
     assert set(rec["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     visible = rec["watermarks"]["visible"]  # the shipped weights are installed, so the check ran
     assert set(visible) == {"probability", "flagged", "threshold", "input_sizes"}
@@ -200,8 +211,9 @@ def test_scan_corpus_photo_finds_itself(client, photos):
 
 def test_scan_edited_copy_is_a_replica_of_its_source(client, photos):
     item_id, data = list(photos.items())[5]
-    r = client.post("/v1/scan", params={"match_verdicts": "true"},
-                    files={"file": ("edited.jpg", _edited(data), "image/jpeg")})
+    r = client.post(
+        "/v1/scan", params={"match_verdicts": "true"}, files={"file": ("edited.jpg", _edited(data), "image/jpeg")}
+    )
     rec = r.json()
     assert rec["verdict"] in ("exact", "replica") and rec["matches"][0]["id"] == item_id
     assert rec["scores"]["sscd"] > 0.5
@@ -210,8 +222,9 @@ def test_scan_edited_copy_is_a_replica_of_its_source(client, photos):
 
 
 def test_scan_rejects_text_and_empty_files(client):
-    assert "not an image" in _error(client.post("/v1/scan", files={"file": ("notes.txt", b"hello", "text/plain")}),
-                                    415, "not_an_image")
+    assert "not an image" in _error(
+        client.post("/v1/scan", files={"file": ("notes.txt", b"hello", "text/plain")}), 415, "not_an_image"
+    )
     assert "empty" in _error(client.post("/v1/scan", files={"file": ("e.jpg", b"", "image/jpeg")}), 415, "not_an_image")
     _error(client.post("/v1/scan", files={"wrong_field": ("a.jpg", b"x", "image/jpeg")}), 400, "invalid_parameters")
 
@@ -220,8 +233,8 @@ def _bomb_png(width: int = 9000, height: int = 9000) -> bytes:
     """A small PNG whose header claims width x height pixels (81 MP: a decompression bomb)."""
     png = bytearray(_png(Image.new("L", (8, 8))))
     ihdr = png.index(b"IHDR")
-    png[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
-    png[ihdr + 17:ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr:ihdr + 17])))
+    png[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    png[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(png[ihdr : ihdr + 17])))
     return bytes(png)
 
 
@@ -244,8 +257,11 @@ def test_scan_rejects_decompression_bomb(client, monkeypatch):
 
 def test_scan_batch_keeps_order_and_isolates_bad_files(client, photos):
     (id_a, a), (id_b, b) = list(photos.items())[:2]
-    files = [("files", ("a.jpg", a, "image/jpeg")), ("files", ("bad.txt", b"nope", "text/plain")),
-             ("files", ("b.jpg", b, "image/jpeg"))]
+    files = [
+        ("files", ("a.jpg", a, "image/jpeg")),
+        ("files", ("bad.txt", b"nope", "text/plain")),
+        ("files", ("b.jpg", b, "image/jpeg")),
+    ]
     recs = client.post("/v1/scan/batch", files=files).json()
     assert [r["path"] for r in recs] == ["a.jpg", "bad.txt", "b.jpg"]
     assert recs[0]["matches"][0]["id"] == id_a and recs[2]["matches"][0]["id"] == id_b
@@ -257,12 +273,17 @@ def test_scan_batch_keeps_order_and_isolates_bad_files(client, photos):
 def test_scan_batch_limits(index_dir, photos):
     c = _client(ServerConfig(index_dir=index_dir, max_batch_files=2, max_upload_bytes=300_000))
     try:
-        one = list(photos.values())[0]
-        _error(c.post("/v1/scan/batch", files=[("files", (f"{i}.jpg", one, "image/jpeg")) for i in range(3)]),
-               400, "bad_batch")
+        one = next(iter(photos.values()))
+        _error(
+            c.post("/v1/scan/batch", files=[("files", (f"{i}.jpg", one, "image/jpeg")) for i in range(3)]),
+            400,
+            "bad_batch",
+        )
         big = b"\xff" * 300_001
-        recs = c.post("/v1/scan/batch", files=[("files", ("big.jpg", big, "image/jpeg")),
-                                               ("files", ("ok.jpg", one, "image/jpeg"))]).json()
+        recs = c.post(
+            "/v1/scan/batch",
+            files=[("files", ("big.jpg", big, "image/jpeg")), ("files", ("ok.jpg", one, "image/jpeg"))],
+        ).json()
         assert recs[0]["verdict"] == "error" and "upload limit" in recs[0]["error"]
         assert recs[0]["error_code"] == "too_large"
         assert recs[1]["verdict"] == "exact"
@@ -282,7 +303,10 @@ def test_oversized_upload_is_413(index_dir, photos):
         _error(c.post("/v1/scan", files={"file": ("big.jpg", b"\0" * 210_000, "image/jpeg")}), 413, "too_large")
         _error(c.post("/v1/search/image", files={"file": ("big.jpg", b"\0" * 400_000, "image/jpeg")}), 413, "too_large")
         small = min(photos.values(), key=len)
-        assert len(small) < 200_000 and c.post("/v1/scan", files={"file": ("s.jpg", small, "image/jpeg")}).status_code == 200
+        assert (
+            len(small) < 200_000
+            and c.post("/v1/scan", files={"file": ("s.jpg", small, "image/jpeg")}).status_code == 200
+        )
     finally:
         c.__exit__(None, None, None)
 
@@ -291,8 +315,9 @@ def test_body_limit_stops_reading_a_stream_without_content_length(client):
     """A chunked upload is cut off once it passes the limit: the rest is never read."""
     app = client.app
     chunk, n_chunks = b"x" * 65536, 1000  # 64 MB offered, limit is 20 MB + slack
-    head = (b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\n'
-            b"Content-Type: image/jpeg\r\n\r\n")
+    head = (
+        b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    )
     consumed = 0
     sent: list[dict] = []
 
@@ -305,10 +330,21 @@ def test_body_limit_stops_reading_a_stream_without_content_length(client):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/scan", "raw_path": b"/v1/scan", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"host", b"test")],
-             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/scan",
+        "raw_path": b"/v1/scan",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"host", b"test")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
     asyncio.run(app(scope, receive, send))
     start = next(m for m in sent if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -327,8 +363,11 @@ def test_search_image_top_match_and_k(client, photos):
     assert set(body["by_descriptor"]) == {"sscd", "pdq", "clip"}
     assert all(len(v) == 3 for v in body["by_descriptor"].values())
     assert body["by_descriptor"]["sscd"][0]["score"] > 0.99
-    _error(client.post("/v1/search/image", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "0"}),
-           400, "invalid_parameters")
+    _error(
+        client.post("/v1/search/image", files={"file": ("q.jpg", data, "image/jpeg")}, data={"k": "0"}),
+        400,
+        "invalid_parameters",
+    )
     _error(client.post("/v1/search/image", files={"file": ("q.txt", b"text", "text/plain")}), 415, "not_an_image")
 
 
@@ -338,8 +377,11 @@ def test_search_text(client):
     assert all(m["descriptor"] == "clip" for m in body["matches"])
     _error(client.post("/v1/search/text", json={"text": ""}), 400, "invalid_parameters")
     _error(client.post("/v1/search/text", json={"text": "x", "k": 1000}), 400, "invalid_parameters")
-    _error(client.post("/v1/search/text", content=b"not json", headers={"content-type": "application/json"}),
-           400, "invalid_parameters")
+    _error(
+        client.post("/v1/search/text", content=b"not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_parameters",
+    )
 
 
 def test_search_text_without_clip_is_409(pdq_only_index):
@@ -416,11 +458,26 @@ def test_request_without_key_is_refused_before_its_upload_is_read(index_dir):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/scan", "raw_path": b"/v1/scan", "root_path": "", "query_string": b"",
-             "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"content-length", b"10000000"),
-                         (b"authorization", b"Bearer wrong"), (b"host", b"test")],
-             "client": ("127.0.0.1", 1), "server": ("test", 80), "state": {}}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/scan",
+        "raw_path": b"/v1/scan",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"multipart/form-data; boundary=zzz"),
+            (b"content-length", b"10000000"),
+            (b"authorization", b"Bearer wrong"),
+            (b"host", b"test"),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+        "state": {},
+    }
     try:
         asyncio.run(c.app(scope, receive, send))
     finally:
@@ -444,7 +501,7 @@ def test_cors_origins(index_dir):
 
 
 def test_uploads_kept_only_when_configured(index_dir, photos, tmp_path, client):
-    data = list(photos.values())[0]
+    data = next(iter(photos.values()))
     keep = tmp_path / "kept"
     c = _client(ServerConfig(index_dir=index_dir, keep_uploads=keep))
     try:
@@ -462,7 +519,7 @@ def test_page_is_self_contained(client):
     assert r.status_code == 200 and "text/html" in r.headers["content-type"]
     assert "default-src 'self'" in r.headers["content-security-policy"]
     html = r.text
-    assert 'name="viewport"' in html and 'aria-live' in html and "http://" not in html and "https://" not in html
+    assert 'name="viewport"' in html and "aria-live" in html and "http://" not in html and "https://" not in html
     for asset in ("/static/app.js", "/static/app.css"):
         assert client.get(asset).status_code == 200
     assert "https://" not in client.get("/static/app.js").text
@@ -480,9 +537,15 @@ def clean_env(monkeypatch):
 
 
 def test_config_from_env(tmp_path, clean_env):
-    env = {"PROVENANCE_INDEX": str(tmp_path), "PROVENANCE_API_KEYS": " a, b ,", "PROVENANCE_CORS_ORIGINS": "https://x",
-           "PROVENANCE_KEEP_UPLOADS": str(tmp_path / "k"), "PROVENANCE_MAX_UPLOAD_BYTES": "1000",
-           "PROVENANCE_SCAN__VISIBLE": "false", "PROVENANCE_TORCH_THREADS": "0"}
+    env = {
+        "PROVENANCE_INDEX": str(tmp_path),
+        "PROVENANCE_API_KEYS": " a, b ,",
+        "PROVENANCE_CORS_ORIGINS": "https://x",
+        "PROVENANCE_KEEP_UPLOADS": str(tmp_path / "k"),
+        "PROVENANCE_MAX_UPLOAD_BYTES": "1000",
+        "PROVENANCE_SCAN__VISIBLE": "false",
+        "PROVENANCE_TORCH_THREADS": "0",
+    }
     for k, v in env.items():
         clean_env.setenv(k, v)
     cfg = ServerConfig.from_env()
@@ -536,14 +599,16 @@ def test_invisible_crops_per_request_finds_our_mark_in_a_cropped_upload(index_di
     assert client.post("/v1/scan", files=upload).json()["watermarks"]["invisible"] == []
     (mark,) = client.post("/v1/scan?invisible_crops=true", files=upload).json()["watermarks"]["invisible"]
     assert mark["scheme"] == "provenance" and mark["payload"] == "0badcafe"
-    batch = client.post("/v1/scan/batch?invisible_crops=true", files=[("files", ("c.jpg", buf.getvalue(), "image/jpeg"))])
+    batch = client.post(
+        "/v1/scan/batch?invisible_crops=true", files=[("files", ("c.jpg", buf.getvalue(), "image/jpeg"))]
+    )
     assert batch.json()[0]["watermarks"]["invisible"] == [mark]
     # the one switch: thorough turns on the crop search and the centre view, and the record says they ran
     rec = client.post("/v1/scan?thorough=true", files=upload).json()
     assert rec["watermarks"]["invisible"] == [mark]
     assert rec["checks"]["invisible_crops"] and rec["checks"]["centre_view"] and not rec["checks"]["visible_thorough"]
     options = {o["name"]: o for o in client.get("/healthz").json()["options"]}
-    assert list(options)[0] == "thorough" and options["thorough"]["available"] and not options["thorough"]["default"]
+    assert next(iter(options)) == "thorough" and options["thorough"]["available"] and not options["thorough"]["default"]
     assert "centre view" in options["thorough"]["description"] and options["invisible_crops"]["title"]
     off = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(visible=False, invisible=False)))
     try:
@@ -571,7 +636,9 @@ def test_server_with_centre_view_finds_a_photo_in_a_screenshot(index_dir, photos
         asked = client.post("/v1/scan?centre_view=true", files=upload).json()
         assert asked["verdict"] == "replica" and asked["scores"]["sscd"] == rec["scores"]["sscd"]
         assert asked["watermarks"]["visible"]["input_sizes"] == [288]  # the server's visible check is unchanged
-        off = centre.post("/v1/scan/batch?centre_view=false", files=[("files", ("b.jpg", buf.getvalue(), "image/jpeg"))])
+        off = centre.post(
+            "/v1/scan/batch?centre_view=false", files=[("files", ("b.jpg", buf.getvalue(), "image/jpeg"))]
+        )
         assert off.json()[0]["verdict"] not in ("exact", "replica") and "extra" not in off.json()[0]
     finally:
         centre.__exit__(None, None, None)
@@ -587,8 +654,9 @@ def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client)
         assert thorough.get("/healthz").json()["checks"]["visible_thorough"] is True
         rec = thorough.post("/v1/scan", files=upload).json()
         assert rec["watermarks"]["visible"]["input_sizes"] == [288, 512]
-        assert rec["watermarks"]["visible"]["threshold"] == load_detector(
-            THOROUGH_WEIGHTS).config.flag_threshold  # the gate chosen for the thorough mix
+        assert (
+            rec["watermarks"]["visible"]["threshold"] == load_detector(THOROUGH_WEIGHTS).config.flag_threshold
+        )  # the gate chosen for the thorough mix
         # a request picks the other head on either server, and gets what that server's default gives
         assert client.get("/healthz").json()["checks"]["visible_thorough"] is False
         asked = client.post("/v1/scan?visible_thorough=true", files=upload).json()["watermarks"]["visible"]
@@ -605,7 +673,7 @@ def test_server_with_visible_thorough_scans_at_512_px(index_dir, photos, client)
 def test_visible_thorough_on_a_server_without_the_visible_check_is_400(index_dir, photos):
     c = _client(ServerConfig(index_dir=index_dir, scan=ScanOptions(visible=False)))
     try:
-        upload = {"file": ("a.jpg", list(photos.values())[0], "image/jpeg")}
+        upload = {"file": ("a.jpg", next(iter(photos.values())), "image/jpeg")}
         msg = _error(c.post("/v1/scan?visible_thorough=true", files=upload), 400, "invalid_options")
         assert "visible_thorough is a way of running the visible check" in msg
         (option,) = [o for o in c.get("/healthz").json()["options"] if o["name"] == "visible_thorough"]
@@ -698,10 +766,11 @@ def test_serve_with_workers_hands_config_to_the_factory(index_dir, monkeypatch):
         monkeypatch.delenv(k)
     monkeypatch.setenv("PROVENANCE_API_KEYS", "secret")
     try:
-        result = CliRunner().invoke(app, ["serve", "--index", str(index_dir), "--workers", "3", "--port", "9999",
-                                          "--max-upload-mb", "5"])
+        result = CliRunner().invoke(
+            app, ["serve", "--index", str(index_dir), "--workers", "3", "--port", "9999", "--max-upload-mb", "5"]
+        )
         assert result.exit_code == 0, result.output
-        (args, kwargs), = started
+        ((args, kwargs),) = started
         assert args == ("provenance.api.app:app_from_env",) and kwargs["factory"] and kwargs["workers"] == 3
         cfg = ServerConfig.from_env()  # what each worker process will build
         assert cfg.index_dir == index_dir and cfg.max_upload_bytes == 5 * 1024 * 1024 and cfg.api_keys == ("secret",)

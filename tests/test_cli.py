@@ -57,13 +57,19 @@ def test_index_info_explains_an_ivf_pq_sq8_refine_plan(tmp_path):
     x = rng.standard_normal((3000, 512)).astype(np.float32)
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
     rows = [{"id": f"r{i}", "caption": None} for i in range(len(x))]
-    contents = IndexContents(rows, {"sscd": x}, {"sscd": DescriptorSpec("sscd", "m", "", 512, "cosine")}, {},
-                             [None] * len(x), [])
+    contents = IndexContents(
+        rows, {"sscd": x}, {"sscd": DescriptorSpec("sscd", "m", "", 512, "cosine")}, {}, [None] * len(x), []
+    )
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # tiny trainings: OpenMP barriers cost more than they save here
     try:
-        write_index(tmp_path / "idx", contents, {"source": {"kind": "test", "location": "synthetic"}},
-                    memory_budget_bytes=4 << 20, use_gpu=False)
+        write_index(
+            tmp_path / "idx",
+            contents,
+            {"source": {"kind": "test", "location": "synthetic"}},
+            memory_budget_bytes=4 << 20,
+            use_gpu=False,
+        )
     finally:
         faiss.omp_set_num_threads(threads)
     r = runner.invoke(app, ["index", "info", str(tmp_path / "idx"), "--json"])
@@ -98,7 +104,9 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     clean = sorted(nonmember_dir.glob("*.jpg"))[0]
     r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica"])
     assert r.exit_code == EXIT_CLEAN, r.output
-    r = runner.invoke(app, ["scan", str(edited_copy), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica"])
+    r = runner.invoke(
+        app, ["scan", str(edited_copy), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "replica"]
+    )
     assert r.exit_code == EXIT_FAIL_ON
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["verdict"] == "replica" and rec["matches"][0]["id"] == sorted(coco_dir.glob("*.jpg"))[17].name
@@ -115,7 +123,9 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     r = runner.invoke(app, ["scan", str(clean), str(bad), "--index", str(index_dir), "--format", "json"])
     report = json.loads(r.stdout)
     assert report["schema_version"] == SCAN_SCHEMA_VERSION and [x["error_code"] for x in report["records"]] == [
-        None, "not_an_image"]
+        None,
+        "not_an_image",
+    ]
     r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--format", "yaml"])
     assert r.exit_code == EXIT_USAGE
     r = runner.invoke(app, ["scan", str(clean), "--index", str(index_dir), "--fail-on", "sometimes"])
@@ -124,8 +134,9 @@ def test_scan_exit_codes(index_dir, edited_copy, coco_dir, nonmember_dir, tmp_pa
     assert r.exit_code == EXIT_USAGE and "no index" in r.output
 
 
-def test_scan_centre_view_gates_on_a_photo_shown_small_in_a_screenshot(index_dir, coco_dir, tmp_path,
-                                                                       window_screenshot):
+def test_scan_centre_view_gates_on_a_photo_shown_small_in_a_screenshot(
+    index_dir, coco_dir, tmp_path, window_screenshot
+):
     photo = sorted(coco_dir.glob("*.jpg"))[25]
     shot = tmp_path / "shot.jpg"
     window_screenshot(Image.open(photo).convert("RGB"), 0.4).save(shot, quality=85)
@@ -168,8 +179,9 @@ def test_scan_takes_other_visible_watermark_weights(index_dir, edited_copy, tmp_
     assert thorough["scores"] == shipped["scores"]  # copy detection is the same scan either way
     for other_model in (["--visible-model", str(cnn)], ["--no-visible"]):  # it picks the weights itself
         r = runner.invoke(app, [*args, "--visible-thorough", *other_model])
-        assert r.exit_code == EXIT_USAGE and "invalid scan options: visible_thorough" in r.output.replace("\n", ""), \
+        assert r.exit_code == EXIT_USAGE and "invalid scan options: visible_thorough" in r.output.replace("\n", ""), (
             r.output
+        )
 
 
 def test_scan_html_and_csv_reports(index_dir, edited_copy, coco_dir, tmp_path):
@@ -206,8 +218,17 @@ def test_scan_invisible_crops_finds_our_mark_in_a_cropped_generation(index_dir, 
     generated = Image.open(sorted(coco_dir.glob("*.jpg"))[3]).convert("RGB").resize((512, 512))
     cropped = tmp_path / "cropped.jpg"
     embed_provenance_mark(generated, 0xABCD1234).crop((11, 30, 430, 470)).save(cropped, quality=85)
-    args = ["scan", str(cropped), "--index", str(index_dir), "--format", "jsonl", "--fail-on", "watermark",
-            "--no-visible"]
+    args = [
+        "scan",
+        str(cropped),
+        "--index",
+        str(index_dir),
+        "--format",
+        "jsonl",
+        "--fail-on",
+        "watermark",
+        "--no-visible",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == EXIT_CLEAN, r.output  # the crop moved the block grid: the plain reading finds nothing
     assert json.loads(r.stdout.strip().splitlines()[-1])["watermarks"]["invisible"] == []

@@ -7,12 +7,12 @@ import io
 from pathlib import Path
 
 import pytest
+from copydet_helpers import NEXT_FRAME_PAIR, contact_sheet, dev_photos, inset, iou
 from PIL import Image
 
 from provenance.corpus import read_webdataset
 from provenance.indexer import BuildOptions, build
-from provenance.scan import ScanOptions, Scanner
-from copydet_helpers import NEXT_FRAME_PAIR, contact_sheet, dev_photos, inset, iou
+from provenance.scan import Scanner, ScanOptions
 
 pytest.importorskip("cv2")
 

@@ -27,32 +27,50 @@ def records(photos, tmp_path_factory) -> list[ScanRecord]:
     missing = tmp_path_factory.mktemp("gone") / "deleted.jpg"
     return [
         ScanRecord(
-            path=str(q[0]), sha256="a" * 64, width=640, height=480, verdict="exact",
+            path=str(q[0]),
+            sha256="a" * 64,
+            width=640,
+            height=480,
+            verdict="exact",
             matches=[
                 Match(q[0].name, 0.991, "sscd", caption="A man <b>making</b> pizzas", source="coco"),
-                Match(q[1].name, 0.62, "clip", caption="=HYPERLINK(\"http://evil.example/x\")"),
+                Match(q[1].name, 0.62, "clip", caption='=HYPERLINK("http://evil.example/x")'),
                 Match("no-thumb-item", 0.55, "sscd", caption="see http://example.com/img.jpg"),
             ],
             scores={"sscd": 0.991, "clip": 0.97, "pdq_distance": 2},
             watermarks=WatermarkEvidence(
                 visible={"probability": 0.93, "flagged": True, "threshold": 0.9},
                 invisible=[InvisibleMark("sd-v1", 0.98, 1e-12), InvisibleMark("provenance", 1.0, 1e-15, "run-7")],
-                c2pa={"ai_generated": True, "claim_generator": "provenance-generator/0.1",
-                      "digital_source_type": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
-                      "training_opt_out": True, "validation_state": "Valid"},
+                c2pa={
+                    "ai_generated": True,
+                    "claim_generator": "provenance-generator/0.1",
+                    "digital_source_type": "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia",
+                    "training_opt_out": True,
+                    "validation_state": "Valid",
+                },
                 metadata={"generator": "comfyui", "ai_generated": True, "parameters": {"prompt": "<script>x</script>"}},
-            ),  # fmt: skip
+            ),
             extra={"memorization": {"noise_norm": 0.12, "pairwise_sscd": 0.91, "flag": True}},
-        ),  # fmt: skip
+        ),
         ScanRecord(
-            path=str(q[2]), sha256="b" * 64, width=500, height=375, verdict="similar",
+            path=str(q[2]),
+            sha256="b" * 64,
+            width=500,
+            height=375,
+            verdict="similar",
             matches=[Match(q[3].name, 0.71, "sscd", caption="Two dogs"), Match(q[4].name, 0.97, "pdq", distance=8)],
             scores={"sscd": 0.71, "clip": 0.8, "pdq_distance": 8},
             watermarks=WatermarkEvidence(visible={"probability": 0.61, "flagged": False, "threshold": 0.9}),
             extra={"memorization": {"noise_norm": 0.5, "pairwise_sscd": 0.2, "flag": False}, "sscd_view": "centre"},
-        ),  # fmt: skip
-        ScanRecord(path=str(q[5]), sha256="c" * 64, width=640, height=427, verdict="novel",
-                   scores={"sscd": 0.21, "clip": 0.3, "pdq_distance": 120}),  # fmt: skip
+        ),
+        ScanRecord(
+            path=str(q[5]),
+            sha256="c" * 64,
+            width=640,
+            height=427,
+            verdict="novel",
+            scores={"sscd": 0.21, "clip": 0.3, "pdq_distance": 120},
+        ),
         ScanRecord.failed(str(missing), f"{missing}: file not found <unreadable>"),
     ]
 
@@ -109,7 +127,7 @@ def test_html_is_self_contained_and_shows_everything(records, thumbnails):
     for verdict, n in (("exact", 1), ("replica", 0), ("similar", 1), ("novel", 1), ("error", 1)):
         assert f'<span class="badge v-{verdict}">{verdict} <b>{n}</b></span>' in page
     assert "memorization flagged <b>1</b>" in page
-    assert page.count('class="record v-exact flagged"') == 1 and page.count("flagged\"") == 1
+    assert page.count('class="record v-exact flagged"') == 1 and page.count('flagged"') == 1
     # the visible mark is highlighted by the detector's own flag, not by p >= 0.5
     assert '<span class="hit">93% probability</span> (flagged at 90%)' in page
     assert '<span class="">61% probability</span>' in page
@@ -154,12 +172,15 @@ def test_jsonl_and_json_round_trip(records):
     write_report(records, "jsonl", buf)
     lines = buf.getvalue().splitlines()
     # each line is the record with the version of its shape; the JSON report carries it once, beside the records
-    assert [json.loads(line) for line in lines] == [{"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()}
-                                                    for r in records]
+    assert [json.loads(line) for line in lines] == [
+        {"schema_version": SCAN_SCHEMA_VERSION, **r.to_dict()} for r in records
+    ]
     buf = io.StringIO()
     write_report(records, "json", buf)
-    assert json.loads(buf.getvalue()) == {"schema_version": SCAN_SCHEMA_VERSION,
-                                          "records": [r.to_dict() for r in records]}
+    assert json.loads(buf.getvalue()) == {
+        "schema_version": SCAN_SCHEMA_VERSION,
+        "records": [r.to_dict() for r in records],
+    }
 
 
 def test_table_lists_rows_and_counts(records):
@@ -189,12 +210,19 @@ def test_make_thumbnail(photos, tmp_path):
 
 def test_html_draws_the_matched_region_on_both_images(photos, thumbnails):
     region = {"query": [0.5, 0.25, 0.9, 0.75], "corpus": [0.0, 0.0, 1.0, 1.0]}
-    rec = ScanRecord(path=str(photos[2]), sha256="d" * 64, width=500, height=375, verdict="replica",
-                     matches=[Match(photos[3].name, 0.31, "sscd", region=region), Match(photos[4].name, 0.2, "sscd")],
-                     scores={"sscd": 0.31, "clip": None, "pdq_distance": None})
+    rec = ScanRecord(
+        path=str(photos[2]),
+        sha256="d" * 64,
+        width=500,
+        height=375,
+        verdict="replica",
+        matches=[Match(photos[3].name, 0.31, "sscd", region=region), Match(photos[4].name, 0.2, "sscd")],
+        scores={"sscd": 0.31, "clip": None, "pdq_distance": None},
+    )
     page = render_html([rec], thumbnails=thumbnails)
-    rects = re.findall(r'<svg class="region"[^>]*><rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"',
-                       page)
+    rects = re.findall(
+        r'<svg class="region"[^>]*><rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)"', page
+    )
     # one box on the query thumbnail, one on the matched corpus item's; none on the other match
     assert rects == [("0.5000", "0.2500", "0.4000", "0.5000"), ("0.0000", "0.0000", "1.0000", "1.0000")]
     assert json.loads(json.dumps(rec.to_dict()))["matches"][0]["region"] == region

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from provenance.errors import InvalidOptionsError
 from provenance.indexer import BuildOptions, build
-from provenance.scan import ScanOptions, Scanner, Thresholds, decide_verdict, fail_on_met, match_verdicts
+from provenance.scan import Scanner, ScanOptions, Thresholds, decide_verdict, fail_on_met, match_verdicts
 from provenance.types import Match, ScanRecord, WatermarkEvidence
 from provenance.watermarks.visible import VisibleWatermarkDetector
 
@@ -49,9 +49,16 @@ def test_verdict_rules_are_ordered():
     assert decide_verdict({"sscd": 0.1, "clip": 0.2, "pdq_distance": 120}, t) == "novel"
     assert decide_verdict({"sscd": 0.1}, t, same_bytes=True) == "exact"
     # each match's own verdict, from its descriptor's score alone (the library's, the API only presents it)
-    rec = ScanRecord(path="q", matches=[Match("a", 0.7, "sscd"), Match("b", 0.99, "pdq", distance=3),
-                                        Match("c", 0.2, "clip"), Match("d", 0.1, "sscd")],
-                     extra={"identical_file": "d"})
+    rec = ScanRecord(
+        path="q",
+        matches=[
+            Match("a", 0.7, "sscd"),
+            Match("b", 0.99, "pdq", distance=3),
+            Match("c", 0.2, "clip"),
+            Match("d", 0.1, "sscd"),
+        ],
+        extra={"identical_file": "d"},
+    )
     assert match_verdicts(rec, t) == ["replica", "exact", "novel", "exact"]
 
 
@@ -79,16 +86,21 @@ def test_edited_copy_is_a_replica_with_the_right_id(scanner, photos, tmp_path):
 def test_non_members_are_not_replicas(scanner, nonmember_dir):
     records = scanner.scan_paths(sorted(nonmember_dir.glob("*.jpg"))[:40])
     verdicts = [r.verdict for r in records]
-    assert "exact" not in verdicts and "replica" not in verdicts, [(r.path, r.scores) for r in records if r.verdict in ("exact", "replica")]
+    assert "exact" not in verdicts and "replica" not in verdicts, [
+        (r.path, r.scores) for r in records if r.verdict in ("exact", "replica")
+    ]
 
 
-def test_centre_view_finds_a_photo_shown_small_in_a_screenshot(scanner, index_dir, photos, nonmember_dir, tmp_path,
-                                                               window_screenshot):
+def test_centre_view_finds_a_photo_shown_small_in_a_screenshot(
+    scanner, index_dir, photos, nonmember_dir, tmp_path, window_screenshot
+):
     centre = Scanner.open(index_dir, ScanOptions(k=5, centre_view=True, visible=False, invisible=False))
-    shots = [_save(window_screenshot(Image.open(photos[i]).convert("RGB"), 0.4), tmp_path / f"shot{i}.jpg", quality=85)
-             for i in (5, 25)]
+    shots = [
+        _save(window_screenshot(Image.open(photos[i]).convert("RGB"), 0.4), tmp_path / f"shot{i}.jpg", quality=85)
+        for i in (5, 25)
+    ]
     plain, thorough = scanner.scan_paths(shots), centre.scan_paths(shots)
-    for i, one_view, two_views in zip((5, 25), plain, thorough):
+    for i, one_view, two_views in zip((5, 25), plain, thorough, strict=False):
         assert one_view.verdict not in ("exact", "replica"), one_view.scores  # the whole window: photo too small
         assert two_views.verdict == "replica" and two_views.matches[0].id == photos[i].name, two_views.scores
         assert two_views.extra["sscd_view"] == "centre" and two_views.scores["sscd"] > one_view.scores["sscd"]
@@ -155,11 +167,30 @@ def test_options_check_their_rules_once_with_a_clear_message():
 
 def test_record_keys_are_the_contract(scanner, photos):
     d = scanner.scan_paths([photos[1]])[0].to_dict()
-    assert set(d) >= {"path", "sha256", "width", "height", "verdict", "matches", "scores", "watermarks", "error",
-                      "error_code", "checks"}
-    assert d["checks"] == {"descriptors": ["sscd", "pdq"], "visible": True, "visible_thorough": False,
-                           "invisible": True, "invisible_crops": False, "c2pa": True, "metadata": True,
-                           "centre_view": False, "region_search": False}
+    assert set(d) >= {
+        "path",
+        "sha256",
+        "width",
+        "height",
+        "verdict",
+        "matches",
+        "scores",
+        "watermarks",
+        "error",
+        "error_code",
+        "checks",
+    }
+    assert d["checks"] == {
+        "descriptors": ["sscd", "pdq"],
+        "visible": True,
+        "visible_thorough": False,
+        "invisible": True,
+        "invisible_crops": False,
+        "c2pa": True,
+        "metadata": True,
+        "centre_view": False,
+        "region_search": False,
+    }
     assert set(d["scores"]) == {"sscd", "clip", "pdq_distance"}
     assert set(d["watermarks"]) == {"visible", "invisible", "c2pa", "metadata"}
     assert set(d["matches"][0]) >= {"id", "score", "descriptor", "caption", "source"}
@@ -172,8 +203,14 @@ def test_record_keys_are_the_contract(scanner, photos):
 
 def test_fail_on_watermark_follows_the_visible_flag_not_the_probability():
     def rec(p: float, flagged: bool) -> ScanRecord:
-        return ScanRecord(path="x.png", sha256="0" * 64, width=1, height=1, verdict="novel",
-                          watermarks=WatermarkEvidence(visible={"probability": p, "flagged": flagged, "threshold": 0.9}))
+        return ScanRecord(
+            path="x.png",
+            sha256="0" * 64,
+            width=1,
+            height=1,
+            verdict="novel",
+            watermarks=WatermarkEvidence(visible={"probability": p, "flagged": flagged, "threshold": 0.9}),
+        )
 
     assert not fail_on_met([rec(0.8, False)], ["watermark"])  # likelier than not, but below the detector's gate
     assert fail_on_met([rec(0.8, False), rec(0.95, True)], ["watermark"])
@@ -182,10 +219,20 @@ def test_fail_on_watermark_follows_the_visible_flag_not_the_probability():
 
 def test_png_text_chunks_and_memorization_are_reported(scanner, photos, tmp_path):
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", "a castle on a hill\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
-                                "Seed: 1234, Size: 512x512, Model: sd15")
-    info.add_text("provenance", json.dumps({"prompt": "x", "memorization": {"noise_norm": 9.0, "pairwise_sscd": 0.8,
-                                                                             "flag": True, "flag_reason": "test"}}))
+    info.add_text(
+        "parameters",
+        "a castle on a hill\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, "
+        "Seed: 1234, Size: 512x512, Model: sd15",
+    )
+    info.add_text(
+        "provenance",
+        json.dumps(
+            {
+                "prompt": "x",
+                "memorization": {"noise_norm": 9.0, "pairwise_sscd": 0.8, "flag": True, "flag_reason": "test"},
+            }
+        ),
+    )
     path = tmp_path / "gen.png"
     Image.new("RGB", (256, 256), (90, 120, 200)).save(path, pnginfo=info)
     rec = scanner.scan_paths([path])[0]
@@ -200,7 +247,7 @@ def test_stable_diffusion_marks_are_found_and_clean_images_are_not(scanner, phot
 
     im = Image.open(photos[12]).convert("RGB").resize((512, 512))
     enc = WatermarkEncoder()
-    enc.set_watermark("bytes", "StableDiffusionV1".encode())
+    enc.set_watermark("bytes", b"StableDiffusionV1")
     bgr = enc.encode(cv2.cvtColor(np.asarray(im), cv2.COLOR_RGB2BGR), "dwtDct")
     marked = _save(Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)), tmp_path / "sd1.png")
     clean = _save(im, tmp_path / "clean.png")
@@ -226,7 +273,9 @@ def test_one_image_scans_search_on_one_openmp_thread_with_the_batch_results(scan
     for path, rec in zip(photos[:4], batch, strict=True):
         (one,) = scanner.scan_many_bytes([(str(path), path.read_bytes())])  # the server's one-upload batch
         assert one.verdict == rec.verdict and one.scores == rec.scores
-        assert [(m.id, m.descriptor, m.score) for m in one.matches] == [(m.id, m.descriptor, m.score) for m in rec.matches]
+        assert [(m.id, m.descriptor, m.score) for m in one.matches] == [
+            (m.id, m.descriptor, m.score) for m in rec.matches
+        ]
     assert faiss.omp_get_max_threads() == before  # the thread's setting is handed back
 
 

@@ -38,9 +38,13 @@ logger = logging.getLogger("copydet_eval")
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout (or beside the folder of worktrees), or PROVENANCE_SHARED_DATA
-DATA = Path(os.environ.get("PROVENANCE_SHARED_DATA") or next(
-    (p for p in (REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data") if p.exists()),
-    REPO.parent / "shared" / "data"))
+DATA = Path(
+    os.environ.get("PROVENANCE_SHARED_DATA")
+    or next(
+        (p for p in (REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data") if p.exists()),
+        REPO.parent / "shared" / "data",
+    )
+)
 FAMILIES = ("inset", "grid", "heavy_crop", "triple", "blend", "partial")
 # partial cut-outs count as found at `similar`; every other family needs `replica` (exact counts too)
 NEEDS = {f: ("exact", "replica") for f in FAMILIES} | {"partial": ("exact", "replica", "similar")}
@@ -85,8 +89,11 @@ def load_dev(limit: int | None = None) -> list[Photo]:
 
 
 def load_nonmembers() -> list[Photo]:
-    return [Photo("nm:" + Path(it.id).stem, decode_image(it.data, it.id).image)
-            for it in read_image_folder(str(DATA / "flickr8k-nonmember")) if it.data is not None]
+    return [
+        Photo("nm:" + Path(it.id).stem, decode_image(it.data, it.id).image)
+        for it in read_image_folder(str(DATA / "flickr8k-nonmember"))
+        if it.data is not None
+    ]
 
 
 # ------------------------------------------------------------------------------------------ families
@@ -110,8 +117,15 @@ def inset(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
     ph = min(ph, ch - 4)
     x, y = int(rng.integers(0, cw - pw + 1)), int(rng.integers(0, ch - ph + 1))
     canvas.paste(photo.image.resize((pw, ph), Image.Resampling.BICUBIC), (x, y))
-    return Query("", "inset", canvas, photo.id, _rel((x, y, x + pw, y + ph), cw, ch), (0.0, 0.0, 1.0, 1.0),
-                 int(rng.integers(75, 93)))
+    return Query(
+        "",
+        "inset",
+        canvas,
+        photo.id,
+        _rel((x, y, x + pw, y + ph), cw, ch),
+        (0.0, 0.0, 1.0, 1.0),
+        int(rng.integers(75, 93)),
+    )
 
 
 def grid(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
@@ -130,8 +144,16 @@ def grid(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
         sheet.paste(src.resize((tile, tile), Image.Resampling.BICUBIC), (x, y))
         if i == cell:
             box = (x, y, x + tile, y + tile)
-    return Query("", "grid", sheet, photo.id, _rel(box, side, side), (0.0, 0.0, 1.0, 1.0),
-                 int(rng.integers(75, 93)), {"n": n, "gap": gap})
+    return Query(
+        "",
+        "grid",
+        sheet,
+        photo.id,
+        _rel(box, side, side),
+        (0.0, 0.0, 1.0, 1.0),
+        int(rng.integers(75, 93)),
+        {"n": n, "gap": gap},
+    )
 
 
 def _crop_box(w: int, h: int, area: tuple[float, float], rng: np.random.Generator) -> tuple[int, int, int, int]:
@@ -164,8 +186,9 @@ def triple(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query
     im = ImageEnhance.Contrast(im).enhance(float(rng.uniform(0.7, 1.3)))
     s = rng.uniform(224, 360) / min(im.size)
     im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BICUBIC)
-    return Query("", "triple", im, photo.id, None, _rel(box, w, h), int(rng.integers(25, 41)),
-                 {"angle": round(angle, 1)})
+    return Query(
+        "", "triple", im, photo.id, None, _rel(box, w, h), int(rng.integers(25, 41)), {"angle": round(angle, 1)}
+    )
 
 
 def blend(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
@@ -173,8 +196,16 @@ def blend(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
     alpha = float(rng.uniform(0.55, 0.70))
     size = photo.image.size
     im = Image.blend(others[0].image.resize(size, Image.Resampling.BICUBIC), photo.image, alpha)
-    return Query("", "blend", im, photo.id, (0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 1.0, 1.0), int(rng.integers(80, 93)),
-                 {"alpha": round(alpha, 3)})
+    return Query(
+        "",
+        "blend",
+        im,
+        photo.id,
+        (0.0, 0.0, 1.0, 1.0),
+        (0.0, 0.0, 1.0, 1.0),
+        int(rng.integers(80, 93)),
+        {"alpha": round(alpha, 3)},
+    )
 
 
 def partial(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Query:
@@ -188,12 +219,24 @@ def partial(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Quer
     cw, ch = canvas.size
     x, y = int(rng.integers(0, cw - cut.width + 1)), int(rng.integers(0, ch - cut.height + 1))
     canvas.paste(cut, (x, y))
-    return Query("", "partial", canvas, photo.id, _rel((x, y, x + cut.width, y + cut.height), cw, ch),
-                 _rel(src, w, h), int(rng.integers(75, 93)))
+    return Query(
+        "",
+        "partial",
+        canvas,
+        photo.id,
+        _rel((x, y, x + cut.width, y + cut.height), cw, ch),
+        _rel(src, w, h),
+        int(rng.integers(75, 93)),
+    )
 
 
 MAKERS: dict[str, Callable[[Photo, list[Photo], np.random.Generator], Query]] = {
-    "inset": inset, "grid": grid, "heavy_crop": heavy_crop, "triple": triple, "blend": blend, "partial": partial,
+    "inset": inset,
+    "grid": grid,
+    "heavy_crop": heavy_crop,
+    "triple": triple,
+    "blend": blend,
+    "partial": partial,
 }
 
 
@@ -223,14 +266,21 @@ def sscd_vectors(photos: list[Photo], cache: Path) -> np.ndarray:
             if list(z["ids"]) == ids:
                 return z["x"]
     model = SSCDDescriptor.load()
-    x = np.concatenate([model.embed([p.image for p in photos[i:i + 32]]) for i in range(0, len(photos), 32)])
+    x = np.concatenate([model.embed([p.image for p in photos[i : i + 32]]) for i in range(0, len(photos), 32)])
     np.savez(cache, ids=np.array(ids), x=x)
     return x
 
 
-def mine_negatives(members_x: np.ndarray, member_ids: list[str], pool: list[Photo], pool_x: np.ndarray,
-                   n_hard: int, n_random: int, duplicate_at: float, seed: int
-                   ) -> tuple[list[Query], list[dict[str, Any]]]:
+def mine_negatives(
+    members_x: np.ndarray,
+    member_ids: list[str],
+    pool: list[Photo],
+    pool_x: np.ndarray,
+    n_hard: int,
+    n_random: int,
+    duplicate_at: float,
+    seed: int,
+) -> tuple[list[Query], list[dict[str, Any]]]:
     """The n_hard non-members most similar to a member by SSCD (same-scene frames among them), and n_random others.
 
     Pairs at or above `duplicate_at` are the same photo twice in the data (not a negative): listed, left out."""
@@ -238,17 +288,27 @@ def mine_negatives(members_x: np.ndarray, member_ids: list[str], pool: list[Phot
     best = sims.max(axis=1)
     arg = sims.argmax(axis=1)
     order = np.argsort(-best)
-    dupes = [dict(nonmember=pool[i].id, member=member_ids[arg[i]], sscd=round(float(best[i]), 3))
-             for i in order if best[i] >= duplicate_at]
+    dupes = [
+        dict(nonmember=pool[i].id, member=member_ids[arg[i]], sscd=round(float(best[i]), 3))
+        for i in order
+        if best[i] >= duplicate_at
+    ]
     hard = [i for i in order if best[i] < duplicate_at][:n_hard]
     rest = np.setdiff1d(np.arange(len(pool)), np.array(hard + [i for i in order if best[i] >= duplicate_at]))
     rand = list(np.random.default_rng(seed).choice(rest, min(n_random, len(rest)), replace=False))
     out = []
     for kind, rows in (("hard", hard), ("random", rand)):
         for i in rows:
-            out.append(Query(f"neg-{kind}-{pool[i].id}", "negative", pool[i].image, None, quality=90,
-                             info={"kind": kind, "nearest_member": member_ids[arg[i]],
-                                   "nearest_sscd": round(float(best[i]), 3)}))
+            out.append(
+                Query(
+                    f"neg-{kind}-{pool[i].id}",
+                    "negative",
+                    pool[i].image,
+                    None,
+                    quality=90,
+                    info={"kind": kind, "nearest_member": member_ids[arg[i]], "nearest_sscd": round(float(best[i]), 3)},
+                )
+            )
     return out, dupes
 
 
@@ -290,7 +350,7 @@ def scan_mode(index: Path, mode: str, queries: list[Query]) -> tuple[list[dict[s
     records: list[dict[str, Any]] = []
     cpu: dict[str, float] = {}
     for part, keep in (("copies", lambda q: q.family != "negative"), ("negatives", lambda q: q.family == "negative")):
-        sel = [it for q, it in zip(queries, items) if keep(q)]
+        sel = [it for q, it in zip(queries, items, strict=False) if keep(q)]
         t = time.process_time()
         records += [r.to_dict() for r in scanner.iter_scan(sel)]
         cpu[part] = (time.process_time() - t) * 1000 / max(1, len(sel))
@@ -316,40 +376,65 @@ def iou(a, b) -> float:
 def summarise(queries: list[Query], records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for family in FAMILIES:
-        rows = [(q, r) for q, r in zip(queries, records) if q.family == family]
+        rows = [(q, r) for q, r in zip(queries, records, strict=False) if q.family == family]
         right = [bool(r["matches"]) and r["matches"][0]["id"] == q.target for q, r in rows]
-        replica = sum(ok and r["verdict"] in ("exact", "replica") for ok, (q, r) in zip(right, rows))
-        similar = sum(ok and r["verdict"] in ("exact", "replica", "similar") for ok, (q, r) in zip(right, rows))
-        found = sum(ok and r["verdict"] in NEEDS[family] for ok, (q, r) in zip(right, rows))
-        boxes = [iou(q.query_box, r["matches"][0]["region"]["query"]) for ok, (q, r) in zip(right, rows)
-                 if ok and q.query_box and r["matches"][0].get("region")]
-        out[family] = dict(n=len(rows), replica=replica, similar=similar, found=found,
-                           region_reported=len(boxes), region_iou=round(float(np.median(boxes)), 3) if boxes else None)
+        replica = sum(ok and r["verdict"] in ("exact", "replica") for ok, (q, r) in zip(right, rows, strict=False))
+        similar = sum(
+            ok and r["verdict"] in ("exact", "replica", "similar") for ok, (q, r) in zip(right, rows, strict=False)
+        )
+        found = sum(ok and r["verdict"] in NEEDS[family] for ok, (q, r) in zip(right, rows, strict=False))
+        boxes = [
+            iou(q.query_box, r["matches"][0]["region"]["query"])
+            for ok, (q, r) in zip(right, rows, strict=False)
+            if ok and q.query_box and r["matches"][0].get("region")
+        ]
+        out[family] = dict(
+            n=len(rows),
+            replica=replica,
+            similar=similar,
+            found=found,
+            region_reported=len(boxes),
+            region_iou=round(float(np.median(boxes)), 3) if boxes else None,
+        )
     for kind in ("hard", "random"):
-        rows = [(q, r) for q, r in zip(queries, records) if q.family == "negative" and q.info["kind"] == kind]
+        rows = [
+            (q, r) for q, r in zip(queries, records, strict=False) if q.family == "negative" and q.info["kind"] == kind
+        ]
         fa = sum(r["verdict"] in ("exact", "replica") for q, r in rows)
         sim = sum(r["verdict"] in ("exact", "replica", "similar") for q, r in rows)
-        out[f"neg_{kind}"] = dict(n=len(rows), replica=fa, similar=sim,
-                                  false_alarms=[q.name for q, r in rows if r["verdict"] in ("exact", "replica")])
+        out[f"neg_{kind}"] = dict(
+            n=len(rows),
+            replica=fa,
+            similar=sim,
+            false_alarms=[q.name for q, r in rows if r["verdict"] in ("exact", "replica")],
+        )
     return out
 
 
 def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
     modes = list(results)
-    lines = [f"# Copy detection: partial copies and next-frame look-alikes ({meta['date']})", "",
-             f"Command: `{meta['command']}`", "",
-             f"Machine: {meta['machine']}. Corpus: the first {meta['corpus_size']} flickr8k-dev photos; "
-             f"{meta['per_family']} queries per family (seed {meta['seed']}); negatives: the {meta['n_hard']} "
-             f"non-members most similar to a member by SSCD (same-scene frames among them) and {meta['n_random']} "
-             "random others. Found = the right id first at >= replica (partial: >= similar).", "",
-             "| family | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    lines = [
+        f"# Copy detection: partial copies and next-frame look-alikes ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        f"Machine: {meta['machine']}. Corpus: the first {meta['corpus_size']} flickr8k-dev photos; "
+        f"{meta['per_family']} queries per family (seed {meta['seed']}); negatives: the {meta['n_hard']} "
+        f"non-members most similar to a member by SSCD (same-scene frames among them) and {meta['n_random']} "
+        "random others. Found = the right id first at >= replica (partial: >= similar).",
+        "",
+        "| family | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+    ]
     for family in FAMILIES:
         cells = []
         for m in modes:
             s = results[m]["summary"][family]
             lo, hi = wilson(s["found"], s["n"])
-            cells.append(f"{s['found']}/{s['n']} ({s['found'] / s['n']:.2f}, {lo:.2f}-{hi:.2f})"
-                         + (f"; sim {s['similar']}" if family != "partial" else f"; repl {s['replica']}"))
+            cells.append(
+                f"{s['found']}/{s['n']} ({s['found'] / s['n']:.2f}, {lo:.2f}-{hi:.2f})"
+                + (f"; sim {s['similar']}" if family != "partial" else f"; repl {s['replica']}")
+            )
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     for kind in ("hard", "random"):
         cells = []
@@ -358,19 +443,37 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
             lo, hi = wilson(s["replica"], s["n"])
             cells.append(f"{s['replica']}/{s['n']} replica ({lo:.3f}-{hi:.3f}); {s['similar']} >= similar")
         lines.append(f"| false alarms, {kind} negatives | " + " | ".join(cells) + " |")
-    lines.append("| CPU ms / image, copies; negatives (copy detection only) | " + " | ".join(
-        f"{results[m]['cpu_ms']['copies']:.0f}; {results[m]['cpu_ms']['negatives']:.0f}" for m in modes) + " |")
-    lines.append("| the same in whole-image SSCD views (measured in the same run) | " + " | ".join(
-        f"{results[m]['cpu_ms']['copies'] / results[m]['cpu_ms']['sscd_view']:.1f}; "
-        f"{results[m]['cpu_ms']['negatives'] / results[m]['cpu_ms']['sscd_view']:.1f}" for m in modes) + " |")
-    lines.append("| region reported (right id; median IoU with truth) | " + " | ".join(
-        ", ".join(f"{f}: {results[m]['summary'][f]['region_reported']} ({results[m]['summary'][f]['region_iou']})"
-                  for f in ("inset", "grid", "partial")) for m in modes) + " |")
+    lines.append(
+        "| CPU ms / image, copies; negatives (copy detection only) | "
+        + " | ".join(f"{results[m]['cpu_ms']['copies']:.0f}; {results[m]['cpu_ms']['negatives']:.0f}" for m in modes)
+        + " |"
+    )
+    lines.append(
+        "| the same in whole-image SSCD views (measured in the same run) | "
+        + " | ".join(
+            f"{results[m]['cpu_ms']['copies'] / results[m]['cpu_ms']['sscd_view']:.1f}; "
+            f"{results[m]['cpu_ms']['negatives'] / results[m]['cpu_ms']['sscd_view']:.1f}"
+            for m in modes
+        )
+        + " |"
+    )
+    lines.append(
+        "| region reported (right id; median IoU with truth) | "
+        + " | ".join(
+            ", ".join(
+                f"{f}: {results[m]['summary'][f]['region_reported']} ({results[m]['summary'][f]['region_iou']})"
+                for f in ("inset", "grid", "partial")
+            )
+            for m in modes
+        )
+        + " |"
+    )
     return "\n".join(lines) + "\n"
 
 
-def normalisation_check(index, queries: list[Query], background: np.ndarray, max_fpr: float = 0.01
-                        ) -> dict[str, dict[str, Any]]:
+def normalisation_check(
+    index, queries: list[Query], background: np.ndarray, max_fpr: float = 0.01
+) -> dict[str, dict[str, Any]]:
     """Does SSCD score normalisation help on these families? For raw top-1 SSCD of the whole image, the corpus
     margin (top-1 minus the mean of neighbours 2-4, no extra data) and background normalisation (minus the mean
     similarity to the 3 nearest of `background`, non-members used nowhere else): the threshold at <= max_fpr
@@ -379,21 +482,33 @@ def normalisation_check(index, queries: list[Query], background: np.ndarray, max
     from training.calibration import corpus_margin, normalize_scores, threshold_at_fpr
 
     model = SSCDDescriptor.load()
-    xq = np.concatenate([model.embed([decode_image(q.to_bytes(), q.name).image for q in queries[i:i + 32]])
-                         for i in range(0, len(queries), 32)])
+    xq = np.concatenate(
+        [
+            model.embed([decode_image(q.to_bytes(), q.name).image for q in queries[i : i + 32]])
+            for i in range(0, len(queries), 32)
+        ]
+    )
     found = index.search_vectors("sscd", xq, 10)  # per query, best first
     scores = np.array([[m.score for m in ms] + [0.0] * (10 - len(ms)) for ms in found], dtype=np.float32)
-    right = np.array([bool(ms) and ms[0].id == q.target for q, ms in zip(queries, found)])
+    right = np.array([bool(ms) and ms[0].id == q.target for q, ms in zip(queries, found, strict=False)])
     neg = np.array([q.family == "negative" for q in queries])
-    methods = {"raw": scores[:, 0], "corpus margin 1.0[1,3]": corpus_margin(scores),
-               "background 1.0[0,2]": normalize_scores(xq, scores[:, 0], background)}
-    out: dict[str, dict[str, Any]] = {"per_query": {q.name: {n: round(float(sc[i]), 4) for n, sc in methods.items()}
-                                                    | {"top": found[i][0].id if found[i] else None}
-                                                    for i, q in enumerate(queries)}}
+    methods = {
+        "raw": scores[:, 0],
+        "corpus margin 1.0[1,3]": corpus_margin(scores),
+        "background 1.0[0,2]": normalize_scores(xq, scores[:, 0], background),
+    }
+    out: dict[str, dict[str, Any]] = {
+        "per_query": {
+            q.name: {n: round(float(sc[i]), 4) for n, sc in methods.items()}
+            | {"top": found[i][0].id if found[i] else None}
+            for i, q in enumerate(queries)
+        }
+    }
     for name, sc in methods.items():
         t = threshold_at_fpr(sc[neg], max_fpr)
         out[name] = {"threshold": t, "false_alarms": int((sc[neg] >= t).sum()), "negatives": int(neg.sum())} | {
-            f: round(float(((sc >= t) & right)[[q.family == f for q in queries]].mean()), 3) for f in FAMILIES}
+            f: round(float(((sc >= t) & right)[[q.family == f for q in queries]].mean()), 3) for f in FAMILIES
+        }
     return out
 
 
@@ -403,8 +518,11 @@ def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
     index stores), at 320 px, and against the source shrunk to 640 px (reading the source when reachable)."""
     from provenance.verify import extract, verify
 
-    photos = [Photo(it.id, decode_image(it.data, it.id).image) for it in read_image_folder(str(DATA / "openimages-hires"))
-              if it.data is not None]
+    photos = [
+        Photo(it.id, decode_image(it.data, it.id).image)
+        for it in read_image_folder(str(DATA / "openimages-hires"))
+        if it.data is not None
+    ]
     fillers = load_nonmembers()
     rng = np.random.default_rng(seed)
     sides = (160, 320, 640)
@@ -438,26 +556,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-family", type=int, default=50)
     ap.add_argument("--hard", type=int, default=300)
     ap.add_argument("--random", type=int, default=100)
-    ap.add_argument("--duplicate-at", type=float, default=0.85,
-                    help="SSCD score at which a non-member is the same photo as a member (listed, not a negative)")
+    ap.add_argument(
+        "--duplicate-at",
+        type=float,
+        default=0.85,
+        help="SSCD score at which a non-member is the same photo as a member (listed, not a negative)",
+    )
     ap.add_argument("--modes", default="default,centre,thorough")
     ap.add_argument("--seed", type=int, default=29)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/copydet"))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--thumbnails", type=int, default=0, metavar="N",
-                    help="also verify N copies per family of real-resolution photos against 160/320/640 px thumbnails")
-    ap.add_argument("--normalisation", action="store_true",
-                    help="also compare SSCD score normalisations (corpus margin, non-member background)")
+    ap.add_argument(
+        "--thumbnails",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also verify N copies per family of real-resolution photos against 160/320/640 px thumbnails",
+    )
+    ap.add_argument(
+        "--normalisation",
+        action="store_true",
+        help="also compare SSCD score normalisations (corpus margin, non-member background)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     dev = load_dev()
-    members, dev_rest = dev[:args.corpus_size], dev[args.corpus_size:]
+    members, dev_rest = dev[: args.corpus_size], dev[args.corpus_size :]
     nonmembers = load_nonmembers()
     if not (args.index / "manifest.json").exists():
-        raise SystemExit(f"no index at {args.index}: build it first with `python -m provenance.cli index build "
-                         f"{DATA / 'flickr8k-dev'} --index {args.index} --limit {args.corpus_size}`")
+        raise SystemExit(
+            f"no index at {args.index}: build it first with `python -m provenance.cli index build "
+            f"{DATA / 'flickr8k-dev'} --index {args.index} --limit {args.corpus_size}`"
+        )
     args.cache.mkdir(parents=True, exist_ok=True)
     pool = dev_rest + nonmembers
     from provenance.store import ProvenanceIndex
@@ -465,8 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     index = ProvenanceIndex.open(args.index)
     members_x = np.asarray(index.vectors("sscd"), dtype=np.float32)  # (n_members, 512), as the scanner searches
     pool_x = sscd_vectors(pool, args.cache / "pool_sscd.npz")
-    negatives, dupes = mine_negatives(members_x, list(index.ids), pool, pool_x, args.hard, args.random,
-                                      args.duplicate_at, args.seed)
+    negatives, dupes = mine_negatives(
+        members_x, list(index.ids), pool, pool_x, args.hard, args.random, args.duplicate_at, args.seed
+    )
     fillers = [p for p in nonmembers]
     queries = make_queries(members, fillers, args.per_family, args.seed) + negatives
     logger.info("%d queries (%d negatives); %d duplicate pairs left out", len(queries), len(negatives), len(dupes))
@@ -484,43 +617,73 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("thumbnails: %s", thumbs)
     for mode in [m for m in args.modes.split(",") if m]:
         records, cpu_ms = scan_mode(args.index, mode, queries)
-        results[mode] = dict(cpu_ms=cpu_ms, summary=summarise(queries, records),
-                             records=[dict(name=q.name, family=q.family, target=q.target, verdict=r["verdict"],
-                                           top=(r["matches"][0]["id"] if r["matches"] else None),
-                                           sscd=r["scores"]["sscd"],
-                                           region=(r["matches"][0].get("region") if r["matches"] else None),
-                                           extra=r.get("extra"),
-                                           truth={"query": q.query_box, "corpus": q.corpus_box})
-                                      for q, r in zip(queries, records)])
-        logger.info("%s: %s CPU ms/image %s", mode, cpu_ms,
-                    {f: results[mode]["summary"][f]["found"] for f in FAMILIES})
-    meta = dict(date=time.strftime("%Y-%m-%d"), command="python -m training.copydet_eval " + " ".join(argv or []),
-                machine="2 shared CPU cores / 24 GB, no GPU", corpus_size=args.corpus_size,
-                per_family=args.per_family, seed=args.seed, n_hard=args.hard, n_random=args.random)
+        results[mode] = dict(
+            cpu_ms=cpu_ms,
+            summary=summarise(queries, records),
+            records=[
+                dict(
+                    name=q.name,
+                    family=q.family,
+                    target=q.target,
+                    verdict=r["verdict"],
+                    top=(r["matches"][0]["id"] if r["matches"] else None),
+                    sscd=r["scores"]["sscd"],
+                    region=(r["matches"][0].get("region") if r["matches"] else None),
+                    extra=r.get("extra"),
+                    truth={"query": q.query_box, "corpus": q.corpus_box},
+                )
+                for q, r in zip(queries, records, strict=False)
+            ],
+        )
+        logger.info("%s: %s CPU ms/image %s", mode, cpu_ms, {f: results[mode]["summary"][f]["found"] for f in FAMILIES})
+    meta = dict(
+        date=time.strftime("%Y-%m-%d"),
+        command="python -m training.copydet_eval " + " ".join(argv or []),
+        machine="2 shared CPU cores / 24 GB, no GPU",
+        corpus_size=args.corpus_size,
+        per_family=args.per_family,
+        seed=args.seed,
+        n_hard=args.hard,
+        n_random=args.random,
+    )
     text = render(results, meta)
     if dupes:
         text += f"\nLeft out as the same photo twice (SSCD >= {args.duplicate_at}): {len(dupes)} pairs.\n"
     if thumbs:
-        text += ("\nVerification against the corpus side at three sizes, on openimages-hires photos (most 2048 px; "
-                 f"{args.thumbnails} copies per family; share verified):\n\n| family | "
-                 + " | ".join(next(iter(thumbs.values()))) + " |\n|---|" + "---|" * 3 + "\n")
+        text += (
+            "\nVerification against the corpus side at three sizes, on openimages-hires photos (most 2048 px; "
+            f"{args.thumbnails} copies per family; share verified):\n\n| family | "
+            + " | ".join(next(iter(thumbs.values())))
+            + " |\n|---|"
+            + "---|" * 3
+            + "\n"
+        )
         for family, r in thumbs.items():
             text += f"| {family} | " + " | ".join(f"{v:.2f}" for v in r.values()) + " |\n"
     if norm:
-        text += ("\nSSCD score normalisation (whole image only; threshold at <= 1% false alarms on these negatives; "
-                 "share of each family found with the right id):\n\n| method | threshold | false alarms | "
-                 + " | ".join(FAMILIES) + " |\n|---|---|---|" + "---|" * len(FAMILIES) + "\n")
+        text += (
+            "\nSSCD score normalisation (whole image only; threshold at <= 1% false alarms on these negatives; "
+            "share of each family found with the right id):\n\n| method | threshold | false alarms | "
+            + " | ".join(FAMILIES)
+            + " |\n|---|---|---|"
+            + "---|" * len(FAMILIES)
+            + "\n"
+        )
         for name, r in norm.items():
             if name == "per_query":
                 continue
-            text += (f"| {name} | {r['threshold']:.2f} | {r['false_alarms']}/{r['negatives']} | "
-                     + " | ".join(f"{r[f]:.2f}" for f in FAMILIES) + " |\n")
+            text += (
+                f"| {name} | {r['threshold']:.2f} | {r['false_alarms']}/{r['negatives']} | "
+                + " | ".join(f"{r[f]:.2f}" for f in FAMILIES)
+                + " |\n"
+            )
     if args.out:
         args.out.write_text(text, encoding="utf-8")
     if args.json:
-        args.json.write_text(json.dumps(dict(meta=meta, dupes=dupes, normalisation=norm, results=results), indent=1),
-                             encoding="utf-8")
-    print(text)  # noqa: T201 - a command-line tool's output
+        args.json.write_text(
+            json.dumps(dict(meta=meta, dupes=dupes, normalisation=norm, results=results), indent=1), encoding="utf-8"
+        )
+    print(text)
     return 0
 
 

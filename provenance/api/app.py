@@ -13,17 +13,16 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
+from provenance import __version__
 from provenance.api.config import ServerConfig
 from provenance.api.deps import ApiKeyMiddleware, require_api_key
 from provenance.api.errors import install_error_handlers
-from provenance.api.limits import (BodyGuardMiddleware, BodyRules, RateLimitMiddleware, ScanSlotsMiddleware,
-                                   TokenBuckets)
+from provenance.api.limits import BodyGuardMiddleware, BodyRules, RateLimitMiddleware, ScanSlotsMiddleware, TokenBuckets
 from provenance.api.methods import HeadOptionsMiddleware
 from provenance.api.privacy import install_log_redaction
 from provenance.api.routes import health, index, items, page, scan, search
 from provenance.api.schemas import ErrorResponse
 from provenance.api.state import ServiceState
-from provenance import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +52,27 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     # /docs is served from the package's own copy of Swagger UI (FastAPI's default loads it from a CDN, which a
     # laptop offline or a locked-down server cannot reach); ReDoc has no local copy, so it is off.
-    app = FastAPI(title="provenance", version=__version__, description=DESCRIPTION, lifespan=lifespan,
-                  docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="provenance",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.service = state
     install_error_handlers(app)
 
     # 1. Routes: health and the page are open; /v1 is behind the optional API key.
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses={
-        400: {"model": ErrorResponse, "description": "bad parameters"},
-        401: {"model": ErrorResponse, "description": "missing or wrong API key (when keys are configured)"},
-        503: {"model": ErrorResponse, "description": "still loading, or the index failed to load"}})
+    v1 = APIRouter(
+        prefix="/v1",
+        dependencies=[Depends(require_api_key)],
+        responses={
+            400: {"model": ErrorResponse, "description": "bad parameters"},
+            401: {"model": ErrorResponse, "description": "missing or wrong API key (when keys are configured)"},
+            503: {"model": ErrorResponse, "description": "still loading, or the index failed to load"},
+        },
+    )
     for module in (index, scan, search, items):
         v1.include_router(module.router)
     app.include_router(health.router)
@@ -72,27 +82,42 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="provenance API",
-                                   swagger_js_url="/static/swagger/swagger-ui-bundle.js",
-                                   swagger_css_url="/static/swagger/swagger-ui.css",
-                                   swagger_favicon_url="/static/swagger/favicon-32x32.png")
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title="provenance API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="/static/swagger/favicon-32x32.png",
+        )
 
     # 2. Middleware (the last added runs first), from the outside in: CORS (so every refusal carries its headers),
     #    HEAD/OPTIONS, the key check (before any byte of the body is read), rate limits (only valid keys get a
     #    bucket), the bound on scans in progress, then the body's size, read deadlines and multipart rules.
-    app.add_middleware(BodyGuardMiddleware, rules_for=_body_rules(config), idle_timeout_s=config.body_idle_timeout_s,
-                       total_timeout_s=config.body_timeout_s)
-    app.add_middleware(ScanSlotsMiddleware, paths=SCAN_PATHS, slots=config.max_active_scans,
-                       retry_after_s=config.retry_after_s)
-    app.add_middleware(RateLimitMiddleware,
-                       per_client=_buckets(config.client_rate_per_minute, config.client_burst),
-                       per_key=_buckets(config.key_rate_per_minute, config.key_burst) if config.api_keys else None)
+    app.add_middleware(
+        BodyGuardMiddleware,
+        rules_for=_body_rules(config),
+        idle_timeout_s=config.body_idle_timeout_s,
+        total_timeout_s=config.body_timeout_s,
+    )
+    app.add_middleware(
+        ScanSlotsMiddleware, paths=SCAN_PATHS, slots=config.max_active_scans, retry_after_s=config.retry_after_s
+    )
+    app.add_middleware(
+        RateLimitMiddleware,
+        per_client=_buckets(config.client_rate_per_minute, config.client_burst),
+        per_key=_buckets(config.key_rate_per_minute, config.key_burst) if config.api_keys else None,
+    )
     if config.api_keys:  # outside the body limit: a request without a key is refused before any byte is read
         app.add_middleware(ApiKeyMiddleware, keys=tuple(config.api_keys))
     app.add_middleware(HeadOptionsMiddleware, router=app.router)
     if config.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "X-API-Key", "Content-Type"], max_age=600)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            max_age=600,
+        )
     return app
 
 
@@ -101,8 +126,13 @@ SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image"})  # th
 
 def _body_rules(config: ServerConfig) -> Callable[[str], BodyRules]:
     single = BodyRules(config.max_request_bytes, max_files=1, files_field="file")
-    batch = BodyRules(config.max_batch_request_bytes, max_files=config.max_batch_files, files_field="files",
-                      max_pixels=config.max_batch_pixels, max_image_pixels=config.scan.max_pixels)
+    batch = BodyRules(
+        config.max_batch_request_bytes,
+        max_files=config.max_batch_files,
+        files_field="files",
+        max_pixels=config.max_batch_pixels,
+        max_image_pixels=config.scan.max_pixels,
+    )
     small = BodyRules(SMALL_BODY_LIMIT)
 
     def rules_for(path: str) -> BodyRules:

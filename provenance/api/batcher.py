@@ -47,12 +47,13 @@ class ScanBatcher:
         self._lock = threading.Lock()
         self.batches = 0  # counters for benchmarks and tests
         self.images = 0
-        self._threads = [threading.Thread(target=self._run, name=f"scan-batcher-{i}", daemon=True)
-                         for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"scan-batcher-{i}", daemon=True) for i in range(workers)
+        ]
         for t in self._threads:
             t.start()
 
-    def submit(self, items: list[tuple[str, bytes]]) -> "Future[list[ScanRecord]]":
+    def submit(self, items: list[tuple[str, bytes]]) -> Future[list[ScanRecord]]:
         """Scan (name, bytes) pairs; the future gives their records in order."""
         if self._closed:
             raise RuntimeError("the scan batcher is closed")
@@ -103,7 +104,7 @@ class ScanBatcher:
             return
         try:
             records = self._scan_many(items)
-        except Exception as e:  # noqa: BLE001 - hand the failure to every waiting request
+        except Exception as e:
             logger.exception("scan batch of %d images failed", len(items))
             for j in live:
                 j.future.set_exception(e)
@@ -113,5 +114,5 @@ class ScanBatcher:
             self.images += len(items)
         pos = 0
         for j in live:
-            j.future.set_result(records[pos:pos + len(j.items)])
+            j.future.set_result(records[pos : pos + len(j.items)])
             pos += len(j.items)

@@ -22,8 +22,17 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 # Multipart framing (boundaries, part headers, small form fields) on top of the file itself.
 MULTIPART_SLACK_BYTES = 64 * 1024
 # The flat names of this release's scan settings, read for one more release (with a warning) as the nested ones.
-DEPRECATED_SCAN_ENV = ("VISIBLE", "VISIBLE_THOROUGH", "CENTRE_VIEW", "INVISIBLE", "INVISIBLE_CROPS", "C2PA",
-                       "METADATA", "K", "MAX_PIXELS")
+DEPRECATED_SCAN_ENV = (
+    "VISIBLE",
+    "VISIBLE_THOROUGH",
+    "CENTRE_VIEW",
+    "INVISIBLE",
+    "INVISIBLE_CROPS",
+    "C2PA",
+    "METADATA",
+    "K",
+    "MAX_PIXELS",
+)
 
 CommaList = Annotated[tuple[str, ...], NoDecode]  # "a,b" in the environment, not JSON
 
@@ -31,8 +40,14 @@ CommaList = Annotated[tuple[str, ...], NoDecode]  # "a,b" in the environment, no
 class ServerConfig(BaseSettings):
     """Everything `create_app` needs; frozen so every request sees the same settings."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", env_parse_none_str="null",
-                                      frozen=True, extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_parse_none_str="null",
+        frozen=True,
+        extra="ignore",
+        populate_by_name=True,
+    )
 
     index_dir: Path = Field(validation_alias=AliasChoices("index_dir", ENV_PREFIX + "INDEX"))
     # what each scan runs, and what a request may change (ScanOptions.request_names); max_pixels is the
@@ -92,10 +107,14 @@ class ServerConfig(BaseSettings):
         return value
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource
-                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # first wins: keyword arguments (the serve flags), PROVENANCE_*, then the deprecated flat names
         return init_settings, env_settings, _DeprecatedScanEnv(settings_cls)
 
@@ -108,7 +127,7 @@ class ServerConfig(BaseSettings):
         return self.max_batch_bytes + MULTIPART_SLACK_BYTES
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> "ServerConfig":
+    def from_env(cls, **overrides: Any) -> ServerConfig:
         """Settings from PROVENANCE_* variables; keyword overrides (e.g. from the CLI) win when not None, and
         `scan` may be a dict of the scan options given (merged into the environment's). A bad value raises
         ValueError naming it."""
@@ -156,7 +175,12 @@ class _DeprecatedScanEnv(PydanticBaseSettingsSource):
         for name in DEPRECATED_SCAN_ENV:
             value = os.environ.get(ENV_PREFIX + name)
             if value not in (None, ""):
-                logger.warning("%s%s is deprecated and will be removed in the next release: use %sSCAN__%s",
-                               ENV_PREFIX, name, ENV_PREFIX, name)
+                logger.warning(
+                    "%s%s is deprecated and will be removed in the next release: use %sSCAN__%s",
+                    ENV_PREFIX,
+                    name,
+                    ENV_PREFIX,
+                    name,
+                )
                 found[name.lower()] = value
         return {"scan": found} if found else {}

@@ -25,8 +25,9 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 def get_ready_state(state: StateDep) -> ServiceState:
     """The state once models and index are loaded; 503 (with Retry-After) until then."""
     if state.status == "loading":
-        raise api_error(503, "loading", "the index and models are still loading; retry shortly",
-                        headers={"Retry-After": "2"})
+        raise api_error(
+            503, "loading", "the index and models are still loading; retry shortly", headers={"Retry-After": "2"}
+        )
     if state.status == "error":
         raise api_error(503, "unavailable", f"the server could not load its index: {state.error}")
     return state

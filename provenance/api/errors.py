@@ -16,21 +16,47 @@ from provenance.errors import ProvenanceError
 logger = logging.getLogger(__name__)
 
 # The code clients switch on, per status, when a route gives none of its own.
-DEFAULT_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 408: "request_timeout", 409: "conflict", 413: "too_large",
-                 415: "not_an_image", 422: "invalid_request", 429: "rate_limited", 500: "internal_error",
-                 503: "unavailable"}
+DEFAULT_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    409: "conflict",
+    413: "too_large",
+    415: "not_an_image",
+    422: "invalid_request",
+    429: "rate_limited",
+    500: "internal_error",
+    503: "unavailable",
+}
 
 
 # The HTTP status of each library error code (provenance.errors: each ProvenanceError subclass's `code`, and a
 # scan record's `error_code`); the one table the API maps failures by. A code not here is a 400.
-STATUS_BY_CODE = {"not_an_image": 415, "unreadable": 415, "too_many_pixels": 413, "too_large": 413,
-                  "invalid_options": 400, "item_not_found": 404, "descriptor_unavailable": 409,
-                  "index_mismatch": 409, "index_not_found": 503, "index_format": 503, "model_load_failed": 503,
-                  "scan_failed": 500,
-                  # the limits of provenance.api.limits and of caption queries (provenance.captions)
-                  "bad_batch": 400, "repeated_field": 400, "request_timeout": 408, "rate_limited": 429,
-                  "busy": 503, "query_too_long": 400, "query_timeout": 503}
+STATUS_BY_CODE = {
+    "not_an_image": 415,
+    "unreadable": 415,
+    "too_many_pixels": 413,
+    "too_large": 413,
+    "invalid_options": 400,
+    "item_not_found": 404,
+    "descriptor_unavailable": 409,
+    "index_mismatch": 409,
+    "index_not_found": 503,
+    "index_format": 503,
+    "model_load_failed": 503,
+    "scan_failed": 500,
+    # the limits of provenance.api.limits and of caption queries (provenance.captions)
+    "bad_batch": 400,
+    "repeated_field": 400,
+    "request_timeout": 408,
+    "rate_limited": 429,
+    "busy": 503,
+    "query_too_long": 400,
+    "query_timeout": 503,
+}
 
 
 def status_for(code: str | None) -> int:
@@ -76,8 +102,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for err in exc.errors():
         loc = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path"))
         problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return JSONResponse(error_body(400, "invalid_parameters", "; ".join(problems) or "invalid request"),
-                        status_code=400)
+    return JSONResponse(
+        error_body(400, "invalid_parameters", "; ".join(problems) or "invalid request"), status_code=400
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -86,8 +113,9 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types a handler's exception as plain Exception, not the class it is registered for
+    app.add_exception_handler(StarletteHTTPException, _http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(ProvenanceError, _provenance_error)
     app.add_exception_handler(Exception, _unexpected)
 
@@ -96,7 +124,16 @@ async def send_json(send: Send, status: int, body: dict, headers: dict[str, str]
     """A whole JSON response from ASGI middleware; the connection closes, since the request body may be unread."""
     payload = json.dumps(body).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items() if k.lower() != "connection"]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close"), *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"connection", b"close"),
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})

@@ -31,8 +31,11 @@ class RequestRefused(StarletteHTTPException):
     passes it through (it turns other exceptions into a generic 400). The connection closes after the answer."""
 
     def __init__(self, code: str, message: str, status: int | None = None, headers: dict[str, str] | None = None):
-        super().__init__(status or status_for(code), {"code": code, "message": message},
-                         headers={"Connection": "close", **(headers or {})})
+        super().__init__(
+            status or status_for(code),
+            {"code": code, "message": message},  # type: ignore[arg-type]
+            headers={"Connection": "close", **(headers or {})},
+        )
         self.code = code
         self.message = message
 
@@ -61,8 +64,9 @@ class BodyGuardMiddleware:
     arrive. Each `receive` must bring data within `idle_timeout_s` and the whole body must arrive within
     `total_timeout_s` (a 408): uvicorn itself waits for a slow body forever."""
 
-    def __init__(self, app: ASGIApp, rules_for: Callable[[str], BodyRules | None], idle_timeout_s: float,
-                 total_timeout_s: float):
+    def __init__(
+        self, app: ASGIApp, rules_for: Callable[[str], BodyRules | None], idle_timeout_s: float, total_timeout_s: float
+    ):
         self.app = app
         self.rules_for = rules_for
         self.idle_timeout_s = idle_timeout_s
@@ -75,8 +79,15 @@ class BodyGuardMiddleware:
         headers = Headers(scope=scope)
         declared = _int(headers.get("content-length"))
         if declared is not None and declared > rules.max_bytes:
-            await send_json(send, 413, error_body(413, "too_large", f"request body of {declared:,} bytes exceeds "
-                                                                   f"the limit of {rules.max_bytes:,} bytes"))
+            await send_json(
+                send,
+                413,
+                error_body(
+                    413,
+                    "too_large",
+                    f"request body of {declared:,} bytes exceeds the limit of {rules.max_bytes:,} bytes",
+                ),
+            )
             return
         inspector = _MultipartInspector.for_request(headers, rules)
         deadline = time.monotonic() + self.total_timeout_s
@@ -92,8 +103,9 @@ class BodyGuardMiddleware:
             try:
                 message = await asyncio.wait_for(receive(), timeout=max(timeout, 0.001))
             except TimeoutError:
-                raise RequestRefused("request_timeout", _timeout_message(received, self.idle_timeout_s,
-                                                                         self.total_timeout_s)) from None
+                raise RequestRefused(
+                    "request_timeout", _timeout_message(received, self.idle_timeout_s, self.total_timeout_s)
+                ) from None
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
@@ -115,12 +127,19 @@ class BodyGuardMiddleware:
         except RequestRefused as e:  # raised where no exception handler turned it into a response
             if started:
                 raise
-            await send_json(send, e.status_code, error_body(e.status_code, e.code, e.message), e.headers)
+            await send_json(
+                send,
+                e.status_code,
+                error_body(e.status_code, e.code, e.message),
+                dict(e.headers) if e.headers else None,
+            )
 
 
 def _timeout_message(received: int, idle: float, total: float) -> str:
-    return (f"the request body stopped arriving (after {received:,} bytes): each part of it must come within "
-            f"{idle:g} s and all of it within {total:g} s")
+    return (
+        f"the request body stopped arriving (after {received:,} bytes): each part of it must come within "
+        f"{idle:g} s and all of it within {total:g} s"
+    )
 
 
 def _int(value: str | None) -> int | None:
@@ -147,11 +166,18 @@ class _MultipartInspector:
         self._sized = False
         self._next_try = 0
         self._broken = False  # malformed multipart: Starlette reports it; stop inspecting
-        self._parser = multipart.MultipartParser(boundary, {
-            "on_part_begin": self._part_begin, "on_header_field": self._header_field,
-            "on_header_value": self._header_value_cb, "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished, "on_part_data": self._part_data,
-            "on_part_end": self._part_end})
+        self._parser = multipart.MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._part_begin,
+                "on_header_field": self._header_field,
+                "on_header_value": self._header_value_cb,
+                "on_header_end": self._header_end,
+                "on_headers_finished": self._headers_finished,
+                "on_part_data": self._part_data,
+                "on_part_end": self._part_end,
+            },
+        )
 
     @classmethod
     def for_request(cls, headers: Headers, rules: BodyRules) -> _MultipartInspector | None:
@@ -169,7 +195,7 @@ class _MultipartInspector:
             self._parser.write(chunk)
         except RequestRefused:
             raise
-        except Exception:  # noqa: BLE001 - a malformed body is for the form parser to report, with its message
+        except Exception:
             self._broken = True
 
     # parser callbacks
@@ -199,16 +225,18 @@ class _MultipartInspector:
         if self.files > self.rules.max_files:
             field = self.rules.files_field or "file"
             if self.rules.max_files == 1:
-                raise RequestRefused("repeated_field", f"send one file, in the `{field}` field: this request has "
-                                                       "more than one")
-            raise RequestRefused("bad_batch", f"send 1 to {self.rules.max_files} files in the `{field}` field: "
-                                              f"this request has more")
+                raise RequestRefused(
+                    "repeated_field", f"send one file, in the `{field}` field: this request has more than one"
+                )
+            raise RequestRefused(
+                "bad_batch", f"send 1 to {self.rules.max_files} files in the `{field}` field: this request has more"
+            )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if not self._is_file or self._sized or self.rules.max_pixels is None:
             return
         room = SNIFF_BYTES - len(self._head)
-        self._head += data[start:min(end, start + room)]
+        self._head += data[start : min(end, start + room)]
         # try at each doubling of what we hold, so a long header costs a few attempts, not one per chunk
         if len(self._head) >= self._next_try or len(self._head) >= SNIFF_BYTES:
             self._next_try = max(2 * len(self._head), _FIRST_TRY)
@@ -230,9 +258,12 @@ class _MultipartInspector:
             pixels = 0  # refused before decoding: costs nothing
         self.pixels += pixels
         if self.rules.max_pixels is not None and self.pixels > self.rules.max_pixels:
-            raise RequestRefused("too_many_pixels", f"the images of this request hold more than "
-                                                    f"{self.rules.max_pixels:,} pixels in all (read from their "
-                                                    f"headers): send fewer or smaller images")
+            raise RequestRefused(
+                "too_many_pixels",
+                f"the images of this request hold more than "
+                f"{self.rules.max_pixels:,} pixels in all (read from their "
+                f"headers): send fewer or smaller images",
+            )
 
 
 def _multipart() -> tuple[Any, Callable[[Any], tuple[bytes, dict[bytes, bytes]]]]:
@@ -270,7 +301,7 @@ def image_size(head: bytes) -> tuple[int, int] | None:
 
         m = re.search(r"\((\d+) pixels\)", str(e))
         return (int(m.group(1)), 1) if m else None
-    except Exception:  # noqa: BLE001 - not (yet) a readable header
+    except Exception:
         return None
 
 
@@ -290,9 +321,12 @@ class ScanSlotsMiddleware:
             await self.app(scope, receive, send)
             return
         if self.active >= self.slots:
-            await send_json(send, 503, error_body(503, "busy", f"the server is scanning {self.slots} requests "
-                                                               "already: retry later"),
-                            {"Retry-After": str(self.retry_after_s)})
+            await send_json(
+                send,
+                503,
+                error_body(503, "busy", f"the server is scanning {self.slots} requests already: retry later"),
+                {"Retry-After": str(self.retry_after_s)},
+            )
             return
         self.active += 1  # the event loop is one thread: no lock needed
         try:
@@ -351,9 +385,12 @@ class RateLimitMiddleware:
         over = [(who, w) for who, w in waits if w > 0]
         if over:
             who, wait = max(over, key=lambda x: x[1])
-            await send_json(send, 429, error_body(429, "rate_limited", f"too many requests from this {who}: "
-                                                                       f"retry in {math.ceil(wait)} s"),
-                            {"Retry-After": str(max(1, math.ceil(wait)))})
+            await send_json(
+                send,
+                429,
+                error_body(429, "rate_limited", f"too many requests from this {who}: retry in {math.ceil(wait)} s"),
+                {"Retry-After": str(max(1, math.ceil(wait)))},
+            )
             return
         await self.app(scope, receive, send)
 

@@ -25,8 +25,9 @@ class HeadOptionsMiddleware:
         if scope["method"] == "OPTIONS":
             status = 204 if allowed else 404
             headers = [(b"allow", ", ".join(sorted(allowed)).encode())] if allowed else []
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [*headers, (b"content-length", b"0")]})
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [*headers, (b"content-length", b"0")]}
+            )
             await send({"type": "http.response.body", "body": b""})
             return
         if "GET" not in allowed:

@@ -36,8 +36,9 @@ class PathRedactor:
         manifest = manifest or {}
         roots = [(manifest.get("source") or {}).get("location")]
         roots += [(b.get("source") or {}).get("location") for b in manifest.get("builds") or []]
-        self.roots = sorted({r.rstrip("/\\") for r in roots if isinstance(r, str) and _is_absolute(r)},
-                            key=len, reverse=True)
+        self.roots = sorted(
+            {r.rstrip("/\\") for r in roots if isinstance(r, str) and _is_absolute(r)}, key=len, reverse=True
+        )
         # known paths -> what a message says instead: the index by its name, a corpus by its folder's name
         self.known: list[tuple[str, str]] = []
         if index_dir is not None:
@@ -51,7 +52,7 @@ class PathRedactor:
             return source
         for root in self.roots:
             if source.startswith((root + "/", root + "\\")):
-                return source[len(root) + 1:].replace("\\", "/")
+                return source[len(root) + 1 :].replace("\\", "/")
         return _basename(source)
 
     def text(self, message: str) -> str:
@@ -102,7 +103,7 @@ class SecretRedactingFilter(logging.Filter):
             record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
         try:
             message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a record that cannot format is logging's problem to report
+        except Exception:
             return True
         clean = self.redact(message)
         if clean != message:

@@ -59,7 +59,10 @@ class HeaderTimeoutH11Protocol(H11Protocol):
     def _headers_timed_out(self) -> None:
         self._header_timer = None
         if self._waiting_for_headers() and not self.transport.is_closing():
-            self.logger.info("closed a connection from %s: request headers incomplete after %g s",
-                             self.client[0] if self.client else "?", self.timeout_s)
+            self.logger.info(
+                "closed a connection from %s: request headers incomplete after %g s",
+                self.client[0] if self.client else "?",
+                self.timeout_s,
+            )
             self.transport.write(_408)
             self.transport.close()

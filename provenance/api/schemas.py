@@ -47,9 +47,13 @@ class HealthOut(BaseModel):
     text_search: bool = False  # the index has OpenCLIP embeddings
     auth: bool = False  # /v1 needs an API key
     max_upload_bytes: int
-    limits: dict[str, float | int] = Field(default_factory=dict, description=(
-        "what one request may send or cost (README, \"Deploying it publicly\"): files, bytes and pixels per batch, "
-        "caption query words and characters"))
+    limits: dict[str, float | int] = Field(
+        default_factory=dict,
+        description=(
+            'what one request may send or cost (README, "Deploying it publicly"): files, bytes and pixels per batch, '
+            "caption query words and characters"
+        ),
+    )
     error: str | None = None
 
 
@@ -65,8 +69,10 @@ class MatchOut(BaseModel):
     source: str | None = None
     distance: int | None = Field(default=None, description="PDQ Hamming distance in bits (pdq matches only)")
     region: dict[str, list[float]] | None = Field(
-        default=None, description="where the copy is, when geometric verification found it (thorough scans): "
-        '{"query": [x0, y0, x1, y1], "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image')
+        default=None,
+        description="where the copy is, when geometric verification found it (thorough scans): "
+        '{"query": [x0, y0, x1, y1], "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image',
+    )
     verdict: str | None = Field(default=None, description="only with ?match_verdicts=true: this match's own verdict")
 
 
@@ -81,9 +87,10 @@ class VisibleWatermarkOut(BaseModel):
     probability: float = Field(description="p(stock-photo style visible watermark)")
     flagged: bool = Field(description="probability >= threshold: what --fail-on watermark and the page flag")
     threshold: float = Field(description="the detector's flag threshold, chosen on held-out data")
-    input_sizes: list[int] = Field(default_factory=list,
-                                   description="input sizes (short side, px) the probability comes from "
-                                               "(several with visible_thorough)")
+    input_sizes: list[int] = Field(
+        default_factory=list,
+        description="input sizes (short side, px) the probability comes from (several with visible_thorough)",
+    )
 
 
 class WatermarksOut(BaseModel):
@@ -101,14 +108,16 @@ class ConsentSignalOut(BaseModel):
     source: str = Field(examples=["iptc-plus"], description="c2pa, cawg, iptc-plus, tdmrep.json, robots.txt, ...")
     value: str = Field(examples=["DMI-PROHIBITED-AIMLTRAINING"], description="what it said, in its own words")
     training: Literal["not_allowed", "constrained", "allowed", "unknown"] | None = Field(
-        description="our reading of it; null when it is not about training (listed, not counted)")
+        description="our reading of it; null when it is not about training (listed, not counted)"
+    )
     detail: str | None = None
     overridden_by: str | None = Field(default=None, description="the higher-precedence signal that replaces it")
 
 
 class ConsentOut(BaseModel):
     training: Literal["not_allowed", "constrained", "allowed", "unknown"] = Field(
-        description="the most restrictive counted signal: not_allowed > constrained > allowed > unknown")
+        description="the most restrictive counted signal: not_allowed > constrained > allowed > unknown"
+    )
     signals: list[ConsentSignalOut] = []
 
 
@@ -126,8 +135,11 @@ class ScanRecordOut(BaseModel):
     scores: dict[str, float | int | None] = {}
     watermarks: WatermarksOut = WatermarksOut()
     error: str | None = None
-    error_code: str | None = Field(default=None, examples=["not_an_image"],
-                                   description="the failure kind beside `error` (its HTTP status in /v1/scan)")
+    error_code: str | None = Field(
+        default=None,
+        examples=["not_an_image"],
+        description="the failure kind beside `error` (its HTTP status in /v1/scan)",
+    )
     checks: dict[str, Any] = Field(default_factory=dict, description="which checks ran on this image")
     consent: ConsentOut | None = Field(default=None, description="do-not-train signals read from the file")
     schema_version: str = Field(default=SCAN_SCHEMA_VERSION, description="the version of this record's shape")

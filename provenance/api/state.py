@@ -18,7 +18,8 @@ from provenance.api.config import ServerConfig
 from provenance.api.privacy import PathRedactor
 from provenance.captions import CaptionLimits
 from provenance.errors import ProvenanceError
-from provenance.scan import ScanOptions, Scanner
+from provenance.options import ScanOptions
+from provenance.scan import Scanner
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
 from provenance.types import ScanRecord
@@ -45,10 +46,10 @@ class ServiceState:
         self.load_seconds: float | None = None
         # what answers may say about server paths: the index folder now, the corpus folders once it is open
         self.redactor = PathRedactor(config.index_dir)
-        self.caption_limits = CaptionLimits(config.caption_max_terms, config.caption_max_chars,
-                                            config.caption_time_budget_s)
-        self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads),
-                                              thread_name_prefix="search")
+        self.caption_limits = CaptionLimits(
+            config.caption_max_terms, config.caption_max_chars, config.caption_time_budget_s
+        )
+        self.search_pool = ThreadPoolExecutor(max_workers=max(1, config.search_threads), thread_name_prefix="search")
         # the per-request options (ScanOptions.request_names) -> (scanner, batcher): the server's own from loading,
         # another from the first request that asks for it
         self._variants: dict[tuple[Any, ...], tuple[Scanner, ScanBatcher | None]] = {}
@@ -84,7 +85,7 @@ class ServiceState:
             self.error, self.status = str(e), "error"
             self._ready.set()
             return
-        except Exception as e:  # noqa: BLE001 - report any load failure through /healthz instead of dying silently
+        except Exception as e:
             logger.exception("unexpected error while loading %s", self.config.index_dir)
             self.error, self.status = f"{type(e).__name__}: {e}", "error"
             self._ready.set()
@@ -92,14 +93,22 @@ class ServiceState:
         self.index, self.searcher, self.scanner, self.checks = index, searcher, scanner, scanner.checks
         requested = self.config.scan.requested_checks()
         # a check asked for that cannot run here (weights missing, no SSCD for the centre view)
-        self.notes = [f"{name}: asked for but unavailable on this server (see the server log)"
-                      for name, on in requested.items() if on and not self.checks.get(name)]
+        self.notes = [
+            f"{name}: asked for but unavailable on this server (see the server log)"
+            for name, on in requested.items()
+            if on and not self.checks.get(name)
+        ]
         self._variants[_variant_key(self.config.scan)] = (scanner, self._batcher(scanner))
         self.load_seconds = time.perf_counter() - started
         self.status = "ready"
         self._ready.set()
-        logger.info("ready: %s (%d items, %s) in %.1fs", index.dir, len(index), ", ".join(scanner.descriptors),
-                    self.load_seconds)
+        logger.info(
+            "ready: %s (%d items, %s) in %.1fs",
+            index.dir,
+            len(index),
+            ", ".join(scanner.descriptors),
+            self.load_seconds,
+        )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until loading finished (ready or failed); True if it did within `timeout`."""
@@ -119,7 +128,9 @@ class ServiceState:
         assert self.scanner is not None
         options = options or self.config.scan
         variant = self._variants.get(_variant_key(options))  # the server's own is there from loading
-        scanner, batcher = variant or await run_in_threadpool(self._variant, options)
+        if variant is None:
+            variant = await run_in_threadpool(self._variant, options)
+        scanner, batcher = variant
         if batcher is not None:
             return await asyncio.wrap_future(batcher.submit(items))
         return await run_in_threadpool(scanner.scan_many_bytes, items)
@@ -131,15 +142,18 @@ class ServiceState:
                 assert self.searcher is not None
                 scanner = Scanner(self.searcher, options)
                 self._variants[key] = (scanner, self._batcher(scanner))
-                logger.info("loaded a scan with %s for requests that ask for it",
-                            ", ".join(f"{n}={getattr(options, n)}" for n in ScanOptions.request_names()))
+                logger.info(
+                    "loaded a scan with %s for requests that ask for it",
+                    ", ".join(f"{n}={getattr(options, n)}" for n in ScanOptions.request_names()),
+                )
             return self._variants[key]
 
     def _batcher(self, scanner: Scanner) -> ScanBatcher | None:
         if self.config.scan_batch <= 0:
             return None
-        return ScanBatcher(scanner.scan_many_bytes, self.config.scan_batch, self.config.scan_window_ms / 1000,
-                           self.config.scan_workers)
+        return ScanBatcher(
+            scanner.scan_many_bytes, self.config.scan_batch, self.config.scan_window_ms / 1000, self.config.scan_workers
+        )
 
     async def run_search(self, fn: Callable[..., T], *args: Any) -> T:
         """Run model work (image/text search) on the bounded search executor."""

@@ -17,8 +17,16 @@ from provenance.types import ScanRecord
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "TIFF": ".tif", "BMP": ".bmp",
-               "AVIF": ".avif", "HEIF": ".heic"}
+_EXTENSIONS = {
+    "JPEG": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "GIF": ".gif",
+    "TIFF": ".tif",
+    "BMP": ".bmp",
+    "AVIF": ".avif",
+    "HEIF": ".heic",
+}
 
 
 async def read_upload(file: UploadFile, limit: int) -> bytes | None:
@@ -71,5 +79,5 @@ def _extension(data: bytes) -> str:
     try:
         with Image.open(io.BytesIO(data)) as im:  # reads the header only
             return _EXTENSIONS.get(im.format or "", ".bin")
-    except Exception:  # noqa: BLE001 - unknown formats are kept as .bin
+    except Exception:
         return ".bin"

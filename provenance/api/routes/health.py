@@ -13,18 +13,31 @@ from provenance.options import ScanOptions
 
 router = APIRouter(tags=["health"])
 # the limits a client needs to know to stay within them (the rest are the operator's business)
-PUBLIC_LIMITS = ("max_upload_bytes", "max_batch_files", "max_batch_bytes", "max_batch_pixels", "caption_max_terms",
-                 "caption_max_chars")
+PUBLIC_LIMITS = (
+    "max_upload_bytes",
+    "max_batch_files",
+    "max_batch_bytes",
+    "max_batch_pixels",
+    "caption_max_terms",
+    "caption_max_chars",
+)
 
 
-@router.get("/healthz", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "loading or failed"}})
+@router.get(
+    "/healthz", response_model=HealthOut, responses={503: {"model": HealthOut, "description": "loading or failed"}}
+)
 def healthz(state: StateDep):
     """200 once the index and models are loaded; 503 with the same body while loading or after a failed load."""
-    body = HealthOut(status=state.status, max_upload_bytes=state.config.max_upload_bytes,
-                     auth=bool(state.config.api_keys),
-                     error=state.redactor.text(state.error) if state.error else None,
-                     limits={"max_pixels": state.config.scan.max_pixels,
-                             **{name: getattr(state.config, name) for name in PUBLIC_LIMITS}})
+    body = HealthOut(
+        status=state.status,
+        max_upload_bytes=state.config.max_upload_bytes,
+        auth=bool(state.config.api_keys),
+        error=state.redactor.text(state.error) if state.error else None,
+        limits={
+            "max_pixels": state.config.scan.max_pixels,
+            **{name: getattr(state.config, name) for name in PUBLIC_LIMITS},
+        },
+    )
     if state.status == "ready" and state.index is not None:
         body.index = state.index.manifest.get("name")
         body.items = len(state.index)
@@ -48,6 +61,13 @@ def _request_options(state: ServiceState) -> list[ScanOptionOut]:
             available = not needs or bool(state.checks.get(needs))
         except InvalidOptionsError:
             available = False
-        out.append(ScanOptionOut(name=name, title=field.title or name, description=field.description or "",
-                                 default=bool(getattr(base, name)), available=available))
+        out.append(
+            ScanOptionOut(
+                name=name,
+                title=field.title or name,
+                description=field.description or "",
+                default=bool(getattr(base, name)),
+                available=available,
+            )
+        )
     return out

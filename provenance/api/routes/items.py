@@ -13,12 +13,15 @@ from provenance.api.schemas import ErrorResponse, ItemOut
 from provenance.errors import ItemNotFoundError
 
 router = APIRouter(tags=["items"])
-_404 = {404: {"model": ErrorResponse, "description": "no such item (or no thumbnail)"}}
+_404: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "no such item (or no thumbnail)"}}
 
 
 # Registered before /items/{id} because ids may contain "/" (the `path` converter would swallow "/thumbnail").
-@router.get("/items/{item_id:path}/thumbnail", response_class=Response, responses={
-    200: {"content": {"image/jpeg": {}}, "description": "the item's small JPEG thumbnail"}, **_404})
+@router.get(
+    "/items/{item_id:path}/thumbnail",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}, "description": "the item's small JPEG thumbnail"}, **_404},
+)
 async def get_thumbnail(item_id: str, index: IndexDep) -> Response:
     """The item's thumbnail as stored in the index (about 160 px on the long side)."""
     try:
@@ -27,7 +30,9 @@ async def get_thumbnail(item_id: str, index: IndexDep) -> Response:
         raise api_error(404, "item_not_found", str(e)) from None
     data = await run_in_threadpool(index.thumbnail, item_id)
     if data is None:
-        raise api_error(404, "no_thumbnail", f"item {item_id!r} has no stored thumbnail (index built with --no-thumbnails)")
+        raise api_error(
+            404, "no_thumbnail", f"item {item_id!r} has no stored thumbnail (index built with --no-thumbnails)"
+        )
     # Items never change inside one built index, so browsers may cache thumbnails for a day.
     return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=86400"})
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -21,17 +21,33 @@ from provenance.types import SCAN_SCHEMA_VERSION, ScanRecord
 router = APIRouter(tags=["scan"])
 BATCH_GROUP = 4  # files of a batch request read and scanned together
 
-MatchVerdicts = Annotated[bool, Query(description="Add each match's own verdict (from its descriptor's score alone) "
-                                                  "to the matches; the web page uses it for its badges.")]
+MatchVerdicts = Annotated[
+    bool,
+    Query(
+        description="Add each match's own verdict (from its descriptor's score alone) "
+        "to the matches; the web page uses it for its badges."
+    ),
+]
 
 
 def _scan_overrides_dependency() -> Any:
     """A dependency with one optional query parameter per per-request scan option (ScanOptions.request_names),
     its description the option's; it returns the ones given."""
-    params = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-        ScanOptions.model_fields[name].annotation | None,
-        Query(description=f"{ScanOptions.model_fields[name].description} Unset: the server's setting "
-                          f"(/healthz: options).")]) for name in ScanOptions.request_names()]
+    params = [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=Annotated[
+                Optional[ScanOptions.model_fields[name].annotation],
+                Query(
+                    description=f"{ScanOptions.model_fields[name].description} Unset: the server's setting "
+                    f"(/healthz: options)."
+                ),
+            ],
+        )
+        for name in ScanOptions.request_names()
+    ]
 
     def scan_overrides(**given: Any) -> dict[str, Any]:
         return {k: v for k, v in given.items() if v is not None}
@@ -41,15 +57,27 @@ def _scan_overrides_dependency() -> Any:
 
 
 ScanOverrides = Annotated[dict[str, Any], Depends(_scan_overrides_dependency())]
-_BAD_OPTIONS = {400: {"model": ErrorResponse, "description": "bad parameters, or options that cannot go together "
-                                                            "(invalid_options)"}}
+_BAD_OPTIONS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "bad parameters, or options that cannot go together (invalid_options)"}
+}
 
 
-@router.post("/scan", response_model=ScanRecordOut, response_model_exclude_unset=True, responses={
-    413: {"model": ErrorResponse, "description": "file over the upload limit, or more pixels than allowed (bomb)"},
-    415: {"model": ErrorResponse, "description": "not a decodable image"}, **_BAD_OPTIONS})
-async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="The image to check.")],
-               overrides: ScanOverrides, match_verdicts: MatchVerdicts = False) -> dict[str, Any]:
+@router.post(
+    "/scan",
+    response_model=ScanRecordOut,
+    response_model_exclude_unset=True,
+    responses={
+        413: {"model": ErrorResponse, "description": "file over the upload limit, or more pixels than allowed (bomb)"},
+        415: {"model": ErrorResponse, "description": "not a decodable image"},
+        **_BAD_OPTIONS,
+    },
+)
+async def scan(
+    state: ReadyDep,
+    file: Annotated[UploadFile, File(description="The image to check.")],
+    overrides: ScanOverrides,
+    match_verdicts: MatchVerdicts = False,
+) -> dict[str, Any]:
     """Scan one image: its best corpus matches, the verdict, and its watermark / C2PA / metadata evidence."""
     options = state.options_for(overrides)  # a broken rule is a 400 before the upload is read
     name = display_name(file.filename)
@@ -63,10 +91,15 @@ async def scan(state: ReadyDep, file: Annotated[UploadFile, File(description="Th
     return _present(state, record, options.thresholds, match_verdicts)
 
 
-@router.post("/scan/batch", response_model=list[ScanRecordOut], response_model_exclude_unset=True,
-             responses=_BAD_OPTIONS)
-async def scan_batch(state: ReadyDep, files: Annotated[list[UploadFile], File(description="The images to check.")],
-                     overrides: ScanOverrides, match_verdicts: MatchVerdicts = False) -> list[dict[str, Any]]:
+@router.post(
+    "/scan/batch", response_model=list[ScanRecordOut], response_model_exclude_unset=True, responses=_BAD_OPTIONS
+)
+async def scan_batch(
+    state: ReadyDep,
+    files: Annotated[list[UploadFile], File(description="The images to check.")],
+    overrides: ScanOverrides,
+    match_verdicts: MatchVerdicts = False,
+) -> list[dict[str, Any]]:
     """Scan several images; records come back in upload order, and a bad file gets an error record
     (verdict "error", with its error_code) while the others are scanned as usual. 400 for no files or more than
     the configured maximum (bad_batch)."""
@@ -106,8 +139,9 @@ async def _keep(state: ServiceState, pairs: list[tuple[bytes, ScanRecord]]) -> N
             await run_in_threadpool(keep_upload, folder, data, record)
 
 
-def _present(state: ServiceState, record: ScanRecord, thresholds: Thresholds, with_match_verdicts: bool
-             ) -> dict[str, Any]:
+def _present(
+    state: ServiceState, record: ScanRecord, thresholds: Thresholds, with_match_verdicts: bool
+) -> dict[str, Any]:
     """The record's JSON with its schema version, and each match's verdict (computed by the library) when asked;
     match sources never name a server path."""
     d = {"schema_version": SCAN_SCHEMA_VERSION, **record.to_dict()}
