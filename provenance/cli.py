@@ -10,10 +10,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from provenance.cli_options import with_scan_options
+from provenance.cli_options import progress_bar, with_scan_options
 from provenance.errors import ProvenanceError
 
 app = typer.Typer(
@@ -443,15 +443,7 @@ def scan(
         _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
     try:
         scanner = Scanner.open(index, opts)
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]scanning"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
+        with progress_bar("scanning", console, transient=True) as bar:
             task = bar.add_task("scan", total=len(files))
             records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:

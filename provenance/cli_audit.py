@@ -10,10 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional, cast
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from provenance.cli_options import with_scan_options
+from provenance.cli_options import progress_bar, with_scan_options
 from provenance.errors import ProvenanceError
 
 if TYPE_CHECKING:
@@ -168,15 +167,7 @@ def audit_command(  # noqa: C901 - a typer command: its options are checked one 
 
     # 3. Scan and audit, streaming
     try:
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]auditing"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
+        with progress_bar("auditing", console, transient=True) as bar:
             task = bar.add_task("audit", total=len(files) + len(ref_files))
             result = audit_paths(scanner, files, ref_files, options, progress=lambda r: bar.advance(task))
     except ProvenanceError as e:
@@ -236,15 +227,7 @@ def _generate(
         folder = g.check_output_dir(gen_out)
         with console.status(f"loading {model}..."):
             pipeline = g.load_pipeline(model, device)
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
+        with progress_bar("generating", console, transient=True) as bar:
             task = bar.add_task("generate", total=len(prompts) * num_images)
 
             def on_image(image: g.GeneratedImage, done: int, total: int) -> None:

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from provenance.cli_options import progress_bar
 from provenance.errors import ProvenanceError
 
 if TYPE_CHECKING:
@@ -107,15 +107,7 @@ def generate_command(
         with console.status(f"loading {model}..."):
             pipeline = g.load_pipeline(model, device)
         total = len(all_prompts) * num_images
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("[bold]generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as bar:
+        with progress_bar("generating", console, transient=False) as bar:
             task = bar.add_task("generate", total=total)
 
             def on_image(image: g.GeneratedImage, done: int, total: int) -> None:

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Optional
 
 import annotated_types
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from provenance.options import ScanOptions
 
@@ -91,3 +93,16 @@ def _without_none(annotation: Any) -> Any:
         rest = [a for a in args if a is not type(None)]
         return rest[0] if len(rest) == 1 else annotation
     return annotation
+
+
+def progress_bar(label: str, console: Console, *, transient: bool = True) -> Progress:
+    """The commands' one progress bar: spinner, label, bar, done/total and elapsed time, on `console`."""
+    return Progress(
+        SpinnerColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=transient,
+    )

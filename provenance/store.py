@@ -521,14 +521,7 @@ def write_index(
                 w.abort()
                 raise
             manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, contents.specs)))
-        write_tombstones(index_dir, manifest, [])
-        write_merged_lookup(index_dir, manifest)
-        write_merged_ann(index_dir, manifest)
-        commit_manifest(index_dir, manifest)
-        remove_unlisted_parts(index_dir, manifest)
-        remove_unlisted_lookups(index_dir, manifest)
-        remove_unlisted_anns(index_dir, manifest)
-        _remove_v1_files(index_dir)
+        _commit_rewritten(index_dir, manifest)
     return manifest
 
 
@@ -1364,15 +1357,7 @@ def upgrade(
             manifest["next_part"] += 1
             w.skipped.extend(skipped)
             manifest["parts"].append(part_entry(w.finish(memory_budget_bytes, use_gpu, specs)))
-        write_tombstones(index_dir, manifest, [])
-        write_merged_lookup(index_dir, manifest)
-        write_merged_ann(index_dir, manifest)
-        commit_manifest(index_dir, manifest)
-        remove_unlisted_parts(index_dir, manifest)
-        remove_unlisted_lookups(index_dir, manifest)
-        remove_unlisted_anns(index_dir, manifest)
-        remove_unlisted_anns(index_dir, manifest)
-        _remove_v1_files(index_dir)
+        _commit_rewritten(index_dir, manifest)
     return manifest
 
 
@@ -1415,3 +1400,16 @@ def unlisted_parts(index_dir: Path, manifest: dict[str, Any] | None) -> list[Pat
 
 
 __all__ += ["IndexWriteLock", "RemoveResult", "compact", "file_sha256", "remove_items", "upgrade", "verify"]
+
+
+def _commit_rewritten(index_dir: Path, manifest: dict[str, Any]) -> None:
+    """Commit a manifest whose parts were all rewritten (compact, upgrade): no tombstones, fresh merged lookup and
+    ANN, then the files no longer listed (old parts, lookups, ANNs, format-1 files) go."""
+    write_tombstones(index_dir, manifest, [])
+    write_merged_lookup(index_dir, manifest)
+    write_merged_ann(index_dir, manifest)
+    commit_manifest(index_dir, manifest)
+    remove_unlisted_parts(index_dir, manifest)
+    remove_unlisted_lookups(index_dir, manifest)
+    remove_unlisted_anns(index_dir, manifest)
+    _remove_v1_files(index_dir)

@@ -6,6 +6,7 @@ import functools
 import io
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -165,15 +166,20 @@ def _digital_source_types(manifest: dict[str, Any]) -> list[str]:
 def _training_mining(manifest: dict[str, Any]) -> dict[str, str]:
     """{entry: use} from a c2pa.training-mining (or CAWG) assertion, e.g. {"c2pa.ai_training": "notAllowed"}."""
     out: dict[str, str] = {}
+    for key, entry in _training_entries(manifest):
+        use = entry.get("use") if isinstance(entry, dict) else entry
+        if isinstance(use, str):
+            out[key] = use
+    return out
+
+
+def _training_entries(manifest: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(entry name, entry) of every c2pa.training-mining or cawg.training-mining assertion in the manifest."""
     for a in manifest.get("assertions") or []:
         label = str(a.get("label", ""))
-        if not (label.startswith("c2pa.training-mining") or label.startswith("cawg.training-mining")):
-            continue
-        for key, entry in ((a.get("data") or {}).get("entries") or {}).items():
-            use = entry.get("use") if isinstance(entry, dict) else entry
-            if isinstance(use, str):
-                out[str(key)] = use
-    return out
+        if label.startswith(("c2pa.training-mining", "cawg.training-mining")):
+            for key, entry in ((a.get("data") or {}).get("entries") or {}).items():
+                yield str(key), entry
 
 
 def _training_constraints(manifest: dict[str, Any]) -> dict[str, str]:
@@ -182,13 +188,9 @@ def _training_constraints(manifest: dict[str, Any]) -> dict[str, str]:
     The C2PA spec names the field `constraint_info`; some writers say `constraints_info`.
     """
     out: dict[str, str] = {}
-    for a in manifest.get("assertions") or []:
-        label = str(a.get("label", ""))
-        if not (label.startswith("c2pa.training-mining") or label.startswith("cawg.training-mining")):
-            continue
-        for key, entry in ((a.get("data") or {}).get("entries") or {}).items():
-            if isinstance(entry, dict):
-                info = entry.get("constraint_info", entry.get("constraints_info"))
-                if info is not None:
-                    out[str(key)] = info if isinstance(info, str) else json.dumps(info)[:2000]
+    for key, entry in _training_entries(manifest):
+        if isinstance(entry, dict):
+            info = entry.get("constraint_info", entry.get("constraints_info"))
+            if info is not None:
+                out[key] = info if isinstance(info, str) else json.dumps(info)[:2000]
     return out
