@@ -23,6 +23,7 @@ app = typer.Typer(
 )
 index_app = typer.Typer(help="Build and inspect indexes of image-caption corpora.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+RegistryPath = Annotated[Optional[Path], typer.Option("--registry", help="Do-not-train registry (provenance optout).")]
 console = Console(stderr=True)
 out = Console(soft_wrap=True)
 
@@ -121,6 +122,14 @@ def index_build(
             help="Let --read-url-signals fetch from private and loopback addresses (off: a guard against request forgery).",
         ),
     ] = False,
+    respect_optouts: Annotated[
+        bool,
+        typer.Option(
+            "--respect-optouts",
+            help="Skip items the --registry opts out (by id, URL, domain or content), counted as opted_out.",
+        ),
+    ] = False,
+    registry: RegistryPath = None,
     verbose: Verbose = False,
 ) -> None:
     """Embed a corpus into FAISS indexes (SSCD, PDQ, OpenCLIP) with metadata and caption search.
@@ -130,6 +139,8 @@ def index_build(
     from provenance.indexer import BuildOptions, build
 
     _setup_logging(verbose)
+    if respect_optouts != (registry is not None):
+        _fail(typer.BadParameter("--respect-optouts and --registry go together"))
     opts = BuildOptions(
         descriptors=descriptors.split(","),
         batch_size=batch_size,
@@ -143,6 +154,7 @@ def index_build(
         wait=wait,
         read_url_signals=read_url_signals,
         url_fetch=_fetch_options(consent_cache, allow_private_addresses) if read_url_signals else None,
+        registry=registry,
     )
     src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
     try:
@@ -233,6 +245,9 @@ def index_remove(
     ids_file: Annotated[
         Optional[Path], typer.Option("--ids-file", help="File of item ids, one per line ('-': stdin).")
     ] = None,
+    optouts: Annotated[
+        Optional[Path], typer.Option("--optouts", help="Remove every item this do-not-train registry covers.")
+    ] = None,
     wait: WaitOpt = 0.0,
     verbose: Verbose = False,
 ) -> None:
@@ -249,8 +264,19 @@ def index_remove(
         except OSError as e:
             _fail(typer.BadParameter(f"--ids-file {ids_file}: {e.strerror or e}"))
         wanted += [line.strip() for line in text.splitlines() if line.strip()]
+    if optouts is not None:
+        from provenance.registry import covered_ids
+
+        try:
+            found = covered_ids(optouts, index)
+        except ProvenanceError as e:
+            _fail(e, _index_error_code(e))
+        console.print(f"the registry {optouts} covers {len(found)} item(s) of {index}")
+        if not found and not wanted:
+            return
+        wanted += found
     if not wanted:
-        _fail(typer.BadParameter("give the items to remove with --id ID (repeatable) or --ids-file FILE"))
+        _fail(typer.BadParameter("give the items to remove with --id ID (repeatable), --ids-file FILE or --optouts R"))
     try:
         res = remove_items(index, wanted, wait=wait)
     except ProvenanceError as e:
@@ -349,6 +375,7 @@ def search(
     ] = None,
     k: Annotated[int, typer.Option("-k", min=1, max=1000)] = 10,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    registry: RegistryPath = None,
     verbose: Verbose = False,
 ) -> None:
     """Search an index by image, by text, or by caption words. Scores: higher = more similar."""
@@ -371,6 +398,14 @@ def search(
             rows = [m.to_dict() for m in searcher.search_text(text, k)]
         else:
             rows = [h.to_dict() for h in searcher.search_caption(caption or "", k)]
+        if registry is not None:
+            from provenance.registry import Registry, reasons_for_ids
+
+            with Registry(registry, create=False) as reg:
+                why = reasons_for_ids(reg, searcher.index, [r["id"] for r in rows])
+            for r in rows:
+                if r["id"] in why:
+                    r["opted_out"] = why[r["id"]]
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
     if as_json:
@@ -380,7 +415,7 @@ def search(
     for i, r in enumerate(rows, 1):
         t.add_row(
             str(i),
-            r["id"],
+            r["id"] + (f" [red](opted out: {r['opted_out']['by']})[/]" if r.get("opted_out") else ""),
             f"{r['score']:.3f}" + (f" ({r['distance']} bits)" if r.get("distance") is not None else ""),
             r.get("descriptor", "caption"),
             (r.get("caption") or "")[:70],
@@ -415,6 +450,7 @@ def scan(
     thresholds: Annotated[
         Optional[Path], typer.Option(help="JSON file of verdict thresholds (default: calibrated).")
     ] = None,
+    registry: RegistryPath = None,
     verbose: Verbose = False,
     scan_options: dict | None = None,  # the ScanOptions flags (provenance.cli_options), e.g. --thorough
 ) -> None:
@@ -443,6 +479,10 @@ def scan(
         _fail(typer.BadParameter(f"no images found in {' '.join(paths)}"))
     try:
         scanner = Scanner.open(index, opts)
+        if registry is not None:
+            from provenance.registry import Registry
+
+            scanner.registry = Registry(registry, create=False)
         with progress_bar("scanning", console, transient=True) as bar:
             task = bar.add_task("scan", total=len(files))
             records = scanner.scan_paths(files, progress=lambda r: bar.advance(task))
@@ -480,7 +520,13 @@ def demo(
 
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (generator, server)."""
-    for module in ("provenance.cli_generate", "provenance.cli_serve", "provenance.cli_audit", "provenance.cli_consent"):
+    for module in (
+        "provenance.cli_generate",
+        "provenance.cli_serve",
+        "provenance.cli_audit",
+        "provenance.cli_consent",
+        "provenance.cli_optout",
+    ):
         try:
             mod = __import__(module, fromlist=["register"])
         except ModuleNotFoundError as e:

@@ -44,6 +44,16 @@ def serve_command(
         Optional[int],
         typer.Option(min=0, help="torch threads per model call (default 1; 0 = torch's default, all cores)."),
     ] = None,
+    registry: Annotated[
+        Optional[Path],
+        typer.Option(help="Do-not-train registry for /v1/optout and /v1/consent/check (PROVENANCE_REGISTRY)."),
+    ] = None,
+    allow_anonymous_writes: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--allow-anonymous-writes", help="Without API keys, accept opt-out writes from anyone (default: refused)."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     # the ScanOptions flags given (provenance.cli_options); the rest from PROVENANCE_SCAN__*
     scan_options: dict[str, Any] | None = None,
@@ -74,6 +84,8 @@ def serve_command(
             scan_batch=scan_batch,
             scan_workers=scan_workers,
             torch_threads=torch_threads,
+            registry=registry,
+            allow_anonymous_writes=allow_anonymous_writes,
             cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip())
             if cors_origins is not None
             else None,

@@ -128,3 +128,33 @@ class IndexLockedError(ProvenanceError):
     """Another process is writing the index (build, append, remove, compact): one writer at a time."""
 
     code = "index_locked"
+
+
+class RegistryError(ProvenanceError):
+    """The opt-out registry (SQLite) cannot be opened or written."""
+
+    code = "registry_unavailable"
+
+
+class InvalidOptoutError(ProvenanceError, ValueError):
+    """An opt-out or a consent query with a bad value: not an http(s) URL, not a domain, not a sha256, too many."""
+
+    code = "invalid_optout"
+
+
+class OptoutNotFoundError(ProvenanceError):
+    """An opt-out id the registry does not hold."""
+
+    code = "optout_not_found"
+
+
+class OptoutForbiddenError(ProvenanceError):
+    """Removing an opt-out made by another key (only that key or an admin key may)."""
+
+    code = "forbidden"
+
+
+class DomainProofError(ProvenanceError):
+    """A domain's ownership proof failed: /.well-known/provenance-optout.txt unreachable or without the token."""
+
+    code = "domain_proof_failed"

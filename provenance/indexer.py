@@ -79,6 +79,7 @@ class BuildOptions:
     # polite, cached fetcher; the signals inside each file are always read
     read_url_signals: bool = False
     url_fetch: Any = None  # provenance.consent.FetchOptions for read_url_signals (None: the defaults)
+    registry: Path | None = None  # a do-not-train registry: items it covers are skipped as "opted_out"
 
 
 @dataclass
@@ -268,6 +269,12 @@ class _Run:
             from provenance.consent import Fetcher
 
             self.fetcher = Fetcher(options.url_fetch)
+        self.optouts = None
+        if options.registry is not None:
+            from provenance.registry import BuildFilter
+
+            spec = specs.get("sscd")
+            self.optouts = BuildFilter(options.registry, f"{spec.model_id}:{spec.checksum}" if spec else None)
 
     # 1. Units: one per shard, or the whole folder/dataset cut every part_size items
 
@@ -297,6 +304,9 @@ class _Run:
             if self.fetcher is not None:
                 _add_url_consent(ready, self.fetcher)
             vectors = _embed(self.models, ready)
+            if self.optouts is not None:
+                ready, vectors, opted = _drop_opted_out(self.optouts, ready, vectors)
+                skips += opted
             entries: list[tuple[int | None, _Skip | None]] = [(i, None) for i in range(len(ready))] + [
                 (None, s) for s in skips
             ]
@@ -371,6 +381,24 @@ class _Run:
             self.pending[it.id] = None
             out.append(it)
         return out
+
+
+def _drop_opted_out(
+    optouts, ready: list[_Prepared], vectors: dict[str, np.ndarray]
+) -> tuple[list[_Prepared], dict[str, np.ndarray], list[_Skip]]:
+    """The batch without the items the registry covers, and those items as "opted_out" skips."""
+    reasons = optouts.reasons([p.row for p in ready], vectors)
+    keep = [i for i, r in enumerate(reasons) if r is None]
+    if len(keep) == len(ready):
+        return ready, vectors, []
+    skips = [
+        _Skip(ready[i].row["id"], ready[i].row["source"], f"opted out: {json.dumps(r, sort_keys=True)}", "opted_out")
+        for i, r in enumerate(reasons)
+        if r is not None
+    ]
+    for s in skips:
+        logger.info("skipped %s: %s", s.id, s.reason)
+    return [ready[i] for i in keep], {n: x[keep] for n, x in vectors.items()}, skips
 
 
 def _check_append_compatible(old: ProvenanceIndex, specs: dict[str, DescriptorSpec]) -> None:

@@ -29,6 +29,7 @@ from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
 
 if TYPE_CHECKING:
+    from provenance.registry import Registry
     from provenance.verify import Verifier
     from provenance.watermarks.visible import VisibleWatermarkDetector
 
@@ -93,6 +94,7 @@ class Scanner:
     def __init__(self, searcher: Searcher, options: ScanOptions | None = None):
         self.searcher = searcher
         self.index: ProvenanceIndex = searcher.index
+        self.registry: Registry | None = None  # a do-not-train registry: the matches it covers carry `opted_out`
         self.options = options or ScanOptions()
         o = self.options
         self.descriptors: list[str] = [n for n in ("sscd", "pdq") if n in self.index.specs]
@@ -342,6 +344,10 @@ class Scanner:
         record.scores = scores
         record.verdict = decide_verdict(scores, t, same_bytes=same_item is not None)
         record.matches = merge_matches(per_desc, self.options.k)
+        if self.registry is not None:
+            from provenance.registry import mark_matches
+
+            record.matches = mark_matches(self.registry, self.index, record.matches, t)
         if same_item is not None:
             record.extra["identical_file"] = same_item
 

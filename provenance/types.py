@@ -33,10 +33,12 @@ class Match:
     # where the copy is, when geometric verification found it (scan --thorough): {"query": [x0, y0, x1, y1],
     # "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image
     region: dict[str, list[float]] | None = None
+    # set when a do-not-train registry covers the item: {"optout", "by": "content"|"id"|"url"|"domain", ...}
+    opted_out: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for key in ("distance", "consent", "region"):
+        for key in ("distance", "consent", "region", "opted_out"):
             if d[key] is None:
                 d.pop(key)
         return d

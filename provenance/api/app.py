@@ -20,7 +20,7 @@ from provenance.api.errors import install_error_handlers
 from provenance.api.limits import BodyGuardMiddleware, BodyRules, RateLimitMiddleware, ScanSlotsMiddleware, TokenBuckets
 from provenance.api.methods import HeadOptionsMiddleware
 from provenance.api.privacy import install_log_redaction
-from provenance.api.routes import health, index, items, page, scan, search
+from provenance.api.routes import health, index, items, optout, page, scan, search
 from provenance.api.schemas import ErrorResponse
 from provenance.api.state import ServiceState
 
@@ -32,6 +32,9 @@ DESCRIPTION = """Find the training images an image copies, and the provenance ma
 
 Every error is `{"error": {"code": ..., "message": ...}}`. When the server has API keys
 (`PROVENANCE_API_KEYS`), `/v1` needs `Authorization: Bearer KEY` or `X-API-Key: KEY`.
+Keys carry scopes (`KEY:read`, `KEY:optout:write`, `KEY:admin`; a plain `KEY` reads only): registering and
+removing opt-outs needs `optout:write` (removing another key's opt-out needs `admin`); without keys, writes are
+refused unless the server was started with `--allow-anonymous-writes`.
 The web page is at `/`."""
 
 
@@ -43,7 +46,8 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        install_log_redaction(config.api_keys)  # now: uvicorn has set up its loggers by the time the app starts
+        # the secrets, not "KEY:scope" entries; now: uvicorn has set up its loggers by the time the app starts
+        install_log_redaction(tuple(config.key_scopes))
         state.start()
         try:
             yield
@@ -73,7 +77,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             503: {"model": ErrorResponse, "description": "still loading, or the index failed to load"},
         },
     )
-    for module in (index, scan, search, items):
+    for module in (index, scan, search, items, optout):
         v1.include_router(module.router)
     app.include_router(health.router)
     app.include_router(v1)
@@ -108,20 +112,23 @@ def create_app(config: ServerConfig) -> FastAPI:
         per_key=_buckets(config.key_rate_per_minute, config.key_burst) if config.api_keys else None,
     )
     if config.api_keys:  # outside the body limit: a request without a key is refused before any byte is read
-        app.add_middleware(ApiKeyMiddleware, keys=tuple(config.api_keys))
+        app.add_middleware(ApiKeyMiddleware, keys=tuple(config.key_scopes))
     app.add_middleware(HeadOptionsMiddleware, router=app.router)
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(config.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
             max_age=600,
         )
     return app
 
 
-SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image"})  # the requests that decode and embed
+# the requests that decode and embed (an opt-out by image too)
+SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image", "/v1/optout"})
+# POST /v1/consent/check: up to 10,000 URLs of up to 2,048 characters, as JSON
+CONSENT_CHECK_BYTES = 10_000 * 2_060 + SMALL_BODY_LIMIT
 
 
 def _body_rules(config: ServerConfig) -> Callable[[str], BodyRules]:
@@ -134,12 +141,15 @@ def _body_rules(config: ServerConfig) -> Callable[[str], BodyRules]:
         max_image_pixels=config.scan.max_pixels,
     )
     small = BodyRules(SMALL_BODY_LIMIT)
+    consent = BodyRules(CONSENT_CHECK_BYTES)
 
     def rules_for(path: str) -> BodyRules:
         if path == "/v1/scan/batch":
             return batch
         if path in SCAN_PATHS:
             return single
+        if path == "/v1/consent/check":
+            return consent
         return small
 
     return rules_for

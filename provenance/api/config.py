@@ -34,6 +34,26 @@ DEPRECATED_SCAN_ENV = (
     "MAX_PIXELS",
 )
 
+SCOPES = ("read", "optout:write", "admin")
+
+
+def parse_api_key(entry: str) -> tuple[str, frozenset[str]]:
+    """'KEY' or 'KEY:SCOPE+SCOPE' -> (KEY, scopes granted): admin implies optout:write and read, optout:write implies
+    read, a plain KEY is read only. A key may not hold ':'. ValueError naming an unknown scope."""
+    key, sep, tail = entry.partition(":")
+    scopes = set(tail.split("+")) if sep else {"read"}
+    bad = sorted(sc for sc in scopes if sc not in SCOPES)
+    if not key or bad:
+        raise ValueError(
+            f"api_keys: {'unknown scope(s) ' + ', '.join(map(repr, bad)) if bad else 'an entry has no key'}; "
+            f"write KEY or KEY:SCOPE+SCOPE with scopes {', '.join(SCOPES)}"
+        )
+    scopes.add("read")
+    if "admin" in scopes:
+        scopes.update(SCOPES)
+    return key, frozenset(scopes)
+
+
 CommaList = Annotated[tuple[str, ...], NoDecode]  # "a,b" in the environment, not JSON
 
 
@@ -55,7 +75,10 @@ class ServerConfig(BaseSettings):
     scan: ScanOptions = Field(default_factory=ScanOptions)
     max_upload_bytes: int = Field(DEFAULT_MAX_UPLOAD_BYTES, gt=0)  # per uploaded file
     max_batch_files: int = Field(32, ge=1)  # files per /v1/scan/batch request
-    api_keys: CommaList = ()  # empty = /v1 is open
+    # empty = /v1 is open to read. Each entry is KEY or KEY:SCOPE+SCOPE with scopes read, optout:write, admin
+    # (admin implies the others); a plain KEY (this setting's format before scopes) is `read` only. Example:
+    # PROVENANCE_API_KEYS="k1:read,k2:read+optout:write,k3:admin"
+    api_keys: CommaList = ()
     cors_origins: CommaList = ()  # empty = no CORS headers (same-origin page only)
     keep_uploads: Path | None = None  # folder to keep scanned uploads in; None = keep nothing
     # Scans run on `scan_workers` threads fed by a queue (a bounded pool, however many requests arrive).
@@ -73,6 +96,26 @@ class ServerConfig(BaseSettings):
     # twice the CPU.
     torch_threads: int = Field(1, ge=0)
     load_in_background: bool = True
+    registry: Path | None = None  # the do-not-train registry (provenance optout); None = the opt-out routes are off
+    # without API keys, writes (POST /v1/optout...) are refused unless this is set: anyone could opt anything out
+    allow_anonymous_writes: bool = False
+    # POST /v1/consent/check answers from the registry, the index and the consent cache; a request may ask for live
+    # fetches of the URLs the cache lacks only when this is above 0, and for at most this many URLs
+    consent_live_max_urls: int = Field(0, ge=0, le=1000)
+    consent_cache: Path | None = None  # the consent signals cache (SQLite); None = provenance.consent's default
+    allow_private_addresses: bool = False  # domain proofs and live consent fetches may reach private addresses
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            parse_api_key(entry)
+        return value
+
+    @property
+    def key_scopes(self) -> dict[str, frozenset[str]]:
+        """{key: the scopes it grants} (parse_api_key)."""
+        return dict(parse_api_key(e) for e in self.api_keys)
 
     # --- Limits that bound the cost of every request (README, "Deploying it publicly"). 0 turns a rate limit off.
     # A batch request: its whole body, and the pixels of its images summed from their headers as the parts arrive.

@@ -56,6 +56,12 @@ STATUS_BY_CODE = {
     "busy": 503,
     "query_too_long": 400,
     "query_timeout": 503,
+    # the do-not-train registry (provenance.registry)
+    "invalid_optout": 400,
+    "optout_not_found": 404,
+    "forbidden": 403,
+    "domain_proof_failed": 422,
+    "registry_unavailable": 503,
 }
 
 

@@ -74,6 +74,11 @@ class MatchOut(BaseModel):
         '{"query": [x0, y0, x1, y1], "corpus": [x0, y0, x1, y1]}, relative 0..1 in each image',
     )
     verdict: str | None = Field(default=None, description="only with ?match_verdicts=true: this match's own verdict")
+    opted_out: dict[str, Any] | None = Field(
+        default=None,
+        description="only on a server with a registry: the "
+        "opt-out that covers this item ({optout, by, value, claimant, ownership})",
+    )
 
 
 class InvisibleMarkOut(BaseModel):

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
@@ -23,6 +23,9 @@ from provenance.scan import Scanner
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
 from provenance.types import ScanRecord
+
+if TYPE_CHECKING:
+    from provenance.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class ServiceState:
         self.index: ProvenanceIndex | None = None
         self.searcher: Searcher | None = None
         self.scanner: Scanner | None = None
+        # the do-not-train registry (config.registry), opened by the first route or scan using it
+        self.registry: Registry | None = None
         # what a scan with the server's options checks (Scanner.checks), and why a check asked for is off
         self.checks: dict[str, Any] = {}
         self.notes: list[str] = []
@@ -76,6 +81,11 @@ class ServiceState:
             index.preload()  # every part's files checked and its FAISS indexes loaded: not ready until usable
             searcher = Searcher(index)
             scanner = Scanner(searcher, self.config.scan)
+            if self.config.registry is not None:  # scan matches carry `opted_out`
+                from provenance.registry import Registry
+
+                self.registry = self.registry or Registry(self.config.registry)
+                scanner.registry = self.registry
             if "sscd" in scanner.descriptors:
                 # Scan workers and image searches call SSCD side by side: give each overlapping call one core.
                 searcher.model("sscd").prepare_concurrent_calls()
@@ -141,6 +151,7 @@ class ServiceState:
             if key not in self._variants:
                 assert self.searcher is not None
                 scanner = Scanner(self.searcher, options)
+                scanner.registry = self.registry
                 self._variants[key] = (scanner, self._batcher(scanner))
                 logger.info(
                     "loaded a scan with %s for requests that ask for it",
