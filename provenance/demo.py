@@ -87,12 +87,15 @@ def run_demo(index_dir: Path, report: Path, console: Console) -> None:
     console.rule("[bold]1. Index the built-in sample corpus")
     console.print(f"corpus: {SAMPLE_DIR} (51 COCO photos, CC BY / CC BY-SA; see ATTRIBUTION.md there)")
     result = build(str(SAMPLE_DIR), index_dir, BuildOptions(descriptors=["sscd", "pdq"], batch_size=16))
-    m = result.manifest
-    console.print(f"indexed {m['counts']['indexed']} items into {index_dir} in {result.seconds:.1f}s")
-    for name, d in m["descriptors"].items():
-        console.print(f"  {name}: {d['model_id']} dim {d['dim']}, FAISS {d['ann']['factory']} ({d['ann']['reason']})")
-
+    console.print(f"indexed {result.manifest['counts']['indexed']} items into {index_dir} in {result.seconds:.1f}s")
     searcher = Searcher.open(index_dir)
+    for name, d in searcher.index.describe()["descriptors"].items():
+        plan = d.get("ann") or {}
+        console.print(
+            f"  {name}: {d['model_id']} dim {d['dim']}, FAISS {plan.get('factory', '-')} "
+            f"({plan.get('reason', 'empty index')})"
+        )
+
     console.rule("[bold]2. Search by image: a corpus photo finds itself")
     probe = sorted(SAMPLE_DIR.glob("*.jpg"))[3]
     hits = searcher.search_image(load_image(probe).image, k=3)["sscd"]
