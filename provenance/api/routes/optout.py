@@ -20,8 +20,8 @@ from provenance.api.state import ServiceState
 from provenance.api.uploads import display_name, read_upload, upload_too_large
 from provenance.registry import (
     MAX_CHECK_ITEMS,
-    NewOptout,
     ContentPrint,
+    NewOptout,
     ProofOptions,
     Registry,
     consent_check,
