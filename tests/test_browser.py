@@ -174,6 +174,8 @@ def test_member_leads_with_the_copy_beside_the_upload(page, corpus):
     """The answer first: the verdict in words, the matched image beside the upload, the evidence; a README shot."""
     from playwright.sync_api import expect
 
+    expect(page).to_have_title(re.compile("^Provenance Lookup"))  # our name, not Spawning's product's
+    expect(page.locator("h1")).to_have_text("Provenance Lookup")
     photo = sorted(corpus.glob("*.jpg"))[2]
     page.set_input_files("#file-input", str(photo))
     expect(page.locator("#answer-heading")).to_have_text(
@@ -287,7 +289,7 @@ def test_optout_confirms_what_it_covers_then_marks_the_match(page, corpus, regis
     expect(dialog.locator("#optout-done-text")).to_contain_text("1 copy in \u201cidx\u201d", timeout=30_000)
     # the domain: recorded as asserted, with the line that shows ownership
     expect(dialog.locator("#domain-proof-text")).to_contain_text(
-        "https://jo-paints.example/.well-known/provenance-optout.txt"
+        "jo-paints.example/.well-known/provenance-optout.txt (served over HTTPS)"
     )
     expect(dialog.locator("#domain-token")).to_contain_text("provenance-optout=")
     kinds = {(o.kind, o.claimant) for o in Registry(registry_path).iter_all()}
@@ -467,6 +469,10 @@ def test_caption_search_shows_results(page, corpus):
     expect(page.locator("#results-summary")).to_contain_text(word)
     assert page.locator("#grid li").count() >= 1
     expect(page.locator("#grid")).to_contain_text(word, ignore_case=True)
+    # the ranking in words, not FTS5's raw BM25 score
+    expect(page.locator("#results-summary")).to_contain_text("rarer words")
+    expect(page.locator("#grid li").first.locator(".card-score")).to_have_text("#1")
+    assert not re.search(r"match \d", page.locator("#grid").inner_text())
 
 
 def test_text_file_shows_not_an_image_error(page, tmp_path, console_errors):

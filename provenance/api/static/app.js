@@ -867,7 +867,7 @@ function showOptoutDone(covered, proof) {
     $("domain-proof-result").textContent = "";
     if (token) {
       $("domain-proof-text").textContent = `${d.value} is opted out, ownership asserted. To show the site is yours, ` +
-        `publish this line at https://${d.value}/.well-known/provenance-optout.txt, then check:`;
+        `publish this line in the file ${d.value}/.well-known/provenance-optout.txt (served over HTTPS), then check:`;
       $("domain-token").textContent = token;
       $("domain-token").hidden = false;
       $("domain-check").hidden = false;
