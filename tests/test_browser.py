@@ -252,7 +252,7 @@ def test_card_opens_item_details_with_license_origin_and_consent(page, corpus):
     expect(facts).to_contain_text(meta["license"])
     expect(facts.locator("a", has_text=meta["license"])).to_have_attribute("href", meta["license_url"])
     expect(facts.locator("a", has_text=meta["flickr_url"])).to_have_attribute("href", meta["flickr_url"])
-    expect(facts).to_contain_text("No do-not-train signal found")
+    expect(facts).to_contain_text("No do-not-train signal recorded")
     expect(facts).to_contain_text("Not opted out.")
     expect(facts).to_contain_text("Exact copy of your image.")
     assert dialog.locator(".item-image").evaluate("img => img.complete && img.naturalWidth > 0")
@@ -383,13 +383,22 @@ def test_with_keys_the_optout_explains_how_to_get_a_key(browser, keyed_server, c
     from playwright.sync_api import expect
 
     context = browser.new_context(viewport={"width": 1200, "height": 900})
-    context.add_init_script("sessionStorage.setItem('provenance-api-key', 'reader-key')")
     try:
         pg = context.new_page()
         pg.goto(keyed_server + "/")
         expect(pg.locator("#server-status")).to_contain_text(f"{N_PHOTOS} images", timeout=30_000)
-        pg.set_input_files("#file-input", str(_edited(sorted(corpus.glob("*.jpg"))[3], tmp_path / "e.jpg")))
+        edited = str(_edited(sorted(corpus.glob("*.jpg"))[3], tmp_path / "e.jpg"))
+        pg.set_input_files("#file-input", edited)  # no key yet: the page asks for one and says who gives them
+        expect(pg.locator("#key-form")).to_be_visible(timeout=30_000)
+        expect(pg.locator("#key-help")).to_contain_text("keys@provenance.example")
+        pg.fill("#key-input", "reader-key")
+        pg.press("#key-input", "Enter")
+        pg.set_input_files("#file-input", edited)
         expect(pg.locator("#upload-verdict")).to_have_text("replica", timeout=30_000)
+        # the details come through fetch() with the key (a plain link could not carry it)
+        pg.locator("#grid li").first.locator("button").click()
+        expect(pg.locator("#item-dialog .item-facts")).to_contain_text("Not opted out.")
+        pg.keyboard.press("Escape")
         pg.get_by_role("button", name="This is my work: do not train").click()
         dialog = pg.locator("#optout-dialog")
         expect(dialog.locator("#optout-coverage")).to_contain_text("1 indexed copy", timeout=30_000)

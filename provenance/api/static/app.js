@@ -54,6 +54,7 @@ async function loadHealth() {
   }
   state.health = body;
   state.maxUpload = body.max_upload_bytes || state.maxUpload;
+  $("key-help").textContent = "Keys are given by the operator of this server." + contactText();
   $("limit-help").textContent = `Up to ${formatBytes(state.maxUpload)}.`;
   if (body.status === "loading") {
     $("server-status").textContent = "Loading the index and models\u2026";
@@ -197,19 +198,21 @@ function renderScan(record, file) {
   const answer = $("answer");
   const top = copies[0];
   if (top) {
-    $("answer-heading").textContent = verdict === "exact" || top.verdict === "exact"
+    // the record's verdict is the answer (it weighs every descriptor); the matches' own verdicts pick the copies
+    const exact = verdict === "exact";
+    $("answer-heading").textContent = exact
       ? `Found: an exact copy of your image is in the index \u201c${index}\u201d`
       : `Found: a copy of your image is in the index \u201c${index}\u201d`;
-    $("answer-text").textContent = (top.verdict === "exact"
+    $("answer-text").textContent = (exact
       ? "The same picture, at most resized or re-compressed."
       : "The same picture, edited: cropped, resized, recoloured, re-compressed or shown inside another image.") +
       (copies.length > 1 ? ` The index holds ${copies.length} copies of it.` : "");
-    $("results-summary").textContent = `${VERDICT_TEXT[top.verdict] || "Copy"} found in \u201c${index}\u201d: ${top.id}.`;
+    $("results-summary").textContent = `${VERDICT_TEXT[verdict] || "Copy"} found in \u201c${index}\u201d: ${top.id}.`;
   } else {
     $("answer-heading").textContent = `No copy of this image in the index \u201c${index}\u201d`;
     $("answer-text").textContent = verdict === "similar"
       ? "Some indexed images look alike (the same kind of scene), but none is a copy of yours."
-      : "We compared it with every image of the index; none is a copy of it.";
+      : "We searched the index for copies of it, edited ones included, and found none.";
     $("results-summary").textContent = `No copy found in \u201c${index}\u201d.`;
   }
   answer.classList.toggle("found", Boolean(top));
@@ -582,7 +585,7 @@ function formatBytes(n) {
 
 const TRAINING_TEXT = {
   not_allowed: "Training not allowed", constrained: "Training allowed only under conditions",
-  allowed: "Training allowed", unknown: "No do-not-train signal found",
+  allowed: "Training allowed", unknown: "No do-not-train signal recorded",
 };
 
 function openDialog(dialog, opener) {
@@ -652,7 +655,7 @@ function renderItem(item, card) {
   const signals = consent && Array.isArray(consent.signals) ? consent.signals : [];
   row("Consent signals", TRAINING_TEXT[training] + (signals.length
     ? ": " + signals.map((g) => `${g.source} says \u201c${g.value}\u201d`).join("; ")
-    : " in its file or on its site when it was indexed."));
+    : " for it in this index (its file's own signals, and its site's where the build read them)."));
 
   const h = state.health || {};
   const optedOut = item.opted_out || (card.match && card.match.opted_out);
