@@ -331,9 +331,17 @@ def test_keyboard_only_scan_details_and_optout(page, corpus, tmp_path):
         pytest.fail(f"Tab never reached {predicate}")
 
     tab_to("document.activeElement.id === 'drop-zone'")
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Enter")
-    chooser.value.set_files(str(_edited(sorted(corpus.glob("*.jpg"))[5], tmp_path / "k.jpg")))
+    # Enter on the drop zone opens the file picker: the hidden input is clicked with the key press's user activation
+    # (what the browser needs to show its picker). Here Playwright's filechooser event came only in the browser's first
+    # context (Debian's chromium, headless), so the picked file is then given to that input, as the picker does.
+    page.evaluate(
+        """() => { window.pickerOpened = false;
+        document.getElementById('file-input').addEventListener('click', (e) => {
+            window.pickerOpened = navigator.userActivation.isActive; e.preventDefault(); }, { once: true }); }"""
+    )
+    page.keyboard.press("Enter")
+    assert page.evaluate("window.pickerOpened")
+    page.set_input_files("#file-input", str(_edited(sorted(corpus.glob("*.jpg"))[5], tmp_path / "k.jpg")))
     expect(page.locator("#upload-verdict")).to_have_text("replica", timeout=30_000)
     tab_to("document.activeElement.classList.contains('card-button')")
     page.keyboard.press("Enter")
