@@ -54,11 +54,15 @@ def serve_command(
             "--allow-anonymous-writes", help="Without API keys, accept opt-out writes from anyone (default: refused)."
         ),
     ] = None,
+    contact: Annotated[
+        Optional[str],
+        typer.Option(help="How users reach you, e.g. to ask for an API key (an email or URL; the page shows it)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     # the ScanOptions flags given (provenance.cli_options); the rest from PROVENANCE_SCAN__*
     scan_options: dict[str, Any] | None = None,
 ) -> None:
-    """Serve the API (/v1, docs at /docs) and the "Have I Been Trained"-style page at /.
+    """Serve the API (/v1, docs at /docs) and the upload page at /.
 
     Every setting can also come from the environment: PROVENANCE_<NAME> for the server's (PROVENANCE_API_KEYS=key1,key2,
     only there, so keys never show in `ps`), PROVENANCE_SCAN__<OPTION> for the scan's (PROVENANCE_SCAN__THOROUGH=true).
@@ -86,6 +90,7 @@ def serve_command(
             torch_threads=torch_threads,
             registry=registry,
             allow_anonymous_writes=allow_anonymous_writes,
+            contact=contact,
             cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip())
             if cors_origins is not None
             else None,

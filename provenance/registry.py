@@ -469,6 +469,11 @@ class Registry:
         ).fetchone()
         return self._row(r) if r else None
 
+    def find_content(self, content: ContentPrint) -> Optout | None:
+        """The content opt-out already registered for this image file (same hash and SSCD model), or None."""
+        with self._lock:
+            return self._find("content", content.sha256, content.sscd_model)
+
     def get(self, optout_id: str) -> Optout:
         with self._lock:
             r = self._db.execute(f"SELECT {_COLUMNS} FROM optouts WHERE id = ?", (str(optout_id),)).fetchone()

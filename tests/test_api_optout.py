@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -273,3 +274,48 @@ def test_scoped_keys_are_redacted_from_logs(tmp_path, index_dir):
     finally:
         access.removeHandler(handler)
     assert "s3cr3t" not in stream.getvalue() and "[redacted]" in stream.getvalue()
+
+
+def test_preview_says_what_an_image_optout_covers_and_writes_nothing(tmp_path, index_dir, photos):
+    """The page's confirmation step: the index's name and its copies of the image, before anything is written."""
+    c = _client(tmp_path, index_dir, api_keys=KEYS, contact="optouts@example.org")
+    data = _edited(photos[2].read_bytes())
+    img = {"file": ("mine.jpg", data, "image/jpeg")}
+    _err(c.post("/v1/optout/preview", files=img), 401, "unauthorized")
+    r = c.post("/v1/optout/preview", files=img, headers=_h("r1"))  # a read key may preview
+    assert r.status_code == 200, r.text
+    p = r.json()
+    assert p["index"] == index_dir.name and p["covered"] == 1 and p["already"] is None
+    assert p["items"] == [{"id": photos[2].name, "verdict": "replica"}]
+    assert Registry(tmp_path / "reg.sqlite").count() == 0
+    # an image in no corpus covers nothing
+    novel = io.BytesIO()
+    Image.new("RGB", (320, 240), (30, 140, 200)).save(novel, "JPEG")
+    r = c.post("/v1/optout/preview", files={"file": ("n.jpg", novel.getvalue(), "image/jpeg")}, headers=_h("r1"))
+    assert r.json()["covered"] == 0 and r.json()["items"] == []
+    # once registered, the preview names the opt-out (its claimant, never the key)
+    oid = c.post("/v1/optout", files=img, data={"claimant": "Jo"}, headers=_h("w1")).json()["optouts"][0]["id"]
+    already = c.post("/v1/optout/preview", files=img, headers=_h("r1")).json()["already"]
+    assert already["optout"] == oid and already["claimant"] == "Jo" and "key_id" not in already
+    # bad input: a clear 4xx
+    _err(
+        c.post("/v1/optout/preview", files={"file": ("x.jpg", b"not an image", "image/jpeg")}, headers=_h("r1")),
+        415,
+        "not_an_image",
+    )
+    _err(c.post("/v1/optout/preview", json={"ids": ["a"]}, headers=_h("r1")), 415, "unsupported_media_type")
+    h = c.get("/healthz").json()
+    assert h["registry"] is True and h["auth"] is True and h["anonymous_writes"] is False
+    assert h["contact"] == "optouts@example.org"
+    c.__exit__(None, None, None)
+
+
+def test_item_carries_its_optout_state(tmp_path, index_dir, photos):
+    c = _client(tmp_path, index_dir, api_keys=KEYS)
+    item = c.get(f"/v1/items/{photos[1].name}", headers=_h("r1")).json()
+    assert item["opted_out"] is None
+    c.post("/v1/optout", json={"ids": [photos[1].name], "claimant": "Ana"}, headers=_h("w1"))
+    item = c.get(f"/v1/items/{photos[1].name}", headers=_h("r1")).json()
+    assert item["opted_out"]["by"] == "id" and item["opted_out"]["claimant"] == "Ana"
+    assert str(index_dir) not in json.dumps(item) and str(index_dir.parent) not in json.dumps(item)
+    c.__exit__(None, None, None)

@@ -126,7 +126,7 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 # the requests that decode and embed (an opt-out by image too)
-SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image", "/v1/optout"})
+SCAN_PATHS = frozenset({"/v1/scan", "/v1/scan/batch", "/v1/search/image", "/v1/optout", "/v1/optout/preview"})
 # POST /v1/consent/check: up to 10,000 URLs of up to 2,048 characters, as JSON
 CONSENT_CHECK_BYTES = 10_000 * 2_060 + SMALL_BODY_LIMIT
 

@@ -102,6 +102,8 @@ class ServerConfig(BaseSettings):
     # POST /v1/consent/check answers from the registry, the index and the consent cache; a request may ask for live
     # fetches of the URLs the cache lacks only when this is above 0, and for at most this many URLs
     consent_live_max_urls: int = Field(0, ge=0, le=1000)
+    # how users reach the operator (an email address or a URL), e.g. to ask for a key: /healthz and the page show it
+    contact: str | None = Field(None, max_length=200)
     consent_cache: Path | None = None  # the consent signals cache (SQLite); None = provenance.consent's default
     allow_private_addresses: bool = False  # domain proofs and live consent fetches may reach private addresses
 

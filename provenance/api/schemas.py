@@ -46,6 +46,9 @@ class HealthOut(BaseModel):
     options: list[ScanOptionOut] = Field(default_factory=list, description="the options a scan request may set")
     text_search: bool = False  # the index has OpenCLIP embeddings
     auth: bool = False  # /v1 needs an API key
+    registry: bool = False  # the server keeps a do-not-train registry (POST /v1/optout)
+    anonymous_writes: bool = False  # opt-outs need no key (a server without keys started with --allow-anonymous-writes)
+    contact: str | None = Field(default=None, description="how to reach the operator, e.g. to ask for an API key")
     max_upload_bytes: int
     limits: dict[str, float | int] = Field(
         default_factory=dict,
@@ -191,3 +194,8 @@ class ItemOut(BaseModel):
     sha256: str | None = None
     extra: dict[str, Any] = {}
     has_thumbnail: bool = False
+    opted_out: dict[str, Any] | None = Field(
+        default=None,
+        description="only on a server with a registry: the opt-out that covers this item "
+        "({optout, by, value, claimant, ownership}), or null",
+    )

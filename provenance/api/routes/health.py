@@ -32,6 +32,9 @@ def healthz(state: StateDep):
         status=state.status,
         max_upload_bytes=state.config.max_upload_bytes,
         auth=bool(state.config.api_keys),
+        registry=state.config.registry is not None,
+        anonymous_writes=not state.config.api_keys and state.config.allow_anonymous_writes,
+        contact=state.config.contact,
         error=state.redactor.text(state.error) if state.error else None,
         limits={
             "max_pixels": state.config.scan.max_pixels,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from provenance.api.deps import IndexDep, StateDep
+from provenance.api.deps import IndexDep, StateDep, get_registry
 from provenance.api.errors import api_error
 from provenance.api.schemas import ErrorResponse, ItemOut
 from provenance.errors import ItemNotFoundError
@@ -38,9 +38,17 @@ async def get_thumbnail(item_id: str, index: IndexDep) -> Response:
 
 
 @router.get("/items/{item_id:path}", response_model=ItemOut, responses=_404)
-async def get_item(item_id: str, index: IndexDep, state: StateDep) -> dict[str, Any]:
-    """The item's metadata: caption, source, license, size, sha256 and any extra fields of its corpus."""
+async def get_item(item_id: str, request: Request, index: IndexDep, state: StateDep) -> dict[str, Any]:
+    """The item's metadata: caption, source, license, size, sha256 and any extra fields of its corpus; on a server
+    with a registry, `opted_out`: the opt-out that covers it (one item's lookup), or null."""
     try:
-        return state.redactor.hit(await run_in_threadpool(index.item, item_id))
+        item = state.redactor.hit(await run_in_threadpool(index.item, item_id))
     except ItemNotFoundError as e:
         raise api_error(404, "item_not_found", str(e)) from None
+    if state.config.registry is not None:
+        from provenance.registry import reasons_for_ids
+
+        registry = get_registry(request, state)
+        reasons = await run_in_threadpool(reasons_for_ids, registry, index, [item_id], state.config.scan.thresholds)
+        item["opted_out"] = reasons.get(item_id)
+    return item

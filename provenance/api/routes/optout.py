@@ -16,13 +16,16 @@ from provenance.api.config import ServerConfig
 from provenance.api.deps import StateDep, WriterDep, get_ready_state, get_registry
 from provenance.api.errors import api_error
 from provenance.api.schemas import ErrorResponse
+from provenance.api.state import ServiceState
 from provenance.api.uploads import display_name, read_upload, upload_too_large
 from provenance.registry import (
     MAX_CHECK_ITEMS,
+    ContentPrint,
     NewOptout,
     ProofOptions,
     Registry,
     consent_check,
+    content_coverage,
     content_print,
     coverage,
 )
@@ -99,16 +102,7 @@ async def add_optout(request: Request, state: StateDep, who: WriterDep, registry
     content = None
     ctype = request.headers.get("content-type", "")
     if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=4)
-        file, claimant = form.get("file"), form.get("claimant")
-        if not isinstance(file, UploadFile):
-            raise api_error(400, "invalid_parameters", "send the image as the multipart field `file`")
-        name = display_name(file.filename)
-        data = await read_upload(cast(Any, file), config.max_upload_bytes)  # starlette's UploadFile: the same reader
-        if data is None:
-            raise upload_too_large(name, config.max_upload_bytes)
-        ready = get_ready_state(state)  # the index's own models fingerprint the image
-        content = await ready.run_search(content_print, data, ready.searcher, name, config.scan.max_pixels)
+        content, claimant = await _content_print(request, state)
         entries = [
             NewOptout("content", content=content, claimant=str(claimant)[:500] if isinstance(claimant, str) else None)
         ]
@@ -142,6 +136,62 @@ async def add_optout(request: Request, state: StateDep, who: WriterDep, registry
         if o.kind == "domain" and o.ownership != "shown"
     }
     return {"optouts": [o.to_dict() for o in optouts], "covered": covered, "domain_tokens": tokens}
+
+
+async def _content_print(request: Request, state: ServiceState) -> tuple[ContentPrint, Any]:
+    """The fingerprint of the multipart `file` (by the index's own models) and the form's `claimant` field."""
+    config = state.config
+    form = await request.form(max_files=1, max_fields=4)
+    file, claimant = form.get("file"), form.get("claimant")
+    if not isinstance(file, UploadFile):
+        raise api_error(400, "invalid_parameters", "send the image as the multipart field `file`")
+    name = display_name(file.filename)
+    data = await read_upload(cast(Any, file), config.max_upload_bytes)  # starlette's UploadFile: the same reader
+    if data is None:
+        raise upload_too_large(name, config.max_upload_bytes)
+    ready = get_ready_state(state)
+    content = await ready.run_search(content_print, data, ready.searcher, name, config.scan.max_pixels)
+    return content, claimant
+
+
+PREVIEW_IDS = 100  # ids listed by a preview (the count is exact)
+
+
+@router.post(
+    "/optout/preview",
+    responses=_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {"file": {"type": "string", "format": "binary"}},
+                        "required": ["file"],
+                    }
+                }
+            }
+        }
+    },
+)
+async def preview_optout(request: Request, state: StateDep, registry: RegistryDep) -> dict[str, Any]:
+    """What opting out this image (multipart `file`) would cover, without writing anything: the index's name, how
+    many of its items are exact or replica copies (scan's own verdict) and the first 100 of them, and the opt-out
+    already registered for this image, if any. Needs only `read`: the page shows it before asking to confirm."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise api_error(415, "unsupported_media_type", "send the image as multipart/form-data field `file`")
+    content, _ = await _content_print(request, state)
+    ready = get_ready_state(state)
+    assert ready.index is not None  # status == "ready"
+    copies = await run_in_threadpool(content_coverage, ready.index, content, state.config.scan.thresholds)
+    existing = await run_in_threadpool(registry.find_content, content)
+    return {
+        "index": ready.index.manifest.get("name"),
+        "covered": len(copies),
+        "items": [{"id": i, "verdict": v} for i, v, _ in copies[:PREVIEW_IDS]],
+        "sha256": content.sha256,
+        "already": None if existing is None else existing.reason(created_at=existing.created_at),
+    }
 
 
 @router.delete("/optout/{optout_id}", responses=_ERRORS)

@@ -1,4 +1,4 @@
-"""GET /: the "Have I Been Trained"-style web page (static HTML/CSS/JS, no build step, no CDN)."""
+"""GET /: the upload page, "Provenance Lookup" (static HTML/CSS/JS, no build step, no CDN)."""
 
 from __future__ import annotations
 
