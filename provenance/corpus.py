@@ -311,7 +311,7 @@ def _fsspec():
 def _list_remote_shards(location: str) -> list[str]:
     fsspec = _fsspec()
     try:
-        fs, _, _ = fsspec.core.url_to_fs(location)
+        fs, _ = fsspec.core.url_to_fs(location)
         if location.endswith(".tar") and not any(ch in location for ch in "*?["):
             return [location]  # one shard: opened (and its errors reported) when read
         pattern = location if any(ch in location for ch in "*?[") else location.rstrip("/") + "/*.tar"

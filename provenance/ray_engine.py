@@ -300,7 +300,7 @@ def _progress_actor(ray: Any) -> Any:
         def totals(self) -> tuple[int, int]:
             return sum(a for a, _ in self.units.values()), sum(s for _, s in self.units.values())
 
-    return _Progress.remote()
+    return _Progress.remote()  # type: ignore[attr-defined]  # ray.remote makes it an ActorClass
 
 
 class RayEngine:
