@@ -172,10 +172,19 @@ def test_a_missing_remote_shard_is_a_counted_skip(shard_server, tmp_path):
 # ----------------------------------------------------------------------------- on a Ray cluster
 
 
-def test_ray_build_equals_the_local_build(ray_cluster, local_index, shard_server, tmp_path):
-    """Same parts (one per shard, named after it, with markers), same ids, same top-k; vectors within int8 noise."""
+def test_ray_build_equals_the_local_build(ray_cluster, local_index, shard_server, tmp_path, monkeypatch):
+    """Same parts (one per shard, named after it, with markers), same ids, same top-k; vectors within int8 noise.
+    The merged ANN is built too (its threshold lowered), each part's codes encoded in a Ray task."""
+    from provenance import store
+    from provenance.ray_engine import RayEngine
+
+    monkeypatch.setattr(store, "MERGED_ANN_MIN_ROWS", 20)
+    jobs: list[int] = []
+    run_tasks = RayEngine.run_tasks
+    monkeypatch.setattr(RayEngine, "run_tasks", lambda self, js: jobs.append(len(js)) or run_tasks(self, js))
     result = build(shard_server, tmp_path / "index", _ray_options())
     assert result.added == 2 * SHARD_ITEMS and result.skipped == 0 and result.parts == 2
+    assert jobs == [2, 2] and set(result.manifest["ann"]["descriptors"]) == {"sscd", "pdq"}  # 2 parts x 2 descriptors
     parts = result.manifest["parts"]
     assert [(p["name"], p["unit"], p["n"]) for p in parts] == [
         ("000000-00000", "00000.tar", SHARD_ITEMS),
@@ -223,3 +232,15 @@ def test_a_restarted_ray_build_skips_complete_parts(ray_cluster, local_index, sm
     assert result.resumed == SHARD_ITEMS and result.added == 2 * SHARD_ITEMS
     assert (index / PARTS / "000000-00000" / "part.json").stat().st_mtime_ns == first  # adopted, not rewritten
     assert _items(index)[0] == _items(local_index)[0]
+
+
+def test_ray_build_of_a_folder_cuts_it_into_part_size_units(ray_cluster, coco_dir, tmp_path):
+    """A folder (or dataset) is cut into units of part_size items in the local engine's reading order."""
+    options = _ray_options()
+    options.part_size = 30
+    result = build(str(coco_dir), tmp_path / "index", options)
+    n = result.added + result.skipped
+    assert [p["unit"] for p in result.manifest["parts"]] == [f"items-{s:09d}" for s in range(0, n, 30)]
+    local = build(str(coco_dir), tmp_path / "local", BuildOptions(part_size=30))
+    assert sorted(_items(tmp_path / "index")[0]) == sorted(_items(tmp_path / "local")[0])
+    assert result.added == local.added and result.skipped == local.skipped
