@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -355,7 +356,13 @@ class RayEngine:
         ctx.print_on_execution_start = False
         o = self.options
         workers = min(o.workers, len(units))
-        cpus = o.cpus_per_worker or max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // workers))
+        resources = ray.cluster_resources()
+        if o.gpus_per_worker and resources.get("GPU", 0) < o.gpus_per_worker:
+            # checked here: Ray would otherwise wait for a GPU forever
+            raise ModelLoadError(
+                f"--gpus-per-worker {o.gpus_per_worker} but the Ray cluster has {resources.get('GPU', 0):g} GPUs"
+            )
+        cpus = o.cpus_per_worker or max(1.0, float(int(resources.get("CPU", 1)) // workers))
         counter = _progress_actor(ray)
         specs = {n: s.to_dict() for n, s in run.specs.items() if n != "clip_text"}
         old_manifest = run.old.manifest if run.old is not None else None
@@ -407,7 +414,7 @@ class RayEngine:
                 per_unit = sum(m["n"] + m["skipped"] for m in markers) / len(markers)
                 set_total(added0 + skipped0 + round(per_unit * len(units)))
         if failure:
-            raise failure[0]
+            raise _user_error(failure[0])
         # the markers, as the local engine records them (part order: by name, i.e. by sequence number)
         for m in sorted(markers, key=lambda m: m["name"]):
             run.staged.append(m)
@@ -429,6 +436,30 @@ class RayEngine:
         ray = self.ray
         call = ray.remote(num_cpus=1, max_retries=3)(_call)
         return list(ray.get([call.remote(j) for j in jobs]))
+
+
+def _user_error(e: BaseException) -> BaseException:
+    """The library's own error inside Ray's wrappers (RayTaskError, Ray Data's UserCodeException), else `e`.
+
+    An actor whose __init__ raised reaches the driver as an ActorDiedError that keeps only the text of the
+    error: the library's error is rebuilt from its last "provenance.errors.Name: message" line."""
+    from provenance import errors
+
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, errors.ProvenanceError):
+            return cur
+        seen.add(id(cur))
+        found = re.findall(r"provenance\.errors\.(\w+): ([^\n]*)", str(cur))
+        cls = getattr(errors, found[-1][0], None) if found else None
+        if isinstance(cls, type) and issubclass(cls, errors.ProvenanceError):
+            try:
+                return cls(found[-1][1])
+            except TypeError:  # an error type with other constructor arguments: Ray's error, as it is
+                return e
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    return e
 
 
 def _call(job: Callable[[], Any]) -> Any:

@@ -244,3 +244,28 @@ def test_ray_build_of_a_folder_cuts_it_into_part_size_units(ray_cluster, coco_di
     local = build(str(coco_dir), tmp_path / "local", BuildOptions(part_size=30))
     assert sorted(_items(tmp_path / "index")[0]) == sorted(_items(tmp_path / "local")[0])
     assert result.added == local.added and result.skipped == local.skipped
+
+
+def test_a_worker_with_another_model_is_refused_with_a_clear_error(ray_cluster, small_shards, tmp_path, monkeypatch):
+    """An actor whose model differs from the driver's (another file on a node) stops the build, naming why."""
+    import dataclasses
+    import types
+
+    from provenance import indexer
+    from provenance.errors import IndexMismatchError
+
+    real = indexer.load_descriptor
+
+    def driver_sees_another_file(name, *a, **k):  # the driver's SSCD has another checksum than the workers'
+        m = real(name, *a, **k)
+        return types.SimpleNamespace(spec=dataclasses.replace(m.spec, checksum="another-file")) if name == "sscd" else m
+
+    monkeypatch.setattr(indexer, "load_descriptor", driver_sees_another_file)
+    with pytest.raises(IndexMismatchError, match="same model files on every node"):
+        build(str(small_shards), tmp_path / "index", _ray_options())
+    assert not (tmp_path / "index" / "manifest.json").exists()
+
+
+def test_gpu_workers_on_a_cluster_without_gpus_are_refused(ray_cluster, small_shards, tmp_path):
+    with pytest.raises(ModelLoadError, match="has 0 GPUs"):
+        build(str(small_shards), tmp_path / "index", _ray_options(gpus_per_worker=1))
