@@ -135,6 +135,8 @@ def main() -> None:
         f"- Same ids in the same order: {ids_l == ids_r}; same parts: {units_l == units_r} ({', '.join(units_r)}).",
         f"- Same top-10 ids for {same_topk} of {len(xq)} sampled queries; largest |SSCD vector difference|: "
         f"{max_diff:.3g} (float16 storage).",
+        "- GPU actors (`--gpus-per-worker`): not measured by this script (CPU only); `bench/gpu_ray_actor.py` runs one "
+        "actor's work on CUDA without Ray when a GPU is lent.",
     ]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
