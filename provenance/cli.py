@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     Progress,
@@ -49,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    console.print(f"[bold red]error:[/] {escape(str(e))}")  # escaped: "provenance[ray]" is not rich markup
     raise typer.Exit(code)
 
 

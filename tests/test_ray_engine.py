@@ -269,3 +269,20 @@ def test_a_worker_with_another_model_is_refused_with_a_clear_error(ray_cluster, 
 def test_gpu_workers_on_a_cluster_without_gpus_are_refused(ray_cluster, small_shards, tmp_path):
     with pytest.raises(ModelLoadError, match="has 0 GPUs"):
         build(str(small_shards), tmp_path / "index", _ray_options(gpus_per_worker=1))
+
+
+def test_cli_engine_ray_without_ray_prints_the_install_command(small_shards, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from provenance.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = CliRunner().invoke(
+        app, ["index", "build", str(small_shards), "-i", str(tmp_path / "i"), "--engine", "ray"]
+    )
+    assert result.exit_code != 0
+    assert "pip install 'provenance[ray]'" in " ".join(result.output.split())
+    result = CliRunner().invoke(
+        app, ["index", "build", str(small_shards), "-i", str(tmp_path / "i"), "--gpus-per-worker", "1"]
+    )
+    assert result.exit_code != 0 and "need --engine ray" in result.output
