@@ -280,6 +280,8 @@ class PartBuilder:
         if counter is not None:
             self.run.progress = lambda a, s: counter.report.remote(unit.name, a - added0, s - skipped0)
         markers = self.run.index_unit(_with_fault(items, unit.name), unit.name, unit.seq)
+        if not markers:  # every item was already indexed (by this actor's earlier parts): no part, as locally
+            return {"name": None, "unit": unit.name, "n": 0, "skipped": 0, "skipped_by_reason": {}}
         assert len(markers) == 1, markers  # a named unit is one part
         return markers[0]
 
@@ -337,18 +339,41 @@ class RayEngine:
 
     def index_units(self, run: Any, corpus: CorpusSource) -> None:
         """Index every unit not yet done into run's parts dir; add their markers and counts to `run`."""
-        options = run.options
-        if options.limit is not None:
+        # 1. The units still to do
+        if run.options.limit is not None:
             raise CorpusError("--limit is not supported with --engine ray (the units run in parallel); index a subset")
-        units = plan_units(corpus, options.part_size, run.done_units, run.next_seq)
+        units = plan_units(corpus, run.options.part_size, run.done_units, run.next_seq)
         for name in sorted(run.done_units):
             logger.info("%s: already indexed by the interrupted run", name)
         if not units:
             return
         if corpus.kind != "webdataset":  # the actors rebuild the source from its description
             units = [dataclasses.replace(u, location=json.dumps(corpus.to_dict())) for u in units]
+        # 2. The pipeline: one block a unit, mapped by the actor pool
         self.connect()
-        ray = self.ray
+        counter = _progress_actor(self.ray)
+        out = self._pipeline(run, units, counter)
+        # 3. Its markers, while the counter actor feeds the progress bar
+        markers = self._collect(run, out, counter, len(units))
+        # 4. The parts, as the local engine records them (part order: by name, i.e. by sequence number)
+        for m in markers:
+            if m["name"] is None:
+                logger.info("%s: every item was already indexed; no part", m["unit"])
+        for m in sorted((m for m in markers if m["name"] is not None), key=lambda m: m["name"]):
+            run.staged.append(m)
+            run.added += m["n"]
+            run.skipped += m["skipped"]
+            summary = {"unit": m["unit"], "part": m["name"], "indexed": m["n"], "skipped": m["skipped_by_reason"]}
+            self.unit_summaries.append(summary)
+            logger.info("%s: %d indexed, skipped %s", m["unit"], m["n"], m["skipped_by_reason"] or "none")
+        _report_duplicates(run.parts_dir.parent, run.staged)
+        run.next_seq = max(run.next_seq, max(u.seq for u in units) + 1)
+        if run.progress is not None:
+            run.progress(run.added, run.skipped)
+        _remove_tmp(run.parts_dir)
+
+    def _pipeline(self, run: Any, units: list[Unit], counter: Any) -> Any:
+        """The Ray dataset of the units' markers (lazy: it runs as it is iterated)."""
         from ray.data import ActorPoolStrategy, DataContext
 
         ctx = DataContext.get_current()
@@ -356,21 +381,18 @@ class RayEngine:
         ctx.print_on_execution_start = False
         o = self.options
         workers = min(o.workers, len(units))
-        resources = ray.cluster_resources()
+        resources = self.ray.cluster_resources()
         if o.gpus_per_worker and resources.get("GPU", 0) < o.gpus_per_worker:
             # checked here: Ray would otherwise wait for a GPU forever
             raise ModelLoadError(
                 f"--gpus-per-worker {o.gpus_per_worker} but the Ray cluster has {resources.get('GPU', 0):g} GPUs"
             )
         cpus = o.cpus_per_worker or max(1.0, float(int(resources.get("CPU", 1)) // workers))
-        counter = _progress_actor(ray)
-        specs = {n: s.to_dict() for n, s in run.specs.items() if n != "clip_text"}
-        old_manifest = run.old.manifest if run.old is not None else None
         env = {k: v for k, v in os.environ.items() if k.startswith("PROVENANCE_")}
         # one block a unit (no shuffle task, which would wait for CPUs the actors hold): a redo is one unit
         rows = [{"unit": json.dumps(dataclasses.asdict(u))} for u in units]
-        ds = ray.data.from_items(rows, override_num_blocks=len(units))
-        out = ds.map_batches(
+        logger.info("Ray: %d units on %d actors (%.0f CPU, %g GPU each)", len(units), workers, cpus, o.gpus_per_worker)
+        return self.ray.data.from_items(rows, override_num_blocks=len(units)).map_batches(
             PartBuilder,
             batch_size=1,
             batch_format="numpy",
@@ -379,18 +401,20 @@ class RayEngine:
             num_gpus=o.gpus_per_worker or None,
             fn_constructor_kwargs={
                 "index_dir": str(run.parts_dir.parent),
-                "options": dataclasses.replace(options, ray=None),
-                "specs": specs,
+                "options": dataclasses.replace(run.options, ray=None),
+                "specs": {n: s.to_dict() for n, s in run.specs.items() if n != "clip_text"},
                 "build_id": run.build_id,
-                "old_manifest": old_manifest,
+                "old_manifest": run.old.manifest if run.old is not None else None,
                 "staged": run.staged,
                 "cpus": cpus,
                 "gpus": o.gpus_per_worker,
                 "counter": counter,
             },
-            runtime_env={"env_vars": env} if env else None,
+            runtime_env={"env_vars": env} if env else None,  # PROVENANCE_* settings reach the actors
         )
-        logger.info("Ray: %d units on %d actors (%.0f CPU, %g GPU each)", len(units), workers, cpus, o.gpus_per_worker)
+
+    def _collect(self, run: Any, out: Any, counter: Any, n_units: int) -> list[dict[str, Any]]:
+        """Every unit's marker; meanwhile the counter's totals go to run.progress every POLL_SECONDS."""
         markers: list[dict[str, Any]] = []
         failure: list[BaseException] = []
 
@@ -408,25 +432,14 @@ class RayEngine:
         while worker.is_alive():
             worker.join(POLL_SECONDS)
             if run.progress is not None:
-                a, s = ray.get(counter.totals.remote())
+                a, s = self.ray.get(counter.totals.remote())
                 run.progress(added0 + a, skipped0 + s)
             if set_total is not None and markers:  # the ETA: units to go at the mean size of those done
                 per_unit = sum(m["n"] + m["skipped"] for m in markers) / len(markers)
-                set_total(added0 + skipped0 + round(per_unit * len(units)))
+                set_total(added0 + skipped0 + round(per_unit * n_units))
         if failure:
             raise _user_error(failure[0])
-        # the markers, as the local engine records them (part order: by name, i.e. by sequence number)
-        for m in sorted(markers, key=lambda m: m["name"]):
-            run.staged.append(m)
-            run.added += m["n"]
-            run.skipped += m["skipped"]
-            summary = {"unit": m["unit"], "part": m["name"], "indexed": m["n"], "skipped": m["skipped_by_reason"]}
-            self.unit_summaries.append(summary)
-            logger.info("%s: %d indexed, skipped %s", m["unit"], m["n"], m["skipped_by_reason"] or "none")
-        run.next_seq = max(run.next_seq, max(u.seq for u in units) + 1)
-        if run.progress is not None:
-            run.progress(run.added, run.skipped)
-        _remove_tmp(run.parts_dir)
+        return markers
 
     def run_tasks(self, jobs: list[Callable[[], Any]]) -> list[Any]:
         """Run independent, picklable calls as Ray tasks (one CPU each); their results in order."""
@@ -462,6 +475,16 @@ def _user_error(e: BaseException) -> BaseException:
     return e
 
 
+def _report_duplicates(index_dir: Path, staged: list[dict[str, Any]]) -> None:
+    dup = duplicate_ids(index_dir, {"parts": staged})
+    if dup:
+        logger.warning(
+            "%d ids are in more than one part: shards indexed at the same time by different actors keep their own "
+            "copy (the local engine keeps the first)",
+            dup,
+        )
+
+
 def _call(job: Callable[[], Any]) -> Any:
     return job()
 
@@ -476,7 +499,8 @@ def _remove_tmp(parts_dir: Path) -> None:
 
 
 def duplicate_ids(index_dir: Path, manifest: dict[str, Any]) -> int:
-    """How many id hashes appear in more than one listed part (0 for a build without duplicate ids)."""
+    """How many ids (64-bit id hashes) appear in more than one listed part (0 for a build without duplicate ids).
+    Reads the parts' sorted id hashes only: 8 bytes an item."""
     from provenance.parts import IDS_HASH
     from provenance.store import PARTS
 
