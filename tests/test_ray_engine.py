@@ -308,3 +308,20 @@ def test_an_id_in_two_shards_is_kept_once_by_one_actor_and_reported_across_two(
     assert dup in (0, SHARD_ITEMS) and result.added == SHARD_ITEMS + dup  # which one depends on Ray's scheduling
     assert (f"{SHARD_ITEMS} ids are in more than one part" in caplog.text) == bool(dup)
     assert sorted(set(_items(tmp_path / "index")[0])) == sorted(_items(tmp_path / "index")[0][:SHARD_ITEMS])
+
+
+def test_ray_append_indexes_only_the_new_items(ray_cluster, local_index, small_shards, tmp_path):
+    """--append on Ray: the old index's ids are not embedded again (its shard's unit writes no part)."""
+    import shutil
+
+    first = tmp_path / "first"
+    first.mkdir()
+    shutil.copy(small_shards / "00000.tar", first / "00000.tar")
+    index = tmp_path / "index"
+    build(str(first), index, BuildOptions())
+    options = _ray_options()
+    options.append = True
+    result = build(str(small_shards), index, options)
+    assert result.added == SHARD_ITEMS and result.reused == SHARD_ITEMS
+    assert [p["unit"] for p in result.manifest["parts"]] == ["00000.tar", "00001.tar"]
+    assert _items(index)[0] == _items(local_index)[0]
