@@ -18,9 +18,9 @@ Why one call per unit, and not decode tasks feeding embedding actors row by row:
     retries the call (its actor pools default to max_restarts=-1, max_task_retries=-1), which redoes the whole
     shard: nothing is lost and nothing is written twice. Rows streamed into a writer elsewhere would need a
     per-shard commit protocol on top of Ray Data's retries to get the same guarantee;
-  * no pixels through the object store: a preprocessed 288 px image is ~250 KB (SSCD) and a CLIP input ~600 KB,
-    while the encoded JPEG is ~30 KB; decoding beside the model (in the actor's threads, while the model runs on
-    the previous batch) is as fast on one node and ships nothing;
+  * no pixels through the object store: a preprocessed image is 250-330 KB (SSCD: uint8, short side 288) and a
+    CLIP input 600 KB (float32), while the encoded JPEG is ~30 KB; decoding beside the model (in the actor's
+    threads, while the model runs on the previous batch) is as fast on one node and ships nothing;
   * the part files are written where they are computed, to the shared filesystem the index lives on.
 The cost: a unit is the grain of parallelism and of a redo, so use many shards of ~10k images, as img2dataset
 writes them. The per-part FAISS codes of the merged ANN are encoded in Ray tasks (`run_tasks`), then merged on

@@ -54,6 +54,7 @@ def small_shards(flickr_shards_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shard_server(small_shards):
     """http://127.0.0.1:PORT/ serving the shard folder (its page lists the .tar links, as fsspec globs them)."""
+    pytest.importorskip("aiohttp")  # fsspec's http(s) backend (provenance[remote])
     handler = functools.partial(_QuietHandler, directory=str(small_shards))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
