@@ -19,4 +19,6 @@ timeout 45 python3 bench/gpu_clip.py --model ViT-B-32 --seconds 5 2>&1 | tail -3
 timeout 45 python3 bench/gpu_clip.py --model ViT-L-14 --batch 128 --seconds 5 2>&1 | tail -3
 echo "== ANN at 1M x 512 on the GPU"
 timeout 170 python3 bench/gpu_ann.py --out "$OUT/gpu_ann.json" 2>&1 | tail -25
+echo "== one Ray GPU actor's work without Ray (SSCD on onnxruntime CUDA if present, OpenCLIP ViT-B-32 random weights)"
+timeout 150 python3 bench/gpu_ray_actor.py --out "$OUT" 2>&1 | tail -20
 echo "== done"

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Column, Table
 
 from provenance.cli_options import progress_bar, with_scan_options
@@ -39,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(e: Exception, code: int = EXIT_USAGE) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    console.print(f"[bold red]error:[/] {escape(str(e))}")  # escaped: "provenance[ray]" is not rich markup
     raise typer.Exit(code)
 
 
@@ -68,6 +79,13 @@ def _model_options(sscd_model, clip_model, clip_pretrained, device=None):
 # ------------------------------------------------------------------------------------- index
 
 
+class Engine(enum.StrEnum):
+    """Where `index build` embeds: this process, or a Ray cluster."""
+
+    local = "local"
+    ray = "ray"
+
+
 @index_app.command("build")
 def index_build(
     source: Annotated[
@@ -83,7 +101,28 @@ def index_build(
     append: Annotated[
         bool, typer.Option(help="Add new items to an existing index without re-embedding old ones.")
     ] = False,
-    workers: Annotated[int, typer.Option(min=1, help="Decode threads.")] = 2,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Local engine: decode threads. Ray engine: embedding actors (each gets its share of the CPUs)."
+        ),
+    ] = 2,
+    engine: Annotated[
+        Engine,
+        typer.Option(
+            help="Where to embed: this process (local), or a Ray cluster (ray; needs provenance[ray]). One part per shard either way.",
+        ),
+    ] = Engine.local,
+    ray_address: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Ray engine: the cluster to join ('auto': the one `ray start` runs here; default: RAY_ADDRESS or a new local one)."
+        ),
+    ] = None,
+    gpus_per_worker: Annotated[
+        float,
+        typer.Option(min=0.0, help="Ray engine: GPUs per actor (> 0: models on CUDA; 0.5 puts two actors on a GPU)."),
+    ] = 0.0,
     image_column: Annotated[Optional[str], typer.Option(help="HF dataset: image column.")] = None,
     caption_column: Annotated[Optional[str], typer.Option(help="HF dataset: caption column.")] = None,
     id_column: Annotated[Optional[str], typer.Option(help="HF dataset: column of stable item ids.")] = None,
@@ -141,6 +180,13 @@ def index_build(
     _setup_logging(verbose)
     if respect_optouts != (registry is not None):
         _fail(typer.BadParameter("--respect-optouts and --registry go together"))
+    if engine is Engine.local and (ray_address is not None or gpus_per_worker):
+        _fail(typer.BadParameter("--ray-address and --gpus-per-worker need --engine ray"))
+    ray_options = None
+    if engine is Engine.ray:
+        from provenance.ray_engine import RayOptions
+
+        ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker)
     opts = BuildOptions(
         descriptors=descriptors.split(","),
         batch_size=batch_size,
@@ -155,6 +201,8 @@ def index_build(
         read_url_signals=read_url_signals,
         url_fetch=_fetch_options(consent_cache, allow_private_addresses) if read_url_signals else None,
         registry=registry,
+        engine=engine.value,
+        ray=ray_options,
     )
     src_opts = {"image_column": image_column, "caption_column": caption_column, "id_column": id_column, "split": split}
     try:
@@ -164,18 +212,14 @@ def index_build(
             BarColumn(),
             TextColumn("{task.fields[done]} embedded"),
             TextColumn("[yellow]{task.fields[skipped]} skipped"),
+            TextColumn("{task.fields[rate]:.1f} images/s"),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=console,
             transient=False,
         ) as bar:
-            task = bar.add_task("index", total=limit, done=0, skipped=0)
-            result = build(
-                source,
-                index,
-                opts,
-                progress=lambda d, s: bar.update(task, completed=d + s, done=d, skipped=s),
-                source_options=src_opts,
-            )
+            progress = _BuildProgress(bar, bar.add_task("index", total=limit, done=0, skipped=0, rate=0.0))
+            result = build(source, index, opts, progress=progress, source_options=src_opts)
     except ProvenanceError as e:
         _fail(e, _index_error_code(e))
     counts = result.manifest["counts"]
@@ -186,6 +230,26 @@ def index_build(
     )
     for reason, n in counts["skipped_by_reason"].items():
         console.print(f"  skipped ({reason}): {n}")
+    if engine is Engine.ray:  # each shard's summary (the local engine logs them as it goes)
+        for p in result.manifest["parts"][-result.parts :] if result.parts else []:
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(p.get("skipped_by_reason", {}).items())) or "none skipped"
+            console.print(f"  {p.get('unit') or p['name']}: {p['n']} indexed, {reasons}")
+
+
+class _BuildProgress:
+    """The build's progress callback: items embedded and skipped, images/s, and (once known) the ETA."""
+
+    def __init__(self, bar: Progress, task: TaskID):
+        self.bar, self.task = bar, task
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, skipped: int) -> None:
+        rate = (done + skipped) / max(time.perf_counter() - self.started, 1e-9)
+        self.bar.update(self.task, completed=done + skipped, done=done, skipped=skipped, rate=rate)
+
+    def set_total(self, total: int) -> None:
+        """The expected item count (the Ray engine estimates it from the units done), for the ETA."""
+        self.bar.update(self.task, total=total)
 
 
 @index_app.command("info")

@@ -1,5 +1,12 @@
 """Reading a corpus: image folders, webdataset/img2dataset shards and Hugging Face datasets, as CorpusItems.
 
+Shards may be local paths or remote URLs (`https://…`, `s3://…`, any fsspec protocol), read as streams through
+fsspec. A shard URL is the operator's own source, like a local path: it is not an untrusted URL, so it does not
+go through the consent fetcher's guard against private and loopback addresses (the tests serve shards on
+127.0.0.1). Remote listings: a glob (`s3://bucket/shards/*.tar`, or an http(s) folder whose page lists links,
+as `python -m http.server` serves), a folder URL ending in `/`, or webdataset's brace range
+(`https://host/{00000..00099}.tar`).
+
 Readers yield items lazily and never decode pixels: decoding happens in the indexer's worker threads,
 so that a corrupt file becomes a counted, logged skip rather than an exception in the reader.
 Item ids are stable across rebuilds: a folder's relative path, a shard's key, a dataset's id column.
@@ -12,6 +19,7 @@ import glob
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -76,6 +84,8 @@ def detect_source(
     }
     if location.startswith("hf://"):
         return CorpusSource("hf", location[len("hf://") :], hf_options)
+    if is_url(location):
+        return CorpusSource("webdataset", location)
     if any(ch in location for ch in "*?[") or location.endswith(".tar"):
         return CorpusSource("webdataset", location)
     p = Path(location)
@@ -90,6 +100,25 @@ def detect_source(
     if "/" in location and not location.startswith((".", "/")):
         return CorpusSource("hf", location, hf_options)  # looks like a hub dataset id "org/name"
     raise CorpusError(f"{location}: no such folder, shard glob or dataset")
+
+
+def count_items(source: CorpusSource) -> int:
+    """How many items `read_corpus` yields for a folder or a dataset (listing only: no image is read)."""
+    if source.kind == "folder":
+        _, files, skipped, missing = _folder_listing(Path(source.location))
+        return len(skipped) + len(missing) + len(files)
+    if source.kind == "hf":
+        return len(_load_hf(source.location, source.options.get("split"))[0])
+    raise CorpusError(f"{source.location}: count_items takes a folder or a dataset, not {source.kind}")
+
+
+def read_corpus_range(source: CorpusSource, start: int, stop: int) -> Iterator[CorpusItem]:
+    """Items [start, stop) of `read_corpus(source)`, reading only their images (the Ray engine's units)."""
+    if source.kind == "folder":
+        return read_image_folder(source.location, start=start, stop=stop)
+    if source.kind == "hf":
+        return read_hf_dataset(source.location, **source.options, start=start, stop=stop)
+    raise CorpusError(f"{source.location}: read_corpus_range takes a folder or a dataset, not {source.kind}")
 
 
 def read_corpus(source: CorpusSource, limit: int | None = None) -> Iterator[CorpusItem]:
@@ -171,37 +200,51 @@ def _walk_images(root: Path) -> tuple[list[Path], list[tuple[Path, str, str]]]:
     return sorted(files), skipped
 
 
-def read_image_folder(location: str) -> Iterator[CorpusItem]:
+def _folder_listing(
+    root: Path,
+) -> tuple[dict[str, dict[str, Any]], list[Path], list[tuple[Path, str, str]], list[str]]:
+    """(metadata rows, image files, skipped paths, metadata rows whose file is missing) of a folder corpus."""
+    if not root.is_dir():
+        raise CorpusError(f"{root}: not a folder")
+    metadata = _load_folder_metadata(root)
+    files, skipped = _walk_images(root)
+    listed = {f.relative_to(root).as_posix() for f in files}
+    listed |= {p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p, _, _ in skipped}
+    missing = sorted(set(metadata) - listed)
+    if not files and not metadata and not skipped:
+        raise CorpusError(f"{root}: no image files found")
+    return metadata, files, skipped, missing
+
+
+def read_image_folder(location: str, start: int = 0, stop: int | None = None) -> Iterator[CorpusItem]:
+    """The folder's items: first the paths that cannot be read (with their reasons), then metadata rows whose file
+    is missing, then the images in path order; only items [start, stop) of that order are yielded (and read)."""
     from provenance.errors import FileUnreadableError
     from provenance.images import read_bytes
 
     root = Path(location)
-    if not root.is_dir():
-        raise CorpusError(f"{location}: not a folder")
-    metadata = _load_folder_metadata(root)
-    files, skipped = _walk_images(root)
-    listed = {f.relative_to(root).as_posix() for f in files}
-    for path, kind, reason in skipped:
+    metadata, files, skipped, missing = _folder_listing(root)
+    end = len(skipped) + len(missing) + len(files) if stop is None else stop
+    for path, kind, reason in skipped[max(0, start) : max(0, end)]:
         rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
-        listed.add(rel)
         caption, license_, extra = _split_row(metadata.get(rel, {}))
         yield CorpusItem(rel, None, caption, rel, license_, extra, error=reason, error_kind=kind)
-    for missing in sorted(set(metadata) - listed):
+    start, end = start - len(skipped), end - len(skipped)
+    for rel in missing[max(0, start) : max(0, end)]:
         # A metadata row whose image is absent is a skip the user should see, not a silent drop.
-        caption, license_, extra = _split_row(metadata[missing])
+        caption, license_, extra = _split_row(metadata[rel])
         yield CorpusItem(
-            missing,
+            rel,
             None,
             caption,
-            missing,
+            rel,
             license_,
             extra,
             error="listed in metadata but the file is missing",
             error_kind="missing",
         )
-    if not files and not metadata and not skipped:
-        raise CorpusError(f"{location}: no image files found")
-    for f in files:
+    start, end = start - len(missing), end - len(missing)
+    for f in files[max(0, start) : max(0, end)]:
         rel = f.relative_to(root).as_posix()
         caption, license_, extra = _split_row(metadata.get(rel, {}))
         data: bytes | None
@@ -218,26 +261,84 @@ def read_image_folder(location: str) -> Iterator[CorpusItem]:
 # ---------------------------------------------------------------------------------- webdataset
 
 
-def list_shards(location: str) -> list[Path]:
-    if any(ch in location for ch in "*?["):
-        shards = [Path(p) for p in sorted(glob.glob(location))]
+def is_url(location: str) -> bool:
+    """A remote location read through fsspec (`https://`, `s3://`, ...); `hf://` names a Hugging Face dataset."""
+    return "://" in location and not location.startswith(("hf://", "file://"))
+
+
+def expand_braces(location: str) -> list[str]:
+    """webdataset's shard ranges: `a/{00000..00002}.tar` -> a/00000.tar, a/00001.tar, a/00002.tar (zero-padded as
+    written). Only the first range is expanded per pass; several ranges multiply."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", location)
+    if m is None:
+        return [location]
+    lo, hi = int(m.group(1)), int(m.group(2))
+    if hi < lo:
+        raise CorpusError(f"{location}: empty shard range {m.group(0)}")
+    width = len(m.group(1))
+    out: list[str] = []
+    for i in range(lo, hi + 1):
+        out += expand_braces(f"{location[: m.start()]}{i:0{width}d}{location[m.end() :]}")
+    return out
+
+
+def shard_name(shard: str | Path) -> str:
+    """The shard's file name (`00000.tar`): its unit in the index, whatever folder or server it is read from."""
+    return str(shard).rstrip("/").rsplit("/", 1)[-1]
+
+
+def list_shards(location: str) -> list[str]:
+    """The .tar shards of `location` (a folder, a glob, one shard, a brace range, or the same as URLs), sorted."""
+    if "{" in location and ".." in location:
+        shards = [s for part in expand_braces(location) for s in list_shards(part)]
+    elif is_url(location):
+        shards = _list_remote_shards(location)
+    elif any(ch in location for ch in "*?["):
+        shards = sorted(glob.glob(location))
     elif location.endswith(".tar"):
-        shards = [Path(location)]
+        shards = [location]
     else:
-        shards = sorted(Path(location).glob("*.tar"))
+        shards = [str(p) for p in sorted(Path(location).glob("*.tar"))]
     if not shards:
         raise CorpusError(f"{location}: no .tar shards found")
     return shards
 
 
-def _parquet_rows(shard: Path) -> dict[str, dict[str, Any]]:
-    pq_path = shard.with_suffix(".parquet")
-    if not pq_path.exists():
-        return {}
+def _fsspec():
+    return require("fsspec", "reading shards from a URL")
+
+
+def _list_remote_shards(location: str) -> list[str]:
+    fsspec = _fsspec()
+    try:
+        fs, _ = fsspec.core.url_to_fs(location)
+        if location.endswith(".tar") and not any(ch in location for ch in "*?["):
+            return [location]  # one shard: opened (and its errors reported) when read
+        pattern = location if any(ch in location for ch in "*?[") else location.rstrip("/") + "/*.tar"
+        found = fs.glob(pattern)
+    except Exception as e:  # fsspec and its backends raise their own error types (aiohttp, botocore...)
+        raise CorpusError(f"{location}: cannot list shards ({type(e).__name__}: {e})") from None
+    protocol = location.split("://", 1)[0]
+    # http(s) globs return full URLs; object stores return bucket/key paths without the protocol
+    return sorted(f if "://" in f else f"{protocol}://{f}" for f in found if f.endswith(".tar"))
+
+
+def _parquet_rows(shard: str) -> dict[str, dict[str, Any]]:
+    pq_path = shard[: -len(".tar")] + ".parquet" if shard.endswith(".tar") else shard + ".parquet"
     try:
         import pyarrow.parquet as pq
 
-        return {str(r["key"]): r for r in pq.read_table(pq_path).to_pylist() if "key" in r}
+        if is_url(shard):
+            fs, path = _fsspec().core.url_to_fs(pq_path)
+            if not fs.exists(path):
+                return {}
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        else:
+            if not Path(pq_path).exists():
+                return {}
+            table = pq.read_table(pq_path)
+        return {str(r["key"]): r for r in table.to_pylist() if "key" in r}
     except Exception as e:
         logger.warning("%s: cannot read parquet sidecar (%s); using tar metadata only", pq_path, e)
         return {}
@@ -246,35 +347,50 @@ def _parquet_rows(shard: Path) -> dict[str, dict[str, Any]]:
 def read_webdataset(location: str) -> Iterator[CorpusItem]:
     """img2dataset layout: members `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`, grouped by key."""
     for shard in list_shards(location):
-        sidecar = _parquet_rows(shard)
-        try:
+        yield from read_shard(shard)
+
+
+def read_shard(shard: str) -> Iterator[CorpusItem]:
+    """The items of one shard (a path or a URL); a shard that cannot be opened is one item with its error, and a
+    truncated one yields the items before the damage (both logged)."""
+    name = shard_name(shard)
+    sidecar = _parquet_rows(shard)
+    try:
+        if is_url(shard):
+            stream = _fsspec().open(shard, "rb").open()
+            # a stream ("r|"): members are read in order, with no seeks (one HTTP request, no range reads)
+            tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - closed by `with tar:` below
+        else:
+            stream = None
             tar = tarfile.open(shard)  # noqa: SIM115 - closed by `with tar:` below, once the open is known to work
-        except (tarfile.TarError, OSError) as e:
-            logger.error("%s: cannot open shard (%s); skipping it", shard, e)
-            yield CorpusItem(f"{shard.name}", None, source=str(shard), error=f"cannot open shard ({e})")
-            continue
-        with tar:
-            group_key: str | None = None
-            group: dict[str, bytes] = {}
-            try:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    base = os.path.basename(member.name)
-                    key, _, ext = base.partition(".")
-                    if key != group_key and group_key is not None:
-                        yield _wds_item(shard, group_key, group, sidecar)
-                        group = {}
-                    group_key = key
-                    f = tar.extractfile(member)
-                    group[ext.lower()] = f.read() if f else b""
-            except (tarfile.TarError, OSError, EOFError) as e:
-                logger.error("%s: shard is truncated or corrupt after key %s (%s)", shard, group_key, e)
-            if group_key is not None:
-                yield _wds_item(shard, group_key, group, sidecar)
+    except Exception as e:  # OSError, TarError, or a remote filesystem's own error (aiohttp, botocore...)
+        logger.error("%s: cannot open shard (%s); skipping it", shard, e)
+        yield CorpusItem(name, None, source=str(shard), error=f"cannot open shard ({e})", error_kind="unreadable")
+        return
+    with tar:
+        group_key: str | None = None
+        group: dict[str, bytes] = {}
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key, _, ext = base.partition(".")
+                if key != group_key and group_key is not None:
+                    yield _wds_item(name, group_key, group, sidecar)
+                    group = {}
+                group_key = key
+                f = tar.extractfile(member)
+                group[ext.lower()] = f.read() if f else b""
+        except (tarfile.TarError, OSError, EOFError) as e:
+            logger.error("%s: shard is truncated or corrupt after key %s (%s)", shard, group_key, e)
+        if group_key is not None:
+            yield _wds_item(name, group_key, group, sidecar)
+    if stream is not None:
+        stream.close()
 
 
-def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str, dict[str, Any]]) -> CorpusItem:
+def _wds_item(shard: str, key: str, group: dict[str, bytes], sidecar: dict[str, dict[str, Any]]) -> CorpusItem:
     meta: dict[str, Any] = dict(sidecar.get(key, {}))
     if "json" in group:
         try:
@@ -285,10 +401,10 @@ def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str,
     if not caption and "txt" in group:
         caption = group["txt"].decode("utf-8", "replace").strip()
     image_ext = next((e for e in WDS_IMAGE_EXTENSIONS if e in group), None)
-    source = meta.get("url") or f"{shard.name}:{key}"
+    source = meta.get("url") or f"{shard}:{key}"
     license_ = meta.get("license")
     extra = {k: v for k, v in meta.items() if k not in ("key", "caption", "url", "license")}
-    extra["shard"] = shard.name
+    extra["shard"] = shard
     if image_ext is None:
         return CorpusItem(key, None, caption, source, license_, extra, error="no image member in shard")
     return CorpusItem(key, group[image_ext], caption, source, license_, extra)
@@ -297,33 +413,23 @@ def _wds_item(shard: Path, key: str, group: dict[str, bytes], sidecar: dict[str,
 # ------------------------------------------------------------------------------- HF datasets
 
 
-def read_hf_dataset(  # noqa: C901 - one branch per way a dataset can be given; splitting it hides the order
+def read_hf_dataset(
     location: str,
     image_column: str | None = None,
     caption_column: str | None = None,
     id_column: str | None = None,
     split: str | None = None,
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[CorpusItem]:
-    """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder."""
+    """A Hugging Face dataset by hub name (fetched when online) or a local `save_to_disk` folder; rows
+    [start, stop) only when given (their ids keep their row numbers)."""
     datasets = require("datasets", "a Hugging Face dataset corpus")
 
     from provenance.errors import FileUnreadableError
     from provenance.images import read_bytes
 
-    try:
-        if Path(location).is_dir():
-            ds = datasets.load_from_disk(location)
-        else:
-            ds = datasets.load_dataset(location, split=split or "train")
-    except FileNotFoundError as e:
-        raise CorpusError(f"{location}: dataset not found ({e})") from None
-    except Exception as e:
-        raise CorpusError(f"{location}: cannot load dataset ({type(e).__name__}: {e})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        name = split or ("train" if "train" in ds else next(iter(ds)))
-        if name not in ds:
-            raise CorpusError(f"{location}: no split {name!r}; splits are {list(ds)}")
-        ds, split = ds[name], name
+    ds, split = _load_hf(location, split)
     split = split or "train"
     columns = ds.column_names
     image_column = (
@@ -350,7 +456,9 @@ def read_hf_dataset(  # noqa: C901 - one branch per way a dataset can be given; 
             )
     # Keep the encoded bytes: the indexer decodes them in worker threads, and a broken one is a skip.
     ds = ds.cast_column(image_column, datasets.Image(decode=False)) if isinstance(feature, datasets.Image) else ds
-    for i, row in enumerate(ds):
+    stop = len(ds) if stop is None else min(stop, len(ds))
+    rows = ds.select(range(start, stop)) if (start, stop) != (0, len(ds)) else ds
+    for i, row in enumerate(rows, start):
         item_id = str(row[id_column]) if id_column else f"{split}/{i}"
         value = row[image_column]
         data, err, kind, source = None, None, None, f"{location}[{split}][{i}]"
@@ -385,6 +493,26 @@ def read_hf_dataset(  # noqa: C901 - one branch per way a dataset can be given; 
             error=err,
             error_kind=kind,
         )
+
+
+def _load_hf(location: str, split: str | None) -> tuple[Any, str | None]:
+    """(datasets.Dataset, its split's name): of a DatasetDict, `split`, else "train", else the first."""
+    datasets = require("datasets", "a Hugging Face dataset corpus")
+    try:
+        if Path(location).is_dir():
+            ds = datasets.load_from_disk(location)
+        else:
+            ds = datasets.load_dataset(location, split=split or "train")
+    except FileNotFoundError as e:
+        raise CorpusError(f"{location}: dataset not found ({e})") from None
+    except Exception as e:
+        raise CorpusError(f"{location}: cannot load dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        name = split or ("train" if "train" in ds else next(iter(ds)))
+        if name not in ds:
+            raise CorpusError(f"{location}: no split {name!r}; splits are {list(ds)}")
+        ds, split = ds[name], name
+    return ds, split
 
 
 def _jsonable(v: Any) -> bool:

@@ -22,6 +22,9 @@ EXTRA_OF = {
     "pydantic_settings": "serve",
     "datasets": "hf",
     "httpx": "consent",
+    "ray": "ray",
+    "fsspec": "remote",
+    "aiohttp": "remote",
 }
 
 

@@ -7,10 +7,16 @@ renamed into place complete; memory holds one batch and one metadata batch, neve
 ends by committing a manifest that lists its parts (`store.commit_manifest`). A killed build keeps its
 complete parts; the re-run (same source and settings) adopts them and does only the rest. The whole build
 holds the index's writer lock (`provenance.locking`): a second writer is refused, or waits with `wait`.
+
+Two engines run step 4 (embedding the units): this process (the default), or a Ray cluster
+(`provenance.ray_engine`, `engine="ray"`). Both index each unit with `_Run.index_unit`, whose per-item work is
+`prepare_item` (decode, every descriptor's preprocessing, the consent signals in the file, the thumbnail), so
+per-item work added there reaches both; the lock, the resume and the commit are this module's in both cases.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from provenance.consent.files import read_file_consent
-from provenance.corpus import CorpusItem, CorpusSource, detect_source, list_shards, read_corpus, read_webdataset
+from provenance.corpus import CorpusItem, CorpusSource, detect_source, list_shards, read_corpus, read_shard, shard_name
 from provenance.descriptors.base import DescriptorSpec
 from provenance.errors import DecompressionBombError, IndexFormatError, IndexMismatchError, UnreadableImageError
 from provenance.images import DEFAULT_MAX_PIXELS, decode_image, mime_type
@@ -80,6 +86,8 @@ class BuildOptions:
     read_url_signals: bool = False
     url_fetch: Any = None  # provenance.consent.FetchOptions for read_url_signals (None: the defaults)
     registry: Path | None = None  # a do-not-train registry: items it covers are skipped as "opted_out"
+    engine: str = "local"  # "local": this process; "ray": a Ray cluster (provenance.ray_engine)
+    ray: Any = None  # provenance.ray_engine.RayOptions for engine="ray" (None: the defaults)
 
 
 @dataclass
@@ -127,6 +135,13 @@ def build(  # noqa: C901 - the build's numbered steps, as a diffusers __call__ r
     options = options or BuildOptions()
     if options.part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {options.part_size}")
+    if options.engine not in ("local", "ray"):
+        raise ValueError(f"engine must be 'local' or 'ray', got {options.engine!r}")
+    engine = None
+    if options.engine == "ray":
+        from provenance.ray_engine import RayEngine
+
+        engine = RayEngine(options.ray)  # checks that Ray is installed before any model is loaded
     index_dir = Path(index_dir)
     # 1. Inputs and models
     names = parse_descriptors(options.descriptors)
@@ -140,7 +155,10 @@ def build(  # noqa: C901 - the build's numbered steps, as a diffusers __call__ r
         load_args["clip_text"] = load_args["clip"]
 
     index_dir.mkdir(parents=True, exist_ok=True)
-    with IndexWriteLock(index_dir, wait=options.wait, action="append" if options.append else "build"):
+    with (
+        IndexWriteLock(index_dir, wait=options.wait, action="append" if options.append else "build"),
+        engine if engine is not None else contextlib.nullcontext(),  # a Ray cluster the engine started stops
+    ):
         # 2. The existing index: kept and extended (--append), or replaced when the new manifest lands
         old_manifest: dict[str, Any] | None = None
         if (index_dir / MANIFEST).exists():
@@ -187,7 +205,10 @@ def build(  # noqa: C901 - the build's numbered steps, as a diffusers __call__ r
         # 4. Embed what is new, one part at a time
         run = _Run(index_dir, options, models, specs, build_id, old, staged, progress)
         try:
-            run.index_units(corpus)
+            if engine is None:
+                run.index_units(corpus)
+            else:
+                engine.index_units(run, corpus)
         finally:
             if run.fetcher is not None:
                 run.fetcher.close()
@@ -214,7 +235,8 @@ def build(  # noqa: C901 - the build's numbered steps, as a diffusers __call__ r
         manifest["next_part"] = run.next_seq
         if old is None:  # a build merges its parts' lookups; an append leaves them (compact merges them)
             write_merged_lookup(index_dir, manifest)
-        write_merged_ann(index_dir, manifest, append=old is not None)  # an append adds its parts' lists, no k-means
+        # an append adds its parts' lists, no k-means; the Ray engine encodes each part's codes in a Ray task
+        write_merged_ann(index_dir, manifest, append=old is not None, run_tasks=engine.run_tasks if engine else None)
         commit_manifest(index_dir, manifest)
         remove_unlisted_parts(index_dir, manifest)
         remove_unlisted_lookups(index_dir, manifest)
@@ -281,12 +303,21 @@ class _Run:
     def index_units(self, corpus: CorpusSource) -> None:
         if corpus.kind == "webdataset":
             for shard in list_shards(corpus.location):
-                if shard.name in self.done_units:
-                    logger.info("%s: already indexed by the interrupted run", shard.name)
+                if shard_name(shard) in self.done_units:
+                    logger.info("%s: already indexed by the interrupted run", shard_name(shard))
                     continue
-                self._index_items(read_webdataset(str(shard)), unit=shard.name)
+                self.index_unit(read_shard(shard), unit=shard_name(shard))
         else:
-            self._index_items(read_corpus(corpus), unit=None)
+            self.index_unit(read_corpus(corpus), unit=None)
+
+    def index_unit(self, items: Iterator[CorpusItem], unit: str | None, seq: int | None = None) -> list[dict[str, Any]]:
+        """Index one unit's items into parts (one part for a named unit; part_size items a part for None), part
+        numbers from `seq` on (None: the next free one); returns the markers of the parts written."""
+        if seq is not None:
+            self.next_seq = seq
+        first = len(self.staged)
+        self._index_items(items, unit)
+        return self.staged[first:]
 
     def _limited(self, items: Iterator[CorpusItem]) -> Iterator[CorpusItem]:
         for it in items:
@@ -414,8 +445,9 @@ def _check_append_compatible(old: ProvenanceIndex, specs: dict[str, DescriptorSp
 # ------------------------------------------------------------------------- decode + preprocess
 
 
-def _prepare(item: CorpusItem, models: dict[str, Any], options: BuildOptions) -> _Prepared | _Skip:
-    """Worker-thread work for one item: decode, preprocess for every model, make a thumbnail."""
+def prepare_item(item: CorpusItem, models: dict[str, Any], options: BuildOptions) -> _Prepared | _Skip:
+    """The per-item work of both engines (a decode thread's work): decode, preprocess for every model, read the
+    consent signals the file carries, make a thumbnail; or the item's skip with its reason."""
     if item.error or item.data is None:
         return _Skip(item.id, item.source, item.error or "no image data", item.error_kind or "missing")
     try:
@@ -496,7 +528,7 @@ def _prepared_batches(
         def submit_batch() -> list[Future]:
             futures = []
             for it in source:
-                futures.append(pool.submit(_prepare, it, models, options))
+                futures.append(pool.submit(prepare_item, it, models, options))
                 if len(futures) >= options.batch_size:
                     break
             return futures

@@ -26,6 +26,7 @@ Opening reads manifest.json and the tombstones only, so it costs the same at 10M
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,13 @@ def _ann_dirs(index_dir: Path) -> list[int]:
     ]
 
 
-def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool = False) -> None:
+def write_merged_ann(
+    index_dir: Path,
+    manifest: dict[str, Any],
+    *,
+    append: bool = False,
+    run_tasks: Callable[[list[Callable[[], Any]]], list[Any]] | None = None,
+) -> None:
     """Write `ann-<gen>/`: per descriptor a merged IVF index over every listed part (manifest["ann"] names it).
 
     append=True (an append's commit): when a merged index exists, its template is reused (no k-means) and only
@@ -354,6 +361,8 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
     not have grown past RETRAIN_GROWTH times the trained ones, else it is rebuilt. Without a merged index an
     append leaves it absent (the new parts are searched one by one until the next build or compact).
     Indexes under MERGED_ANN_MIN_ROWS rows or of one part get none (and lose an old one).
+    run_tasks: runs the per-part encodings (independent, picklable calls) and returns their results, e.g. as Ray
+    tasks (`provenance.ray_engine`); None runs them here, one after another.
     """
     from provenance import merged_ann as ma
 
@@ -397,10 +406,17 @@ def write_merged_ann(index_dir: Path, manifest: dict[str, Any], *, append: bool 
             ma.train_template(arrays, plan, template)
             del arrays
             sources = []
-        for e in todo:  # one independent task per part (Ray can run these: issue 25)
+        jobs: list[Callable[[], Any]] = []
+        for e in todo:  # one independent task per part
             out = tmp / f"codes.{e['name']}.{name}.faiss"
-            ma.add_part_codes(template, index_dir / PARTS / e["name"] / vec, int(e["name"][:6]), out, metric)
+            vectors = index_dir / PARTS / e["name"] / vec
+            jobs.append(functools.partial(ma.add_part_codes, template, vectors, int(e["name"][:6]), out, metric))
             sources.append(out)
+        if run_tasks is not None:
+            run_tasks(jobs)
+        else:
+            for job in jobs:
+                job()
         ma.merge_lists(template, sources, tmp / f"{name}.faiss", tmp / f"{name}.ivfdata", metric)
         ma.remove_files([s for s in sources if s.parent == tmp])
         plans[name] = plan.to_dict()

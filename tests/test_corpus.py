@@ -102,3 +102,24 @@ def test_hf_url_column_is_refused(tmp_path):
 def test_missing_source_is_a_clear_error(tmp_path):
     with pytest.raises(CorpusError, match="no such"):
         detect_source(str(tmp_path / "nothing-here"))
+
+
+def test_a_range_of_a_folder_or_dataset_is_that_slice_of_the_whole(coco_dir, tmp_path):
+    """The Ray engine's units: items [start, stop) of the reading order, only their images read."""
+    import datasets
+
+    from provenance.corpus import count_items, read_corpus_range
+
+    folder = detect_source(str(coco_dir))
+    whole = [i.id for i in read_corpus(folder)]
+    assert count_items(folder) == len(whole)
+    assert [i.id for i in read_corpus_range(folder, 10, 25)] == whole[10:25]
+    assert [i.id for i in read_corpus_range(folder, len(whole) - 3, len(whole) + 5)] == whole[-3:]
+    files = sorted(coco_dir.glob("*.jpg"))[:5]
+    ds = datasets.Dataset.from_dict({"image": [str(f) for f in files], "text": ["c"] * 5})
+    ds.cast_column("image", datasets.Image()).save_to_disk(tmp_path / "ds")
+    hf = detect_source(str(tmp_path / "ds"))
+    assert count_items(hf) == 5
+    part = list(read_corpus_range(hf, 2, 4))
+    assert [i.id for i in part] == ["train/2", "train/3"]  # ids keep their row numbers
+    assert [i.data for i in part] == [i.data for i in list(read_corpus(hf))[2:4]]

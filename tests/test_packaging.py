@@ -32,6 +32,7 @@ EXTRA_MODULES = (
     "imwatermark",
     "provenance.api",
     "httpx",
+    "ray",
 )
 
 # Runs a command of the CLI with every extra's module made unimportable (None in sys.modules: `import x` raises

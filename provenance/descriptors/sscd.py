@@ -73,13 +73,21 @@ class SSCDDescriptor:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, *, threads: int | None = None) -> SSCDDescriptor:
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+    ) -> SSCDDescriptor:
+        """threads: ONNX Runtime's intra-op threads (None: its default, one a core); providers: ONNX Runtime's
+        execution providers in order (None: CUDA when onnxruntime-gpu has it, else CPU)."""
         model_path = Path(path) if path else default_onnx_path()
         if not model_path.is_file():
             raise ModelLoadError(f"SSCD model not found: {model_path}")
         checksum = file_checksum(str(model_path))
         if model_path.suffix == ".onnx":
-            session = _onnx_session(model_path, threads, _onnx_providers())
+            session = _onnx_session(model_path, threads, providers or _onnx_providers())
             model_id = "sscd_disc_mixup/onnx-int8" if path is None else f"sscd/{model_path.name}"
             spec = DescriptorSpec("sscd", model_id, checksum, SSCD_DIM, "cosine")
             descriptor = cls(session, spec, "onnx")
