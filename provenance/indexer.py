@@ -65,10 +65,10 @@ from provenance.store import (
 logger = logging.getLogger(__name__)
 
 # px, long side. Scan --thorough verifies copies against it (SIFT): at 160 px a heavy crop of a large photo is
-# ~60 px of it and too few features match; 320 px is ~14 KB as JPEG q75 against ~5 KB at 160 px (sizes and the
-# choice over stored local features in BENCHMARKS.md, "Copy detection: partial copies"). Indexes built with
-# 160 px thumbnails still verify, from less detail.
-THUMBNAIL_SIZE = 320
+# ~60 px of it and too few features match; 256 px verifies as many as 320 px at ~10 KB as JPEG q75, against ~5 KB
+# at 160 px (sizes, and the choice over stored local features, in BENCHMARKS.md, "Copy detection: partial
+# copies"). Indexes built with 160 px thumbnails still verify, from less detail.
+THUMBNAIL_SIZE = 256
 THUMBNAIL_QUALITY = 75  # JPEG
 
 

@@ -281,7 +281,7 @@ def render_html(
             return None
         if corpus_id not in cache:
             try:
-                # the index stores thumbnails large enough to verify copies on (320 px): the page shows 192 px
+                # the index stores thumbnails large enough to verify copies on (256 px): the page shows 192 px
                 cache[corpus_id] = shrink_jpeg(thumbnails(corpus_id), THUMBNAIL_PX)
             except (ProvenanceError, OSError, ValueError, KeyError) as e:
                 logger.warning("no thumbnail for corpus item %s: %s", corpus_id, e)

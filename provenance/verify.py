@@ -35,8 +35,8 @@ class VerifyOptions:
     """Local features and what counts as one consistent transform."""
 
     query_side: int = 448  # the query's long side for feature extraction (larger images are shrunk)
-    # the corpus image's long side: the index's thumbnail is used as it is (320 px; 160 px in older indexes)
-    corpus_side: int = 320
+    # the corpus image's long side: the index's thumbnail is used as it is (256 px; 160 px in older indexes)
+    corpus_side: int = 256
     max_features: int = 1500  # SIFT keypoints per image, strongest first
     ratio: float = 0.8  # Lowe's ratio test on the two nearest corpus descriptors
     ransac_px: float = 0.02  # RANSAC reprojection threshold, as a share of the corpus image's long side
@@ -168,7 +168,7 @@ def verify(query: Features, corpus: Features, options: VerifyOptions | None = No
     local = n_in / max(1, int(inside.sum()))
     resid = np.linalg.norm(src[inl] @ m[:, :2].T + m[:, 2] - dst[inl], axis=1)  # (n_in,) corpus pixels
     # in pixels of the coarser side of the match: where the corpus image holds the copy at more pixels than the
-    # query does (a small inset, a 320 px thumbnail), the query's own localisation error is magnified by the
+    # query does (a small inset, a larger thumbnail), the query's own localisation error is magnified by the
     # transform's scale; divide it out, or a copy's residual would grow with the thumbnail
     scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
     # a degenerate fit (collinear or repeated points) has no usable residual: inf

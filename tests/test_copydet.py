@@ -75,7 +75,7 @@ def test_an_inset_is_found_with_its_id_and_region(corpus, thorough, default, bac
     assert iou(region["query"], truth) > 0.6, (region, truth)
     assert iou(region["corpus"], (0, 0, 1, 1)) > 0.6
     assert rec.to_dict()["matches"][0]["region"] == region  # the JSON contract carries it
-    # the HTML report draws the region on the query and on the corpus item, whose 320 px thumbnail it shrinks
+    # the HTML report draws the region on the query and on the corpus item, whose 256 px thumbnail it shrinks
     page = render_html([rec], thumbnails=thorough.index.thumbnail)
     assert page.count('<svg class="region"') == 2
     b64 = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)

@@ -68,7 +68,7 @@ def test_the_corpus_margin_promotes_unless_verification_says_look_alike():
 
 def test_a_heavy_crop_of_a_large_photo_verifies_on_the_stored_thumbnail(coco_dir):
     """The index's thumbnail is what the corpus side is verified on: a heavy crop of a real-resolution photo
-    (18% of its area) verifies against today's 320 px thumbnail, with its region; an index built with 160 px
+    (18% of its area) verifies against today's 256 px thumbnail, with its region; an index built with 160 px
     thumbnails is verified from what it has."""
     hires = coco_dir.parent / "openimages-hires"
     if not hires.exists():

@@ -222,7 +222,9 @@ def partial(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Quer
     w, h = photo.image.size
     src = _crop_box(w, h, (0.30, 0.45), rng)
     cut = photo.image.crop(src)
-    s = float(rng.uniform(1.0, 1.6))
+    # 1-1.6x the size the cut has in a 224 px photo: a large photo's cut-out is shrunk to the same share of the
+    # canvas (a 224 px photo's is not scaled down: the same copies as before for Flickr8k)
+    s = float(rng.uniform(1.0, 1.6)) * min(1.0, 224 / max(w, h))
     cut = cut.resize((round(cut.width * s), round(cut.height * s)), Image.Resampling.BICUBIC)
     canvas = _canvas(others[0].image, rng)
     cw, ch = canvas.size
@@ -548,8 +550,10 @@ def normalisation_check(
 
 def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
     """What the corpus side of verification needs, on real-resolution photos (openimages-hires, most 2048 px):
-    the share of copies (heavy crop, inset, triple) verified against the item's thumbnail at 160 px (what the
-    index stores), at 320 px, and against the source shrunk to 640 px (reading the source when reachable)."""
+    the share of copies (heavy crop, inset, triple) verified against the item's thumbnail (JPEG as the indexer
+    writes it) at 160 px (what the index stored before), 256 px (what it stores), 320 px, and against the source
+    shrunk to 640 px (reading the source when reachable)."""
+    from provenance.indexer import THUMBNAIL_QUALITY
     from provenance.verify import extract, verify
 
     photos = [
@@ -559,7 +563,7 @@ def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
     ]
     fillers = load_nonmembers()
     rng = np.random.default_rng(seed)
-    sides = (160, 320, 640)
+    sides = (160, 256, 320, 640)
     out: dict[str, dict[str, float]] = {}
     for family in ("heavy_crop", "inset", "triple"):
         hits = {s: 0 for s in sides}
@@ -571,7 +575,7 @@ def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
             for side in sides:
                 thumb = photo.image.copy()
                 thumb.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)  # as the indexer does
-                thumb = Image.open(io.BytesIO(_jpeg(thumb, 80))).convert("RGB")
+                thumb = Image.open(io.BytesIO(_jpeg(thumb, THUMBNAIL_QUALITY))).convert("RGB")
                 hits[side] += verify(qf, extract(thumb, side)).verified
         out[family] = {f"{s} px": round(hits[s] / per_family, 3) for s in sides}
     return out
@@ -719,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.thumbnails} copies per family; share verified):\n\n| family | "
             + " | ".join(next(iter(thumbs.values())))
             + " |\n|---|"
-            + "---|" * 3
+            + "---|" * len(next(iter(thumbs.values())))
             + "\n"
         )
         for family, r in thumbs.items():
