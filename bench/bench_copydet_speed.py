@@ -28,8 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 # run inside each checkout: options given as JSON, fields the checkout does not know are dropped (an older
 # ScanOptions has no region_search; a newer one may have thorough)
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
+threads = int(os.environ.get("BENCH_ONNX_THREADS") or 0)
+if threads:  # SSCD's ONNX session on this many threads (both checkouts have _onnx_session(path, threads, ...))
+    import provenance.descriptors.sscd as sscd_module
+    _session = sscd_module._onnx_session
+    sscd_module._onnx_session = lambda path, n, *a, **k: _session(path, n or threads, *a, **k)
 from provenance.scan import ScanOptions, Scanner
 kw, index, files = json.loads(sys.argv[1]), sys.argv[2], sorted(Path(sys.argv[3]).glob("*.jpg"))
 fields = getattr(ScanOptions, "model_fields", None) or ScanOptions.__dataclass_fields__
@@ -72,8 +77,13 @@ def make_inputs(folder: Path, n: int, seed: int = 3) -> None:
         (folder / f"copy-{q.name}.jpg").write_bytes(q.to_bytes())
 
 
-def run(tree: Path, options: dict, index: Path, inputs: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+def run(tree: Path, options: dict, index: Path, inputs: Path, onnx_threads: int = 0) -> dict:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tree),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "BENCH_ONNX_THREADS": str(onnx_threads or ""),
+    }
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(options), str(index), str(inputs)],
         env=env,
@@ -95,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=60, help="non-members, and as many copies")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--onnx-threads",
+        type=int,
+        default=0,
+        help="SSCD's ONNX session on this many threads (0: its default, every core). 1 measures the work itself: "
+        "on a loaded machine a multi-threaded session's threads spin while they wait for each other, and CPU "
+        "time grows with the load",
+    )
     args = ap.parse_args(argv)
     if not any(args.inputs.glob("*.jpg")):
         make_inputs(args.inputs, args.images)
@@ -103,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict]] = {}
     for _ in range(args.rounds):
         for label, tree, name in runs:
-            r = run(tree, CONFIGS[name], args.index, args.inputs)
+            r = run(tree, CONFIGS[name], args.index, args.inputs, args.onnx_threads)
             results.setdefault(f"{label}: {name}", []).append(r)
             print(
                 f"{label}: {name:62s} {r['images_per_s']:6.2f} images/s {r['cpu_ms']:7.1f} CPU ms/image"

@@ -317,6 +317,9 @@ class Scanner:
 
         assert self._verifier is not None and w.image is not None  # region search on: _prepare kept the pixels
         rec = w.record
+        if rec.verdict == "exact":  # identical bytes, or PDQ and SSCD agree: nothing for verification to change
+            w.image = None
+            return
         sscd = per_desc.get("sscd") or []
         candidates = best_per_item([sscd, w.region_matches], self.options.k)
         checks = self._verifier.check(w.image, candidates)
