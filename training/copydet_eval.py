@@ -1,7 +1,10 @@
 """Evaluate copy detection where it is weak: copies that fill only part of a query, and next-frame look-alikes.
 
-    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index --per-family 50 \
-        --modes default,centre,thorough --out bench/results/copydet.md
+    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index --per-family 100 \
+        --seed 31 --modes default,thorough
+    # copies of real-resolution photos (openimages-hires appended to the index), COCO photos as negatives too
+    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index-hires --sources hires \
+        --per-family 70 --seed 31 --families inset,heavy_crop,triple,partial
 
 1. Corpus: the first --corpus-size photos of flickr8k-dev, indexed once (`provenance index build ... --limit N`)
    into --index and reused.
