@@ -64,7 +64,12 @@ from provenance.store import (
 
 logger = logging.getLogger(__name__)
 
-THUMBNAIL_SIZE = 160  # px, long side; big enough for a results grid, ~5 KB as JPEG
+# px, long side. Scan --thorough verifies copies against it (SIFT): at 160 px a heavy crop of a large photo is
+# ~60 px of it and too few features match; 256 px verifies as many as 320 px at ~10 KB as JPEG q75, against ~5 KB
+# at 160 px (sizes, and the choice over stored local features, in BENCHMARKS.md, "Copy detection: partial
+# copies"). Indexes built with 160 px thumbnails still verify, from less detail.
+THUMBNAIL_SIZE = 256
+THUMBNAIL_QUALITY = 75  # JPEG
 
 
 @dataclass
@@ -500,7 +505,7 @@ def _thumbnail(image) -> bytes:
     im = image.copy()
     im.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR, reducing_gap=2.0)
     buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=80)
+    im.save(buf, "JPEG", quality=THUMBNAIL_QUALITY)
     return buf.getvalue()
 
 

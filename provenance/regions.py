@@ -149,9 +149,18 @@ def find_rectangles(
     side = (vc[:, None, :] - vc[:, :, None]).astype(np.float32)  # (nx, ny, ny)
     width = (xs[None, :] - xs[:, None]).astype(np.float32)  # (nx, nx)
     height = (ys[None, :] - ys[:, None]).astype(np.float32)  # (ny, ny)
-    i0, i1, a0, a1 = np.meshgrid(np.arange(ny), np.arange(ny), np.arange(nx), np.arange(nx), indexing="ij")
+    # the candidate sides: pairs of lines, first before second, far enough apart (lexicographic order, so that
+    # ties below keep the order of the full (i0, i1, a0, a1) grid)
+    i0, i1 = np.triu_indices(ny, 1)
+    tall = height[i0, i1] >= o.min_side * h
+    i0, i1 = i0[tall], i1[tall]
+    a0, a1 = np.triu_indices(nx, 1)
+    wide = width[a0, a1] >= o.min_side * w
+    a0, a1 = a0[wide], a1[wide]
+    # every box: (n_y_pairs, n_x_pairs)
+    i0, i1, a0, a1 = i0[:, None], i1[:, None], a0[None, :], a1[None, :]
     bw, bh = width[a0, a1], height[i0, i1]
-    ok = (bw >= o.min_side * w) & (bh >= o.min_side * h) & (bw * bh <= o.max_area * w * h)
+    ok = bw * bh <= o.max_area * w * h
     # each side's covered share; a side on the image border bounds the box but says nothing of a paste: BORDER
     sides = []
     for cov, length, border in (
@@ -160,23 +169,32 @@ def find_rectangles(
         (side[a0, i0, i1], bh, a0 == 0),
         (side[a1, i0, i1], bh, a1 == nx - 1),
     ):
-        sides.append(np.where(border, BORDER_CREDIT, cov / np.maximum(length, 1)))
-    sides_arr = np.stack(sides)  # (4, ny, ny, nx, nx)
+        sides.append(np.broadcast_to(np.where(border, BORDER_CREDIT, cov / np.maximum(length, 1)), ok.shape))
+    sides_arr = np.stack(sides)  # (4, n_y_pairs, n_x_pairs)
     cover = np.where(ok & (sides_arr.min(axis=0) >= o.min_cover), sides_arr.mean(axis=0), 0.0).ravel()
     keep = np.flatnonzero(cover > 0)
     # most evidence first: the length of line under the box's sides, image borders not counted (a pasted photo
     # has four long, covered sides; a texture's boxes are small; a box on the borders has little of its own)
     inner = np.stack(
-        [(i0 > 0) & (i0 < ny - 1), (i1 > 0) & (i1 < ny - 1), (a0 > 0) & (a0 < nx - 1), (a1 > 0) & (a1 < nx - 1)]
+        [
+            np.broadcast_to(v, ok.shape)
+            for v in (
+                (i0 > 0) & (i0 < ny - 1),
+                (i1 > 0) & (i1 < ny - 1),
+                (a0 > 0) & (a0 < nx - 1),
+                (a1 > 0) & (a1 < nx - 1),
+            )
+        ]
     )
-    lengths = np.stack([bw, bw, bh, bh])
+    lengths = np.stack([np.broadcast_to(v, ok.shape) for v in (bw, bw, bh, bh)])
     # a side's line length counts for it, its uncovered length against it (a box that overshoots the paste
     # along a longer line of the background loses to the paste's own box)
     evidence = ((2 * sides_arr - 1) * lengths * inner).sum(axis=0).ravel()[keep]
     keep = keep[np.argsort(-evidence, kind="stable")][:MAX_CANDIDATES]
+    yi0, yi1, xa0, xa1 = (np.broadcast_to(v, ok.shape).ravel() for v in (i0, i1, a0, a1))
     out: list[tuple[Box, float]] = []
     for flat in keep:
-        a, b, c, d = np.unravel_index(flat, ok.shape)
+        a, b, c, d = yi0[flat], yi1[flat], xa0[flat], xa1[flat]
         x0, y0, x1, y1 = (round(float(v), 4) for v in (xs[c] / w, ys[a] / h, xs[d] / w, ys[b] / h))
         box = (x0, y0, x1, y1)
         if all(_iou(box, kept) < 0.5 for kept, _ in out):

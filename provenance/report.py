@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from PIL import Image
+
 from provenance.errors import ProvenanceError
 from provenance.images import load_image
 from provenance.types import SCAN_SCHEMA_VERSION, VERDICT_ORDER, ScanRecord
@@ -230,6 +232,25 @@ def _num(v: float | int | None) -> str:
 # -- HTML ---------------------------------------------------------------------------------------------
 
 
+def shrink_jpeg(data: bytes | None, size: int) -> bytes | None:
+    """The image re-encoded as a JPEG of at most `size` px on its longest side; smaller images (and None)
+    come back unchanged, and so do bytes PIL cannot read (the page shows what it can)."""
+    if not data:
+        return data
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if max(im.size) <= size:
+                return data
+            im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale
+            small = im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return data
+    small.thumbnail((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    buf = io.BytesIO()
+    small.save(buf, "JPEG", quality=80)
+    return buf.getvalue()
+
+
 def make_thumbnail(path: str | Path, size: int = THUMBNAIL_PX) -> bytes | None:
     """JPEG bytes of `path` shrunk to `size` px on its longest side, or None when it cannot be read."""
     try:
@@ -260,7 +281,8 @@ def render_html(
             return None
         if corpus_id not in cache:
             try:
-                cache[corpus_id] = thumbnails(corpus_id)
+                # the index stores thumbnails large enough to verify copies on (256 px): the page shows 192 px
+                cache[corpus_id] = shrink_jpeg(thumbnails(corpus_id), THUMBNAIL_PX)
             except (ProvenanceError, OSError, ValueError, KeyError) as e:
                 logger.warning("no thumbnail for corpus item %s: %s", corpus_id, e)
                 cache[corpus_id] = None

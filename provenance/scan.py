@@ -24,6 +24,7 @@ from provenance.consent.files import read_file_consent
 from provenance.errors import ModelLoadError, ProvenanceError, UnreadableImageError
 from provenance.images import DRAFT_MIN_SIDE, DecodedImage, decode_image, mime_type, read_bytes, sha256_bytes
 from provenance.options import ScanOptions, Thresholds
+from provenance.regions import RegionOptions
 from provenance.search import Searcher, best_per_item, drop_far_pdq, merge_matches
 from provenance.store import ProvenanceIndex
 from provenance.types import Match, ScanRecord, Verdict, WatermarkEvidence
@@ -118,6 +119,7 @@ class Scanner:
         self._invisible_crops = requested["invisible_crops"]
         self._region_search = requested["region_search"] and "sscd" in self._models
         self._verifier: Verifier | None = None
+        self.region_options = RegionOptions()
         if self._region_search:
             from provenance.verify import Verifier
 
@@ -218,9 +220,9 @@ class Scanner:
                 inputs["visible"] = self._visible.preprocess(decoded.image)
             work = _Work(name, record, inputs)
             if self._region_search:
-                from provenance.regions import RegionOptions, propose_regions, region_views
+                from provenance.regions import propose_regions, region_views
 
-                ro = RegionOptions()
+                ro = self.region_options
                 work.image, work.boxes = decoded.image, propose_regions(decoded.image, ro)
                 inputs["sscd_regions"] = region_views(decoded.image, work.boxes, ro.view_side)
         except Exception as e:
@@ -315,6 +317,9 @@ class Scanner:
 
         assert self._verifier is not None and w.image is not None  # region search on: _prepare kept the pixels
         rec = w.record
+        if rec.verdict == "exact":  # identical bytes, or PDQ and SSCD agree: nothing for verification to change
+            w.image = None
+            return
         sscd = per_desc.get("sscd") or []
         candidates = best_per_item([sscd, w.region_matches], self.options.k)
         checks = self._verifier.check(w.image, candidates)

@@ -35,25 +35,28 @@ class VerifyOptions:
     """Local features and what counts as one consistent transform."""
 
     query_side: int = 448  # the query's long side for feature extraction (larger images are shrunk)
-    corpus_side: int = 320  # the corpus image's long side (a 160 px thumbnail is used as it is)
+    # the corpus image's long side: the index's thumbnail is used as it is (256 px; 160 px in older indexes)
+    corpus_side: int = 256
     max_features: int = 1500  # SIFT keypoints per image, strongest first
     ratio: float = 0.8  # Lowe's ratio test on the two nearest corpus descriptors
     ransac_px: float = 0.02  # RANSAC reprojection threshold, as a share of the corpus image's long side
-    min_inliers: int = 12  # a verified copy: at least this many matches agree on one affine transform,
+    min_inliers: int = 10  # a verified copy: at least this many matches agree on one affine transform,
     min_local_ratio: float = 0.5  # at least this share of the matches inside the matched area do (see verify)
-    # and their median reprojection error is at most this share of the corpus image's long side (0.48 px on a
-    # 160 px thumbnail): a copy maps to within SIFT's own precision, a next frame of the scene (the camera moved,
-    # the subjects moved) mostly does not
-    max_residual: float = 0.003
+    # and their median reprojection error is at most this many pixels (Verification.residual_px): a copy maps
+    # to within SIFT's own precision, a next frame of the scene (the camera moved, the subjects moved) mostly
+    # does not. In pixels, not as a share of the image: SIFT's precision is a fraction of a pixel at any
+    # thumbnail size, while a next frame's misfit grows with the thumbnail (tuned on 160 px thumbnails)
+    max_residual_px: float = 0.48
     # which candidates are verified: the best `candidates` corpus items over all views that score at least
-    # `min_score` (SSCD cosine); below it a candidate is not worth the features
+    # `min_score` (SSCD cosine); below it a candidate is not worth the features. A pasted cut-out that the
+    # region proposals miss is often the whole image's top match at 0.18-0.25: verification finds it there
     candidates: int = 2
-    min_score: float = 0.25
+    min_score: float = 0.18
     # a replica by SSCD score whose top candidate has no consistent transform with the query is called similar:
     # fewer than `demote_below` inliers (a look-alike), or min_inliers or more with a median residual above
-    # `frame_residual` (the scene agrees roughly, as a next frame's does, but not as a copy's)
+    # `frame_residual_px` (the scene agrees roughly, as a next frame's does, but not as a copy's)
     demote_below: int = 8
-    frame_residual: float = 0.0035
+    frame_residual_px: float = 0.56
     # SSCD score normalisation by the corpus's own neighbours (corpus_margin): a whole image whose top match
     # stands this far above its next three is a replica too, unless verification says look-alike; None = off
     replica_margin: float | None = 0.25
@@ -82,11 +85,13 @@ class Verification:
 
     matches: int  # ratio-test matches
     inliers: int  # of those, how many agree on the RANSAC affine transform
-    verified: bool  # inliers >= min_inliers, local_ratio >= min_local_ratio, residual <= max_residual
+    verified: bool  # inliers >= min_inliers, local_ratio >= min_local_ratio, residual_px <= max_residual_px
     query_box: Box | None = None  # the inliers' bounding box in the query, relative
     corpus_box: Box | None = None  # and in the corpus image
     local_ratio: float = 0.0  # inliers / matches inside the inliers' bounding box in the query
-    residual: float = 1.0  # median inlier reprojection error, as a share of the corpus image's long side
+    # median inlier reprojection error, in pixels of the corpus image, or of the query where the transform
+    # enlarges it (the coarser side of the match)
+    residual_px: float = float("inf")
 
     @property
     def inlier_ratio(self) -> float:
@@ -97,7 +102,7 @@ class Verification:
             "matches": self.matches,
             "inliers": self.inliers,
             "local_ratio": self.local_ratio,
-            "residual": self.residual,
+            "residual_px": self.residual_px if np.isfinite(self.residual_px) else None,
             "verified": self.verified,
         }
 
@@ -161,10 +166,16 @@ def verify(query: Features, corpus: Features, options: VerifyOptions | None = No
     x1, y1 = src[inl].max(axis=0) if n_in else (0, 0)
     inside = (src[:, 0] >= x0) & (src[:, 0] <= x1) & (src[:, 1] >= y0) & (src[:, 1] <= y1)
     local = n_in / max(1, int(inside.sum()))
-    resid = np.linalg.norm(src[inl] @ m[:, :2].T + m[:, 2] - dst[inl], axis=1)
-    err = float(np.median(resid)) / max(corpus.size) if n_in else 1.0
-    ok = n_in >= o.min_inliers and local >= o.min_local_ratio and err <= o.max_residual
-    return Verification(len(pairs), n_in, ok, qbox, _box(dst[inl], corpus.size), round(local, 3), round(err, 5))
+    resid = np.linalg.norm(src[inl] @ m[:, :2].T + m[:, 2] - dst[inl], axis=1)  # (n_in,) corpus pixels
+    # in pixels of the coarser side of the match: where the corpus image holds the copy at more pixels than the
+    # query does (a small inset, a larger thumbnail), the query's own localisation error is magnified by the
+    # transform's scale; divide it out, or a copy's residual would grow with the thumbnail
+    scale = float(np.sqrt(abs(np.linalg.det(m[:, :2]))))
+    # a degenerate fit (collinear or repeated points) has no usable residual: inf
+    err = float(np.median(resid)) / max(1.0, scale) if n_in else float("inf")
+    err = round(err, 3) if np.isfinite(err) else float("inf")
+    ok = n_in >= o.min_inliers and local >= o.min_local_ratio and err <= o.max_residual_px
+    return Verification(len(pairs), n_in, ok, qbox, _box(dst[inl], corpus.size), round(local, 3), err)
 
 
 def _box(points: np.ndarray, size: tuple[int, int]) -> Box | None:
@@ -246,7 +257,7 @@ def decide_with_verification(
     - a verified candidate makes the verdict at least `replica`: one consistent transform over the matched area
       is the copy-detection evidence SSCD's whole-image score stands in for;
     - a `replica` whose top SSCD candidate (`top_id`) shares no consistent transform with the query (see
-      VerifyOptions.demote_below and frame_residual) is a look-alike: `similar`;
+      VerifyOptions.demote_below and frame_residual_px) is a look-alike: `similar`;
     - with VerifyOptions.replica_margin set, a whole image whose corpus `margin` reaches it is a `replica`
       unless its top candidate is such a look-alike.
     `exact` is never changed (identical bytes or PDQ + SSCD agree)."""
@@ -259,7 +270,7 @@ def decide_with_verification(
             return ("replica" if verdict in ("replica", "similar", "novel") else verdict), replace(m, region=region)
     top = next((v for m, v in checks if m.id == top_id), None)
     look_alike = top is not None and (
-        top.inliers < o.demote_below or (top.inliers >= o.min_inliers and top.residual > o.frame_residual)
+        top.inliers < o.demote_below or (top.inliers >= o.min_inliers and top.residual_px > o.frame_residual_px)
     )
     if verdict == "replica" and look_alike:
         return "similar", None

@@ -3,7 +3,9 @@ region, next frames of a scene and clean non-members not called replica."""
 
 from __future__ import annotations
 
+import base64
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from PIL import Image
 
 from provenance.corpus import read_webdataset
 from provenance.indexer import BuildOptions, build
+from provenance.report import render_html
 from provenance.scan import Scanner, ScanOptions
 
 pytest.importorskip("cv2")
@@ -57,20 +60,26 @@ def backgrounds(nonmember_dir) -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in sorted(nonmember_dir.glob("*.jpg"))[20:29]]
 
 
-def test_an_inset_is_found_with_its_id_and_region(corpus, thorough, default, backgrounds):
+def test_an_inset_is_found_with_its_id_and_region(corpus, thorough, default, backgrounds, tmp_path):
     _, photos, _ = corpus
     ids = list(photos)
     target = ids[7]
     query, truth = inset(photos[target], backgrounds[0], 0.33, (0.55, 0.35))
-    data = _jpeg(query)
-    before = default.scan_bytes(data, "inset.jpg")
+    path = tmp_path / "inset.jpg"
+    path.write_bytes(_jpeg(query))
+    before = default.scan_paths([path])[0]
     assert before.verdict not in ("exact", "replica") or before.matches[0].id != target  # today's miss
-    rec = thorough.scan_bytes(data, "inset.jpg")
+    rec = thorough.scan_paths([path])[0]
     assert rec.verdict == "replica" and rec.matches[0].id == target, (rec.scores, rec.extra)
     region = rec.matches[0].region
     assert iou(region["query"], truth) > 0.6, (region, truth)
     assert iou(region["corpus"], (0, 0, 1, 1)) > 0.6
     assert rec.to_dict()["matches"][0]["region"] == region  # the JSON contract carries it
+    # the HTML report draws the region on the query and on the corpus item, whose 256 px thumbnail it shrinks
+    page = render_html([rec], thumbnails=thorough.index.thumbnail)
+    assert page.count('<svg class="region"') == 2
+    b64 = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert len(b64) >= 2 and all(max(Image.open(io.BytesIO(base64.b64decode(b))).size) <= 192 for b in b64)
 
 
 def test_a_contact_sheet_tile_is_found(corpus, thorough, backgrounds):

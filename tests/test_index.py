@@ -18,7 +18,7 @@ from PIL import Image, ImageEnhance
 
 from provenance.errors import DescriptorUnavailableError, IndexMismatchError, IndexNotFoundError, ItemNotFoundError
 from provenance.images import load_image
-from provenance.indexer import BuildOptions, build
+from provenance.indexer import THUMBNAIL_SIZE, BuildOptions, build
 from provenance.models import ModelOptions
 from provenance.search import Searcher
 from provenance.store import ProvenanceIndex
@@ -104,7 +104,7 @@ def test_item_metadata_and_thumbnail(built):
     assert item["caption"] == "A man is in a kitchen making pizzas."
     assert item["license"] == "Attribution License" and item["extra"]["flickr_url"].startswith("http")
     thumb = idx.thumbnail("000000397133.jpg")
-    assert Image.open(io.BytesIO(thumb)).size[0] <= 160
+    assert max(Image.open(io.BytesIO(thumb)).size) <= THUMBNAIL_SIZE
     with pytest.raises(ItemNotFoundError):
         idx.item("../../etc/passwd")
 

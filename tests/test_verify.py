@@ -3,10 +3,13 @@ of the same scene do not; the verdict rules."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 from copydet_helpers import NEXT_FRAME_PAIR, dev_photos, iou
 from PIL import Image, ImageEnhance
 
+from provenance.indexer import THUMBNAIL_SIZE, _thumbnail
 from provenance.types import Match
 from provenance.verify import Verification, VerifyOptions, decide_with_verification, extract, verify
 
@@ -42,10 +45,10 @@ def test_a_next_frame_of_the_scene_does_not_verify(flickr_shards_dir):
 
 def test_verification_decides_the_verdict():
     copy = Match("a", 0.3, "sscd")
-    good = Verification(60, 58, True, (0.1, 0.1, 0.4, 0.5), (0.0, 0.0, 1.0, 1.0), 0.97, 0.001)
+    good = Verification(60, 58, True, (0.1, 0.1, 0.4, 0.5), (0.0, 0.0, 1.0, 1.0), 0.97, 0.2)
     verdict, match = decide_with_verification("novel", [(copy, good)], "a")
     assert verdict == "replica" and match.region == {"query": [0.1, 0.1, 0.4, 0.5], "corpus": [0.0, 0.0, 1.0, 1.0]}
-    frame = Verification(56, 37, False, None, None, 0.9, 0.004)
+    frame = Verification(56, 37, False, None, None, 0.9, 0.7)
     assert decide_with_verification("replica", [(copy, frame)], "a", VerifyOptions()) == ("similar", None)
     assert decide_with_verification("exact", [(copy, frame)], "a") == ("exact", None)
 
@@ -61,3 +64,34 @@ def test_the_corpus_margin_promotes_unless_verification_says_look_alike():
     assert decide_with_verification("similar", [], "a", VerifyOptions(replica_margin=None), 0.3) == ("similar", None)
     look_alike = Verification(20, 4, False)
     assert decide_with_verification("similar", [(m, look_alike)], "a", margin=0.3) == ("similar", None)
+
+
+def test_a_heavy_crop_of_a_large_photo_verifies_on_the_stored_thumbnail(coco_dir):
+    """The index's thumbnail is what the corpus side is verified on: a heavy crop of a real-resolution photo
+    (18% of its area) verifies against today's 256 px thumbnail, with its region; an index built with 160 px
+    thumbnails is verified from what it has."""
+    hires = coco_dir.parent / "openimages-hires"
+    if not hires.exists():
+        pytest.skip(f"test data not found at {hires}")
+    photo = Image.open(sorted(hires.glob("*.jpg"))[3]).convert("RGB")  # 1920x1080
+    w, h = photo.size
+    truth = (0.45, 0.35, 0.875, 0.77)  # 0.425 x 0.42 of the sides: 18% of the area
+    crop = photo.crop((round(truth[0] * w), round(truth[1] * h), round(truth[2] * w), round(truth[3] * h)))
+    crop = crop.resize((round(crop.width * 320 / crop.height), 320), Image.Resampling.BICUBIC)
+    query = extract(Image.open(io.BytesIO(_jpeg(crop, 85))), 448)
+    thumb = Image.open(io.BytesIO(_thumbnail(photo)))
+    assert max(thumb.size) == THUMBNAIL_SIZE
+    v = verify(query, extract(thumb, VerifyOptions().corpus_side))
+    # the matched area (where the inliers are) lies inside the crop's area of the photo
+    assert v.verified and v.corpus_box is not None, v
+    assert all(v.corpus_box[i] >= truth[i] - 0.02 for i in (0, 1)), v.corpus_box
+    assert all(v.corpus_box[i] <= truth[i] + 0.02 for i in (2, 3)), v.corpus_box
+    old = thumb.copy()
+    old.thumbnail((160, 160))  # the thumbnail of an older index: same code path, less detail
+    assert verify(query, extract(old, VerifyOptions().corpus_side)).inliers < v.inliers
+
+
+def _jpeg(im: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()

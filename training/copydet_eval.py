@@ -1,7 +1,10 @@
 """Evaluate copy detection where it is weak: copies that fill only part of a query, and next-frame look-alikes.
 
-    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index --per-family 50 \
-        --modes default,centre,thorough --out bench/results/copydet.md
+    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index --per-family 100 \
+        --seed 31 --modes default,thorough
+    # copies of real-resolution photos (openimages-hires appended to the index), COCO photos as negatives too
+    PYTHONPATH=. nice -n 10 python -m training.copydet_eval --index /tmp/copydet/index-hires --sources hires \
+        --per-family 70 --seed 31 --families inset,heavy_crop,triple,partial
 
 1. Corpus: the first --corpus-size photos of flickr8k-dev, indexed once (`provenance index build ... --limit N`)
    into --index and reused.
@@ -86,6 +89,15 @@ def load_dev(limit: int | None = None) -> list[Photo]:
         if limit and len(out) >= limit:
             break
     return out
+
+
+def load_folder(name: str, prefix: str = "") -> list[Photo]:
+    """The photos of an image folder of the shared data at their real resolution (ids as the indexer gives them)."""
+    return [
+        Photo(prefix + it.id, decode_image(it.data, it.id).image)
+        for it in read_image_folder(str(DATA / name))
+        if it.data is not None
+    ]
 
 
 def load_nonmembers() -> list[Photo]:
@@ -213,7 +225,9 @@ def partial(photo: Photo, others: list[Photo], rng: np.random.Generator) -> Quer
     w, h = photo.image.size
     src = _crop_box(w, h, (0.30, 0.45), rng)
     cut = photo.image.crop(src)
-    s = float(rng.uniform(1.0, 1.6))
+    # 1-1.6x the size the cut has in a 224 px photo: a large photo's cut-out is shrunk to the same share of the
+    # canvas (a 224 px photo's is not scaled down: the same copies as before for Flickr8k)
+    s = float(rng.uniform(1.0, 1.6)) * min(1.0, 224 / max(w, h))
     cut = cut.resize((round(cut.width * s), round(cut.height * s)), Image.Resampling.BICUBIC)
     canvas = _canvas(others[0].image, rng)
     cw, ch = canvas.size
@@ -339,12 +353,34 @@ def mode_options(mode: str):
     raise ValueError(f"unknown mode {mode!r}")
 
 
-def scan_mode(index: Path, mode: str, queries: list[Query]) -> tuple[list[dict[str, Any]], dict[str, float]]:
+def _overrides(text: str) -> dict[str, Any]:
+    """'a=1,b=0.2' -> {'a': 1, 'b': 0.2} (JSON values; a bare word stays a string)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def scan_mode(
+    index: Path, mode: str, queries: list[Query], verify: str = "", regions: str = ""
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Each query's record (as a dict) and the CPU ms per image of the scan: over the copies, over the negatives,
-    and of one whole-image SSCD view measured in the same run (the unit that does not drift with the load)."""
+    and of one whole-image SSCD view measured in the same run (the unit that does not drift with the load).
+
+    `verify` and `regions` override VerifyOptions / RegionOptions fields ('min_score=0.2,candidates=3')."""
+    from dataclasses import replace
+
     from provenance.scan import Scanner
 
     scanner = Scanner.open(index, mode_options(mode))
+    if verify and scanner._verifier is not None:
+        scanner._verifier.options = replace(scanner._verifier.options, **_overrides(verify))
+    if regions:
+        scanner.region_options = replace(scanner.region_options, **_overrides(regions))
     items = [(q.name, q.to_bytes()) for q in queries]
     list(scanner.iter_scan(items[:8]))  # warm-up
     records: list[dict[str, Any]] = []
@@ -375,7 +411,7 @@ def iou(a, b) -> float:
 
 def summarise(queries: list[Query], records: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for family in FAMILIES:
+    for family in [f for f in FAMILIES if any(q.family == f for q in queries)]:
         rows = [(q, r) for q, r in zip(queries, records, strict=False) if q.family == family]
         right = [bool(r["matches"]) and r["matches"][0]["id"] == q.target for q, r in rows]
         replica = sum(ok and r["verdict"] in ("exact", "replica") for ok, (q, r) in zip(right, rows, strict=False))
@@ -396,10 +432,12 @@ def summarise(queries: list[Query], records: list[dict[str, Any]]) -> dict[str, 
             region_reported=len(boxes),
             region_iou=round(float(np.median(boxes)), 3) if boxes else None,
         )
-    for kind in ("hard", "random"):
+    for kind in ("hard", "random", "realres"):
         rows = [
             (q, r) for q, r in zip(queries, records, strict=False) if q.family == "negative" and q.info["kind"] == kind
         ]
+        if not rows:
+            continue
         fa = sum(r["verdict"] in ("exact", "replica") for q, r in rows)
         sim = sum(r["verdict"] in ("exact", "replica", "similar") for q, r in rows)
         out[f"neg_{kind}"] = dict(
@@ -426,7 +464,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "| family | " + " | ".join(modes) + " |",
         "|---|" + "---|" * len(modes),
     ]
-    for family in FAMILIES:
+    for family in [f for f in FAMILIES if f in results[modes[0]]["summary"]]:
         cells = []
         for m in modes:
             s = results[m]["summary"][family]
@@ -436,7 +474,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 + (f"; sim {s['similar']}" if family != "partial" else f"; repl {s['replica']}")
             )
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
-    for kind in ("hard", "random"):
+    for kind in [k for k in ("hard", "random", "realres") if f"neg_{k}" in results[modes[0]]["summary"]]:
         cells = []
         for m in modes:
             s = results[m]["summary"][f"neg_{kind}"]
@@ -463,6 +501,7 @@ def render(results: dict[str, Any], meta: dict[str, Any]) -> str:
             ", ".join(
                 f"{f}: {results[m]['summary'][f]['region_reported']} ({results[m]['summary'][f]['region_iou']})"
                 for f in ("inset", "grid", "partial")
+                if f in results[m]["summary"]
             )
             for m in modes
         )
@@ -514,8 +553,10 @@ def normalisation_check(
 
 def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
     """What the corpus side of verification needs, on real-resolution photos (openimages-hires, most 2048 px):
-    the share of copies (heavy crop, inset, triple) verified against the item's thumbnail at 160 px (what the
-    index stores), at 320 px, and against the source shrunk to 640 px (reading the source when reachable)."""
+    the share of copies (heavy crop, inset, triple) verified against the item's thumbnail (JPEG as the indexer
+    writes it) at 160 px (what the index stored before), 256 px (what it stores), 320 px, and against the source
+    shrunk to 640 px (reading the source when reachable)."""
+    from provenance.indexer import THUMBNAIL_QUALITY
     from provenance.verify import extract, verify
 
     photos = [
@@ -525,7 +566,7 @@ def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
     ]
     fillers = load_nonmembers()
     rng = np.random.default_rng(seed)
-    sides = (160, 320, 640)
+    sides = (160, 256, 320, 640)
     out: dict[str, dict[str, float]] = {}
     for family in ("heavy_crop", "inset", "triple"):
         hits = {s: 0 for s in sides}
@@ -537,7 +578,7 @@ def thumbnail_check(per_family: int, seed: int) -> dict[str, dict[str, float]]:
             for side in sides:
                 thumb = photo.image.copy()
                 thumb.thumbnail((side, side), Image.Resampling.BILINEAR, reducing_gap=2.0)  # as the indexer does
-                thumb = Image.open(io.BytesIO(_jpeg(thumb, 80))).convert("RGB")
+                thumb = Image.open(io.BytesIO(_jpeg(thumb, THUMBNAIL_QUALITY))).convert("RGB")
                 hits[side] += verify(qf, extract(thumb, side)).verified
         out[family] = {f"{s} px": round(hits[s] / per_family, 3) for s in sides}
     return out
@@ -579,6 +620,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also compare SSCD score normalisations (corpus margin, non-member background)",
     )
+    ap.add_argument(
+        "--sources",
+        choices=("flickr", "hires"),
+        default="flickr",
+        help="copy the corpus's flickr8k-dev photos (224 px), or the openimages-hires photos appended to the index",
+    )
+    ap.add_argument("--verify", default="", help="VerifyOptions overrides for --thorough, e.g. min_score=0.2")
+    ap.add_argument("--regions", default="", help="RegionOptions overrides for --thorough, e.g. max_regions=7")
+    ap.add_argument(
+        "--families", default=",".join(FAMILIES), help="the copy families to make (negatives are always scanned)"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -601,7 +653,25 @@ def main(argv: list[str] | None = None) -> int:
         members_x, list(index.ids), pool, pool_x, args.hard, args.random, args.duplicate_at, args.seed
     )
     fillers = [p for p in nonmembers]
-    queries = make_queries(members, fillers, args.per_family, args.seed) + negatives
+    if args.sources == "hires":
+        # copies of real-resolution photos (openimages-hires, appended to the index), and real-resolution
+        # non-members (coco-cc) beside the Flickr negatives
+        sources = load_folder("openimages-hires")
+        missing = [p.id for p in sources if index.find(p.id) is None]
+        if missing:
+            raise SystemExit(
+                f"{len(missing)} openimages-hires photos are not in {args.index}: add them with `python -m "
+                f"provenance.cli index build {DATA / 'openimages-hires'} --index {args.index} --append`"
+            )
+        members = sources
+        negatives += [
+            Query(f"neg-realres-{p.id}", "negative", p.image, None, quality=90, info={"kind": "realres"})
+            for p in load_folder("coco-cc", "coco:")
+        ]
+    wanted = set(args.families.split(","))
+    # every family is made, then filtered, so that a family's copies are the same whichever others are asked for
+    queries = [q for q in make_queries(members, fillers, args.per_family, args.seed) if q.family in wanted]
+    queries += negatives
     logger.info("%d queries (%d negatives); %d duplicate pairs left out", len(queries), len(negatives), len(dupes))
 
     results: dict[str, Any] = {}
@@ -616,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
         thumbs = thumbnail_check(args.thumbnails, args.seed)
         logger.info("thumbnails: %s", thumbs)
     for mode in [m for m in args.modes.split(",") if m]:
-        records, cpu_ms = scan_mode(args.index, mode, queries)
+        records, cpu_ms = scan_mode(args.index, mode, queries, args.verify, args.regions)
         results[mode] = dict(
             cpu_ms=cpu_ms,
             summary=summarise(queries, records),
@@ -635,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                 for q, r in zip(queries, records, strict=False)
             ],
         )
-        logger.info("%s: %s CPU ms/image %s", mode, cpu_ms, {f: results[mode]["summary"][f]["found"] for f in FAMILIES})
+        found = {f: s["found"] for f, s in results[mode]["summary"].items() if f in FAMILIES}
+        logger.info("%s: %s CPU ms/image %s", mode, cpu_ms, found)
     meta = dict(
         date=time.strftime("%Y-%m-%d"),
         command="python -m training.copydet_eval " + " ".join(argv or []),
@@ -655,7 +726,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.thumbnails} copies per family; share verified):\n\n| family | "
             + " | ".join(next(iter(thumbs.values())))
             + " |\n|---|"
-            + "---|" * 3
+            + "---|" * len(next(iter(thumbs.values())))
             + "\n"
         )
         for family, r in thumbs.items():

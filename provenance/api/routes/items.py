@@ -23,7 +23,7 @@ _404: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "descript
     responses={200: {"content": {"image/jpeg": {}}, "description": "the item's small JPEG thumbnail"}, **_404},
 )
 async def get_thumbnail(item_id: str, index: IndexDep) -> Response:
-    """The item's thumbnail as stored in the index (about 160 px on the long side)."""
+    """The item's thumbnail as stored in the index (at most 256 px on the long side; 160 px in older indexes)."""
     try:
         index.row(item_id)
     except ItemNotFoundError as e:
