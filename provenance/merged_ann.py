@@ -80,9 +80,10 @@ class MergedPlan:
         return cls(**{k: d[k] for k in ("factory", "metric", "dim", "nlist", "nprobe", "rerank_k", "efsearch")})
 
 
-def plan_merged(n: int, dim: int, metric: str, nprobe: int | None = None) -> MergedPlan:
-    """The merged index for n rows: nlist ~ 4 sqrt(n) lists (ann._nlist), SQ8 codes, HNSW coarse quantizer."""
-    nlist = ann._nlist(n)
+def plan_merged(n: int, dim: int, metric: str, nprobe: int | None = None, nlist: int | None = None) -> MergedPlan:
+    """The merged index for n rows: nlist ~ 4 sqrt(n) lists (ann._nlist) unless given, SQ8 codes, HNSW coarse
+    quantizer."""
+    nlist = int(nlist) if nlist else ann._nlist(n)
     probe = int(nprobe) if nprobe else min(nlist, max(MIN_NPROBE, nlist // NPROBE_SHARE))
     if metric == "hamming":
         return MergedPlan(f"BIVF{nlist}", metric, dim, nlist, min(probe, nlist), 0)
