@@ -184,9 +184,25 @@ def synthesise(real: np.ndarray, n: int) -> np.memmap:
     path = CACHE / f"corpus_{n}.f16"
     if path.exists() and path.stat().st_size == n * DIM * 2:
         return np.memmap(path, np.float16, "r", shape=(n, DIM))
-    out = np.memmap(path.with_suffix(".tmp"), np.float16, "w+", shape=(n, DIM))
+    tmp = path.with_suffix(".tmp")
+    resume = tmp.exists() and tmp.stat().st_size == n * DIM * 2
+    out = np.memmap(tmp, np.float16, "r+" if resume else "w+", shape=(n, DIM))
+    starts = list(range(N_REAL, n, GEN_CHUNK))
+    first = 0
+    if resume:  # an earlier run was stopped: chunks are written in order, an unwritten row is all zeros
+        lo, hi = 0, len(starts)  # first chunk whose last row is unwritten
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if np.any(out[min(n, starts[mid] + GEN_CHUNK) - 1]):
+                lo = mid + 1
+            else:
+                hi = mid
+        first = max(0, lo - 1)  # redo the last written chunk too (it may be partly written)
+        logger.info("corpus_%d: resuming at row %d", n, starts[first] if starts else n)
     out[: min(n, N_REAL)] = real[: min(n, N_REAL)].astype(np.float16)
-    for c, start in enumerate(range(N_REAL, n, GEN_CHUNK)):
+    for c, start in enumerate(starts):
+        if c < first:
+            continue
         stop = min(n, start + GEN_CHUNK)
         rng = np.random.default_rng(1000 + c)  # per-chunk seed: the corpus of size n is a prefix of any larger one
         parent = rng.integers(0, N_REAL, stop - start)
@@ -298,9 +314,9 @@ def sweep(plan) -> list[dict]:
     elif plan.kind == "ivf_pq":
         nl = int(re.match(r"IVF(\d+)", plan.factory).group(1))
         alts = [
-            {"nprobe": max(1, nl // 512), "rerank_k": 100},
-            {"nprobe": max(1, nl // 256), "rerank_k": 50},
-            {"nprobe": max(1, nl // 128), "rerank_k": 50},
+            {"nprobe": max(1, nl // 512), "rerank_k": 50},
+            {"nprobe": max(1, nl // 256), "rerank_k": 100},
+            {"nprobe": max(1, nl // 128), "rerank_k": 100},
             {"nprobe": max(1, nl // 64), "rerank_k": 100},
         ]
     else:

@@ -63,10 +63,10 @@ COARSE_SQ = "SQ8"
 # (dim/4 B a vector at PQ{dim/2}: 128 MiB at 1M x 512) found from centroids stored as float16 and scanned in full
 # (exact, ~0.17 ms for 4,096 x 512 on one core: cheaper than an HNSW walk over them that finds the same lists, which
 # needed efSearch >= 128), a few probed lists, and the PQ top FS_RERANK_K given exact cosines from the float16
-# embeddings. Fast-scan PQ256 ranks well enough that the exact top-10 sits in its top 50 nearly whenever it sits in
+# embeddings. Fast-scan PQ256 ranks well enough that the exact top-10 sits in its top 100 nearly whenever it sits in
 # the probed lists; the float16 rows are decoded by faiss (F16C) rather than numpy (BENCHMARKS.md, index).
 FS_COARSE = "SQfp16"
-FS_RERANK_K = 50
+FS_RERANK_K = 100
 FS_NPROBE_SHARE = 512  # probe nlist / 512 lists (at least 8): 8 of 4,096 at 1M
 # When it fits, an in-memory SQ8 copy of the vectors (d bytes per vector) re-scores the PQ
 # candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are then read from the
@@ -191,9 +191,7 @@ def _pq_m(dim: int, n: int = 0, nlist: int = 0, budget: float = math.inf) -> int
     return cands[-1] if cands else dim
 
 
-def _est_memory(
-    kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M, pq_m: int = 0
-) -> int:
+def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M, pq_m: int = 0) -> int:
     if kind == "flat":
         return n * dim * 4
     if kind == "hnsw":  # autofaiss: 4 * n * (d + 2 * M): vectors + level-0 links (2M int32)
@@ -229,8 +227,8 @@ def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
         # as ivf_pq's probing; the HNSW walk over the centroids must visit at least nprobe of them
         return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": SQ_RERANK_K, "efSearch": 128}
     if kind == "ivf_pq":
-        # fast-scan with exact centroids: 8 of 4,096 lists at 1M, the PQ256 top 50 re-ranked, found 0.986 of the
-        # exact top-10 of the standard queries; 16 lists gained 0.001 for 20% more CPU (BENCHMARKS.md, index)
+        # fast-scan with exact centroids: 8 of 4,096 lists at 1M, the PQ256 top 100 re-ranked, found 0.988 of the
+        # exact top-10 of the standard queries; the top 50 lost 0.002, 16 lists cost 20% more CPU (BENCHMARKS.md, index)
         return {"nprobe": min(nlist, max(8, nlist // FS_NPROBE_SHARE)), "rerank_k": FS_RERANK_K}
     if kind == "binary_ivf":  # not benchmarked: the same scanned fraction as ivf_flat
         return {"nprobe": min(nlist, max(8, nlist // 16))}
@@ -319,7 +317,7 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
     nlist = _nlist(n) if kind in ("ivf_flat", "ivf_sq", "ivf_pq", "binary_ivf") else 0
     m_pq = _pq_m(dim, n, nlist, memory_budget_bytes) if kind == "ivf_pq" else 0
     # (IVF-PQ + an in-memory SQ8 copy, "...,Refine(SQ8)", is no longer chosen: the fast-scan plan with exact
-    # centroids and an exact re-rank of the PQ top 50 had its recall at a fifth of the CPU and memory; such
+    # centroids and an exact re-rank of the PQ top 100 had its recall at a fifth of the CPU and memory; such
     # indexes still load and search)
     if kind == "flat":
         factory = "Flat"
@@ -341,9 +339,10 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
             f"lists, cheaper than a graph walk at this size); {m_pq // 2} B/vector in memory, 4-bit fast-scan, the "
             "finest PQ that fits half the budget"
         )
+        depth = FS_RERANK_K if m_pq >= dim // 2 else 2 * FS_RERANK_K
         why += (
-            f"; the PQ top {FS_RERANK_K if m_pq >= dim // 2 else 4 * FS_RERANK_K} given exact cosines from the float16 embeddings (memory-mapped or read "
-            "row by row from the file)"
+            f"; the PQ top {depth} given exact cosines from the float16 embeddings (memory-mapped or read row by "
+            "row from the file)"
         )
     elif kind == "binary_flat":
         factory = "BFlat"
@@ -356,8 +355,8 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
     est = _est_memory(kind, n, dim, nlist, pq_m=m_pq)
     params = _default_params(kind, n, nlist)
     if kind == "ivf_pq" and m_pq < dim // 2:
-        # coarser codes rank worse: PQ128 at 1M needed its top 150-200 for what PQ256 keeps in its top 50
-        params["rerank_k"] = 4 * FS_RERANK_K
+        # coarser codes rank worse: PQ128 at 1M needed its top 150-200 for what PQ256 keeps in its top 50-100
+        params["rerank_k"] = 2 * FS_RERANK_K
     plan = AnnPlan(
         kind=kind,
         factory=factory,

@@ -184,7 +184,7 @@ def test_append_after_load_without_mmap(tmp_path, xb):
 def test_plan_index_choices():
     small = plan_index(10_000, 512)
     assert small.kind == "flat" and small.est_memory_bytes == 10_000 * 512 * 4
-    # 1M x 512: in-memory IVF-PQ256 fast-scan (~150 MiB), exact float16 centroids, exact re-rank of the PQ top 50
+    # 1M x 512: in-memory IVF-PQ256 fast-scan (~150 MiB), exact float16 centroids, exact re-rank of the PQ top 100
     big = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30)
     assert big.kind == "ivf_pq" and big.factory == "IVF4096(SQfp16),PQ256x4fs" and big.refine == ""
     assert big.params == {"nprobe": 8, "rerank_k": ann.FS_RERANK_K} and big.exact_k == ann.FS_RERANK_K
@@ -193,7 +193,7 @@ def test_plan_index_choices():
     # a tight budget gets coarser codes (the index must fit half of it), re-ranked deeper
     tight = plan_index(1_000_000, 512, memory_budget_bytes=200 << 20)
     assert tight.factory == "IVF4096(SQfp16),PQ128x4fs" and tight.est_memory_bytes <= 100 << 20
-    assert tight.params == {"nprobe": 8, "rerank_k": 4 * ann.FS_RERANK_K}
+    assert tight.params == {"nprobe": 8, "rerank_k": 2 * ann.FS_RERANK_K}
     # codes that do not fit but SQ8 codes that fit half the budget memory-mapped: IVF-SQ8 with an HNSW coarse
     # quantizer and an exact re-rank (as the merged on-disk index over parts)
     sq = plan_index(1_000_000, 512, memory_budget_bytes=1 << 30, kind="ivf_sq")
