@@ -849,6 +849,10 @@ def _to_f32(x: np.ndarray) -> np.ndarray:
 def _gather(xb: Any, rows: np.ndarray) -> np.ndarray:
     """(len(rows), d) float32 copies of the unique `rows` of an array or a row reader (both index by
     an id array; sorted rows read a file in order)."""
+    if isinstance(
+        xb, np.memmap
+    ):  # index the plain ndarray view: np.memmap's fancy indexing costs 2.5x (50 us/100 rows)
+        xb = xb.view(np.ndarray)
     return _to_f32(np.asarray(xb[rows]))
 
 
