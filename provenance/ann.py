@@ -53,23 +53,20 @@ SEED = 1234  # training-sample draw and k-means seed: the same vectors give the 
 ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the float32 copy)
 BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 61 MiB: an exact popcount scan stays cheap per query
 PAD_DISTANCE = np.iinfo(np.int32).max  # hamming distance reported for padded (-1) results
-# --- IVF-PQ at 1M x 512. A single query's time goes to the coarse scan of the float32 centroids,
-# the fast-scan of the probed lists and the exact re-rank of the PQ top candidates, whose rows come
-# from the float16 file by one pread each. IVF plans store their centroids as SQ8: a quarter of the
-# bytes read per query, and the probed lists are nearly always those of the exact centroids, with
-# the same recall@10 (BENCHMARKS.md, index).
-COARSE_SQ = "SQ8"
+# --- IVF-PQ at 1M x 512. A single query's time goes to the coarse scan of the centroids, the fast-scan of the
+# probed lists and the exact re-rank of the PQ top candidates. Indexes built before 2026-12-06 store their
+# centroids as SQ8 ("IVF4096(SQ8),..."); they still load.
 # --- The in-memory fast-scan plan (2026-12-06, the 1M benchmark): IVF-PQ 4-bit fast-scan codes held in memory
 # (dim/4 B a vector at PQ{dim/2}: 128 MiB at 1M x 512) found from centroids stored as float16 and scanned in full
 # (exact, ~0.17 ms for 4,096 x 512 on one core: cheaper than an HNSW walk over them that finds the same lists, which
 # needed efSearch >= 128), a few probed lists, and the PQ top FS_RERANK_K given exact cosines from the float16
 # embeddings. Fast-scan PQ256 ranks well enough that the exact top-10 sits in its top 100 nearly whenever it sits in
-# the probed lists; the float16 rows are decoded by faiss (F16C) rather than numpy (BENCHMARKS.md, index).
+# the probed lists (BENCHMARKS.md, index).
 FS_COARSE = "SQfp16"
 FS_RERANK_K = 100
 FS_NPROBE_SHARE = 512  # probe nlist / 512 lists (at least 8): 8 of 4,096 at 1M
-# When it fits, an in-memory SQ8 copy of the vectors (d bytes per vector) re-scores the PQ
-# candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are then read from the
+# Indexes of the earlier IVF-PQ + SQ8 refine plan ("...,Refine(SQ8)", no longer chosen): an in-memory SQ8 copy
+# of the vectors (d bytes per vector) re-scores the PQ candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are then read from the
 # float16 file for their exact cosines (the verdict thresholds are calibrated on exact scores).
 # SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact ranking, and
 # EXACT_K leaves a margin over the fewest that did.
@@ -835,8 +832,8 @@ _FP16_DECODERS: dict[int, Any] = {}
 
 
 def _to_f32(x: np.ndarray) -> np.ndarray:
-    """(n, d) float32 of an (n, d) array; float16 rows are decoded by faiss's SQfp16 decoder (F16C, exact), which
-    took ~15 us for 200 x 512 where numpy's astype took ~100 us (BENCHMARKS.md, index)."""
+    """(n, d) float32 of an (n, d) array; float16 rows are decoded by faiss's SQfp16 decoder (exact), a little
+    cheaper than numpy's astype per query-sized block (docs/experiments/2026-12-06-ann-1m-10m.md)."""
     if x.dtype != np.float16 or x.ndim != 2 or not len(x):
         return np.asarray(x, dtype=np.float32)
     d = x.shape[1]
