@@ -297,10 +297,16 @@ def main() -> None:
         res = json.loads((root / "res.json").read_text())
         ids = np.load(root / "ids.npy")
         head = qkind != bi.KIND_HELD_OUT
+        standard = (qkind == bi.KIND_HELD_OUT) | (qkind == bi.KIND_REAL_COPY)  # as bench_index's "standard"
         res.update(
             nprobe=nprobe or b["plan"]["nprobe"],
             recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
             recall10_held_out=ann_eval.recall_at_k(ids[~head], gt[~head], 10),
+            recall10_standard=ann_eval.recall_at_k(ids[standard], gt[standard], 10),
+            **{
+                f"recall10_{name}": ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10)
+                for name, kd in (("real", bi.KIND_REAL_COPY), ("synth", bi.KIND_SYNTH_COPY), ("novel", bi.KIND_NOVEL))
+            },
         )
         logger.info("query: %s", res)
         rows.append(res)
