@@ -621,6 +621,9 @@ def exact_coarse(index: Any):
     finally:
         ivf.quantizer = sq
         ivf.own_fields = own
+        # SWIG disowned `flat` when it was set as the quantizer: give it back to Python, or its (nlist, d) float32
+        # centroids leak on every call (16 MiB a part at 8,192 x 512 in the 10M merged build)
+        flat.this.acquire()
 
 
 def _ivf_or_none(index: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import faiss
 import numpy as np
 import pytest
@@ -390,3 +392,29 @@ def test_refine_plan_and_index_must_agree(tmp_path, xb):
     save_index(build_index(xb, plain, use_gpu=False), tmp_path / "plain.faiss")
     with pytest.raises(IndexMismatchError, match="Refine"):
         load_index(tmp_path / "plain.faiss", AnnPlan.from_dict({**plain.to_dict(), "factory": refine.factory}))
+
+
+def test_exact_coarse_frees_its_flat_quantizer():
+    # the flat copy of the centroids set as quantizer while adding was disowned by SWIG and leaked on every call
+    # (16 MiB a part in the 10M merged build, 7.8 GB after 480 parts)
+    def anon_mib() -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon"))
+        return int(line.split()[1]) / 1024
+
+    rng = np.random.default_rng(0)
+    nlist, d = 2048, 512  # 4 MiB of float32 centroids per flat copy
+    c = rng.standard_normal((nlist, d)).astype(np.float32)
+    quantizer = faiss.IndexHNSWFlat(d, 16, faiss.METRIC_INNER_PRODUCT)
+    quantizer.add(c)
+    index = faiss.IndexIVFScalarQuantizer(
+        quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
+    index.train(c)  # the quantizer already holds nlist centroids: no k-means, only the SQ8 ranges
+    with ann.exact_coarse(index):
+        pass
+    before = anon_mib()
+    for _ in range(20):
+        with ann.exact_coarse(index):
+            assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexFlat)
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(index).quantizer), faiss.IndexHNSWFlat)
+    assert anon_mib() - before < 30  # leaking, 20 calls kept 80 MiB
