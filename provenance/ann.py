@@ -67,9 +67,9 @@ FS_RERANK_K = 100
 FS_NPROBE_SHARE = 512  # probe nlist / 512 lists (at least 8): 8 of 4,096 at 1M
 # Indexes of the earlier IVF-PQ + SQ8 refine plan ("...,Refine(SQ8)", no longer chosen): an in-memory SQ8 copy
 # of the vectors (d bytes per vector) re-scores the PQ candidates inside faiss (IndexRefine, one C++ call); only
-# its best EXACT_K are then read from the float16 file for their exact cosines (the verdict thresholds are calibrated on exact scores).
-# SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact ranking, and
-# EXACT_K leaves a margin over the fewest that did.
+# its best EXACT_K are then read from the float16 file for their exact cosines (the verdict thresholds are
+# calibrated on exact scores). SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact
+# ranking, and EXACT_K leaves a margin over the fewest that did.
 # (SQ8 with per-dimension min/max ranked best: "optim", "quantiles" and uniform ranges did worse.)
 REFINE_SQ = "SQ8"
 EXACT_K = 16
