@@ -63,55 +63,95 @@ def write_parts(corpus: np.ndarray, root: Path, part_size: int) -> list[Path]:
     return paths
 
 
-def build(paths: list[Path], out: Path, nprobe: int | None) -> dict:
+class Stages:
+    """Wall and CPU seconds of each finished stage, kept in a JSON file: a killed run resumes at the first
+    unfinished stage (a part's codes file is a finished stage of its own) and reports the sum of every run's
+    stage times."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done: dict[str, list[float]] = json.loads(path.read_text()) if path.exists() else {}
+
+    def add(self, key: str, wall: float, cpu: float) -> None:
+        w, c = self.done.get(key, [0.0, 0.0])
+        self.done[key] = [w + wall, c + cpu]
+        self.done.setdefault("load", []).append([key, round(os.getloadavg()[0], 1)])
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done))
+        os.replace(tmp, self.path)
+
+    def get(self, key: str) -> tuple[float, float]:
+        w, c = self.done.get(key, [0.0, 0.0])
+        return w, c
+
+
+def _add_parts(paths: list[Path], first_seq: int, template: Path, out: Path, stages: Stages, key: str) -> list[Path]:
+    from provenance import merged_ann as ma
+
+    codes = []
+    for seq, p in enumerate(paths, first_seq):
+        codes.append(out / f"codes.{seq}.faiss")
+        if codes[-1].exists():  # finished by an earlier (killed) run
+            continue
+        t, c = time.perf_counter(), _cpu()
+        ma.add_part_codes(template, p, seq, codes[-1])
+        stages.add(key, time.perf_counter() - t, _cpu() - c)
+        if seq % 50 == 0:
+            logger.info("%s: part %d of %d", key, seq - first_seq + 1, len(paths))
+    return codes
+
+
+def build(paths: list[Path], out: Path, nprobe: int | None, nlist: int | None, stages: Stages) -> dict:
     from provenance import merged_ann as ma
 
     out.mkdir(parents=True, exist_ok=True)
     arrays = [np.load(p, mmap_mode="r") for p in paths]
     n = sum(len(a) for a in arrays)
-    plan = ma.plan_merged(n, arrays[0].shape[1], "ip", nprobe)
-    t, c = time.perf_counter(), _cpu()
-    ma.train_template(arrays, plan, out / "template.faiss")
-    train_s = time.perf_counter() - t
-    codes = []
-    for seq, p in enumerate(paths, 1):
-        codes.append(out / f"codes.{seq}.faiss")
-        ma.add_part_codes(out / "template.faiss", p, seq, codes[-1])
-    add_s = time.perf_counter() - t - train_s
-    ma.merge_lists(out / "template.faiss", codes, out / "merged.faiss", out / "merged.ivfdata")
+    plan = ma.plan_merged(n, arrays[0].shape[1], "ip", nprobe, nlist)
+    if not (out / "template.faiss").exists():
+        t, c = time.perf_counter(), _cpu()
+        ma.train_template(arrays, plan, out / "template.faiss")
+        stages.add("train", time.perf_counter() - t, _cpu() - c)
+        logger.info("trained %s", plan.factory)
+    codes = _add_parts(paths, 1, out / "template.faiss", out, stages, "add")
+    if not (out / "merged.faiss").exists():
+        t, c = time.perf_counter(), _cpu()
+        ma.merge_lists(out / "template.faiss", codes, out / "merged.faiss", out / "merged.ivfdata")
+        stages.add("merge", time.perf_counter() - t, _cpu() - c)
     ma.remove_files(codes)
-    total = time.perf_counter() - t
+    (tr, trc), (ad, adc), (me, mec) = stages.get("train"), stages.get("add"), stages.get("merge")
     return {
         "n": n,
         "plan": plan.to_dict(),
-        "train_s": train_s,
-        "add_s": add_s,
-        "merge_s": total - train_s - add_s,
-        "build_s": total,
-        "build_cpu_s": _cpu() - c,
+        "train_s": tr,
+        "add_s": ad,
+        "merge_s": me,
+        "build_s": tr + ad + me,
+        "build_cpu_s": trc + adc + mec,
     }
 
 
-def append(paths: list[Path], first_seq: int, out: Path, new: Path) -> dict:
+def append(paths: list[Path], first_seq: int, out: Path, new: Path, stages: Stages) -> dict:
     from provenance import merged_ann as ma
 
     new.mkdir(parents=True, exist_ok=True)
-    t, c = time.perf_counter(), _cpu()
-    codes = []
-    for seq, p in enumerate(paths, first_seq):
-        codes.append(new / f"codes.{seq}.faiss")
-        ma.add_part_codes(out / "template.faiss", p, seq, codes[-1])
-    add_s = time.perf_counter() - t
-    os.link(out / "template.faiss", new / "template.faiss")
-    ma.merge_lists(new / "template.faiss", [out / "merged.faiss", *codes], new / "merged.faiss", new / "merged.ivfdata")
+    codes = _add_parts(paths, first_seq, out / "template.faiss", new, stages, "append_add")
+    if not (new / "template.faiss").exists():
+        os.link(out / "template.faiss", new / "template.faiss")
+    if not (new / "merged.faiss").exists():
+        t, c = time.perf_counter(), _cpu()
+        ma.merge_lists(
+            new / "template.faiss", [out / "merged.faiss", *codes], new / "merged.faiss", new / "merged.ivfdata"
+        )
+        stages.add("append_merge", time.perf_counter() - t, _cpu() - c)
     ma.remove_files(codes)
-    total = time.perf_counter() - t
+    (ad, adc), (me, mec) = stages.get("append_add"), stages.get("append_merge")
     return {
         "n_added": sum(len(np.load(p, mmap_mode="r")) for p in paths),
-        "add_s": add_s,
-        "merge_s": total - add_s,
-        "append_s": total,
-        "append_cpu_s": _cpu() - c,
+        "add_s": ad,
+        "merge_s": me,
+        "append_s": ad + me,
+        "append_cpu_s": adc + mec,
     }
 
 
@@ -161,6 +201,7 @@ def query_child(args) -> None:
                 "rss_anon_mb": _mem()["RssAnon"],
                 "rss_file_mb": _mem()["RssFile"],
                 "rss_anon_start_mb": mem0["RssAnon"],
+                "load": os.getloadavg()[0],
             }
         )
     )
@@ -175,6 +216,8 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, nargs="*", default=[0], help="0: the plan's default")
     ap.add_argument("--threads", type=int, default=2, help="faiss threads for the build")
     ap.add_argument("--reuse", action="store_true", help="query the indexes an earlier run built (its build times)")
+    ap.add_argument("--nlist", type=int, default=0, help="0: the plan's rule (ann._nlist)")
+    ap.add_argument("--cache", default="", help="folder for the synthetic corpus (default: bench_index's cache)")
     ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     for a in ("--index", "--plan", "--parts", "--queries", "--out", "--out-ids"):
         ap.add_argument(a)
@@ -189,30 +232,41 @@ def main() -> None:
 
     faiss.omp_set_num_threads(args.threads)
     real = bi.real_embeddings()
+    if args.cache:
+        bi.CACHE = Path(args.cache)  # 10M rows are 10 GB of float16: not inside the repository
+        bi.CACHE.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
     corpus = bi.synthesise(real["corpus"], args.n)
+    logger.info("corpus ready (%.0f s)", time.perf_counter() - t)
     root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
     paths = write_parts(corpus, root / "parts", args.part_size)
+    logger.info("parts ready (%.0f s)", time.perf_counter() - t)
+    stages = Stages(root / "stages.json")
     n_build_parts = round(len(paths) / (1 + args.append_share))
     base, extra = paths[:n_build_parts], paths[n_build_parts:]
     done = root / "build_append.json"
     if args.reuse and done.exists() and (root / "ann-000001" / "merged.faiss").exists():
         b, a = json.loads(done.read_text())  # measured by an earlier run of this command
     else:
-        b = build(base, root / "ann-000000", None)
+        b = build(base, root / "ann-000000", None, args.nlist or None, stages)
         logger.info("build: %s", b)
-        a = append(extra, n_build_parts + 1, root / "ann-000000", root / "ann-000001")
+        a = append(extra, n_build_parts + 1, root / "ann-000000", root / "ann-000001", stages)
         logger.info("append: %s", a)
         done.write_text(json.dumps([b, a]))
     n_all = b["n"] + a["n_added"]
     # queries and exact ground truth over every row (build + append)
-    qs = bi.make_queries(real, corpus[:n_all], args.queries if hasattr(args, "queries") else 349, 1000)
+    # the headline set of bench_index: 600 real copies, 349 synthetic copies, 51 novel photos; + 1,000 held-out rows
+    qs = bi.make_queries(real, corpus[:n_all], 349, 1000)
     xq, qkind = qs["xq"], qs["kind"]
     gt_path = root / f"gt_{n_all}_{len(xq)}.npz"
     if gt_path.exists():
         gt = np.load(gt_path)["I"]
     else:
+        t = time.perf_counter()
         gt = ann_eval.exact_search(xq, corpus[:n_all], 10)[1]
         np.savez(gt_path, I=gt)
+        logger.info("exact top-10 of %d queries over %d rows: %.0f s", len(xq), n_all, time.perf_counter() - t)
     np.save(root / "queries.npy", xq)
     (root / "plan.json").write_text(json.dumps(b["plan"]))
     (root / "parts.json").write_text(json.dumps([str(p) for p in paths]))
@@ -243,10 +297,16 @@ def main() -> None:
         res = json.loads((root / "res.json").read_text())
         ids = np.load(root / "ids.npy")
         head = qkind != bi.KIND_HELD_OUT
+        standard = (qkind == bi.KIND_HELD_OUT) | (qkind == bi.KIND_REAL_COPY)  # as bench_index's "standard"
         res.update(
             nprobe=nprobe or b["plan"]["nprobe"],
             recall10=ann_eval.recall_at_k(ids[head], gt[head], 10),
             recall10_held_out=ann_eval.recall_at_k(ids[~head], gt[~head], 10),
+            recall10_standard=ann_eval.recall_at_k(ids[standard], gt[standard], 10),
+            **{
+                f"recall10_{name}": ann_eval.recall_at_k(ids[qkind == kd], gt[qkind == kd], 10)
+                for name, kd in (("real", bi.KIND_REAL_COPY), ("synth", bi.KIND_SYNTH_COPY), ("novel", bi.KIND_NOVEL))
+            },
         )
         logger.info("query: %s", res)
         rows.append(res)

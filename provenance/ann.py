@@ -53,17 +53,23 @@ SEED = 1234  # training-sample draw and k-means seed: the same vectors give the 
 ADD_CHUNK = 65_536  # rows converted to float32 at a time when adding (bounds the float32 copy)
 BINARY_FLAT_MAX_N = 2_000_000  # 2M x 32 B = 61 MiB: an exact popcount scan stays cheap per query
 PAD_DISTANCE = np.iinfo(np.int32).max  # hamming distance reported for padded (-1) results
-# --- IVF-PQ at 1M x 512. A single query's time goes to the coarse scan of the float32 centroids,
-# the fast-scan of the probed lists and the exact re-rank of the PQ top candidates, whose rows come
-# from the float16 file by one pread each. IVF plans store their centroids as SQ8: a quarter of the
-# bytes read per query, and the probed lists are nearly always those of the exact centroids, with
-# the same recall@10 (BENCHMARKS.md, index).
-COARSE_SQ = "SQ8"
-# When it fits, an in-memory SQ8 copy of the vectors (d bytes per vector) re-scores the PQ
-# candidates inside faiss (IndexRefine, one C++ call); only its best EXACT_K are then read from the
-# float16 file for their exact cosines (the verdict thresholds are calibrated on exact scores).
-# SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact ranking, and
-# EXACT_K leaves a margin over the fewest that did.
+# --- IVF-PQ at 1M x 512. A single query's time goes to the coarse scan of the centroids, the fast-scan of the
+# probed lists and the exact re-rank of the PQ top candidates. Indexes built before 2026-12-06 store their
+# centroids as SQ8 ("IVF4096(SQ8),..."); they still load.
+# --- The in-memory fast-scan plan (2026-12-06, the 1M benchmark): IVF-PQ 4-bit fast-scan codes held in memory
+# (dim/4 B a vector at PQ{dim/2}: 128 MiB at 1M x 512) found from centroids stored as float16 and scanned in full
+# (exact, ~0.17 ms for 4,096 x 512 on one core: cheaper than an HNSW walk over them that finds the same lists, which
+# needed efSearch >= 128), a few probed lists, and the PQ top FS_RERANK_K given exact cosines from the float16
+# embeddings. Fast-scan PQ256 ranks well enough that the exact top-10 sits in its top 100 nearly whenever it sits in
+# the probed lists (BENCHMARKS.md, index).
+FS_COARSE = "SQfp16"
+FS_RERANK_K = 100
+FS_NPROBE_SHARE = 512  # probe nlist / 512 lists (at least 8): 8 of 4,096 at 1M
+# Indexes of the earlier IVF-PQ + SQ8 refine plan ("...,Refine(SQ8)", no longer chosen): an in-memory SQ8 copy
+# of the vectors (d bytes per vector) re-scores the PQ candidates inside faiss (IndexRefine, one C++ call); only
+# its best EXACT_K are then read from the float16 file for their exact cosines (the verdict thresholds are
+# calibrated on exact scores). SQ8 alone reorders near-ties; re-scoring its top few exactly recovers the exact
+# ranking, and EXACT_K leaves a margin over the fewest that did.
 # (SQ8 with per-dimension min/max ranked best: "optim", "quantiles" and uniform ranges did worse.)
 REFINE_SQ = "SQ8"
 EXACT_K = 16
@@ -75,7 +81,6 @@ EXACT_K = 16
 # codes (not fast-scan PQ: faiss #2407), so the merged index over parts (provenance.merged_ann) is the same plan.
 COARSE_HNSW_M = 32
 SQ_RERANK_K = 32
-REFINE_BUDGET_SHARE = 0.75  # index + SQ8 copy must leave a quarter of the budget to the process
 _SQ_TYPES = {"SQ8": "QT_8bit", "SQfp16": "QT_fp16"}
 _COARSE_RE = re.compile(r"^IVF(\d+)\((SQ8|SQfp16)\),")  # "IVF4096(SQ8),..." = SQ-stored centroids
 _REFINE_RE = re.compile(r",Refine\((SQ8|SQfp16)\)$")
@@ -183,14 +188,7 @@ def _pq_m(dim: int, n: int = 0, nlist: int = 0, budget: float = math.inf) -> int
     return cands[-1] if cands else dim
 
 
-def _refine_fits(n: int, dim: int, nlist: int, pq_m: int, budget: float) -> bool:
-    """Whether the IVF-PQ index plus its SQ8 copy of the vectors fits REFINE_BUDGET_SHARE of the budget."""
-    return _est_memory("ivf_pq", n, dim, nlist, pq_m=pq_m, refine=True) <= REFINE_BUDGET_SHARE * budget
-
-
-def _est_memory(
-    kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M, pq_m: int = 0, refine: bool = False
-) -> int:
+def _est_memory(kind: str, n: int, dim: int, nlist: int = 0, m: int = HNSW_M, pq_m: int = 0) -> int:
     if kind == "flat":
         return n * dim * 4
     if kind == "hnsw":  # autofaiss: 4 * n * (d + 2 * M): vectors + level-0 links (2M int32)
@@ -199,9 +197,9 @@ def _est_memory(
         return n * (dim * 4 + 8) + nlist * dim * 4
     if kind == "ivf_sq":  # SQ8 codes + ids (memory-mapped) + float32 centroids in an HNSW graph
         return n * (dim + 8) + nlist * (dim * 4 + 8 * COARSE_HNSW_M)
-    if kind == "ivf_pq":  # 4-bit codes + ids + SQ8 centroids (+ fast-scan block padding, ~32 rows/list)
+    if kind == "ivf_pq":  # 4-bit codes + ids + float16 centroids (+ fast-scan block padding, ~32 rows/list)
         code = (pq_m or _pq_m(dim)) // 2
-        return (n + 32 * nlist) * (code + 8) + nlist * dim + (n * dim if refine else 0)
+        return (n + 32 * nlist) * (code + 8) + nlist * dim * 2
     nbytes = dim // 8
     if kind == "binary_flat":
         return n * nbytes
@@ -212,7 +210,7 @@ def _est_memory(
     raise ValueError(f"unknown index kind {kind!r}; expected one of {KINDS}")
 
 
-def _default_params(kind: str, n: int, nlist: int, refine: bool = False) -> dict[str, Any]:
+def _default_params(kind: str, n: int, nlist: int) -> dict[str, Any]:
     """Search parameters chosen on SSCD-like vectors (the index benchmark; figures in BENCHMARKS.md):
     the edited copy of a query must come first nearly always at a few milliseconds of CPU per query,
     and recall@10 against exact search is as high as that allows."""
@@ -226,11 +224,9 @@ def _default_params(kind: str, n: int, nlist: int, refine: bool = False) -> dict
         # as ivf_pq's probing; the HNSW walk over the centroids must visit at least nprobe of them
         return {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": SQ_RERANK_K, "efSearch": 128}
     if kind == "ivf_pq":
-        # 1/64 of the lists with the PQ top 100 re-ranked: fewer probes or a shallower re-rank lost
-        # recall, more probes gained little for their cost. With the SQ8 refine, the same recall
-        # needs exact cosines for the refine's top EXACT_K only.
-        params = {"nprobe": min(nlist, max(16, nlist // 64)), "rerank_k": 100}
-        return {**params, "exact_k": EXACT_K} if refine else params
+        # fast-scan with exact centroids: 8 of 4,096 lists at 1M, the PQ256 top 100 re-ranked, found 0.988 of the
+        # exact top-10 of the standard queries; the top 50 lost 0.002, 16 lists cost 20% more CPU (BENCHMARKS.md, index)
+        return {"nprobe": min(nlist, max(8, nlist // FS_NPROBE_SHARE)), "rerank_k": FS_RERANK_K}
     if kind == "binary_ivf":  # not benchmarked: the same scanned fraction as ivf_flat
         return {"nprobe": min(nlist, max(8, nlist // 16))}
     return {}
@@ -297,9 +293,15 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
         elif n < IVF_FLAT_MAX_N and _est_memory("ivf_flat", n, dim, _nlist(n)) <= memory_budget_bytes:
             kind = "ivf_flat"
             why = f"{shape} fits budget {budget}; n too large for an HNSW build: uncompressed IVF"
+        elif n >= IVF_FLAT_MAX_N and _est_memory("ivf_pq", n, dim, _nlist(n), pq_m=dim // 4) <= memory_budget_bytes / 2:
+            # in-memory fast-scan codes, exact re-rank: measured at 1M against plain IVF-SQ8 and IVF-PQ fast-scan of
+            # the same budget (bench/bench_index.py shows them side by side; BENCHMARKS.md, index)
+            kind = "ivf_pq"
+            over = f"> budget {budget}" if raw > memory_budget_bytes else f"and n >= {IVF_FLAT_MAX_N:,}"
+            why = f"{shape} {over}: in-memory IVF-PQ fast-scan,"
         elif n >= IVF_FLAT_MAX_N and _est_memory("ivf_sq", n, dim, _nlist(n)) <= memory_budget_bytes / 2:
-            # measured at 1M against the plain IVF-SQ8 and IVF-PQ plans of the same budget (bench/bench_index.py
-            # shows them side by side; BENCHMARKS.md, index); smaller corpora under tight budgets keep IVF-PQ
+            # the fast-scan codes do not fit: SQ8 codes memory-mapped from the index file (page cache, not the
+            # process's memory); the same plan as the merged on-disk index over parts (provenance.merged_ann)
             kind = "ivf_sq"
             over = f"> budget {budget}" if raw > memory_budget_bytes else f"and n >= {IVF_FLAT_MAX_N:,}"
             why = f"{shape} {over}; SQ8 codes fit half the budget:"
@@ -311,7 +313,9 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
     # 3. Parameters of that kind
     nlist = _nlist(n) if kind in ("ivf_flat", "ivf_sq", "ivf_pq", "binary_ivf") else 0
     m_pq = _pq_m(dim, n, nlist, memory_budget_bytes) if kind == "ivf_pq" else 0
-    refine = kind == "ivf_pq" and _refine_fits(n, dim, nlist, m_pq, memory_budget_bytes)
+    # (IVF-PQ + an in-memory SQ8 copy, "...,Refine(SQ8)", is no longer chosen: the fast-scan plan with exact
+    # centroids and an exact re-rank of the PQ top 100 had its recall at a fifth of the CPU and memory; such
+    # indexes still load and search)
     if kind == "flat":
         factory = "Flat"
     elif kind == "hnsw":
@@ -326,26 +330,17 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
             f"{SQ_RERANK_K} given exact cosines from the float16 embeddings, read row by row from the file"
         )
     elif kind == "ivf_pq":
-        factory = f"IVF{nlist}({COARSE_SQ}),PQ{m_pq}x4fs"
+        factory = f"IVF{nlist}({FS_COARSE}),PQ{m_pq}x4fs"
         why += (
-            f" {factory}: {nlist} lists ~ 4*sqrt(n), centroids stored as {COARSE_SQ} (the coarse scan of "
-            f"each query reads them all); {m_pq // 2} B/vector, 4-bit fast-scan, the finest PQ that fits "
-            "half the budget"
+            f" {factory}: {nlist} lists ~ 4*sqrt(n), centroids stored as {FS_COARSE} and scanned in full (exact "
+            f"lists, cheaper than a graph walk at this size); {m_pq // 2} B/vector in memory, 4-bit fast-scan, the "
+            "finest PQ that fits half the budget"
         )
-        if refine:
-            factory += f",Refine({REFINE_SQ})"
-            why += (
-                f"; its top candidates re-scored in faiss by an in-memory {REFINE_SQ} copy of the vectors "
-                f"({_human(n * dim)}: index + copy fit {REFINE_BUDGET_SHARE:.0%} of the budget), and the best "
-                f"{EXACT_K} of those given exact cosines from the float16 embeddings, read row by row from "
-                "the file"
-            )
-        else:
-            why += (
-                f" (an in-memory {REFINE_SQ} copy of the vectors, {_human(n * dim)}, would not fit "
-                f"{REFINE_BUDGET_SHARE:.0%} of the budget); exact re-rank of the PQ top candidates with the "
-                "float16 embeddings, read row by row from the file (not mapped: the process stays small)"
-            )
+        depth = FS_RERANK_K if m_pq >= dim // 2 else 2 * FS_RERANK_K
+        why += (
+            f"; the PQ top {depth} given exact cosines from the float16 embeddings (memory-mapped or read row by "
+            "row from the file)"
+        )
     elif kind == "binary_flat":
         factory = "BFlat"
     elif kind == "binary_hnsw":
@@ -354,13 +349,17 @@ def plan_index(  # noqa: C901 - one decision table, read top to bottom with its 
         factory = f"BIVF{nlist}"
     if kind in ("ivf_flat", "binary_ivf"):
         why += f" ({factory}: {nlist} lists ~ 4*sqrt(n))"
-    est = _est_memory(kind, n, dim, nlist, pq_m=m_pq, refine=refine)
+    est = _est_memory(kind, n, dim, nlist, pq_m=m_pq)
+    params = _default_params(kind, n, nlist)
+    if kind == "ivf_pq" and m_pq < dim // 2:
+        # coarser codes rank worse: PQ128 at 1M needed its top 150-200 for what PQ256 keeps in its top 50-100
+        params["rerank_k"] = 2 * FS_RERANK_K
     plan = AnnPlan(
         kind=kind,
         factory=factory,
         metric=metric,
         dim=dim,
-        params=_default_params(kind, n, nlist, refine),
+        params=params,
         reason=f"{why}; index ~{_human(est)}",
         est_memory_bytes=int(est),
     )
@@ -622,6 +621,9 @@ def exact_coarse(index: Any):
     finally:
         ivf.quantizer = sq
         ivf.own_fields = own
+        # SWIG disowned `flat` when it was set as the quantizer: give it back to Python, or its (nlist, d) float32
+        # centroids leak on every call (16 MiB a part at 8,192 x 512 in the 10M merged build)
+        flat.this.acquire()
 
 
 def _ivf_or_none(index: Any) -> Any:
@@ -829,10 +831,28 @@ def _refine_params(k_factor: float) -> Any:
     return sp
 
 
+_FP16_DECODERS: dict[int, Any] = {}
+
+
+def _to_f32(x: np.ndarray) -> np.ndarray:
+    """(n, d) float32 of an (n, d) array; float16 rows are decoded by faiss's SQfp16 decoder (exact), a little
+    cheaper than numpy's astype per query-sized block (docs/experiments/2026-12-06-ann-1m-10m.md)."""
+    if x.dtype != np.float16 or x.ndim != 2 or not len(x):
+        return np.asarray(x, dtype=np.float32)
+    d = x.shape[1]
+    dec = _FP16_DECODERS.get(d)
+    if dec is None:  # stateless once made (fp16 needs no training): shared by threads
+        dec = _FP16_DECODERS[d] = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16)
+    return dec.sa_decode(np.ascontiguousarray(x).view(np.uint8))
+
+
 def _gather(xb: Any, rows: np.ndarray) -> np.ndarray:
     """(len(rows), d) float32 copies of the unique `rows` of an array or a row reader (both index by
     an id array; sorted rows read a file in order)."""
-    return np.asarray(xb[rows], dtype=np.float32)
+    # index the plain ndarray view of a memory map: np.memmap's own fancy indexing took 52 us for 100 rows, 32 us
+    if isinstance(xb, np.memmap):
+        xb = xb.view(np.ndarray)
+    return _to_f32(np.asarray(xb[rows]))
 
 
 def _rerank(xq: np.ndarray, cand: np.ndarray, xb: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

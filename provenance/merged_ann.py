@@ -53,8 +53,12 @@ logger = logging.getLogger(__name__)
 HNSW_COARSE_M = ann.COARSE_HNSW_M
 CODES = "SQ8"
 RERANK_K = ann.SQ_RERANK_K
-NPROBE_SHARE = 64  # probe nlist / NPROBE_SHARE lists (at least MIN_NPROBE): as ann's IVF plans
+NPROBE_SHARE = 64  # probe nlist / NPROBE_SHARE lists (at least MIN_NPROBE) ...
 MIN_NPROBE = 16
+# ... or fewer when lists are long: about SCAN_ROWS rows scanned per query. 64 lists of ~244 rows at 1M (4,096
+# lists) and 16 of ~1,220 at 10M (8,192 lists) both gave recall@10 0.95 (headline) at 3-4 ms CPU; 128 lists at 10M
+# scanned 156k rows for 0.97 at 21 ms (BENCHMARKS.md, index).
+SCAN_ROWS = 16_384
 RETRAIN_GROWTH = 4.0  # an append retrains when the covered rows grew past this many times the trained ones
 SAMPLE_SEED = 1234
 ID_SHIFT = 32
@@ -80,10 +84,13 @@ class MergedPlan:
         return cls(**{k: d[k] for k in ("factory", "metric", "dim", "nlist", "nprobe", "rerank_k", "efsearch")})
 
 
-def plan_merged(n: int, dim: int, metric: str, nprobe: int | None = None) -> MergedPlan:
-    """The merged index for n rows: nlist ~ 4 sqrt(n) lists (ann._nlist), SQ8 codes, HNSW coarse quantizer."""
-    nlist = ann._nlist(n)
-    probe = int(nprobe) if nprobe else min(nlist, max(MIN_NPROBE, nlist // NPROBE_SHARE))
+def plan_merged(n: int, dim: int, metric: str, nprobe: int | None = None, nlist: int | None = None) -> MergedPlan:
+    """The merged index for n rows: nlist ~ 4 sqrt(n) lists (ann._nlist) unless given, nlist/64 of them probed (fewer
+    when lists are long: ~SCAN_ROWS rows scanned), SQ8 codes, HNSW coarse
+    quantizer."""
+    nlist = int(nlist) if nlist else ann._nlist(n)
+    by_rows = 2 ** round(math.log2(max(1.0, SCAN_ROWS * nlist / max(n, 1))))
+    probe = int(nprobe) if nprobe else min(nlist, max(MIN_NPROBE, min(nlist // NPROBE_SHARE, by_rows)))
     if metric == "hamming":
         return MergedPlan(f"BIVF{nlist}", metric, dim, nlist, min(probe, nlist), 0)
     return MergedPlan(f"IVF{nlist}_HNSW{HNSW_COARSE_M},{CODES}", metric, dim, nlist, min(probe, nlist), RERANK_K)
@@ -186,8 +193,11 @@ def merge_lists(
         # are mapped by IO_FLAG_MMAP (that flag on an OnDisk index crashes merge_from_multiple in faiss 1.15)
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR if s.with_suffix(".ivfdata").exists() else faiss.IO_FLAG_MMAP
         si = _read(s, metric, flags)
+        if metric != "hamming":
+            _drop_quantizer(_ivf(si))
         srcs.append(si)  # kept alive while their lists are read
     tmp_data = ivfdata_path.with_name(ivfdata_path.name + ".tmp")
+    tmp_data.unlink(missing_ok=True)  # left by a stopped merge
     invlists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(tmp_data))
     vec = faiss.InvertedListsPtrVector()
     for si in srcs:
@@ -201,6 +211,16 @@ def merge_lists(
     ivf.ntotal = index.ntotal = ntotal
     _write(index, index_path)
     return ntotal
+
+
+def _drop_quantizer(ivf: Any) -> None:
+    """Free a source's coarse quantizer (only its lists are merged): every per-part codes file carries the template's
+    HNSW over the centroids (~18 MB at 8,192 x 512), and 909 of them held at once took 15.7 GB in the 10M build."""
+    old = ivf.quantizer
+    ivf.quantizer = faiss.IndexFlat(ivf.d, ivf.metric_type)  # empty; SWIG hands it to the index (own_fields)
+    if ivf.own_fields:
+        old.this.acquire()  # Python now owns the old quantizer and frees it here
+    del old
 
 
 def load_merged(index_path: Path, plan: MergedPlan) -> Any:

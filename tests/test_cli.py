@@ -45,8 +45,8 @@ def test_index_info_json(index_dir):
     assert "Flat" in r.stdout and "sscd" in r.stdout
 
 
-def test_index_info_explains_an_ivf_pq_sq8_refine_plan(tmp_path):
-    # a 3,000-row index under a 4 MiB budget gets the 1M plan's shape: IVF-PQ + SQ8 copy + exact re-rank
+def test_index_info_explains_an_ivf_pq_fast_scan_plan(tmp_path):
+    # a 3,000-row index under a 4 MiB budget gets the 1M plan's shape: IVF-PQ fast-scan + exact re-rank
     import faiss
     import numpy as np
 
@@ -75,10 +75,10 @@ def test_index_info_explains_an_ivf_pq_sq8_refine_plan(tmp_path):
     r = runner.invoke(app, ["index", "info", str(tmp_path / "idx"), "--json"])
     assert r.exit_code == 0, r.output
     plan = json.loads(r.stdout)["descriptors"]["sscd"]["ann"]
-    assert plan["factory"] == "IVF64(SQ8),PQ256x4fs,Refine(SQ8)" and plan["params"]["exact_k"] == 16
-    assert "SQ8 copy" in plan["reason"] and "exact cosines" in plan["reason"]
+    assert plan["factory"] == "IVF64(SQfp16),PQ256x4fs" and plan["params"]["rerank_k"] == 100
+    assert "fast-scan" in plan["reason"] and "exact cosines" in plan["reason"]
     r = runner.invoke(app, ["index", "info", str(tmp_path / "idx")])
-    assert r.exit_code == 0 and "IVF64(SQ8)" in r.stdout  # folded, not cut with "…"
+    assert r.exit_code == 0 and "IVF64(SQfp16)" in r.stdout  # folded, not cut with "…"
 
 
 def test_search_by_image_and_caption_json(index_dir, coco_dir):

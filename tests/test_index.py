@@ -289,9 +289,9 @@ def _synthetic_sscd(n: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
 
 
-def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp_path, one_faiss_thread):
-    # a 4 MiB budget: IVF-PQ (no uncompressed index fits) with room for the SQ8 copy (1.5 MiB): faiss
-    # re-scores the PQ candidates with it, the store gives the best ones their float16 cosines
+def test_ivf_pq_fast_scan_index_returns_float16_cosines_and_grows_on_append(tmp_path, one_faiss_thread):
+    # a 4 MiB budget: in-memory IVF-PQ fast-scan (no uncompressed index fits); the store gives the PQ top
+    # candidates their exact float16 cosines
     import faiss
 
     from provenance import ann
@@ -316,8 +316,8 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
 
     idx = write(x[:2600])
     plan = ann.AnnPlan.from_dict(idx.parts[0].marker["descriptors"]["sscd"]["ann"])
-    assert plan.kind == "ivf_pq" and plan.refine == "SQ8" and plan.factory.endswith(",Refine(SQ8)")
-    assert "SQ8 copy" in plan.reason and plan.est_memory_bytes <= 3 << 20
+    assert plan.kind == "ivf_pq" and plan.refine == "" and plan.factory == "IVF64(SQfp16),PQ256x4fs"
+    assert "exact cosines" in plan.reason and plan.est_memory_bytes <= 3 << 20
     rng = np.random.default_rng(1)
     q = x[[5, 1234, 2599]].astype(np.float32) + 0.01 * rng.standard_normal((3, 512)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -328,10 +328,9 @@ def test_ivf_pq_sq8_refine_index_returns_float16_cosines_and_grows_on_append(tmp
         rows_ = [idx.row(m.id) for m in ms]
         # the scores are the exact cosines of the stored float16 rows, best first
         np.testing.assert_allclose([m.score for m in ms], x[rows_].astype(np.float32) @ q[qi], atol=1e-5)
-        assert rows_ == exact_i[qi].tolist()  # nprobe 16 of 64 lists, well separated groups: exact top-10
-    # a rewrite with more rows: the FAISS index and its SQ8 copy hold every row
+        assert rows_ == exact_i[qi].tolist()  # nprobe 8 of 64 lists, well separated groups: exact top-10
+    # a rewrite with more rows: the FAISS index holds every row
     idx = write(x)
     index, plan2 = idx.parts[0].faiss_index("sscd")
-    assert plan2.refine == "SQ8" and isinstance(index, faiss.IndexRefine)
-    assert index.base_index.ntotal == index.refine_index.ntotal == 3000
+    assert plan2.refine == "" and not isinstance(index, faiss.IndexRefine) and index.ntotal == 3000
     assert idx.search_vectors("sscd", x[2999:3000].astype(np.float32), k=1)[0][0].id == "r2999"
