@@ -338,7 +338,7 @@ ANN_PREFIX = "ann-"
 # Below this many rows the parts' own indexes are searched (each exact or nearly so, and few); at or above it, and
 # with more than one part, a merged IVF index is written (provenance.merged_ann). Tests lower it.
 MERGED_ANN_MIN_ROWS = 200_000
-MERGED_ANN_NPROBE: int | None = None  # None: merged_ann's rule (nlist / 64, at least 16); tests set it to nlist
+MERGED_ANN_NPROBE: int | None = None  # None: merged_ann.plan_merged's rule (~SCAN_ROWS rows); tests set it to nlist
 
 
 def _ann_dirs(index_dir: Path) -> list[int]:
