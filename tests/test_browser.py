@@ -428,6 +428,30 @@ def test_with_keys_the_optout_explains_how_to_get_a_key(browser, keyed_server, c
         context.close()
 
 
+@pytest.fixture(scope="module")
+def plain_server(index_dir):
+    """The same index with no registry and no keys: a read-only deployment."""
+    from provenance.api import ServerConfig
+
+    yield from _serve(ServerConfig(index_dir=index_dir))
+
+
+def test_without_a_registry_the_page_says_it_cannot_take_optouts(browser, plain_server, corpus):
+    from playwright.sync_api import expect
+
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    try:
+        pg = context.new_page()
+        pg.goto(plain_server + "/")
+        expect(pg.locator("#server-status")).to_contain_text(f"{N_PHOTOS} images", timeout=30_000)
+        pg.set_input_files("#file-input", str(sorted(corpus.glob("*.jpg"))[2]))
+        expect(pg.locator("#answer-heading")).to_contain_text("Found", timeout=30_000)
+        expect(pg.locator("#optout-help")).to_contain_text("keeps no do-not-train registry")
+        expect(pg.locator("#optout-button")).to_be_hidden()
+    finally:
+        context.close()
+
+
 def test_thorough_box_scans_with_the_512_px_head(page, corpus):
     from playwright.sync_api import expect
 
