@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,30 @@ def flickr_shards_dir() -> Path:
 @pytest.fixture(scope="session")
 def nonmember_dir() -> Path:
     return _need(NONMEMBERS)
+
+
+@pytest.fixture(scope="session")
+def coco_subset(coco_dir):
+    """A function: (root, n, subdir="", nested=()) -> root holding the first n COCO photos and their metadata.jsonl
+    rows (captions, license, origin); photo i goes under `subdir` when i is in `nested`, its file_name with it."""
+
+    def make(root: Path, n: int, subdir: str = "", nested: Iterable[int] = ()) -> Path:
+        rows = {
+            json.loads(line)["file_name"]: json.loads(line)
+            for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
+            if line.strip()
+        }
+        nested = set(nested)
+        if subdir:
+            (root / subdir).mkdir(parents=True, exist_ok=True)
+        with open(root / "metadata.jsonl", "w") as meta:
+            for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:n]):
+                rel = f"{subdir}/{p.name}" if i in nested else p.name
+                shutil.copy(p, root / rel)
+                meta.write(json.dumps({**rows[p.name], "file_name": rel}) + "\n")
+        return root
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import os
-import shutil
 import struct
 import threading
 import time
@@ -29,21 +28,9 @@ NESTED = "sub/dir"  # two photos live here, so their ids contain "/"
 
 
 @pytest.fixture(scope="module")
-def corpus(coco_dir, tmp_path_factory) -> Path:
+def corpus(coco_subset, tmp_path_factory) -> Path:
     """10 COCO photos with their captions, two of them in a nested folder."""
-    root = tmp_path_factory.mktemp("api-corpus")
-    rows = {
-        json.loads(line)["file_name"]: json.loads(line)
-        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
-        if line.strip()
-    }
-    (root / NESTED).mkdir(parents=True)
-    with open(root / "metadata.jsonl", "w") as meta:
-        for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]):
-            rel = f"{NESTED}/{p.name}" if i >= N_PHOTOS - 2 else p.name
-            shutil.copy(p, root / rel)
-            meta.write(json.dumps({**rows[p.name], "file_name": rel}) + "\n")
-    return root
+    return coco_subset(tmp_path_factory.mktemp("api-corpus"), N_PHOTOS, NESTED, nested=range(N_PHOTOS - 2, N_PHOTOS))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import asyncio
 import io
 import json
 import logging
-import shutil
 import socket
 import struct
 import threading
@@ -27,21 +26,9 @@ N_PHOTOS = 6
 
 
 @pytest.fixture(scope="module")
-def corpus(coco_dir, tmp_path_factory) -> Path:
+def corpus(coco_subset, tmp_path_factory) -> Path:
     """6 COCO photos with their captions, one in a sub-folder."""
-    root = tmp_path_factory.mktemp("abuse-corpus")
-    rows = {
-        json.loads(line)["file_name"]: json.loads(line)
-        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
-        if line.strip()
-    }
-    (root / "sub").mkdir()
-    with open(root / "metadata.jsonl", "w") as meta:
-        for i, p in enumerate(sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]):
-            rel = f"sub/{p.name}" if i == 0 else p.name
-            shutil.copy(p, root / rel)
-            meta.write(json.dumps({**rows[p.name], "file_name": rel}) + "\n")
-    return root
+    return coco_subset(tmp_path_factory.mktemp("abuse-corpus"), N_PHOTOS, "sub", nested={0})
 
 
 @pytest.fixture(scope="module")

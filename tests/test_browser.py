@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import socket
 import threading
 import time
@@ -46,18 +45,8 @@ def sync_playwright():
 
 
 @pytest.fixture(scope="module")
-def corpus(coco_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("browser-corpus")
-    rows = {
-        json.loads(line)["file_name"]: line
-        for line in (coco_dir / "metadata.jsonl").read_text().splitlines()
-        if line.strip()
-    }
-    photos = sorted(coco_dir.glob("*.jpg"))[:N_PHOTOS]
-    for p in photos:
-        shutil.copy(p, root / p.name)
-    (root / "metadata.jsonl").write_text("\n".join(rows[p.name] for p in photos) + "\n")
-    return root
+def corpus(coco_subset, tmp_path_factory) -> Path:
+    return coco_subset(tmp_path_factory.mktemp("browser-corpus"), N_PHOTOS)
 
 
 @pytest.fixture(scope="module")
