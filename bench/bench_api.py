@@ -29,6 +29,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,8 +72,11 @@ def ensure_indexes() -> tuple[Path, Path]:
 class Server:
     """`provenance serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, index: Path, *extra: str, tree: Path = REPO):
+    def __init__(self, index: Path, *extra: str, tree: Path = REPO, env: dict[str, str] | None = None):
         self.tree = tree  # the checkout whose `provenance` serves (bench_ab.py runs two side by side)
+        # PROVENANCE_* settings of the server; by default the per-client rate limit is off (a load test is one client
+        # sending as fast as it can)
+        self.env = {"PROVENANCE_CLIENT_RATE_PER_MINUTE": "0"} if env is None else env
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -96,14 +100,15 @@ class Server:
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")}
         env["PYTHONPATH"] = str(self.tree)
-        env["PROVENANCE_CLIENT_RATE_PER_MINUTE"] = "0"  # a load test is one client sending as fast as it can
-        self.proc = subprocess.Popen(
-            self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        env.update(self.env)
+        # stderr to a file, not a pipe: a long run's warnings would fill a pipe nobody reads and block the server
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.command, cwd=self.tree, env=env, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited: {self.log.read().decode(errors='replace')[-2000:]}")
             try:
                 r = httpx.get(self.url + "/healthz", timeout=2)
                 if r.status_code == 200:
@@ -131,6 +136,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+            self.log.close()
 
 
 # ------------------------------------------------------------------------------------- load

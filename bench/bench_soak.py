@@ -28,7 +28,6 @@ import platform
 import random
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -41,6 +40,9 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_api  # noqa: E402
+
 DATA = Path(os.environ.get("PROVENANCE_SHARED_DATA", REPO.parent / "shared" / "data"))
 COCO = DATA / "coco-cc"
 NONMEMBERS = DATA / "flickr8k-nonmember"
@@ -66,46 +68,16 @@ def ensure_index() -> Path:
     return out
 
 
-class Server:
-    """`provenance serve` in a subprocess on a free loopback port, with its RSS sampled in a thread."""
+class Server(bench_api.Server):
+    """`provenance serve` (bench_api.Server) with the soak settings, and its RSS sampled in a thread."""
 
     def __init__(self, index: Path):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.command = [
-            sys.executable,
-            "-m",
-            "provenance.cli",
-            "serve",
-            "--index",
-            str(index),
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
+        super().__init__(index, env=SERVER_ENV)
         self.rss: list[tuple[float, float]] = []  # (seconds since start, MiB)
         self._stop = threading.Event()
 
     def __enter__(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROVENANCE_")} | SERVER_ENV
-        self.proc = subprocess.Popen(
-            self.command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("server exited")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        else:
-            raise RuntimeError("server not ready after 180 s")
+        super().__enter__()
         self.started = time.monotonic()
         threading.Thread(target=self._sample, daemon=True).start()
         return self
@@ -117,11 +89,7 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        super().__exit__(*exc)
 
 
 # ------------------------------------------------------------------------------------ traffic
