@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
@@ -13,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from asgi_helpers import asgi_post
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -305,38 +305,9 @@ def test_body_limit_stops_reading_a_stream_without_content_length(client):
     head = (
         b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="big.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
     )
-    consumed = 0
-    sent: list[dict] = []
-
-    async def receive():
-        nonlocal consumed
-        consumed += 1
-        body = head + chunk if consumed == 1 else chunk
-        return {"type": "http.request", "body": body, "more_body": consumed < n_chunks}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/scan",
-        "raw_path": b"/v1/scan",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"multipart/form-data; boundary=zzz"), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        "state": {},
-    }
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    assert start["status"] == 413 and json.loads(body)["error"]["code"] == "too_large"
-    assert consumed * len(chunk) <= 20 * 1024 * 1024 + 2 * 65536 + len(chunk)
+    r = asgi_post(app, "/v1/scan", lambda i: (head + chunk if i == 1 else chunk, i < n_chunks))
+    assert r.status == 413 and json.loads(r.body)["error"]["code"] == "too_large"
+    assert r.consumed * len(chunk) <= 20 * 1024 * 1024 + 2 * 65536 + len(chunk)
 
 
 # ------------------------------------------------------------------------------------------ search
@@ -434,46 +405,14 @@ def test_api_keys_protect_v1_only(index_dir):
 
 def test_request_without_key_is_refused_before_its_upload_is_read(index_dir):
     c = _client(ServerConfig(index_dir=index_dir, api_keys=("k-one",)))
-    consumed = 0
-    sent: list[dict] = []
-
-    async def receive():
-        nonlocal consumed
-        consumed += 1
-        return {"type": "http.request", "body": b"x" * 65536, "more_body": True}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/scan",
-        "raw_path": b"/v1/scan",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"content-type", b"multipart/form-data; boundary=zzz"),
-            (b"content-length", b"10000000"),
-            (b"authorization", b"Bearer wrong"),
-            (b"host", b"test"),
-        ],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        "state": {},
-    }
+    headers = [(b"content-length", b"10000000"), (b"authorization", b"Bearer wrong")]
     try:
-        asyncio.run(c.app(scope, receive, send))
+        r = asgi_post(c.app, "/v1/scan", lambda i: (b"x" * 65536, True), headers)
     finally:
         c.__exit__(None, None, None)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    assert start["status"] == 401 and json.loads(body)["error"]["code"] == "unauthorized"
-    assert (b"www-authenticate", b"Bearer") in start["headers"]
-    assert consumed == 0  # not one byte of the upload was read
+    assert r.status == 401 and json.loads(r.body)["error"]["code"] == "unauthorized"
+    assert (b"www-authenticate", b"Bearer") in r.headers
+    assert r.consumed == 0  # not one byte of the upload was read
 
 
 def test_cors_origins(index_dir):

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -16,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+from asgi_helpers import asgi_post
 from fastapi.testclient import TestClient
 from PIL import Image, PngImagePlugin
 
@@ -100,36 +100,8 @@ def _multipart(parts: list[tuple[str, str, bytes]], boundary: str = "zzz") -> li
 
 def _asgi_post(app, path: str, pieces: list[bytes], boundary: str = "zzz") -> tuple[int, dict, int]:
     """POST `pieces` to the app one receive() at a time: (status, JSON body, pieces the app asked for)."""
-    consumed = 0
-    sent: list[dict] = []
-
-    async def receive():
-        nonlocal consumed
-        consumed += 1
-        return {"type": "http.request", "body": pieces[consumed - 1], "more_body": consumed < len(pieces)}
-
-    async def send(message):
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", f"multipart/form-data; boundary={boundary}".encode()), (b"host", b"test")],
-        "client": ("127.0.0.1", 1),
-        "server": ("test", 80),
-        "state": {},
-    }
-    asyncio.run(app(scope, receive, send))
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-    return start["status"], json.loads(body), consumed
+    r = asgi_post(app, path, lambda i: (pieces[i - 1], i < len(pieces)), boundary=boundary)
+    return r.status, json.loads(r.body), r.consumed
 
 
 # ----------------------------------------------------------------------------- a real server, raw sockets
